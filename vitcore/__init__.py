@@ -1,0 +1,41 @@
+"""vit-extract's library: everything the command line does is callable from here.
+
+    import vitcore
+    result = vitcore.extract("photos/", "tokens.h5", model="small", pool="mean", progress=True)
+    with vitcore.open_tokens("tokens.h5") as f:
+        first = f[0]                      # (T, D) or (D,) numpy array
+    encoder, weights = vitcore.build_encoder("base")
+
+Attributes are imported on first use, so ``import vitcore`` (and ``vit-extract --help``) stays
+fast and does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "extract": "vitcore.pipeline",
+    "ExtractOptions": "vitcore.pipeline",
+    "ExtractResult": "vitcore.pipeline",
+    "Progress": "vitcore.pipeline",
+    "build_encoder": "vitcore.weights",
+    "save_weights": "vitcore.weights",
+    "open_tokens": "vitcore.store",
+    "TokenFile": "vitcore.store",
+    "EncoderConfig": "vitcore.config",
+    "PRESETS": "vitcore.config",
+    "VisionEncoder": "vitcore.model",
+    "discover": "vitcore.sources",
+    "VitExtractError": "vitcore.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vitcore' has no attribute {name!r}")

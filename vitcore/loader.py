@@ -1,0 +1,103 @@
+"""Dataset + DataLoader: decoding in worker processes; failures travel as records, never as exceptions.
+
+A batch holds the images that decoded (uint8, stacked) and, separately, the ones that did
+not (with a one-line reason), each tagged with its position in the source list, so no image
+can ever take another's row.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vitcore.preprocess import PreprocessConfig, load_image
+from vitcore.sources import Source
+
+
+@dataclass
+class Failure:
+    index: int  # position in the source list
+    error: str  # one line
+
+
+@dataclass
+class Batch:
+    indices: list[int]  # positions in the source list of the decoded images, in order
+    pixels: torch.Tensor  # (B, S, S, 3) uint8; B may be 0
+    sizes: list[tuple[int, int]]  # original upright (width, height) per decoded image
+    failures: list[Failure]
+
+    def pin_memory(self) -> "Batch":  # called by the DataLoader's pinning thread on CUDA
+        self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def describe_error(err: BaseException) -> str:
+    """An exception → one line a person can read ("OSError: image file is truncated")."""
+    text = " ".join(str(err).split()) or "no details"
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        text = err.strerror
+    return f"{type(err).__name__}: {text}"[:500]
+
+
+class ImageDataset(Dataset):
+    """Items are (index, pixels or None, size, error or None); holds no open files (fork-safe)."""
+
+    def __init__(self, sources: list[Source], cfg: PreprocessConfig):
+        self.paths = [s.path for s in sources]
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            pixels, size = load_image(self.paths[index], self.cfg)
+            return index, pixels, size, None
+        except Exception as err:  # any failure of one image is that image's record
+            return index, None, None, describe_error(err)
+
+
+def collate(items) -> Batch:
+    ok = [item for item in items if item[3] is None]
+    failures = [Failure(index=i, error=err) for i, _, _, err in items if err is not None]
+    if ok:
+        pixels = torch.from_numpy(np.stack([item[1] for item in ok]))  # (B, S, S, 3) uint8
+    else:
+        pixels = torch.empty((0, 0, 0, 3), dtype=torch.uint8)
+    return Batch(
+        indices=[item[0] for item in ok],
+        pixels=pixels,
+        sizes=[item[2] for item in ok],
+        failures=failures,
+    )
+
+
+def default_workers() -> int:
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def make_loader(
+    sources: list[Source], cfg: PreprocessConfig, batch_size: int, workers: int, pin_memory: bool
+) -> DataLoader:
+    """A sequential loader; worker processes start when it is first iterated.
+
+    Workers are forked (fast start) and must be started before the output HDF5 file is opened
+    for writing, so no worker ever inherits a writable handle (see store.py).
+    """
+    context = multiprocessing.get_context("fork") if workers > 0 and os.name == "posix" else None
+    return DataLoader(
+        ImageDataset(sources, cfg),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        multiprocessing_context=context,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,392 @@
+"""extract(): sources → loader → encoder → store, with progress callbacks.
+
+One direction, no back-and-forth:
+    discover inputs → (resume: skip what the file already holds) → DataLoader workers decode
+    → main thread: to device, normalise (float32), encode, pool, cast to the stored dtype
+    → writer thread: HDF5 rows, flush, commit counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from vitcore import __version__
+from vitcore.config import EncoderConfig
+from vitcore.device import OUT_DTYPES, dtype_name, resolve_device, resolve_dtype
+from vitcore.errors import Interrupted, UsageError, VitExtractError
+from vitcore.loader import Batch, default_workers, make_loader
+from vitcore.model import POOLING_MODES, VisionEncoder, pool_tokens, resolve_layer
+from vitcore.preprocess import DECODE_MODES, RESIZE_MODES, PreprocessConfig, normalize_on_device
+from vitcore.sources import Discovery, discover
+from vitcore.store import (
+    AsyncWriter,
+    Rows,
+    StoreSettings,
+    StoreWriter,
+    check_resumable,
+    refuse_existing,
+)
+from vitcore.weights import WeightsInfo, build_encoder
+
+
+@dataclass
+class ExtractOptions:
+    """Every setting of a run; the CLI fills one from its options."""
+
+    model: str | EncoderConfig | None = None  # preset, custom spec or config; None: base or the weights' own
+    weights: str | None = None  # .safetensors written by save_weights / init-weights
+    seed: int = 0  # initialisation seed when no weights are given
+    pool: str = "none"  # none | mean | max
+    project_dim: int | None = None  # projector Linear(D → P)
+    layers: tuple[int, ...] = ()  # also store hidden states after these blocks (-2: penultimate)
+    resize: str = "squash"  # squash | crop | pad
+    decode: str = "draft"  # draft | full
+    batch_size: int | str = "auto"
+    workers: int | None = None  # None: min(8, CPUs available)
+    device: str = "auto"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    out_dtype: str = "float16"  # stored dtype
+    files_from: str | None = None  # a file of paths, or "-" for stdin
+    extensions: str | tuple[str, ...] | None = None  # None: jpg jpeg png webp bmp gif tif tiff
+    resume: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class Progress:
+    done: int  # inputs handled this run (rows written + failures)
+    total: int  # inputs this run has to handle
+    failed: int
+    elapsed: float  # seconds since the first batch was requested
+
+
+@dataclass
+class ExtractResult:
+    output: str
+    found: int  # inputs discovered
+    skipped: int  # already in the file (--resume)
+    written: int  # rows written by this run
+    rows: int  # rows in the file now
+    failures: list[tuple[str, str]]  # (key, reason) of this run's failed images
+    seconds: float
+    images_per_second: float
+    device: str
+    compute_dtype: str
+    out_dtype: str
+    encoder: str  # preset name or "custom"
+    token_shape: tuple[int, ...]
+    weights: str  # human description
+    untrained: bool
+    complete: bool
+    duplicates_dropped: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds waiting on decode / compute / writer
+
+    def to_dict(self) -> dict:
+        record = dataclasses.asdict(self)
+        record["failures"] = [{"path": k, "error": e} for k, e in self.failures]
+        record["token_shape"] = list(self.token_shape)
+        return record
+
+
+class StopFlag:
+    """Set by SIGINT / SIGTERM; the loop checks it between batches and stops after a commit."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+
+    def set(self, signal_number: int = signal.SIGINT) -> None:
+        self.signal_number = signal_number
+
+    def is_set(self) -> bool:
+        return self.signal_number is not None
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopFlag):
+    """While extracting: SIGINT/SIGTERM only set the flag (a second SIGINT aborts at once).
+
+    A plain KeyboardInterrupt is not enough: raised inside h5py's weakref callbacks it can be
+    swallowed (reference/hdf5-notes.md §2). Only installed from the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _ignore_sigint_in_worker(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def validate_options(opts: ExtractOptions) -> None:
+    checks = (
+        ("--pool", opts.pool, POOLING_MODES),
+        ("--resize", opts.resize, RESIZE_MODES),
+        ("--decode", opts.decode, DECODE_MODES),
+        ("--out-dtype", opts.out_dtype, OUT_DTYPES),
+    )
+    for flag, value, choices in checks:
+        if value not in choices:
+            raise UsageError(f"{flag} {value!r} is not one of {', '.join(choices)}")
+    if opts.batch_size != "auto" and (not isinstance(opts.batch_size, int) or opts.batch_size < 1):
+        raise UsageError(f"--batch-size must be a positive integer or auto, got {opts.batch_size!r}")
+    if opts.workers is not None and opts.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {opts.workers}")
+
+
+def auto_batch_size(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype) -> int:
+    """CPU: a batch big enough to keep the matmuls efficient. CUDA: what fits in half the free memory."""
+    if device.type != "cuda":
+        return 16 if dtype == torch.bfloat16 else 8
+    free, _ = torch.cuda.mem_get_info(device)
+    element = torch.finfo(dtype).bits // 8
+    # Peak activation per image: the MLP hidden (4D) plus q, k, v and residual copies, per token.
+    per_image = cfg.num_tokens * (int(cfg.mlp_ratio * cfg.dim) + 6 * cfg.dim) * element * 2
+    fits = int(free * 0.5 // max(per_image, 1))
+    return max(1, min(512, 1 << max(0, fits.bit_length() - 1)))
+
+
+def _settings(
+    encoder: VisionEncoder, info: WeightsInfo, opts: ExtractOptions, prep: PreprocessConfig,
+    layers: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+) -> StoreSettings:
+    cfg = encoder.cfg
+    tokens = (cfg.out_dim,) if opts.pool != "none" else (cfg.num_tokens, cfg.out_dim)
+    hidden = (cfg.dim,) if opts.pool != "none" else (cfg.num_tokens, cfg.dim)
+    return StoreSettings(
+        encoder=cfg.to_json(),
+        weights=info.to_json(),
+        weights_identity=info.identity(),
+        preprocessing=prep.to_json(),
+        pooling=opts.pool,
+        projector=f'{{"dim": {cfg.project_dim}}}' if cfg.project_dim else "null",
+        compute_dtype=dtype_name(dtype),
+        device=str(device),
+        out_dtype=opts.out_dtype,
+        token_shape=tokens,
+        layer_shape=hidden,
+        layers=layers,
+        version=__version__,
+    )
+
+
+def _normalise_layers(layers, depth: int) -> tuple[int, ...]:
+    out: list[int] = []
+    blocks: set[int] = set()
+    for k in layers:
+        try:
+            block = resolve_layer(int(k), depth)
+        except IndexError:
+            raise UsageError(
+                f"--layer {k} is out of range: this encoder has {depth} blocks (0..{depth - 1}, or -{depth}..-1)"
+            ) from None
+        if block not in blocks:
+            blocks.add(block)
+            out.append(int(k))
+    return tuple(out)
+
+
+def extract(
+    paths=(),
+    output: str = "tokens.h5",
+    options: ExtractOptions | None = None,
+    *,
+    progress: bool | Callable[[Progress], None] = False,
+    stop: StopFlag | None = None,
+    stdin=None,
+    **overrides,
+) -> ExtractResult:
+    """Extract visual tokens for every image under ``paths`` into the HDF5 file ``output``.
+
+    Options come from ``options`` and/or keyword overrides (``extract("photos", "out.h5",
+    model="small", pool="mean")``). ``progress=True`` draws a tqdm bar on stderr; a callable
+    receives a Progress after every batch. Raises VitExtractError subclasses for problems a
+    person can fix; image failures are not errors (they are in the result and the file).
+    """
+    opts = dataclasses.replace(options or ExtractOptions(), **overrides)
+    validate_options(opts)
+    output = str(output)
+    refuse_existing(output, opts.resume, opts.overwrite)
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+
+    found: Discovery = discover(paths, opts.files_from, opts.extensions, stdin=stdin)
+    encoder, info = build_encoder(
+        opts.model, opts.weights, seed=opts.seed, project_dim=opts.project_dim, device=device, dtype=dtype
+    )
+    cfg = encoder.cfg
+    layers = _normalise_layers(opts.layers, cfg.depth)
+    prep = PreprocessConfig(image_size=cfg.image_size, resize=opts.resize, decode=opts.decode)
+    settings = _settings(encoder, info, opts, prep, layers, device, dtype)
+
+    # Resume: keep the file's roots (row root_index values point into them), skip what it holds.
+    roots = list(found.roots)
+    sources = found.sources
+    skipped = 0
+    if opts.resume and os.path.exists(output):
+        state = check_resumable(output, settings)
+        roots = state.roots + [r for r in found.roots if r not in state.roots]
+        remap = [roots.index(r) for r in found.roots]
+        sources = [
+            dataclasses.replace(s, root_index=remap[s.root_index])
+            for s in found.sources
+            if (found.roots[s.root_index], s.key) not in state.done
+        ]
+        skipped = len(found.sources) - len(sources)
+        resuming = True
+    else:
+        resuming = False
+
+    batch_size = opts.batch_size if opts.batch_size != "auto" else auto_batch_size(cfg, device, dtype)
+    workers = default_workers() if opts.workers is None else opts.workers
+    workers = min(workers, max(1, len(sources) // batch_size + 1)) if workers else 0
+    loader = make_loader(sources, prep, batch_size, workers, pin_memory=device.type == "cuda")
+    if workers:
+        loader.worker_init_fn = _ignore_sigint_in_worker
+
+    stop = stop or StopFlag()
+    started = time.perf_counter()
+    timings = {"decode_wait": 0.0, "compute": 0.0, "writer_wait": 0.0}
+    done = failed_count = written = 0
+    failures: list[tuple[str, str]] = []
+    reporter = _make_reporter(progress, len(sources))
+
+    # Workers fork when the iterator is created: before the output is opened for writing.
+    batches = iter(loader) if sources else iter(())
+    writer = StoreWriter.reopen(output, settings) if resuming else StoreWriter.create(output, settings, roots)
+    writer.set_roots(roots)
+    async_writer = AsyncWriter(writer)
+    complete = False
+    try:
+        with stop_on_signals(stop), torch.inference_mode():
+            while not stop.is_set():
+                tick = time.perf_counter()
+                try:
+                    batch: Batch = next(batches)
+                except StopIteration:
+                    break
+                except RuntimeError as err:
+                    if "DataLoader worker" in str(err):
+                        raise VitExtractError(
+                            f"an image-decoding worker process died ({err}); rerun with --resume to continue"
+                        ) from None
+                    raise
+                timings["decode_wait"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                rows = _encode_batch(encoder, batch, sources, settings, prep, device, dtype)
+                timings["compute"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                async_writer.put(rows)
+                timings["writer_wait"] += time.perf_counter() - tick
+                written += len(batch.indices)
+                failed_count += len(batch.failures)
+                failures += [(sources[f.index].key, f.error) for f in batch.failures]
+                done += len(batch.indices) + len(batch.failures)
+                reporter(Progress(done, len(sources), failed_count, time.perf_counter() - started))
+        complete = not stop.is_set()
+    finally:
+        reporter(None)
+        del batches  # shuts the worker processes down
+        async_writer.close(complete)
+    seconds = time.perf_counter() - started
+    if stop.is_set():
+        name = signal.Signals(stop.signal_number).name
+        raise Interrupted(
+            f"stopped by {name} after {writer.committed} committed rows; "
+            f"continue with the same command plus --resume",
+            stop.signal_number,
+        )
+    return ExtractResult(
+        output=output,
+        found=len(found.sources),
+        skipped=skipped,
+        written=written,
+        rows=writer.committed,
+        failures=failures,
+        seconds=seconds,
+        images_per_second=written / seconds if seconds > 0 else 0.0,
+        device=str(device),
+        compute_dtype=dtype_name(dtype),
+        out_dtype=opts.out_dtype,
+        encoder=cfg.name,
+        token_shape=settings.token_shape,
+        weights=info.describe(),
+        untrained=info.untrained,
+        complete=complete,
+        duplicates_dropped=found.skipped_duplicates,
+        timings=timings,
+    )
+
+
+def _encode_batch(
+    encoder: VisionEncoder, batch: Batch, sources, settings: StoreSettings,
+    prep: PreprocessConfig, device: torch.device, dtype: torch.dtype,
+) -> Rows:
+    pool, out_dtype = settings.pooling, settings.out_dtype
+    n = len(batch.indices)
+    if n:
+        store_dtype = getattr(torch, out_dtype)
+        pixels = batch.pixels.to(device, non_blocking=True)  # (B, S, S, 3) uint8
+        x = normalize_on_device(pixels, prep.mean, prep.std, dtype)  # (B, 3, S, S)
+        tokens, hidden = encoder.forward_features(x, settings.layers)  # (B, N, P), {K: (B, N, D)}
+        mean = tokens.float().mean(dim=1).to(store_dtype).cpu().numpy() if pool == "none" else None
+        out_tokens = pool_tokens(tokens, pool).to(store_dtype).cpu().numpy()
+        out_layers = {k: pool_tokens(h, pool).to(store_dtype).cpu().numpy() for k, h in hidden.items()}
+    else:  # every image of this batch failed: empty rows, failures only
+        out_tokens = np.empty((0, *settings.token_shape), out_dtype)
+        mean = np.empty((0, settings.token_shape[-1]), out_dtype) if pool == "none" else None
+        out_layers = {k: np.empty((0, *settings.layer_shape), out_dtype) for k in settings.layers}
+    return Rows(
+        keys=[sources[i].key for i in batch.indices],
+        root_index=np.asarray([sources[i].root_index for i in batch.indices], dtype=np.int32),
+        image_size=np.asarray(batch.sizes, dtype=np.int32).reshape(n, 2),
+        tokens=out_tokens,
+        mean=mean,
+        layers=out_layers,
+        failed_keys=[sources[f.index].key for f in batch.failures],
+        failed_root_index=[sources[f.index].root_index for f in batch.failures],
+        failed_errors=[f.error for f in batch.failures],
+    )
+
+
+def _make_reporter(progress, total: int) -> Callable[[Progress | None], None]:
+    """A callable fed Progress after each batch and None at the end."""
+    if callable(progress):
+        return lambda p: p is not None and progress(p)
+    if not progress:
+        return lambda p: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="img", file=sys.stderr)
+
+    def report(p: Progress | None) -> None:
+        if p is None:
+            bar.close()
+            return
+        bar.update(p.done - bar.n)
+        bar.set_postfix(failed=p.failed)
+
+    return report

@@ -1,0 +1,153 @@
+"""Decode → upright RGB → resize → uint8 array (in worker processes); normalisation on the device.
+
+Everything a worker does to an image is here and is recorded in the output file
+(``PreprocessConfig.to_json``), so a file always says how its pixels were made.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+RESIZE_MODES = ("squash", "crop", "pad")
+DECODE_MODES = ("draft", "full")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
+PAD_COLOR = (124, 116, 104)  # letterbox fill: the ImageNet mean, which normalises to ≈ 0
+DRAFT_MARGIN = 2  # draft decode keeps at least 2× the resized size, so the bicubic still antialiases
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_size: int = 224  # output side in pixels (square)
+    resize: str = "squash"  # squash: straight to S×S; crop: shorter side to S, centre crop; pad: letterbox
+    decode: str = "draft"  # draft: JPEG decoded at a reduced scale when much larger than needed
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_json(self) -> str:
+        record = asdict(self)
+        record.update(
+            interpolation="bicubic (Pillow, antialiased)",
+            background=list(BACKGROUND),
+            pad_color=list(PAD_COLOR),
+            draft_margin=DRAFT_MARGIN,
+            exif_orientation="applied",
+            high_bit_depth="I;16 /257; I and F by value range (see README)",
+        )
+        return json.dumps(record, sort_keys=True)
+
+
+def resized_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """Size the whole picture is scaled to before any crop or padding."""
+    side = cfg.image_size
+    if cfg.resize == "squash":
+        return side, side
+    if cfg.resize == "crop":
+        scale = side / min(width, height)
+    else:  # pad
+        scale = side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def load_image(path: str, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read one file → (S, S, 3) uint8 pixels and the original upright (width, height).
+
+    Raises on anything that is not a readable image; the loader turns that into a failure record.
+    """
+    with warnings.catch_warnings():
+        # Over Pillow's MAX_IMAGE_PIXELS is a failure, not a warning (decompression bombs).
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.seek(0)  # first frame of animations and multi-page files
+            width, height = img.size
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+            if orientation in (5, 6, 7, 8):  # rotated by 90°: the upright picture is h × w
+                width, height = height, width
+            if cfg.decode == "draft" and img.format == "JPEG":
+                want_w, want_h = resized_size(width, height, cfg)
+                if orientation in (5, 6, 7, 8):
+                    want_w, want_h = want_h, want_w
+                img.draft(None, (want_w * DRAFT_MARGIN, want_h * DRAFT_MARGIN))
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            rgb = to_rgb(upright)
+    return resize(rgb, cfg), (width, height)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode → RGB. Alpha is composited over BACKGROUND; high bit depths are scaled to 8 bits."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(img), mode)).convert("RGB")
+    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
+        mode == "P" and "transparency" in img.info
+    ) or (mode in ("L", "RGB") and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, BACKGROUND)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")  # 1, L, P, CMYK (incl. YCCK JPEGs), YCbCr, LAB, HSV
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """High-bit-depth greyscale → uint8.
+
+    I;16*: full 16-bit range (÷257). I (32-bit int) and F (float): kept as is when the values
+    already lie in 0..255, ÷257 when in 0..65535 (16-bit data), F in 0..1 times 255; anything
+    else is stretched from its own min..max.
+    """
+    values = values.astype(np.float64)
+    if mode.startswith("I;16"):
+        scaled = values / 257.0
+    else:
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if mode == "F" and low >= 0.0 and high <= 1.0:
+            scaled = values * 255.0
+        elif low >= 0.0 and high <= 255.0:
+            scaled = values
+        elif low >= 0.0 and high <= 65535.0:
+            scaled = values / 257.0
+        else:
+            scaled = (values - low) * (255.0 / max(high - low, 1e-12))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def resize(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """RGB picture → (S, S, 3) uint8 by the configured resize mode (antialiased bicubic)."""
+    side = cfg.image_size
+    width, height = img.size
+    if cfg.resize == "squash":
+        out = img.resize((side, side), Image.Resampling.BICUBIC)
+    elif cfg.resize == "crop":
+        # Shorter side to S, centre crop: resize only the centred square of the source.
+        short = min(width, height)
+        left, top = (width - short) / 2, (height - short) / 2
+        out = img.resize((side, side), Image.Resampling.BICUBIC, box=(left, top, left + short, top + short))
+    elif cfg.resize == "pad":
+        inner_w, inner_h = resized_size(width, height, cfg)
+        inner = img.resize((inner_w, inner_h), Image.Resampling.BICUBIC)
+        out = Image.new("RGB", (side, side), PAD_COLOR)
+        out.paste(inner, ((side - inner_w) // 2, (side - inner_h) // 2))
+    else:
+        raise ValueError(f"unknown resize mode {cfg.resize!r}")
+    return np.asarray(out, dtype=np.uint8)  # (S, S, 3)
+
+
+def normalize_on_device(pixels, mean, std, dtype):
+    """uint8 (B, H, W, 3) on the device → normalised (B, 3, H, W) in ``dtype``; the arithmetic runs in float32."""
+    import torch
+
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32)  # (B, 3, H, W)
+    return ((x / 255.0 - mean_t) / std_t).to(dtype)

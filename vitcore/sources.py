@@ -1,0 +1,170 @@
+"""Finding inputs: files, directories (recursive), file lists and stdin → a sorted, de-duplicated list.
+
+Each input gets a key: its path relative to the directory it was found under, or, for a
+file named directly (argument or list line), the path exactly as given, relative to the
+working directory. The roots (absolute) are recorded so ``root / key`` finds the original.
+
+Keys are stored as UTF-8. A name that is not valid UTF-8 is escaped reversibly: each
+undecodable byte becomes ``\\xHH`` and a literal backslash becomes ``\\\\``
+(``unescape_key`` reverses it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable
+
+from vitcore.errors import UsageError
+
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str  # filesystem path to open (str with surrogate escapes for non-UTF-8 bytes)
+    key: str  # stored key: relative to its root, escaped to valid UTF-8
+    root_index: int  # index into Discovery.roots
+
+
+@dataclass
+class Discovery:
+    sources: list[Source]
+    roots: list[str]  # absolute root directories; files named directly use the working directory
+    skipped_duplicates: int = 0
+
+
+def parse_extensions(text: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``"jpg,.PNG"`` → ("jpg", "png"); None → the defaults."""
+    if text is None:
+        return DEFAULT_EXTENSIONS
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    exts = tuple(sorted({p.strip().lstrip(".").lower() for p in parts if p.strip().lstrip(".")}))
+    if not exts:
+        raise UsageError("--ext needs at least one extension, e.g. --ext jpg,png")
+    return exts
+
+
+def escape_key(name: str) -> str:
+    """A filesystem name (str from os.fsdecode) → valid UTF-8 text, reversibly."""
+    raw = os.fsencode(name)
+    try:
+        raw.decode("utf-8")
+        if b"\\" not in raw:
+            return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
+
+
+def unescape_key(key: str) -> bytes:
+    """The inverse of escape_key: the original name as bytes."""
+    out = bytearray()
+    pos = 0
+    for match in _ESCAPE.finditer(key):
+        out += key[pos : match.start()].encode("utf-8")
+        token = match.group(1)
+        out += b"\\" if token == "\\" else bytes([int(token[1:], 16)])
+        pos = match.end()
+    out += key[pos:].encode("utf-8")
+    return bytes(out)
+
+
+def read_file_list(handle: BinaryIO) -> list[str]:
+    """One path per line (bytes, so any file name survives); blank lines ignored."""
+    lines = handle.read().split(b"\n")
+    return [os.fsdecode(line.rstrip(b"\r")) for line in lines if line.strip()]
+
+
+def discover(
+    paths: Iterable[str | os.PathLike] = (),
+    files_from: str | os.PathLike | None = None,
+    extensions: Iterable[str] | str | None = None,
+    stdin: BinaryIO | None = None,
+) -> Discovery:
+    """Every input image, in a deterministic order: roots in the order given, keys sorted within each.
+
+    Directories are walked recursively (symlinked directories followed once; loops are harmless)
+    and filtered by extension; files named directly are taken whatever their extension.
+    """
+    exts = parse_extensions(extensions)
+    named = [(os.fspath(p), False) for p in paths]  # (path, came from a list)
+    if files_from is not None:
+        if os.fspath(files_from) == "-":
+            listed = read_file_list(stdin or sys.stdin.buffer)
+        else:
+            try:
+                with open(files_from, "rb") as handle:
+                    listed = read_file_list(handle)
+            except OSError as err:
+                raise UsageError(f"cannot read --files-from {files_from}: {err.strerror}") from None
+        named += [(p, True) for p in listed]
+    if not named:
+        raise UsageError("no inputs: give image files or folders, or --files-from FILE (- for stdin)")
+
+    cwd = os.getcwd()
+    roots: list[str] = []
+    found: list[tuple[int, str, str]] = []  # (root index, key, path)
+
+    def root_index(root: str) -> int:
+        if root not in roots:
+            roots.append(root)
+        return roots.index(root)
+
+    seen_dirs: set[str] = set()
+    for given, listed in named:
+        if os.path.isdir(given):
+            root = os.path.abspath(given)
+            index = root_index(root)
+            for rel in _walk(root, exts, seen_dirs):
+                found.append((index, rel, os.path.join(root, rel)))
+        elif os.path.lexists(given) or listed:
+            # Named files are taken as given; a listed one that is missing becomes a failure record.
+            found.append((root_index(cwd), given, given))
+        else:
+            raise UsageError(f"input {given} does not exist")
+
+    sources: list[Source] = []
+    seen_paths: set[str] = set()
+    duplicates = 0
+    for index, key, path in sorted(found, key=lambda item: (item[0], os.fsencode(item[1]))):
+        identity = os.path.normpath(os.path.abspath(path))
+        if identity in seen_paths:
+            duplicates += 1
+            continue
+        seen_paths.add(identity)
+        sources.append(Source(path=path, key=escape_key(key), root_index=index))
+    return Discovery(sources=sources, roots=roots, skipped_duplicates=duplicates)
+
+
+def _walk(root: str, exts: tuple[str, ...], seen_dirs: set[str]) -> list[str]:
+    """Relative paths of matching files under root; each real directory visited once."""
+    out: list[str] = []
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        directory = os.path.join(root, rel_dir) if rel_dir else root
+        real = os.path.realpath(directory)
+        if real in seen_dirs:
+            continue  # a symlink loop or a second link to a folder already walked
+        seen_dirs.add(real)
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue  # unreadable folder: nothing found there
+        for entry in entries:
+            rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                stack.append(rel)
+            elif entry.name.rpartition(".")[2].lower() in exts and "." in entry.name:
+                out.append(rel)
+    return out

@@ -1,0 +1,444 @@
+"""The HDF5 schema, in one place: the writer (append, flush, commit counter, resume) and the reader.
+
+Layout (schema_version 1; the README documents it):
+
+    tokens        (N, T, D) or pooled (N, D)   out dtype; chunk = one image (pooled: 128 rows)
+    mean          (N, D)                       each image's mean token (only when tokens are unpooled)
+    layers/<K>    like tokens                  hidden states after block K (--layer K)
+    paths         (N,)  UTF-8                  key of row i, relative to roots[root_index[i]]
+    root_index    (N,)  int32
+    image_size    (N, 2) int32                 original upright (width, height)
+    failed/paths, failed/errors  (M,) UTF-8   key (as for paths) and a one-line reason
+    failed/root_index            (M,) int32
+    attrs: schema_version, vit_extract_version, created, encoder, weights, preprocessing,
+           pooling, projector, compute_dtype, device, out_dtype, layers, roots, committed,
+           failed_committed, complete
+
+Write pattern (measurements in reference/hdf5-notes.md): default libver, no SWMR, no
+compression; per batch: resize, write rows, flush, then advance ``committed`` and flush again.
+Only rows below ``committed`` (and failures below ``failed_committed``) are trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from vitcore.errors import OutputExistsError, ResumeMismatchError, UsageError, VitExtractError
+from vitcore.sources import unescape_key
+
+SCHEMA_VERSION = 1
+STRING = h5py.string_dtype("utf-8")
+POOLED_CHUNK_ROWS = 128
+PER_ROW_CHUNK = 4096  # rows per chunk of the small 1-D / (N, 2) datasets
+FAILED_DATASETS = ("failed/paths", "failed/errors", "failed/root_index")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Everything the file records about how its rows were made."""
+
+    encoder: str  # EncoderConfig JSON
+    weights: str  # WeightsInfo JSON
+    weights_identity: str  # what must match on resume (seed or sha256)
+    preprocessing: str  # PreprocessConfig JSON
+    pooling: str
+    projector: str  # JSON: {"dim": P} or null
+    compute_dtype: str
+    device: str
+    out_dtype: str  # "float16" | "float32"
+    token_shape: tuple[int, ...]  # per image: (T, D) or (D,)
+    layer_shape: tuple[int, ...]  # per image, for layers/<K>
+    layers: tuple[int, ...] = ()
+    version: str = ""
+
+    # Settings that must be equal for --resume, with the words used when they differ.
+    RESUME_FIELDS = (
+        ("encoder", "encoder"),
+        ("weights_identity", "weights"),
+        ("preprocessing", "preprocessing"),
+        ("pooling", "pooling"),
+        ("projector", "projector"),
+        ("compute_dtype", "compute dtype"),
+        ("out_dtype", "output dtype"),
+        ("layers", "--layer list"),
+    )
+
+
+@dataclass
+class Rows:
+    """One batch for the writer: n images that succeeded and the failures beside them."""
+
+    keys: list[str]
+    root_index: np.ndarray  # (n,) int32, into the file's roots
+    image_size: np.ndarray  # (n, 2) int32
+    tokens: np.ndarray  # (n, *token_shape)
+    mean: np.ndarray | None = None  # (n, D) when tokens are unpooled
+    layers: dict[int, np.ndarray] = field(default_factory=dict)
+    failed_keys: list[str] = field(default_factory=list)
+    failed_root_index: list[int] = field(default_factory=list)
+    failed_errors: list[str] = field(default_factory=list)
+
+
+def _chunks(row_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (1, *row_shape) if len(row_shape) == 2 else (POOLED_CHUNK_ROWS, *row_shape)
+
+
+def _append(dataset: h5py.Dataset, start: int, values) -> None:
+    count = len(values)
+    dataset.resize(start + count, axis=0)
+    if count:
+        dataset[start : start + count] = values
+
+
+class StoreWriter:
+    """The only object that writes an output file. Used from one thread (see AsyncWriter)."""
+
+    def __init__(self, h5: h5py.File, settings: StoreSettings):
+        self.h5 = h5
+        self.settings = settings
+        self.committed = int(h5.attrs["committed"])
+        self.failed_committed = int(h5.attrs["failed_committed"])
+        self.roots: list[str] = json.loads(h5.attrs["roots"])
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str, settings: StoreSettings, roots: list[str]) -> "StoreWriter":
+        h5 = _open_h5(path, "w")
+        attrs = h5.attrs
+        attrs["schema_version"] = SCHEMA_VERSION
+        attrs["vit_extract_version"] = settings.version
+        attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        for name in ("encoder", "weights", "preprocessing", "pooling", "projector",
+                     "compute_dtype", "device", "out_dtype"):
+            attrs[name] = getattr(settings, name)
+        attrs["layers"] = json.dumps(list(settings.layers))
+        attrs["roots"] = json.dumps(roots)
+        attrs["committed"] = 0
+        attrs["failed_committed"] = 0
+        attrs["complete"] = False
+        dtype = np.dtype(settings.out_dtype)
+        tokens = settings.token_shape
+        h5.create_dataset("tokens", (0, *tokens), dtype, maxshape=(None, *tokens), chunks=_chunks(tokens))
+        if len(tokens) == 2:
+            width = tokens[-1:]
+            h5.create_dataset("mean", (0, *width), dtype, maxshape=(None, *width), chunks=_chunks(width))
+        for k in settings.layers:
+            shape = settings.layer_shape
+            h5.create_dataset(f"layers/{k}", (0, *shape), dtype, maxshape=(None, *shape), chunks=_chunks(shape))
+        h5.create_dataset("paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+        h5.create_dataset("root_index", (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+        h5.create_dataset("image_size", (0, 2), np.int32, maxshape=(None, 2), chunks=(PER_ROW_CHUNK, 2))
+        h5.create_dataset("failed/paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+        h5.create_dataset("failed/errors", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+        h5.create_dataset("failed/root_index", (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+        h5.flush()
+        return cls(h5, settings)
+
+    @classmethod
+    def reopen(cls, path: str, settings: StoreSettings) -> "StoreWriter":
+        """Reopen for --resume (after check_resumable): drop rows past the committed counters."""
+        h5 = _open_h5(path, "r+")
+        writer = cls(h5, settings)
+        for name in writer._row_datasets():
+            h5[name].resize(writer.committed, axis=0)
+        for name in FAILED_DATASETS:
+            h5[name].resize(writer.failed_committed, axis=0)
+        h5.attrs["complete"] = False
+        h5.attrs["device"] = settings.device
+        h5.flush()
+        return writer
+
+    def _row_datasets(self) -> list[str]:
+        names = ["tokens", "paths", "root_index", "image_size"]
+        if "mean" in self.h5:
+            names.append("mean")
+        names += [f"layers/{k}" for k in self.settings.layers]
+        return names
+
+    # -- writing -------------------------------------------------------------------------
+    def set_roots(self, roots: list[str]) -> None:
+        self.roots = roots
+        self.h5.attrs["roots"] = json.dumps(roots)
+
+    def append(self, rows: Rows) -> None:
+        """Write one batch, flush, then advance the counters (the commit point) and flush again."""
+        h5, start = self.h5, self.committed
+        _append(h5["tokens"], start, rows.tokens)
+        if rows.mean is not None:
+            _append(h5["mean"], start, rows.mean)
+        for k, values in rows.layers.items():
+            _append(h5[f"layers/{k}"], start, values)
+        _append(h5["paths"], start, rows.keys)
+        _append(h5["root_index"], start, rows.root_index)
+        _append(h5["image_size"], start, rows.image_size)
+        _append(h5["failed/paths"], self.failed_committed, rows.failed_keys)
+        _append(h5["failed/root_index"], self.failed_committed, np.asarray(rows.failed_root_index, np.int32))
+        _append(h5["failed/errors"], self.failed_committed, rows.failed_errors)
+        h5.flush()
+        self.committed += len(rows.keys)
+        self.failed_committed += len(rows.failed_keys)
+        h5.attrs["committed"] = self.committed
+        h5.attrs["failed_committed"] = self.failed_committed
+        h5.flush()
+
+    def close(self, complete: bool) -> None:
+        if not self.h5.id.valid:
+            return
+        self.h5.attrs["complete"] = bool(complete)
+        self.h5.flush()
+        try:
+            os.fsync(self.h5.id.get_vfd_handle())  # flush() does not reach the disk; this does
+        except (OSError, ValueError, TypeError):
+            pass
+        self.h5.close()
+
+
+def _open_h5(path: str, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode)
+    except (OSError, BlockingIOError) as err:
+        raise VitExtractError(f"cannot open {path} for writing: {err}") from None
+
+
+class AsyncWriter:
+    """Runs a StoreWriter on its own thread behind a small queue, so the device never waits on the disk.
+
+    h5py serialises all HDF5 calls anyway; one thread owns the file. An error in the writer is
+    raised in the caller at the next put() or at close().
+    """
+
+    def __init__(self, writer: StoreWriter, depth: int = 3):
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="vit-extract-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    item()
+                except BaseException as err:  # handed to the main thread
+                    self._error = err
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            if isinstance(err, OSError):
+                raise VitExtractError(f"writing {self.writer.h5.filename} failed: {err}") from err
+            raise err
+
+    def put(self, rows: Rows) -> None:
+        self._raise_if_failed()
+        self._queue.put(lambda: self.writer.append(rows))
+
+    def set_roots(self, roots: list[str]) -> None:
+        self._queue.put(lambda: self.writer.set_roots(roots))
+
+    def close(self, complete: bool) -> None:
+        """Drain the queue, record completeness, close the file; re-raise a writer error."""
+        self._queue.put(None)
+        self._thread.join()
+        failed = self._error is not None
+        self.writer.close(complete and not failed)
+        self._raise_if_failed()
+
+
+# -- resume ------------------------------------------------------------------------------
+@dataclass
+class ResumeState:
+    done: set[tuple[str, str]]  # (root, key) of committed rows and recorded failures
+    roots: list[str]
+    committed: int
+    failed_committed: int
+
+
+def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
+    """Read an existing output and refuse, naming the difference, when its settings differ."""
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as err:
+        raise VitExtractError(f"cannot resume {path}: not a readable HDF5 file ({err})") from None
+    with h5:
+        attrs = h5.attrs
+        if "schema_version" not in attrs or "committed" not in attrs:
+            raise ResumeMismatchError(f"cannot resume {path}: it is not a vit-extract output file")
+        if int(attrs["schema_version"]) != SCHEMA_VERSION:
+            raise ResumeMismatchError(
+                f"cannot resume {path}: schema version {attrs['schema_version']} "
+                f"(this vit-extract writes {SCHEMA_VERSION}); use --overwrite or a new output"
+            )
+        recorded = {
+            "encoder": attrs["encoder"],
+            "weights_identity": _weights_identity(json.loads(attrs["weights"])),
+            "preprocessing": attrs["preprocessing"],
+            "pooling": attrs["pooling"],
+            "projector": attrs["projector"],
+            "compute_dtype": attrs["compute_dtype"],
+            "out_dtype": attrs["out_dtype"],
+            "layers": tuple(json.loads(attrs["layers"])),
+        }
+        for name, words in StoreSettings.RESUME_FIELDS:
+            then, now = recorded[name], getattr(settings, name)
+            if then != now:
+                raise ResumeMismatchError(
+                    f"cannot resume {path}: its {words} differs (file: {_short(then)}; "
+                    f"this run: {_short(now)}); rerun with the file's settings or use --overwrite"
+                )
+        roots = json.loads(attrs["roots"])
+        committed = int(attrs["committed"])
+        failed_committed = int(attrs["failed_committed"])
+        keys = h5["paths"].asstr()[:committed] if committed else []
+        index = h5["root_index"][:committed]
+        done = {(roots[i], k) for i, k in zip(index, keys)}
+        if failed_committed:
+            keys = h5["failed/paths"].asstr()[:failed_committed]
+            index = h5["failed/root_index"][:failed_committed]
+            done |= {(roots[i], k) for i, k in zip(index, keys)}
+        return ResumeState(done=done, roots=roots, committed=committed, failed_committed=failed_committed)
+
+
+def _weights_identity(record: dict) -> str:
+    if record.get("source") == "untrained":
+        return f"untrained seed {record.get('seed')}"
+    return f"sha256 {record.get('sha256')}"
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 160 else text[:157] + "…"
+
+
+# -- reading -----------------------------------------------------------------------------
+class TokenFile:
+    """Read a vit-extract output: rows by index or key, batches, settings, failures.
+
+        with vitcore.open_tokens("out.h5") as f:
+            x = f["cat.jpg"]          # (T, D) numpy array, or (D,) when pooled
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            self.h5 = h5py.File(self.path, "r")
+        except OSError as err:
+            raise VitExtractError(f"cannot read {self.path}: not a readable HDF5 file ({err})") from None
+        if "schema_version" not in self.h5.attrs:
+            self.h5.close()
+            raise VitExtractError(f"{self.path} is not a vit-extract output file (no schema_version)")
+        self._keys: list[str] | None = None
+        self._index: dict[str, int] | None = None
+
+    def __enter__(self) -> "TokenFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def __len__(self) -> int:
+        return int(self.h5.attrs["committed"])
+
+    @property
+    def keys(self) -> list[str]:
+        if self._keys is None:
+            n = len(self)
+            self._keys = list(self.h5["paths"].asstr()[:n]) if n else []
+        return self._keys
+
+    def index(self, key: str) -> int:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self.keys)}
+        try:
+            return self._index[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not a row of {self.path}") from None
+
+    def _row(self, item: int | str) -> int:
+        i = self.index(item) if isinstance(item, str) else int(item)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {item} is out of range for {n} rows")
+        return i % n
+
+    def __getitem__(self, item: int | str) -> np.ndarray:
+        return self.tokens(item)
+
+    def tokens(self, item: int | str) -> np.ndarray:
+        return self.h5["tokens"][self._row(item)]
+
+    def mean(self, item: int | str) -> np.ndarray:
+        """The image's mean token (the pooled vector itself for pooled files)."""
+        name = "mean" if "mean" in self.h5 else "tokens"
+        return self.h5[name][self._row(item)]
+
+    def layer(self, k: int, item: int | str) -> np.ndarray:
+        return self.h5[f"layers/{k}"][self._row(item)]
+
+    def iter_batches(self, batch_size: int = 256, dataset: str = "tokens") -> Iterator[tuple[list[str], np.ndarray]]:
+        """(keys, array) for consecutive committed rows of ``dataset`` (tokens, mean, layers/K)."""
+        data, n = self.h5[dataset], len(self)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            yield self.keys[start:stop], data[start:stop]
+
+    def original_path(self, item: int | str) -> bytes:
+        """The image file a row came from (bytes: names need not be UTF-8)."""
+        i = self._row(item)
+        root = self.settings["roots"][int(self.h5["root_index"][i])]
+        return os.path.join(os.fsencode(root), unescape_key(self.keys[i]))
+
+    @property
+    def settings(self) -> dict:
+        """The root attributes, with JSON values decoded."""
+        out = {}
+        for name, value in self.h5.attrs.items():
+            if isinstance(value, np.generic):
+                value = value.item()
+            if name in ("encoder", "weights", "preprocessing", "projector", "layers", "roots"):
+                value = json.loads(value)
+            out[name] = value
+        return out
+
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        n = int(self.h5.attrs["failed_committed"])
+        if not n:
+            return []
+        return list(zip(self.h5["failed/paths"].asstr()[:n], self.h5["failed/errors"].asstr()[:n]))
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        return tuple(self.h5["tokens"].shape[1:])
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(k) for k in self.settings["layers"]]
+
+
+def open_tokens(path: str | os.PathLike) -> TokenFile:
+    return TokenFile(path)
+
+
+def refuse_existing(path: str, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; choose one")
+    if os.path.exists(path) and not (resume or overwrite):
+        raise OutputExistsError(
+            f"{path} already exists; add --resume to continue it or --overwrite to replace it"
+        )
