@@ -119,3 +119,14 @@ def parse_model(spec: str) -> EncoderConfig:
         except ValueError:
             raise UsageError(f"model spec field {key}={raw!r} is not a number") from None
     return dataclasses.replace(PRESETS[DEFAULT_PRESET], name="custom", **values).validate()
+
+
+def parameter_count(cfg: EncoderConfig) -> int:
+    """Parameters of the encoder, counted from its shapes (no torch needed; the tests check it)."""
+    d, hidden, p = cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.patch
+    patch_embed = 3 * p * p * d + d
+    attention = d * 3 * d + 3 * d + d * d + d  # fused qkv + output projection
+    mlp = d * hidden + hidden + hidden * d + d
+    norms = 2 * 2 * d
+    projector = d * cfg.project_dim + cfg.project_dim if cfg.project_dim else 0
+    return patch_embed + cfg.depth * (attention + mlp + norms) + 2 * d + projector

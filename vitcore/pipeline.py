@@ -276,6 +276,7 @@ def extract(
 
     # Workers fork when the iterator is created: before the output is opened for writing.
     batches = iter(loader) if sources else iter(())
+    reporter(Progress(0, len(sources), 0, 0.0))
     writer = StoreWriter.reopen(output, settings) if resuming else StoreWriter.create(output, settings, roots)
     writer.set_roots(roots)
     async_writer = AsyncWriter(writer)

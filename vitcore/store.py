@@ -430,6 +430,38 @@ class TokenFile:
     def layers(self) -> list[int]:
         return [int(k) for k in self.settings["layers"]]
 
+    def describe(self, max_failures: int | None = None) -> dict:
+        """What `vit-extract info` shows: a JSON-ready summary of the file."""
+        settings = self.settings
+        failures = self.failures
+        datasets = {}
+        self.h5.visititems(
+            lambda name, obj: datasets.__setitem__(name, {"shape": list(obj.shape), "dtype": str(obj.dtype)})
+            if isinstance(obj, h5py.Dataset) else None
+        )
+        return {
+            "file": self.path,
+            "rows": len(self),
+            "complete": bool(settings.get("complete")),
+            "token_shape": list(self.token_shape),
+            "out_dtype": settings.get("out_dtype"),
+            "pooling": settings.get("pooling"),
+            "layers": settings.get("layers"),
+            "encoder": settings.get("encoder"),
+            "projector": settings.get("projector"),
+            "weights": settings.get("weights"),
+            "preprocessing": settings.get("preprocessing"),
+            "compute_dtype": settings.get("compute_dtype"),
+            "device": settings.get("device"),
+            "created": settings.get("created"),
+            "vit_extract_version": settings.get("vit_extract_version"),
+            "schema_version": settings.get("schema_version"),
+            "roots": settings.get("roots"),
+            "failed": len(failures),
+            "failures": [{"path": k, "error": e} for k, e in failures[:max_failures]],
+            "datasets": datasets,
+        }
+
 
 def open_tokens(path: str | os.PathLike) -> TokenFile:
     return TokenFile(path)

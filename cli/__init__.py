@@ -1,0 +1,1 @@
+"""The vit-extract command line (Typer). Entry point: cli.main:main."""

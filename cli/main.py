@@ -1,0 +1,207 @@
+"""The vit-extract command line: parse options, build a config, call one library function, show the result.
+
+No model or I/O logic lives here. torch is imported inside the commands (through vitcore),
+so ``vit-extract --help`` stays instant.
+
+Exit codes: 0 done (failed images are listed, not fatal); 1 fatal error; 2 usage error;
+3 --strict and at least one image failed; 130 / 143 stopped by SIGINT / SIGTERM (resumable).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from cli import render
+
+EXIT_STRICT_FAILURES = 3
+
+app = typer.Typer(
+    name="vit-extract",
+    help="Extract Vision Transformer visual tokens from image folders into HDF5.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Pool(str, Enum):
+    none = "none"
+    mean = "mean"
+    max = "max"
+
+
+class Resize(str, Enum):
+    squash = "squash"
+    crop = "crop"
+    pad = "pad"
+
+
+class Decode(str, Enum):
+    draft = "draft"
+    full = "full"
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class OutDtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+def _fail(error: Exception) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+    return typer.Exit(getattr(error, "exit_code", 1))
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a whole number or 'auto'") from None
+    if number < 1:
+        raise typer.BadParameter("must be at least 1")
+    return number
+
+
+@app.command()
+def run(
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files and folders (folders are searched recursively).", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HDF5 file to write.", dir_okay=False)] = Path("tokens.h5"),
+    model: Annotated[Optional[str], typer.Option(help="small | base | large, or a custom spec like dim=256,depth=4,heads=4. Default: base, or the encoder stored in --weights.", show_default=False)] = None,
+    weights: Annotated[Optional[Path], typer.Option(help=".safetensors weights (written by init-weights or save_weights); without it the encoder is UNTRAINED (seeded random init).", exists=True, dir_okay=False)] = None,
+    seed: Annotated[int, typer.Option(help="Initialisation seed when no --weights are given.", min=0)] = 0,
+    pool: Annotated[Pool, typer.Option(help="none: all tokens (N, T, D); mean / max: one vector per image (N, D).")] = Pool.none,
+    project_dim: Annotated[Optional[int], typer.Option(help="Add a projector Linear(D → P) after the final norm (the bridge to a language model).", min=1, show_default=False)] = None,
+    layer: Annotated[Optional[list[int]], typer.Option("--layer", help="Also store hidden states after block K as layers/K (repeatable; -2 = penultimate).", show_default=False)] = None,
+    resize: Annotated[Resize, typer.Option(help="squash: straight to the input size; crop: shorter side + centre crop; pad: letterbox.")] = Resize.squash,
+    decode: Annotated[Decode, typer.Option(help="draft: decode large JPEGs at a reduced scale (fast); full: exact decode.")] = Decode.draft,
+    batch_size: Annotated[str, typer.Option(help="Images per batch, or auto.", parser=_batch_size)] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes (0: decode in the main process). Default: min(8, CPUs).", min=0, show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto = bfloat16 where the hardware computes it natively, else float32.")] = Dtype.auto,
+    out_dtype: Annotated[OutDtype, typer.Option(help="Stored dtype.")] = OutDtype.float16,
+    files_from: Annotated[Optional[str], typer.Option(help="Read paths from FILE, one per line (- for stdin).", show_default=False)] = None,
+    ext: Annotated[Optional[str], typer.Option(help="Extensions to pick up in folders, comma-separated. Default: jpg,jpeg,png,webp,bmp,gif,tif,tiff.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run into the same file.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout (and nothing else).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_STRICT_FAILURES} when any image failed.")] = False,
+) -> None:
+    """Extract visual tokens for every image under PATHS into an HDF5 file."""
+    from vitcore.errors import VitExtractError
+    from vitcore.pipeline import ExtractOptions, extract
+
+    options = ExtractOptions(
+        model=model, weights=str(weights) if weights else None, seed=seed, pool=pool.value,
+        project_dim=project_dim, layers=tuple(layer or ()), resize=resize.value, decode=decode.value,
+        batch_size=batch_size, workers=workers, device=device, dtype=dtype.value,
+        out_dtype=out_dtype.value, files_from=files_from, extensions=ext, resume=resume,
+        overwrite=overwrite,
+    )
+    show_progress = not quiet and err.is_terminal
+    try:
+        with render.ProgressDisplay(err, enabled=show_progress) as display:
+            result = extract([str(p) for p in paths or ()], str(output), options, progress=display.update)
+    except VitExtractError as error:
+        raise _fail(error)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+    elif not quiet:
+        render.run_summary(out, result)
+    if strict and result.failures:
+        raise typer.Exit(EXIT_STRICT_FAILURES)
+
+
+@app.command()
+def info(
+    file: Annotated[Path, typer.Argument(help="An output file of vit-extract run.", exists=True, dir_okay=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON on stdout.")] = False,
+    failures: Annotated[int, typer.Option(help="How many failed images to list.", min=0)] = 20,
+) -> None:
+    """Rows, shapes, dtype, encoder, weights and failures of an output file."""
+    from vitcore.errors import VitExtractError
+    from vitcore.store import open_tokens
+
+    try:
+        with open_tokens(file) as tokens:
+            summary = tokens.describe(max_failures=failures)
+    except VitExtractError as error:
+        raise _fail(error)
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        render.info_table(out, summary)
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the presets as JSON on stdout.")] = False,
+) -> None:
+    """The encoder presets: width, depth, heads, parameters and tokens per image."""
+    from vitcore.config import PRESETS, parameter_count
+
+    rows = [
+        {
+            "name": name, "dim": c.dim, "depth": c.depth, "heads": c.heads, "patch": c.patch,
+            "image_size": c.image_size, "parameters": parameter_count(c), "tokens_per_image": c.num_tokens,
+        }
+        for name, c in PRESETS.items()
+    ]
+    if as_json:
+        out.print_json(json.dumps(rows))
+    else:
+        render.models_table(out, rows)
+
+
+@app.command("init-weights")
+def init_weights(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors file to write.", dir_okay=False)],
+    model: Annotated[str, typer.Option(help="small | base | large, or a custom spec like dim=256,depth=4,heads=4.")] = "base",
+    seed: Annotated[int, typer.Option(help="Initialisation seed.", min=0)] = 0,
+    project_dim: Annotated[Optional[int], typer.Option(help="Include a projector Linear(D → P).", min=1, show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
+) -> None:
+    """Write a seeded (untrained) encoder as .safetensors, its architecture in the metadata."""
+    from vitcore.errors import OutputExistsError, VitExtractError
+    from vitcore.weights import build_encoder, save_weights
+
+    try:
+        if output.exists() and not overwrite:
+            raise OutputExistsError(f"{output} already exists; add --overwrite to replace it")
+        encoder, _ = build_encoder(model, seed=seed, project_dim=project_dim)
+        save_weights(encoder, output)
+    except VitExtractError as error:
+        raise _fail(error)
+    except OSError as error:
+        raise _fail(RuntimeError(f"cannot write {output}: {error.strerror}"))
+    out.print(f"wrote {output}: {encoder.cfg.name} encoder, seed {seed} (untrained)")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

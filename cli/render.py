@@ -1,0 +1,139 @@
+"""What the user sees: the live progress display (stderr) and the summaries and tables (stdout)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+FAILURES_SHOWN = 10
+
+
+class ProgressDisplay:
+    """A rich progress bar fed by extract()'s progress callback; a spinner until the first call."""
+
+    def __init__(self, console: Console, enabled: bool):
+        self.console = console
+        self.enabled = enabled
+        self.status = None
+        self.bar: Progress | None = None
+        self.task = None
+
+    def __enter__(self) -> "ProgressDisplay":
+        if self.enabled:
+            self.status = self.console.status("finding images and building the encoder…")
+            self.status.start()
+        return self
+
+    def update(self, p) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.status.stop()
+            self.bar = Progress(
+                TextColumn("extracting"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TextColumn("[red]{task.fields[failed]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("extract", total=p.total, rate="", failed="")
+        rate = f"{p.done / p.elapsed:.1f} img/s" if p.elapsed > 0 and p.done else ""
+        failed = f"{p.failed} failed" if p.failed else ""
+        self.bar.update(self.task, completed=p.done, total=p.total, rate=rate, failed=failed)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        elif self.status is not None:
+            self.status.stop()
+
+
+def run_summary(console: Console, result) -> None:
+    """One screen after a run: what was written, with what, how fast, and what failed."""
+    shape = "×".join(str(n) for n in result.token_shape)
+    head = "done" if result.complete else "stopped"
+    console.print(
+        f"[bold]{head}:[/] {result.written} images → {escape(result.output)} "
+        f"({result.rows} rows, tokens {shape} {result.out_dtype} per image)"
+    )
+    table = Table.grid(padding=(0, 2))
+    table.add_row("encoder", f"{result.encoder}")
+    weights = escape(result.weights)
+    if result.untrained:
+        weights = (
+            f"[bold yellow]{weights}[/]: these tokens carry no learned meaning; "
+            "pass --weights FILE.safetensors for real features"
+        )
+    table.add_row("weights", weights)
+    table.add_row("compute", f"{result.device}, {result.compute_dtype}")
+    table.add_row("time", f"{result.seconds:.1f} s, {result.images_per_second:.1f} images/s")
+    if result.skipped:
+        table.add_row("resumed", f"{result.skipped} images already in the file were skipped")
+    if result.duplicates_dropped:
+        table.add_row("duplicates", f"{result.duplicates_dropped} inputs named twice were taken once")
+    table.add_row("failed", f"[red]{len(result.failures)}[/]" if result.failures else "0")
+    console.print(table)
+    for key, error in result.failures[:FAILURES_SHOWN]:
+        console.print(f"  [red]✗[/] {escape(key)}: {escape(error)}")
+    if len(result.failures) > FAILURES_SHOWN:
+        more = len(result.failures) - FAILURES_SHOWN
+        console.print(f"  … and {more} more: vit-extract info {escape(result.output)} --failures {len(result.failures)}")
+
+
+def info_table(console: Console, s: dict) -> None:
+    enc = s["encoder"]
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    table.add_row("file", escape(s["file"]))
+    table.add_row("rows", f"{s['rows']}" + ("" if s["complete"] else "  [yellow](incomplete: finish with run … --resume)[/]"))
+    table.add_row("tokens", f"{'×'.join(map(str, s['token_shape']))} per image, {s['out_dtype']}, pooling {s['pooling']}")
+    if s["layers"]:
+        table.add_row("layers", ", ".join(f"layers/{k}" for k in s["layers"]))
+    table.add_row(
+        "encoder",
+        f"{enc['name']}: dim {enc['dim']}, depth {enc['depth']}, heads {enc['heads']}, "
+        f"patch {enc['patch']}, input {enc['image_size']}"
+        + (f", projector → {enc['project_dim']}" if enc.get("project_dim") else ""),
+    )
+    weights = s["weights"]
+    if weights.get("source") == "untrained":
+        table.add_row("weights", f"[yellow]UNTRAINED[/] (random init, seed {weights.get('seed')})")
+    else:
+        table.add_row("weights", f"{escape(str(weights.get('path')))} (sha256 {weights.get('sha256')})")
+    prep = s["preprocessing"]
+    table.add_row("preprocess", f"resize {prep['resize']} to {prep['image_size']}, decode {prep['decode']}")
+    table.add_row("compute", f"{s['device']}, {s['compute_dtype']}")
+    table.add_row("made", f"{s['created']} by vit-extract {s['vit_extract_version']} (schema {s['schema_version']})")
+    table.add_row("roots", "\n".join(escape(r) for r in s["roots"]) or "-")
+    table.add_row("failed", f"[red]{s['failed']}[/]" if s["failed"] else "0")
+    console.print(table)
+    for f in s["failures"]:
+        console.print(f"  [red]✗[/] {escape(f['path'])}: {escape(f['error'])}")
+    if s["failed"] > len(s["failures"]):
+        console.print(f"  … and {s['failed'] - len(s['failures'])} more (--failures N shows more)")
+
+
+def models_table(console: Console, rows: list[dict]) -> None:
+    table = Table("preset", "dim", "depth", "heads", "patch", "input", "parameters", "tokens/image")
+    for r in rows:
+        table.add_row(
+            r["name"], str(r["dim"]), str(r["depth"]), str(r["heads"]), str(r["patch"]),
+            str(r["image_size"]), f"{r['parameters'] / 1e6:.1f}M", str(r["tokens_per_image"]),
+        )
+    console.print(table)
