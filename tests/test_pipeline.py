@@ -1,0 +1,155 @@
+"""extract() end to end through the library: stored rows equal direct encoding, failures, resume."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import vitcore
+from tests.conftest import TINY
+from vitcore.errors import Interrupted, OutputExistsError, ResumeMismatchError
+from vitcore.pipeline import ExtractOptions, StopFlag
+from vitcore.preprocess import PreprocessConfig, load_image, normalize_on_device
+from vitcore.weights import build_encoder
+
+EXACT = ExtractOptions(model=TINY, out_dtype="float32", dtype="float32", device="cpu", workers=0, batch_size=3)
+
+
+def _rows(path):
+    with h5py.File(path, "r") as f:
+        keys = list(f["paths"].asstr()[:])
+        return keys, f["tokens"][:], dict(f.attrs)
+
+
+def test_stored_tokens_equal_encoding_each_image_directly(photos, tmp_path):
+    out = tmp_path / "out.h5"
+    result = vitcore.extract([photos], out, EXACT)
+    model, _ = build_encoder(TINY)
+    prep = PreprocessConfig(image_size=56)
+    with vitcore.open_tokens(out) as f:
+        assert len(f) == result.rows == 8 and result.complete
+        for key in f.keys:
+            pixels, size = load_image(str(photos / key), prep)
+            x = normalize_on_device(torch.from_numpy(pixels.copy())[None], prep.mean, prep.std, torch.float32)
+            expected = model(x).tokens[0].numpy()
+            np.testing.assert_allclose(f[key], expected, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(f.mean(key), expected.mean(0), rtol=1e-5, atol=1e-5)
+            assert tuple(f.h5["image_size"][f.index(key)]) == size
+            assert f.original_path(key) == bytes(photos / key)
+
+
+def test_a_failed_image_has_no_row_and_moves_no_other_row(photos, tmp_path):
+    clean = tmp_path / "clean.h5"
+    vitcore.extract([photos], clean, EXACT)
+    (photos / "b_broken.jpg").write_bytes(b"this is not a jpeg")
+    (photos / "d_truncated.png").write_bytes((photos / "alpha_cutout.png").read_bytes()[:3000])
+    dirty = tmp_path / "dirty.h5"
+    result = vitcore.extract([photos], dirty, EXACT)
+    assert sorted(k for k, _ in result.failures) == ["b_broken.jpg", "d_truncated.png"]
+    clean_keys, clean_tokens, _ = _rows(clean)
+    keys, tokens, attrs = _rows(dirty)
+    assert keys == clean_keys and attrs["committed"] == 8 and attrs["failed_committed"] == 2
+    np.testing.assert_array_equal(tokens, clean_tokens)
+    with vitcore.open_tokens(dirty) as f:
+        reasons = dict(f.failures)
+    assert set(reasons) == {"b_broken.jpg", "d_truncated.png"}
+    assert all(reason and "\n" not in reason for reason in reasons.values())
+
+
+def test_resume_after_an_interruption_equals_one_full_run(photos, tmp_path):
+    full = tmp_path / "full.h5"
+    vitcore.extract([photos], full, EXACT)
+    part = tmp_path / "part.h5"
+    stop = StopFlag()
+    with pytest.raises(Interrupted) as caught:
+        vitcore.extract([photos], part, EXACT, stop=stop, progress=lambda p: p.done >= 3 and stop.set())
+    assert caught.value.exit_code == 130
+    keys, _, attrs = _rows(part)
+    assert attrs["committed"] == 3 and not attrs["complete"] and len(keys) == 3
+    result = vitcore.extract([photos], part, EXACT, resume=True)
+    assert result.skipped == 3 and result.written == 5 and result.complete
+    full_keys, full_tokens, _ = _rows(full)
+    keys, tokens, attrs = _rows(part)
+    assert keys == full_keys and attrs["complete"]
+    np.testing.assert_array_equal(tokens, full_tokens)  # batch boundaries coincide: bit-identical
+
+
+def test_resume_discards_rows_past_the_committed_counter(photos, tmp_path):
+    full = tmp_path / "full.h5"
+    vitcore.extract([photos], full, EXACT)
+    part = tmp_path / "part.h5"
+    stop = StopFlag()
+    with pytest.raises(Interrupted):
+        vitcore.extract([photos], part, EXACT, stop=stop, progress=lambda p: stop.set())
+    with h5py.File(part, "r+") as f:  # a crash after writing rows but before the commit
+        n = f.attrs["committed"]
+        for name in ("tokens", "mean", "paths", "root_index", "image_size"):
+            f[name].resize(n + 2, axis=0)
+        f["tokens"][n:] = 7.0
+        f["paths"][n:] = ["ghost-a.jpg", "ghost-b.jpg"]
+    vitcore.extract([photos], part, EXACT, resume=True)
+    full_keys, full_tokens, _ = _rows(full)
+    keys, tokens, _ = _rows(part)
+    assert keys == full_keys
+    np.testing.assert_array_equal(tokens, full_tokens)
+
+
+def test_resume_refuses_different_settings_and_names_the_difference(photos, tmp_path):
+    out = tmp_path / "out.h5"
+    vitcore.extract([photos], out, EXACT)
+    for change, words in [({"pool": "mean"}, "pooling"), ({"seed": 1}, "weights"),
+                          ({"resize": "crop"}, "preprocessing"), ({"out_dtype": "float16"}, "output dtype"),
+                          ({"layers": (-2,)}, "--layer")]:
+        with pytest.raises(ResumeMismatchError, match=words):
+            vitcore.extract([photos], out, EXACT, resume=True, **change)
+
+
+def test_an_existing_output_is_never_touched_without_resume_or_overwrite(photos, tmp_path):
+    out = tmp_path / "out.h5"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match="--resume"):
+        vitcore.extract([photos], out, EXACT)
+    assert out.read_bytes() == b"precious"
+    vitcore.extract([photos], out, EXACT, overwrite=True)
+    assert len(vitcore.open_tokens(out)) == 8
+
+
+def test_layers_pooling_and_projector_datasets(photos, tmp_path):
+    out = tmp_path / "layers.h5"
+    vitcore.extract([photos], out, EXACT, layers=(-1, 0, 1))  # 1 and -1 are the same block: kept once
+    with h5py.File(out, "r") as f:
+        assert sorted(f["layers"]) == ["-1", "0"] and f["layers/0"].shape == (8, 16, 32)
+        assert json.loads(f.attrs["layers"]) == [-1, 0]
+        last = torch.from_numpy(f["layers/-1"][:])
+        model, _ = build_encoder(TINY)
+        normed = torch.nn.functional.layer_norm(last, (32,), model.norm.weight, model.norm.bias, 1e-6)
+        np.testing.assert_allclose(normed.numpy(), f["tokens"][:], rtol=1e-4, atol=1e-4)
+    pooled = tmp_path / "pooled.h5"
+    vitcore.extract([photos], pooled, EXACT, pool="max", project_dim=24, layers=(-2,))
+    with h5py.File(pooled, "r") as f:
+        assert f["tokens"].shape == (8, 24) and "mean" not in f and f["layers/-2"].shape == (8, 32)
+        assert json.loads(f.attrs["projector"]) == {"dim": 24} and f.attrs["pooling"] == "max"
+
+
+def test_worker_processes_give_the_same_rows_as_in_process_decoding(photos, tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    vitcore.extract([photos], a, EXACT)
+    vitcore.extract([photos], b, EXACT, workers=2)
+    ka, ta, _ = _rows(a)
+    kb, tb, attrs = _rows(b)
+    assert ka == kb and attrs["complete"]
+    np.testing.assert_array_equal(ta, tb)
+
+
+def test_progress_callback_and_empty_inputs(photos, tmp_path):
+    seen = []
+    vitcore.extract([photos], tmp_path / "p.h5", EXACT, progress=seen.append)
+    assert [p.done for p in seen] == [0, 3, 6, 8] and all(p.total == 8 for p in seen)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = vitcore.extract([empty], tmp_path / "e.h5", EXACT)
+    assert result.rows == 0 and result.complete
+    with h5py.File(tmp_path / "e.h5", "r") as f:
+        assert f["tokens"].shape == (0, 16, 32) and f.attrs["complete"]
