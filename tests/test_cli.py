@@ -1,0 +1,173 @@
+"""The command line end to end: the main job on sample_images, every dataset and attribute, exit codes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.conftest import SAMPLES, TINY
+
+ROOT_ATTRS = {
+    "schema_version", "vit_extract_version", "created", "encoder", "weights", "preprocessing", "pooling",
+    "projector", "compute_dtype", "device", "out_dtype", "roots", "committed", "complete",
+}
+
+
+def test_run_on_sample_images_writes_the_documented_schema(cli, tmp_path):
+    out = tmp_path / "tokens.h5"
+    result = cli("run", SAMPLES, "-o", out, "--model", TINY, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert "UNTRAINED" in result.stdout and "8 images" in result.stdout
+    images = sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".jpg", ".png"))
+    with h5py.File(out, "r") as f:
+        assert ROOT_ATTRS <= set(f.attrs)
+        assert f.attrs["committed"] == 8 and f.attrs["complete"] and f.attrs["schema_version"] == 1
+        assert list(f["paths"].asstr()[:]) == images
+        assert f["tokens"].shape == (8, 16, 32) and f["tokens"].dtype == np.float16
+        assert f["tokens"].chunks == (1, 16, 32) and f["tokens"].compression is None
+        assert f["mean"].shape == (8, 32)
+        np.testing.assert_allclose(f["mean"][:], f["tokens"][:].astype(np.float32).mean(1), atol=2e-3)
+        assert json.loads(f.attrs["roots"]) == [str(SAMPLES)]
+        assert list(f["root_index"][:]) == [0] * 8
+        sizes = {k: tuple(s) for k, s in zip(f["paths"].asstr()[:], f["image_size"][:])}
+        assert sizes["coffee.jpg"] == (600, 400) and sizes["astronaut.jpg"] == (512, 512)
+        assert f["failed/paths"].shape == (0,) and f["failed/errors"].shape == (0,)
+        assert json.loads(f.attrs["encoder"])["dim"] == 32
+        assert json.loads(f.attrs["weights"]) == {"source": "untrained", "seed": 0, "path": None, "sha256": None}
+        prep = json.loads(f.attrs["preprocessing"])
+        assert (prep["resize"], prep["decode"], prep["image_size"]) == ("squash", "draft", 56)
+        assert prep["mean"] == [0.485, 0.456, 0.406] and prep["std"] == [0.229, 0.224, 0.225]
+        assert f.attrs["pooling"] == "none" and f.attrs["projector"] == "null"
+        assert f.attrs["compute_dtype"] in ("float32", "bfloat16") and f.attrs["device"] == "cpu"
+        assert f.attrs["out_dtype"] == "float16"
+        assert np.isfinite(f["tokens"][:]).all() and np.abs(f["tokens"][:]).max() > 0.1
+
+
+def test_json_summary_is_the_only_stdout_and_strict_fails_on_failures(cli, photos, tmp_path):
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "t.h5"
+    result = cli("run", photos, "-o", out, "--model", TINY, "--json", "--strict", "--workers", "0")
+    assert result.exit_code == 3
+    summary = json.loads(result.stdout)
+    assert summary["rows"] == 8 and summary["complete"] is True
+    assert [f["path"] for f in summary["failures"]] == ["broken.jpg"]
+    info = json.loads(cli("info", out, "--json").stdout)
+    assert info["rows"] == 8 and info["failed"] == 1 and info["token_shape"] == [16, 32]
+    assert info["datasets"]["tokens"] == {"shape": [8, 16, 32], "dtype": "float16"}
+    table = cli("info", out).stdout
+    assert "broken.jpg" in table and "UNTRAINED" in table and "16×32" in table
+
+
+def test_refuses_to_overwrite_and_explains(cli, photos, tmp_path):
+    out = tmp_path / "t.h5"
+    out.write_bytes(b"keep me")
+    result = cli("run", photos, "-o", out, "--model", TINY)
+    assert result.exit_code == 2
+    assert "already exists" in result.stderr and "--resume" in result.stderr and result.stdout == ""
+    assert out.read_bytes() == b"keep me"
+
+
+def test_resume_through_the_cli_and_mismatch_message(cli, photos, tmp_path):
+    out = tmp_path / "t.h5"
+    assert cli("run", photos / "coffee.jpg", "-o", out, "--model", TINY, "-q").exit_code == 0
+    result = cli("run", photos, "-o", out, "--model", TINY, "--resume", "--json")
+    summary = json.loads(result.stdout)
+    assert summary["written"] == 8 and summary["rows"] == 9  # coffee.jpg named directly is another key
+    refused = cli("run", photos, "-o", out, "--model", TINY, "--resume", "--pool", "mean")
+    assert refused.exit_code == 1 and "pooling differs" in refused.stderr
+
+
+def test_files_from_stdin_and_bad_inputs(cli, photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(photos)
+    out = tmp_path / "t.h5"
+    result = cli("run", "--files-from", "-", "-o", out, "--model", TINY, "--json", input="rocket.jpg\n\nchelsea.jpg\nmissing.jpg\n")
+    summary = json.loads(result.stdout)
+    assert summary["rows"] == 2 and [f["path"] for f in summary["failures"]] == ["missing.jpg"]
+    with h5py.File(out, "r") as f:
+        assert list(f["paths"].asstr()[:]) == ["chelsea.jpg", "rocket.jpg"]
+        assert json.loads(f.attrs["roots"]) == [str(photos)]
+    for args, words in [
+        (["run", "nowhere", "-o", tmp_path / "x.h5"], "does not exist"),
+        (["run", photos, "-o", tmp_path / "x.h5", "--model", "giant"], "unknown model"),
+        (["run", photos, "-o", tmp_path / "x.h5", "--model", TINY, "--layer", "5"], "out of range"),
+        (["run", "-o", tmp_path / "x.h5"], "no inputs"),
+        (["run", photos, "-o", tmp_path / "x.h5", "--batch-size", "0"], "at least 1"),
+        (["run", photos, "-o", tmp_path / "x.h5", "--device", "tpu"], "device"),
+    ]:
+        bad = cli(*args)
+        assert bad.exit_code in (1, 2) and words in bad.stderr, (args, bad.stderr)
+        assert "Traceback" not in bad.output
+
+
+def test_negative_layer_option_and_init_weights_round_trip(cli, photos, tmp_path):
+    weights = tmp_path / "w.safetensors"
+    made = cli("init-weights", "--model", TINY, "--seed", "4", "-o", weights)
+    assert made.exit_code == 0 and weights.exists()
+    assert cli("init-weights", "--model", TINY, "-o", weights).exit_code == 2  # exists
+    out = tmp_path / "t.h5"
+    result = cli("run", photos, "-o", out, "--weights", weights, "--layer", "-2", "--pool", "mean", "-q")
+    assert result.exit_code == 0, result.output
+    with h5py.File(out, "r") as f:
+        record = json.loads(f.attrs["weights"])
+        assert record["source"] == "file" and len(record["sha256"]) == 64
+        assert f["tokens"].shape == (8, 32) and f["layers/-2"].shape == (8, 32)
+    seeded = tmp_path / "s.h5"
+    cli("run", photos, "-o", seeded, "--model", TINY, "--seed", "4", "--pool", "mean", "-q")
+    with h5py.File(out, "r") as a, h5py.File(seeded, "r") as b:
+        np.testing.assert_array_equal(a["tokens"][:], b["tokens"][:])  # the file holds seed 4's encoder
+
+
+def test_models_lists_the_presets(cli):
+    rows = json.loads(cli("models", "--json").stdout)
+    assert [r["name"] for r in rows] == ["small", "base", "large"]
+    assert all(r["tokens_per_image"] == 256 for r in rows)
+    assert "302.9M" in cli("models").stdout
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from cli.main import app; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_one_signal_stops_cleanly_and_leaves_a_resumable_file(tmp_path, sig, code):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    source = (SAMPLES / "chelsea.jpg").read_bytes()
+    for i in range(150):
+        (folder / f"img{i:04d}.jpg").write_bytes(source)
+    out = tmp_path / "t.h5"
+    cmd = [sys.executable, "-m", "cli", "run", str(folder), "-o", str(out), "--model", TINY,
+           "--batch-size", "2", "--workers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until some rows are committed
+        time.sleep(0.2)
+        try:
+            with h5py.File(out, "r", locking=False) as f:  # the writer holds HDF5's file lock
+                if f.attrs["committed"] >= 3:
+                    break
+        except (OSError, KeyError):
+            pass
+    sent = time.time()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == code, stderr
+    assert time.time() - sent < 5
+    assert "--resume" in stderr
+    with h5py.File(out, "r") as f:
+        committed = f.attrs["committed"]
+        assert 3 <= committed < 150 and not f.attrs["complete"]
+        assert np.isfinite(f["tokens"][:committed]).all()
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    with h5py.File(out, "r") as f:
+        keys = list(f["paths"].asstr()[:])
+        assert f.attrs["complete"] and keys == sorted(os.listdir(folder))
