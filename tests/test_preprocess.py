@@ -106,6 +106,18 @@ def blocks(width: int, height: int, grid) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def assert_draft_scale(before, after, want, rotated: bool = False) -> None:
+    """The draft decode kept ≥ DRAFT_MARGIN × the resized size (want, upright) in both directions and
+    reduced as far as that allows (Pillow reduces by 1, 2, 4 or 8)."""
+    factor = before[0] // after[0]
+    assert factor in (1, 2, 4, 8) and after == tuple(-(-b // factor) for b in before)
+    upright = after[::-1] if rotated else after
+    need = (DRAFT_MARGIN * want[0], DRAFT_MARGIN * want[1])
+    assert upright[0] >= need[0] and upright[1] >= need[1]
+    if factor < 8:  # one more halving would have gone below the margin
+        assert upright[0] // 2 < need[0] or upright[1] // 2 < need[1]
+
+
 @pytest.fixture
 def draft_spy(monkeypatch):
     """Records (size before, size after) of every JpegImageFile.draft call."""
@@ -261,8 +273,8 @@ def test_mode_I16_big_endian_in_memory():
 @pytest.mark.parametrize(
     "values, expected",
     [
-        ([0, 100, 255, 17], [0, 100, 255, 17]),  # already 8-bit: kept
-        ([0, 257 * 50, 65535, 257], [0, 50, 255, 1]),  # 16-bit range: ÷257
+        ([10, 100, 200, 17], [10, 100, 200, 17]),  # already 8-bit: kept (not stretched)
+        ([300, 257 * 50, 257 * 100, 257 * 200], [1, 50, 100, 200]),  # 16-bit range: ÷257 (not stretched)
         ([-1000, 0, 1000, 500], [0, 128, 255, 191]),  # anything else: stretched min..max
     ],
 )
@@ -433,7 +445,7 @@ def test_exif_orientation_gives_upright_picture(tmp_path, k, decode):
 @pytest.mark.parametrize("k", [1, 6, 8])
 def test_exif_orientation_with_draft_keeps_enough_resolution(tmp_path, draft_spy, k):
     """Large rotated JPEG, crop mode: draft reduces, but the decoded picture, turned upright, is still
-    at least DRAFT_MARGIN × the resized size in both directions; the result is upright."""
+    at least DRAFT_MARGIN × the resized size both ways yet reduced as far as that allows; the result is upright."""
     upright = blocks(1200, 2400, [[RED], [BLUE]])  # tall: top red, bottom blue
     path = oriented_jpeg(tmp_path / f"big{k}.jpg", upright, k)
     config = cfg(128, resize="crop", decode="draft")
@@ -442,9 +454,7 @@ def test_exif_orientation_with_draft_keeps_enough_resolution(tmp_path, draft_spy
     assert len(draft_spy) == 1
     before, after, _ = draft_spy[0]
     assert after[0] < before[0] and after[1] < before[1]
-    after_upright = after if k < 5 else after[::-1]
-    want_w, want_h = resized_size(1200, 2400, config)
-    assert after_upright[0] >= DRAFT_MARGIN * want_w and after_upright[1] >= DRAFT_MARGIN * want_h
+    assert_draft_scale(before, after, resized_size(1200, 2400, config), rotated=k >= 5)
     assert_colour(pixels, slice(0, 40), slice(None), RED, 8)
     assert_colour(pixels, slice(88, 128), slice(None), BLUE, 8)
 
@@ -521,8 +531,7 @@ def test_jpeg_draft_close_to_full_but_reduced(tmp_path, draft_spy):
     before, after, _ = draft_spy[0]
     assert before == (2000, 1500)
     assert after[0] < 2000 and after[1] < 1500
-    want = resized_size(2000, 1500, config_draft)
-    assert after[0] >= DRAFT_MARGIN * want[0] and after[1] >= DRAFT_MARGIN * want[1]
+    assert_draft_scale(before, after, resized_size(2000, 1500, config_draft))
     assert np.abs(full.astype(int) - draft.astype(int)).mean() < 3
 
 

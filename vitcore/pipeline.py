@@ -34,8 +34,8 @@ from vitcore.store import (
     Rows,
     StoreSettings,
     StoreWriter,
+    check_output,
     check_resumable,
-    refuse_existing,
 )
 from vitcore.weights import WeightsInfo, build_encoder
 
@@ -229,7 +229,7 @@ def extract(
     opts = dataclasses.replace(options or ExtractOptions(), **overrides)
     validate_options(opts)
     output = str(output)
-    refuse_existing(output, opts.resume, opts.overwrite)
+    check_output(output, opts.resume, opts.overwrite)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
 

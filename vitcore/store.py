@@ -205,8 +205,12 @@ class StoreWriter:
 def _open_h5(path: str, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode)
-    except (OSError, BlockingIOError) as err:
-        raise VitExtractError(f"cannot open {path} for writing: {err}") from None
+    except OSError as err:
+        if isinstance(err, BlockingIOError):
+            reason = "another process has it open (is another vit-extract run writing it?)"
+        else:
+            reason = os.strerror(err.errno) if err.errno else str(err)
+        raise VitExtractError(f"cannot open {path} for writing: {reason}") from None
 
 
 class AsyncWriter:
@@ -467,9 +471,15 @@ def open_tokens(path: str | os.PathLike) -> TokenFile:
     return TokenFile(path)
 
 
-def refuse_existing(path: str, resume: bool, overwrite: bool) -> None:
+def check_output(path: str, resume: bool, overwrite: bool) -> None:
+    """Refuse early (before any model is built) an output that cannot or must not be written."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; choose one")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"the output folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"the output {path} is a folder; give a file name such as {os.path.join(path, 'tokens.h5')}")
     if os.path.exists(path) and not (resume or overwrite):
         raise OutputExistsError(
             f"{path} already exists; add --resume to continue it or --overwrite to replace it"
