@@ -271,38 +271,37 @@ def test_mode_I16_big_endian_in_memory():
 
 
 @pytest.mark.parametrize(
-    "values, expected",
+    "mode, dtype, values, expected",
     [
-        ([10, 100, 200, 17], [10, 100, 200, 17]),  # already 8-bit: kept (not stretched)
-        ([300, 257 * 50, 257 * 100, 257 * 200], [1, 50, 100, 200]),  # 16-bit range: ÷257 (not stretched)
-        ([-1000, 0, 1000, 500], [0, 128, 255, 191]),  # anything else: stretched min..max
+        ("I", np.int32, [10, 100, 200, 17], [10, 100, 200, 17]),  # already 8-bit: kept (not stretched)
+        ("I", np.int32, [300, 257 * 50, 257 * 100, 257 * 200], [1, 50, 100, 200]),  # 16-bit range: ÷257
+        ("I", np.int32, [-1000, 0, 1000, 500], [0, 128, 255, 191]),  # anything else: stretched min..max
+        ("F", np.float32, [0.0, 0.25, 0.5, 1.0], [0, 64, 128, 255]),  # 0..1: ×255
+        ("F", np.float32, [0.0, 3.0, 100.0, 250.0], [0, 3, 100, 250]),  # 0..255: kept
     ],
 )
-def test_mode_I_32bit_tiff(tmp_path, values, expected):
-    """32-bit integer TIFF (mode I) maps to 8 bits by its value range."""
-    img = Image.frombytes("I", (SIDE, SIDE), bands(values, np.int32).tobytes())
-    path = save(img, tmp_path / "int32.tif")
+def test_mode_I_and_F_tiff_map_to_8_bits_by_value_range(tmp_path, mode, dtype, values, expected):
+    """32-bit integer (I) and float (F) TIFFs map to 8 bits by their value range."""
+    img = Image.frombytes(mode, (SIDE, SIDE), bands(values, dtype).tobytes())
+    path = save(img, tmp_path / "wide.tif")
     with Image.open(path) as check:
-        assert check.mode == "I"
+        assert check.mode == mode
     pixels, _ = load(path)
     assert_bands(pixels, [(v, v, v) for v in expected], tol=1)
 
 
-@pytest.mark.parametrize(
-    "values, expected",
-    [
-        ([0.0, 0.25, 0.5, 1.0], [0, 64, 128, 255]),  # 0..1: ×255
-        ([0.0, 3.0, 100.0, 250.0], [0, 3, 100, 250]),  # 0..255: kept
-    ],
-)
-def test_mode_F_float_tiff(tmp_path, values, expected):
-    """32-bit float TIFF (mode F): values in 0..1 are scaled ×255."""
-    img = Image.frombytes("F", (SIDE, SIDE), bands(values, np.float32).tobytes())
-    path = save(img, tmp_path / "float.tif")
-    with Image.open(path) as check:
-        assert check.mode == "F"
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_mode_F_non_finite_pixel_does_not_blank_image(tmp_path, bad):
+    """One NaN/inf pixel (e.g. "no data") in a 0..1 float TIFF must not change how the others convert."""
+    arr = bands([0.0, 0.25, 0.5, 1.0], np.float32)
+    arr[0, 0] = bad
+    path = save(Image.frombytes("F", (SIDE, SIDE), arr.tobytes()), tmp_path / "nan.tif")
     pixels, _ = load(path)
-    assert_bands(pixels, [(v, v, v) for v in expected], tol=1)
+    finite = np.ones((SIDE, SIDE), dtype=bool)
+    finite[0, 0] = False
+    want = np.rint(np.where(finite, arr, 0) * 255).astype(int)
+    for c in range(3):
+        assert np.abs(pixels[..., c].astype(int) - want)[finite].max() <= 1
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr", "LAB", "HSV"])

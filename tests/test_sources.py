@@ -181,6 +181,7 @@ def test_named_files_and_folders_mixed(tmp_path, monkeypatch):
     found = discover(["dir", "one.jpg"])
     assert same_path(found.roots[0], tmp_path / "dir") and same_path(found.roots[1], tmp_path)
     assert [(s.root_index, s.key) for s in found.sources] == [(0, "two.jpg"), (1, "one.jpg")]
+    assert_consistent(found)
 
 
 def test_missing_positional_path_is_usage_error(tmp_path, monkeypatch):
@@ -208,6 +209,7 @@ def test_same_file_twice_taken_once(tmp_path, monkeypatch):
     assert len(found.sources) == 2
     assert sorted(os.path.basename(s.path) for s in found.sources) == ["a.jpg", "b.jpg"]
     assert found.skipped_duplicates == 3
+    assert_consistent(found)
 
 
 def test_file_and_its_folder_taken_once(tmp_path, monkeypatch):
@@ -234,15 +236,15 @@ def test_folder_twice_and_nested_folder_list_each_file_once(tmp_path):
 # --------------------------------------------------------------------------- symlinks
 
 
-def test_symlink_loop_terminates(tmp_path):
-    """A link back to an ancestor (and to itself) does not loop; each file is listed once."""
+@pytest.mark.parametrize("link, target", [("sub/loop", ".."), ("sub/deep/self", "."), ("sub/deep/up2", "../..")])
+def test_symlink_loop_terminates(tmp_path, link, target):
+    """A link back to an ancestor (or to its own folder) does not loop; each file is listed once."""
     root = tmp_path / "imgs"
     touch(root, "a.jpg", "sub/b.jpg", "sub/deep/c.jpg")
-    os.symlink("..", root / "sub" / "loop")
-    os.symlink(".", root / "sub" / "deep" / "self")
-    os.symlink("../..", root / "sub" / "deep" / "up2")
+    os.symlink(target, root / link)
     found = discover([root])
     assert keys(found) == ["a.jpg", "sub/b.jpg", "sub/deep/c.jpg"]
+    assert found.skipped_duplicates == 0
 
 
 def test_symlinked_folder_followed(tmp_path):
@@ -276,6 +278,14 @@ def test_broken_symlink_listed(tmp_path):
     assert os.path.lexists(dangling) and not os.path.exists(dangling)
 
 
+def test_broken_symlink_named_directly_is_taken(tmp_path, monkeypatch):
+    """A dangling link named as an argument exists as a link, so it is taken (not a UsageError)."""
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "x.jpg")
+    monkeypatch.chdir(tmp_path)
+    found = discover(["x.jpg"])
+    assert keys(found) == ["x.jpg"] and not os.path.exists(found.sources[0].path)
+
+
 # --------------------------------------------------------------------------- --files-from
 
 
@@ -290,6 +300,7 @@ def test_files_from_list_file(tmp_path, monkeypatch):
     pairs = {(s.root_index, s.key) for s in found.sources}
     assert pairs == {(cwd_index, "a.jpg"), (cwd_index, "b.txt"), (cwd_index, "missing.jpg"), (dir_index, "c.png")}
     assert not os.path.exists(next(s.path for s in found.sources if s.key == "missing.jpg"))
+    assert_consistent(found)
 
 
 def test_files_from_stdin(tmp_path, monkeypatch):
@@ -332,6 +343,7 @@ def test_non_utf8_file_name_discovered(tmp_path):
         source.key.encode("utf-8")  # must not raise
         assert os.path.exists(source.path)
     assert sorted(unescape_key(k) for k in keys(found)) == sorted(raw_names)
+    assert_consistent(found)
 
 
 def test_non_utf8_name_in_file_list(tmp_path, monkeypatch):

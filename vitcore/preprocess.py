@@ -84,7 +84,7 @@ def load_image(path: str, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int,
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode → RGB. Alpha is composited over BACKGROUND; high bit depths are scaled to 8 bits."""
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return Image.fromarray(_to_uint8(np.asarray(img), mode)).convert("RGB")
@@ -110,6 +110,13 @@ def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     if mode.startswith("I;16"):
         scaled = values / 257.0
     else:
+        finite = np.isfinite(values)
+        if not finite.all():
+            # NaN / inf pixels ("no data") must not decide the scale: NaN and -inf become the
+            # smallest finite value, +inf the largest.
+            kept = values[finite]
+            floor, ceiling = (float(kept.min()), float(kept.max())) if kept.size else (0.0, 0.0)
+            values = np.nan_to_num(values, nan=floor, posinf=ceiling, neginf=floor)
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
         if mode == "F" and low >= 0.0 and high <= 1.0:
             scaled = values * 255.0

@@ -154,9 +154,12 @@ def _walk(root: str, exts: tuple[str, ...], seen_dirs: set[str]) -> list[str]:
             continue  # a symlink loop or a second link to a folder already walked
         seen_dirs.add(real)
         try:
-            entries = list(os.scandir(directory))
+            # Sorted, and sub-folders pushed in reverse below, so the walk order (and which name
+            # wins for a folder reachable twice) never depends on the file system's listing order.
+            entries = sorted(os.scandir(directory), key=lambda e: os.fsencode(e.name))
         except OSError:
             continue  # unreadable folder: nothing found there
+        subfolders = []
         for entry in entries:
             rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
             try:
@@ -164,7 +167,8 @@ def _walk(root: str, exts: tuple[str, ...], seen_dirs: set[str]) -> list[str]:
             except OSError:
                 is_dir = False
             if is_dir:
-                stack.append(rel)
-            elif entry.name.rpartition(".")[2].lower() in exts and "." in entry.name:
+                subfolders.append(rel)
+            elif "." in entry.name and entry.name.rpartition(".")[2].lower() in exts:
                 out.append(rel)
+        stack.extend(reversed(subfolders))
     return out
