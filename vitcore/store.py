@@ -213,6 +213,18 @@ def _open_h5(path: str, mode: str) -> h5py.File:
         raise VitExtractError(f"cannot open {path} for writing: {reason}") from None
 
 
+def _open_for_reading(path: str, verb: str) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except BlockingIOError:
+        raise VitExtractError(
+            f"cannot {verb} {path}: a vit-extract run is writing it (HDF5 file lock); "
+            "try again when that run has finished"
+        ) from None
+    except OSError as err:
+        raise VitExtractError(f"cannot {verb} {path}: not a readable HDF5 file ({err})") from None
+
+
 class AsyncWriter:
     """Runs a StoreWriter on its own thread behind a small queue, so the device never waits on the disk.
 
@@ -272,11 +284,7 @@ class ResumeState:
 
 def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
     """Read an existing output and refuse, naming the difference, when its settings differ."""
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as err:
-        raise VitExtractError(f"cannot resume {path}: not a readable HDF5 file ({err})") from None
-    with h5:
+    with _open_for_reading(path, "resume") as h5:
         attrs = h5.attrs
         if "schema_version" not in attrs or "committed" not in attrs:
             raise ResumeMismatchError(f"cannot resume {path}: it is not a vit-extract output file")
@@ -336,10 +344,7 @@ class TokenFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        try:
-            self.h5 = h5py.File(self.path, "r")
-        except OSError as err:
-            raise VitExtractError(f"cannot read {self.path}: not a readable HDF5 file ({err})") from None
+        self.h5 = _open_for_reading(self.path, "read")
         if "schema_version" not in self.h5.attrs:
             self.h5.close()
             raise VitExtractError(f"{self.path} is not a vit-extract output file (no schema_version)")
