@@ -89,6 +89,8 @@ def run_summary(console: Console, result) -> None:
     if result.duplicates_dropped:
         table.add_row("duplicates", f"{result.duplicates_dropped} inputs named twice were taken once")
     table.add_row("failed", f"[red]{len(result.failures)}[/]" if result.failures else "0")
+    for warning in result.warnings:
+        table.add_row("[yellow]note[/]", escape(warning))
     console.print(table)
     for key, error in result.failures[:FAILURES_SHOWN]:
         console.print(f"  [red]✗[/] {escape(key)}: {escape(error)}")

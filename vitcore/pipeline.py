@@ -26,6 +26,7 @@ from vitcore.config import EncoderConfig
 from vitcore.device import OUT_DTYPES, dtype_name, resolve_device, resolve_dtype
 from vitcore.errors import Interrupted, UsageError, VitExtractError
 from vitcore.loader import Batch, default_workers, make_loader
+from vitcore.lock import OutputLock
 from vitcore.model import POOLING_MODES, VisionEncoder, pool_tokens, resolve_layer
 from vitcore.preprocess import DECODE_MODES, RESIZE_MODES, PreprocessConfig, normalize_on_device
 from vitcore.sources import Discovery, discover
@@ -91,6 +92,7 @@ class ExtractResult:
     complete: bool
     duplicates_dropped: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # seconds waiting on decode / compute / writer
+    warnings: list[str] = field(default_factory=list)  # things the user should know (e.g. batch split)
 
     def to_dict(self) -> dict:
         record = dataclasses.asdict(self)
@@ -232,8 +234,15 @@ def extract(
     check_output(output, opts.resume, opts.overwrite)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
-
     found: Discovery = discover(paths, opts.files_from, opts.extensions, stdin=stdin)
+    with OutputLock(output):  # one run per output, released even if this process is killed
+        return _extract_locked(found, output, opts, device, dtype, progress, stop or StopFlag())
+
+
+def _extract_locked(
+    found: Discovery, output: str, opts: ExtractOptions, device: torch.device, dtype: torch.dtype,
+    progress, stop: StopFlag,
+) -> ExtractResult:
     encoder, info = build_encoder(
         opts.model, opts.weights, seed=opts.seed, project_dim=opts.project_dim, device=device, dtype=dtype
     )
@@ -243,10 +252,9 @@ def extract(
     settings = _settings(encoder, info, opts, prep, layers, device, dtype)
 
     # Resume: keep the file's roots (row root_index values point into them), skip what it holds.
-    roots = list(found.roots)
-    sources = found.sources
-    skipped = 0
-    if opts.resume and os.path.exists(output):
+    roots, sources, skipped = list(found.roots), found.sources, 0
+    resuming = opts.resume and os.path.exists(output)
+    if resuming:
         state = check_resumable(output, settings)
         roots = state.roots + [r for r in found.roots if r not in state.roots]
         remap = [roots.index(r) for r in found.roots]
@@ -256,9 +264,6 @@ def extract(
             if (found.roots[s.root_index], s.key) not in state.done
         ]
         skipped = len(found.sources) - len(sources)
-        resuming = True
-    else:
-        resuming = False
 
     batch_size = opts.batch_size if opts.batch_size != "auto" else auto_batch_size(cfg, device, dtype)
     workers = default_workers() if opts.workers is None else opts.workers
@@ -266,11 +271,11 @@ def extract(
     loader = make_loader(sources, prep, batch_size, workers, pin_memory=device.type == "cuda")
     if workers:
         loader.worker_init_fn = _ignore_sigint_in_worker
+    run_batch = BatchEncoder(encoder, settings, prep, device, dtype)
 
-    stop = stop or StopFlag()
     started = time.perf_counter()
     timings = {"decode_wait": 0.0, "compute": 0.0, "writer_wait": 0.0}
-    done = failed_count = written = 0
+    done = written = 0
     failures: list[tuple[str, str]] = []
     reporter = _make_reporter(progress, len(sources))
 
@@ -285,28 +290,20 @@ def extract(
         with stop_on_signals(stop), torch.inference_mode():
             while not stop.is_set():
                 tick = time.perf_counter()
-                try:
-                    batch: Batch = next(batches)
-                except StopIteration:
+                batch = _next_batch(batches)
+                if batch is None:
                     break
-                except RuntimeError as err:
-                    if "DataLoader worker" in str(err):
-                        raise VitExtractError(
-                            f"an image-decoding worker process died ({err}); rerun with --resume to continue"
-                        ) from None
-                    raise
                 timings["decode_wait"] += time.perf_counter() - tick
                 tick = time.perf_counter()
-                rows = _encode_batch(encoder, batch, sources, settings, prep, device, dtype)
+                rows = run_batch(batch, sources)
                 timings["compute"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 async_writer.put(rows)
                 timings["writer_wait"] += time.perf_counter() - tick
                 written += len(batch.indices)
-                failed_count += len(batch.failures)
                 failures += [(sources[f.index].key, f.error) for f in batch.failures]
                 done += len(batch.indices) + len(batch.failures)
-                reporter(Progress(done, len(sources), failed_count, time.perf_counter() - started))
+                reporter(Progress(done, len(sources), len(failures), time.perf_counter() - started))
         complete = not stop.is_set()
     finally:
         reporter(None)
@@ -339,38 +336,100 @@ def extract(
         complete=complete,
         duplicates_dropped=found.skipped_duplicates,
         timings=timings,
+        warnings=run_batch.warnings,
     )
 
 
-def _encode_batch(
-    encoder: VisionEncoder, batch: Batch, sources, settings: StoreSettings,
-    prep: PreprocessConfig, device: torch.device, dtype: torch.dtype,
-) -> Rows:
-    pool, out_dtype = settings.pooling, settings.out_dtype
-    n = len(batch.indices)
-    if n:
-        store_dtype = getattr(torch, out_dtype)
-        pixels = batch.pixels.to(device, non_blocking=True)  # (B, S, S, 3) uint8
-        x = normalize_on_device(pixels, prep.mean, prep.std, dtype)  # (B, 3, S, S)
-        tokens, hidden = encoder.forward_features(x, settings.layers)  # (B, N, P), {K: (B, N, D)}
-        mean = tokens.float().mean(dim=1).to(store_dtype).cpu().numpy() if pool == "none" else None
-        out_tokens = pool_tokens(tokens, pool).to(store_dtype).cpu().numpy()
-        out_layers = {k: pool_tokens(h, pool).to(store_dtype).cpu().numpy() for k, h in hidden.items()}
-    else:  # every image of this batch failed: empty rows, failures only
-        out_tokens = np.empty((0, *settings.token_shape), out_dtype)
-        mean = np.empty((0, settings.token_shape[-1]), out_dtype) if pool == "none" else None
-        out_layers = {k: np.empty((0, *settings.layer_shape), out_dtype) for k in settings.layers}
-    return Rows(
-        keys=[sources[i].key for i in batch.indices],
-        root_index=np.asarray([sources[i].root_index for i in batch.indices], dtype=np.int32),
-        image_size=np.asarray(batch.sizes, dtype=np.int32).reshape(n, 2),
-        tokens=out_tokens,
-        mean=mean,
-        layers=out_layers,
-        failed_keys=[sources[f.index].key for f in batch.failures],
-        failed_root_index=[sources[f.index].root_index for f in batch.failures],
-        failed_errors=[f.error for f in batch.failures],
+def _next_batch(batches) -> Batch | None:
+    try:
+        return next(batches)
+    except StopIteration:
+        return None
+    except RuntimeError as err:
+        if "DataLoader worker" in str(err):  # killed by the OS (out of memory) or crashed
+            raise VitExtractError(
+                f"an image-decoding worker process died ({' '.join(str(err).split())[:160]}); "
+                "the committed rows are safe: rerun with --resume (and fewer --workers if memory is short)"
+            ) from None
+        raise
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
     )
+
+
+class BatchEncoder:
+    """Batch of uint8 pixels → Rows for the writer, on the device.
+
+    When a batch does not fit in device memory it is split in halves (recursively) and the
+    size that fitted is used from then on; one image that does not fit is a clear error.
+    """
+
+    def __init__(self, encoder: VisionEncoder, settings: StoreSettings, prep: PreprocessConfig,
+                 device: torch.device, dtype: torch.dtype):
+        self.encoder, self.settings, self.prep = encoder, settings, prep
+        self.device, self.dtype = device, dtype
+        self.max_chunk: int | None = None  # images per forward pass, once memory ran out
+        self.warnings: list[str] = []
+
+    def __call__(self, batch: Batch, sources) -> Rows:
+        settings = self.settings
+        pool, out_dtype = settings.pooling, settings.out_dtype
+        n = len(batch.indices)
+        if n:
+            pixels = batch.pixels.to(self.device, non_blocking=True)  # (B, S, S, 3) uint8
+            x = normalize_on_device(pixels, self.prep.mean, self.prep.std, self.dtype)  # (B, 3, S, S)
+            tokens, hidden = self._forward(x)  # (B, N, P), {K: (B, N, D)}
+            store_dtype = getattr(torch, out_dtype)
+            mean = tokens.float().mean(dim=1).to(store_dtype).cpu().numpy() if pool == "none" else None
+            out_tokens = pool_tokens(tokens, pool).to(store_dtype).cpu().numpy()
+            out_layers = {k: pool_tokens(h, pool).to(store_dtype).cpu().numpy() for k, h in hidden.items()}
+        else:  # every image of this batch failed: empty rows, failures only
+            out_tokens = np.empty((0, *settings.token_shape), out_dtype)
+            mean = np.empty((0, settings.token_shape[-1]), out_dtype) if pool == "none" else None
+            out_layers = {k: np.empty((0, *settings.layer_shape), out_dtype) for k in settings.layers}
+        return Rows(
+            keys=[sources[i].key for i in batch.indices],
+            root_index=np.asarray([sources[i].root_index for i in batch.indices], dtype=np.int32),
+            image_size=np.asarray(batch.sizes, dtype=np.int32).reshape(n, 2),
+            tokens=out_tokens,
+            mean=mean,
+            layers=out_layers,
+            failed_keys=[sources[f.index].key for f in batch.failures],
+            failed_root_index=[sources[f.index].root_index for f in batch.failures],
+            failed_errors=[f.error for f in batch.failures],
+        )
+
+    def _forward(self, x: torch.Tensor):
+        if self.max_chunk is not None and x.shape[0] > self.max_chunk:
+            parts = [self._forward(part) for part in x.split(self.max_chunk)]
+            return _concat(parts)
+        try:
+            return self.encoder.forward_features(x, self.settings.layers)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_out_of_memory(err):
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if x.shape[0] == 1:
+            raise VitExtractError(
+                f"out of {self.device} memory for a single image; use a smaller --model, "
+                "--dtype bfloat16, or another --device"
+            ) from None
+        self.max_chunk = x.shape[0] // 2
+        self.warnings.append(
+            f"a batch of {x.shape[0]} did not fit in {self.device} memory; continuing with "
+            f"{self.max_chunk} per pass (use --batch-size {self.max_chunk} next time)"
+        )
+        return self._forward(x)
+
+
+def _concat(parts):
+    tokens = torch.cat([t for t, _ in parts])
+    hidden = {k: torch.cat([h[k] for _, h in parts]) for k in parts[0][1]}
+    return tokens, hidden
 
 
 def _make_reporter(progress, total: int) -> Callable[[Progress | None], None]:

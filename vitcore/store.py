@@ -21,6 +21,7 @@ Only rows below ``committed`` (and failures below ``failed_committed``) are trus
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -40,6 +41,7 @@ STRING = h5py.string_dtype("utf-8")
 POOLED_CHUNK_ROWS = 128
 PER_ROW_CHUNK = 4096  # rows per chunk of the small 1-D / (N, 2) datasets
 FAILED_DATASETS = ("failed/paths", "failed/errors", "failed/root_index")
+SPACE_MARGIN = 4 << 20  # bytes kept free beyond a batch's size, for HDF5 metadata
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,13 @@ class Rows:
     failed_root_index: list[int] = field(default_factory=list)
     failed_errors: list[str] = field(default_factory=list)
 
+    def nbytes(self) -> int:
+        arrays = [self.tokens, self.image_size, self.root_index, *self.layers.values()]
+        if self.mean is not None:
+            arrays.append(self.mean)
+        strings = sum(len(k) + 16 for k in self.keys + self.failed_keys + self.failed_errors)
+        return sum(a.nbytes for a in arrays) + strings
+
 
 def _chunks(row_shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1, *row_shape) if len(row_shape) == 2 else (POOLED_CHUNK_ROWS, *row_shape)
@@ -105,6 +114,8 @@ class StoreWriter:
     def __init__(self, h5: h5py.File, settings: StoreSettings):
         self.h5 = h5
         self.settings = settings
+        self.broken = False  # a write failed: the file holds only what was committed before it
+        self.datasets = {name: h5[name] for name in self._row_datasets() + list(FAILED_DATASETS)}
         self.committed = int(h5.attrs["committed"])
         self.failed_committed = int(h5.attrs["failed_committed"])
         self.roots: list[str] = json.loads(h5.attrs["roots"])
@@ -149,9 +160,9 @@ class StoreWriter:
         h5 = _open_h5(path, "r+")
         writer = cls(h5, settings)
         for name in writer._row_datasets():
-            h5[name].resize(writer.committed, axis=0)
+            writer.datasets[name].resize(writer.committed, axis=0)
         for name in FAILED_DATASETS:
-            h5[name].resize(writer.failed_committed, axis=0)
+            writer.datasets[name].resize(writer.failed_committed, axis=0)
         h5.attrs["complete"] = False
         h5.attrs["device"] = settings.device
         h5.flush()
@@ -170,36 +181,83 @@ class StoreWriter:
         self.h5.attrs["roots"] = json.dumps(roots)
 
     def append(self, rows: Rows) -> None:
-        """Write one batch, flush, then advance the counters (the commit point) and flush again."""
-        h5, start = self.h5, self.committed
-        _append(h5["tokens"], start, rows.tokens)
+        """Write one batch, flush, then advance the counters (the commit point) and flush again.
+
+        Dataset handles are taken once per call and closed explicitly by the flush: HDF5 reports a
+        failed write (e.g. a full disk) when chunks leave its cache, and an error raised while h5py
+        garbage-collects a handle would be swallowed, so every write must end in our flush().
+        """
+        self._check_space(rows)
+        try:
+            self._write(rows)
+            self.h5.flush()
+            self.committed += len(rows.keys)
+            self.failed_committed += len(rows.failed_keys)
+            self.h5.attrs["committed"] = self.committed
+            self.h5.attrs["failed_committed"] = self.failed_committed
+            self.h5.flush()
+        except (OSError, RuntimeError) as err:
+            self.broken = True
+            raise WriteError(self.h5.filename, self.committed, err) from None
+
+    def _write(self, rows: Rows) -> None:
+        ds, start = self.datasets, self.committed
+        _append(ds["tokens"], start, rows.tokens)
         if rows.mean is not None:
-            _append(h5["mean"], start, rows.mean)
+            _append(ds["mean"], start, rows.mean)
         for k, values in rows.layers.items():
-            _append(h5[f"layers/{k}"], start, values)
-        _append(h5["paths"], start, rows.keys)
-        _append(h5["root_index"], start, rows.root_index)
-        _append(h5["image_size"], start, rows.image_size)
-        _append(h5["failed/paths"], self.failed_committed, rows.failed_keys)
-        _append(h5["failed/root_index"], self.failed_committed, np.asarray(rows.failed_root_index, np.int32))
-        _append(h5["failed/errors"], self.failed_committed, rows.failed_errors)
-        h5.flush()
-        self.committed += len(rows.keys)
-        self.failed_committed += len(rows.failed_keys)
-        h5.attrs["committed"] = self.committed
-        h5.attrs["failed_committed"] = self.failed_committed
-        h5.flush()
+            _append(ds[f"layers/{k}"], start, values)
+        _append(ds["paths"], start, rows.keys)
+        _append(ds["root_index"], start, rows.root_index)
+        _append(ds["image_size"], start, rows.image_size)
+        failed = self.failed_committed
+        _append(ds["failed/paths"], failed, rows.failed_keys)
+        _append(ds["failed/root_index"], failed, np.asarray(rows.failed_root_index, np.int32))
+        _append(ds["failed/errors"], failed, rows.failed_errors)
+
+    def _check_space(self, rows: Rows) -> None:
+        """Stop before a write that cannot fit, rather than let HDF5 fail half-way through it."""
+        needed = rows.nbytes() + SPACE_MARGIN
+        try:
+            stat = os.statvfs(os.path.dirname(os.path.abspath(self.h5.filename)))
+        except OSError:
+            return
+        if stat.f_bavail * stat.f_frsize < needed:
+            raise WriteError(self.h5.filename, self.committed, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
     def close(self, complete: bool) -> None:
+        """Record completeness, flush to the disk and close. After a failed write, close quietly."""
         if not self.h5.id.valid:
             return
-        self.h5.attrs["complete"] = bool(complete)
-        self.h5.flush()
         try:
-            os.fsync(self.h5.id.get_vfd_handle())  # flush() does not reach the disk; this does
-        except (OSError, ValueError, TypeError):
-            pass
-        self.h5.close()
+            if not self.broken:
+                self.h5.attrs["complete"] = bool(complete)
+                self.h5.flush()
+                os.fsync(self.h5.id.get_vfd_handle())  # flush() does not reach the disk; this does
+        except (OSError, RuntimeError, ValueError, TypeError) as err:
+            if not self.broken:
+                self.broken = True
+                raise WriteError(self.h5.filename, self.committed, err) from None
+        finally:
+            self.datasets.clear()
+            try:
+                self.h5.close()
+            except (OSError, RuntimeError):
+                pass  # the committed rows were flushed before the failure; nothing more can be saved
+
+
+class WriteError(VitExtractError):
+    """Writing the output failed (full disk, I/O error); the committed rows are safe."""
+
+    def __init__(self, path: str, committed: int, cause: BaseException):
+        text = str(cause)
+        full = getattr(cause, "errno", None) == errno.ENOSPC or "errno = 28" in text
+        reason = "the disk is full" if full else " ".join(text.split())[:200]
+        super().__init__(
+            f"writing {path} failed: {reason}. The first {committed} rows are committed and safe; "
+            + ("free some space, then " if full else "fix the problem, then ")
+            + "rerun the same command with --resume"
+        )
 
 
 def _open_h5(path: str, mode: str) -> h5py.File:
@@ -253,8 +311,6 @@ class AsyncWriter:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
-            if isinstance(err, OSError):
-                raise VitExtractError(f"writing {self.writer.h5.filename} failed: {err}") from err
             raise err
 
     def put(self, rows: Rows) -> None:
@@ -483,6 +539,8 @@ def check_output(path: str, resume: bool, overwrite: bool) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"the output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to the output folder {folder} (permission denied)")
     if os.path.isdir(path):
         raise UsageError(f"the output {path} is a folder; give a file name such as {os.path.join(path, 'tokens.h5')}")
     if os.path.exists(path) and not (resume or overwrite):
