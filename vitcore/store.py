@@ -21,10 +21,13 @@ Only rows below ``committed`` (and failures below ``failed_committed``) are trus
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -123,7 +126,10 @@ class StoreWriter:
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str, settings: StoreSettings, roots: list[str]) -> "StoreWriter":
-        h5 = _open_h5(path, "w")
+        """A new, empty output. Built under a temporary name and renamed into place, so a run killed
+        at any moment leaves either no file (or the old one, with --overwrite) or a valid one."""
+        building = path + ".creating"
+        h5 = _open_h5(building, "w")
         attrs = h5.attrs
         attrs["schema_version"] = SCHEMA_VERSION
         attrs["vit_extract_version"] = settings.version
@@ -151,8 +157,9 @@ class StoreWriter:
         h5.create_dataset("failed/paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
         h5.create_dataset("failed/errors", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
         h5.create_dataset("failed/root_index", (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
-        h5.flush()
-        return cls(h5, settings)
+        h5.close()
+        os.replace(building, path)
+        return cls(_open_h5(path, "r+"), settings)
 
     @classmethod
     def reopen(cls, path: str, settings: StoreSettings) -> "StoreWriter":
@@ -239,11 +246,28 @@ class StoreWriter:
                 self.broken = True
                 raise WriteError(self.h5.filename, self.committed, err) from None
         finally:
-            self.datasets.clear()
-            try:
-                self.h5.close()
-            except (OSError, RuntimeError):
-                pass  # the committed rows were flushed before the failure; nothing more can be saved
+            with _quiet_unraisable(self.broken):
+                self.datasets.clear()
+                gc.collect()  # release the dataset handles here, while their close errors are silenced
+                try:
+                    self.h5.close()
+                except (OSError, RuntimeError):
+                    pass  # the committed rows were flushed before the failure; nothing more can be saved
+
+
+@contextlib.contextmanager
+def _quiet_unraisable(active: bool):
+    """After a failed write, h5py reports the same failure again while it garbage-collects each
+    handle ("Exception ignored in ... _dealloc"); the user has already been told, once."""
+    if not active:
+        yield
+        return
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 class WriteError(VitExtractError):

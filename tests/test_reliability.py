@@ -1,0 +1,433 @@
+"""Nothing lost, nothing crashes: hostile inputs, dying workers, SIGKILL, full disks, locks, misuse."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitcore
+from tests.conftest import SAMPLES, TINY
+from vitcore.errors import OutputExistsError, UsageError, VitExtractError, WeightsError
+from vitcore.lock import OutputLockedError
+from vitcore.pipeline import ExtractOptions
+from vitcore.preprocess import PreprocessConfig, load_image, normalize_on_device
+from vitcore.store import StoreWriter
+from vitcore.weights import build_encoder
+
+EXACT = ExtractOptions(model=TINY, out_dtype="float32", dtype="float32", device="cpu", workers=0, batch_size=4)
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def _keys_tokens(path) -> tuple[list[str], np.ndarray, dict]:
+    with h5py.File(path, "r") as f:
+        n = int(f.attrs["committed"])
+        return list(f["paths"].asstr()[:n]), f["tokens"][:n], dict(f.attrs)
+
+
+def _direct_tokens(path: str) -> np.ndarray:
+    """The tokens of one image encoded on its own: the row it must get, whatever its batch mates."""
+    model, _ = build_encoder(TINY)
+    prep = PreprocessConfig(image_size=56)
+    pixels, _ = load_image(path, prep)
+    x = normalize_on_device(torch.from_numpy(pixels.copy())[None], prep.mean, prep.std, torch.float32)
+    with torch.no_grad():
+        return model(x).tokens[0].numpy()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares a huge size in a few bytes (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _photo(size=(96, 64), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, size[0] * size[1] * 3).reshape(size[1], size[0], 3)
+    return Image.fromarray((base + rng.integers(0, 40, base.shape)).clip(0, 255).astype(np.uint8))
+
+
+def _build_hostile_corpus(root: Path) -> tuple[set[str], set[str]]:
+    """Write every odd input the issue lists; return (keys that must become rows, keys that must fail)."""
+    root.mkdir()
+    rows, fails = set(), set()
+
+    def good(name: str, img: Image.Image, **save):
+        img.save(root / name, **save)
+        rows.add(name)
+
+    def bad(name: str, data: bytes):
+        (root / name).write_bytes(data)
+        fails.add(name)
+
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    _photo((320, 240)).save(jpeg, "JPEG", quality=90)
+    _photo((320, 240)).save(png, "PNG")
+    bad("zero.jpg", b"")
+    for cut in (20, 300, len(jpeg.getvalue()) // 2, len(jpeg.getvalue()) - 200):
+        bad(f"truncated_{cut}.jpg", jpeg.getvalue()[:cut])
+    for cut in (30, 400, len(png.getvalue()) // 2, len(png.getvalue()) - 100):
+        bad(f"truncated_{cut}.png", png.getvalue()[:cut])
+    bad("text.jpg", b"just some words, not an image\n" * 20)
+    bad("page.jpg", b"<!DOCTYPE html><html><body><img src='cat.jpg'></body></html>")
+    bad("random.jpg", np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    bad("bomb_over_limit.png", _png_header_only(10_000, 10_000))  # 100 Mpx: over MAX_IMAGE_PIXELS
+    bad("bomb_far_over.png", _png_header_only(30_000, 30_000))  # Pillow's own error
+    (root / "png_named.jpg").write_bytes(png.getvalue())  # a valid image with the wrong extension
+    rows.add("png_named.jpg")
+    good("one_pixel.png", Image.new("RGB", (1, 1), (200, 10, 10)))
+    good("tall_1x10000.png", Image.new("L", (1, 10_000), 90))
+    good("wide_10000x1.png", Image.new("L", (10_000, 1), 160))
+    good("cmyk.jpg", _photo().convert("CMYK"))
+    good("grey16.png", Image.fromarray((np.arange(64 * 96).reshape(64, 96) * 10).astype(np.uint16)))
+    good("grey32.tif", Image.fromarray((np.arange(64 * 96).reshape(64, 96) * 9).astype(np.int32)))
+    pal = _photo().convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.info["transparency"] = 0
+    good("palette_transparent.png", pal, transparency=0)
+    good("la.png", _photo().convert("LA"))
+    frames = [Image.new("RGB", (40, 30), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    good("animated.gif", frames[0], save_all=True, append_images=frames[1:], duration=50, loop=0)
+    good("animated.webp", frames[0], save_all=True, append_images=frames[1:], duration=50)
+    good("multipage.tif", frames[0], save_all=True, append_images=frames[1:])
+    good("progressive.jpg", _photo(), progressive=True, quality=85)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        good(f"exif_{orientation}.jpg", _photo(seed=orientation), exif=exif)
+    os.symlink(root / "gone-forever.jpg", root / "dangling.jpg")
+    fails.add("dangling.jpg")
+    (root / "folder_named.jpg").mkdir()  # a directory named like an image: searched like any folder
+    good("folder_named.jpg/inside.png", _photo(seed=9))
+    (root / "empty_folder").mkdir()
+    good(os.fsdecode(b"caf\xe9-latin1.png"), _photo(seed=3))  # not valid UTF-8
+    good("日本語の写真.png", _photo(seed=4))
+    good("vanishes.png", _photo(seed=5))  # deleted between listing and reading (see the test)
+    rows.discard("vanishes.png")
+    fails.add("vanishes.png")
+    return rows, fails
+
+
+def test_hostile_corpus_every_input_ends_as_its_own_row_or_a_one_line_failure(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    rows, fails = _build_hostile_corpus(corpus)
+    listed = {s.key for s in vitcore.discover([corpus]).sources}
+    real_discover = vitcore.pipeline.discover
+
+    def discover_then_vanish(*args, **kwargs):
+        found = real_discover(*args, **kwargs)
+        (corpus / "vanishes.png").unlink()
+        return found
+
+    monkeypatch.setattr(vitcore.pipeline, "discover", discover_then_vanish)
+    out = tmp_path / "out.h5"
+    # The folder plus one of its files named again: taken once.
+    result = vitcore.extract([corpus, corpus / "one_pixel.png"], out, EXACT, workers=2)
+    escape = lambda k: vitcore.sources.escape_key(k)  # noqa: E731
+    assert {escape(k) for k in rows} | {escape(k) for k in fails} == listed
+    keys, tokens, attrs = _keys_tokens(out)
+    assert set(keys) == {escape(k) for k in rows} and len(keys) == len(rows) == attrs["committed"]
+    assert {k for k, _ in result.failures} == {escape(k) for k in fails}
+    assert result.duplicates_dropped == 1 and attrs["complete"]
+    for key, reason in result.failures:
+        assert reason and "\n" not in reason and len(reason) < 300, (key, reason)
+    # No row moved: each row holds exactly its own image's tokens.
+    for i, key in enumerate(keys):
+        path = os.path.join(corpus, os.fsdecode(vitcore.sources.unescape_key(key)))
+        np.testing.assert_allclose(tokens[i], _direct_tokens(path), rtol=1e-5, atol=1e-5, err_msg=key)
+    with vitcore.open_tokens(out) as f:
+        assert len(f.failures) == len(fails)
+
+
+def _as_unprivileged_user(function, *args):
+    """Run function(*args) in a forked child as uid/gid nobody (root reads any file); return its result."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def child():
+        try:
+            if os.getuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            queue.put(("ok", function(*args)))
+        except BaseException as err:  # reported to the parent
+            queue.put(("raised", f"{type(err).__name__}: {err}"))
+
+    process = ctx.Process(target=child)
+    process.start()
+    outcome = queue.get(timeout=60)
+    process.join(timeout=10)
+    return outcome
+
+
+def _load_record(path: str):
+    from vitcore.loader import ImageDataset
+    from vitcore.sources import Source
+
+    index, pixels, size, error = ImageDataset([Source(path, "k", 0)], PreprocessConfig(image_size=56))[0]
+    return (pixels is None, error)
+
+
+def test_unreadable_file_and_read_only_output_folder_as_an_unprivileged_user(tmp_path):
+    Image.init()  # plugins imported before the fork, so the child needs no file access for them
+    shared = Path(__import__("tempfile").mkdtemp(prefix="vit-extract-perm-"))
+    try:
+        shared.chmod(0o755)
+        locked = shared / "secret.png"
+        _photo().save(locked)
+        locked.chmod(0o000)
+        assert _as_unprivileged_user(_load_record, str(locked)) == ("ok", (True, "PermissionError: Permission denied"))
+        readonly = shared / "readonly"
+        readonly.mkdir(mode=0o555)
+        from vitcore.store import check_output
+
+        kind, message = _as_unprivileged_user(check_output, str(readonly / "out.h5"), False, False)
+        assert kind == "raised" and "UsageError" in message and "cannot write to the output folder" in message
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _dies_in_worker(real_load):
+    def load(path, cfg):
+        if path.endswith("die.png") and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+        return real_load(path, cfg)
+    return load
+
+
+def test_a_worker_killed_by_the_os_stops_the_run_with_a_clear_message_then_resume_finishes(tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(12):
+        _photo(seed=i).save(folder / f"img{i:02d}.png")
+    _photo(seed=99).save(folder / "m_die.png")
+    monkeypatch.setattr("vitcore.loader.load_image", _dies_in_worker(load_image))
+    out = tmp_path / "out.h5"
+    signal.alarm(120)  # a hang fails the test instead of blocking the suite
+    try:
+        with pytest.raises(VitExtractError, match="worker process died.*--resume"):
+            vitcore.extract([folder], out, EXACT, workers=2, batch_size=2)
+    finally:
+        signal.alarm(0)
+    keys, _, attrs = _keys_tokens(out)
+    assert not attrs["complete"] and len(keys) == attrs["committed"] < 13
+    monkeypatch.undo()
+    result = vitcore.extract([folder], out, EXACT, workers=2, batch_size=2, resume=True)
+    keys, _, attrs = _keys_tokens(out)
+    assert result.complete and sorted(keys) == sorted(p.name for p in folder.iterdir())
+
+
+def _small_images(folder: Path, count: int) -> None:
+    folder.mkdir()
+    for i in range(count):
+        _photo((48, 48), seed=i).save(folder / f"img{i:03d}.png")
+
+
+def test_sigkill_at_random_moments_never_loses_committed_rows_and_resume_completes(tmp_path):
+    folder = tmp_path / "imgs"
+    _small_images(folder, 64)
+    reference = tmp_path / "reference.h5"
+    started = time.perf_counter()
+    vitcore.extract([folder], reference, EXACT)
+    duration = time.perf_counter() - started
+    ref_keys, ref_tokens, _ = _keys_tokens(reference)
+    ref_row = {k: i for i, k in enumerate(ref_keys)}
+    rng = random.Random(20261127)
+    outcomes = []
+    for trial in range(20):
+        out = tmp_path / f"killed{trial}.h5"
+        pid = os.fork()
+        if pid == 0:  # the child: one extraction, killed from outside
+            try:
+                torch.set_num_threads(1)
+                vitcore.extract([folder], out, EXACT)
+            finally:
+                os._exit(0)
+        time.sleep(rng.uniform(0.0, duration * 1.1))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if not out.exists():  # killed before the file was renamed into place: nothing to lose
+            outcomes.append(0)
+        else:
+            keys, tokens, attrs = _keys_tokens(out)  # opens with plain h5py
+            assert len(set(keys)) == len(keys)
+            for key, row in zip(keys, tokens):
+                np.testing.assert_array_equal(row, ref_tokens[ref_row[key]])
+            outcomes.append(len(keys))
+        vitcore.extract([folder], out, EXACT, resume=True)  # also takes over the dead run's lock
+        keys, tokens, attrs = _keys_tokens(out)
+        assert attrs["complete"] and keys == ref_keys
+        np.testing.assert_array_equal(tokens, ref_tokens)  # batch boundaries coincide: bit-identical
+    assert any(0 < n < len(ref_keys) for n in outcomes), outcomes  # kills did land mid-run
+
+
+def test_no_worker_inherits_a_writable_handle_on_the_output(tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    _small_images(folder, 16)
+    report = tmp_path / "worker-view.jsonl"
+    real_load = load_image
+
+    def spying_load(path, cfg):
+        if torch.utils.data.get_worker_info() is not None:
+            open_files = [
+                (h5py.h5f.FileID(fid.id).name.decode() if hasattr(fid, "name") else str(fid), fid.get_intent())
+                for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)
+            ]
+            with open(report, "a") as handle:
+                handle.write(json.dumps(open_files) + "\n")
+        return real_load(path, cfg)
+
+    monkeypatch.setattr("vitcore.loader.load_image", spying_load)
+    vitcore.extract([folder], tmp_path / "out.h5", EXACT, workers=2, batch_size=2)
+    views = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(views) == 16
+    assert all(view == [] for view in views), views[:3]  # no HDF5 file at all was open at fork time
+
+
+def _mount_small_disk(path: Path, size: str) -> bool:
+    path.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("where", ["before the write", "inside HDF5"])
+def test_a_full_disk_is_a_clear_error_with_committed_rows_kept_and_resumable(tmp_path, monkeypatch, where):
+    folder = tmp_path / "imgs"
+    _small_images(folder, 60)
+    options = dataclasses.replace(EXACT, model="dim=64,depth=1,heads=2,image_size=112")  # 16 KiB a row
+    reference = tmp_path / "reference.h5"
+    vitcore.extract([folder], reference, options)
+    disk = tmp_path / "disk"
+    real_disk = _mount_small_disk(disk, "5m")
+    out = disk / "out.h5"
+    if where == "inside HDF5":  # the check before writing cannot see a disk filled by someone else
+        monkeypatch.setattr(StoreWriter, "_check_space", lambda self, rows: None)
+    if not real_disk:  # no tmpfs here: fail the write call itself once the file passes ~300 KiB
+        real_write = StoreWriter._write
+
+        def write_until_full(self, rows):
+            if os.path.getsize(self.h5.filename) > 300_000:
+                raise OSError(28, "No space left on device")
+            real_write(self, rows)
+
+        monkeypatch.setattr(StoreWriter, "_write", write_until_full)
+        monkeypatch.setattr(StoreWriter, "_check_space", lambda self, rows: None)
+    try:
+        filler = disk / "filler.bin"
+        if real_disk:
+            filler.write_bytes(b"\0" * (4 << 20) if where == "inside HDF5" else b"")
+        with pytest.raises(VitExtractError) as caught:
+            vitcore.extract([folder], out, options)
+        message = str(caught.value)
+        assert str(out) in message and "disk is full" in message and "--resume" in message
+        keys, tokens, attrs = _keys_tokens(out)
+        ref_keys, ref_tokens, _ = _keys_tokens(reference)
+        assert 0 < len(keys) < 60 and keys == ref_keys[: len(keys)] and not attrs["complete"]
+        np.testing.assert_array_equal(tokens, ref_tokens[: len(keys)])
+        monkeypatch.undo()
+        if real_disk:
+            filler.unlink(missing_ok=True)
+            subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        result = vitcore.extract([folder], out, options, resume=True)
+        keys, tokens, attrs = _keys_tokens(out)
+        assert result.complete and keys == ref_keys
+        np.testing.assert_array_equal(tokens, ref_tokens)
+    finally:
+        if real_disk:
+            subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_a_killed_holder_does_not_block(tmp_path):
+    folder = tmp_path / "imgs"
+    _small_images(folder, 4)
+    out = tmp_path / "out.h5"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from vitcore.lock import OutputLock\n"
+         f"with OutputLock({str(out)!r}):\n    print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, cwd=PROJECT,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputLockedError, match=f"another vit-extract run \\(pid {holder.pid}"):
+            vitcore.extract([folder], out, EXACT)
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Path(str(out) + ".lock").exists()  # the killed holder left its lock file behind…
+    result = vitcore.extract([folder], out, EXACT)  # …and it does not block
+    assert result.complete and not Path(str(out) + ".lock").exists()
+
+
+def test_bad_outputs_inputs_and_options_fail_before_any_work_and_write_nothing(tmp_path, photos):
+    out = tmp_path / "o.h5"
+    weights_junk = tmp_path / "junk.safetensors"
+    weights_junk.write_bytes(b"{}")
+    cases = [
+        (dict(paths=[photos], output=tmp_path / "missing" / "o.h5"), UsageError, "does not exist"),
+        (dict(paths=[photos], output=tmp_path), UsageError, "is a folder"),
+        (dict(paths=[tmp_path / "nope"], output=out), UsageError, "does not exist"),
+        (dict(paths=[photos], output=out, batch_size=0), UsageError, "--batch-size"),
+        (dict(paths=[photos], output=out, model="colossal"), UsageError, "unknown model"),
+        (dict(paths=[photos], output=out, pool="median"), UsageError, "--pool"),
+        (dict(paths=[photos], output=out, weights=str(weights_junk)), WeightsError, "cannot read"),
+    ]
+    for kwargs, error, words in cases:
+        paths, output = kwargs.pop("paths"), kwargs.pop("output")
+        with pytest.raises(error, match=words):
+            vitcore.extract(paths, output, EXACT, **kwargs)
+        assert not out.exists() and not Path(str(out) + ".lock").exists()
+    other = tmp_path / "other.safetensors"
+    vitcore.save_weights(build_encoder("dim=64,depth=1,heads=2,image_size=28")[0], other)
+    with pytest.raises(UsageError, match="does not match"):
+        vitcore.extract([photos], out, EXACT, weights=str(other))  # weights of another architecture
+    assert not out.exists()
+    out.write_bytes(b"existing")
+    with pytest.raises(OutputExistsError):
+        vitcore.extract([photos], out, EXACT)
+
+
+def test_out_of_memory_splits_the_batch_and_says_so(tmp_path, photos, monkeypatch):
+    reference = tmp_path / "ref.h5"
+    vitcore.extract([photos], reference, EXACT)
+    real_forward = vitcore.VisionEncoder.forward_features
+
+    def small_memory(self, x, layers=()):
+        if x.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, x, layers)
+
+    monkeypatch.setattr(vitcore.VisionEncoder, "forward_features", small_memory)
+    out = tmp_path / "out.h5"
+    result = vitcore.extract([photos], out, EXACT)
+    assert result.complete and any("--batch-size 1" in w for w in result.warnings)
+    np.testing.assert_allclose(_keys_tokens(out)[1], _keys_tokens(reference)[1], rtol=1e-5, atol=1e-5)
+
+    def no_memory(self, x, layers=()):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(vitcore.VisionEncoder, "forward_features", no_memory)
+    with pytest.raises(VitExtractError, match="single image.*--model"):
+        vitcore.extract([photos], tmp_path / "none.h5", EXACT)
