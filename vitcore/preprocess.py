@@ -62,7 +62,9 @@ def load_image(path: str, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int,
     Raises on anything that is not a readable image; the loader turns that into a failure record.
     """
     with warnings.catch_warnings():
-        # Over Pillow's MAX_IMAGE_PIXELS is a failure, not a warning (decompression bombs).
+        # Pillow's other warnings (odd EXIF or TIFF tags) would only clutter the user's terminal
+        # from the worker processes; over MAX_IMAGE_PIXELS is a failure (decompression bombs).
+        warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             img.seek(0)  # first frame of animations and multi-page files
