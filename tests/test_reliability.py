@@ -97,6 +97,14 @@ def _build_hostile_corpus(root: Path) -> tuple[set[str], set[str]]:
     good("tall_1x10000.png", Image.new("L", (1, 10_000), 90))
     good("wide_10000x1.png", Image.new("L", (10_000, 1), 160))
     good("cmyk.jpg", _photo().convert("CMYK"))
+    cmyk = io.BytesIO()
+    _photo(seed=7).convert("CMYK").save(cmyk, "JPEG")
+    ycck = bytearray(cmyk.getvalue())
+    adobe = ycck.find(b"\xff\xee\x00\x0eAdobe")  # the APP14 marker Pillow writes for CMYK
+    ycck[adobe + 15] = 2  # its transform byte: 2 means the components are YCCK, not CMYK
+    (root / "ycck.jpg").write_bytes(bytes(ycck))
+    assert Image.open(root / "ycck.jpg").info["adobe_transform"] == 2
+    rows.add("ycck.jpg")
     good("grey16.png", Image.fromarray((np.arange(64 * 96).reshape(64, 96) * 10).astype(np.uint16)))
     good("grey32.tif", Image.fromarray((np.arange(64 * 96).reshape(64, 96) * 9).astype(np.int32)))
     pal = _photo().convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
