@@ -195,6 +195,53 @@ def init_weights(
     out.print(f"wrote {output}: {encoder.cfg.name} encoder, seed {seed} (untrained)")
 
 
+@app.command()
+def show(
+    file: Annotated[Path, typer.Argument(help="An output file of vit-extract run (unpooled).", exists=True, dir_okay=False)],
+    keys: Annotated[Optional[list[str]], typer.Argument(help="Keys (stored paths) to draw; default: the first rows.", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The PNG sheet to write.", dir_okay=False)] = Path("sheet.png"),
+    first: Annotated[int, typer.Option(help="Without KEYS: draw the first N rows.", min=1)] = 8,
+    joint: Annotated[bool, typer.Option("--joint", help="One PCA over all chosen images (comparable colours) instead of one per image.")] = False,
+    columns: Annotated[int, typer.Option(help="Pictures per sheet row.", min=1)] = 2,
+) -> None:
+    """Draw each picture beside a PCA colour map of its patch tokens, as one PNG sheet."""
+    from vitcore.errors import VitExtractError
+    from vitcore.visualize import token_sheet
+
+    try:
+        image, chosen = token_sheet(str(file), keys, first, joint, columns)
+        image.save(output)
+    except VitExtractError as error:
+        raise _fail(error)
+    except OSError as error:
+        raise _fail(RuntimeError(f"cannot write {output}: {error.strerror or error}"))
+    out.print(f"wrote {output}: {len(chosen)} images, {image.width}×{image.height} px")
+
+
+@app.command()
+def similar(
+    file: Annotated[Path, typer.Argument(help="An output file of vit-extract run.", exists=True, dir_okay=False)],
+    query: Annotated[str, typer.Argument(help="A key in the file, or an image file (encoded with the file's settings).")],
+    k: Annotated[int, typer.Option("-k", help="How many neighbours.", min=1)] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON on stdout.")] = False,
+    sheet: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet of the hits to this PNG.", dir_okay=False, show_default=False)] = None,
+) -> None:
+    """The images whose pooled vectors are closest to QUERY (cosine similarity, exact)."""
+    from vitcore.errors import VitExtractError
+    from vitcore.search import hits_sheet, similar as find_similar
+
+    try:
+        hits, kind = find_similar(str(file), query, k)
+        if sheet is not None:
+            hits_sheet(str(file), hits, query, kind).save(sheet)
+    except VitExtractError as error:
+        raise _fail(error)
+    if as_json:
+        out.print_json(json.dumps([{"rank": h.rank, "key": h.key, "score": h.score} for h in hits]))
+    else:
+        render.hits_table(out, hits, query)
+
+
 def main() -> None:
     try:
         app()

@@ -139,3 +139,10 @@ def models_table(console: Console, rows: list[dict]) -> None:
             str(r["image_size"]), f"{r['parameters'] / 1e6:.1f}M", str(r["tokens_per_image"]),
         )
     console.print(table)
+
+
+def hits_table(console: Console, hits, query: str) -> None:
+    table = Table("rank", "key", "score", title=f"nearest to {escape(query)}", title_justify="left")
+    for hit in hits:
+        table.add_row(str(hit.rank), escape(hit.key), f"{hit.score:.4f}")
+    console.print(table)

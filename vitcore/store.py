@@ -473,8 +473,7 @@ class TokenFile:
 
     def mean(self, item: int | str) -> np.ndarray:
         """The image's mean token (the pooled vector itself for pooled files)."""
-        name = "mean" if "mean" in self.h5 else "tokens"
-        return self.h5[name][self._row(item)]
+        return self.h5[self.vectors_dataset()][self._row(item)]
 
     def layer(self, k: int, item: int | str) -> np.ndarray:
         return self.h5[f"layers/{k}"][self._row(item)]
@@ -514,6 +513,17 @@ class TokenFile:
     @property
     def token_shape(self) -> tuple[int, ...]:
         return tuple(self.h5["tokens"].shape[1:])
+
+    def token_grid(self, item: int | str) -> tuple[int, int]:
+        """(rows, cols) of the patch grid a row's tokens lie on (row-major)."""
+        self._row(item)
+        encoder = self.settings["encoder"]
+        side = encoder["image_size"] // encoder["patch"]
+        return side, side
+
+    def vectors_dataset(self) -> str:
+        """The (N, D) dataset to search: ``mean`` for unpooled files, ``tokens`` when pooled."""
+        return "mean" if "mean" in self.h5 else "tokens"
 
     @property
     def layers(self) -> list[int]:

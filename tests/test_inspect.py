@@ -1,0 +1,117 @@
+"""Looking at what was extracted: PCA token maps, sheets, nearest neighbours."""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import vitcore
+from tests.conftest import TINY
+from vitcore.errors import UsageError
+from vitcore.pipeline import ExtractOptions
+from vitcore.search import similar, top_k_cosine
+from vitcore.visualize import CAPTION, GAP, THUMB, pca_maps, token_sheet
+
+OPTS = ExtractOptions(model=TINY, dtype="float32", device="cpu", workers=0)
+
+
+def _two_halves(rng, grid=(4, 6), dim=16):
+    """Tokens on a grid whose left half is near vector a and right half near vector b."""
+    rows, cols = grid
+    a, b = rng.normal(size=dim) * 3, rng.normal(size=dim) * 3
+    tokens = np.empty((rows, cols, dim))
+    tokens[:, : cols // 2] = a
+    tokens[:, cols // 2 :] = b
+    return (tokens + rng.normal(scale=0.01, size=tokens.shape)).reshape(rows * cols, dim)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_pca_map_paints_the_two_halves_of_a_grid_in_two_colours(joint):
+    rng = np.random.default_rng(0)
+    tokens = _two_halves(rng)
+    other = _two_halves(rng)
+    colours = pca_maps([tokens, other], [(4, 6), (4, 6)], joint=joint)[0].astype(int)
+    assert colours.shape == (4, 6, 3)
+    left, right = colours[:, :3].reshape(-1, 3), colours[:, 3:].reshape(-1, 3)
+    assert np.abs(left - left.mean(0)).max() < 40 and np.abs(right - right.mean(0)).max() < 40  # uniform halves
+    assert np.linalg.norm(left.mean(0) - right.mean(0)) > 120  # clearly different colours
+
+
+def test_pca_map_is_deterministic_and_sign_stable():
+    tokens = _two_halves(np.random.default_rng(1))
+    first = pca_maps([tokens], [(4, 6)])[0]
+    flipped_sign_input = pca_maps([tokens.copy()], [(4, 6)])[0]
+    np.testing.assert_array_equal(first, flipped_sign_input)
+
+
+def test_show_writes_a_png_sheet_of_the_expected_size(tmp_path, photos, cli):
+    out = tmp_path / "t.h5"
+    vitcore.extract([photos], out, OPTS)
+    png = tmp_path / "sheet.png"
+    result = cli("show", out, "coffee.jpg", "astronaut.jpg", "rocket.jpg", "-o", png, "--columns", "2")
+    assert result.exit_code == 0, result.output
+    with Image.open(png) as img:
+        assert img.format == "PNG"
+        cell_w = 2 * THUMB + GAP
+        assert img.size == (GAP + 2 * (cell_w + GAP), GAP + 2 * (THUMB + CAPTION + GAP))
+    image, chosen = token_sheet(str(out), first=3, joint=True, columns=3)
+    assert chosen == ["alpha_cutout.png", "astronaut.jpg", "chelsea.jpg"]
+    assert image.size == (GAP + 3 * (2 * THUMB + GAP + GAP), GAP + THUMB + CAPTION + GAP)
+
+
+def test_show_refuses_pooled_files_and_unknown_keys(tmp_path, photos, cli):
+    pooled = tmp_path / "p.h5"
+    vitcore.extract([photos], pooled, OPTS, pool="mean")
+    result = cli("show", pooled, "-o", tmp_path / "s.png")
+    assert result.exit_code == 2 and "no patch tokens" in result.stderr and "--pool none" in result.stderr
+    unpooled = tmp_path / "u.h5"
+    vitcore.extract([photos], unpooled, OPTS)
+    with pytest.raises(UsageError, match="not in"):
+        token_sheet(str(unpooled), ["nope.jpg"])
+
+
+def test_blockwise_search_equals_brute_force():
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(1000, 24)).astype(np.float32)
+    query = rng.normal(size=24)
+    blocks = (vectors[i : i + 64] for i in range(0, 1000, 64))
+    got = top_k_cosine(blocks, query, 15)
+    scores = vectors @ query / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(query))
+    expected = np.argsort(-scores, kind="stable")[:15]
+    assert [row for row, _ in got] == list(expected)
+    np.testing.assert_allclose([s for _, s in got], scores[expected], rtol=1e-5)
+
+
+def test_similar_finds_the_query_first_then_its_near_duplicate(tmp_path, photos, cli):
+    with Image.open(photos / "chelsea.jpg") as img:  # a slightly resized copy
+        img.resize((img.width - 9, img.height - 6), Image.Resampling.BICUBIC).save(photos / "zz_chelsea_copy.jpg", quality=92)
+    out = tmp_path / "t.h5"
+    vitcore.extract([photos], out, OPTS)
+    hits, kind = similar(str(out), "chelsea.jpg", k=9)
+    assert kind == "key" and hits[0].key == "chelsea.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert hits[1].key == "zz_chelsea_copy.jpg" and hits[1].score > hits[2].score
+    assert len(hits) == 9 and [h.rank for h in hits] == list(range(1, 10))
+    result = cli("similar", out, "chelsea.jpg", "-k", "3", "--json")
+    parsed = json.loads(result.stdout)
+    assert [h["key"] for h in parsed] == ["chelsea.jpg", "zz_chelsea_copy.jpg", hits[2].key]
+    # A new image file is encoded with the file's own settings.
+    outside = tmp_path / "query.jpg"
+    shutil.copy(photos / "rocket.jpg", outside)
+    sheet = tmp_path / "hits.png"
+    result = cli("similar", out, outside, "-k", "2", "--sheet", sheet)
+    assert result.exit_code == 0 and "rocket.jpg" in result.stdout
+    new_hits, kind = similar(str(out), str(outside), k=1)
+    assert kind == "image" and new_hits[0].key == "rocket.jpg" and new_hits[0].score > 0.999
+    with Image.open(sheet) as img:
+        assert img.format == "PNG" and img.width == GAP + 3 * (THUMB + GAP)
+    assert cli("similar", out, "no-such-key").exit_code == 2
+
+
+def test_similar_on_a_pooled_file_uses_the_pooled_vectors(tmp_path, photos):
+    out = tmp_path / "p.h5"
+    vitcore.extract([photos], out, OPTS, pool="max")
+    hits, _ = similar(str(out), "coffee.jpg", k=2)
+    assert hits[0].key == "coffee.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-4)

@@ -1,0 +1,124 @@
+"""Nearest neighbours by cosine similarity over a file's pooled vectors, exact, in blocks.
+
+The vectors are ``mean`` for unpooled files and ``tokens`` for pooled ones (N, D). They are read
+``block`` rows at a time, so millions of rows never have to fit in memory at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from vitcore.errors import UsageError, VitExtractError
+from vitcore.store import TokenFile
+
+
+@dataclass
+class Hit:
+    rank: int
+    key: str
+    score: float
+    row: int
+
+
+def top_k_cosine(blocks, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """Exact top-k rows by cosine similarity to ``query`` over an iterable of (N_i, D) blocks.
+
+    Returns (row, score) pairs, best first; ties keep the lower row first.
+    """
+    q = query.astype(np.float32).ravel()
+    q = q / max(float(np.linalg.norm(q)), 1e-12)
+    best_rows = np.empty(0, dtype=np.int64)
+    best_scores = np.empty(0, dtype=np.float32)
+    start = 0
+    for block in blocks:
+        x = np.asarray(block, dtype=np.float32)  # (n, D)
+        norms = np.maximum(np.linalg.norm(x, axis=1), 1e-12)
+        scores = (x @ q) / norms  # (n,)
+        rows = np.arange(start, start + len(x), dtype=np.int64)
+        start += len(x)
+        best_rows = np.concatenate([best_rows, rows])
+        best_scores = np.concatenate([best_scores, scores.astype(np.float32)])
+        if len(best_rows) > k:
+            keep = np.lexsort((best_rows, -best_scores))[:k]  # by score desc, then row asc
+            best_rows, best_scores = best_rows[keep], best_scores[keep]
+    order = np.lexsort((best_rows, -best_scores))
+    return [(int(best_rows[i]), float(best_scores[i])) for i in order[:k]]
+
+
+def query_vector(f: TokenFile, query: str) -> tuple[np.ndarray, str]:
+    """The vector for QUERY: a key already in the file, or an image file encoded as the file was."""
+    if query in set(f.keys):
+        return f.mean(query).astype(np.float32), "key"
+    if os.path.isfile(query):
+        return encode_like(f, query), "image"
+    raise UsageError(f"{query!r} is neither a key of {f.path} nor an image file")
+
+
+def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
+    """Encode one image with the encoder, weights and preprocessing recorded in the file → (D,)."""
+    import torch
+
+    from vitcore.config import EncoderConfig
+    from vitcore.loader import describe_error
+    from vitcore.model import pool_tokens
+    from vitcore.preprocess import PreprocessConfig, load_image, normalize_on_device
+    from vitcore.weights import build_encoder, file_sha256
+
+    settings = f.settings
+    cfg = EncoderConfig.from_json(json.dumps(settings["encoder"]))
+    weights = settings["weights"]
+    path = None
+    if weights.get("source") == "file":
+        path = weights.get("path")
+        if not path or not os.path.isfile(path):
+            raise VitExtractError(f"the weights {path} recorded in {f.path} are gone; cannot encode a new image")
+        if file_sha256(path) != weights.get("sha256"):
+            raise VitExtractError(f"the weights file {path} has changed since {f.path} was made")
+    encoder, _ = build_encoder(cfg, path, seed=weights.get("seed") or 0)
+    prep_record = settings["preprocessing"]
+    prep = PreprocessConfig(
+        image_size=prep_record["image_size"], resize=prep_record["resize"], decode=prep_record["decode"],
+        mean=tuple(prep_record["mean"]), std=tuple(prep_record["std"]),
+    )
+    try:
+        pixels, _ = load_image(image_path, prep)
+    except Exception as err:
+        raise VitExtractError(f"cannot read {image_path}: {describe_error(err)}") from None
+    x = normalize_on_device(torch.from_numpy(pixels.copy())[None], prep.mean, prep.std, torch.float32)
+    with torch.inference_mode():
+        tokens, _ = encoder.forward_features(x)  # (1, N, P)
+    pooling = settings.get("pooling", "none")
+    vector = tokens.float().mean(dim=1) if pooling == "none" else pool_tokens(tokens, pooling)
+    return vector[0].numpy()
+
+
+def similar(path: str, query: str, k: int = 10, block: int = 65536) -> tuple[list[Hit], str]:
+    """The k rows of ``path`` most similar to ``query``, best first, and how the query was read."""
+    if k < 1:
+        raise UsageError("-k must be at least 1")
+    with TokenFile(path) as f:
+        if not len(f):
+            raise VitExtractError(f"{path} has no rows to search")
+        vector, kind = query_vector(f, query)
+        dataset = f.vectors_dataset()
+        ranked = top_k_cosine((batch for _, batch in f.iter_batches(block, dataset)), vector, k)
+        keys = f.keys
+        return [Hit(rank=r + 1, key=keys[row], score=score, row=row) for r, (row, score) in enumerate(ranked)], kind
+
+
+def hits_sheet(path: str, hits: list[Hit], query: str, kind: str, columns: int = 4):
+    """A contact sheet of the query and its hits (pictures found through the recorded roots)."""
+    from vitcore.visualize import _placeholder, as_encoder_saw_it, sheet
+
+    cells = []
+    with TokenFile(path) as f:
+        query_picture = as_encoder_saw_it(query if kind == "image" else f.original_path(query), "squash")
+        cells.append(([query_picture or _placeholder("query not found")], f"query: {os.path.basename(query)}"))
+        for hit in hits:
+            picture = as_encoder_saw_it(f.original_path(hit.row), "squash") or _placeholder("original not found")
+            cells.append(([picture], f"{hit.rank}. {hit.key}  {hit.score:.4f}"))
+    return sheet(cells, columns)
