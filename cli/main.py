@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cli import render
 
@@ -30,7 +31,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console(highlight=False, soft_wrap=True)
+# Piped output is not cut to 80 columns: scripts grep it for hashes and paths.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 4096)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -63,9 +65,13 @@ class OutDtype(str, Enum):
     float32 = "float32"
 
 
-def _fail(error: Exception) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
-    return typer.Exit(getattr(error, "exit_code", 1))
+def _fail(error: Exception, as_json: bool = False) -> typer.Exit:
+    """Report an expected problem in one line (and as JSON on stdout with --json); the exit code."""
+    code = getattr(error, "exit_code", 1)
+    err.print(f"[bold red]error:[/] {escape(str(error))}")
+    if as_json:
+        out.print_json(json.dumps({"error": str(error), "exit_code": code}))
+    return typer.Exit(code)
 
 
 def _batch_size(value: str) -> int | str:
@@ -121,7 +127,7 @@ def run(
         with render.ProgressDisplay(err, enabled=show_progress) as display:
             result = extract([str(p) for p in paths or ()], str(output), options, progress=display.update)
     except VitExtractError as error:
-        raise _fail(error)
+        raise _fail(error, as_json)
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
     elif not quiet:
@@ -180,18 +186,22 @@ def init_weights(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
 ) -> None:
     """Write a seeded (untrained) encoder as .safetensors, its architecture in the metadata."""
-    from vitcore.errors import OutputExistsError, VitExtractError
+    from safetensors import SafetensorError
+
+    from vitcore.errors import OutputExistsError, UsageError, VitExtractError
     from vitcore.weights import build_encoder, save_weights
 
     try:
         if output.exists() and not overwrite:
             raise OutputExistsError(f"{output} already exists; add --overwrite to replace it")
+        if not output.resolve().parent.is_dir():
+            raise UsageError(f"the output folder {output.resolve().parent} does not exist")
         encoder, _ = build_encoder(model, seed=seed, project_dim=project_dim)
         save_weights(encoder, output)
     except VitExtractError as error:
         raise _fail(error)
-    except OSError as error:
-        raise _fail(RuntimeError(f"cannot write {output}: {error.strerror}"))
+    except (OSError, SafetensorError) as error:
+        raise _fail(RuntimeError(f"cannot write {output}: {getattr(error, 'strerror', None) or error}"))
     out.print(f"wrote {output}: {encoder.cfg.name} encoder, seed {seed} (untrained)")
 
 

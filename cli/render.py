@@ -85,7 +85,7 @@ def run_summary(console: Console, result) -> None:
     table.add_row("compute", f"{result.device}, {result.compute_dtype}")
     table.add_row("time", f"{result.seconds:.1f} s, {result.images_per_second:.1f} images/s")
     if result.skipped:
-        table.add_row("resumed", f"{result.skipped} images already in the file were skipped")
+        table.add_row("resumed", f"{result.skipped} inputs already in the file (as rows or failures) were skipped")
     if result.duplicates_dropped:
         table.add_row("duplicates", f"{result.duplicates_dropped} inputs named twice were taken once")
     table.add_row("failed", f"[red]{len(result.failures)}[/]" if result.failures else "0")

@@ -1,6 +1,7 @@
 """extract() end to end through the library: stored rows equal direct encoding, failures, resume."""
 
 import json
+import time
 
 import h5py
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 import vitcore
 from tests.conftest import TINY
-from vitcore.errors import Interrupted, OutputExistsError, ResumeMismatchError
+from vitcore.errors import Interrupted, OutputExistsError, ResumeMismatchError, UsageError
 from vitcore.pipeline import ExtractOptions, StopFlag
 from vitcore.preprocess import PreprocessConfig, load_image, normalize_on_device
 from vitcore.weights import build_encoder
@@ -25,7 +26,7 @@ def _rows(path):
 
 def test_stored_tokens_equal_encoding_each_image_directly(photos, tmp_path):
     out = tmp_path / "out.h5"
-    result = vitcore.extract([photos], out, EXACT)
+    result = vitcore.extract(str(photos), out, EXACT)  # one path as a plain string
     model, _ = build_encoder(TINY)
     prep = PreprocessConfig(image_size=56)
     with vitcore.open_tokens(out) as f:
@@ -118,10 +119,11 @@ def test_an_existing_output_is_never_touched_without_resume_or_overwrite(photos,
 
 def test_layers_pooling_and_projector_datasets(photos, tmp_path):
     out = tmp_path / "layers.h5"
-    vitcore.extract([photos], out, EXACT, layers=(-1, 0, 1))  # 1 and -1 are the same block: kept once
+    vitcore.extract([photos], out, EXACT, layers=(-1, 0, 1, 0))  # 1 and -1 name the same block
     with h5py.File(out, "r") as f:
-        assert sorted(f["layers"]) == ["-1", "0"] and f["layers/0"].shape == (8, 16, 32)
-        assert json.loads(f.attrs["layers"]) == [-1, 0]
+        assert sorted(f["layers"]) == ["-1", "0", "1"] and f["layers/0"].shape == (8, 16, 32)
+        assert json.loads(f.attrs["layers"]) == [-1, 0, 1]
+        np.testing.assert_array_equal(f["layers/1"][:], f["layers/-1"][:])
         last = torch.from_numpy(f["layers/-1"][:])
         model, _ = build_encoder(TINY)
         normed = torch.nn.functional.layer_norm(last, (32,), model.norm.weight, model.norm.bias, 1e-6)
@@ -148,8 +150,46 @@ def test_progress_callback_and_empty_inputs(photos, tmp_path):
     vitcore.extract([photos], tmp_path / "p.h5", EXACT, progress=seen.append)
     assert [p.done for p in seen] == [0, 3, 6, 8] and all(p.total == 8 for p in seen)
     empty = tmp_path / "empty"
-    empty.mkdir()
-    result = vitcore.extract([empty], tmp_path / "e.h5", EXACT)
-    assert result.rows == 0 and result.complete
-    with h5py.File(tmp_path / "e.h5", "r") as f:
-        assert f["tokens"].shape == (0, 16, 32) and f.attrs["complete"]
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(UsageError, match="no images found.*--ext"):
+        vitcore.extract([empty], tmp_path / "e.h5", EXACT)
+    assert not (tmp_path / "e.h5").exists()
+
+
+def test_resume_recognises_the_same_file_however_it_was_named(photos, tmp_path, monkeypatch):
+    out = tmp_path / "out.h5"
+    monkeypatch.chdir(photos.parent)
+    vitcore.extract(["photos/coffee.jpg", "./photos/rocket.jpg"], out, EXACT)
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{photos}/coffee.jpg\nphotos/../photos/rocket.jpg\n")
+    again = vitcore.extract([photos], out, EXACT, files_from=str(listed), resume=True)
+    assert again.skipped == 2 and again.written == 6
+    keys, _, attrs = _rows(out)
+    assert len(keys) == 8 == attrs["committed"]
+
+
+def test_a_writer_error_is_final(tmp_path):
+    from vitcore.store import AsyncWriter, WriteError
+
+    class Failing:
+        calls = 0
+        committed = 0
+
+        def append(self, rows):
+            Failing.calls += 1
+            raise WriteError("x.h5", 0, OSError(28, "No space left on device"))
+
+        def close(self, complete):
+            self.closed_complete = complete
+
+    writer = Failing()
+    async_writer = AsyncWriter(writer)
+    async_writer.put("batch 1")
+    with pytest.raises(WriteError, match="disk is full"):
+        for _ in range(50):  # the error surfaces at a later put…
+            async_writer.put("later batch")
+            time.sleep(0.01)
+    with pytest.raises(WriteError):  # …and again at close: it is never forgotten
+        async_writer.close(True)
+    assert Failing.calls == 1 and writer.closed_complete is False

@@ -439,3 +439,27 @@ def test_out_of_memory_splits_the_batch_and_says_so(tmp_path, photos, monkeypatc
     monkeypatch.setattr(vitcore.VisionEncoder, "forward_features", no_memory)
     with pytest.raises(VitExtractError, match="single image.*--model"):
         vitcore.extract([photos], tmp_path / "none.h5", EXACT)
+
+
+def test_a_killed_run_with_live_worker_processes_does_not_block_the_resume(tmp_path):
+    folder = tmp_path / "imgs"
+    _small_images(folder, 400)
+    out = tmp_path / "out.h5"
+    cmd = [sys.executable, "-m", "cli", "run", str(folder), "-o", str(out), "--model", TINY,
+           "--batch-size", "2", "--workers", "2", "--quiet", "--dtype", "float32", "--out-dtype", "float32"]
+    proc = subprocess.Popen(cmd, cwd=PROJECT, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        time.sleep(0.1)
+        try:
+            with h5py.File(out, "r", locking=False) as f:
+                if f.attrs["committed"] >= 2:
+                    break
+        except (OSError, KeyError):
+            pass
+    proc.kill()  # SIGKILL to the main process only: its decoding workers outlive it for a moment
+    proc.wait()
+    result = vitcore.extract([folder], out, EXACT, resume=True)  # immediately: no lock left behind
+    assert result.complete and result.skipped >= 2
+    keys, _, _ = _keys_tokens(out)
+    assert sorted(keys) == sorted(p.name for p in folder.iterdir())

@@ -1,11 +1,14 @@
 """One run per output file: an exclusive lock on ``OUT.lock`` for the whole run.
 
-The lock is a kernel flock, so a run that is killed (even by SIGKILL) releases it at once:
-a stale lock file never blocks the next run. The file names the holder for the error message.
+The lock is a POSIX record lock (fcntl.lockf): the kernel drops it the moment the process dies,
+even by SIGKILL, so a stale lock file never blocks the next run; and unlike flock it is not
+inherited by forked decoding workers, which may outlive a killed parent for a few seconds.
+The file names the holder for the error message.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -26,15 +29,21 @@ class OutputLock:
 
     def __enter__(self) -> "OutputLock":
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise VitExtractError(f"cannot create the lock file {self.path}: {err.strerror}") from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise VitExtractError(f"cannot lock {self.path}: {err.strerror}") from None
                 holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
                 os.close(fd)
                 raise OutputLockedError(
                     f"{self.output} is being written by another vit-extract run ({holder}); "
-                    "wait for it to finish or stop it, then rerun with --resume"
+                    "wait for it to finish or stop it, then try again"
                 ) from None
             # A finishing run unlinks the lock file: make sure ours is still the one at the path.
             try:

@@ -175,12 +175,14 @@ class VisionEncoder(nn.Module):
         """pixels (B, 3, H, W) → tokens (B, N, P) and the hidden states after the requested blocks."""
         x, (grid_h, grid_w) = self.patch_embed(pixels)  # (B, N, D)
         cos, sin = self.rope.cos_sin(grid_h, grid_w, x.device, x.dtype)  # (N, Dh) each
-        wanted = {resolve_layer(k, len(self.blocks)): k for k in layers}
+        wanted: dict[int, list[int]] = {}  # block number → the names it was asked for under
+        for k in layers:
+            wanted.setdefault(resolve_layer(k, len(self.blocks)), []).append(k)
         hidden: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin)
-            if i in wanted:
-                hidden[wanted[i]] = x
+            for k in wanted.get(i, ()):
+                hidden[k] = x
         return self.projector(self.norm(x)), hidden
 
     def forward(

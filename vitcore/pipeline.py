@@ -29,7 +29,7 @@ from vitcore.loader import Batch, default_workers, make_loader
 from vitcore.lock import OutputLock
 from vitcore.model import POOLING_MODES, VisionEncoder, pool_tokens, resolve_layer
 from vitcore.preprocess import DECODE_MODES, RESIZE_MODES, PreprocessConfig, normalize_on_device
-from vitcore.sources import Discovery, discover
+from vitcore.sources import Discovery, discover, file_identity, parse_extensions
 from vitcore.store import (
     AsyncWriter,
     Rows,
@@ -138,9 +138,11 @@ def stop_on_signals(stop: StopFlag):
             signal.signal(s, h)
 
 
-def _ignore_sigint_in_worker(_worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process decides how to stop.
+def _ignore_stop_signals_in_worker(_worker_id: int) -> None:
+    # Ctrl-C, and SIGTERM from timeout/Slurm/systemd, reach the whole process group: the main
+    # process decides how to stop and shuts the workers down (they also exit if it dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def validate_options(opts: ExtractOptions) -> None:
@@ -196,17 +198,16 @@ def _settings(
 
 
 def _normalise_layers(layers, depth: int) -> tuple[int, ...]:
+    """Each distinct K as given (``-1`` and ``23`` are both stored if both are asked for)."""
     out: list[int] = []
-    blocks: set[int] = set()
     for k in layers:
         try:
-            block = resolve_layer(int(k), depth)
+            resolve_layer(int(k), depth)
         except IndexError:
             raise UsageError(
                 f"--layer {k} is out of range: this encoder has {depth} blocks (0..{depth - 1}, or -{depth}..-1)"
             ) from None
-        if block not in blocks:
-            blocks.add(block)
+        if int(k) not in out:
             out.append(int(k))
     return tuple(out)
 
@@ -235,7 +236,13 @@ def extract(
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     found: Discovery = discover(paths, opts.files_from, opts.extensions, stdin=stdin)
+    if not found.sources and not opts.resume:
+        raise UsageError(
+            f"no images found in {', '.join(found.roots) or 'the inputs'} "
+            f"(looked for {', '.join(parse_extensions(opts.extensions))}; --ext changes that)"
+        )
     with OutputLock(output):  # one run per output, released even if this process is killed
+        check_output(output, opts.resume, opts.overwrite)  # again: another run may have made it meanwhile
         return _extract_locked(found, output, opts, device, dtype, progress, stop or StopFlag())
 
 
@@ -261,7 +268,7 @@ def _extract_locked(
         sources = [
             dataclasses.replace(s, root_index=remap[s.root_index])
             for s in found.sources
-            if (found.roots[s.root_index], s.key) not in state.done
+            if file_identity(found.roots[s.root_index], s.key) not in state.done
         ]
         skipped = len(found.sources) - len(sources)
 
@@ -270,7 +277,7 @@ def _extract_locked(
     workers = min(workers, max(1, len(sources) // batch_size + 1)) if workers else 0
     loader = make_loader(sources, prep, batch_size, workers, pin_memory=device.type == "cuda")
     if workers:
-        loader.worker_init_fn = _ignore_sigint_in_worker
+        loader.worker_init_fn = _ignore_stop_signals_in_worker
     run_batch = BatchEncoder(encoder, settings, prep, device, dtype)
 
     started = time.perf_counter()
@@ -373,6 +380,7 @@ class BatchEncoder:
         self.device, self.dtype = device, dtype
         self.max_chunk: int | None = None  # images per forward pass, once memory ran out
         self.warnings: list[str] = []
+        self.nonfinite_images = 0
 
     def __call__(self, batch: Batch, sources) -> Rows:
         settings = self.settings
@@ -383,9 +391,11 @@ class BatchEncoder:
             x = normalize_on_device(pixels, self.prep.mean, self.prep.std, self.dtype)  # (B, 3, S, S)
             tokens, hidden = self._forward(x)  # (B, N, P), {K: (B, N, D)}
             store_dtype = getattr(torch, out_dtype)
+            # Pooling and the mean token are computed in float32 whatever the compute dtype.
             mean = tokens.float().mean(dim=1).to(store_dtype).cpu().numpy() if pool == "none" else None
-            out_tokens = pool_tokens(tokens, pool).to(store_dtype).cpu().numpy()
-            out_layers = {k: pool_tokens(h, pool).to(store_dtype).cpu().numpy() for k, h in hidden.items()}
+            out_tokens = pool_tokens(tokens.float(), pool).to(store_dtype).cpu().numpy()
+            out_layers = {k: pool_tokens(h.float(), pool).to(store_dtype).cpu().numpy() for k, h in hidden.items()}
+            self._check_finite(out_tokens, out_dtype)
         else:  # every image of this batch failed: empty rows, failures only
             out_tokens = np.empty((0, *settings.token_shape), out_dtype)
             mean = np.empty((0, settings.token_shape[-1]), out_dtype) if pool == "none" else None
@@ -401,6 +411,15 @@ class BatchEncoder:
             failed_root_index=[sources[f.index].root_index for f in batch.failures],
             failed_errors=[f.error for f in batch.failures],
         )
+
+    def _check_finite(self, tokens: np.ndarray, out_dtype: str) -> None:
+        bad = int((~np.isfinite(tokens.reshape(len(tokens), -1))).any(axis=1).sum())
+        if bad:
+            self.nonfinite_images += bad
+            note = "token values that are not finite (inf or NaN)"
+            hint = " (float16 overflows above 65504: try --out-dtype float32)" if out_dtype == "float16" else ""
+            self.warnings[:] = [w for w in self.warnings if note not in w]
+            self.warnings.append(f"{self.nonfinite_images} images have {note}{hint}")
 
     def _forward(self, x: torch.Tensor):
         if self.max_chunk is not None and x.shape[0] > self.max_chunk:

@@ -75,6 +75,12 @@ def unescape_key(key: str) -> bytes:
     return bytes(out)
 
 
+def file_identity(root: str, key: str) -> bytes:
+    """The file a (root, stored key) pair names, as a normalised absolute path: equal for the
+    same file however it was spelled (./a, a, /abs/a), used to recognise work already done."""
+    return os.path.normpath(os.path.join(os.fsencode(root), unescape_key(key)))
+
+
 def read_file_list(handle: BinaryIO) -> list[str]:
     """One path per line (bytes, so any file name survives); blank lines ignored."""
     lines = handle.read().split(b"\n")
@@ -93,6 +99,8 @@ def discover(
     and filtered by extension; files named directly are taken whatever their extension.
     """
     exts = parse_extensions(extensions)
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        paths = [paths]  # one path, not a sequence of characters
     named = [(os.fspath(p), False) for p in paths]  # (path, came from a list)
     if files_from is not None:
         if os.fspath(files_from) == "-":

@@ -37,7 +37,7 @@ import h5py
 import numpy as np
 
 from vitcore.errors import OutputExistsError, ResumeMismatchError, UsageError, VitExtractError
-from vitcore.sources import unescape_key
+from vitcore.sources import file_identity, unescape_key
 
 SCHEMA_VERSION = 1
 STRING = h5py.string_dtype("utf-8")
@@ -194,6 +194,8 @@ class StoreWriter:
         failed write (e.g. a full disk) when chunks leave its cache, and an error raised while h5py
         garbage-collects a handle would be swallowed, so every write must end in our flush().
         """
+        if self.broken:
+            raise WriteError(self.h5.filename, self.committed, RuntimeError("an earlier write failed"))
         self._check_space(rows)
         try:
             self._write(rows)
@@ -334,8 +336,7 @@ class AsyncWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+            raise self._error  # sticky: once the file is broken, nothing more is written to it
 
     def put(self, rows: Rows) -> None:
         self._raise_if_failed()
@@ -348,15 +349,16 @@ class AsyncWriter:
         """Drain the queue, record completeness, close the file; re-raise a writer error."""
         self._queue.put(None)
         self._thread.join()
-        failed = self._error is not None
-        self.writer.close(complete and not failed)
-        self._raise_if_failed()
+        if self._error is not None:
+            self.writer.close(False)
+            raise self._error
+        self.writer.close(complete)
 
 
 # -- resume ------------------------------------------------------------------------------
 @dataclass
 class ResumeState:
-    done: set[tuple[str, str]]  # (root, key) of committed rows and recorded failures
+    done: set[bytes]  # files (sources.file_identity) of committed rows and recorded failures
     roots: list[str]
     committed: int
     failed_committed: int
@@ -387,7 +389,7 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
             then, now = recorded[name], getattr(settings, name)
             if then != now:
                 raise ResumeMismatchError(
-                    f"cannot resume {path}: its {words} differs (file: {_short(then)}; "
+                    f"cannot resume {path}: the {words} setting differs (file: {_short(then)}; "
                     f"this run: {_short(now)}); rerun with the file's settings or use --overwrite"
                 )
         roots = json.loads(attrs["roots"])
@@ -395,11 +397,11 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
         failed_committed = int(attrs["failed_committed"])
         keys = h5["paths"].asstr()[:committed] if committed else []
         index = h5["root_index"][:committed]
-        done = {(roots[i], k) for i, k in zip(index, keys)}
+        done = {file_identity(roots[i], k) for i, k in zip(index, keys)}
         if failed_committed:
             keys = h5["failed/paths"].asstr()[:failed_committed]
             index = h5["failed/root_index"][:failed_committed]
-            done |= {(roots[i], k) for i, k in zip(index, keys)}
+            done |= {file_identity(roots[i], k) for i, k in zip(index, keys)}
         return ResumeState(done=done, roots=roots, committed=committed, failed_committed=failed_committed)
 
 
@@ -425,9 +427,12 @@ class TokenFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.h5 = _open_for_reading(self.path, "read")
-        if "schema_version" not in self.h5.attrs:
+        missing = [a for a in ("schema_version", "committed", "roots", "encoder") if a not in self.h5.attrs]
+        if missing or "tokens" not in self.h5 or "paths" not in self.h5:
             self.h5.close()
-            raise VitExtractError(f"{self.path} is not a vit-extract output file (no schema_version)")
+            raise VitExtractError(
+                f"{self.path} is not a vit-extract output file (missing {', '.join(missing) or 'datasets'})"
+            )
         self._keys: list[str] | None = None
         self._index: dict[str, int] | None = None
 
@@ -451,8 +456,10 @@ class TokenFile:
         return self._keys
 
     def index(self, key: str) -> int:
-        if self._index is None:
-            self._index = {k: i for i, k in enumerate(self.keys)}
+        if self._index is None:  # a key found under two roots: the first row wins
+            self._index = {}
+            for i, k in enumerate(self.keys):
+                self._index.setdefault(k, i)
         try:
             return self._index[key]
         except KeyError:
