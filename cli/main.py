@@ -107,13 +107,16 @@ def run(
     ext: Annotated[Optional[str], typer.Option(help="Extensions to pick up in folders, comma-separated. Default: jpg,jpeg,png,webp,bmp,gif,tif,tiff.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run into the same file.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: process only shard I (0..N-1) of the sorted inputs into OUT.shardIIIII-of-NNNNN.h5 (combine with merge). Under torchrun each rank takes its own shard automatically.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout (and nothing else).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_STRICT_FAILURES} when any image failed.")] = False,
 ) -> None:
     """Extract visual tokens for every image under PATHS into an HDF5 file."""
+    from vitcore.distributed import extract_distributed, launched_by_torchrun
     from vitcore.errors import VitExtractError
     from vitcore.pipeline import ExtractOptions, extract
+    from vitcore.shard import parse_shard, shard_path
 
     options = ExtractOptions(
         model=model, weights=str(weights) if weights else None, seed=seed, pool=pool.value,
@@ -122,17 +125,37 @@ def run(
         out_dtype=out_dtype.value, files_from=files_from, extensions=ext, resume=resume,
         overwrite=overwrite,
     )
-    show_progress = not quiet and err.is_terminal
+    inputs = [str(p) for p in paths or ()]
     try:
-        with render.ProgressDisplay(err, enabled=show_progress) as display:
-            result = extract([str(p) for p in paths or ()], str(output), options, progress=display.update)
+        if launched_by_torchrun():
+            if shard:
+                raise typer.BadParameter("--shard is chosen by torchrun (one shard per rank); drop it")
+            with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal and _rank() == 0) as display:
+                outcome = extract_distributed(inputs, str(output), options, progress=display.update)
+            if outcome.merged is None:  # ranks other than 0 stay silent
+                return
+            result, merged = outcome.shard, outcome.merged
+        else:
+            if shard:
+                options.shard = parse_shard(shard)
+                output = Path(shard_path(str(output), *options.shard))
+            with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal) as display:
+                result = extract(inputs, str(output), options, progress=display.update)
+            merged = None
     except VitExtractError as error:
         raise _fail(error, as_json)
     if as_json:
-        out.print_json(json.dumps(result.to_dict()))
+        record = result.to_dict()
+        if merged is not None:  # torchrun: the merged file first, rank 0's own shard beside it
+            record = {"output": merged.output, "rows": merged.rows, "failed": merged.failed,
+                      "shards": merged.shards, "complete": True, "rank0_shard": record}
+        out.print_json(json.dumps(record))
     elif not quiet:
         render.run_summary(out, result)
-    if strict and result.failures:
+        if merged is not None:
+            out.print(f"merged {merged.shards} shards → {escape(merged.output)} ({merged.rows} rows, {merged.failed} failed)")
+    failed = merged.failed if merged is not None else len(result.failures)
+    if strict and failed:
         raise typer.Exit(EXIT_STRICT_FAILURES)
 
 
@@ -250,6 +273,37 @@ def similar(
         out.print_json(json.dumps([{"rank": h.rank, "key": h.key, "score": h.score} for h in hits]))
     else:
         render.hits_table(out, hits, query)
+
+
+@app.command("merge")
+def merge_command(
+    shards: Annotated[list[Path], typer.Argument(help="Shard files written with --shard I/N (all N of them).", exists=True, dir_okay=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The combined HDF5 file to write.", dir_okay=False)],
+    copy: Annotated[bool, typer.Option("--copy", help="Copy the tokens into one self-contained file instead of virtual datasets over the shards.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Combine shard files into one output that reads like a single run."""
+    from vitcore.errors import VitExtractError
+    from vitcore.merge import merge
+
+    try:
+        result = merge(str(output), [str(s) for s in shards], copy=copy, overwrite=overwrite)
+    except VitExtractError as error:
+        raise _fail(error, as_json)
+    if as_json:
+        out.print_json(json.dumps({"output": result.output, "rows": result.rows, "failed": result.failed,
+                                   "shards": result.shards, "virtual": result.virtual}))
+    else:
+        kind = "virtual datasets over the shards" if result.virtual else "a self-contained copy"
+        out.print(f"merged {result.shards} shards → {escape(result.output)}: {result.rows} rows, "
+                  f"{result.failed} failed ({kind})")
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 def main() -> None:

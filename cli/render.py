@@ -123,6 +123,11 @@ def info_table(console: Console, s: dict) -> None:
     table.add_row("compute", f"{s['device']}, {s['compute_dtype']}")
     table.add_row("made", f"{s['created']} by vit-extract {s['vit_extract_version']} (schema {s['schema_version']})")
     table.add_row("roots", "\n".join(escape(r) for r in s["roots"]) or "-")
+    if s.get("shard"):
+        shard = s["shard"]
+        table.add_row("shard", f"{shard['index']} of {shard['count']}: inputs {shard['start']}–{shard['stop']} of {shard['total']}")
+    for shard in s.get("shards") or ():
+        table.add_row("shard", f"{escape(shard['file'])}: {shard['rows']} rows, inputs {shard['start']}–{shard['stop']}, {shard['state']}")
     table.add_row("failed", f"[red]{s['failed']}[/]" if s["failed"] else "0")
     console.print(table)
     for f in s["failures"]:

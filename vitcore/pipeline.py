@@ -29,6 +29,7 @@ from vitcore.loader import Batch, default_workers, make_loader
 from vitcore.lock import OutputLock
 from vitcore.model import POOLING_MODES, VisionEncoder, pool_tokens, resolve_layer
 from vitcore.preprocess import DECODE_MODES, RESIZE_MODES, PreprocessConfig, normalize_on_device
+from vitcore.shard import ShardRecord, take_shard
 from vitcore.sources import Discovery, discover, file_identity, parse_extensions
 from vitcore.store import (
     AsyncWriter,
@@ -62,6 +63,7 @@ class ExtractOptions:
     extensions: str | tuple[str, ...] | None = None  # None: jpg jpeg png webp bmp gif tif tiff
     resume: bool = False
     overwrite: bool = False
+    shard: tuple[int, int] | None = None  # (I, N): only inputs [I·T/N, (I+1)·T/N); resumed automatically
 
 
 @dataclass
@@ -230,12 +232,20 @@ def extract(
     person can fix; image failures are not errors (they are in the result and the file).
     """
     opts = dataclasses.replace(options or ExtractOptions(), **overrides)
+    if opts.shard is not None:
+        # A shard file is an intermediate product of one launch: a rerun continues it.
+        opts = dataclasses.replace(opts, resume=not opts.overwrite)
     validate_options(opts)
     output = str(output)
     check_output(output, opts.resume, opts.overwrite)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     found: Discovery = discover(paths, opts.files_from, opts.extensions, stdin=stdin)
+    shard = None
+    if opts.shard is not None:
+        if not found.sources:
+            raise UsageError(f"no images found in {', '.join(found.roots) or 'the inputs'}")
+        found, shard = take_shard(found, *opts.shard)
     if not found.sources and not opts.resume:
         raise UsageError(
             f"no images found in {', '.join(found.roots) or 'the inputs'} "
@@ -243,12 +253,12 @@ def extract(
         )
     with OutputLock(output):  # one run per output, released even if this process is killed
         check_output(output, opts.resume, opts.overwrite)  # again: another run may have made it meanwhile
-        return _extract_locked(found, output, opts, device, dtype, progress, stop or StopFlag())
+        return _extract_locked(found, output, opts, device, dtype, progress, stop or StopFlag(), shard)
 
 
 def _extract_locked(
     found: Discovery, output: str, opts: ExtractOptions, device: torch.device, dtype: torch.dtype,
-    progress, stop: StopFlag,
+    progress, stop: StopFlag, shard: ShardRecord | None = None,
 ) -> ExtractResult:
     encoder, info = build_encoder(
         opts.model, opts.weights, seed=opts.seed, project_dim=opts.project_dim, device=device, dtype=dtype
@@ -257,6 +267,8 @@ def _extract_locked(
     layers = _normalise_layers(opts.layers, cfg.depth)
     prep = PreprocessConfig(image_size=cfg.image_size, resize=opts.resize, decode=opts.decode)
     settings = _settings(encoder, info, opts, prep, layers, device, dtype)
+    if shard is not None:
+        settings = dataclasses.replace(settings, shard=shard.to_json())
 
     # Resume: keep the file's roots (row root_index values point into them), skip what it holds.
     roots, sources, skipped = list(found.roots), found.sources, 0

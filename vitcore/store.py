@@ -64,6 +64,7 @@ class StoreSettings:
     layer_shape: tuple[int, ...]  # per image, for layers/<K>
     layers: tuple[int, ...] = ()
     version: str = ""
+    shard: str = "null"  # ShardRecord JSON for shard files (--shard, torchrun), else null
 
     # Settings that must be equal for --resume, with the words used when they differ.
     RESUME_FIELDS = (
@@ -75,6 +76,7 @@ class StoreSettings:
         ("compute_dtype", "compute dtype"),
         ("out_dtype", "output dtype"),
         ("layers", "--layer list"),
+        ("shard", "input list or shard range"),
     )
 
 
@@ -138,6 +140,7 @@ class StoreWriter:
                      "compute_dtype", "device", "out_dtype"):
             attrs[name] = getattr(settings, name)
         attrs["layers"] = json.dumps(list(settings.layers))
+        attrs["shard"] = settings.shard
         attrs["roots"] = json.dumps(roots)
         attrs["committed"] = 0
         attrs["failed_committed"] = 0
@@ -384,6 +387,7 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
             "compute_dtype": attrs["compute_dtype"],
             "out_dtype": attrs["out_dtype"],
             "layers": tuple(json.loads(attrs["layers"])),
+            "shard": attrs.get("shard", "null"),
         }
         for name, words in StoreSettings.RESUME_FIELDS:
             then, now = recorded[name], getattr(settings, name)
@@ -505,7 +509,7 @@ class TokenFile:
         for name, value in self.h5.attrs.items():
             if isinstance(value, np.generic):
                 value = value.item()
-            if name in ("encoder", "weights", "preprocessing", "projector", "layers", "roots"):
+            if name in ("encoder", "weights", "preprocessing", "projector", "layers", "roots", "shard", "shards"):
                 value = json.loads(value)
             out[name] = value
         return out
@@ -566,7 +570,28 @@ class TokenFile:
             "failed": len(failures),
             "failures": [{"path": k, "error": e} for k, e in failures[:max_failures]],
             "datasets": datasets,
+            "shard": settings.get("shard"),
+            "shards": self._shard_states(settings.get("shards")),
         }
+
+    def _shard_states(self, shards: list[dict] | None) -> list[dict] | None:
+        """For a merged file: each shard with its state now (a virtual file reads through them)."""
+        if not shards:
+            return None
+        folder = os.path.dirname(os.path.abspath(self.path))
+        states = []
+        for shard in shards:
+            path = os.path.join(folder, shard["file"])
+            state = "missing"
+            if os.path.exists(path):
+                try:
+                    with h5py.File(path, "r") as h5:
+                        complete = bool(h5.attrs.get("complete")) and int(h5.attrs["committed"]) == shard["rows"]
+                    state = "complete" if complete else "changed"
+                except (OSError, KeyError):
+                    state = "unreadable"
+            states.append({**shard, "state": state})
+        return states
 
 
 def open_tokens(path: str | os.PathLike) -> TokenFile:

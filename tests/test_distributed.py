@@ -1,0 +1,208 @@
+"""Sharding: --shard + merge, torchrun on gloo, per-shard resume, a crashed rank, moved folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import vitcore
+from tests.conftest import TINY
+from vitcore.errors import ResumeMismatchError, UsageError
+from vitcore.merge import merge
+from vitcore.pipeline import ExtractOptions
+from vitcore.shard import parse_shard, shard_path
+
+PROJECT = Path(__file__).resolve().parent.parent
+EXACT = ExtractOptions(model=TINY, out_dtype="float32", dtype="float32", device="cpu", workers=0, batch_size=3)
+CLI_EXACT = ["--model", TINY, "--out-dtype", "float32", "--dtype", "float32", "--device", "cpu",
+             "--workers", "0", "--batch-size", "3", "--quiet"]
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """About thirty small images, one of them broken, in two folders."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    for sub in ("a", "b"):
+        (folder / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(29):
+        Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(folder / ("a" if i % 2 else "b") / f"{i:02d}.png")
+    (folder / "a" / "15_broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def _content(path) -> tuple[list[str], np.ndarray, list, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        n = int(f.attrs["committed"])
+        roots = json.loads(f.attrs["roots"])
+        keys = [os.path.join(roots[i], k) for i, k in zip(f["root_index"][:n], f["paths"].asstr()[:n])]
+        failed = sorted(f["failed/paths"].asstr()[:])
+        return keys, f["tokens"][:n], failed, f["mean"][:n]
+
+
+def _assert_same(a, b) -> None:
+    keys_a, tokens_a, failed_a, mean_a = _content(a)
+    keys_b, tokens_b, failed_b, mean_b = _content(b)
+    assert keys_a == keys_b and failed_a == failed_b
+    np.testing.assert_array_equal(tokens_a, tokens_b)
+    np.testing.assert_array_equal(mean_a, mean_b)
+
+
+def test_parse_shard_and_names():
+    assert parse_shard("3/8") == (3, 8) and parse_shard(" 0 / 1 ") == (0, 1)
+    for bad in ("8/8", "1/0", "-1/2", "a/b", "3"):
+        with pytest.raises(UsageError):
+            parse_shard(bad)
+    assert shard_path("/x/out.h5", 3, 8) == "/x/out.shard00003-of-00008.h5"
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_every_shard_then_merge_equals_one_run(images, tmp_path, count):
+    single = tmp_path / "single.h5"
+    vitcore.extract([images], single, EXACT)
+    out = tmp_path / "out.h5"
+    shards = []
+    for i in range(count):
+        shards.append(shard_path(str(out), i, count))
+        vitcore.extract([images], shards[-1], EXACT, shard=(i, count))
+    result = merge(str(out), shards)
+    assert result.rows == 29 and result.failed == 1 and result.virtual
+    _assert_same(out, single)
+    with h5py.File(out, "r") as f:
+        assert f["tokens"].is_virtual and f.attrs["complete"] and f.attrs["merged"] == "virtual"
+    copied = tmp_path / "copied.h5"
+    merge(str(copied), shards, copy=True)
+    _assert_same(copied, single)
+    with h5py.File(copied, "r") as f:
+        assert not f["tokens"].is_virtual
+    with vitcore.open_tokens(out) as f:
+        summary = f.describe()
+        assert [s["state"] for s in summary["shards"]] == ["complete"] * count
+        assert f[f.keys[-1]].shape == (16, 32)
+
+
+def test_merge_refuses_mismatched_overlapping_and_missing_shards(images, tmp_path):
+    out = str(tmp_path / "out.h5")
+    s = [shard_path(out, i, 3) for i in range(3)]
+    for i in range(3):
+        vitcore.extract([images], s[i], EXACT, shard=(i, 3))
+    with pytest.raises(UsageError, match="missing"):
+        merge(out, [s[0], s[2]])
+    twin = str(tmp_path / "twin.h5")
+    shutil.copy(s[1], twin)
+    with pytest.raises(UsageError, match="overlaps"):
+        merge(out, [s[0], s[1], twin, s[2]])
+    pooled = str(tmp_path / "pooled.h5")
+    vitcore.extract([images], pooled, EXACT, shard=(1, 3), pool="mean")
+    with pytest.raises(UsageError, match="pooling"):
+        merge(out, [s[0], pooled, s[2]])
+    other = str(tmp_path / "other.h5")
+    vitcore.extract([images / "a"], other, EXACT, shard=(1, 3))
+    with pytest.raises(UsageError, match="input"):
+        merge(out, [s[0], other, s[2]])
+    plain = str(tmp_path / "plain.h5")
+    vitcore.extract([images], plain, EXACT)
+    with pytest.raises(UsageError, match="not a shard"):
+        merge(out, [plain])
+    assert not os.path.exists(out)
+
+
+def test_a_shard_resumes_itself_and_refuses_a_changed_input_list(images, tmp_path):
+    out = str(tmp_path / "out.h5")
+    first = shard_path(out, 0, 2)
+    vitcore.extract([images], first, EXACT, shard=(0, 2))
+    again = vitcore.extract([images], first, EXACT, shard=(0, 2))  # the same launch again: nothing to do
+    assert again.written == 0 and again.complete
+    (images / "a" / "99_new.png").write_bytes((images / "a" / "01.png").read_bytes())
+    with pytest.raises(ResumeMismatchError, match="input list"):
+        vitcore.extract([images], first, EXACT, shard=(0, 2))
+
+
+def test_merged_folder_can_be_moved(images, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out.h5"
+    shards = [shard_path(str(out), i, 2) for i in range(2)]
+    for i in range(2):
+        vitcore.extract([images], shards[i], EXACT, shard=(i, 2))
+    merge(str(out), shards)
+    expected = _content(out)[1]
+    moved = tmp_path / "moved"
+    shutil.move(str(work), str(moved))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+    try:
+        np.testing.assert_array_equal(_content(moved / "out.h5")[1], expected)
+    finally:
+        os.chdir(PROJECT)
+
+
+def _torchrun(nproc: int, images: Path, out: Path, *extra: str, background: bool = False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "cli", "run", str(images), "-o", str(out), *CLI_EXACT, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if background:
+        return subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_on_gloo_equals_one_process(images, tmp_path, nproc):
+    single = tmp_path / "single.h5"
+    vitcore.extract([images], single, EXACT)
+    out = tmp_path / "dist.h5"
+    done = _torchrun(nproc, images, out, "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["rows"] == 29 and summary["shards"] == nproc and summary["failed"] == 1
+    _assert_same(out, single)
+    for rank in range(nproc):
+        with h5py.File(shard_path(str(out), rank, nproc), "r") as f:
+            record = json.loads(f.attrs["shard"])
+            assert (record["index"], record["count"], record["total"]) == (rank, nproc, 30)
+
+
+def test_a_crashed_rank_fails_the_launch_and_a_rerun_completes_it(images, tmp_path):
+    single = tmp_path / "single.h5"
+    vitcore.extract([images], single, EXACT)
+    out = tmp_path / "dist.h5"
+    # A slower run (batch 1, 200 more images) so that rank 1 can be killed mid-way.
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for i in range(200):
+        Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(images / "b" / f"x{i:03d}.png")
+    vitcore.extract([images], single, EXACT, overwrite=True)
+    launch = _torchrun(2, images, out, "--batch-size", "1", background=True)
+    lock = Path(shard_path(str(out), 1, 2) + ".lock")
+    deadline = time.time() + 120
+    pid = None
+    while time.time() < deadline and pid is None:
+        time.sleep(0.1)
+        try:
+            with h5py.File(shard_path(str(out), 1, 2), "r", locking=False) as f:
+                if f.attrs["committed"] >= 3:
+                    pid = int(lock.read_text().split()[1])
+        except (OSError, KeyError, ValueError, IndexError):
+            pass
+    assert pid is not None, "rank 1 never committed rows"
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = launch.communicate(timeout=120)
+    assert launch.returncode != 0
+    assert not out.exists()  # no silent partial merge
+    rerun = _torchrun(2, images, out)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_same(out, single)

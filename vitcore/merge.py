@@ -1,0 +1,205 @@
+"""Combining shard files into one output with the single-run schema.
+
+By default the large arrays (tokens, mean, layers/K) become HDF5 virtual datasets over the shards,
+named by paths relative to the merged file (the folder can be moved as a whole); the small
+per-image datasets and the failures are written for real. ``copy=True`` writes everything into
+one self-contained file instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from vitcore.errors import UsageError, VitExtractError
+from vitcore.sources import file_identity
+from vitcore.store import (
+    SCHEMA_VERSION,
+    STRING,
+    StoreSettings,
+    TokenFile,
+    _chunks,
+    _weights_identity,
+    check_output,
+)
+
+BIG_DATASETS = ("tokens", "mean")  # plus layers/<K>
+COPY_BLOCK = 256  # rows per read/write when copying
+
+
+@dataclass
+class MergeResult:
+    output: str
+    rows: int
+    failed: int
+    shards: int
+    virtual: bool
+
+
+@dataclass
+class _Shard:
+    path: str
+    rows: int
+    failed: int
+    record: dict  # the ShardRecord
+    settings: dict
+
+
+def _read_shard(path: str) -> _Shard:
+    with TokenFile(path) as f:
+        settings = f.settings
+        record = settings.get("shard")
+        if not record:
+            raise UsageError(f"{path} is not a shard (it was not made with --shard or torchrun)")
+        if not settings.get("complete"):
+            raise UsageError(f"{path} is unfinished ({len(f)} of {record['stop'] - record['start']} inputs); "
+                             "rerun its launch (it resumes) before merging")
+        return _Shard(path, len(f), len(f.failures), record, settings)
+
+
+def _check_compatible(shards: list[_Shard]) -> None:
+    """Same encoder, weights, preprocessing, … and input list; ranges that tile it exactly once."""
+    first = shards[0]
+    for name, words in StoreSettings.RESUME_FIELDS:
+        if name == "shard":
+            continue
+        for shard in shards[1:]:
+            a, b = _setting(first.settings, name), _setting(shard.settings, name)
+            if a != b:
+                raise UsageError(f"cannot merge: {shard.path} has a different {words} from {first.path}")
+    for shard in shards[1:]:
+        for key, words in (("inputs_sha256", "input list"), ("count", "shard count"), ("total", "input count")):
+            if shard.record[key] != first.record[key]:
+                raise UsageError(f"cannot merge: {shard.path} was made from a different {words} than {first.path}")
+    ordered = sorted(shards, key=lambda s: s.record["start"])
+    expected_start = 0
+    for shard in ordered:
+        start, stop = shard.record["start"], shard.record["stop"]
+        if start < expected_start:
+            raise UsageError(f"cannot merge: {shard.path} overlaps another shard (inputs {start}–{stop})")
+        if start > expected_start:
+            raise UsageError(f"cannot merge: no shard covers inputs {expected_start}–{start} (a shard is missing)")
+        expected_start = stop
+    if expected_start != first.record["total"]:
+        raise UsageError(f"cannot merge: no shard covers inputs {expected_start}–{first.record['total']}")
+
+
+def _setting(settings: dict, name: str):
+    if name == "weights_identity":
+        return _weights_identity(settings["weights"])
+    value = settings.get(name)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def merge(output: str, shard_paths: list[str], copy: bool = False, overwrite: bool = False) -> MergeResult:
+    """Check the shards and write OUT; refuses gaps, overlaps, duplicates and mismatched settings."""
+    if not shard_paths:
+        raise UsageError("merge needs at least one shard file")
+    check_output(output, resume=False, overwrite=overwrite)
+    shards = sorted((_read_shard(p) for p in dict.fromkeys(map(str, shard_paths))), key=lambda s: s.record["start"])
+    if len(shards) != len(shard_paths):
+        raise UsageError("cannot merge: the same shard file is named twice")
+    _check_compatible(shards)
+    building = output + ".creating"
+    try:
+        with h5py.File(building, "w") as out:
+            _write_merged(out, output, shards, copy)
+        os.replace(building, output)
+    except OSError as err:
+        raise VitExtractError(f"cannot write {output}: {err}") from None
+    finally:
+        if os.path.exists(building):
+            os.unlink(building)
+    return MergeResult(output, sum(s.rows for s in shards), sum(s.failed for s in shards), len(shards), not copy)
+
+
+def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool) -> None:
+    first = shards[0].settings
+    roots: list[str] = []
+    for shard in shards:
+        roots += [r for r in shard.settings["roots"] if r not in roots]
+    total = sum(s.rows for s in shards)
+    out_dir = os.path.dirname(os.path.abspath(output))
+
+    # Small per-image datasets, and failures: written for real, root indices remapped.
+    paths, root_index, sizes = [], [], []
+    failed_paths, failed_errors, failed_roots = [], [], []
+    seen: set[bytes] = set()
+    handles = [h5py.File(s.path, "r") for s in shards]
+    try:
+        for shard, h5 in zip(shards, handles):
+            remap = np.asarray([roots.index(r) for r in shard.settings["roots"]], dtype=np.int32)
+            n, m = shard.rows, shard.failed
+            keys = list(h5["paths"].asstr()[:n])
+            index = h5["root_index"][:n]
+            for key, i in zip(keys, index):
+                identity = file_identity(shard.settings["roots"][i], key)
+                if identity in seen:
+                    raise UsageError(f"cannot merge: {key} appears in more than one shard")
+                seen.add(identity)
+            paths += keys
+            root_index.append(remap[index] if n else np.empty(0, np.int32))
+            sizes.append(h5["image_size"][:n])
+            failed_paths += list(h5["failed/paths"].asstr()[:m])
+            failed_errors += list(h5["failed/errors"].asstr()[:m])
+            failed_roots.append(remap[h5["failed/root_index"][:m]] if m else np.empty(0, np.int32))
+
+        out.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STRING, maxshape=(None,))
+        out.create_dataset("root_index", data=np.concatenate(root_index).astype(np.int32), maxshape=(None,))
+        out.create_dataset("image_size", data=np.concatenate(sizes).astype(np.int32).reshape(-1, 2), maxshape=(None, 2))
+        out.create_dataset("failed/paths", data=np.asarray(failed_paths, dtype=object), dtype=STRING, maxshape=(None,))
+        out.create_dataset("failed/errors", data=np.asarray(failed_errors, dtype=object), dtype=STRING, maxshape=(None,))
+        out.create_dataset("failed/root_index", data=np.concatenate(failed_roots).astype(np.int32), maxshape=(None,))
+
+        big = [name for name in BIG_DATASETS if name in handles[0]]
+        big += [f"layers/{k}" for k in first["layers"]]
+        for name in big:
+            row_shape = handles[0][name].shape[1:]
+            dtype = handles[0][name].dtype
+            if copy:
+                target = out.create_dataset(name, (total, *row_shape), dtype, maxshape=(None, *row_shape),
+                                            chunks=_chunks(row_shape))
+                offset = 0
+                for shard, h5 in zip(shards, handles):
+                    for start in range(0, shard.rows, COPY_BLOCK):
+                        stop = min(start + COPY_BLOCK, shard.rows)
+                        target[offset + start : offset + stop] = h5[name][start:stop]
+                    offset += shard.rows
+            else:
+                layout = h5py.VirtualLayout((total, *row_shape), dtype)
+                offset = 0
+                for shard in shards:
+                    if shard.rows:
+                        relative = os.path.relpath(os.path.abspath(shard.path), out_dir)
+                        layout[offset : offset + shard.rows] = h5py.VirtualSource(relative, name, shape=(shard.rows, *row_shape))
+                    offset += shard.rows
+                # A missing shard reads as NaN, never as silent zeros.
+                out.create_virtual_dataset(name, layout, fillvalue=np.nan)
+    finally:
+        for h5 in handles:
+            h5.close()
+
+    attrs = out.attrs
+    with h5py.File(shards[0].path, "r") as h5:  # the settings, copied verbatim (resume compares them)
+        for name in ("encoder", "weights", "preprocessing", "projector", "layers", "vit_extract_version",
+                     "pooling", "compute_dtype", "device", "out_dtype"):
+            attrs[name] = h5.attrs[name]
+    attrs["schema_version"] = SCHEMA_VERSION
+    attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    attrs["roots"] = json.dumps(roots)
+    attrs["committed"] = total
+    attrs["failed_committed"] = len(failed_paths)
+    attrs["complete"] = True
+    attrs["shard"] = "null"
+    attrs["merged"] = "copy" if copy else "virtual"
+    attrs["shards"] = json.dumps([
+        {"file": os.path.relpath(os.path.abspath(s.path), out_dir), "rows": s.rows,
+         "start": s.record["start"], "stop": s.record["stop"], "index": s.record["index"]}
+        for s in shards
+    ])
+    attrs["inputs_sha256"] = shards[0].record["inputs_sha256"]
