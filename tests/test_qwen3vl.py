@@ -1,0 +1,168 @@
+"""The Qwen3-VL vision tower against transformers (the oracle): preprocessing, encoder, checkpoint reading."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers  # a test dependency (pip install -e '.[test]'): the oracle
+from PIL import Image
+
+from tests.conftest import SAMPLES
+from vitcore.errors import WeightsError
+from vitcore.qwen3vl import Qwen3VLPreprocess, load_qwen3vl, patchify, resize_rgb, smart_resize
+
+VISION = dict(depth=3, hidden_size=64, num_heads=4, intermediate_size=96, out_hidden_size=48, patch_size=16,
+              temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=2304,
+              deepstack_visual_indexes=[0, 1, 2], hidden_act="gelu_pytorch_tanh")
+TEXT = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=24, vocab_size=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4]})
+PROCESSOR = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def _processor(min_pixels=65536, max_pixels=16777216):
+    return transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **PROCESSOR)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random Qwen3-VL saved as a real checkpoint: sharded, with an index file."""
+    folder = tmp_path_factory.mktemp("qwen3vl") / "ckpt"
+    torch.manual_seed(0)
+    config = transformers.Qwen3VLConfig(vision_config=VISION, text_config=TEXT)
+    model = transformers.Qwen3VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # visible biases and norms, so every parameter matters
+        for p in model.model.visual.parameters():
+            p.add_(torch.randn(p.shape) * 0.02)
+    model.save_pretrained(folder, max_shard_size="200KB")
+    _processor(max_pixels=200_000).save_pretrained(folder)
+    return folder, model.model.visual
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    noise = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))  # noqa: E731
+    return {
+        "square": Image.open(SAMPLES / "astronaut.jpg").convert("RGB"),
+        "wide": Image.open(SAMPLES / "rocket.jpg").convert("RGB").resize((700, 180)),
+        "tall": noise(120, 500),
+        "small": noise(20, 17),
+        "extreme": noise(1500, 12),
+        "over_max": Image.open(SAMPLES / "retina.jpg").convert("RGB"),  # 1024² > max_pixels 200k
+    }
+
+
+@pytest.mark.parametrize("name", list(_images()))
+def test_preprocessing_matches_the_pillow_backend_processor(name):
+    image = _images()[name]
+    reference = _processor(max_pixels=200_000)(images=[image], return_tensors="np")
+    prep = Qwen3VLPreprocess(max_pixels=200_000)
+    patches, grid = patchify(resize_rgb(image, prep), prep)
+    assert list(grid) == list(reference["image_grid_thw"][0])
+    np.testing.assert_allclose(patches, reference["pixel_values"], rtol=0, atol=1e-6)
+
+
+def test_smart_resize_rules():
+    assert smart_resize(224, 224, 32, 65536, 16777216) == (256, 256)  # up to min_pixels
+    assert smart_resize(48, 80, 32, 0, 10**9) == (64, 64)  # round half to even: 48/32 = 1.5 → 2, 80/32 = 2.5 → 2
+    h, w = smart_resize(4000, 3000, 32, 65536, 1_000_000)
+    assert h * w <= 1_000_000 and h % 32 == 0 and w % 32 == 0
+    with pytest.raises(ValueError):
+        smart_resize(10, 2500, 32, 0, 10**9)
+
+
+def _reference(visual, images):
+    batch = _processor(max_pixels=200_000)(images=images, return_tensors="pt")
+    with torch.no_grad():
+        out = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+    return out, [tuple(g) for g in batch["image_grid_thw"].tolist()]
+
+
+def _ours(encoder, prep, images):
+    patches, grids = zip(*(patchify(resize_rgb(img, prep), prep) for img in images))
+    with torch.no_grad():
+        return encoder(torch.from_numpy(np.concatenate(patches)), list(grids)), list(grids)
+
+
+def _rel(a, b) -> float:
+    return (torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double())).item()
+
+
+@pytest.mark.parametrize("names", [["square"], ["wide"], ["tall"], ["small"], ["square", "wide", "tall", "small"]])
+def test_encoder_matches_transformers_in_float32(checkpoint, names):
+    folder, visual = checkpoint
+    encoder, prep = load_qwen3vl(str(folder))
+    images = [_images()[n] for n in names]
+    ref, ref_grids = _reference(visual, images)
+    ours, grids = _ours(encoder, prep, images)
+    assert grids == ref_grids
+    assert ours.tokens.shape == ref.pooler_output.shape
+    assert _rel(ours.tokens, ref.pooler_output) < 1e-4
+    assert _rel(ours.last_hidden, ref.last_hidden_state) < 1e-4
+    assert len(ours.deepstack) == len(ref.deepstack_features) == 3
+    for a, b in zip(ours.deepstack, ref.deepstack_features):
+        assert _rel(a, b) < 1e-4
+
+
+def test_encoder_alone_on_identical_pixel_values(checkpoint):
+    folder, visual = checkpoint
+    encoder, _ = load_qwen3vl(str(folder))
+    grid = torch.tensor([[1, 6, 10], [1, 4, 4]])
+    pixels = torch.randn(int((grid[:, 1] * grid[:, 2]).sum()), 1536, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = visual(pixels, grid_thw=grid)
+        ours = encoder(pixels, [tuple(g) for g in grid.tolist()])
+    assert _rel(ours.tokens, ref.pooler_output) < 1e-4
+
+
+def test_loading_reads_only_the_vision_tensors(checkpoint, monkeypatch):
+    folder, _ = checkpoint
+    with open(folder / "model.safetensors.index.json") as handle:
+        weight_map = json.load(handle)["weight_map"]
+    vision_shards = {s for n, s in weight_map.items() if n.startswith("model.visual.")}
+    language_only = set(weight_map.values()) - vision_shards
+    assert language_only, "the fixture should have shards holding only language-model tensors"
+    opened = []
+    real_open = builtins.open
+
+    def spy(path, *args, **kwargs):
+        opened.append(os.path.basename(os.fspath(path)))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    encoder, _ = load_qwen3vl(str(folder))
+    assert not language_only & set(opened)
+    assert vision_shards <= set(opened)
+    assert sum(p.numel() for p in encoder.parameters()) == sum(
+        int(np.prod(v)) for v in _shapes(folder, vision_shards).values()
+    )
+
+
+def _shapes(folder, shards) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    for shard in shards:
+        with safe_open(str(folder / shard), "pt") as handle:
+            out.update({k: handle.get_slice(k).get_shape() for k in handle.keys() if k.startswith("model.visual.")})
+    return out
+
+
+def test_a_single_file_checkpoint_and_clear_errors(checkpoint, tmp_path):
+    folder, visual = checkpoint
+    single = tmp_path / "single"
+    transformers.Qwen3VLForConditionalGeneration.from_pretrained(folder).save_pretrained(single, max_shard_size="1GB")
+    assert (single / "model.safetensors").exists()
+    encoder, prep = load_qwen3vl(str(single))
+    assert prep.min_pixels == 65536  # no preprocessor_config.json saved there: Qwen3-VL's values
+    image = [_images()["small"]]
+    np.testing.assert_allclose(_ours(encoder, prep, image)[0].tokens, _ours(load_qwen3vl(str(folder))[0], prep, image)[0].tokens)
+    with pytest.raises(WeightsError, match="no config.json"):
+        load_qwen3vl(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(WeightsError, match="vision_config"):
+        load_qwen3vl(str(tmp_path))
