@@ -65,6 +65,9 @@ class StoreSettings:
     layers: tuple[int, ...] = ()
     version: str = ""
     shard: str = "null"  # ShardRecord JSON for shard files (--shard, torchrun), else null
+    ragged: bool = False  # tokens vary in number per image: flat (total, D) + token_offset + num_tokens
+    grid_thw: bool = False  # store each image's patch grid (t, h, w) (Qwen3-VL)
+    features: tuple[tuple[str, tuple[int, ...], bool], ...] = ()  # (name, per-image/per-token shape, ragged)
 
     # Settings that must be equal for --resume, with the words used when they differ.
     RESUME_FIELDS = (
@@ -77,7 +80,12 @@ class StoreSettings:
         ("out_dtype", "output dtype"),
         ("layers", "--layer list"),
         ("shard", "input list or shard range"),
+        ("features_json", "--features list"),
     )
+
+    @property
+    def features_json(self) -> str:
+        return json.dumps([[n, list(s), r] for n, s, r in self.features])
 
 
 @dataclass
@@ -93,9 +101,13 @@ class Rows:
     failed_keys: list[str] = field(default_factory=list)
     failed_root_index: list[int] = field(default_factory=list)
     failed_errors: list[str] = field(default_factory=list)
+    num_tokens: np.ndarray | None = None  # (n,) int32 when tokens are ragged: tokens is (Σ, D)
+    grid_thw: np.ndarray | None = None  # (n, 3) int32
+    features: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)  # name → (values, counts)
 
     def nbytes(self) -> int:
         arrays = [self.tokens, self.image_size, self.root_index, *self.layers.values()]
+        arrays += [values for values, _ in self.features.values()]
         if self.mean is not None:
             arrays.append(self.mean)
         strings = sum(len(k) + 16 for k in self.keys + self.failed_keys + self.failed_errors)
@@ -104,6 +116,23 @@ class Rows:
 
 def _chunks(row_shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1, *row_shape) if len(row_shape) == 2 else (POOLED_CHUNK_ROWS, *row_shape)
+
+
+RAGGED_CHUNK_ROWS = 256  # tokens per chunk of a flat (Σ tokens, D) dataset
+
+
+def ragged_index_names(name: str) -> tuple[str, str]:
+    """The offset and count datasets of a flat dataset: token_offset / num_tokens for tokens."""
+    if name == "tokens":
+        return "token_offset", "num_tokens"
+    return f"{name}_token_offset", f"{name}_num_tokens"
+
+
+def _create_ragged(h5: h5py.File, name: str, width: int, dtype) -> None:
+    h5.create_dataset(name, (0, width), dtype, maxshape=(None, width), chunks=(RAGGED_CHUNK_ROWS, width))
+    offsets, counts = ragged_index_names(name)
+    h5.create_dataset(offsets, (0,), np.int64, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+    h5.create_dataset(counts, (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
 
 
 def _append(dataset: h5py.Dataset, start: int, values) -> None:
@@ -120,9 +149,12 @@ class StoreWriter:
         self.h5 = h5
         self.settings = settings
         self.broken = False  # a write failed: the file holds only what was committed before it
-        self.datasets = {name: h5[name] for name in self._row_datasets() + list(FAILED_DATASETS)}
+        self.datasets = {
+            name: h5[name] for name in self._row_datasets() + self._ragged_arrays() + list(FAILED_DATASETS)
+        }
         self.committed = int(h5.attrs["committed"])
         self.failed_committed = int(h5.attrs["failed_committed"])
+        self.flat_rows = {name: self._flat_end(name) for name in self._ragged_arrays()}
         self.roots: list[str] = json.loads(h5.attrs["roots"])
 
     # -- opening -------------------------------------------------------------------------
@@ -141,16 +173,28 @@ class StoreWriter:
             attrs[name] = getattr(settings, name)
         attrs["layers"] = json.dumps(list(settings.layers))
         attrs["shard"] = settings.shard
+        attrs["ragged"] = settings.ragged
+        attrs["features"] = settings.features_json
         attrs["roots"] = json.dumps(roots)
         attrs["committed"] = 0
         attrs["failed_committed"] = 0
         attrs["complete"] = False
         dtype = np.dtype(settings.out_dtype)
         tokens = settings.token_shape
-        h5.create_dataset("tokens", (0, *tokens), dtype, maxshape=(None, *tokens), chunks=_chunks(tokens))
-        if len(tokens) == 2:
+        if settings.ragged:
+            _create_ragged(h5, "tokens", tokens[-1], dtype)
+        else:
+            h5.create_dataset("tokens", (0, *tokens), dtype, maxshape=(None, *tokens), chunks=_chunks(tokens))
+        if len(tokens) == 2 or settings.ragged:
             width = tokens[-1:]
             h5.create_dataset("mean", (0, *width), dtype, maxshape=(None, *width), chunks=_chunks(width))
+        for name, shape, ragged in settings.features:
+            if ragged:
+                _create_ragged(h5, f"features/{name}", shape[-1], dtype)
+            else:
+                h5.create_dataset(f"features/{name}", (0, *shape), dtype, maxshape=(None, *shape), chunks=_chunks(shape))
+        if settings.grid_thw:
+            h5.create_dataset("grid_thw", (0, 3), np.int32, maxshape=(None, 3), chunks=(PER_ROW_CHUNK, 3))
         for k in settings.layers:
             shape = settings.layer_shape
             h5.create_dataset(f"layers/{k}", (0, *shape), dtype, maxshape=(None, *shape), chunks=_chunks(shape))
@@ -171,6 +215,8 @@ class StoreWriter:
         writer = cls(h5, settings)
         for name in writer._row_datasets():
             writer.datasets[name].resize(writer.committed, axis=0)
+        for name, end in writer.flat_rows.items():
+            writer.datasets[name].resize(end, axis=0)
         for name in FAILED_DATASETS:
             writer.datasets[name].resize(writer.failed_committed, axis=0)
         h5.attrs["complete"] = False
@@ -179,11 +225,32 @@ class StoreWriter:
         return writer
 
     def _row_datasets(self) -> list[str]:
-        names = ["tokens", "paths", "root_index", "image_size"]
+        """Datasets with one row per image (truncated to ``committed`` on resume)."""
+        names = ["paths", "root_index", "image_size"]
+        if not self.settings.ragged:
+            names.append("tokens")
         if "mean" in self.h5:
             names.append("mean")
+        if self.settings.grid_thw:
+            names.append("grid_thw")
         names += [f"layers/{k}" for k in self.settings.layers]
+        names += [f"features/{n}" for n, _, ragged in self.settings.features if not ragged]
+        for name in self._ragged_arrays():
+            names += list(ragged_index_names(name))
         return names
+
+    def _ragged_arrays(self) -> list[str]:
+        """Flat (Σ tokens, D) datasets, indexed through their offset and count datasets."""
+        names = ["tokens"] if self.settings.ragged else []
+        return names + [f"features/{n}" for n, _, ragged in self.settings.features if ragged]
+
+    def _flat_end(self, name: str) -> int:
+        """Rows of a flat dataset that belong to committed images."""
+        if not self.committed:
+            return 0
+        offsets, counts = ragged_index_names(name)
+        last = self.committed - 1
+        return int(self.h5[offsets][last]) + int(self.h5[counts][last])
 
     # -- writing -------------------------------------------------------------------------
     def set_roots(self, roots: list[str]) -> None:
@@ -201,8 +268,9 @@ class StoreWriter:
             raise WriteError(self.h5.filename, self.committed, RuntimeError("an earlier write failed"))
         self._check_space(rows)
         try:
-            self._write(rows)
+            flat_ends = self._write(rows)
             self.h5.flush()
+            self.flat_rows.update(flat_ends)
             self.committed += len(rows.keys)
             self.failed_committed += len(rows.failed_keys)
             self.h5.attrs["committed"] = self.committed
@@ -212,9 +280,27 @@ class StoreWriter:
             self.broken = True
             raise WriteError(self.h5.filename, self.committed, err) from None
 
-    def _write(self, rows: Rows) -> None:
+    def _write(self, rows: Rows) -> dict[str, int]:
+        """Write a batch's rows; returns the new ends of the flat datasets (applied at commit)."""
         ds, start = self.datasets, self.committed
-        _append(ds["tokens"], start, rows.tokens)
+        flat_ends = {}
+        ragged_values = {"tokens": (rows.tokens, rows.num_tokens)} if self.settings.ragged else {}
+        ragged_values.update({f"features/{n}": v for n, v in rows.features.items() if v[1] is not None})
+        for name, (values, counts) in ragged_values.items():
+            flat_start = self.flat_rows[name]
+            offsets_name, counts_name = ragged_index_names(name)
+            offsets = flat_start + np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.empty(0)
+            _append(ds[name], flat_start, values)
+            _append(ds[offsets_name], start, offsets.astype(np.int64))
+            _append(ds[counts_name], start, np.asarray(counts, np.int32))
+            flat_ends[name] = flat_start + int(np.sum(counts))
+        if not self.settings.ragged:
+            _append(ds["tokens"], start, rows.tokens)
+        for name, (values, counts) in rows.features.items():
+            if counts is None:
+                _append(ds[f"features/{name}"], start, values)
+        if rows.grid_thw is not None:
+            _append(ds["grid_thw"], start, rows.grid_thw)
         if rows.mean is not None:
             _append(ds["mean"], start, rows.mean)
         for k, values in rows.layers.items():
@@ -226,6 +312,7 @@ class StoreWriter:
         _append(ds["failed/paths"], failed, rows.failed_keys)
         _append(ds["failed/root_index"], failed, np.asarray(rows.failed_root_index, np.int32))
         _append(ds["failed/errors"], failed, rows.failed_errors)
+        return flat_ends
 
     def _check_space(self, rows: Rows) -> None:
         """Stop before a write that cannot fit, rather than let HDF5 fail half-way through it."""
@@ -388,6 +475,7 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
             "out_dtype": attrs["out_dtype"],
             "layers": tuple(json.loads(attrs["layers"])),
             "shard": attrs.get("shard", "null"),
+            "features_json": attrs.get("features", "[]"),
         }
         for name, words in StoreSettings.RESUME_FIELDS:
             then, now = recorded[name], getattr(settings, name)
@@ -479,22 +567,49 @@ class TokenFile:
     def __getitem__(self, item: int | str) -> np.ndarray:
         return self.tokens(item)
 
+    @property
+    def ragged(self) -> bool:
+        return "token_offset" in self.h5
+
+    def _read(self, name: str, item: int | str) -> np.ndarray:
+        """One image's rows of ``name``: a row, or its slice of a flat (Σ tokens, D) dataset."""
+        i = self._row(item)
+        offsets, counts = ragged_index_names(name)
+        if offsets in self.h5:
+            start = int(self.h5[offsets][i])
+            return self.h5[name][start : start + int(self.h5[counts][i])]
+        return self.h5[name][i]
+
     def tokens(self, item: int | str) -> np.ndarray:
-        return self.h5["tokens"][self._row(item)]
+        """(T, D) tokens (T may differ per image when ragged), or (D,) when pooled."""
+        return self._read("tokens", item)
+
+    def feature(self, name: str, item: int | str) -> np.ndarray:
+        """An extra stored feature of one image (``features/<name>``)."""
+        return self._read(f"features/{name}", item)
 
     def mean(self, item: int | str) -> np.ndarray:
         """The image's mean token (the pooled vector itself for pooled files)."""
         return self.h5[self.vectors_dataset()][self._row(item)]
 
     def layer(self, k: int, item: int | str) -> np.ndarray:
-        return self.h5[f"layers/{k}"][self._row(item)]
+        return self._read(f"layers/{k}", item)
 
     def iter_batches(self, batch_size: int = 256, dataset: str = "tokens") -> Iterator[tuple[list[str], np.ndarray]]:
-        """(keys, array) for consecutive committed rows of ``dataset`` (tokens, mean, layers/K)."""
+        """(keys, array) for consecutive committed rows of ``dataset`` (tokens, mean, layers/K);
+        for a ragged dataset the array is a list of per-image (T_i, D) arrays."""
         data, n = self.h5[dataset], len(self)
+        offsets, counts = ragged_index_names(dataset)
+        ragged = offsets in self.h5
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            yield self.keys[start:stop], data[start:stop]
+            if ragged:
+                firsts, sizes = self.h5[offsets][start:stop], self.h5[counts][start:stop]
+                block = data[int(firsts[0]) : int(firsts[-1] + sizes[-1])] if stop > start else data[0:0]
+                base = int(firsts[0]) if stop > start else 0
+                yield self.keys[start:stop], [block[o - base : o - base + c] for o, c in zip(firsts, sizes)]
+            else:
+                yield self.keys[start:stop], data[start:stop]
 
     def original_path(self, item: int | str) -> bytes:
         """The image file a row came from (bytes: names need not be UTF-8)."""
@@ -509,7 +624,7 @@ class TokenFile:
         for name, value in self.h5.attrs.items():
             if isinstance(value, np.generic):
                 value = value.item()
-            if name in ("encoder", "weights", "preprocessing", "projector", "layers", "roots", "shard", "shards"):
+            if name in ("encoder", "weights", "preprocessing", "projector", "layers", "roots", "shard", "shards", "features"):
                 value = json.loads(value)
             out[name] = value
         return out
@@ -523,12 +638,18 @@ class TokenFile:
 
     @property
     def token_shape(self) -> tuple[int, ...]:
-        return tuple(self.h5["tokens"].shape[1:])
+        """Per image; for ragged tokens (-1, D): the count varies (num_tokens)."""
+        shape = tuple(self.h5["tokens"].shape[1:])
+        return (-1, *shape) if self.ragged else shape
 
     def token_grid(self, item: int | str) -> tuple[int, int]:
-        """(rows, cols) of the patch grid a row's tokens lie on (row-major)."""
-        self._row(item)
+        """(rows, cols) of the grid a row's tokens lie on, in raster order."""
+        i = self._row(item)
         encoder = self.settings["encoder"]
+        if "grid_thw" in self.h5:  # Qwen3-VL: merged tokens, spatial_merge_size² patches each
+            _, h, w = (int(v) for v in self.h5["grid_thw"][i])
+            merge = encoder.get("spatial_merge_size", 1)
+            return h // merge, w // merge
         side = encoder["image_size"] // encoder["patch"]
         return side, side
 
