@@ -28,12 +28,15 @@ class Failure:
 @dataclass
 class Batch:
     indices: list[int]  # positions in the source list of the decoded images, in order
-    pixels: torch.Tensor  # (B, S, S, 3) uint8; B may be 0
+    pixels: torch.Tensor | list[torch.Tensor]  # (B, S, S, 3) uint8; a list of (H_i, W_i, 3) when sizes differ
     sizes: list[tuple[int, int]]  # original upright (width, height) per decoded image
     failures: list[Failure]
 
     def pin_memory(self) -> "Batch":  # called by the DataLoader's pinning thread on CUDA
-        self.pixels = self.pixels.pin_memory()
+        if isinstance(self.pixels, list):
+            self.pixels = [p.pin_memory() for p in self.pixels]
+        else:
+            self.pixels = self.pixels.pin_memory()
         return self
 
 
@@ -46,9 +49,13 @@ def describe_error(err: BaseException) -> str:
 
 
 class ImageDataset(Dataset):
-    """Items are (index, pixels or None, size, error or None); holds no open files (fork-safe)."""
+    """Items are (index, pixels or None, size, error or None); holds no open files (fork-safe).
 
-    def __init__(self, sources: list[Source], cfg: PreprocessConfig):
+    ``cfg`` is the seed encoders' PreprocessConfig, or any object whose ``load(path)`` returns
+    (uint8 (H, W, 3) pixels, original size), such as the Qwen3-VL image loader.
+    """
+
+    def __init__(self, sources: list[Source], cfg):
         self.paths = [s.path for s in sources]
         self.cfg = cfg
 
@@ -57,7 +64,10 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            pixels, size = load_image(self.paths[index], self.cfg)
+            if isinstance(self.cfg, PreprocessConfig):
+                pixels, size = load_image(self.paths[index], self.cfg)
+            else:
+                pixels, size = self.cfg.load(self.paths[index])
             return index, pixels, size, None
         except Exception as err:  # any failure of one image is that image's record
             return index, None, None, describe_error(err)
@@ -66,7 +76,9 @@ class ImageDataset(Dataset):
 def collate(items) -> Batch:
     ok = [item for item in items if item[3] is None]
     failures = [Failure(index=i, error=err) for i, _, _, err in items if err is not None]
-    if ok:
+    if ok and len({item[1].shape for item in ok}) > 1:  # native resolution: sizes differ
+        pixels = [torch.from_numpy(np.require(item[1], requirements=("C", "W"))) for item in ok]
+    elif ok:
         pixels = torch.from_numpy(np.stack([item[1] for item in ok]))  # (B, S, S, 3) uint8
     else:
         pixels = torch.empty((0, 0, 0, 3), dtype=torch.uint8)
@@ -82,9 +94,7 @@ def default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def make_loader(
-    sources: list[Source], cfg: PreprocessConfig, batch_size: int, workers: int, pin_memory: bool
-) -> DataLoader:
+def make_loader(sources: list[Source], cfg, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
     """A sequential loader; worker processes start when it is first iterated.
 
     Workers are forked (fast start) and must be started before the output HDF5 file is opened

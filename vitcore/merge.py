@@ -23,9 +23,11 @@ from vitcore.store import (
     STRING,
     StoreSettings,
     TokenFile,
+    RAGGED_CHUNK_ROWS,
     _chunks,
     _weights_identity,
     check_output,
+    ragged_index_names,
 )
 
 BIG_DATASETS = ("tokens", "mean")  # plus layers/<K>
@@ -118,6 +120,36 @@ def merge(output: str, shard_paths: list[str], copy: bool = False, overwrite: bo
     return MergeResult(output, sum(s.rows for s in shards), sum(s.failed for s in shards), len(shards), not copy)
 
 
+def _flat_length(h5: h5py.File, name: str, rows: int) -> int:
+    offsets, counts = ragged_index_names(name)
+    return int(h5[offsets][rows - 1]) + int(h5[counts][rows - 1]) if rows else 0
+
+
+def _big_dataset(out, name, shards, handles, lengths, out_dir: str, copy: bool, flat: bool) -> None:
+    """``name`` over all shards, ``lengths[i]`` leading rows from shard i: a copy or a virtual view."""
+    row_shape = handles[0][name].shape[1:]
+    dtype = handles[0][name].dtype
+    total = int(sum(lengths))
+    if copy:
+        chunks = (RAGGED_CHUNK_ROWS, *row_shape) if flat else _chunks(row_shape)
+        target = out.create_dataset(name, (total, *row_shape), dtype, maxshape=(None, *row_shape), chunks=chunks)
+        offset = 0
+        for length, h5 in zip(lengths, handles):
+            for start in range(0, length, COPY_BLOCK):
+                stop = min(start + COPY_BLOCK, length)
+                target[offset + start : offset + stop] = h5[name][start:stop]
+            offset += length
+        return
+    layout = h5py.VirtualLayout((total, *row_shape), dtype)
+    offset = 0
+    for shard, length in zip(shards, lengths):
+        if length:
+            relative = os.path.relpath(os.path.abspath(shard.path), out_dir)
+            layout[offset : offset + length] = h5py.VirtualSource(relative, name, shape=(length, *row_shape))
+        offset += length
+    out.create_virtual_dataset(name, layout, fillvalue=np.nan)  # a missing shard reads as NaN, not zeros
+
+
 def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool) -> None:
     first = shards[0].settings
     roots: list[str] = []
@@ -156,30 +188,25 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
         out.create_dataset("failed/errors", data=np.asarray(failed_errors, dtype=object), dtype=STRING, maxshape=(None,))
         out.create_dataset("failed/root_index", data=np.concatenate(failed_roots).astype(np.int32), maxshape=(None,))
 
+        if "grid_thw" in handles[0]:
+            grids = [h5["grid_thw"][: s.rows] for s, h5 in zip(shards, handles)]
+            out.create_dataset("grid_thw", data=np.concatenate(grids).astype(np.int32).reshape(-1, 3), maxshape=(None, 3))
         big = [name for name in BIG_DATASETS if name in handles[0]]
         big += [f"layers/{k}" for k in first["layers"]]
+        big += [f"features/{name}" for name, _, _ in first.get("features") or ()]
         for name in big:
-            row_shape = handles[0][name].shape[1:]
-            dtype = handles[0][name].dtype
-            if copy:
-                target = out.create_dataset(name, (total, *row_shape), dtype, maxshape=(None, *row_shape),
-                                            chunks=_chunks(row_shape))
-                offset = 0
-                for shard, h5 in zip(shards, handles):
-                    for start in range(0, shard.rows, COPY_BLOCK):
-                        stop = min(start + COPY_BLOCK, shard.rows)
-                        target[offset + start : offset + stop] = h5[name][start:stop]
-                    offset += shard.rows
+            offsets_name, counts_name = ragged_index_names(name)
+            flat = offsets_name in handles[0]
+            if flat:  # flat (Σ tokens, D): rows per shard are its tokens
+                lengths = [_flat_length(h5, name, s.rows) for s, h5 in zip(shards, handles)]
+                bases = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+                offsets = [h5[offsets_name][: s.rows] + base for s, h5, base in zip(shards, handles, bases)]
+                counts = [h5[counts_name][: s.rows] for s, h5 in zip(shards, handles)]
+                out.create_dataset(offsets_name, data=np.concatenate(offsets).astype(np.int64), maxshape=(None,))
+                out.create_dataset(counts_name, data=np.concatenate(counts).astype(np.int32), maxshape=(None,))
             else:
-                layout = h5py.VirtualLayout((total, *row_shape), dtype)
-                offset = 0
-                for shard in shards:
-                    if shard.rows:
-                        relative = os.path.relpath(os.path.abspath(shard.path), out_dir)
-                        layout[offset : offset + shard.rows] = h5py.VirtualSource(relative, name, shape=(shard.rows, *row_shape))
-                    offset += shard.rows
-                # A missing shard reads as NaN, never as silent zeros.
-                out.create_virtual_dataset(name, layout, fillvalue=np.nan)
+                lengths = [s.rows for s in shards]
+            _big_dataset(out, name, shards, handles, lengths, out_dir, copy, flat)
     finally:
         for h5 in handles:
             h5.close()
@@ -187,8 +214,9 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
     attrs = out.attrs
     with h5py.File(shards[0].path, "r") as h5:  # the settings, copied verbatim (resume compares them)
         for name in ("encoder", "weights", "preprocessing", "projector", "layers", "vit_extract_version",
-                     "pooling", "compute_dtype", "device", "out_dtype"):
-            attrs[name] = h5.attrs[name]
+                     "pooling", "compute_dtype", "device", "out_dtype", "ragged", "features"):
+            if name in h5.attrs:
+                attrs[name] = h5.attrs[name]
     attrs["schema_version"] = SCHEMA_VERSION
     attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     attrs["roots"] = json.dumps(roots)

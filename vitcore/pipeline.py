@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -52,8 +53,10 @@ class ExtractOptions:
     pool: str = "none"  # none | mean | max
     project_dim: int | None = None  # projector Linear(D → P)
     layers: tuple[int, ...] = ()  # also store hidden states after these blocks (-2: penultimate)
-    resize: str = "squash"  # squash | crop | pad
-    decode: str = "draft"  # draft | full
+    resize: str = "squash"  # squash | crop | pad (seed encoders)
+    decode: str | None = None  # draft | full; None: draft for the seed encoders, full for qwen3-vl
+    resolution: str = "native"  # qwen3-vl: native (the processor's rule) or N (every image N × N)
+    features: tuple[str, ...] = ()  # qwen3-vl extras: last_hidden, deepstack
     batch_size: int | str = "auto"
     workers: int | None = None  # None: min(8, CPUs available)
     device: str = "auto"
@@ -151,7 +154,7 @@ def validate_options(opts: ExtractOptions) -> None:
     checks = (
         ("--pool", opts.pool, POOLING_MODES),
         ("--resize", opts.resize, RESIZE_MODES),
-        ("--decode", opts.decode, DECODE_MODES),
+        ("--decode", opts.decode or "draft", DECODE_MODES),
         ("--out-dtype", opts.out_dtype, OUT_DTYPES),
     )
     for flag, value, choices in checks:
@@ -232,6 +235,8 @@ def extract(
     person can fix; image failures are not errors (they are in the result and the file).
     """
     opts = dataclasses.replace(options or ExtractOptions(), **overrides)
+    if opts.model is None and opts.weights and os.path.isfile(os.path.join(opts.weights, "config.json")):
+        opts = dataclasses.replace(opts, model="qwen3-vl")  # a checkpoint folder: its vision tower
     if opts.shard is not None:
         # A shard file is an intermediate product of one launch: a rerun continues it.
         opts = dataclasses.replace(opts, resume=not opts.overwrite)
@@ -260,13 +265,17 @@ def _extract_locked(
     found: Discovery, output: str, opts: ExtractOptions, device: torch.device, dtype: torch.dtype,
     progress, stop: StopFlag, shard: ShardRecord | None = None,
 ) -> ExtractResult:
-    encoder, info = build_encoder(
-        opts.model, opts.weights, seed=opts.seed, project_dim=opts.project_dim, device=device, dtype=dtype
-    )
-    cfg = encoder.cfg
-    layers = _normalise_layers(opts.layers, cfg.depth)
-    prep = PreprocessConfig(image_size=cfg.image_size, resize=opts.resize, decode=opts.decode)
-    settings = _settings(encoder, info, opts, prep, layers, device, dtype)
+    if is_qwen3vl(opts.model):
+        run_batch, settings, prep, info, encoder_name = _build_qwen3vl(opts, device, dtype)
+    else:
+        encoder, info = build_encoder(
+            opts.model, opts.weights, seed=opts.seed, project_dim=opts.project_dim, device=device, dtype=dtype
+        )
+        layers = _normalise_layers(opts.layers, encoder.cfg.depth)
+        prep = PreprocessConfig(image_size=encoder.cfg.image_size, resize=opts.resize, decode=opts.decode or "draft")
+        settings = _settings(encoder, info, opts, prep, layers, device, dtype)
+        run_batch = BatchEncoder(encoder, settings, prep, device, dtype)
+        encoder_name = encoder.cfg.name
     if shard is not None:
         settings = dataclasses.replace(settings, shard=shard.to_json())
 
@@ -284,13 +293,17 @@ def _extract_locked(
         ]
         skipped = len(found.sources) - len(sources)
 
-    batch_size = opts.batch_size if opts.batch_size != "auto" else auto_batch_size(cfg, device, dtype)
+    if opts.batch_size != "auto":
+        batch_size = opts.batch_size
+    elif is_qwen3vl(opts.model):
+        batch_size = 4 if device.type == "cpu" else 32  # native-resolution images vary widely in size
+    else:
+        batch_size = auto_batch_size(encoder.cfg, device, dtype)
     workers = default_workers() if opts.workers is None else opts.workers
     workers = min(workers, max(1, len(sources) // batch_size + 1)) if workers else 0
     loader = make_loader(sources, prep, batch_size, workers, pin_memory=device.type == "cuda")
     if workers:
         loader.worker_init_fn = _ignore_stop_signals_in_worker
-    run_batch = BatchEncoder(encoder, settings, prep, device, dtype)
 
     started = time.perf_counter()
     timings = {"decode_wait": 0.0, "compute": 0.0, "writer_wait": 0.0}
@@ -348,7 +361,7 @@ def _extract_locked(
         device=str(device),
         compute_dtype=dtype_name(dtype),
         out_dtype=opts.out_dtype,
-        encoder=cfg.name,
+        encoder=encoder_name,
         token_shape=settings.token_shape,
         weights=info.describe(),
         untrained=info.untrained,
@@ -357,6 +370,67 @@ def _extract_locked(
         timings=timings,
         warnings=run_batch.warnings,
     )
+
+
+def is_qwen3vl(model) -> bool:
+    return isinstance(model, str) and model.strip().lower() == "qwen3-vl"
+
+
+def _build_qwen3vl(opts: ExtractOptions, device: torch.device, dtype: torch.dtype):
+    """The Qwen3-VL vision tower of a checkpoint folder, its worker-side loader and the file settings."""
+    from vitcore.qwen3vl import FEATURE_CHOICES, Qwen3VLBatchEncoder, Qwen3VLImageLoader, load_qwen3vl
+
+    if not opts.weights or not os.path.isdir(opts.weights):
+        raise UsageError("--model qwen3-vl needs --weights DIR: a local Hugging Face Qwen3-VL checkpoint folder")
+    for flag, value in (("--layer", opts.layers), ("--project-dim", opts.project_dim)):
+        if value:
+            raise UsageError(f"{flag} is for the seed encoders; qwen3-vl stores its merger output (see --features)")
+    if opts.resize != "squash":
+        raise UsageError("--resize is for the seed encoders; qwen3-vl keeps the aspect ratio (see --resolution)")
+    unknown = [f for f in opts.features if f not in FEATURE_CHOICES]
+    if unknown:
+        raise UsageError(f"--features {','.join(unknown)}: choose from {', '.join(FEATURE_CHOICES)}")
+    encoder, prep = load_qwen3vl(opts.weights, device=device, dtype=dtype)
+    cfg = encoder.cfg
+    if opts.resolution != "native":
+        try:
+            side = int(opts.resolution)
+        except ValueError:
+            side = 0
+        if side < prep.factor or side % prep.factor:
+            raise UsageError(f"--resolution {opts.resolution}: use native or a multiple of {prep.factor}")
+        prep = dataclasses.replace(prep, fixed=side)
+    loader_cfg = Qwen3VLImageLoader(prep, decode=opts.decode or "full")
+    info = WeightsInfo(source="file", path=os.path.abspath(opts.weights), sha256=encoder.weights_sha256)
+    pooled, fixed = opts.pool != "none", prep.fixed is not None
+    merge = cfg.spatial_merge_size**2
+    tokens_per_image = (prep.fixed // prep.patch_size) ** 2 // merge if fixed else 0
+
+    def shape(width: int, per_patch: bool = False) -> tuple[tuple[int, ...], bool]:
+        """Per-image stored shape and whether it is ragged."""
+        if pooled:
+            return (width,), False
+        if fixed:
+            return (tokens_per_image * (merge if per_patch else 1), width), False
+        return (width,), True
+
+    token_shape, ragged = shape(cfg.out_hidden_size)
+    features = []
+    if "last_hidden" in opts.features:
+        features.append(("last_hidden", *shape(cfg.hidden_size, per_patch=True)))
+    if "deepstack" in opts.features:
+        features += [(f"deepstack_{j}", *shape(cfg.out_hidden_size)) for j in range(len(cfg.deepstack_visual_indexes))]
+    preprocessing = json.dumps({**dataclasses.asdict(prep), "decode": loader_cfg.decode,
+                                "resolution": opts.resolution, "interpolation": "bicubic (Pillow)"}, sort_keys=True)
+    settings = StoreSettings(
+        encoder=cfg.to_json(), weights=info.to_json(), weights_identity=info.identity(),
+        preprocessing=preprocessing, pooling=opts.pool, projector="null",
+        compute_dtype=dtype_name(dtype), device=str(device), out_dtype=opts.out_dtype,
+        token_shape=token_shape, layer_shape=token_shape, layers=(), version=__version__,
+        ragged=ragged, grid_thw=True, features=tuple(features),
+    )
+    run_batch = Qwen3VLBatchEncoder(encoder, settings, prep, device, dtype, tuple(opts.features))
+    return run_batch, settings, loader_cfg, info, "qwen3-vl"
 
 
 def _next_batch(batches) -> Batch | None:

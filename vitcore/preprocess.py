@@ -61,6 +61,16 @@ def load_image(path: str, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int,
 
     Raises on anything that is not a readable image; the loader turns that into a failure record.
     """
+    rgb, size = decode_rgb(path, cfg.decode, lambda w, h: resized_size(w, h, cfg))
+    return resize(rgb, cfg), size
+
+
+def decode_rgb(path: str, decode: str, wanted) -> tuple[Image.Image, tuple[int, int]]:
+    """Read one file → the upright RGB picture and its original upright (width, height).
+
+    ``wanted(width, height)`` is the size the picture will be resized to; with ``decode="draft"``
+    a JPEG is decoded at the smallest DCT scale that keeps DRAFT_MARGIN × that size.
+    """
     with warnings.catch_warnings():
         # Pillow's other warnings (odd EXIF or TIFF tags) would only clutter the user's terminal
         # from the worker processes; over MAX_IMAGE_PIXELS is a failure (decompression bombs).
@@ -72,15 +82,15 @@ def load_image(path: str, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int,
             orientation = img.getexif().get(EXIF_ORIENTATION, 1)
             if orientation in (5, 6, 7, 8):  # rotated by 90°: the upright picture is h × w
                 width, height = height, width
-            if cfg.decode == "draft" and img.format == "JPEG":
-                want_w, want_h = resized_size(width, height, cfg)
+            if decode == "draft" and img.format == "JPEG":
+                want_w, want_h = wanted(width, height)
                 if orientation in (5, 6, 7, 8):
                     want_w, want_h = want_h, want_w
                 img.draft(None, (want_w * DRAFT_MARGIN, want_h * DRAFT_MARGIN))
             img.load()
             upright = ImageOps.exif_transpose(img)
             rgb = to_rgb(upright)
-    return resize(rgb, cfg), (width, height)
+    return rgb, (width, height)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -17,6 +17,7 @@ the merged grid (h/2, w/2).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -352,9 +353,11 @@ def _safetensors_files(folder: str) -> dict[str, list[str]]:
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def read_vision_tensors(folder: str) -> dict[str, torch.Tensor]:
-    """Only the ``model.visual.*`` tensors, read by byte range from each shard that holds them."""
+def read_vision_tensors(folder: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Only the ``model.visual.*`` tensors, read by byte range from each shard that holds them,
+    and a sha256 over their names and bytes (the weights' identity, without hashing the LM)."""
     tensors: dict[str, torch.Tensor] = {}
+    raw_by_name: dict[str, bytes] = {}
     for shard, names in _safetensors_files(folder).items():
         path = os.path.join(folder, shard)
         with open(path, "rb") as handle:
@@ -367,6 +370,7 @@ def read_vision_tensors(folder: str) -> dict[str, torch.Tensor]:
                 start, stop = entry["data_offsets"]
                 handle.seek(base + start)
                 raw = bytearray(handle.read(stop - start))
+                raw_by_name[name] = bytes(raw)
                 dtype = _DTYPES.get(entry["dtype"])
                 if dtype is None:
                     raise WeightsError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
@@ -374,15 +378,19 @@ def read_vision_tensors(folder: str) -> dict[str, torch.Tensor]:
                 tensors[name[len(CHECKPOINT_PREFIX):]] = tensor.reshape(entry["shape"])
     if not tensors:
         raise WeightsError(f"{folder} holds no {CHECKPOINT_PREFIX}* tensors (is it a Qwen3-VL checkpoint?)")
-    return tensors
+    digest = hashlib.sha256()
+    for name in sorted(raw_by_name):
+        digest.update(name.encode() + b"\0" + raw_by_name[name])
+    return tensors, digest.hexdigest()
 
 
 def load_qwen3vl(folder: str, device="cpu", dtype=torch.float32) -> tuple[Qwen3VLVisionEncoder, Qwen3VLPreprocess]:
-    """The vision tower of a local checkpoint folder, strictly loaded, without the language model."""
+    """The vision tower of a local checkpoint folder, strictly loaded, without the language model.
+    ``model.weights_sha256`` identifies the vision weights."""
     cfg, prep = read_checkpoint_config(folder)
     with torch.device("meta"):
         model = Qwen3VLVisionEncoder(cfg)
-    state = read_vision_tensors(folder)
+    state, digest = read_vision_tensors(folder)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -390,4 +398,107 @@ def load_qwen3vl(folder: str, device="cpu", dtype=torch.float32) -> tuple[Qwen3V
             f"{folder} does not fit the Qwen3-VL vision config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), prep
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.weights_sha256 = digest
+    return model, prep
+
+
+# -- running it over batches of images (the pipeline's side) ---------------------------------
+FEATURE_CHOICES = ("last_hidden", "deepstack")
+
+
+@dataclass(frozen=True)
+class Qwen3VLImageLoader:
+    """Worker side: decode → upright RGB → the processor's size (Pillow bicubic) → uint8 (H, W, 3)."""
+
+    prep: Qwen3VLPreprocess
+    decode: str = "full"
+
+    def load(self, path: str) -> tuple[np.ndarray, tuple[int, int]]:
+        from PIL import Image
+
+        from vitcore.preprocess import decode_rgb
+
+        target = lambda w, h: self.prep.target_size(h, w)[::-1]  # noqa: E731  (w, h) → (w', h')
+        rgb, (width, height) = decode_rgb(path, self.decode, target)
+        # The size comes from the original picture (a draft decode is smaller), as the processor's would.
+        new_w, new_h = target(width, height)
+        return np.array(rgb.resize((new_w, new_h), Image.Resampling.BICUBIC), dtype=np.uint8), (width, height)
+
+
+def patchify_torch(pixels: torch.Tensor, prep: Qwen3VLPreprocess) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """patchify() on the device: uint8 (H, W, 3) → float32 (h·w, 3·T·p·p) in merge-block order."""
+    p, m, t = prep.patch_size, prep.merge_size, prep.temporal_patch_size
+    mean = torch.tensor(prep.mean, dtype=torch.float32, device=pixels.device)
+    std = torch.tensor(prep.std, dtype=torch.float32, device=pixels.device)
+    x = ((pixels.double() * prep.rescale_factor).float() - mean) / std  # (H, W, C), as the processor rounds
+    H, W, C = x.shape
+    h, w = H // p, W // p
+    x = x.permute(2, 0, 1).reshape(C, h // m, m, p, w // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
+    x = x[:, :, :, :, :, None].expand(*x.shape[:5], t, p, p)  # (h/m, w/m, m, m, C, T, p, p)
+    return x.reshape(h * w, C * t * p * p), (1, h, w)
+
+
+class Qwen3VLBatchEncoder:
+    """Batch of uint8 pictures (sizes may differ) → Rows, packing the batch into one sequence."""
+
+    def __init__(self, encoder: Qwen3VLVisionEncoder, settings, prep: Qwen3VLPreprocess, device, dtype,
+                 features: tuple[str, ...]):
+        self.encoder, self.settings, self.prep = encoder, settings, prep
+        self.device, self.dtype, self.features = device, dtype, features
+        self.warnings: list[str] = []
+
+    def __call__(self, batch, sources):
+        from vitcore.model import pool_tokens
+        from vitcore.store import Rows
+
+        settings, n = self.settings, len(batch.indices)
+        pool, out_dtype = settings.pooling, settings.out_dtype
+        store = getattr(torch, out_dtype)
+        pictures = batch.pixels if isinstance(batch.pixels, list) else list(batch.pixels.unbind(0)) if n else []
+        packed = [patchify_torch(p.to(self.device, non_blocking=True), self.prep) for p in pictures]
+        grids = [g for _, g in packed]
+        merge = self.encoder.cfg.spatial_merge_size ** 2
+        counts = [t * h * w // merge for t, h, w in grids]  # merged tokens per image
+        named: dict[str, tuple[list[torch.Tensor], int]] = {}  # name → (per-image tensors, per-token width)
+        if n:
+            out = self.encoder(torch.cat([x for x, _ in packed]).to(self.dtype), grids)
+            tokens = list(out.tokens.float().split(counts))  # each (T_i, out)
+            if "last_hidden" in self.features:
+                named["last_hidden"] = list(out.last_hidden.float().split([c * merge for c in counts]))
+            if "deepstack" in self.features:
+                for j, feature in enumerate(out.deepstack):
+                    named[f"deepstack_{j}"] = list(feature.float().split(counts))
+        else:
+            tokens = []
+
+        def stored(per_image: list[torch.Tensor], width: int):
+            """(values, counts or None) in the stored layout: pooled, fixed (n, T, W) or flat (Σ, W)."""
+            if pool != "none":
+                values = torch.stack([pool_tokens(x[None], pool)[0] for x in per_image]) if per_image else torch.empty(0, width)
+                return values.to(store).cpu().numpy(), None
+            if not settings.ragged:
+                values = torch.stack(per_image) if per_image else torch.empty(0, *settings.token_shape)
+                return values.to(store).cpu().numpy(), None
+            values = torch.cat(per_image) if per_image else torch.empty(0, width)
+            return values.to(store).cpu().numpy(), np.asarray([len(x) for x in per_image], np.int32)
+
+        width = settings.token_shape[-1]
+        values, num_tokens = stored(tokens, width)
+        mean = None
+        if pool == "none":
+            mean = (torch.stack([x.mean(0) for x in tokens]) if tokens else torch.empty(0, width)).to(store).cpu().numpy()
+        features = {name: stored(named.get(name, []), shape[-1]) for name, shape, _ in settings.features}
+        return Rows(
+            keys=[sources[i].key for i in batch.indices],
+            root_index=np.asarray([sources[i].root_index for i in batch.indices], dtype=np.int32),
+            image_size=np.asarray(batch.sizes, dtype=np.int32).reshape(n, 2),
+            tokens=values,
+            mean=mean,
+            num_tokens=num_tokens,
+            grid_thw=np.asarray(grids, dtype=np.int32).reshape(n, 3),
+            features=features,
+            failed_keys=[sources[f.index].key for f in batch.failures],
+            failed_root_index=[sources[f.index].root_index for f in batch.failures],
+            failed_errors=[f.error for f in batch.failures],
+        )

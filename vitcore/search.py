@@ -69,6 +69,8 @@ def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
     from vitcore.weights import build_encoder, file_sha256
 
     settings = f.settings
+    if settings["encoder"].get("family") == "qwen3-vl":
+        return _encode_like_qwen3vl(settings, image_path)
     cfg = EncoderConfig.from_json(json.dumps(settings["encoder"]))
     weights = settings["weights"]
     path = None
@@ -94,6 +96,35 @@ def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
     pooling = settings.get("pooling", "none")
     vector = tokens.float().mean(dim=1) if pooling == "none" else pool_tokens(tokens, pooling)
     return vector[0].numpy()
+
+
+def _encode_like_qwen3vl(settings: dict, image_path: str) -> np.ndarray:
+    import dataclasses
+
+    import torch
+
+    from vitcore.loader import describe_error
+    from vitcore.model import pool_tokens
+    from vitcore.qwen3vl import Qwen3VLImageLoader, Qwen3VLPreprocess, load_qwen3vl, patchify_torch
+
+    folder = settings["weights"]["path"]
+    if not folder or not os.path.isdir(folder):
+        raise VitExtractError(f"the checkpoint {folder} recorded in the file is gone; cannot encode a new image")
+    encoder, _ = load_qwen3vl(folder)
+    if encoder.weights_sha256 != settings["weights"]["sha256"]:
+        raise VitExtractError(f"the checkpoint {folder} has changed since the file was made")
+    record = settings["preprocessing"]
+    fields = {f.name for f in dataclasses.fields(Qwen3VLPreprocess)}
+    prep = Qwen3VLPreprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in fields})
+    try:
+        pixels, _ = Qwen3VLImageLoader(prep, decode=record.get("decode", "full")).load(image_path)
+    except Exception as err:
+        raise VitExtractError(f"cannot read {image_path}: {describe_error(err)}") from None
+    patches, grid = patchify_torch(torch.from_numpy(pixels), prep)
+    with torch.inference_mode():
+        tokens = encoder(patches, [grid]).tokens.float()  # (T, out)
+    pooling = settings.get("pooling", "none")
+    return (tokens.mean(0) if pooling == "none" else pool_tokens(tokens[None], pooling)[0]).numpy()
 
 
 def similar(path: str, query: str, k: int = 10, block: int = 65536) -> tuple[list[Hit], str]:

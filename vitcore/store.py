@@ -693,6 +693,7 @@ class TokenFile:
             "datasets": datasets,
             "shard": settings.get("shard"),
             "shards": self._shard_states(settings.get("shards")),
+            "features": settings.get("features") or [],
         }
 
     def _shard_states(self, shards: list[dict] | None) -> list[dict] | None:

@@ -154,6 +154,8 @@ def resolve_config(
     asked = parse_model(model) if isinstance(model, str) else model
     stored = None
     if weights is not None:
+        if Path(weights).is_dir():
+            raise UsageError(f"--weights {weights} is a folder: for a Qwen3-VL checkpoint add --model qwen3-vl")
         if not Path(weights).is_file():
             raise WeightsError(f"weights file {weights} does not exist")
         stored = read_weights_config(weights)
