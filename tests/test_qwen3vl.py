@@ -166,3 +166,105 @@ def test_a_single_file_checkpoint_and_clear_errors(checkpoint, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(WeightsError, match="vision_config"):
         load_qwen3vl(str(tmp_path))
+
+
+# -- through the pipeline and the command line --------------------------------------------------
+@pytest.fixture
+def folder_of_images(tmp_path):
+    """Images of several sizes (native resolution packs them into one sequence per batch)."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, image in _images().items():
+        if name not in ("extreme", "over_max"):
+            image.save(folder / f"{name}.png")
+    return folder
+
+
+def _reference_for(visual, path):
+    ref, _ = _reference(visual, [Image.open(path).convert("RGB")])
+    return ref
+
+
+def test_cli_native_resolution_stores_what_transformers_computes(checkpoint, folder_of_images, tmp_path, cli):
+    folder, visual = checkpoint
+    out = tmp_path / "q.h5"
+    result = cli("run", folder_of_images, "-o", out, "--weights", folder, "--features", "deepstack,last_hidden",
+                 "--out-dtype", "float32", "--batch-size", "4", "--workers", "0", "--json")
+    assert result.exit_code == 0, result.output
+    import vitcore
+
+    with vitcore.open_tokens(out) as f:
+        assert f.ragged and f.token_shape == (-1, 48) and len(f) == 4
+        assert f.settings["encoder"]["family"] == "qwen3-vl" and f.settings["compute_dtype"] == "float32"
+        offsets, counts = f.h5["token_offset"][:], f.h5["num_tokens"][:]
+        assert offsets[0] == 0 and all(offsets[1:] == np.cumsum(counts)[:-1])  # one slice per image
+        for key in f.keys:
+            ref = _reference_for(visual, folder_of_images / key)
+            t, h, w = f.h5["grid_thw"][f.index(key)]
+            assert f.token_grid(key) == (h // 2, w // 2) and f[key].shape == (h * w // 4, 48)
+            assert _rel(torch.from_numpy(f[key]), ref.pooler_output) < 1e-4
+            assert _rel(torch.from_numpy(f.feature("last_hidden", key)), ref.last_hidden_state) < 1e-4
+            for j in range(3):
+                assert _rel(torch.from_numpy(f.feature(f"deepstack_{j}", key)), ref.deepstack_features[j]) < 1e-4
+            np.testing.assert_allclose(f.mean(key), f[key].mean(0), rtol=1e-5, atol=1e-6)
+    info = cli("info", out)
+    assert "qwen3-vl" in info.stdout and "varying × 48" in info.stdout
+    assert cli("show", out, "-o", tmp_path / "sheet.png").exit_code == 0
+    hits = json.loads(cli("similar", out, folder_of_images / "wide.png", "-k", "1", "--json").stdout)
+    assert hits[0]["key"] == "wide.png" and hits[0]["score"] > 0.999
+
+
+def test_fixed_resolution_pooling_resume_and_shards(checkpoint, folder_of_images, tmp_path):
+    import vitcore
+    from vitcore.errors import ResumeMismatchError, UsageError
+    from vitcore.merge import merge
+    from vitcore.shard import shard_path
+
+    folder, visual = checkpoint
+    opts = dict(weights=str(folder), out_dtype="float32", workers=0, batch_size=2)
+    fixed = tmp_path / "fixed.h5"
+    vitcore.extract(folder_of_images, fixed, resolution="96", **opts)
+    with vitcore.open_tokens(fixed) as f:
+        assert not f.ragged and f.h5["tokens"].shape == (4, 9, 48)  # (96/16)² / 4 merged tokens each
+        processor = _processor(min_pixels=96 * 96, max_pixels=96 * 96)
+        batch = processor(images=[Image.open(folder_of_images / "tall.png").convert("RGB").resize((96, 96), Image.Resampling.BICUBIC)], return_tensors="pt")
+        with torch.no_grad():
+            ref = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+        assert _rel(torch.from_numpy(f["tall.png"]), ref) < 1e-4
+    pooled = tmp_path / "pooled.h5"
+    vitcore.extract(folder_of_images, pooled, pool="mean", features=("deepstack",), **opts)
+    with vitcore.open_tokens(pooled) as f, vitcore.open_tokens(fixed) as g:
+        assert f.h5["tokens"].shape == (4, 48) and f.h5["features/deepstack_1"].shape == (4, 48)
+    with pytest.raises(ResumeMismatchError, match="preprocessing"):
+        vitcore.extract(folder_of_images, fixed, resolution="128", resume=True, **opts)
+    with pytest.raises(UsageError, match="multiple of 32"):
+        vitcore.extract(folder_of_images, tmp_path / "bad.h5", resolution="100", **opts)
+    # Ragged shards merge into the same rows as one run.
+    single = tmp_path / "single.h5"
+    vitcore.extract(folder_of_images, single, **opts)
+    out = tmp_path / "merged.h5"
+    shards = [shard_path(str(out), i, 3) for i in range(3)]
+    for i in range(3):
+        vitcore.extract(folder_of_images, shards[i], shard=(i, 3), **opts)
+    merge(str(out), shards)
+    with vitcore.open_tokens(out) as a, vitcore.open_tokens(single) as b:
+        assert a.keys == b.keys and a.h5["tokens"].is_virtual
+        for key in a.keys:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5)
+    # Resume after a partial run: the ragged rows past the commit are dropped and the rest appended.
+    part = tmp_path / "part.h5"
+    vitcore.extract([folder_of_images / "small.png"], part, **opts)
+    import h5py
+
+    with h5py.File(part, "r+") as f:  # a crash after writing a batch's rows, before its commit
+        flat = f["tokens"].shape[0]
+        f["tokens"].resize(flat + 50, axis=0)
+        f["tokens"][flat:] = 9.0
+        for name in ("token_offset", "num_tokens", "paths", "root_index", "image_size", "grid_thw", "mean"):
+            f[name].resize(2, axis=0)
+    vitcore.extract(folder_of_images, part, resume=True, **opts)
+    with vitcore.open_tokens(part) as a, vitcore.open_tokens(single) as b:
+        names = {os.path.basename(k): k for k in a.keys}  # small.png was named directly: its path as given
+        assert sorted(names) == sorted(b.keys) and len(a) == 4
+        for name, key in names.items():
+            np.testing.assert_allclose(a[key], b[name], rtol=1e-4, atol=1e-5)
