@@ -202,6 +202,7 @@ def models(
         out.print_json(json.dumps(rows))
     else:
         render.models_table(out, rows)
+        out.print("qwen3-vl: the vision tower of a local Qwen3-VL checkpoint (--model qwen3-vl --weights DIR)")
 
 
 @app.command("init-weights")
