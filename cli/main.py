@@ -115,7 +115,7 @@ def run(
     strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_STRICT_FAILURES} when any image failed.")] = False,
 ) -> None:
     """Extract visual tokens for every image under PATHS into an HDF5 file."""
-    from vitcore.distributed import extract_distributed, launched_by_torchrun
+    from vitcore.distributed import extract_distributed, launched_by_torchrun, rank
     from vitcore.errors import VitExtractError
     from vitcore.pipeline import ExtractOptions, extract
     from vitcore.shard import parse_shard, shard_path
@@ -134,11 +134,11 @@ def run(
         if launched_by_torchrun():
             if shard:
                 raise typer.BadParameter("--shard is chosen by torchrun (one shard per rank); drop it")
-            with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal and _rank() == 0) as display:
+            with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal and rank() == 0) as display:
                 outcome = extract_distributed(inputs, str(output), options, progress=display.update)
             if outcome.merged is None:  # ranks other than 0 stay silent
                 return
-            result, merged = outcome.shard, outcome.merged
+            result, merged = outcome.summary, outcome.merged
         else:
             if shard:
                 options.shard = parse_shard(shard)
@@ -147,19 +147,19 @@ def run(
                 result = extract(inputs, str(output), options, progress=display.update)
             merged = None
     except VitExtractError as error:
+        if launched_by_torchrun() and rank() != 0:
+            raise typer.Exit(getattr(error, "exit_code", 1))  # rank 0 reports for the launch
         raise _fail(error, as_json)
     if as_json:
         record = result.to_dict()
-        if merged is not None:  # torchrun: the merged file first, rank 0's own shard beside it
-            record = {"output": merged.output, "rows": merged.rows, "failed": merged.failed,
-                      "shards": merged.shards, "complete": True, "rank0_shard": record}
+        if merged is not None:
+            record["shards"] = merged.shards
         out.print_json(json.dumps(record))
     elif not quiet:
         render.run_summary(out, result)
         if merged is not None:
-            out.print(f"merged {merged.shards} shards → {escape(merged.output)} ({merged.rows} rows, {merged.failed} failed)")
-    failed = merged.failed if merged is not None else len(result.failures)
-    if strict and failed:
+            out.print(f"merged {merged.shards} shards (one per rank) into {escape(merged.output)}")
+    if strict and result.failures:
         raise typer.Exit(EXIT_STRICT_FAILURES)
 
 
@@ -174,10 +174,10 @@ def info(
     from vitcore.store import open_tokens
 
     try:
-        with open_tokens(file) as tokens:
+        with open_tokens(file, check_shards=False) as tokens:  # info shows broken shards, it does not refuse
             summary = tokens.describe(max_failures=failures)
     except VitExtractError as error:
-        raise _fail(error)
+        raise _fail(error, as_json)
     if as_json:
         out.print_json(json.dumps(summary))
     else:
@@ -248,11 +248,9 @@ def show(
 
     try:
         image, chosen = token_sheet(str(file), keys, first, joint, columns)
-        image.save(output)
+        _save_png(image, output)
     except VitExtractError as error:
         raise _fail(error)
-    except OSError as error:
-        raise _fail(RuntimeError(f"cannot write {output}: {error.strerror or error}"))
     out.print(f"wrote {output}: {len(chosen)} images, {image.width}×{image.height} px")
 
 
@@ -271,13 +269,13 @@ def similar(
     try:
         hits, kind = find_similar(str(file), query, k)
         if sheet is not None:
-            hits_sheet(str(file), hits, query, kind).save(sheet)
+            _save_png(hits_sheet(str(file), hits, query, kind), sheet)
     except VitExtractError as error:
-        raise _fail(error)
+        raise _fail(error, as_json)
     if as_json:
         out.print_json(json.dumps([{"rank": h.rank, "key": h.key, "score": h.score} for h in hits]))
     else:
-        render.hits_table(out, hits, query)
+        render.hits_table(out, hits, f"{query} (read as {'a key in the file' if kind == 'key' else 'an image file'})")
 
 
 @app.command("merge")
@@ -305,10 +303,14 @@ def merge_command(
                   f"{result.failed} failed ({kind})")
 
 
-def _rank() -> int:
-    import os
+def _save_png(image, path: Path) -> None:
+    """Write a sheet as PNG whatever the file name says; a write problem is a one-line error."""
+    from vitcore.errors import VitExtractError
 
-    return int(os.environ.get("RANK", "0"))
+    try:
+        image.save(path, format="PNG")
+    except OSError as error:
+        raise VitExtractError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def main() -> None:

@@ -167,7 +167,8 @@ def test_torchrun_on_gloo_equals_one_process(images, tmp_path, nproc):
     done = _torchrun(nproc, images, out, "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
-    assert summary["rows"] == 29 and summary["shards"] == nproc and summary["failed"] == 1
+    assert summary["rows"] == 29 and summary["shards"] == nproc and summary["written"] == 29
+    assert summary["found"] == 30 and [f["path"] for f in summary["failures"]] == ["a/15_broken.png"]
     _assert_same(out, single)
     for rank in range(nproc):
         with h5py.File(shard_path(str(out), rank, nproc), "r") as f:
@@ -206,3 +207,43 @@ def test_a_crashed_rank_fails_the_launch_and_a_rerun_completes_it(images, tmp_pa
     rerun = _torchrun(2, images, out)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     _assert_same(out, single)
+
+
+def test_a_virtual_merge_refuses_to_read_through_changed_or_missing_shards(images, tmp_path, cli):
+    from vitcore.errors import VitExtractError
+
+    out = str(tmp_path / "out.h5")
+    shards = [shard_path(out, i, 3) for i in range(3)]
+    for i in range(3):
+        vitcore.extract([images], shards[i], EXACT, shard=(i, 3))
+    merge(out, shards)
+    with pytest.raises(UsageError, match="one of the shards"):
+        merge(shards[0], shards, overwrite=True)
+    vitcore.extract([images], shards[1], EXACT, shard=(1, 3), overwrite=True, seed=5)  # same rows, new file
+    with pytest.raises(VitExtractError, match="changed since the merge"):
+        vitcore.open_tokens(out)
+    info = json.loads(cli("info", out, "--json").stdout)
+    assert [s["state"] for s in info["shards"]] == ["complete", "changed", "complete"] and info["merged"] == "virtual"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(shards[2], elsewhere / os.path.basename(shards[2]))
+    os.unlink(shards[2])
+    os.chdir(elsewhere)  # HDF5 would fall back to a same-named file in the working directory
+    try:
+        with pytest.raises(VitExtractError, match="missing|changed"):
+            vitcore.open_tokens(out)
+    finally:
+        os.chdir(PROJECT)
+    with pytest.raises(ResumeMismatchError, match="virtual view"):
+        vitcore.extract([images], out, EXACT, resume=True)
+
+
+def test_an_empty_shard_is_fine_even_with_overwrite(images, tmp_path):
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(images / "a" / "01.png", one / "x.png")
+    out = str(tmp_path / "o.h5")
+    empty = vitcore.extract([one], shard_path(out, 0, 2), EXACT, shard=(0, 2), overwrite=True)
+    full = vitcore.extract([one], shard_path(out, 1, 2), EXACT, shard=(1, 2), overwrite=True)
+    assert (empty.rows, full.rows) == (0, 1)
+    assert merge(out, [shard_path(out, i, 2) for i in range(2)]).rows == 1

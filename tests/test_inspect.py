@@ -115,3 +115,15 @@ def test_similar_on_a_pooled_file_uses_the_pooled_vectors(tmp_path, photos):
     vitcore.extract([photos], out, OPTS, pool="max")
     hits, _ = similar(str(out), "coffee.jpg", k=2)
     assert hits[0].key == "coffee.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_sheet_file_problems_are_one_line_errors(tmp_path, photos, cli):
+    out = tmp_path / "t.h5"
+    vitcore.extract([photos], out, OPTS)
+    no_extension = tmp_path / "sheet"
+    assert cli("show", out, "--first", "2", "-o", no_extension).exit_code == 0
+    with Image.open(no_extension) as img:
+        assert img.format == "PNG"
+    bad = cli("similar", out, "coffee.jpg", "--sheet", tmp_path / "missing" / "h.png", "--json")
+    assert bad.exit_code == 1 and "cannot write" in bad.stderr and "Traceback" not in bad.output
+    assert json.loads(bad.stdout)["exit_code"] == 1

@@ -59,7 +59,8 @@ def _read_shard(path: str) -> _Shard:
         if not record:
             raise UsageError(f"{path} is not a shard (it was not made with --shard or torchrun)")
         if not settings.get("complete"):
-            raise UsageError(f"{path} is unfinished ({len(f)} of {record['stop'] - record['start']} inputs); "
+            handled = len(f) + len(f.failures)
+            raise UsageError(f"{path} is unfinished ({handled} of {record['stop'] - record['start']} inputs handled); "
                              "rerun its launch (it resumes) before merging")
         return _Shard(path, len(f), len(f.failures), record, settings)
 
@@ -94,6 +95,8 @@ def _check_compatible(shards: list[_Shard]) -> None:
 def _setting(settings: dict, name: str):
     if name == "weights_identity":
         return _weights_identity(settings["weights"])
+    if name == "features_json":
+        return json.dumps(settings.get("features") or [])
     value = settings.get(name)
     return tuple(value) if isinstance(value, list) else value
 
@@ -102,7 +105,10 @@ def merge(output: str, shard_paths: list[str], copy: bool = False, overwrite: bo
     """Check the shards and write OUT; refuses gaps, overlaps, duplicates and mismatched settings."""
     if not shard_paths:
         raise UsageError("merge needs at least one shard file")
-    check_output(output, resume=False, overwrite=overwrite)
+    check_output(output, resume=False, overwrite=overwrite, can_resume=False)
+    for shard in shard_paths:  # never write over one of the inputs
+        if os.path.exists(output) and os.path.samefile(output, shard):
+            raise UsageError(f"cannot merge into {output}: it is one of the shards being merged")
     shards = sorted((_read_shard(p) for p in dict.fromkeys(map(str, shard_paths))), key=lambda s: s.record["start"])
     if len(shards) != len(shard_paths):
         raise UsageError("cannot merge: the same shard file is named twice")
@@ -226,7 +232,7 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
     attrs["shard"] = "null"
     attrs["merged"] = "copy" if copy else "virtual"
     attrs["shards"] = json.dumps([
-        {"file": os.path.relpath(os.path.abspath(s.path), out_dir), "rows": s.rows,
+        {"file": os.path.relpath(os.path.abspath(s.path), out_dir), "rows": s.rows, "run_id": s.settings.get("run_id"),
          "start": s.record["start"], "stop": s.record["stop"], "index": s.record["index"]}
         for s in shards
     ])

@@ -238,6 +238,8 @@ def extract(
     if opts.model is None and opts.weights and os.path.isfile(os.path.join(opts.weights, "config.json")):
         opts = dataclasses.replace(opts, model="qwen3-vl")  # a checkpoint folder: its vision tower
     if opts.shard is not None:
+        if opts.resume and opts.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other; choose one")
         # A shard file is an intermediate product of one launch: a rerun continues it.
         opts = dataclasses.replace(opts, resume=not opts.overwrite)
     validate_options(opts)
@@ -251,7 +253,7 @@ def extract(
         if not found.sources:
             raise UsageError(f"no images found in {', '.join(found.roots) or 'the inputs'}")
         found, shard = take_shard(found, *opts.shard)
-    if not found.sources and not opts.resume:
+    if not found.sources and not opts.resume and shard is None:  # a shard may be empty (N > inputs)
         raise UsageError(
             f"no images found in {', '.join(found.roots) or 'the inputs'} "
             f"(looked for {', '.join(parse_extensions(opts.extensions))}; --ext changes that)"

@@ -37,7 +37,7 @@ def top_k_cosine(blocks, query: np.ndarray, k: int) -> list[tuple[int, float]]:
     for block in blocks:
         x = np.asarray(block, dtype=np.float32)  # (n, D)
         norms = np.maximum(np.linalg.norm(x, axis=1), 1e-12)
-        scores = (x @ q) / norms  # (n,)
+        scores = np.nan_to_num((x @ q) / norms, nan=-np.inf)  # (n,); a non-finite row ranks last
         rows = np.arange(start, start + len(x), dtype=np.int64)
         start += len(x)
         best_rows = np.concatenate([best_rows, rows])
@@ -52,10 +52,14 @@ def top_k_cosine(blocks, query: np.ndarray, k: int) -> list[tuple[int, float]]:
 def query_vector(f: TokenFile, query: str) -> tuple[np.ndarray, str]:
     """The vector for QUERY: a key already in the file, or an image file encoded as the file was."""
     if query in set(f.keys):
-        return f.mean(query).astype(np.float32), "key"
-    if os.path.isfile(query):
-        return encode_like(f, query), "image"
-    raise UsageError(f"{query!r} is neither a key of {f.path} nor an image file")
+        vector, kind = f.mean(query).astype(np.float32), "key"
+    elif os.path.isfile(query):
+        vector, kind = encode_like(f, query), "image"
+    else:
+        raise UsageError(f"{query!r} is neither a key of {f.path} nor an image file")
+    if not np.isfinite(vector).all():
+        raise VitExtractError(f"the vector of {query!r} is not finite (inf or NaN); see `vit-extract info {f.path}`")
+    return vector, kind
 
 
 def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
@@ -147,9 +151,10 @@ def hits_sheet(path: str, hits: list[Hit], query: str, kind: str, columns: int =
 
     cells = []
     with TokenFile(path) as f:
-        query_picture = as_encoder_saw_it(query if kind == "image" else f.original_path(query), "squash")
+        resize = f.settings["preprocessing"].get("resize", "squash")  # framed as the encoder saw it
+        query_picture = as_encoder_saw_it(query if kind == "image" else f.original_path(query), resize)
         cells.append(([query_picture or _placeholder("query not found")], f"query: {os.path.basename(query)}"))
         for hit in hits:
-            picture = as_encoder_saw_it(f.original_path(hit.row), "squash") or _placeholder("original not found")
+            picture = as_encoder_saw_it(f.original_path(hit.row), resize) or _placeholder("original not found")
             cells.append(([picture], f"{hit.rank}. {hit.key}  {hit.score:.4f}"))
     return sheet(cells, columns)

@@ -36,7 +36,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not match:
         raise UsageError(f"--shard {text!r}: write it as I/N, e.g. 0/8 (shards are numbered 0 to N-1)")
     index, count = int(match.group(1)), int(match.group(2))
-    if count < 1 or index >= count:
+    if count < 1:
+        raise UsageError(f"--shard {text}: N must be at least 1")
+    if index >= count:
         raise UsageError(f"--shard {text}: I must be 0 to {max(count - 1, 0)} for N = {count}")
     return index, count
 

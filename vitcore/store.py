@@ -30,6 +30,7 @@ import queue
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -168,6 +169,7 @@ class StoreWriter:
         attrs["schema_version"] = SCHEMA_VERSION
         attrs["vit_extract_version"] = settings.version
         attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        attrs["run_id"] = uuid.uuid4().hex  # a merged file checks that its shards are still these files
         for name in ("encoder", "weights", "preprocessing", "pooling", "projector",
                      "compute_dtype", "device", "out_dtype"):
             attrs[name] = getattr(settings, name)
@@ -221,6 +223,9 @@ class StoreWriter:
             writer.datasets[name].resize(writer.failed_committed, axis=0)
         h5.attrs["complete"] = False
         h5.attrs["device"] = settings.device
+        for stale in ("shards", "merged", "inputs_sha256"):  # a merged copy, extended: no longer just its shards
+            if stale in h5.attrs:
+                del h5.attrs[stale]
         h5.flush()
         return writer
 
@@ -460,6 +465,11 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
         attrs = h5.attrs
         if "schema_version" not in attrs or "committed" not in attrs:
             raise ResumeMismatchError(f"cannot resume {path}: it is not a vit-extract output file")
+        if attrs.get("merged") == "virtual":
+            raise ResumeMismatchError(
+                f"cannot resume {path}: it is a virtual view over shard files; rerun the launch that made "
+                "the shards (they resume) and merge again, or `merge --copy` it into a file that can grow"
+            )
         if int(attrs["schema_version"]) != SCHEMA_VERSION:
             raise ResumeMismatchError(
                 f"cannot resume {path}: schema version {attrs['schema_version']} "
@@ -516,7 +526,7 @@ class TokenFile:
             x = f["cat.jpg"]          # (T, D) numpy array, or (D,) when pooled
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, check_shards: bool = True):
         self.path = os.fspath(path)
         self.h5 = _open_for_reading(self.path, "read")
         missing = [a for a in ("schema_version", "committed", "roots", "encoder") if a not in self.h5.attrs]
@@ -527,6 +537,16 @@ class TokenFile:
             )
         self._keys: list[str] | None = None
         self._index: dict[str, int] | None = None
+        if check_shards and self.h5.attrs.get("merged") == "virtual":
+            # HDF5 reads a missing shard as NaN, or even a same-named file in the working directory:
+            # refuse unless every shard is the very file that was merged.
+            bad = [s for s in self._shard_states(json.loads(self.h5.attrs["shards"])) if s["state"] != "complete"]
+            if bad:
+                self.h5.close()
+                raise VitExtractError(
+                    f"{self.path} reads through shard files that are {bad[0]['state']} since the merge "
+                    f"({', '.join(s['file'] for s in bad[:3])}); restore them beside it, or merge again"
+                )
 
     def __enter__(self) -> "TokenFile":
         return self
@@ -692,6 +712,7 @@ class TokenFile:
             "failures": [{"path": k, "error": e} for k, e in failures[:max_failures]],
             "datasets": datasets,
             "shard": settings.get("shard"),
+            "merged": settings.get("merged"),
             "shards": self._shard_states(settings.get("shards")),
             "features": settings.get("features") or [],
         }
@@ -700,6 +721,8 @@ class TokenFile:
         """For a merged file: each shard with its state now (a virtual file reads through them)."""
         if not shards:
             return None
+        if self.h5.attrs.get("merged") == "copy":
+            return [{**shard, "state": "copied (not needed)"} for shard in shards]
         folder = os.path.dirname(os.path.abspath(self.path))
         states = []
         for shard in shards:
@@ -708,19 +731,20 @@ class TokenFile:
             if os.path.exists(path):
                 try:
                     with h5py.File(path, "r") as h5:
-                        complete = bool(h5.attrs.get("complete")) and int(h5.attrs["committed"]) == shard["rows"]
-                    state = "complete" if complete else "changed"
+                        same = h5.attrs.get("run_id") == shard.get("run_id") and bool(h5.attrs.get("complete"))
+                        same = same and int(h5.attrs["committed"]) == shard["rows"]
+                    state = "complete" if same else "changed"
                 except (OSError, KeyError):
                     state = "unreadable"
             states.append({**shard, "state": state})
         return states
 
 
-def open_tokens(path: str | os.PathLike) -> TokenFile:
-    return TokenFile(path)
+def open_tokens(path: str | os.PathLike, check_shards: bool = True) -> TokenFile:
+    return TokenFile(path, check_shards=check_shards)
 
 
-def check_output(path: str, resume: bool, overwrite: bool) -> None:
+def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = True) -> None:
     """Refuse early (before any model is built) an output that cannot or must not be written."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; choose one")
@@ -732,6 +756,5 @@ def check_output(path: str, resume: bool, overwrite: bool) -> None:
     if os.path.isdir(path):
         raise UsageError(f"the output {path} is a folder; give a file name such as {os.path.join(path, 'tokens.h5')}")
     if os.path.exists(path) and not (resume or overwrite):
-        raise OutputExistsError(
-            f"{path} already exists; add --resume to continue it or --overwrite to replace it"
-        )
+        hint = "add --resume to continue it or --overwrite to replace it" if can_resume else "add --overwrite to replace it"
+        raise OutputExistsError(f"{path} already exists; {hint}")

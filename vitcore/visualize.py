@@ -165,7 +165,8 @@ def token_sheet(
 
 def _choose_rows(f: TokenFile, keys: list[str] | None, first: int | None) -> list[int]:
     if keys:
-        missing = [k for k in keys if k not in set(f.keys)]
+        known = set(f.keys)
+        missing = [k for k in keys if k not in known]
         if missing:
             raise UsageError(f"not in {f.path}: {', '.join(missing[:5])}" + (" …" if len(missing) > 5 else ""))
         return [f.index(k) for k in keys]
