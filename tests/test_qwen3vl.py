@@ -56,9 +56,12 @@ def _images():
     }
 
 
-@pytest.mark.parametrize("name", list(_images()))
+SAMPLE_FILES = sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".jpg", ".png"))
+
+
+@pytest.mark.parametrize("name", list(_images()) + SAMPLE_FILES)
 def test_preprocessing_matches_the_pillow_backend_processor(name):
-    image = _images()[name]
+    image = _images()[name] if name in _images() else Image.open(SAMPLES / name).convert("RGB")
     reference = _processor(max_pixels=200_000)(images=[image], return_tensors="np")
     prep = Qwen3VLPreprocess(max_pixels=200_000)
     patches, grid = patchify(resize_rgb(image, prep), prep)

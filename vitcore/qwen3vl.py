@@ -189,13 +189,36 @@ class Attention(nn.Module):
         # RoPE in float32, as the reference does, then back to the compute dtype.
         q = apply_rope(q.float(), cos, sin).to(v.dtype)
         k = apply_rope(k.float(), cos, sin).to(v.dtype)
-        # Full attention inside each image, none across images: one SDPA call per image.
-        out = torch.cat(
-            [F.scaled_dot_product_attention(qs, ks, vs) for qs, ks, vs in
-             zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))],
-            dim=1,
-        )  # (H, N, Dh)
+        out = attend_within_images(q, k, v, lengths)  # (H, N, Dh)
         return self.proj(out.transpose(0, 1).reshape(N, D))
+
+
+_VARLEN = {"usable": True}  # switched off for the process after the first failure (falls back)
+
+
+def attend_within_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Full attention inside each image of a packed sequence, none across images. (H, N, Dh) each.
+
+    CUDA, half precision: one variable-length flash-attention call over the packed batch (no
+    padding, no Python loop). Elsewhere: one SDPA call per image, which on a 2-core CPU took
+    249 ms against 892 ms for a single SDPA call with a block-diagonal mask (four images of
+    256–1024 patches, 16 heads of 72; bench/RESULTS.md), with the same numbers to 4e-7.
+    """
+    if len(lengths) > 1 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _VARLEN["usable"]:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            bounds = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device=q.device)
+            longest = max(lengths)
+            out = varlen_attn(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), bounds, bounds, longest, longest)
+            return out.transpose(0, 1)  # (N, H, Dh) → (H, N, Dh)
+        except (ImportError, RuntimeError, NotImplementedError, TypeError):
+            _VARLEN["usable"] = False  # an older torch or an unsupported GPU: the exact per-image path
+    return torch.cat(
+        [F.scaled_dot_product_attention(qs, ks, vs) for qs, ks, vs in
+         zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))],
+        dim=1,
+    )
 
 
 class Mlp(nn.Module):
