@@ -1,6 +1,5 @@
 """Looking at what was extracted: PCA token maps, sheets, nearest neighbours."""
 
-import io
 import json
 import shutil
 

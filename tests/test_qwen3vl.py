@@ -236,7 +236,7 @@ def test_fixed_resolution_pooling_resume_and_shards(checkpoint, folder_of_images
         assert _rel(torch.from_numpy(f["tall.png"]), ref) < 1e-4
     pooled = tmp_path / "pooled.h5"
     vitcore.extract(folder_of_images, pooled, pool="mean", features=("deepstack",), **opts)
-    with vitcore.open_tokens(pooled) as f, vitcore.open_tokens(fixed) as g:
+    with vitcore.open_tokens(pooled) as f:
         assert f.h5["tokens"].shape == (4, 48) and f.h5["features/deepstack_1"].shape == (4, 48)
     with pytest.raises(ResumeMismatchError, match="preprocessing"):
         vitcore.extract(folder_of_images, fixed, resolution="128", resume=True, **opts)

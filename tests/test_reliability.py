@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import vitcore
-from tests.conftest import SAMPLES, TINY
+from tests.conftest import TINY
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError, WeightsError
 from vitcore.lock import OutputLockedError
 from vitcore.pipeline import ExtractOptions

@@ -40,6 +40,22 @@ class Batch:
         return self
 
 
+def batch_rows(batch: Batch, sources: list[Source], **arrays):
+    """A batch's keys, roots, sizes and failures as writer Rows, with the encoder's ``arrays``."""
+    from vitcore.store import Rows
+
+    n = len(batch.indices)
+    return Rows(
+        keys=[sources[i].key for i in batch.indices],
+        root_index=np.asarray([sources[i].root_index for i in batch.indices], dtype=np.int32),
+        image_size=np.asarray(batch.sizes, dtype=np.int32).reshape(n, 2),
+        failed_keys=[sources[f.index].key for f in batch.failures],
+        failed_root_index=[sources[f.index].root_index for f in batch.failures],
+        failed_errors=[f.error for f in batch.failures],
+        **arrays,
+    )
+
+
 def describe_error(err: BaseException) -> str:
     """An exception → one line a person can read ("OSError: image file is truncated")."""
     text = " ".join(str(err).split()) or "no details"

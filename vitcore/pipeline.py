@@ -26,7 +26,7 @@ from vitcore import __version__
 from vitcore.config import EncoderConfig
 from vitcore.device import OUT_DTYPES, dtype_name, resolve_device, resolve_dtype
 from vitcore.errors import Interrupted, UsageError, VitExtractError
-from vitcore.loader import Batch, default_workers, make_loader
+from vitcore.loader import Batch, batch_rows, default_workers, make_loader
 from vitcore.lock import OutputLock
 from vitcore.model import POOLING_MODES, VisionEncoder, pool_tokens, resolve_layer
 from vitcore.preprocess import DECODE_MODES, RESIZE_MODES, PreprocessConfig, normalize_on_device
@@ -488,17 +488,7 @@ class BatchEncoder:
             out_tokens = np.empty((0, *settings.token_shape), out_dtype)
             mean = np.empty((0, settings.token_shape[-1]), out_dtype) if pool == "none" else None
             out_layers = {k: np.empty((0, *settings.layer_shape), out_dtype) for k in settings.layers}
-        return Rows(
-            keys=[sources[i].key for i in batch.indices],
-            root_index=np.asarray([sources[i].root_index for i in batch.indices], dtype=np.int32),
-            image_size=np.asarray(batch.sizes, dtype=np.int32).reshape(n, 2),
-            tokens=out_tokens,
-            mean=mean,
-            layers=out_layers,
-            failed_keys=[sources[f.index].key for f in batch.failures],
-            failed_root_index=[sources[f.index].root_index for f in batch.failures],
-            failed_errors=[f.error for f in batch.failures],
-        )
+        return batch_rows(batch, sources, tokens=out_tokens, mean=mean, layers=out_layers)
 
     def _check_finite(self, tokens: np.ndarray, out_dtype: str) -> None:
         bad = int((~np.isfinite(tokens.reshape(len(tokens), -1))).any(axis=1).sum())

@@ -472,8 +472,8 @@ class Qwen3VLBatchEncoder:
         self.warnings: list[str] = []
 
     def __call__(self, batch, sources):
+        from vitcore.loader import batch_rows
         from vitcore.model import pool_tokens
-        from vitcore.store import Rows
 
         settings, n = self.settings, len(batch.indices)
         pool, out_dtype = settings.pooling, settings.out_dtype
@@ -512,16 +512,6 @@ class Qwen3VLBatchEncoder:
         if pool == "none":
             mean = (torch.stack([x.mean(0) for x in tokens]) if tokens else torch.empty(0, width)).to(store).cpu().numpy()
         features = {name: stored(named.get(name, []), shape[-1]) for name, shape, _ in settings.features}
-        return Rows(
-            keys=[sources[i].key for i in batch.indices],
-            root_index=np.asarray([sources[i].root_index for i in batch.indices], dtype=np.int32),
-            image_size=np.asarray(batch.sizes, dtype=np.int32).reshape(n, 2),
-            tokens=values,
-            mean=mean,
-            num_tokens=num_tokens,
-            grid_thw=np.asarray(grids, dtype=np.int32).reshape(n, 3),
-            features=features,
-            failed_keys=[sources[f.index].key for f in batch.failures],
-            failed_root_index=[sources[f.index].root_index for f in batch.failures],
-            failed_errors=[f.error for f in batch.failures],
-        )
+        grid_thw = np.asarray(grids, dtype=np.int32).reshape(n, 3)
+        return batch_rows(batch, sources, tokens=values, mean=mean, num_tokens=num_tokens, grid_thw=grid_thw,
+                          features=features)
