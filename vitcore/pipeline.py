@@ -315,12 +315,13 @@ def _extract_locked(
 
     # Workers fork when the iterator is created: before the output is opened for writing.
     batches = iter(loader) if sources else iter(())
-    reporter(Progress(0, len(sources), 0, 0.0))
-    writer = StoreWriter.reopen(output, settings) if resuming else StoreWriter.create(output, settings, roots)
-    writer.set_roots(roots)
-    async_writer = AsyncWriter(writer)
+    writer = async_writer = None
     complete = False
     try:
+        reporter(Progress(0, len(sources), 0, 0.0))
+        writer = StoreWriter.reopen(output, settings) if resuming else StoreWriter.create(output, settings, roots)
+        writer.set_roots(roots)
+        async_writer = AsyncWriter(writer)
         with stop_on_signals(stop), torch.inference_mode():
             while not stop.is_set():
                 tick = time.perf_counter()
@@ -339,10 +340,22 @@ def _extract_locked(
                 done += len(batch.indices) + len(batch.failures)
                 reporter(Progress(done, len(sources), len(failures), time.perf_counter() - started))
         complete = not stop.is_set()
+    except RuntimeError as err:
+        # PyTorch raises a dead worker (say, killed by the OOM killer) from its SIGCHLD handler,
+        # wherever the main thread happens to be: not only in next(), so it is caught here.
+        if "DataLoader worker" not in str(err):
+            raise
+        raise VitExtractError(
+            f"an image-decoding worker process died ({' '.join(str(err).split())[:160]}); the committed "
+            "rows are safe: rerun with --resume (and fewer --workers if memory is short)"
+        ) from None
     finally:
         reporter(None)
-        del batches  # shuts the worker processes down
-        async_writer.close(complete)
+        del batches  # shuts the worker processes down first: no more asynchronous worker errors
+        if async_writer is not None:
+            async_writer.close(complete)
+        elif writer is not None:
+            writer.close(False)
     seconds = time.perf_counter() - started
     if stop.is_set():
         name = signal.Signals(stop.signal_number).name
@@ -440,13 +453,6 @@ def _next_batch(batches) -> Batch | None:
         return next(batches)
     except StopIteration:
         return None
-    except RuntimeError as err:
-        if "DataLoader worker" in str(err):  # killed by the OS (out of memory) or crashed
-            raise VitExtractError(
-                f"an image-decoding worker process died ({' '.join(str(err).split())[:160]}); "
-                "the committed rows are safe: rerun with --resume (and fewer --workers if memory is short)"
-            ) from None
-        raise
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
