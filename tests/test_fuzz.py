@@ -1,4 +1,8 @@
-"""Fuzzing the decode-and-preprocess path: random and mutated image bytes give a correct array or a failure record."""
+"""Fuzzing the decode-and-preprocess path: random and mutated image bytes give a correct array or a failure record.
+
+The examples are derandomised so CI is reproducible; drop ``derandomize=True`` locally to
+explore new inputs.
+"""
 
 import io
 import os
@@ -51,13 +55,13 @@ def _assert_row_or_record(item) -> None:
         assert isinstance(error, str) and error.strip() and "\n" not in error and len(error) <= 500
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=4096))
 def test_random_bytes(data):
     _assert_row_or_record(_outcome(data))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.sampled_from(range(len(SEEDS))),
     flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), max_size=8),
