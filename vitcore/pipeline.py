@@ -313,13 +313,15 @@ def _extract_locked(
     failures: list[tuple[str, str]] = []
     reporter = _make_reporter(progress, len(sources))
 
+    if not resuming:  # created (and closed) before the fork, so no worker can interrupt it half-way
+        StoreWriter.create_file(output, settings, roots)
     # Workers fork when the iterator is created: before the output is opened for writing.
     batches = iter(loader) if sources else iter(())
     writer = async_writer = None
     complete = False
     try:
         reporter(Progress(0, len(sources), 0, 0.0))
-        writer = StoreWriter.reopen(output, settings) if resuming else StoreWriter.create(output, settings, roots)
+        writer = StoreWriter.reopen(output, settings)  # drops any rows past the commit (none if new)
         writer.set_roots(roots)
         async_writer = AsyncWriter(writer)
         with stop_on_signals(stop), torch.inference_mode():

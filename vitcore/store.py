@@ -161,8 +161,15 @@ class StoreWriter:
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str, settings: StoreSettings, roots: list[str]) -> "StoreWriter":
-        """A new, empty output. Built under a temporary name and renamed into place, so a run killed
-        at any moment leaves either no file (or the old one, with --overwrite) or a valid one."""
+        """A new, empty output, open for writing (see create_file)."""
+        cls.create_file(path, settings, roots)
+        return cls(_open_h5(path, "r+"), settings)
+
+    @staticmethod
+    def create_file(path: str, settings: StoreSettings, roots: list[str]) -> None:
+        """Write a new, empty output and close it. Built under a temporary name and renamed into
+        place, so a run killed at any moment leaves no file (or the old one, with --overwrite) or
+        a valid one. The pipeline calls this before its decoding workers fork, then reopens."""
         building = path + ".creating"
         h5 = _open_h5(building, "w")
         attrs = h5.attrs
@@ -208,7 +215,6 @@ class StoreWriter:
         h5.create_dataset("failed/root_index", (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
         h5.close()
         os.replace(building, path)
-        return cls(_open_h5(path, "r+"), settings)
 
     @classmethod
     def reopen(cls, path: str, settings: StoreSettings) -> "StoreWriter":
@@ -463,8 +469,12 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
     """Read an existing output and refuse, naming the difference, when its settings differ."""
     with _open_for_reading(path, "resume") as h5:
         attrs = h5.attrs
-        if "schema_version" not in attrs or "committed" not in attrs:
-            raise ResumeMismatchError(f"cannot resume {path}: it is not a vit-extract output file")
+        required = ("schema_version", "committed", "failed_committed", "roots", "encoder", "weights",
+                    "preprocessing", "pooling", "projector", "compute_dtype", "out_dtype", "layers")
+        if any(name not in attrs for name in required):
+            raise ResumeMismatchError(
+                f"cannot resume {path}: it is not a complete vit-extract output file; use --overwrite"
+            )
         if attrs.get("merged") == "virtual":
             raise ResumeMismatchError(
                 f"cannot resume {path}: it is a virtual view over shard files; rerun the launch that made "
