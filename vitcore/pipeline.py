@@ -313,16 +313,16 @@ def _extract_locked(
     failures: list[tuple[str, str]] = []
     reporter = _make_reporter(progress, len(sources))
 
-    if not resuming:  # created (and closed) before the fork, so no worker can interrupt it half-way
-        StoreWriter.create_file(output, settings, roots)
+    # Created or truncated, and closed, before the fork (see StoreWriter.prepare); from the fork
+    # on, only the writer thread writes to the file.
+    StoreWriter.prepare(output, settings, roots, resuming)
     # Workers fork when the iterator is created: before the output is opened for writing.
     batches = iter(loader) if sources else iter(())
     writer = async_writer = None
     complete = False
     try:
         reporter(Progress(0, len(sources), 0, 0.0))
-        writer = StoreWriter.reopen(output, settings)  # drops any rows past the commit (none if new)
-        writer.set_roots(roots)
+        writer = StoreWriter.reopen(output, settings)
         async_writer = AsyncWriter(writer)
         with stop_on_signals(stop), torch.inference_mode():
             while not stop.is_set():
@@ -352,12 +352,14 @@ def _extract_locked(
             "rows are safe: rerun with --resume (and fewer --workers if memory is short)"
         ) from None
     finally:
-        reporter(None)
-        del batches  # shuts the worker processes down first: no more asynchronous worker errors
-        if async_writer is not None:
-            async_writer.close(complete)
-        elif writer is not None:
-            writer.close(False)
+        with _no_worker_signals():  # cleanup must not be cut short by a dying worker's SIGCHLD
+            reporter(None)
+            _shut_down(batches)
+            del batches
+            if async_writer is not None:
+                async_writer.close(complete)
+            elif writer is not None:
+                writer.close(False)
     seconds = time.perf_counter() - started
     if stop.is_set():
         name = signal.Signals(stop.signal_number).name
@@ -450,11 +452,36 @@ def _build_qwen3vl(opts: ExtractOptions, device: torch.device, dtype: torch.dtyp
     return run_batch, settings, loader_cfg, info, "qwen3-vl"
 
 
+@contextlib.contextmanager
+def _no_worker_signals():
+    """PyTorch reports a dead DataLoader worker by raising from its SIGCHLD handler, wherever the
+    main thread is; while shutting down and closing the output, that would interrupt the cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+def _shut_down(batches) -> None:
+    """Stop a DataLoader iterator's worker processes now. Dropping the iterator is not enough
+    when an exception's traceback still holds a frame that refers to it."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # PyTorch's multi-process iterator
+    if shutdown is not None:
+        shutdown()
+
+
 def _next_batch(batches) -> Batch | None:
     try:
         return next(batches)
     except StopIteration:
         return None
+    except (ConnectionError, EOFError) as err:
+        # A worker that dies while handing over a batch's shared memory breaks the connection.
+        raise RuntimeError(f"DataLoader worker connection lost ({type(err).__name__}: {err})") from err
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

@@ -169,7 +169,7 @@ class StoreWriter:
     def create_file(path: str, settings: StoreSettings, roots: list[str]) -> None:
         """Write a new, empty output and close it. Built under a temporary name and renamed into
         place, so a run killed at any moment leaves no file (or the old one, with --overwrite) or
-        a valid one. The pipeline calls this before its decoding workers fork, then reopens."""
+        a valid one."""
         building = path + ".creating"
         h5 = _open_h5(building, "w")
         attrs = h5.attrs
@@ -218,9 +218,23 @@ class StoreWriter:
 
     @classmethod
     def reopen(cls, path: str, settings: StoreSettings) -> "StoreWriter":
-        """Reopen for --resume (after check_resumable): drop rows past the committed counters."""
-        h5 = _open_h5(path, "r+")
-        writer = cls(h5, settings)
+        """Open an output prepared by prepare() for appending. Writes nothing itself."""
+        return cls(_open_h5(path, "r+"), settings)
+
+    @classmethod
+    def prepare(cls, path: str, settings: StoreSettings, roots: list[str], resuming: bool) -> None:
+        """Get the file ready and close it again, before the decoding workers fork: a new file is
+        created; a resumed one loses the rows past the committed counters and takes the roots.
+
+        Nothing is written to the file from the main thread while workers run: PyTorch reports a
+        dying worker by raising from a signal handler, which could cut an h5py attribute update in
+        half (h5py rewrites an attribute as create-temporary, delete, rename).
+        """
+        if not resuming:
+            cls.create_file(path, settings, roots)
+            return
+        writer = cls.reopen(path, settings)
+        h5 = writer.h5
         for name in writer._row_datasets():
             writer.datasets[name].resize(writer.committed, axis=0)
         for name, end in writer.flat_rows.items():
@@ -229,11 +243,12 @@ class StoreWriter:
             writer.datasets[name].resize(writer.failed_committed, axis=0)
         h5.attrs["complete"] = False
         h5.attrs["device"] = settings.device
+        h5.attrs["roots"] = json.dumps(roots)
         for stale in ("shards", "merged", "inputs_sha256"):  # a merged copy, extended: no longer just its shards
             if stale in h5.attrs:
                 del h5.attrs[stale]
-        h5.flush()
-        return writer
+        writer.datasets.clear()
+        h5.close()
 
     def _row_datasets(self) -> list[str]:
         """Datasets with one row per image (truncated to ``committed`` on resume)."""
@@ -264,10 +279,6 @@ class StoreWriter:
         return int(self.h5[offsets][last]) + int(self.h5[counts][last])
 
     # -- writing -------------------------------------------------------------------------
-    def set_roots(self, roots: list[str]) -> None:
-        self.roots = roots
-        self.h5.attrs["roots"] = json.dumps(roots)
-
     def append(self, rows: Rows) -> None:
         """Write one batch, flush, then advance the counters (the commit point) and flush again.
 
@@ -442,9 +453,6 @@ class AsyncWriter:
     def put(self, rows: Rows) -> None:
         self._raise_if_failed()
         self._queue.put(lambda: self.writer.append(rows))
-
-    def set_roots(self, roots: list[str]) -> None:
-        self._queue.put(lambda: self.writer.set_roots(roots))
 
     def close(self, complete: bool) -> None:
         """Drain the queue, record completeness, close the file; re-raise a writer error."""
