@@ -54,10 +54,6 @@ class Qwen3VLConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
     @classmethod
     def from_hf(cls, vision: dict) -> "Qwen3VLConfig":
         """From the ``vision_config`` of a checkpoint's config.json."""

@@ -159,12 +159,6 @@ class StoreWriter:
         self.roots: list[str] = json.loads(h5.attrs["roots"])
 
     # -- opening -------------------------------------------------------------------------
-    @classmethod
-    def create(cls, path: str, settings: StoreSettings, roots: list[str]) -> "StoreWriter":
-        """A new, empty output, open for writing (see create_file)."""
-        cls.create_file(path, settings, roots)
-        return cls(_open_h5(path, "r+"), settings)
-
     @staticmethod
     def create_file(path: str, settings: StoreSettings, roots: list[str]) -> None:
         """Write a new, empty output and close it. Built under a temporary name and renamed into
