@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
 import os
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -293,7 +291,7 @@ class StoreWriter:
             self.h5.attrs["failed_committed"] = self.failed_committed
             self.h5.flush()
         except (OSError, RuntimeError) as err:
-            self.broken = True
+            self._abandon_pending_writes()
             raise WriteError(self.h5.filename, self.committed, err) from None
 
     def _write(self, rows: Rows) -> dict[str, int]:
@@ -340,6 +338,26 @@ class StoreWriter:
         if stat.f_bavail * stat.f_frsize < needed:
             raise WriteError(self.h5.filename, self.committed, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
+    def _abandon_pending_writes(self) -> None:
+        """After a failed write, point HDF5's file descriptor at /dev/null; the file keeps what it had.
+
+        HDF5 keeps the data it could not write in its caches and retries at every flush and handle
+        close; it has no call to drop it, and a handle it cannot close makes the interpreter crash
+        at exit (in H5_term_library). Once the descriptor is /dev/null those retries succeed
+        without touching the file, which then holds exactly what reached it before the failure:
+        the committed rows, as after a kill (resume trusts the counters, not the dataset lengths).
+        """
+        self.broken = True
+        try:
+            fd = self.h5.id.get_vfd_handle()
+            with contextlib.suppress(OSError):
+                os.fsync(fd)  # what was committed reaches the disk
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, fd, inheritable=False)
+            os.close(null)
+        except (OSError, RuntimeError, ValueError, TypeError):
+            pass  # not a plain POSIX file: leave it; the close below reports nothing more
+
     def close(self, complete: bool) -> None:
         """Record completeness, flush to the disk and close. After a failed write, close quietly."""
         if not self.h5.id.valid:
@@ -351,31 +369,14 @@ class StoreWriter:
                 os.fsync(self.h5.id.get_vfd_handle())  # flush() does not reach the disk; this does
         except (OSError, RuntimeError, ValueError, TypeError) as err:
             if not self.broken:
-                self.broken = True
+                self._abandon_pending_writes()
                 raise WriteError(self.h5.filename, self.committed, err) from None
         finally:
-            with _quiet_unraisable(self.broken):
-                self.datasets.clear()
-                gc.collect()  # release the dataset handles here, while their close errors are silenced
-                try:
-                    self.h5.close()
-                except (OSError, RuntimeError):
-                    pass  # the committed rows were flushed before the failure; nothing more can be saved
-
-
-@contextlib.contextmanager
-def _quiet_unraisable(active: bool):
-    """After a failed write, h5py reports the same failure again while it garbage-collects each
-    handle ("Exception ignored in ... _dealloc"); the user has already been told, once."""
-    if not active:
-        yield
-        return
-    previous = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: None
-    try:
-        yield
-    finally:
-        sys.unraisablehook = previous
+            self.datasets.clear()
+            try:
+                self.h5.close()
+            except (OSError, RuntimeError):
+                pass  # the committed rows were flushed before the failure; nothing more can be saved
 
 
 class WriteError(VitExtractError):
