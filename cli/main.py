@@ -51,6 +51,7 @@ class Resize(str, Enum):
 class Decode(str, Enum):
     draft = "draft"
     full = "full"
+    gpu = "gpu"
 
 
 class Dtype(str, Enum):
@@ -97,7 +98,7 @@ def run(
     project_dim: Annotated[Optional[int], typer.Option(help="Add a projector Linear(D → P) after the final norm (the bridge to a language model).", min=1, show_default=False)] = None,
     layer: Annotated[Optional[list[int]], typer.Option("--layer", help="Also store hidden states after block K as layers/K (repeatable; -2 = penultimate).", show_default=False)] = None,
     resize: Annotated[Resize, typer.Option(help="squash: straight to the input size; crop: shorter side + centre crop; pad: letterbox.")] = Resize.squash,
-    decode: Annotated[Optional[Decode], typer.Option(help="draft: decode large JPEGs at a reduced scale (fast); full: exact decode. Default: draft for the seed encoders, full for qwen3-vl.", show_default=False)] = None,
+    decode: Annotated[Optional[Decode], typer.Option(help="draft: decode large JPEGs at a reduced scale (fast); full: exact decode; gpu: JPEGs decoded and resized on the GPU (nvJPEG through torchvision; elsewhere falls back to draft and says so). Default: draft for the seed encoders, full for qwen3-vl.", show_default=False)] = None,
     resolution: Annotated[str, typer.Option(help="qwen3-vl: native (the checkpoint processor's rule; token count varies) or N (every image N×N, N a multiple of 32).")] = "native",
     features: Annotated[Optional[str], typer.Option(help="qwen3-vl: also store last_hidden (before the merger) and/or deepstack (the three DeepStack features), comma-separated.", show_default=False)] = None,
     batch_size: Annotated[str, typer.Option(help="Images per batch, or auto.", parser=_batch_size)] = "auto",
@@ -105,6 +106,7 @@ def run(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto = bfloat16 where the hardware computes it natively, else float32.")] = Dtype.auto,
     out_dtype: Annotated[OutDtype, typer.Option(help="Stored dtype.")] = OutDtype.float16,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder: faster batches after a one-off compilation (its time is in the summary); worth it for large runs.")] = False,
     files_from: Annotated[Optional[str], typer.Option(help="Read paths from FILE, one per line (- for stdin).", show_default=False)] = None,
     ext: Annotated[Optional[str], typer.Option(help="Extensions to pick up in folders, comma-separated. Default: jpg,jpeg,png,webp,bmp,gif,tif,tiff.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run into the same file.")] = False,
@@ -127,7 +129,7 @@ def run(
         features=tuple(f.strip() for f in (features or "").split(",") if f.strip()),
         batch_size=batch_size, workers=workers, device=device, dtype=dtype.value,
         out_dtype=out_dtype.value, files_from=files_from, extensions=ext, resume=resume,
-        overwrite=overwrite,
+        overwrite=overwrite, compile=compile,
     )
     inputs = [str(p) for p in paths or ()]
     try:

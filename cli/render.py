@@ -83,7 +83,10 @@ def run_summary(console: Console, result) -> None:
         )
     table.add_row("weights", weights)
     table.add_row("compute", f"{result.device}, {result.compute_dtype}")
-    table.add_row("time", f"{result.seconds:.1f} s, {result.images_per_second:.1f} images/s")
+    time_text = f"{result.seconds:.1f} s, {result.images_per_second:.1f} images/s"
+    if "compile" in result.timings:
+        time_text += f" (including {result.timings['compile']:.1f} s of torch.compile)"
+    table.add_row("time", time_text)
     if result.skipped:
         table.add_row("resumed", f"{result.skipped} inputs already in the file (as rows or failures) were skipped")
     if result.duplicates_dropped:

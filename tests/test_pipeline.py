@@ -193,3 +193,19 @@ def test_a_writer_error_is_final(tmp_path):
     with pytest.raises(WriteError):  # …and again at close: it is never forgotten
         async_writer.close(True)
     assert Failing.calls == 1 and writer.closed_complete is False
+
+
+def test_compile_gives_the_eager_tokens_and_reports_its_compilation_time(photos, tmp_path):
+    eager = tmp_path / "eager.h5"
+    vitcore.extract([photos], eager, EXACT, layers=(0,))
+    compiled = tmp_path / "compiled.h5"
+    result = vitcore.extract([photos], compiled, EXACT, layers=(0,), compile=True)
+    assert result.complete and 0 < result.timings["compile"] <= result.timings["compute"]
+    keys, tokens, _ = _rows(compiled)
+    ref_keys, ref_tokens, _ = _rows(eager)
+    assert keys == ref_keys
+    np.testing.assert_allclose(tokens, ref_tokens, rtol=1e-5, atol=1e-5)  # 8 images: batches of 3, 3 and 2
+    with h5py.File(compiled) as f, h5py.File(eager) as g:
+        np.testing.assert_allclose(f["layers/0"][:], g["layers/0"][:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError, match="--compile works with the seed encoders"):
+        vitcore.extract([photos], tmp_path / "q.h5", EXACT, model="qwen3-vl", weights=str(tmp_path), compile=True)

@@ -28,7 +28,6 @@ from vitcore.errors import OutputExistsError, UsageError, VitExtractError, Weigh
 from vitcore.lock import OutputLockedError
 from vitcore.pipeline import ExtractOptions
 from vitcore.preprocess import PreprocessConfig, load_image, normalize_on_device
-from vitcore.store import StoreWriter
 from vitcore.weights import build_encoder
 
 EXACT = ExtractOptions(model=TINY, out_dtype="float32", dtype="float32", device="cpu", workers=0, batch_size=4)
@@ -297,6 +296,34 @@ def test_sigkill_at_random_moments_never_loses_committed_rows_and_resume_complet
         assert attrs["complete"] and keys == ref_keys
         np.testing.assert_array_equal(tokens, ref_tokens)  # batch boundaries coincide: bit-identical
     assert any(0 < n < len(ref_keys) for n in outcomes), outcomes  # kills did land mid-run
+
+
+def test_resume_survives_string_references_a_killed_run_left_past_the_recorded_end(tmp_path):
+    # The state a SIGKILL left once in about 400 kills: the chunk of `paths` holds the dead run's
+    # heap references for rows past the recorded extent (its data reached the disk, the new extent
+    # did not), pointing at strings that never did. HDF5 frees what an element refers to when the
+    # element is written again, so the resumed run broke the heap ("bad heap index").
+    folder = tmp_path / "imgs"
+    _small_images(folder, 64)
+    out = tmp_path / "out.h5"
+    vitcore.extract([folder], out, EXACT)
+    ref_keys, ref_tokens, _ = _keys_tokens(out)
+    with h5py.File(out, "r+") as f:
+        paths = f["paths"]
+        _, chunk = paths.id.read_direct_chunk((0,))
+        refs = [struct.unpack("<IQI", chunk[i * 16:(i + 1) * 16]) for i in range(64)]  # (length, heap, index)
+        unwritten = max(index for _, _, index in refs) + 1
+        stale = bytearray(chunk)
+        for j, row in enumerate(range(60, 64)):
+            length, heap, _ = refs[row]
+            stale[row * 16:(row + 1) * 16] = struct.pack("<IQI", length, heap, unwritten + j)
+        paths.resize(60, axis=0)
+        paths.id.write_direct_chunk((0,), bytes(stale))
+        f.attrs["committed"], f.attrs["complete"] = 60, False
+    result = vitcore.extract([folder], out, EXACT, resume=True)
+    keys, tokens, attrs = _keys_tokens(out)
+    assert result.written == 4 and attrs["complete"] and keys == ref_keys
+    np.testing.assert_array_equal(tokens, ref_tokens)
 
 
 def test_no_worker_inherits_a_writable_handle_on_the_output(tmp_path, monkeypatch):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitcore.preprocess import PreprocessConfig, load_image
+from vitcore.preprocess import PreprocessConfig, load_image, read_jpeg
 from vitcore.sources import Source
 
 
@@ -31,6 +31,9 @@ class Batch:
     pixels: torch.Tensor | list[torch.Tensor]  # (B, S, S, 3) uint8; a list of (H_i, W_i, 3) when sizes differ
     sizes: list[tuple[int, int]]  # original upright (width, height) per decoded image
     failures: list[Failure]
+    # --decode gpu: JPEGs still encoded, as (source index, upright size, 1-D uint8 bytes); the
+    # main process decodes them on the device (gpu_decode.GpuJpegDecoder) and merges them in.
+    jpegs: list[tuple[int, tuple[int, int], torch.Tensor]] = field(default_factory=list)
 
     def pin_memory(self) -> "Batch":  # called by the DataLoader's pinning thread on CUDA
         if isinstance(self.pixels, list):
@@ -66,6 +69,7 @@ def describe_error(err: BaseException) -> str:
 
 class ImageDataset(Dataset):
     """Items are (index, pixels or None, size, error or None); holds no open files (fork-safe).
+    Pixels are (H, W, 3) uint8, or a JPEG's 1-D bytes with ``decode="gpu"`` (decoded on the device).
 
     ``cfg`` is the seed encoders' PreprocessConfig, or any object whose ``load(path)`` returns
     (uint8 (H, W, 3) pixels, original size), such as the Qwen3-VL image loader.
@@ -81,6 +85,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         try:
             if isinstance(self.cfg, PreprocessConfig):
+                encoded = read_jpeg(self.paths[index]) if self.cfg.decode == "gpu" else None
+                if encoded is not None:
+                    return index, *encoded, None  # 1-D bytes: decoded on the device
                 pixels, size = load_image(self.paths[index], self.cfg)
             else:
                 pixels, size = self.cfg.load(self.paths[index])
@@ -90,7 +97,9 @@ class ImageDataset(Dataset):
 
 
 def collate(items) -> Batch:
-    ok = [item for item in items if item[3] is None]
+    decoded = [item for item in items if item[3] is None]
+    ok = [item for item in decoded if item[1].ndim == 3]  # (H, W, 3) pixels
+    jpegs = [(i, size, torch.from_numpy(data)) for i, data, size, _ in decoded if data.ndim == 1]
     failures = [Failure(index=i, error=err) for i, _, _, err in items if err is not None]
     if ok and len({item[1].shape for item in ok}) > 1:  # native resolution: sizes differ
         pixels = [torch.from_numpy(np.require(item[1], requirements=("C", "W"))) for item in ok]
@@ -103,6 +112,7 @@ def collate(items) -> Batch:
         pixels=pixels,
         sizes=[item[2] for item in ok],
         failures=failures,
+        jpegs=jpegs,
     )
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vitcore import __version__
+from vitcore import __version__, gpu_decode
 from vitcore.config import EncoderConfig
 from vitcore.device import OUT_DTYPES, dtype_name, resolve_device, resolve_dtype
 from vitcore.errors import Interrupted, UsageError, VitExtractError
@@ -67,6 +67,7 @@ class ExtractOptions:
     resume: bool = False
     overwrite: bool = False
     shard: tuple[int, int] | None = None  # (I, N): only inputs [I·T/N, (I+1)·T/N); resumed automatically
+    compile: bool = False  # torch.compile the seed encoder (compiled on the first batch; time reported)
 
 
 @dataclass
@@ -243,6 +244,12 @@ def extract(
         # A shard file is an intermediate product of one launch: a rerun continues it.
         opts = dataclasses.replace(opts, resume=not opts.overwrite)
     validate_options(opts)
+    if is_qwen3vl(opts.model):
+        if opts.compile:
+            raise UsageError("--compile works with the seed encoders (small, base, large, custom), not qwen3-vl")
+        if opts.decode == "gpu":
+            raise UsageError("--decode gpu works with the seed encoders; qwen3-vl decodes on the CPU exactly as "
+                             "its processor does (--decode full)")
     output = str(output)
     check_output(output, opts.resume, opts.overwrite)
     device = resolve_device(opts.device)
@@ -267,6 +274,8 @@ def _extract_locked(
     found: Discovery, output: str, opts: ExtractOptions, device: torch.device, dtype: torch.dtype,
     progress, stop: StopFlag, shard: ShardRecord | None = None,
 ) -> ExtractResult:
+    notes: list[str] = []  # things the summary must say about how this run was set up
+    finish_batch = None  # --decode gpu: decodes a batch's JPEGs on the device
     if is_qwen3vl(opts.model):
         run_batch, settings, prep, info, encoder_name = _build_qwen3vl(opts, device, dtype)
     else:
@@ -275,8 +284,15 @@ def _extract_locked(
         )
         layers = _normalise_layers(opts.layers, encoder.cfg.depth)
         prep = PreprocessConfig(image_size=encoder.cfg.image_size, resize=opts.resize, decode=opts.decode or "draft")
+        if prep.decode == "gpu":
+            reason = gpu_decode.unavailable_reason(device)
+            if reason is None:
+                finish_batch = gpu_decode.GpuJpegDecoder(prep, device)
+            else:  # the file records the decode actually used
+                notes.append(f"--decode gpu {reason}: JPEGs were decoded on the CPU (draft) instead")
+                prep = dataclasses.replace(prep, decode="draft")
         settings = _settings(encoder, info, opts, prep, layers, device, dtype)
-        run_batch = BatchEncoder(encoder, settings, prep, device, dtype)
+        run_batch = BatchEncoder(encoder, settings, prep, device, dtype, compile=opts.compile)
         encoder_name = encoder.cfg.name
     if shard is not None:
         settings = dataclasses.replace(settings, shard=shard.to_json())
@@ -332,6 +348,8 @@ def _extract_locked(
                     break
                 timings["decode_wait"] += time.perf_counter() - tick
                 tick = time.perf_counter()
+                if finish_batch is not None:
+                    batch = finish_batch(batch, sources)
                 rows = run_batch(batch, sources)
                 timings["compute"] += time.perf_counter() - tick
                 tick = time.perf_counter()
@@ -368,6 +386,8 @@ def _extract_locked(
             f"continue with the same command plus --resume",
             stop.signal_number,
         )
+    if getattr(run_batch, "compile_seconds", None):
+        timings["compile"] = run_batch.compile_seconds  # part of "compute"
     return ExtractResult(
         output=output,
         found=len(found.sources),
@@ -387,7 +407,7 @@ def _extract_locked(
         complete=complete,
         duplicates_dropped=found.skipped_duplicates,
         timings=timings,
-        warnings=run_batch.warnings,
+        warnings=notes + run_batch.warnings,
     )
 
 
@@ -498,9 +518,12 @@ class BatchEncoder:
     """
 
     def __init__(self, encoder: VisionEncoder, settings: StoreSettings, prep: PreprocessConfig,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, compile: bool = False):
         self.encoder, self.settings, self.prep = encoder, settings, prep
         self.device, self.dtype = device, dtype
+        # torch.compile traces on the first call (and once more for the first batch of another size).
+        self.features = torch.compile(encoder.forward_features) if compile else encoder.forward_features
+        self.compile_seconds: float | None = None if not compile else 0.0
         self.max_chunk: int | None = None  # images per forward pass, once memory ran out
         self.warnings: list[str] = []
         self.nonfinite_images = 0
@@ -539,7 +562,12 @@ class BatchEncoder:
             parts = [self._forward(part) for part in x.split(self.max_chunk)]
             return _concat(parts)
         try:
-            return self.encoder.forward_features(x, self.settings.layers)
+            if self.compile_seconds == 0.0:  # the first call compiles: time it apart from the rest
+                tick = time.perf_counter()
+                out = self.features(x, self.settings.layers)
+                self.compile_seconds = time.perf_counter() - tick
+                return out
+            return self.features(x, self.settings.layers)
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not _is_out_of_memory(err):
                 raise

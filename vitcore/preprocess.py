@@ -6,6 +6,7 @@ Everything a worker does to an image is here and is recorded in the output file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import asdict, dataclass
@@ -14,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 RESIZE_MODES = ("squash", "crop", "pad")
-DECODE_MODES = ("draft", "full")
+DECODE_MODES = ("draft", "full", "gpu")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
@@ -27,14 +28,15 @@ EXIF_ORIENTATION = 0x0112
 class PreprocessConfig:
     image_size: int = 224  # output side in pixels (square)
     resize: str = "squash"  # squash: straight to S×S; crop: shorter side to S, centre crop; pad: letterbox
-    decode: str = "draft"  # draft: JPEG decoded at a reduced scale when much larger than needed
+    decode: str = "draft"  # draft: JPEG decoded at a reduced scale when much larger than needed; full; gpu
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
     def to_json(self) -> str:
         record = asdict(self)
         record.update(
-            interpolation="bicubic (Pillow, antialiased)",
+            interpolation="bicubic (Pillow, antialiased; on the GPU for JPEGs decoded there)"
+            if self.decode == "gpu" else "bicubic (Pillow, antialiased)",
             background=list(BACKGROUND),
             pad_color=list(PAD_COLOR),
             draft_margin=DRAFT_MARGIN,
@@ -71,26 +73,47 @@ def decode_rgb(path: str, decode: str, wanted) -> tuple[Image.Image, tuple[int, 
     ``wanted(width, height)`` is the size the picture will be resized to; with ``decode="draft"``
     a JPEG is decoded at the smallest DCT scale that keeps DRAFT_MARGIN × that size.
     """
+    with _pillow_checks(), Image.open(path) as img:
+        img.seek(0)  # first frame of animations and multi-page files
+        width, height, orientation = _upright_size(img)
+        if decode == "draft" and img.format == "JPEG":
+            want_w, want_h = wanted(width, height)
+            if orientation in (5, 6, 7, 8):
+                want_w, want_h = want_h, want_w
+            img.draft(None, (want_w * DRAFT_MARGIN, want_h * DRAFT_MARGIN))
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+        rgb = to_rgb(upright)
+    return rgb, (width, height)
+
+
+def read_jpeg(path: str) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """--decode gpu, in a worker: a JPEG the GPU decoder takes → (its bytes as 1-D uint8, upright
+    (width, height)) from the header alone; None for anything else (it is decoded on the CPU)."""
+    with _pillow_checks(), Image.open(path) as img:
+        if img.format != "JPEG" or img.mode not in ("RGB", "L"):  # CMYK / YCCK: Pillow converts them
+            return None
+        width, height, _ = _upright_size(img)
+    return np.fromfile(path, dtype=np.uint8), (width, height)
+
+
+@contextlib.contextmanager
+def _pillow_checks():
     with warnings.catch_warnings():
         # Pillow's other warnings (odd EXIF or TIFF tags) would only clutter the user's terminal
         # from the worker processes; over MAX_IMAGE_PIXELS is a failure (decompression bombs).
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            img.seek(0)  # first frame of animations and multi-page files
-            width, height = img.size
-            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-            if orientation in (5, 6, 7, 8):  # rotated by 90°: the upright picture is h × w
-                width, height = height, width
-            if decode == "draft" and img.format == "JPEG":
-                want_w, want_h = wanted(width, height)
-                if orientation in (5, 6, 7, 8):
-                    want_w, want_h = want_h, want_w
-                img.draft(None, (want_w * DRAFT_MARGIN, want_h * DRAFT_MARGIN))
-            img.load()
-            upright = ImageOps.exif_transpose(img)
-            rgb = to_rgb(upright)
-    return rgb, (width, height)
+        yield
+
+
+def _upright_size(img: Image.Image) -> tuple[int, int, int]:
+    """(width, height) of the picture once its EXIF orientation is applied, and the orientation."""
+    width, height = img.size
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation in (5, 6, 7, 8):  # rotated by 90°: the upright picture is h × w
+        width, height = height, width
+    return width, height, orientation
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

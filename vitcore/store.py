@@ -233,6 +233,9 @@ class StoreWriter:
             writer.datasets[name].resize(end, axis=0)
         for name in FAILED_DATASETS:
             writer.datasets[name].resize(writer.failed_committed, axis=0)
+        for name, rows in (("paths", writer.committed), ("failed/paths", writer.failed_committed),
+                           ("failed/errors", writer.failed_committed)):
+            _clear_stale_strings(writer.datasets[name], rows)
         h5.attrs["complete"] = False
         h5.attrs["device"] = settings.device
         h5.attrs["roots"] = json.dumps(roots)
@@ -377,6 +380,21 @@ class StoreWriter:
                 self.h5.close()
             except (OSError, RuntimeError):
                 pass  # the committed rows were flushed before the failure; nothing more can be saved
+
+
+def _clear_stale_strings(ds: h5py.Dataset, rows: int) -> None:
+    """Overwrite whatever a killed run left past row ``rows`` of a string dataset with the fill value.
+
+    A string element is a reference into HDF5's global heap, and HDF5 frees the string an element
+    refers to when the element is written again. After a kill, the chunk holding row ``rows`` can
+    carry the dead run's references past the dataset's recorded end (its data reached the disk,
+    its new extent did not); writing those rows again would free heap objects that never reached
+    the disk, or that new rows now use. Growing the dataset over those chunks and shrinking it back
+    makes HDF5 fill them, without following the references.
+    """
+    chunk = ds.chunks[0]
+    ds.resize((rows // chunk + 2) * chunk, axis=0)  # the dead run may have begun the next chunk
+    ds.resize(rows, axis=0)
 
 
 class WriteError(VitExtractError):

@@ -1,0 +1,125 @@
+"""Correctness of the GPU paths, checked on the GPU itself (the test suite runs on CPUs only).
+
+    python bench/cuda_check.py            # on a CUDA machine; elsewhere it checks the same on the CPU
+
+Each check prints PASS or FAIL with its numbers; the exit status is the number of failures.
+  1. seed encoder: float32 on the device equals the CPU float32 reference (TF32 off);
+     bfloat16 stays close to it (cosine similarity per token).
+  2. Qwen3-VL packed attention: the path taken on the device (variable-length flash attention
+     where torch has it) equals one SDPA call per image.
+  3. extract() on the device: the same rows as on the CPU, with --batch-size auto and pinned memory;
+     --compile gives the eager rows.
+  4. --decode gpu: nvJPEG + the on-device resize against Pillow's decode + resize.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import vitcore  # noqa: E402
+from vitcore import qwen3vl  # noqa: E402
+from vitcore.weights import build_encoder  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
+failures = 0
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    global failures
+    failures += not ok
+    print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+
+
+def seed_encoder() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    pixels = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    reference, _ = build_encoder("small")
+    with torch.inference_mode():
+        expected = reference.forward_features(pixels)[0]  # (4, 256, 512), CPU float32
+        for dtype in (torch.float32, torch.bfloat16):
+            encoder, _ = build_encoder("small", device=DEVICE, dtype=dtype)
+            got = encoder.forward_features(pixels.to(DEVICE, dtype))[0].float().cpu()
+            if dtype == torch.float32:
+                err = ((got - expected).abs().max() / expected.abs().max()).item()
+                check("seed encoder float32", err < 1e-4, f"max error {err:.1e} of the largest value")
+            else:
+                cos = F.cosine_similarity(got, expected, dim=-1).min().item()
+                check("seed encoder bfloat16", cos > 0.99, f"lowest per-token cosine similarity {cos:.4f}")
+
+
+def packed_attention() -> None:
+    lengths = [1024, 256, 600, 400]
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(16, sum(lengths), 72, generator=gen).to(DEVICE, dtype) for _ in range(3))
+    with torch.inference_mode():
+        got = qwen3vl.attend_within_images(q, k, v, lengths).float()
+        per_image = torch.cat([F.scaled_dot_product_attention(a, b, c) for a, b, c in
+                               zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))], 1).float()
+    path = "variable-length flash attention" if DEVICE.type == "cuda" and qwen3vl._VARLEN["usable"] else "per-image SDPA"
+    err = (got - per_image).abs().max().item()
+    check(f"Qwen3-VL packed attention ({path}, {dtype})", err < (2e-2 if dtype == torch.bfloat16 else 1e-6),
+          f"max difference {err:.1e} from one SDPA call per image")
+
+
+def end_to_end() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        common = dict(model="small", dtype="float32", out_dtype="float32", workers=2)
+        cpu = vitcore.extract([SAMPLES], Path(tmp) / "cpu.h5", device="cpu", batch_size=4, **common)
+        dev = vitcore.extract([SAMPLES], Path(tmp) / "dev.h5", device=str(DEVICE), batch_size="auto", **common)
+        comp = vitcore.extract([SAMPLES], Path(tmp) / "comp.h5", device=str(DEVICE), batch_size=4, compile=True,
+                               **common)
+        with h5py.File(Path(tmp) / "cpu.h5") as a, h5py.File(Path(tmp) / "dev.h5") as b, \
+                h5py.File(Path(tmp) / "comp.h5") as c:
+            same_keys = list(a["paths"]) == list(b["paths"]) == list(c["paths"])
+            ref = a["tokens"][:]
+            err = np.abs(b["tokens"][:] - ref).max() / np.abs(ref).max()
+            err_comp = np.abs(c["tokens"][:] - ref).max() / np.abs(ref).max()
+        check(f"extract on {DEVICE} (batch auto)", same_keys and cpu.rows == dev.rows == 8 and err < 1e-4,
+              f"{dev.rows} rows, max error {err:.1e}; {dev.images_per_second:.1f} images/s")
+        check(f"extract --compile on {DEVICE}", err_comp < 1e-4,
+              f"max error {err_comp:.1e}; compilation {comp.timings.get('compile', 0):.1f} s")
+
+
+def gpu_decode_check() -> None:
+    """nvJPEG + the on-device Pillow resize against Pillow's decode + resize (--decode full)."""
+    from vitcore.gpu_decode import GpuJpegDecoder, unavailable_reason
+    from vitcore.loader import ImageDataset, collate
+    from vitcore.preprocess import PreprocessConfig
+    from vitcore.sources import discover
+
+    reason = unavailable_reason(DEVICE)
+    if reason is not None:
+        check("--decode gpu", DEVICE.type != "cuda", f"not available: {reason}")
+        return
+    sources = discover([str(SAMPLES)]).sources
+    gpu_cfg, full_cfg = PreprocessConfig(decode="gpu"), PreprocessConfig(decode="full")
+    batch = GpuJpegDecoder(gpu_cfg, DEVICE)(collate([ImageDataset(sources, gpu_cfg)[i] for i in range(len(sources))]),
+                                            sources)
+    expected = collate([ImageDataset(sources, full_cfg)[i] for i in range(len(sources))])
+    diff = (batch.pixels.cpu().int() - expected.pixels.int()).abs().float()
+    check("--decode gpu pixels", batch.indices == expected.indices and batch.sizes == expected.sizes
+          and diff.mean().item() < 2, f"{len(batch.indices)} images; against Pillow: mean difference "
+          f"{diff.mean().item():.2f} grey levels, largest {diff.max().item():.0f} (nvJPEG is not libjpeg)")
+
+
+if __name__ == "__main__":
+    print(f"# {torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'no CUDA: checking on the CPU'}; "
+          f"torch {torch.__version__}")
+    for run in (seed_encoder, packed_attention, end_to_end, gpu_decode_check):
+        try:
+            run()
+        except Exception as err:  # a crash is a failed check, and the others still run
+            check(run.__name__, False, f"{type(err).__name__}: {' '.join(str(err).split())[:300]}")
+    sys.exit(failures)

@@ -1,0 +1,166 @@
+"""--decode gpu: JPEGs decoded by nvJPEG on the GPU (torchvision.io.decode_jpeg) and resized there.
+
+Data flow, for the seed encoders:
+
+    worker:  JPEG file → its bytes + upright (width, height) from the header   (no pixel decoding)
+             other formats, and JPEGs in CMYK/YCCK → decoded on the CPU as with --decode full
+    main:    a batch's JPEG bytes → one decode_jpeg call on the device → (3, H, W) uint8 each
+             → resize_on_device (antialiased bicubic, PyTorch's kernel) → (S, S, 3) uint8
+             → merged with the CPU-decoded images in source order
+
+A JPEG the GPU decoder refuses (corrupt, unusual) is decoded again on the CPU, so it ends as a
+row or as a failure with Pillow's reason, as with the other decode modes. Where the GPU decoder is
+not available (no CUDA, no torchvision), extract() decodes on the CPU (draft) and says so; the
+file records the decode that was actually used.
+
+The resize is Pillow's antialiased bicubic done as two matrix products (pillow_bicubic), so a
+JPEG decoded on the GPU gets the pixels of --decode full to within a grey level, wherever the
+JPEG decoders themselves agree (nvJPEG's IDCT and chroma upsampling are not libjpeg's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+
+import torch
+
+from vitcore.loader import Batch, Failure, describe_error
+from vitcore.preprocess import PAD_COLOR, PreprocessConfig, load_image, resized_size
+
+
+def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG bytes (1-D uint8 CPU tensors) → upright RGB (3, H, W) uint8 tensors on ``device``."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why JPEGs cannot be decoded on ``device`` (None: they can), from one tiny real decode."""
+    if device.type != "cuda":
+        return f"needs a CUDA device (this run uses {device})"
+    from PIL import Image
+
+    probe = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 100, 50)).save(probe, format="JPEG")
+    try:
+        _decode_jpegs([torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8)], device)
+    except ImportError:
+        return "needs torchvision (pip install torchvision)"
+    except Exception as err:  # an old torchvision, a build without nvJPEG
+        return f"is not available here ({describe_error(err)})"
+    return None
+
+
+def resize_on_device(image: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """Upright RGB (3, H, W) uint8 → (S, S, 3) uint8 by cfg.resize, on the tensor's device.
+
+    The same geometry and arithmetic as preprocess.resize (Pillow): squash; crop (the centred
+    square of the shorter side, at a fractional offset when needed); pad (scaled to fit, centred
+    on the ImageNet-mean colour).
+    """
+    side = cfg.image_size
+    _, height, width = image.shape
+    box = (0.0, 0.0, float(width), float(height))  # left, top, right, bottom in source pixels
+    out_w = out_h = side
+    if cfg.resize == "crop":
+        short = min(width, height)
+        left, top = (width - short) / 2, (height - short) / 2
+        box = (left, top, left + short, top + short)
+    elif cfg.resize == "pad":
+        out_w, out_h = resized_size(width, height, cfg)
+    x = pillow_bicubic(image, (out_w, out_h), box)  # (3, out_h, out_w)
+    if cfg.resize == "pad":
+        canvas = torch.tensor(PAD_COLOR, dtype=torch.uint8, device=x.device).view(3, 1, 1).repeat(1, side, side)
+        top, left = (side - out_h) // 2, (side - out_w) // 2
+        canvas[:, top:top + out_h, left:left + out_w] = x
+        x = canvas
+    return x.permute(1, 2, 0)  # (S, S, 3)
+
+
+def pillow_bicubic(image: torch.Tensor, size: tuple[int, int], box: tuple[float, float, float, float]) -> torch.Tensor:
+    """Pillow's antialiased bicubic resize of (3, H, W) uint8 as two matrix products on its device.
+
+    As Pillow does it: a horizontal pass rounded to 8 bits, then a vertical one; each output pixel
+    weighs the inputs within 2 × max(1, scale) of its centre by the a = -0.5 cubic, normalised.
+    Pillow's 22-bit fixed-point weights are kept in float32 here, so a pixel can differ by one
+    grey level where a sum lands next to .5.
+    """
+    out_w, out_h = size
+    left, top, right, bottom = box
+    wx = _bicubic_weights(image.shape[2], out_w, left, right, str(image.device))  # (out_w, W)
+    wy = _bicubic_weights(image.shape[1], out_h, top, bottom, str(image.device))  # (out_h, H)
+    x = image.float() @ wx.T  # (3, H, out_w)
+    x = (x + 0.5).floor_().clamp_(0, 255)
+    x = wy @ x  # (3, out_h, out_w)
+    return (x + 0.5).floor_().clamp_(0, 255).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _bicubic_weights(in_size: int, out_size: int, start: float, end: float, device: str) -> torch.Tensor:
+    """(out_size, in_size) float32: row i holds the normalised weights of output pixel i."""
+    scale = (end - start) / out_size
+    filter_scale = max(scale, 1.0)
+    support = 2.0 * filter_scale
+    centre = start + (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale  # (out,)
+    first = (centre - support + 0.5).floor().clamp(min=0)  # Pillow's window: [first, last)
+    last = (centre + support + 0.5).floor().clamp(max=in_size)
+    x = torch.arange(in_size, dtype=torch.float64)  # (in,)
+    t = ((x[None] - centre[:, None] + 0.5) / filter_scale).abs()  # (out, in)
+    a = -0.5
+    w = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                    torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
+    w = w * ((x[None] >= first[:, None]) & (x[None] < last[:, None]))
+    total = w.sum(dim=1, keepdim=True)
+    w = torch.where(total != 0, w / total, w)
+    return w.to(device=device, dtype=torch.float32)
+
+
+class GpuJpegDecoder:
+    """Finishes a batch whose JPEGs the workers left encoded: decode + resize on the device."""
+
+    def __init__(self, cfg: PreprocessConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+
+    def __call__(self, batch: Batch, sources) -> Batch:
+        if not batch.jpegs:
+            return batch
+        decoded = self._decode([data for _, _, data in batch.jpegs])
+        done: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+        failures = list(batch.failures)
+        for (index, size, _), image in zip(batch.jpegs, decoded):
+            if image is not None and (image.shape[2], image.shape[1]) == tuple(size):
+                done[index] = (resize_on_device(image, self.cfg), size)
+                continue
+            try:  # refused on the device: Pillow decodes it, or says why it cannot
+                pixels, size = load_image(sources[index].path, self.cfg)
+                done[index] = (torch.from_numpy(pixels).to(self.device), size)
+            except Exception as err:
+                failures.append(Failure(index=index, error=describe_error(err)))
+        cpu_pixels = batch.pixels.to(self.device, non_blocking=True) if len(batch.indices) else None
+        for position, index in enumerate(batch.indices):
+            done[index] = (cpu_pixels[position], batch.sizes[position])
+        order = sorted(done)
+        side = self.cfg.image_size
+        pixels = (torch.stack([done[i][0] for i in order]) if order
+                  else torch.empty((0, side, side, 3), dtype=torch.uint8, device=self.device))
+        return dataclasses.replace(
+            batch, indices=order, pixels=pixels, sizes=[done[i][1] for i in order],
+            failures=sorted(failures, key=lambda f: f.index), jpegs=[],
+        )
+
+    def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """One call for the batch; if it fails (one bad file fails them all), one call per image."""
+        try:
+            return list(_decode_jpegs(datas, self.device))
+        except Exception:
+            pass
+        out: list[torch.Tensor | None] = []
+        for data in datas:
+            try:
+                out.append(_decode_jpegs([data], self.device)[0])
+            except Exception:
+                out.append(None)
+        return out
