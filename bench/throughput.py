@@ -89,8 +89,9 @@ def interleaved_rates(forwards: dict, pixels: torch.Tensor, repeats: int, min_se
     return result
 
 
-def peak_memory_gib(forward, pixels: torch.Tensor) -> float | None:
-    """Peak allocated device memory of one forward pass, weights included (CUDA only)."""
+def peak_memory_gib(forward, pixels: torch.Tensor, baseline: int) -> float | None:
+    """Peak allocated device memory of one forward pass above ``baseline`` bytes, which is what was
+    allocated before this encoder was built: its weights count, other encoders' do not (CUDA only)."""
     if pixels.device.type != "cuda":
         return None
     torch.cuda.empty_cache()
@@ -98,7 +99,7 @@ def peak_memory_gib(forward, pixels: torch.Tensor) -> float | None:
     with torch.inference_mode():
         forward(pixels)
     sync(pixels.device)
-    return torch.cuda.max_memory_allocated(pixels.device) / 2**30
+    return (torch.cuda.max_memory_allocated(pixels.device) - baseline) / 2**30
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -180,26 +181,28 @@ def bench_encoders(args, device, dtypes, rows: list[dict]) -> None:
             pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
             forwards, compile_s, memory = {}, {}, {}
             for name, make in makers:
+                baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
                 model, call = make(cfg, device, dtype)
                 eager = (lambda m, c: lambda x: c(m, x))(model, call)
-                variants = [(name, eager)]
+                memory[name] = (peak_memory_gib(eager, pixels[:1], baseline), peak_memory_gib(eager, pixels, baseline))
+                forwards[name] = eager
                 if args.compile and preset in args.compile_presets and name != "timm Eva (RoPE)":
-                    variants.append((name + " compiled", torch.compile(eager)))
-                for label, forward in variants:
+                    compiled = torch.compile(eager, dynamic=False)  # one shape: no recompilation
                     start = time.perf_counter()
                     with torch.inference_mode():
-                        forward(pixels)  # a compiled one compiles now
+                        compiled(pixels)
                     sync(device)
-                    compile_s[label] = time.perf_counter() - start if forward is not eager else None
-                    memory[label] = (peak_memory_gib(forward, pixels[:1]), peak_memory_gib(forward, pixels))
-                    forwards[label] = forward
+                    label = name + " compiled"
+                    compile_s[label] = time.perf_counter() - start
+                    memory[label] = (None, peak_memory_gib(compiled, pixels, baseline))
+                    forwards[label] = compiled
             rates = interleaved_rates(forwards, pixels, args.repeats, args.min_seconds)
             for label, (rate, ratio) in rates.items():
                 row = {
                     "section": "encoder", "preset": preset, "dtype": dtype_name(dtype), "batch": batch,
                     "what": label, "images_per_s": rate, "ratio": ratio,
                     "mfu": rate * flops_per_image(cfg) / (peak[dtype] * 1e12) if peak[dtype] else None,
-                    "compile_s": compile_s[label],
+                    "compile_s": compile_s.get(label),
                     "peak_gib_batch1": memory[label][0], "peak_gib": memory[label][1],
                 }
                 rows.append(row)
@@ -327,7 +330,7 @@ def bench_end_to_end(args, device, rows: list[dict]) -> None:
         variants = [("vit-extract (defaults)", {})]
         if device.type == "cuda":
             variants.append(("vit-extract --decode gpu", {"decode": "gpu"}))
-        if args.compile:
+        if args.e2e_compile:
             variants.append(("vit-extract --compile", {"compile": True}))
         for pool in ("none", "mean"):
             start = time.perf_counter()
@@ -408,6 +411,7 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=2.0, help="length of each timed run")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd encoders (ours, timm ViT)")
     parser.add_argument("--compile-presets", default=None, help="comma-separated presets to compile (default: all)")
+    parser.add_argument("--e2e-compile", action="store_true", help="also run end to end with --compile")
     parser.add_argument("--e2e-images", type=int, default=96, help="JPEGs for the end-to-end runs (0: skip)")
     parser.add_argument("--e2e-preset", default="small")
     parser.add_argument("--workers", type=int, default=None)
@@ -431,19 +435,25 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     print(HEADER, file=sys.stderr, flush=True)
     rows: list[dict] = []
-    if "encoder" not in skip:
-        bench_encoders(args, device, dtypes, rows)
-    if "memory" not in skip and device.type == "cpu":
-        bench_cpu_memory(args, dtypes, rows)
-    if "e2e" not in skip and args.e2e_images:
-        bench_end_to_end(args, device, rows)
-    if "startup" not in skip:
-        bench_startup(args, rows)
+    sections = [
+        ("encoder", lambda: bench_encoders(args, device, dtypes, rows)),
+        ("memory", lambda: bench_cpu_memory(args, dtypes, rows) if device.type == "cpu" else None),
+        ("e2e", lambda: bench_end_to_end(args, device, rows) if args.e2e_images else None),
+        ("startup", lambda: bench_startup(args, rows)),
+    ]
+    for section, run in sections:
+        if section in skip:
+            continue
+        try:  # one section failing (or a time limit) must not lose the others' figures
+            run()
+        except Exception as err:
+            rows.append({"section": section, "what": f"FAILED: {type(err).__name__}: {' '.join(str(err).split())[:200]}"})
+            print(format_row(rows[-1]), file=sys.stderr, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": name, "torch": torch.__version__, "rows": rows}, indent=1))
     print(HEADER)
     for row in rows:
         print(format_row(row))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": name, "torch": torch.__version__, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

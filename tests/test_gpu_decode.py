@@ -53,13 +53,25 @@ def test_the_on_device_resize_is_pillows_to_within_one_grey_level(photos, mode):
 
 
 def _pillow_stand_in(datas, device):
-    """Decodes like nvJPEG through torchvision: upright RGB (3, H, W); one bad file fails the call."""
+    """Decodes like nvJPEG through torchvision: RGB (3, H, W) as stored, EXIF orientation not
+    applied; one bad file fails the whole call."""
     out = []
     for data in datas:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
-            out.append(torch.from_numpy(np.asarray(ImageOps.exif_transpose(img).convert("RGB")).copy())
-                       .permute(2, 0, 1).to(device))
+            out.append(torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).to(device))
     return out
+
+
+def test_exif_orientation_is_applied_as_pillow_applies_it():
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        stored.save(buffer, format="PNG", exif=exif)
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(buffer)).convert("RGB"))
+        got = gpu_decode.exif_orient(torch.from_numpy(np.asarray(stored).copy()).permute(2, 0, 1), orientation)
+        np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), expected, err_msg=f"orientation {orientation}")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -75,11 +87,13 @@ def test_jpegs_decoded_in_the_main_process_keep_every_row_and_failure_in_place(p
     vitcore.extract([photos], tmp_path / "full.h5", EXACT, decode="full", workers=workers)
 
     calls = []
+    monkeypatch.setattr(gpu_decode, "MAX_DECODE_PIXELS", 300_000)  # a few photos per decode call
     monkeypatch.setattr(gpu_decode, "unavailable_reason", lambda device: None)
     monkeypatch.setattr(gpu_decode, "_decode_jpegs", lambda datas, device: calls.append(len(datas))
                         or _pillow_stand_in(datas, device))
     result = vitcore.extract([photos], tmp_path / "gpu.h5", EXACT, decode="gpu", workers=workers)
-    assert not result.warnings and result.complete and calls  # the device path ran
+    assert result.complete and len(calls) > 2  # the device path ran, in several calls
+    assert result.warnings == ["JPEGs the GPU decoder refused, decoded by Pillow instead: 1"]  # the truncated one
     keys, tokens, sizes, failed, prep = _read(tmp_path / "gpu.h5")
     ref_keys, ref_tokens, ref_sizes, ref_failed, _ = _read(tmp_path / "full.h5")
     assert prep["decode"] == "gpu" and "on the GPU" in prep["interpolation"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -365,6 +366,10 @@ import os, sys
 from vitcore.store import StoreWriter
 if sys.argv[1] in ("inside HDF5", "no tmpfs"):  # the check before writing cannot see a disk filled by someone else
     StoreWriter._check_space = lambda self, rows: None
+if sys.argv[1] == "no tmpfs, creating":  # fail while the new file is laid out
+    def full(*args):
+        raise OSError(28, "No space left on device")
+    StoreWriter._lay_out = full
 if sys.argv[1] == "no tmpfs":  # fail the write call itself once the file passes ~300 KiB
     real_write = StoreWriter._write
     def write_until_full(self, rows):
@@ -414,6 +419,37 @@ def test_a_full_disk_is_a_clear_error_with_committed_rows_kept_and_resumable(tmp
         np.testing.assert_array_equal(tokens, ref_tokens)
     finally:
         if real_disk:
+            subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_disk_too_full_to_create_the_output_is_a_clear_error_that_leaves_nothing(tmp_path):
+    folder = tmp_path / "imgs"
+    _small_images(folder, 4)
+    disk = tmp_path / "disk"
+    real_disk = _mount_small_disk(disk, "1m")
+    try:
+        if real_disk:
+            filler = os.open(disk / "filler.bin", os.O_WRONLY | os.O_CREAT)
+            with contextlib.suppress(OSError):  # until every block is taken
+                while True:
+                    os.write(filler, b"\0" * 4096)
+        # No block free: the lock file cannot be written. Then 1 and 1 block more: the lock file
+        # can, the new HDF5 file cannot (its superblock, then its datasets).
+        for free_blocks in (0, 1, 1) if real_disk else (1,):
+            if real_disk and free_blocks:
+                os.ftruncate(filler, os.fstat(filler).st_size - 4096 * free_blocks)
+            out = disk / "out.h5"
+            failed = subprocess.run(
+                [sys.executable, "-c", _FULL_DISK_RUN, "inside HDF5" if real_disk else "no tmpfs, creating",
+                 "run", str(folder), "-o", str(out), "--model", TINY, "--workers", "0", "--device", "cpu"],
+                capture_output=True, text=True, cwd=PROJECT, timeout=120)
+            assert failed.returncode == 1, failed.stderr[-2000:]
+            error_lines = [line for line in failed.stderr.splitlines() if line.strip()]
+            assert len(error_lines) == 1 and "disk is full" in error_lines[0], failed.stderr[-2000:]
+            assert [p.name for p in disk.iterdir() if p.name != "filler.bin"] == []  # no output, no leftovers
+    finally:
+        if real_disk:
+            os.close(filler)
             subprocess.run(["umount", str(disk)], check=False)
 
 

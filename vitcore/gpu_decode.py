@@ -2,10 +2,12 @@
 
 Data flow, for the seed encoders:
 
-    worker:  JPEG file → its bytes + upright (width, height) from the header   (no pixel decoding)
-             other formats, and JPEGs in CMYK/YCCK → decoded on the CPU as with --decode full
-    main:    a batch's JPEG bytes → one decode_jpeg call on the device → (3, H, W) uint8 each
-             → resize_on_device (antialiased bicubic, PyTorch's kernel) → (S, S, 3) uint8
+    worker:  JPEG file → its bytes, upright (width, height) and EXIF orientation from the header
+             (no pixel decoding); other formats, and JPEGs in CMYK/YCCK → decoded on the CPU as
+             with --decode full
+    collate: a batch's JPEG bytes → one buffer (EncodedJpegs)
+    main:    → decode_jpeg on the device, up to MAX_DECODE_PIXELS per call → (3, H, W) uint8 each
+             → exif_orient → resize_on_device (Pillow's bicubic as matrix products) → (S, S, 3)
              → merged with the CPU-decoded images in source order
 
 A JPEG the GPU decoder refuses (corrupt, unusual) is decoded again on the CPU, so it ends as a
@@ -30,11 +32,34 @@ from vitcore.loader import Batch, Failure, describe_error
 from vitcore.preprocess import PAD_COLOR, PreprocessConfig, load_image, resized_size
 
 
+MAX_DECODE_PIXELS = 1 << 28  # pixels decoded per call (≈ 0.8 GB of RGB), so large photos fit
+
+
 def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """JPEG bytes (1-D uint8 CPU tensors) → upright RGB (3, H, W) uint8 tensors on ``device``."""
+    """JPEG bytes (1-D uint8 CPU tensors) → RGB (3, H, W) uint8 tensors on ``device``, as stored
+    (torchvision applies EXIF orientation only when decoding on the CPU; exif_orient does it here)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+
+
+def exif_orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(3, H, W) as stored → upright, as Pillow's ImageOps.exif_transpose turns it."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip((-2, -1))
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(image, -1, (-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip((-2, -1))
+    if orientation == 8:
+        return torch.rot90(image, 1, (-2, -1))
+    return image
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -98,16 +123,16 @@ def pillow_bicubic(image: torch.Tensor, size: tuple[int, int], box: tuple[float,
     return (x + 0.5).floor_().clamp_(0, 255).to(torch.uint8)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)
 def _bicubic_weights(in_size: int, out_size: int, start: float, end: float, device: str) -> torch.Tensor:
     """(out_size, in_size) float32: row i holds the normalised weights of output pixel i."""
     scale = (end - start) / out_size
     filter_scale = max(scale, 1.0)
     support = 2.0 * filter_scale
-    centre = start + (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale  # (out,)
+    centre = start + (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * scale  # (out,)
     first = (centre - support + 0.5).floor().clamp(min=0)  # Pillow's window: [first, last)
     last = (centre + support + 0.5).floor().clamp(max=in_size)
-    x = torch.arange(in_size, dtype=torch.float64)  # (in,)
+    x = torch.arange(in_size, dtype=torch.float64, device=device)  # (in,)
     t = ((x[None] - centre[:, None] + 0.5) / filter_scale).abs()  # (out, in)
     a = -0.5
     w = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
@@ -119,26 +144,36 @@ def _bicubic_weights(in_size: int, out_size: int, start: float, end: float, devi
 
 
 class GpuJpegDecoder:
-    """Finishes a batch whose JPEGs the workers left encoded: decode + resize on the device."""
+    """Finishes a batch whose JPEGs the workers left encoded: decode + orient + resize on the device.
+
+    ``refused`` counts the JPEGs the device decoder would not take (Pillow decoded them instead).
+    """
 
     def __init__(self, cfg: PreprocessConfig, device: torch.device):
         self.cfg, self.device = cfg, device
+        self.refused = 0
 
     def __call__(self, batch: Batch, sources) -> Batch:
-        if not batch.jpegs:
+        jpegs = batch.jpegs
+        if jpegs is None:
             return batch
-        decoded = self._decode([data for _, _, data in batch.jpegs])
         done: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
         failures = list(batch.failures)
-        for (index, size, _), image in zip(batch.jpegs, decoded):
-            if image is not None and (image.shape[2], image.shape[1]) == tuple(size):
-                done[index] = (resize_on_device(image, self.cfg), size)
-                continue
-            try:  # refused on the device: Pillow decodes it, or says why it cannot
-                pixels, size = load_image(sources[index].path, self.cfg)
-                done[index] = (torch.from_numpy(pixels).to(self.device), size)
-            except Exception as err:
-                failures.append(Failure(index=index, error=describe_error(err)))
+        for group in _groups_by_pixels(jpegs.sizes, MAX_DECODE_PIXELS):
+            decoded = self._decode([jpegs.file(i) for i in group])
+            for i, image in zip(group, decoded, strict=True):
+                index, size = jpegs.indices[i], jpegs.sizes[i]
+                if image is not None:
+                    image = exif_orient(image, jpegs.orientations[i])
+                if image is not None and tuple(image.shape) == (3, size[1], size[0]):
+                    done[index] = (resize_on_device(image, self.cfg), size)
+                    continue
+                self.refused += 1
+                try:  # refused on the device: Pillow decodes it, or says why it cannot
+                    pixels, size = load_image(sources[index].path, self.cfg)
+                    done[index] = (torch.from_numpy(pixels).to(self.device), size)
+                except Exception as err:
+                    failures.append(Failure(index=index, error=describe_error(err)))
         cpu_pixels = batch.pixels.to(self.device, non_blocking=True) if len(batch.indices) else None
         for position, index in enumerate(batch.indices):
             done[index] = (cpu_pixels[position], batch.sizes[position])
@@ -148,11 +183,11 @@ class GpuJpegDecoder:
                   else torch.empty((0, side, side, 3), dtype=torch.uint8, device=self.device))
         return dataclasses.replace(
             batch, indices=order, pixels=pixels, sizes=[done[i][1] for i in order],
-            failures=sorted(failures, key=lambda f: f.index), jpegs=[],
+            failures=sorted(failures, key=lambda f: f.index), jpegs=None,
         )
 
     def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """One call for the batch; if it fails (one bad file fails them all), one call per image."""
+        """One call for the group; if it fails (one bad file fails them all), one call per image."""
         try:
             return list(_decode_jpegs(datas, self.device))
         except Exception:
@@ -164,3 +199,16 @@ class GpuJpegDecoder:
             except Exception:
                 out.append(None)
         return out
+
+
+def _groups_by_pixels(sizes: list[tuple[int, int]], budget: int) -> list[list[int]]:
+    """Consecutive positions, in groups whose pictures hold at most ``budget`` pixels (at least one each)."""
+    groups: list[list[int]] = [[]]
+    total = 0
+    for i, (width, height) in enumerate(sizes):
+        if groups[-1] and total + width * height > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += width * height
+    return groups

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,9 +31,9 @@ class Batch:
     pixels: torch.Tensor | list[torch.Tensor]  # (B, S, S, 3) uint8; a list of (H_i, W_i, 3) when sizes differ
     sizes: list[tuple[int, int]]  # original upright (width, height) per decoded image
     failures: list[Failure]
-    # --decode gpu: JPEGs still encoded, as (source index, upright size, 1-D uint8 bytes); the
-    # main process decodes them on the device (gpu_decode.GpuJpegDecoder) and merges them in.
-    jpegs: list[tuple[int, tuple[int, int], torch.Tensor]] = field(default_factory=list)
+    # --decode gpu: JPEGs still encoded; the main process decodes them on the device
+    # (gpu_decode.GpuJpegDecoder) and merges them in.
+    jpegs: "EncodedJpegs | None" = None
 
     def pin_memory(self) -> "Batch":  # called by the DataLoader's pinning thread on CUDA
         if isinstance(self.pixels, list):
@@ -41,6 +41,38 @@ class Batch:
         else:
             self.pixels = self.pixels.pin_memory()
         return self
+
+
+@dataclass
+class JpegFile:
+    """A worker's item for --decode gpu: a JPEG's bytes and what its header says."""
+
+    data: np.ndarray  # 1-D uint8, the whole file
+    size: tuple[int, int]  # upright (width, height)
+    orientation: int  # EXIF orientation (1 = upright), applied after decoding
+
+
+@dataclass
+class EncodedJpegs:
+    """A batch's JPEGs, still encoded, in one buffer (one shared-memory block, not one per file)."""
+
+    indices: list[int]  # positions in the source list
+    sizes: list[tuple[int, int]]  # upright (width, height)
+    orientations: list[int]
+    data: torch.Tensor  # every file's bytes, one after another (1-D uint8)
+    offsets: list[int]  # file i is data[offsets[i]:offsets[i + 1]]
+
+    @classmethod
+    def gather(cls, items: list[tuple[int, JpegFile]]) -> "EncodedJpegs":
+        offsets = np.concatenate([[0], np.cumsum([len(f.data) for _, f in items])]).tolist()
+        return cls(
+            indices=[i for i, _ in items], sizes=[f.size for _, f in items],
+            orientations=[f.orientation for _, f in items],
+            data=torch.from_numpy(np.concatenate([f.data for _, f in items])), offsets=offsets,
+        )
+
+    def file(self, i: int) -> torch.Tensor:
+        return self.data[self.offsets[i]:self.offsets[i + 1]]
 
 
 def batch_rows(batch: Batch, sources: list[Source], **arrays):
@@ -69,7 +101,7 @@ def describe_error(err: BaseException) -> str:
 
 class ImageDataset(Dataset):
     """Items are (index, pixels or None, size, error or None); holds no open files (fork-safe).
-    Pixels are (H, W, 3) uint8, or a JPEG's 1-D bytes with ``decode="gpu"`` (decoded on the device).
+    Pixels are (H, W, 3) uint8, or a JpegFile with ``decode="gpu"`` (decoded on the device).
 
     ``cfg`` is the seed encoders' PreprocessConfig, or any object whose ``load(path)`` returns
     (uint8 (H, W, 3) pixels, original size), such as the Qwen3-VL image loader.
@@ -87,7 +119,7 @@ class ImageDataset(Dataset):
             if isinstance(self.cfg, PreprocessConfig):
                 encoded = read_jpeg(self.paths[index]) if self.cfg.decode == "gpu" else None
                 if encoded is not None:
-                    return index, *encoded, None  # 1-D bytes: decoded on the device
+                    return index, JpegFile(*encoded), encoded[1], None  # decoded on the device
                 pixels, size = load_image(self.paths[index], self.cfg)
             else:
                 pixels, size = self.cfg.load(self.paths[index])
@@ -98,8 +130,8 @@ class ImageDataset(Dataset):
 
 def collate(items) -> Batch:
     decoded = [item for item in items if item[3] is None]
-    ok = [item for item in decoded if item[1].ndim == 3]  # (H, W, 3) pixels
-    jpegs = [(i, size, torch.from_numpy(data)) for i, data, size, _ in decoded if data.ndim == 1]
+    ok = [item for item in decoded if not isinstance(item[1], JpegFile)]  # (H, W, 3) pixels
+    jpegs = [(item[0], item[1]) for item in decoded if isinstance(item[1], JpegFile)]
     failures = [Failure(index=i, error=err) for i, _, _, err in items if err is not None]
     if ok and len({item[1].shape for item in ok}) > 1:  # native resolution: sizes differ
         pixels = [torch.from_numpy(np.require(item[1], requirements=("C", "W"))) for item in ok]
@@ -112,7 +144,7 @@ def collate(items) -> Batch:
         pixels=pixels,
         sizes=[item[2] for item in ok],
         failures=failures,
-        jpegs=jpegs,
+        jpegs=EncodedJpegs.gather(jpegs) if jpegs else None,
     )
 
 

@@ -52,10 +52,16 @@ class OutputLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
-        os.ftruncate(fd, 0)
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
         self.fd = fd
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:  # who holds it, for a second run's message; the lock itself is already ours
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
+        except OSError as err:
+            self.__exit__()
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise VitExtractError(f"cannot write {self.path}: the disk is full; free some space first") from None
+            raise VitExtractError(f"cannot write the lock file {self.path}: {err.strerror}") from None
         return self
 
     def __exit__(self, *exc) -> None:

@@ -386,6 +386,8 @@ def _extract_locked(
             f"continue with the same command plus --resume",
             stop.signal_number,
         )
+    if finish_batch is not None and finish_batch.refused:
+        notes.append(f"JPEGs the GPU decoder refused, decoded by Pillow instead: {finish_batch.refused}")
     if getattr(run_batch, "compile_seconds", None):
         timings["compile"] = run_batch.compile_seconds  # part of "compute"
     return ExtractResult(
@@ -521,9 +523,11 @@ class BatchEncoder:
                  device: torch.device, dtype: torch.dtype, compile: bool = False):
         self.encoder, self.settings, self.prep = encoder, settings, prep
         self.device, self.dtype = device, dtype
-        # torch.compile traces on the first call (and once more for the first batch of another size).
-        self.features = torch.compile(encoder.forward_features) if compile else encoder.forward_features
+        # torch.compile traces on the first call, for that batch size only (dynamic=False): a later,
+        # smaller batch is padded to it rather than compiled again.
+        self.features = torch.compile(encoder.forward_features, dynamic=False) if compile else encoder.forward_features
         self.compile_seconds: float | None = None if not compile else 0.0
+        self.compiled_batch: int | None = None
         self.max_chunk: int | None = None  # images per forward pass, once memory ran out
         self.warnings: list[str] = []
         self.nonfinite_images = 0
@@ -557,17 +561,28 @@ class BatchEncoder:
             self.warnings[:] = [w for w in self.warnings if note not in w]
             self.warnings.append(f"{self.nonfinite_images} images have {note}{hint}")
 
+    def _forward_compiled(self, x: torch.Tensor):
+        n = x.shape[0]
+        if self.compiled_batch is None:  # the first call compiles: time it apart from the rest
+            tick = time.perf_counter()
+            out = self.features(x, self.settings.layers)
+            self.compile_seconds += time.perf_counter() - tick
+            self.compiled_batch = n
+            return out
+        if n >= self.compiled_batch:
+            return self.features(x, self.settings.layers)
+        padded = torch.cat([x, x.new_zeros((self.compiled_batch - n, *x.shape[1:]))])  # images never mix
+        tokens, hidden = self.features(padded, self.settings.layers)
+        return tokens[:n], {k: h[:n] for k, h in hidden.items()}
+
     def _forward(self, x: torch.Tensor):
         if self.max_chunk is not None and x.shape[0] > self.max_chunk:
             parts = [self._forward(part) for part in x.split(self.max_chunk)]
             return _concat(parts)
         try:
-            if self.compile_seconds == 0.0:  # the first call compiles: time it apart from the rest
-                tick = time.perf_counter()
-                out = self.features(x, self.settings.layers)
-                self.compile_seconds = time.perf_counter() - tick
-                return out
-            return self.features(x, self.settings.layers)
+            if self.compile_seconds is None:
+                return self.features(x, self.settings.layers)
+            return self._forward_compiled(x)
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not _is_out_of_memory(err):
                 raise
@@ -579,6 +594,7 @@ class BatchEncoder:
                 "--dtype bfloat16, or another --device"
             ) from None
         self.max_chunk = x.shape[0] // 2
+        self.compiled_batch = None  # compiled again for the smaller size (padding would undo the split)
         self.warnings.append(
             f"a batch of {x.shape[0]} did not fit in {self.device} memory; continuing with "
             f"{self.max_chunk} per pass (use --batch-size {self.max_chunk} next time)"

@@ -87,14 +87,15 @@ def decode_rgb(path: str, decode: str, wanted) -> tuple[Image.Image, tuple[int, 
     return rgb, (width, height)
 
 
-def read_jpeg(path: str) -> tuple[np.ndarray, tuple[int, int]] | None:
+def read_jpeg(path: str) -> tuple[np.ndarray, tuple[int, int], int] | None:
     """--decode gpu, in a worker: a JPEG the GPU decoder takes → (its bytes as 1-D uint8, upright
-    (width, height)) from the header alone; None for anything else (it is decoded on the CPU)."""
+    (width, height), EXIF orientation) from the header alone; None for anything else (it is
+    decoded on the CPU)."""
     with _pillow_checks(), Image.open(path) as img:
         if img.format != "JPEG" or img.mode not in ("RGB", "L"):  # CMYK / YCCK: Pillow converts them
             return None
-        width, height, _ = _upright_size(img)
-    return np.fromfile(path, dtype=np.uint8), (width, height)
+        width, height, orientation = _upright_size(img)
+    return np.fromfile(path, dtype=np.uint8), (width, height), orientation
 
 
 @contextlib.contextmanager

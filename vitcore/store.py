@@ -163,7 +163,26 @@ class StoreWriter:
         place, so a run killed at any moment leaves no file (or the old one, with --overwrite) or
         a valid one."""
         building = path + ".creating"
-        h5 = _open_h5(building, "w")
+        try:
+            h5 = _open_h5(building, "w")
+        except VitExtractError:
+            with contextlib.suppress(OSError):
+                os.unlink(building)  # HDF5 may have made the file before failing to write it
+            raise
+        try:
+            StoreWriter._lay_out(h5, settings, roots)
+            h5.flush()  # a full disk fails here, while the file is still open (not inside close())
+        except (OSError, RuntimeError) as err:
+            _drop_unwritable(h5)
+            with contextlib.suppress(OSError):
+                os.unlink(building)
+            raise WriteError(path, 0, err) from None
+        h5.close()
+        os.replace(building, path)
+
+    @staticmethod
+    def _lay_out(h5: h5py.File, settings: StoreSettings, roots: list[str]) -> None:
+        """The attributes and the empty, extendable datasets of a new output."""
         attrs = h5.attrs
         attrs["schema_version"] = SCHEMA_VERSION
         attrs["vit_extract_version"] = settings.version
@@ -205,8 +224,6 @@ class StoreWriter:
         h5.create_dataset("failed/paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
         h5.create_dataset("failed/errors", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
         h5.create_dataset("failed/root_index", (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
-        h5.close()
-        os.replace(building, path)
 
     @classmethod
     def reopen(cls, path: str, settings: StoreSettings) -> "StoreWriter":
@@ -226,24 +243,34 @@ class StoreWriter:
             cls.create_file(path, settings, roots)
             return
         writer = cls.reopen(path, settings)
-        h5 = writer.h5
-        for name in writer._row_datasets():
-            writer.datasets[name].resize(writer.committed, axis=0)
-        for name, end in writer.flat_rows.items():
-            writer.datasets[name].resize(end, axis=0)
-        for name in FAILED_DATASETS:
-            writer.datasets[name].resize(writer.failed_committed, axis=0)
-        for name, rows in (("paths", writer.committed), ("failed/paths", writer.failed_committed),
-                           ("failed/errors", writer.failed_committed)):
-            _clear_stale_strings(writer.datasets[name], rows)
-        h5.attrs["complete"] = False
-        h5.attrs["device"] = settings.device
-        h5.attrs["roots"] = json.dumps(roots)
-        for stale in ("shards", "merged", "inputs_sha256"):  # a merged copy, extended: no longer just its shards
-            if stale in h5.attrs:
-                del h5.attrs[stale]
+        try:
+            writer._truncate_to_committed(roots, settings)
+            writer.h5.flush()  # a full disk fails here, while the file is still open
+        except (OSError, RuntimeError) as err:
+            writer._abandon_pending_writes()
+            writer.close(False)
+            raise WriteError(path, writer.committed, err) from None
         writer.datasets.clear()
-        h5.close()
+        writer.h5.close()
+
+    def _truncate_to_committed(self, roots: list[str], settings: StoreSettings) -> None:
+        """Resume: drop the rows past the counters and anything a killed run left past them."""
+        for name in self._row_datasets():
+            self.datasets[name].resize(self.committed, axis=0)
+        for name, end in self.flat_rows.items():
+            self.datasets[name].resize(end, axis=0)
+        for name in FAILED_DATASETS:
+            self.datasets[name].resize(self.failed_committed, axis=0)
+        for name, rows in (("paths", self.committed), ("failed/paths", self.failed_committed),
+                           ("failed/errors", self.failed_committed)):
+            _clear_stale_strings(self.datasets[name], rows)
+        attrs = self.h5.attrs
+        attrs["complete"] = False
+        attrs["device"] = settings.device
+        attrs["roots"] = json.dumps(roots)
+        for stale in ("shards", "merged", "inputs_sha256"):  # a merged copy, extended: no longer just its shards
+            if stale in attrs:
+                del attrs[stale]
 
     def _row_datasets(self) -> list[str]:
         """Datasets with one row per image (truncated to ``committed`` on resume)."""
@@ -351,15 +378,7 @@ class StoreWriter:
         the committed rows, as after a kill (resume trusts the counters, not the dataset lengths).
         """
         self.broken = True
-        try:
-            fd = self.h5.id.get_vfd_handle()
-            with contextlib.suppress(OSError):
-                os.fsync(fd)  # what was committed reaches the disk
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, fd, inheritable=False)
-            os.close(null)
-        except (OSError, RuntimeError, ValueError, TypeError):
-            pass  # not a plain POSIX file: leave it; the close below reports nothing more
+        _point_at_devnull(self.h5)
 
     def close(self, complete: bool) -> None:
         """Record completeness, flush to the disk and close. After a failed write, close quietly."""
@@ -382,6 +401,29 @@ class StoreWriter:
                 pass  # the committed rows were flushed before the failure; nothing more can be saved
 
 
+def _point_at_devnull(h5: h5py.File) -> None:
+    """Sync what reached the file, then give HDF5 /dev/null in its place (see _abandon_pending_writes).
+    Only while the file is open: after a failed close its descriptor may belong to another file."""
+    if not h5.id.valid:
+        return
+    try:
+        fd = h5.id.get_vfd_handle()
+        with contextlib.suppress(OSError):
+            os.fsync(fd)  # what was committed reaches the disk
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd, inheritable=False)
+        os.close(null)
+    except (OSError, RuntimeError, ValueError, TypeError):
+        pass  # not a plain POSIX file: leave it
+
+
+def _drop_unwritable(h5: h5py.File) -> None:
+    """Close a file whose writes failed, without HDF5 retrying them (nor crashing at exit)."""
+    _point_at_devnull(h5)
+    with contextlib.suppress(OSError, RuntimeError):
+        h5.close()
+
+
 def _clear_stale_strings(ds: h5py.Dataset, rows: int) -> None:
     """Overwrite whatever a killed run left past row ``rows`` of a string dataset with the fill value.
 
@@ -393,7 +435,9 @@ def _clear_stale_strings(ds: h5py.Dataset, rows: int) -> None:
     makes HDF5 fill them, without following the references.
     """
     chunk = ds.chunks[0]
-    ds.resize((rows // chunk + 2) * chunk, axis=0)  # the dead run may have begun the next chunk
+    stored = [ds.id.get_chunk_info(i).chunk_offset[0] for i in range(ds.id.get_num_chunks())]
+    end = max([rows, *stored]) // chunk * chunk + chunk  # past every chunk on the disk (rows included)
+    ds.resize(end, axis=0)
     ds.resize(rows, axis=0)
 
 
@@ -417,6 +461,8 @@ def _open_h5(path: str, mode: str) -> h5py.File:
     except OSError as err:
         if isinstance(err, BlockingIOError):
             reason = "another process has it open (is another vit-extract run writing it?)"
+        elif err.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "the disk is full"
         else:
             reason = os.strerror(err.errno) if err.errno else str(err)
         raise VitExtractError(f"cannot open {path} for writing: {reason}") from None
