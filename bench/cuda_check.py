@@ -9,7 +9,7 @@ Each check prints PASS or FAIL with its numbers; the exit status is the number o
      where torch has it) equals one SDPA call per image.
   3. extract() on the device: the same rows as on the CPU, with --batch-size auto and pinned memory;
      --compile gives the eager rows.
-  4. --decode gpu: nvJPEG + the on-device resize against Pillow's decode + resize.
+  4. --decode gpu: nvJPEG + the on-device resize against Pillow's decode + resize, with odd JPEGs.
 """
 
 from __future__ import annotations
@@ -93,7 +93,12 @@ def end_to_end() -> None:
 
 
 def gpu_decode_check() -> None:
-    """nvJPEG + the on-device Pillow resize against Pillow's decode + resize (--decode full)."""
+    """nvJPEG + orientation + the on-device Pillow resize against Pillow's decode + resize
+    (--decode full), on the samples plus odd JPEGs: truncated, greyscale, CMYK, EXIF-rotated."""
+    import shutil
+
+    from PIL import Image
+
     from vitcore.gpu_decode import GpuJpegDecoder, unavailable_reason
     from vitcore.loader import ImageDataset, collate
     from vitcore.preprocess import PreprocessConfig
@@ -103,15 +108,31 @@ def gpu_decode_check() -> None:
     if reason is not None:
         check("--decode gpu", DEVICE.type != "cuda", f"not available: {reason}")
         return
-    sources = discover([str(SAMPLES)]).sources
-    gpu_cfg, full_cfg = PreprocessConfig(decode="gpu"), PreprocessConfig(decode="full")
-    batch = GpuJpegDecoder(gpu_cfg, DEVICE)(collate([ImageDataset(sources, gpu_cfg)[i] for i in range(len(sources))]),
-                                            sources)
-    expected = collate([ImageDataset(sources, full_cfg)[i] for i in range(len(sources))])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for image in SAMPLES.iterdir():
+            if image.suffix in (".jpg", ".png"):
+                shutil.copy(image, folder / image.name)
+        photo = Image.open(SAMPLES / "chelsea.jpg")
+        data = (SAMPLES / "chelsea.jpg").read_bytes()
+        (folder / "x_truncated.jpg").write_bytes(data[: len(data) * 6 // 10])
+        photo.convert("L").save(folder / "x_grey.jpg")
+        photo.convert("CMYK").save(folder / "x_cmyk.jpg")
+        exif = photo.getexif()
+        exif[0x0112] = 6
+        photo.save(folder / "x_rotated.jpg", exif=exif)
+        sources = discover([str(folder)]).sources
+        gpu_cfg, full_cfg = PreprocessConfig(decode="gpu"), PreprocessConfig(decode="full")
+        decoder = GpuJpegDecoder(gpu_cfg, DEVICE)
+        batch = decoder(collate([ImageDataset(sources, gpu_cfg)[i] for i in range(len(sources))]), sources)
+        expected = collate([ImageDataset(sources, full_cfg)[i] for i in range(len(sources))])
     diff = (batch.pixels.cpu().int() - expected.pixels.int()).abs().float()
-    check("--decode gpu pixels", batch.indices == expected.indices and batch.sizes == expected.sizes
-          and diff.mean().item() < 2, f"{len(batch.indices)} images; against Pillow: mean difference "
-          f"{diff.mean().item():.2f} grey levels, largest {diff.max().item():.0f} (nvJPEG is not libjpeg)")
+    same = (batch.indices == expected.indices and batch.sizes == expected.sizes
+            and [f.index for f in batch.failures] == [f.index for f in expected.failures])
+    check("--decode gpu", same and diff.mean().item() < 2,
+          f"{len(batch.indices)} rows, {len(batch.failures)} failures as with Pillow: {same}; refused by the GPU: "
+          f"{decoder.refused}; pixels against Pillow: mean difference {diff.mean().item():.2f} grey levels, "
+          f"largest {diff.max().item():.0f} (nvJPEG is not libjpeg)")
 
 
 if __name__ == "__main__":

@@ -54,9 +54,11 @@ def test_the_on_device_resize_is_pillows_to_within_one_grey_level(photos, mode):
 
 def _pillow_stand_in(datas, device):
     """Decodes like nvJPEG through torchvision: RGB (3, H, W) as stored, EXIF orientation not
-    applied; one bad file fails the whole call."""
+    applied; one file it refuses (here: progressive JPEGs) fails the whole call."""
     out = []
     for data in datas:
+        if b"\xff\xc2" in data.numpy().tobytes():  # a progressive frame header
+            raise RuntimeError("unsupported JPEG")
         with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
             out.append(torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).to(device))
     return out
@@ -84,6 +86,7 @@ def test_jpegs_decoded_in_the_main_process_keep_every_row_and_failure_in_place(p
     exif[0x0112] = 6
     rotated.save(photos / "e_rotated.jpg", exif=exif)
     (photos / "f_text.jpg").write_text("not a picture")
+    Image.open(photos / "chelsea.jpg").save(photos / "g_progressive.jpg", progressive=True)
     vitcore.extract([photos], tmp_path / "full.h5", EXACT, decode="full", workers=workers)
 
     calls = []
@@ -93,11 +96,13 @@ def test_jpegs_decoded_in_the_main_process_keep_every_row_and_failure_in_place(p
                         or _pillow_stand_in(datas, device))
     result = vitcore.extract([photos], tmp_path / "gpu.h5", EXACT, decode="gpu", workers=workers)
     assert result.complete and len(calls) > 2  # the device path ran, in several calls
-    assert result.warnings == ["JPEGs the GPU decoder refused, decoded by Pillow instead: 1"]  # the truncated one
+    # The truncated JPEG has no end marker: Pillow decodes it in the worker (and fails); the
+    # progressive one is refused by the stand-in and decoded by Pillow in the main process.
+    assert result.warnings == ["JPEGs the GPU decoder refused, decoded by Pillow instead: 1"]
     keys, tokens, sizes, failed, prep = _read(tmp_path / "gpu.h5")
     ref_keys, ref_tokens, ref_sizes, ref_failed, _ = _read(tmp_path / "full.h5")
     assert prep["decode"] == "gpu" and "on the GPU" in prep["interpolation"]
-    assert keys == ref_keys and "d_cmyk.jpg" in keys and "e_rotated.jpg" in keys
+    assert keys == ref_keys and {"d_cmyk.jpg", "e_rotated.jpg", "g_progressive.jpg"} <= set(keys)
     assert failed == ref_failed == ["c_truncated.jpg", "f_text.jpg"]
     np.testing.assert_array_equal(sizes, ref_sizes)
     assert tuple(sizes[keys.index("e_rotated.jpg")]) == (rotated.height, rotated.width)  # upright

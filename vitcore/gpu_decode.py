@@ -171,7 +171,7 @@ class GpuJpegDecoder:
                 self.refused += 1
                 try:  # refused on the device: Pillow decodes it, or says why it cannot
                     pixels, size = load_image(sources[index].path, self.cfg)
-                    done[index] = (torch.from_numpy(pixels).to(self.device), size)
+                    done[index] = (torch.from_numpy(pixels.copy()).to(self.device), size)
                 except Exception as err:
                     failures.append(Failure(index=index, error=describe_error(err)))
         cpu_pixels = batch.pixels.to(self.device, non_blocking=True) if len(batch.indices) else None

@@ -95,7 +95,17 @@ def read_jpeg(path: str) -> tuple[np.ndarray, tuple[int, int], int] | None:
         if img.format != "JPEG" or img.mode not in ("RGB", "L"):  # CMYK / YCCK: Pillow converts them
             return None
         width, height, orientation = _upright_size(img)
-    return np.fromfile(path, dtype=np.uint8), (width, height), orientation
+    data = np.fromfile(path, dtype=np.uint8)
+    if not _has_end_marker(data):  # truncated: Pillow says so, a GPU decoder may fill in grey
+        return None
+    return data, (width, height), orientation
+
+
+def _has_end_marker(data: np.ndarray, tail: int = 4096) -> bool:
+    """Whether a JPEG's end-of-image marker (FF D9) is in its last ``tail`` bytes (some cameras
+    append a little data after it)."""
+    end = data[-tail:]
+    return bool(np.any((end[:-1] == 0xFF) & (end[1:] == 0xD9)))
 
 
 @contextlib.contextmanager
