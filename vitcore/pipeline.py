@@ -409,8 +409,15 @@ def _extract_locked(
         complete=complete,
         duplicates_dropped=found.skipped_duplicates,
         timings=timings,
-        warnings=notes + run_batch.warnings,
+        warnings=notes + run_batch.warnings + _nonfinite_note(writer.nonfinite_rows, opts.out_dtype),
     )
+
+
+def _nonfinite_note(rows: int, out_dtype: str) -> list[str]:
+    if not rows:
+        return []
+    hint = " (float16 overflows above 65504: try --out-dtype float32)" if out_dtype == "float16" else ""
+    return [f"{rows} images have token values that are not finite (inf or NaN){hint}"]
 
 
 def is_qwen3vl(model) -> bool:
@@ -530,7 +537,6 @@ class BatchEncoder:
         self.compiled_batch: int | None = None
         self.max_chunk: int | None = None  # images per forward pass, once memory ran out
         self.warnings: list[str] = []
-        self.nonfinite_images = 0
 
     def __call__(self, batch: Batch, sources) -> Rows:
         settings = self.settings
@@ -541,27 +547,17 @@ class BatchEncoder:
             x = normalize_on_device(pixels, self.prep.mean, self.prep.std, self.dtype)  # (B, 3, S, S)
             tokens, hidden = self._forward(x)  # (B, N, P), {K: (B, N, D)}
             store_dtype = getattr(torch, out_dtype)
-            # Pooling and the mean token are computed in float32 whatever the compute dtype.
-            mean = tokens.float().mean(dim=1).to(store_dtype).cpu().numpy() if pool == "none" else None
-            stored = pool_tokens(tokens.float(), pool).to(store_dtype)  # (B, N, P) or (B, P), on the device
-            out_tokens = stored.cpu().numpy()
-            # Counted where it is fastest: on a GPU, not in a host pass over 100+ MB a batch; on the
-            # CPU numpy's check is 2× torch's for float16.
-            self._note_nonfinite(_count_nonfinite(stored if stored.is_cuda else out_tokens), out_dtype)
-            out_layers = {k: pool_tokens(h.float(), pool).to(store_dtype).cpu().numpy() for k, h in hidden.items()}
+            # Pooling and the mean token are computed in float32 whatever the compute dtype. The
+            # results stay on the device: the writer thread copies them to the host (and counts
+            # non-finite rows), so this thread goes on to the next batch without waiting for this one.
+            mean = tokens.float().mean(dim=1).to(store_dtype) if pool == "none" else None
+            out_tokens = pool_tokens(tokens.float(), pool).to(store_dtype)  # (B, N, P) or (B, P)
+            out_layers = {k: pool_tokens(h.float(), pool).to(store_dtype) for k, h in hidden.items()}
         else:  # every image of this batch failed: empty rows, failures only
             out_tokens = np.empty((0, *settings.token_shape), out_dtype)
             mean = np.empty((0, settings.token_shape[-1]), out_dtype) if pool == "none" else None
             out_layers = {k: np.empty((0, *settings.layer_shape), out_dtype) for k in settings.layers}
         return batch_rows(batch, sources, tokens=out_tokens, mean=mean, layers=out_layers)
-
-    def _note_nonfinite(self, bad: int, out_dtype: str) -> None:
-        if bad:
-            self.nonfinite_images += bad
-            note = "token values that are not finite (inf or NaN)"
-            hint = " (float16 overflows above 65504: try --out-dtype float32)" if out_dtype == "float16" else ""
-            self.warnings[:] = [w for w in self.warnings if note not in w]
-            self.warnings.append(f"{self.nonfinite_images} images have {note}{hint}")
 
     def _forward_compiled(self, x: torch.Tensor):
         n = x.shape[0]
@@ -602,13 +598,6 @@ class BatchEncoder:
             f"{self.max_chunk} per pass (use --batch-size {self.max_chunk} next time)"
         )
         return self._forward(x)
-
-
-def _count_nonfinite(tokens) -> int:
-    """Rows of a (B, …) tensor or array with any inf or NaN."""
-    if isinstance(tokens, torch.Tensor):
-        return int((~torch.isfinite(tokens.reshape(len(tokens), -1))).any(dim=1).sum())
-    return int((~np.isfinite(tokens.reshape(len(tokens), -1))).any(axis=1).sum())
 
 
 def _concat(parts):

@@ -22,6 +22,7 @@ Only rows below ``committed`` (and failures below ``failed_committed``) are trus
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -94,7 +95,7 @@ class Rows:
     keys: list[str]
     root_index: np.ndarray  # (n,) int32, into the file's roots
     image_size: np.ndarray  # (n, 2) int32
-    tokens: np.ndarray  # (n, *token_shape)
+    tokens: np.ndarray  # (n, *token_shape); tokens, mean and layers may be device tensors until append()
     mean: np.ndarray | None = None  # (n, D) when tokens are unpooled
     layers: dict[int, np.ndarray] = field(default_factory=dict)
     failed_keys: list[str] = field(default_factory=list)
@@ -104,6 +105,26 @@ class Rows:
     grid_thw: np.ndarray | None = None  # (n, 3) int32
     features: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)  # name → (values, counts)
 
+    def nonfinite_rows(self) -> int:
+        """Images whose tokens hold inf or NaN (counted on the tokens' device); 0 for ragged tokens."""
+        if self.num_tokens is not None or not len(self.tokens):
+            return 0
+        if _is_tensor(self.tokens):
+            import torch  # already loaded by whoever made the tensor; this module stays torch-free
+
+            return int((~torch.isfinite(self.tokens.reshape(len(self.tokens), -1))).any(dim=1).sum())
+        return int((~np.isfinite(self.tokens.reshape(len(self.tokens), -1))).any(axis=1).sum())
+
+    def to_host(self) -> "Rows":
+        """The same rows with every array in host memory (the encoder may hand over device tensors)."""
+        def host(a):
+            return a.cpu().numpy() if _is_tensor(a) else a
+
+        return dataclasses.replace(
+            self, tokens=host(self.tokens), mean=host(self.mean),
+            layers={k: host(v) for k, v in self.layers.items()},
+        )
+
     def nbytes(self) -> int:
         arrays = [self.tokens, self.image_size, self.root_index, *self.layers.values()]
         arrays += [values for values, _ in self.features.values()]
@@ -111,6 +132,11 @@ class Rows:
             arrays.append(self.mean)
         strings = sum(len(k) + 16 for k in self.keys + self.failed_keys + self.failed_errors)
         return sum(a.nbytes for a in arrays) + strings
+
+
+def _is_tensor(value) -> bool:
+    """A torch tensor, without importing torch here (reading a file must not load it)."""
+    return type(value).__module__.partition(".")[0] == "torch" and hasattr(value, "cpu")
 
 
 def _chunks(row_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -148,6 +174,7 @@ class StoreWriter:
         self.h5 = h5
         self.settings = settings
         self.broken = False  # a write failed: the file holds only what was committed before it
+        self.nonfinite_rows = 0  # images written with inf or NaN tokens
         self.datasets = {
             name: h5[name] for name in self._row_datasets() + self._ragged_arrays() + list(FAILED_DATASETS)
         }
@@ -310,6 +337,12 @@ class StoreWriter:
         """
         if self.broken:
             raise WriteError(self.h5.filename, self.committed, RuntimeError("an earlier write failed"))
+        if _is_tensor(rows.tokens) and rows.tokens.is_cuda:
+            self.nonfinite_rows += rows.nonfinite_rows()  # on the GPU, before the copy
+            rows = rows.to_host()
+        else:
+            rows = rows.to_host()
+            self.nonfinite_rows += rows.nonfinite_rows()  # numpy's check is 2× torch's for float16
         self._check_space(rows)
         try:
             flat_ends = self._write(rows)
