@@ -547,8 +547,8 @@ class BatchEncoder:
             x = normalize_on_device(pixels, self.prep.mean, self.prep.std, self.dtype)  # (B, 3, S, S)
             tokens, hidden = self._forward(x)  # (B, N, P), {K: (B, N, D)}
             store_dtype = getattr(torch, out_dtype)
-            # Pooling and the mean token are computed in float32 whatever the compute dtype. The
-            # results stay on the device: the writer thread copies them to the host (and counts
+            # Pooling and the mean token are computed in float32 whatever the compute dtype. On a GPU
+            # the results stay there: the writer thread copies them to the host (and counts
             # non-finite rows), so this thread goes on to the next batch without waiting for this one.
             mean = tokens.float().mean(dim=1).to(store_dtype) if pool == "none" else None
             out_tokens = pool_tokens(tokens.float(), pool).to(store_dtype)  # (B, N, P) or (B, P)
@@ -557,7 +557,9 @@ class BatchEncoder:
             out_tokens = np.empty((0, *settings.token_shape), out_dtype)
             mean = np.empty((0, settings.token_shape[-1]), out_dtype) if pool == "none" else None
             out_layers = {k: np.empty((0, *settings.layer_shape), out_dtype) for k in settings.layers}
-        return batch_rows(batch, sources, tokens=out_tokens, mean=mean, layers=out_layers)
+        rows = batch_rows(batch, sources, tokens=out_tokens, mean=mean, layers=out_layers)
+        # On the CPU the arrays are already in host memory: hand the writer numpy views at once.
+        return rows if self.device.type == "cuda" else rows.to_host()
 
     def _forward_compiled(self, x: torch.Tensor):
         n = x.shape[0]
