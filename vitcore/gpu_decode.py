@@ -3,8 +3,8 @@
 Data flow, for the seed encoders:
 
     worker:  JPEG file → its bytes, upright (width, height) and EXIF orientation from the header
-             (no pixel decoding); other formats, and JPEGs in CMYK/YCCK → decoded on the CPU as
-             with --decode full
+             (no pixel decoding); other formats, JPEGs in CMYK/YCCK and JPEGs without an end
+             marker (truncated) → decoded on the CPU as with --decode full
     collate: a batch's JPEG bytes → one buffer (EncodedJpegs)
     main:    → decode_jpeg on the device, up to MAX_DECODE_PIXELS per call → (3, H, W) uint8 each
              → exif_orient → resize_on_device (Pillow's bicubic as matrix products) → (S, S, 3)
