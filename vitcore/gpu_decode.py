@@ -29,7 +29,7 @@ import io
 import torch
 
 from vitcore.loader import Batch, Failure, describe_error
-from vitcore.preprocess import PAD_COLOR, PreprocessConfig, load_image, resized_size
+from vitcore.preprocess import PAD_COLOR, PreprocessConfig, load_image, resize_plan
 
 
 MAX_DECODE_PIXELS = 1 << 28  # pixels decoded per call (≈ 0.8 GB of RGB), so large photos fit
@@ -80,26 +80,15 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def resize_on_device(image: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    """Upright RGB (3, H, W) uint8 → (S, S, 3) uint8 by cfg.resize, on the tensor's device.
-
-    The same geometry and arithmetic as preprocess.resize (Pillow): squash; crop (the centred
-    square of the shorter side, at a fractional offset when needed); pad (scaled to fit, centred
-    on the ImageNet-mean colour).
-    """
+    """Upright RGB (3, H, W) uint8 → (S, S, 3) uint8 by cfg.resize, on the tensor's device, with
+    the geometry of preprocess.resize_plan and Pillow's arithmetic."""
     side = cfg.image_size
     _, height, width = image.shape
-    box = (0.0, 0.0, float(width), float(height))  # left, top, right, bottom in source pixels
-    out_w = out_h = side
-    if cfg.resize == "crop":
-        short = min(width, height)
-        left, top = (width - short) / 2, (height - short) / 2
-        box = (left, top, left + short, top + short)
-    elif cfg.resize == "pad":
-        out_w, out_h = resized_size(width, height, cfg)
-    x = pillow_bicubic(image, (out_w, out_h), box)  # (3, out_h, out_w)
+    plan = resize_plan(width, height, cfg)
+    x = pillow_bicubic(image, plan.size, plan.box)  # (3, h, w)
     if cfg.resize == "pad":
+        (left, top), (out_w, out_h) = plan.offset, plan.size
         canvas = torch.tensor(PAD_COLOR, dtype=torch.uint8, device=x.device).view(3, 1, 1).repeat(1, side, side)
-        top, left = (side - out_h) // 2, (side - out_w) // 2
         canvas[:, top:top + out_h, left:left + out_w] = x
         x = canvas
     return x.permute(1, 2, 0)  # (S, S, 3)

@@ -58,6 +58,33 @@ def resized_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, i
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+@dataclass(frozen=True)
+class ResizePlan:
+    """How a resize mode maps a picture onto the S × S input, for every resizer (Pillow here,
+    gpu_decode on the device) so the geometry is decided in one place."""
+
+    box: tuple[float, float, float, float]  # (left, top, right, bottom): the source region resampled
+    size: tuple[int, int]  # (width, height) it is resampled to
+    offset: tuple[int, int]  # (left, top) where that lands on the S × S canvas (pad)
+
+
+def resize_plan(width: int, height: int, cfg: PreprocessConfig) -> ResizePlan:
+    """squash: the whole picture to S × S; crop: the centred square of the shorter side (at a
+    fractional offset when needed) to S × S; pad: the whole picture scaled to fit, centred."""
+    side = cfg.image_size
+    whole = (0.0, 0.0, float(width), float(height))
+    if cfg.resize == "squash":
+        return ResizePlan(whole, (side, side), (0, 0))
+    if cfg.resize == "crop":
+        short = min(width, height)
+        left, top = (width - short) / 2, (height - short) / 2
+        return ResizePlan((left, top, left + short, top + short), (side, side), (0, 0))
+    if cfg.resize == "pad":
+        inner_w, inner_h = resized_size(width, height, cfg)
+        return ResizePlan(whole, (inner_w, inner_h), ((side - inner_w) // 2, (side - inner_h) // 2))
+    raise ValueError(f"unknown resize mode {cfg.resize!r}")
+
+
 def load_image(path: str, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int, int]]:
     """Read one file → (S, S, 3) uint8 pixels and the original upright (width, height).
 
@@ -177,22 +204,12 @@ def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
 
 def resize(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """RGB picture → (S, S, 3) uint8 by the configured resize mode (antialiased bicubic)."""
-    side = cfg.image_size
-    width, height = img.size
-    if cfg.resize == "squash":
-        out = img.resize((side, side), Image.Resampling.BICUBIC)
-    elif cfg.resize == "crop":
-        # Shorter side to S, centre crop: resize only the centred square of the source.
-        short = min(width, height)
-        left, top = (width - short) / 2, (height - short) / 2
-        out = img.resize((side, side), Image.Resampling.BICUBIC, box=(left, top, left + short, top + short))
-    elif cfg.resize == "pad":
-        inner_w, inner_h = resized_size(width, height, cfg)
-        inner = img.resize((inner_w, inner_h), Image.Resampling.BICUBIC)
-        out = Image.new("RGB", (side, side), PAD_COLOR)
-        out.paste(inner, ((side - inner_w) // 2, (side - inner_h) // 2))
-    else:
-        raise ValueError(f"unknown resize mode {cfg.resize!r}")
+    plan = resize_plan(*img.size, cfg)
+    out = img.resize(plan.size, Image.Resampling.BICUBIC, box=plan.box)
+    if cfg.resize == "pad":
+        canvas = Image.new("RGB", (cfg.image_size, cfg.image_size), PAD_COLOR)
+        canvas.paste(out, plan.offset)
+        out = canvas
     return np.asarray(out, dtype=np.uint8)  # (S, S, 3)
 
 
