@@ -550,8 +550,9 @@ class BatchEncoder:
             # Pooling and the mean token are computed in float32 whatever the compute dtype. On a GPU
             # the results stay there: the writer thread copies them to the host (and counts
             # non-finite rows), so this thread goes on to the next batch without waiting for this one.
-            mean = tokens.float().mean(dim=1).to(store_dtype) if pool == "none" else None
-            out_tokens = pool_tokens(tokens.float(), pool).to(store_dtype)  # (B, N, P) or (B, P)
+            tokens = tokens.float()  # one float32 copy (none in float32) for both
+            mean = tokens.mean(dim=1).to(store_dtype) if pool == "none" else None
+            out_tokens = pool_tokens(tokens, pool).to(store_dtype)  # (B, N, P) or (B, P)
             out_layers = {k: pool_tokens(h.float(), pool).to(store_dtype) for k, h in hidden.items()}
         else:  # every image of this batch failed: empty rows, failures only
             out_tokens = np.empty((0, *settings.token_shape), out_dtype)
