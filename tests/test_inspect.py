@@ -126,3 +126,20 @@ def test_sheet_file_problems_are_one_line_errors(tmp_path, photos, cli):
     bad = cli("similar", out, "coffee.jpg", "--sheet", tmp_path / "missing" / "h.png", "--json")
     assert bad.exit_code == 1 and "cannot write" in bad.stderr and "Traceback" not in bad.output
     assert json.loads(bad.stdout)["exit_code"] == 1
+
+
+def test_a_new_image_is_encoded_with_the_files_weights_and_refused_when_they_changed(tmp_path, photos):
+    from vitcore.errors import VitExtractError
+    from vitcore.weights import build_encoder, save_weights
+
+    weights = tmp_path / "w.safetensors"
+    save_weights(build_encoder(TINY, seed=5)[0], weights)
+    out = tmp_path / "w.h5"
+    vitcore.extract([photos], out, OPTS, model=None, weights=str(weights))
+    outside = tmp_path / "query.jpg"
+    shutil.copy(photos / "rocket.jpg", outside)
+    hits, kind = similar(str(out), str(outside), k=1)
+    assert kind == "image" and hits[0].key == "rocket.jpg" and hits[0].score > 0.999
+    save_weights(build_encoder(TINY, seed=6)[0], weights)  # same architecture, other values
+    with pytest.raises(VitExtractError, match="has changed since"):
+        similar(str(out), str(outside), k=1)

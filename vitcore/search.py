@@ -51,7 +51,7 @@ def top_k_cosine(blocks, query: np.ndarray, k: int) -> list[tuple[int, float]]:
 
 def query_vector(f: TokenFile, query: str) -> tuple[np.ndarray, str]:
     """The vector for QUERY: a key already in the file, or an image file encoded as the file was."""
-    if query in set(f.keys):
+    if query in f:
         vector, kind = f.mean(query).astype(np.float32), "key"
     elif os.path.isfile(query):
         vector, kind = encode_like(f, query), "image"
@@ -70,7 +70,7 @@ def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
     from vitcore.loader import describe_error
     from vitcore.model import pool_tokens
     from vitcore.preprocess import PreprocessConfig, load_image, normalize_on_device
-    from vitcore.weights import build_encoder, file_sha256
+    from vitcore.weights import build_encoder
 
     settings = f.settings
     if settings["encoder"].get("family") == "qwen3-vl":
@@ -82,9 +82,10 @@ def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
         path = weights.get("path")
         if not path or not os.path.isfile(path):
             raise VitExtractError(f"the weights {path} recorded in {f.path} are gone; cannot encode a new image")
-        if file_sha256(path) != weights.get("sha256"):
-            raise VitExtractError(f"the weights file {path} has changed since {f.path} was made")
-    encoder, _ = build_encoder(cfg, path, seed=weights.get("seed") or 0)
+    # A weights file carries its own architecture; build_encoder hashes it as it loads (once).
+    encoder, info = build_encoder(None if path else cfg, path, seed=weights.get("seed") or 0)
+    if path and info.sha256 != weights.get("sha256"):
+        raise VitExtractError(f"the weights file {path} has changed since {f.path} was made")
     prep_record = settings["preprocessing"]
     prep = PreprocessConfig(
         image_size=prep_record["image_size"], resize=prep_record["resize"], decode=prep_record["decode"],
