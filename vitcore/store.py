@@ -677,15 +677,21 @@ class TokenFile:
             self._keys = list(self.h5["paths"].asstr()[:n]) if n else []
         return self._keys
 
-    def index(self, key: str) -> int:
+    def _key_rows(self) -> dict[str, int]:
         if self._index is None:  # a key found under two roots: the first row wins
             self._index = {}
             for i, k in enumerate(self.keys):
                 self._index.setdefault(k, i)
+        return self._index
+
+    def index(self, key: str) -> int:
         try:
-            return self._index[key]
+            return self._key_rows()[key]
         except KeyError:
             raise KeyError(f"{key!r} is not a row of {self.path}") from None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_rows()
 
     def _row(self, item: int | str) -> int:
         i = self.index(item) if isinstance(item, str) else int(item)

@@ -59,7 +59,7 @@ def pca_maps(token_sets: list[np.ndarray], grids: list[tuple[int, int]], joint: 
 
 
 # -- pictures ----------------------------------------------------------------------------
-def as_encoder_saw_it(path: bytes | str, resize: str, size: tuple[int, int] | None = None) -> Image.Image | None:
+def as_encoder_saw_it(path: bytes | str, resize: str) -> Image.Image | None:
     """The original picture, upright and RGB, framed as the encoder saw it (crop: the centre
     square; pad: letterboxed); None when the file cannot be read any more."""
     try:
@@ -165,8 +165,7 @@ def token_sheet(
 
 def _choose_rows(f: TokenFile, keys: list[str] | None, first: int | None) -> list[int]:
     if keys:
-        known = set(f.keys)
-        missing = [k for k in keys if k not in known]
+        missing = [k for k in keys if k not in f]
         if missing:
             raise UsageError(f"not in {f.path}: {', '.join(missing[:5])}" + (" …" if len(missing) > 5 else ""))
         return [f.index(k) for k in keys]
