@@ -126,11 +126,6 @@ def merge(output: str, shard_paths: list[str], copy: bool = False, overwrite: bo
     return MergeResult(output, sum(s.rows for s in shards), sum(s.failed for s in shards), len(shards), not copy)
 
 
-def _flat_length(h5: h5py.File, name: str, rows: int) -> int:
-    offsets, counts = ragged_index_names(name)
-    return int(h5[offsets][rows - 1]) + int(h5[counts][rows - 1]) if rows else 0
-
-
 def _big_dataset(out, name, shards, handles, lengths, out_dir: str, copy: bool, flat: bool) -> None:
     """``name`` over all shards, ``lengths[i]`` leading rows from shard i: a copy or a virtual view."""
     row_shape = handles[0][name].shape[1:]
@@ -203,26 +198,26 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
         for name in big:
             offsets_name, counts_name = ragged_index_names(name)
             flat = offsets_name in handles[0]
-            if flat:  # flat (Σ tokens, D): rows per shard are its tokens
-                lengths = [_flat_length(h5, name, s.rows) for s, h5 in zip(shards, handles)]
-                bases = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-                offsets = [h5[offsets_name][: s.rows] + base for s, h5, base in zip(shards, handles, bases)]
+            if flat:  # flat (Σ tokens, D): rows per shard are its tokens, up to the last image's end
+                offsets = [h5[offsets_name][: s.rows] for s, h5 in zip(shards, handles)]
                 counts = [h5[counts_name][: s.rows] for s, h5 in zip(shards, handles)]
+                lengths = [int(o[-1]) + int(c[-1]) if len(o) else 0 for o, c in zip(offsets, counts)]
+                bases = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+                offsets = [o + base for o, base in zip(offsets, bases)]
                 out.create_dataset(offsets_name, data=np.concatenate(offsets).astype(np.int64), maxshape=(None,))
                 out.create_dataset(counts_name, data=np.concatenate(counts).astype(np.int32), maxshape=(None,))
             else:
                 lengths = [s.rows for s in shards]
             _big_dataset(out, name, shards, handles, lengths, out_dir, copy, flat)
+        attrs = out.attrs
+        for name in ("encoder", "weights", "preprocessing", "projector", "layers", "vit_extract_version",
+                     "pooling", "compute_dtype", "device", "out_dtype", "ragged", "features"):
+            if name in handles[0].attrs:  # the settings, copied verbatim (resume compares them)
+                attrs[name] = handles[0].attrs[name]
     finally:
         for h5 in handles:
             h5.close()
 
-    attrs = out.attrs
-    with h5py.File(shards[0].path, "r") as h5:  # the settings, copied verbatim (resume compares them)
-        for name in ("encoder", "weights", "preprocessing", "projector", "layers", "vit_extract_version",
-                     "pooling", "compute_dtype", "device", "out_dtype", "ragged", "features"):
-            if name in h5.attrs:
-                attrs[name] = h5.attrs[name]
     attrs["schema_version"] = SCHEMA_VERSION
     attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     attrs["roots"] = json.dumps(roots)
