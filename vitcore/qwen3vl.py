@@ -376,7 +376,7 @@ def read_vision_tensors(folder: str) -> tuple[dict[str, torch.Tensor], str]:
     """Only the ``model.visual.*`` tensors, read by byte range from each shard that holds them,
     and a sha256 over their names and bytes (the weights' identity, without hashing the LM)."""
     tensors: dict[str, torch.Tensor] = {}
-    raw_by_name: dict[str, bytes] = {}
+    raw_by_name: dict[str, bytearray] = {}  # hashed below, before anything can change the tensors
     for shard, names in _safetensors_files(folder).items():
         path = os.path.join(folder, shard)
         with open(path, "rb") as handle:
@@ -388,8 +388,10 @@ def read_vision_tensors(folder: str) -> tuple[dict[str, torch.Tensor], str]:
                 entry = header[name]
                 start, stop = entry["data_offsets"]
                 handle.seek(base + start)
-                raw = bytearray(handle.read(stop - start))
-                raw_by_name[name] = bytes(raw)
+                raw = bytearray(stop - start)  # the tensor below shares it: read once, no copies
+                if handle.readinto(raw) != len(raw):
+                    raise WeightsError(f"{path} is truncated: tensor {name} ends past the end of the file")
+                raw_by_name[name] = raw
                 dtype = _DTYPES.get(entry["dtype"])
                 if dtype is None:
                     raise WeightsError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
