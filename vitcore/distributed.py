@@ -70,11 +70,13 @@ def extract_distributed(paths, output: str, options, progress=False) -> Distribu
         if failed:
             raise _launch_failure(failed, world, output)
         summary = merged = None
-        if this == 0:
-            shards = [shard_path(output, r, world) for r in range(world)]
-            merged = merge(output, shards, overwrite=options.overwrite or options.resume)
-            summary = _combined([result for _, _, result in outcomes], merged)
-        dist.barrier()
+        try:
+            if this == 0:
+                shards = [shard_path(output, r, world) for r in range(world)]
+                merged = merge(output, shards, overwrite=options.overwrite or options.resume)
+                summary = _combined([result for _, _, result in outcomes], merged)
+        finally:
+            dist.barrier()  # also when the merge fails: the other ranks must not wait for a timeout
         return DistributedResult(this, world, summary, merged)
     finally:
         dist.destroy_process_group()
@@ -109,7 +111,6 @@ def _combined(results: list, merged):
         seconds=seconds,
         images_per_second=written / seconds if seconds > 0 else 0.0,
         device=", ".join(dict.fromkeys(r.device for r in results)),
-        duplicates_dropped=first.duplicates_dropped,
         timings={},
         warnings=list(dict.fromkeys(w for r in results for w in r.warnings)),
     )
