@@ -75,10 +75,15 @@ def unescape_key(key: str) -> bytes:
     return bytes(out)
 
 
+def source_path(root: str, key: str) -> bytes:
+    """The file a (root, stored key) pair names (bytes: names need not be UTF-8)."""
+    return os.path.join(os.fsencode(root), unescape_key(key))
+
+
 def file_identity(root: str, key: str) -> bytes:
     """The file a (root, stored key) pair names, as a normalised absolute path: equal for the
     same file however it was spelled (./a, a, /abs/a), used to recognise work already done."""
-    return os.path.normpath(os.path.join(os.fsencode(root), unescape_key(key)))
+    return os.path.normpath(source_path(root, key))
 
 
 def read_file_list(handle: BinaryIO) -> list[str]:

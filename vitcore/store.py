@@ -37,7 +37,7 @@ import h5py
 import numpy as np
 
 from vitcore.errors import OutputExistsError, ResumeMismatchError, UsageError, VitExtractError
-from vitcore.sources import file_identity, unescape_key
+from vitcore.sources import file_identity, source_path
 
 SCHEMA_VERSION = 1
 STRING = h5py.string_dtype("utf-8")
@@ -751,7 +751,7 @@ class TokenFile:
         """The image file a row came from (bytes: names need not be UTF-8)."""
         i = self._row(item)
         root = self.settings["roots"][int(self.h5["root_index"][i])]
-        return os.path.join(os.fsencode(root), unescape_key(self.keys[i]))
+        return source_path(root, self.keys[i])
 
     @property
     def settings(self) -> dict:
