@@ -7,8 +7,9 @@ Each check prints PASS or FAIL with its numbers; the exit status is the number o
      bfloat16 stays close to it (cosine similarity per token).
   2. Qwen3-VL packed attention: the path taken on the device (variable-length flash attention
      where torch has it) equals one SDPA call per image.
-  3. extract() on the device: the same rows as on the CPU, with --batch-size auto and pinned memory;
-     --compile gives the eager rows.
+  3. extract() on the device: the same rows as on the CPU, with --batch-size auto, pinned memory
+     and the device→host copy stream (transfer.py); --compile gives the eager rows; tokens that
+     overflow float16 are counted on the device as on the CPU.
   4. --decode gpu: nvJPEG + the on-device resize against Pillow's decode + resize, with odd JPEGs.
 """
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vitcore  # noqa: E402
 from vitcore import qwen3vl  # noqa: E402
-from vitcore.weights import build_encoder  # noqa: E402
+from vitcore.weights import build_encoder, save_weights  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
@@ -90,6 +91,19 @@ def end_to_end() -> None:
               f"{dev.rows} rows, max error {err:.1e}; {dev.images_per_second:.1f} images/s")
         check(f"extract --compile on {DEVICE}", err_comp < 1e-4,
               f"max error {err_comp:.1e}; compilation {comp.timings.get('compile', 0):.1f} s")
+        # Batches of 3 (8 images: 3 + 3 + 2), so that several copies are in flight at once.
+        loud = Path(tmp) / "loud.safetensors"
+        encoder, _ = build_encoder("small")
+        with torch.no_grad():
+            encoder.norm.weight.mul_(1e6)  # tokens past float16's 65504
+        save_weights(encoder, loud)
+        counts = []
+        for i, device in enumerate(("cpu", str(DEVICE))):
+            result = vitcore.extract([SAMPLES], Path(tmp) / f"loud_{i}.h5", weights=str(loud), device=device,
+                                     dtype="float32", batch_size=3, workers=2)
+            counts.append(" ".join(w for w in result.warnings if "not finite" in w))
+        check(f"non-finite tokens counted on {DEVICE}", counts[0] == counts[1] and counts[0].startswith("8 images"),
+              f"CPU: {counts[0]!r}; {DEVICE}: {counts[1]!r}")
 
 
 def gpu_decode_check() -> None:

@@ -13,11 +13,13 @@ that one ÷ the by-hand script):
             On CUDA: MFU against the bf16 matrix-product rate measured in this run.
   memory    peak device memory of a forward pass at batch 1 and at the timed batch (CUDA: in the
             encoder rows), or the peak resident memory of a fresh process doing the same (CPU).
-  e2e       a generated folder of 640x480 JPEGs to HDF5: `vitcore.extract` with default settings
-            (all tokens as fp16, and --pool mean; on CUDA also --decode gpu; with --compile also
-            --compile) against a by-hand script (DataLoader + PIL + timm
-            Eva + h5py) as users write it: fp32 on the CPU, bf16 autocast on CUDA. Whole calls,
-            model creation included. `h5py ceiling`: raw fp16 token blocks written to the same disk.
+  e2e       a generated folder of 640x480 JPEGs to HDF5, each side in a fresh process of its
+            own: `vit-extract run --json` with default settings (all tokens as fp16, and --pool
+            mean; on CUDA also --decode gpu; with --e2e-compile also --compile) against a by-hand
+            script (DataLoader + PIL + timm Eva + h5py) as users write it: fp32 on the CPU, bf16
+            autocast on CUDA. images/s over each side's run (loader start to closed file, model
+            creation and imports not included); "s": the whole command's wall time.
+            `h5py ceiling`: raw fp16 token blocks written to the same disk.
   startup   `vit-extract --help`, and a cold `vit-extract run` of one image with the small preset.
 """
 
@@ -43,7 +45,6 @@ from PIL import Image
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-import vitcore  # noqa: E402
 from vitcore.config import EncoderConfig, parse_model  # noqa: E402
 from vitcore.device import cpu_has_native_bf16, dtype_name, resolve_device  # noqa: E402
 from vitcore.loader import default_workers  # noqa: E402
@@ -277,8 +278,11 @@ class ByHandImages(torch.utils.data.Dataset):
         return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
 
 
-def by_hand(folder: Path, out: Path, cfg: EncoderConfig, device, batch: int, workers: int, pool: str) -> int:
-    """Folder → DataLoader → timm Eva (our encoder if timm is missing) → h5py, as users write it."""
+def by_hand(folder: Path, out: Path, cfg: EncoderConfig, device, batch: int, workers: int, pool: str) -> dict:
+    """Folder → DataLoader → timm Eva (our encoder if timm is missing) → h5py, as users write it.
+
+    Returns the images written and the seconds from the loader's start to the closed file (the
+    span that vit-extract reports as its own run time)."""
     files = sorted(folder.glob("*.jpg"))
     loader = torch.utils.data.DataLoader(ByHandImages(files, cfg.image_size), batch_size=batch,
                                          num_workers=workers, pin_memory=device.type == "cuda")
@@ -286,6 +290,7 @@ def by_hand(folder: Path, out: Path, cfg: EncoderConfig, device, batch: int, wor
     model, call = make(cfg, device, torch.float32)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     shape = (len(files), cfg.dim) if pool == "mean" else (len(files), cfg.num_tokens, cfg.dim)
+    began = time.perf_counter()
     with h5py.File(out, "w") as f, torch.inference_mode(), autocast:
         tokens = f.create_dataset("tokens", shape, dtype="float16")
         start = 0
@@ -295,7 +300,7 @@ def by_hand(folder: Path, out: Path, cfg: EncoderConfig, device, batch: int, wor
                 y = y.mean(dim=1)
             tokens[start:start + len(y)] = y.float().cpu().numpy()
             start += len(y)
-    return start
+    return {"images": start, "seconds": time.perf_counter() - began, "model": make.__name__}
 
 
 def h5py_ceiling(folder: Path, cfg: EncoderConfig, seconds: float = 5.0) -> float:
@@ -317,7 +322,19 @@ def h5py_ceiling(folder: Path, cfg: EncoderConfig, seconds: float = 5.0) -> floa
     return rate
 
 
+def run_command(command: list[str], env: dict | None = None) -> tuple[dict, float]:
+    """Run a command that prints one JSON object; that object and the command's wall seconds."""
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=PROJECT)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])}… exited {done.returncode}: {done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout), seconds
+
+
 def bench_end_to_end(args, device, rows: list[dict]) -> None:
+    """Each side in a fresh process of its own, as users run them: nothing (allocator state,
+    thread pools, CUDA caches, imports) carries from one to the other."""
     cfg = parse_model(args.e2e_preset)
     work = Path(tempfile.mkdtemp(prefix="vit-extract-bench-", dir=args.workdir))
     try:
@@ -327,30 +344,34 @@ def bench_end_to_end(args, device, rows: list[dict]) -> None:
         print(f"# generated {args.e2e_images} JPEGs in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         workers = args.workers if args.workers is not None else default_workers()
         batch = args.batch or (256 if device.type == "cuda" else 8)
-        variants = [("vit-extract (defaults)", {})]
+        variants = [("vit-extract (defaults)", [])]
         if device.type == "cuda":
-            variants.append(("vit-extract --decode gpu", {"decode": "gpu"}))
+            variants.append(("vit-extract --decode gpu", ["--decode", "gpu"]))
         if args.e2e_compile:
-            variants.append(("vit-extract --compile", {"compile": True}))
+            variants.append(("vit-extract --compile", ["--compile"]))
+        our_workers = [] if args.workers is None else ["--workers", str(args.workers)]
         for pool in ("none", "mean"):
-            start = time.perf_counter()
-            by_hand(images, work / "by_hand.h5", cfg, device, batch, workers, pool)
-            hand_rate = args.e2e_images / (time.perf_counter() - start)
+            hand, command_s = run_command([sys.executable, str(Path(__file__).resolve()), "--by-hand", str(images),
+                                           str(work / "by_hand.h5"), args.e2e_preset, str(device), str(batch),
+                                           str(workers), pool])
             (work / "by_hand.h5").unlink()
-            rows.append({"section": "e2e", "preset": args.e2e_preset, "pool": pool, "what": "by-hand script",
-                         "images_per_s": hand_rate, "batch": batch,
-                         "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32"})
+            hand_rate = hand["images"] / hand["seconds"]
+            rows.append({"section": "e2e", "preset": args.e2e_preset, "pool": pool,
+                         "what": f"by-hand script ({hand['model']})", "images_per_s": hand_rate, "batch": batch,
+                         "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
+                         "seconds": command_s})
             print(format_row(rows[-1]), file=sys.stderr, flush=True)
             for what, extra in variants:
                 out = work / "ours.h5"
-                start = time.perf_counter()
-                result = vitcore.extract([images], out, model=args.e2e_preset, pool=pool, device=str(device),
-                                         workers=args.workers, **extra)
-                rate = args.e2e_images / (time.perf_counter() - start)
+                result, command_s = run_command([
+                    sys.executable, "-m", "cli", "run", str(images), "-o", str(out), "--model", args.e2e_preset,
+                    "--pool", pool, "--device", str(device), "--json", *our_workers, *extra])
                 out.unlink()
+                rate = result["images_per_second"]
                 rows.append({"section": "e2e", "preset": args.e2e_preset, "pool": pool, "what": what,
-                             "images_per_s": rate, "ratio": rate / hand_rate, "dtype": result.compute_dtype,
-                             "batch": "auto", "warnings": result.warnings})
+                             "images_per_s": rate, "ratio": rate / hand_rate, "dtype": result["compute_dtype"],
+                             "batch": "auto", "seconds": command_s, "compile_s": result["timings"].get("compile"),
+                             "warnings": result["warnings"]})
                 print(format_row(rows[-1]), file=sys.stderr, flush=True)
         rows.append({"section": "ceiling", "what": f"h5py fp16 token blocks, {args.e2e_preset}",
                      "images_per_s": h5py_ceiling(work, cfg)})
@@ -418,7 +439,15 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the generated images and outputs go (a temp dir)")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: encoder,memory,e2e,startup")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--by-hand", nargs=7, default=None, metavar=("IMAGES", "OUT", "PRESET", "DEVICE", "BATCH",
+                        "WORKERS", "POOL"), help=argparse.SUPPRESS)  # the e2e section's by-hand child process
     args = parser.parse_args()
+    if args.by_hand:
+        images, out, preset, device, batch, workers, pool = args.by_hand
+        record = by_hand(Path(images), Path(out), parse_model(preset), torch.device(device), int(batch),
+                         int(workers), pool)
+        print(json.dumps(record))
+        return
     device = resolve_device(args.device)
     args.presets = (args.presets or ("small,base,large" if device.type == "cuda" else "small")).split(",")
     if args.dtypes:

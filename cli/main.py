@@ -120,8 +120,10 @@ def run(
     from vitcore.distributed import extract_distributed, launched_by_torchrun, rank
     from vitcore.errors import VitExtractError
     from vitcore.pipeline import ExtractOptions, extract
+    from vitcore.host_memory import keep_freed_host_memory
     from vitcore.shard import parse_shard, shard_path
 
+    keep_freed_host_memory()  # this process runs the encoder: freed activation buffers stay mapped
     options = ExtractOptions(
         model=model, weights=str(weights) if weights else None, seed=seed, pool=pool.value,
         project_dim=project_dim, layers=tuple(layer or ()), resize=resize.value,

@@ -209,3 +209,56 @@ def test_compile_gives_the_eager_tokens_and_reports_its_compilation_time(photos,
         np.testing.assert_allclose(f["layers/0"][:], g["layers/0"][:], rtol=1e-5, atol=1e-5)
     with pytest.raises(UsageError, match="--compile works with the seed encoders"):
         vitcore.extract([photos], tmp_path / "q.h5", EXACT, model="qwen3-vl", weights=str(tmp_path), compile=True)
+
+
+def test_tokens_that_overflow_float16_are_counted_in_a_warning(photos, tmp_path):
+    from vitcore.weights import save_weights
+
+    encoder, _ = build_encoder(TINY, seed=0)
+    with torch.no_grad():
+        encoder.norm.weight.mul_(1e6)  # the final norm's outputs reach ~1e6, past float16's 65504
+    weights = tmp_path / "loud.safetensors"
+    save_weights(encoder, weights)
+    half = vitcore.extract([photos], tmp_path / "half.h5", weights=str(weights), workers=0, batch_size=3)
+    full = vitcore.extract([photos], tmp_path / "full.h5", weights=str(weights), workers=0, out_dtype="float32")
+    assert f"{half.rows} images have token values that are not finite" in " ".join(half.warnings)
+    assert "--out-dtype float32" in " ".join(half.warnings)
+    assert not any("finite" in w for w in full.warnings)
+    with h5py.File(tmp_path / "half.h5") as f:
+        assert np.isinf(f["tokens"][:]).reshape(half.rows, -1).any(axis=1).all()
+
+
+class _LateCopy:
+    """Stands in for a CUDA copy's event: the values reach the host buffer only when waited for."""
+
+    def __init__(self, buffer: np.ndarray, values: np.ndarray):
+        self.buffer, self.values, self.waited = buffer, values, False
+
+    def synchronize(self) -> None:
+        self.buffer[...] = self.values
+        self.waited = True
+
+
+def test_the_writer_waits_for_a_copy_in_flight_before_reading_its_rows(tmp_path):
+    from vitcore.store import Rows, StoreSettings, StoreWriter
+
+    settings = StoreSettings(
+        encoder="{}", weights="{}", weights_identity="seed:0", preprocessing="{}", pooling="none",
+        projector="null", compute_dtype="float32", device="cuda", out_dtype="float16",
+        token_shape=(4, 8), layer_shape=(4, 8),
+    )
+    out = tmp_path / "out.h5"
+    StoreWriter.prepare(str(out), settings, [str(tmp_path)], False)
+    writer = StoreWriter.reopen(str(out), settings)
+    values = np.arange(2 * 4 * 8, dtype=np.float16).reshape(2, 4, 8)
+    values[1, 0, 0] = np.inf
+    buffer = np.zeros_like(values)  # what the host buffer holds while the copy is in flight
+    copy = _LateCopy(buffer, values)
+    rows = Rows(keys=["a.jpg", "b.jpg"], root_index=np.zeros(2, np.int32), image_size=np.ones((2, 2), np.int32),
+                tokens=buffer, mean=buffer.astype(np.float32).mean(axis=1), nonfinite=np.int64(1), ready=copy)
+    writer.append(rows)
+    writer.close(True)
+    assert copy.waited
+    assert writer.nonfinite_rows == 1  # the count made beside the tokens, not a scan of the buffer
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["tokens"][:], values)

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vitcore import __version__, gpu_decode
+from vitcore import __version__, gpu_decode, host_memory
 from vitcore.config import EncoderConfig
 from vitcore.device import OUT_DTYPES, dtype_name, resolve_device, resolve_dtype
 from vitcore.errors import Interrupted, UsageError, VitExtractError
@@ -40,6 +40,7 @@ from vitcore.store import (
     check_output,
     check_resumable,
 )
+from vitcore.transfer import HostCopier
 from vitcore.weights import WeightsInfo, build_encoder
 
 
@@ -144,7 +145,8 @@ def stop_on_signals(stop: StopFlag):
             signal.signal(s, h)
 
 
-def _ignore_stop_signals_in_worker(_worker_id: int) -> None:
+def _init_worker(_worker_id: int) -> None:
+    host_memory.restore_in_child()  # workers give the memory of large images back
     # Ctrl-C, and SIGTERM from timeout/Slurm/systemd, reach the whole process group: the main
     # process decides how to stop and shuts the workers down (they also exit if it dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -321,7 +323,7 @@ def _extract_locked(
     workers = min(workers, max(1, len(sources) // batch_size + 1)) if workers else 0
     loader = make_loader(sources, prep, batch_size, workers, pin_memory=device.type == "cuda")
     if workers:
-        loader.worker_init_fn = _ignore_stop_signals_in_worker
+        loader.worker_init_fn = _init_worker
 
     started = time.perf_counter()
     timings = {"decode_wait": 0.0, "compute": 0.0, "writer_wait": 0.0}
@@ -536,6 +538,7 @@ class BatchEncoder:
         self.compile_seconds: float | None = None if not compile else 0.0
         self.compiled_batch: int | None = None
         self.max_chunk: int | None = None  # images per forward pass, once memory ran out
+        self.to_host = HostCopier(device) if device.type == "cuda" else None
         self.warnings: list[str] = []
 
     def __call__(self, batch: Batch, sources) -> Rows:
@@ -547,9 +550,7 @@ class BatchEncoder:
             x = normalize_on_device(pixels, self.prep.mean, self.prep.std, self.dtype)  # (B, 3, S, S)
             tokens, hidden = self._forward(x)  # (B, N, P), {K: (B, N, D)}
             store_dtype = getattr(torch, out_dtype)
-            # Pooling and the mean token are computed in float32 whatever the compute dtype. On a GPU
-            # the results stay there: the writer thread copies them to the host (and counts
-            # non-finite rows), so this thread goes on to the next batch without waiting for this one.
+            # Pooling and the mean token are computed in float32 whatever the compute dtype.
             tokens = tokens.float()  # one float32 copy (none in float32) for both
             mean = tokens.mean(dim=1).to(store_dtype) if pool == "none" else None
             out_tokens = pool_tokens(tokens, pool).to(store_dtype)  # (B, N, P) or (B, P)
@@ -559,8 +560,9 @@ class BatchEncoder:
             mean = np.empty((0, settings.token_shape[-1]), out_dtype) if pool == "none" else None
             out_layers = {k: np.empty((0, *settings.layer_shape), out_dtype) for k in settings.layers}
         rows = batch_rows(batch, sources, tokens=out_tokens, mean=mean, layers=out_layers)
-        # On the CPU the arrays are already in host memory: hand the writer numpy views at once.
-        return rows if self.device.type == "cuda" else rows.to_host()
+        # On a GPU the results go to the host on a copy stream (transfer.py), and this thread goes
+        # on to the next batch without waiting. On the CPU they are there already: numpy views.
+        return self.to_host(rows) if self.to_host is not None else rows.to_host()
 
     def _forward_compiled(self, x: torch.Tensor):
         n = x.shape[0]

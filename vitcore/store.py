@@ -95,7 +95,7 @@ class Rows:
     keys: list[str]
     root_index: np.ndarray  # (n,) int32, into the file's roots
     image_size: np.ndarray  # (n, 2) int32
-    tokens: np.ndarray  # (n, *token_shape); tokens, mean and layers may be device tensors until append()
+    tokens: np.ndarray  # (n, *token_shape); tokens, mean and layers may be torch tensors until append()
     mean: np.ndarray | None = None  # (n, D) when tokens are unpooled
     layers: dict[int, np.ndarray] = field(default_factory=dict)
     failed_keys: list[str] = field(default_factory=list)
@@ -104,15 +104,15 @@ class Rows:
     num_tokens: np.ndarray | None = None  # (n,) int32 when tokens are ragged: tokens is (Σ, D)
     grid_thw: np.ndarray | None = None  # (n, 3) int32
     features: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)  # name → (values, counts)
+    nonfinite: object = None  # images with inf/NaN tokens, counted where the tokens were made, or None
+    ready: object = None  # an event to wait for before reading the arrays (a copy in flight), or None
 
     def nonfinite_rows(self) -> int:
-        """Images whose tokens hold inf or NaN (counted on the tokens' device); 0 for ragged tokens."""
+        """Images whose tokens hold inf or NaN; 0 for ragged tokens. Call on host rows."""
+        if self.nonfinite is not None:
+            return int(self.nonfinite)
         if self.num_tokens is not None or not len(self.tokens):
             return 0
-        if _is_tensor(self.tokens):
-            import torch  # already loaded by whoever made the tensor; this module stays torch-free
-
-            return int((~torch.isfinite(self.tokens.reshape(len(self.tokens), -1))).any(dim=1).sum())
         return int((~np.isfinite(self.tokens.reshape(len(self.tokens), -1))).any(axis=1).sum())
 
     def to_host(self) -> "Rows":
@@ -337,12 +337,10 @@ class StoreWriter:
         """
         if self.broken:
             raise WriteError(self.h5.filename, self.committed, RuntimeError("an earlier write failed"))
-        if _is_tensor(rows.tokens) and rows.tokens.is_cuda:
-            self.nonfinite_rows += rows.nonfinite_rows()  # on the GPU, before the copy
-            rows = rows.to_host()
-        else:
-            rows = rows.to_host()
-            self.nonfinite_rows += rows.nonfinite_rows()  # numpy's check is 2× torch's for float16
+        if rows.ready is not None:
+            rows.ready.synchronize()  # the copy into these host buffers has finished (transfer.py)
+        rows = rows.to_host()
+        self.nonfinite_rows += rows.nonfinite_rows()
         self._check_space(rows)
         try:
             flat_ends = self._write(rows)
