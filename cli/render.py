@@ -82,7 +82,7 @@ def run_summary(console: Console, result) -> None:
             "pass --weights FILE.safetensors for real features"
         )
     table.add_row("weights", weights)
-    table.add_row("compute", f"{result.device}, {result.compute_dtype}")
+    table.add_row("compute", f"{result.compute_dtype} on {result.device}")
     time_text = f"{result.seconds:.1f} s, {result.images_per_second:.1f} images/s"
     if "compile" in result.timings:
         time_text += f" (including {result.timings['compile']:.1f} s of torch.compile)"
@@ -137,7 +137,7 @@ def info_table(console: Console, s: dict) -> None:
         table.add_row("preprocess", f"resolution {prep['resolution']} (pixels {prep['min_pixels']}–{prep['max_pixels']}), decode {prep['decode']}")
     else:
         table.add_row("preprocess", f"resize {prep['resize']} to {prep['image_size']}, decode {prep['decode']}")
-    table.add_row("compute", f"{s['device']}, {s['compute_dtype']}")
+    table.add_row("compute", f"{s['compute_dtype']} on {s['device']}")
     table.add_row("made", f"{s['created']} by vit-extract {s['vit_extract_version']} (schema {s['schema_version']})")
     table.add_row("roots", "\n".join(escape(r) for r in s["roots"]) or "-")
     if s.get("shard"):

@@ -247,3 +247,30 @@ def test_an_empty_shard_is_fine_even_with_overwrite(images, tmp_path):
     full = vitcore.extract([one], shard_path(out, 1, 2), EXACT, shard=(1, 2), overwrite=True)
     assert (empty.rows, full.rows) == (0, 1)
     assert merge(out, [shard_path(out, i, 2) for i in range(2)]).rows == 1
+
+
+def test_the_file_names_every_device_that_made_its_rows(images, tmp_path):
+    from vitcore.store import devices_joined
+
+    assert devices_joined("cuda:0", "cpu", "cuda:0, cpu", "", "cuda:1") == "cuda:0, cpu, cuda:1"
+    out = tmp_path / "out.h5"
+    shards = [shard_path(str(out), i, 2) for i in range(2)]
+    for i, shard in enumerate(shards):
+        vitcore.extract([images], shard, EXACT, shard=(i, 2))
+        with h5py.File(shard, "r+") as f:
+            f.attrs["device"] = f"cuda:{i}"  # as if each shard had run on its own GPU
+    merge(str(out), shards)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["device"] == "cuda:0, cuda:1"
+    # Resuming a GPU run on the CPU keeps the GPU's rows, so the file names both.
+    single = tmp_path / "single.h5"
+    later = images / "a" / "01.png"
+    aside = later.rename(tmp_path / "01.png")
+    vitcore.extract([images], single, EXACT)
+    with h5py.File(single, "r+") as f:
+        f.attrs["device"] = "cuda:0"
+    aside.rename(later)
+    result = vitcore.extract([images], single, EXACT, resume=True)
+    assert result.written == 1
+    with h5py.File(single, "r") as f:
+        assert f.attrs["device"] == "cuda:0, cpu"

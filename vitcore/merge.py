@@ -27,6 +27,7 @@ from vitcore.store import (
     _chunks,
     _weights_identity,
     check_output,
+    devices_joined,
     ragged_index_names,
 )
 
@@ -211,9 +212,10 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
             _big_dataset(out, name, shards, handles, lengths, out_dir, copy, flat)
         attrs = out.attrs
         for name in ("encoder", "weights", "preprocessing", "projector", "layers", "vit_extract_version",
-                     "pooling", "compute_dtype", "device", "out_dtype", "ragged", "features"):
+                     "pooling", "compute_dtype", "out_dtype", "ragged", "features"):
             if name in handles[0].attrs:  # the settings, copied verbatim (resume compares them)
                 attrs[name] = handles[0].attrs[name]
+        attrs["device"] = devices_joined(*(h5.attrs.get("device", "") for h5 in handles))
     finally:
         for h5 in handles:
             h5.close()

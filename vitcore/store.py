@@ -134,6 +134,14 @@ class Rows:
         return sum(a.nbytes for a in arrays) + strings
 
 
+def devices_joined(*records: str) -> str:
+    """The ``device`` attribute of rows made on several devices: each once, in order ("cuda:0, cpu")."""
+    seen: list[str] = []
+    for record in records:
+        seen += [d for d in (part.strip() for part in str(record).split(",")) if d and d not in seen]
+    return ", ".join(seen)
+
+
 def _is_tensor(value) -> bool:
     """A torch tensor, without importing torch here (reading a file must not load it)."""
     return type(value).__module__.partition(".")[0] == "torch" and hasattr(value, "cpu")
@@ -293,7 +301,9 @@ class StoreWriter:
             _clear_stale_strings(self.datasets[name], rows)
         attrs = self.h5.attrs
         attrs["complete"] = False
-        attrs["device"] = settings.device
+        # Rows from an earlier run on another device stay: the file names every device that made them.
+        earlier = attrs.get("device", "") if self.committed or self.failed_committed else ""
+        attrs["device"] = devices_joined(earlier, settings.device)
         attrs["roots"] = json.dumps(roots)
         for stale in ("shards", "merged", "inputs_sha256"):  # a merged copy, extended: no longer just its shards
             if stale in attrs:
