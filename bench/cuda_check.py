@@ -7,14 +7,16 @@ Each check prints PASS or FAIL with its numbers; the exit status is the number o
      bfloat16 stays close to it (cosine similarity per token).
   2. Qwen3-VL packed attention: the path taken on the device (variable-length flash attention
      where torch has it) equals one SDPA call per image.
-  3. extract() on the device: the same rows as on the CPU, with --batch-size auto, pinned memory
-     and the device→host copy stream (transfer.py); --compile gives the eager rows; tokens that
-     overflow float16 are counted on the device as on the CPU.
-  4. --decode gpu: nvJPEG + the on-device resize against Pillow's decode + resize, with odd JPEGs.
+  3. extract() on the device, 64 images: the same rows as on the CPU with --batch-size auto and 16
+     (pinned memory, the device→host copy stream of transfer.py), and with --compile at batch 3
+     (the last batch padded); tokens that overflow float16 are counted on the device as on the CPU.
+  4. the copy stream with its race forced (the compute stream busy, the copy stream held back).
+  5. --decode gpu: nvJPEG + the on-device resize against Pillow's decode + resize, with odd JPEGs.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -74,23 +76,49 @@ def packed_attention() -> None:
           f"max difference {err:.1e} from one SDPA call per image")
 
 
+def _photo_folder(folder: Path, generated: int = 56) -> Path:
+    """The 8 samples plus distinct generated photos: 64 images, so several batches are in flight."""
+    import shutil
+
+    from PIL import Image
+
+    folder.mkdir()
+    for image in SAMPLES.iterdir():
+        if image.suffix in (".jpg", ".png"):
+            shutil.copy(image, folder / image.name)
+    rng = np.random.default_rng(0)
+    for i in range(generated):
+        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((640, 480), Image.BICUBIC).save(folder / f"gen{i:03d}.jpg", quality=90)
+    return folder
+
+
 def end_to_end() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        common = dict(model="small", dtype="float32", out_dtype="float32", workers=2)
-        cpu = vitcore.extract([SAMPLES], Path(tmp) / "cpu.h5", device="cpu", batch_size=4, **common)
-        dev = vitcore.extract([SAMPLES], Path(tmp) / "dev.h5", device=str(DEVICE), batch_size="auto", **common)
-        comp = vitcore.extract([SAMPLES], Path(tmp) / "comp.h5", device=str(DEVICE), batch_size=4, compile=True,
-                               **common)
-        with h5py.File(Path(tmp) / "cpu.h5") as a, h5py.File(Path(tmp) / "dev.h5") as b, \
-                h5py.File(Path(tmp) / "comp.h5") as c:
-            same_keys = list(a["paths"]) == list(b["paths"]) == list(c["paths"])
-            ref = a["tokens"][:]
-            err = np.abs(b["tokens"][:] - ref).max() / np.abs(ref).max()
-            err_comp = np.abs(c["tokens"][:] - ref).max() / np.abs(ref).max()
-        check(f"extract on {DEVICE} (batch auto)", same_keys and cpu.rows == dev.rows == 8 and err < 1e-4,
-              f"{dev.rows} rows, max error {err:.1e}; {dev.images_per_second:.1f} images/s")
-        check(f"extract --compile on {DEVICE}", err_comp < 1e-4,
-              f"max error {err_comp:.1e}; compilation {comp.timings.get('compile', 0):.1f} s")
+        photos = _photo_folder(Path(tmp) / "photos")
+        common = dict(model="small", dtype="float32", out_dtype="float32", workers=min(4, os.cpu_count() or 1))
+        runs = {
+            "cpu": dict(device="cpu", batch_size=16),
+            "batch auto": dict(device=str(DEVICE), batch_size="auto"),
+            "batch 16": dict(device=str(DEVICE), batch_size=16),  # 4 batches: copies overlap compute
+            "--compile, batch 3": dict(device=str(DEVICE), batch_size=3, compile=True),  # the last one padded
+        }
+        results, tokens, keys = {}, {}, {}
+        for name, options in runs.items():
+            out = Path(tmp) / f"{len(results)}.h5"
+            results[name] = vitcore.extract([photos], out, **common, **options)
+            with h5py.File(out) as f:
+                tokens[name], keys[name] = f["tokens"][:], list(f["paths"])
+        ref = tokens["cpu"]
+        for name in list(runs)[1:]:
+            result = results[name]
+            same_keys = keys[name] == keys["cpu"] and result.rows == results["cpu"].rows == 64
+            # Per row: a row from another image (a copy racing the compute) is far off, not 1e-5.
+            err = (np.abs(tokens[name] - ref).max(axis=(1, 2)) / np.abs(ref).max()).max()
+            extra = f"; compilation {result.timings.get('compile', 0):.1f} s" if "compile" in name else ""
+            check(f"extract on {DEVICE}, {name}", same_keys and err < 1e-4,
+                  f"{result.rows} rows in the CPU's order: {same_keys}, largest row error {err:.1e}; "
+                  f"{result.images_per_second:.1f} images/s{extra}")
         # Batches of 3 (8 images: 3 + 3 + 2), so that several copies are in flight at once.
         loud = Path(tmp) / "loud.safetensors"
         encoder, _ = build_encoder("small")
@@ -104,6 +132,53 @@ def end_to_end() -> None:
             counts.append(" ".join(w for w in result.warnings if "not finite" in w))
         check(f"non-finite tokens counted on {DEVICE}", counts[0] == counts[1] and counts[0].startswith("8 images"),
               f"CPU: {counts[0]!r}; {DEVICE}: {counts[1]!r}")
+
+
+def copy_stream() -> None:
+    """transfer.HostCopier with the race forced: the compute stream is still busy when the copy is
+    queued (wait_stream), and the copy stream is held back while the compute stream allocates and
+    overwrites memory of the same size (record_stream)."""
+    if DEVICE.type != "cuda":
+        check("copy stream", True, "no CUDA here: nothing to race")
+        return
+    from vitcore.store import Rows
+    from vitcore.transfer import HostCopier
+
+    n, shape = 64, (64, 256, 512)
+    spin = 200_000_000  # GPU clock cycles: about 0.1 s
+
+    def rows(tokens):
+        return Rows(keys=[f"{i}" for i in range(n)], root_index=np.zeros(n, np.int32),
+                    image_size=np.ones((n, 2), np.int32), tokens=tokens)
+
+    copier = HostCopier(DEVICE)
+    with torch.inference_mode():
+        source = torch.zeros(shape, device=DEVICE, dtype=torch.float16)
+        torch.cuda._sleep(spin)  # on the compute stream, before the values exist
+        source.fill_(3)
+        first = copier(rows(source))
+        del source
+        pending = not first.ready.query()
+        first.ready.synchronize()
+        filled = bool((first.tokens == 3).all()) and int(first.nonfinite) == 0
+        first.release()
+        check("copy stream waits for the compute stream", filled,
+              f"host buffer holds the computed values: {filled}; copy still pending when queued: {pending}")
+
+        source = torch.full(shape, 5, device=DEVICE, dtype=torch.float16)
+        address = source.data_ptr()
+        with torch.cuda.stream(copier.stream):
+            torch.cuda._sleep(spin)  # the copy stream is held back
+        second = copier(rows(source))
+        del source
+        other = torch.empty(shape, device=DEVICE, dtype=torch.float16)
+        reused = other.data_ptr() == address
+        other.fill_(-1)  # would land in the copy's source if the allocator had handed it over
+        second.ready.synchronize()
+        kept = bool((second.tokens == 5).all())
+        check("copy stream keeps its source memory", kept and not reused,
+              f"host buffer holds the values copied: {kept}; source memory handed out again early: {reused}; "
+              f"buffer set reused: {second.tokens.data_ptr() == first.tokens.data_ptr()}")
 
 
 def gpu_decode_check() -> None:
@@ -152,7 +227,7 @@ def gpu_decode_check() -> None:
 if __name__ == "__main__":
     print(f"# {torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'no CUDA: checking on the CPU'}; "
           f"torch {torch.__version__}")
-    for run in (seed_encoder, packed_attention, end_to_end, gpu_decode_check):
+    for run in (seed_encoder, packed_attention, end_to_end, copy_stream, gpu_decode_check):
         try:
             run()
         except Exception as err:  # a crash is a failed check, and the others still run

@@ -183,16 +183,25 @@ def test_a_writer_error_is_final(tmp_path):
         def close(self, complete):
             self.closed_complete = complete
 
+    released = []
+
+    class Batch:  # stands in for Rows: only its buffers' release is looked at after an error
+        def __init__(self, name):
+            self.release = lambda: released.append(name)
+
     writer = Failing()
     async_writer = AsyncWriter(writer)
-    async_writer.put("batch 1")
+    async_writer.put(Batch("batch 1"))
+    later = 0
     with pytest.raises(WriteError, match="disk is full"):
         for _ in range(50):  # the error surfaces at a later put…
-            async_writer.put("later batch")
+            async_writer.put(Batch(f"later {later}"))
+            later += 1
             time.sleep(0.01)
     with pytest.raises(WriteError):  # …and again at close: it is never forgotten
         async_writer.close(True)
     assert Failing.calls == 1 and writer.closed_complete is False
+    assert released == [f"later {i}" for i in range(later)]  # not written, but their buffers go back
 
 
 def test_compile_gives_the_eager_tokens_and_reports_its_compilation_time(photos, tmp_path):
@@ -256,9 +265,11 @@ def test_the_writer_waits_for_a_copy_in_flight_before_reading_its_rows(tmp_path)
     copy = _LateCopy(buffer, values)
     rows = Rows(keys=["a.jpg", "b.jpg"], root_index=np.zeros(2, np.int32), image_size=np.ones((2, 2), np.int32),
                 tokens=buffer, mean=buffer.astype(np.float32).mean(axis=1), nonfinite=np.int64(1), ready=copy)
+    given_back = []
+    rows.release = lambda: given_back.append(True)
     writer.append(rows)
     writer.close(True)
-    assert copy.waited
+    assert copy.waited and given_back == [True]  # the buffers are reused once written
     assert writer.nonfinite_rows == 1  # the count made beside the tokens, not a scan of the buffer
     with h5py.File(out) as f:
         np.testing.assert_array_equal(f["tokens"][:], values)

@@ -356,6 +356,7 @@ def _extract_locked(
                 timings["compute"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 async_writer.put(rows)
+                del rows  # the writer thread holds the batch now; its buffers go when it is written
                 timings["writer_wait"] += time.perf_counter() - tick
                 written += len(batch.indices)
                 failures += [(sources[f.index].key, f.error) for f in batch.failures]

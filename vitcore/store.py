@@ -106,6 +106,7 @@ class Rows:
     features: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)  # name → (values, counts)
     nonfinite: object = None  # images with inf/NaN tokens, counted where the tokens were made, or None
     ready: object = None  # an event to wait for before reading the arrays (a copy in flight), or None
+    release: object = None  # called when the writer is done with the arrays (reused buffers), or None
 
     def nonfinite_rows(self) -> int:
         """Images whose tokens hold inf or NaN; 0 for ragged tokens. Call on host rows."""
@@ -339,6 +340,14 @@ class StoreWriter:
 
     # -- writing -------------------------------------------------------------------------
     def append(self, rows: Rows) -> None:
+        """Write one batch (see _append); then its buffers can be reused, whatever happened."""
+        try:
+            self._append(rows)
+        finally:
+            if rows.release is not None:
+                rows.release()
+
+    def _append(self, rows: Rows) -> None:
         """Write one batch, flush, then advance the counters (the commit point) and flush again.
 
         Dataset handles are taken once per call and closed explicitly by the flush: HDF5 reports a
@@ -537,14 +546,17 @@ class AsyncWriter:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            rows = self._queue.get()
+            if rows is None:
                 return
             if self._error is None:
                 try:
-                    item()
+                    self.writer.append(rows)
                 except BaseException as err:  # handed to the main thread
                     self._error = err
+            elif rows.release is not None:
+                rows.release()  # not written after an error, but its buffers go back
+            rows = None  # the batch's arrays are freed now, not after the next get()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -552,7 +564,7 @@ class AsyncWriter:
 
     def put(self, rows: Rows) -> None:
         self._raise_if_failed()
-        self._queue.put(lambda: self.writer.append(rows))
+        self._queue.put(rows)
 
     def close(self, complete: bool) -> None:
         """Drain the queue, record completeness, close the file; re-raise a writer error."""

@@ -6,16 +6,20 @@ sit idle while the copy runs. On a second stream the copy runs beside batch i+1'
 
     compute stream   [ batch i ][ batch i+1 ][ batch i+2 ] …
     copy stream                [ copy i ]   [ copy i+1 ]
-    writer thread                      waits for copy i → HDF5
+    writer thread                      waits for copy i → HDF5 → gives the buffers back
 
 The host buffers are pinned (page-locked): only those can be copied to asynchronously, and at
-the bus's full rate. The writer thread waits on the copy's event before it reads them. Rows with
-inf/NaN are counted on the device as part of the same work, so the writer has nothing to scan.
+the bus's full rate. They are allocated once per batch in flight and reused: the writer thread
+hands each set back when it has written it (pinned memory is slow to allocate, and PyTorch's
+pinned-memory cache rounds every size up to a power of two and holds freed blocks until
+later copies finish). Rows with inf/NaN are counted on the device, so the writer has nothing
+to scan.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import queue
 
 import torch
 
@@ -28,25 +32,51 @@ class HostCopier:
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        self._spare: queue.SimpleQueue = queue.SimpleQueue()  # buffer sets the writer has finished with
 
     def __call__(self, rows: Rows) -> Rows:
         if not torch.is_tensor(rows.tokens):  # every image of the batch failed: nothing on the device
             return rows
         flat = rows.tokens.reshape(len(rows.tokens), -1)
-        nonfinite = (~torch.isfinite(flat)).any(dim=1).sum()  # a 0-d tensor, still on the device
+        arrays = {"tokens": rows.tokens, "nonfinite": (~torch.isfinite(flat)).any(dim=1).sum()}  # a 0-d count
+        if rows.mean is not None:
+            arrays["mean"] = rows.mean
+        arrays.update({f"layers/{k}": v for k, v in rows.layers.items()})
+        buffers = self._buffers(arrays)
         # The copy stream starts once the compute stream has produced this batch.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        host = {}
         with torch.cuda.stream(self.stream):
-            tokens, count = self._to_host(rows.tokens), self._to_host(nonfinite)
-            mean = None if rows.mean is None else self._to_host(rows.mean)
-            layers = {k: self._to_host(v) for k, v in rows.layers.items()}
-            ready = torch.cuda.Event()
+            for name, tensor in arrays.items():
+                # The caching allocator must not hand this device memory to the compute stream's
+                # next batch before the copy stream has read it; the main thread drops it now.
+                tensor.record_stream(self.stream)
+                target = buffers[name][: len(tensor)] if tensor.dim() else buffers[name]
+                host[name] = target.copy_(tensor, non_blocking=True)
+            ready = torch.cuda.Event(blocking=True)  # the writer sleeps on it rather than spinning
             ready.record(self.stream)
-        return dataclasses.replace(rows, tokens=tokens, mean=mean, layers=layers, nonfinite=count, ready=ready)
+        return dataclasses.replace(
+            rows, tokens=host["tokens"], mean=host.get("mean"),
+            layers={k: host[f"layers/{k}"] for k in rows.layers}, nonfinite=host["nonfinite"],
+            ready=ready, release=lambda: self._spare.put(buffers),
+        )
 
-    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        # The caching allocator must not hand this device memory to the compute stream's next
-        # batch before the copy stream has read it; the main thread drops its reference now.
-        tensor.record_stream(self.stream)
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        return host.copy_(tensor, non_blocking=True)
+    def _buffers(self, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Pinned buffers that hold ``arrays``: a set the writer gave back, or a new one."""
+        while True:
+            try:
+                spare = self._spare.get_nowait()
+            except queue.Empty:
+                break
+            if all(_fits(spare.get(name), tensor) for name, tensor in arrays.items()):
+                return spare
+            # A set made for other shapes (a first, smaller batch) is let go.
+        return {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in arrays.items()}
+
+
+def _fits(buffer: torch.Tensor | None, tensor: torch.Tensor) -> bool:
+    if buffer is None or buffer.dtype != tensor.dtype or buffer.dim() != tensor.dim():
+        return False
+    if not tensor.dim():
+        return True
+    return buffer.shape[1:] == tensor.shape[1:] and buffer.shape[0] >= tensor.shape[0]
