@@ -110,6 +110,7 @@ def run(
     files_from: Annotated[Optional[str], typer.Option(help="Read paths from FILE, one per line (- for stdin).", show_default=False)] = None,
     ext: Annotated[Optional[str], typer.Option(help="Extensions to pick up in folders, comma-separated. Default: jpg,jpeg,png,webp,bmp,gif,tif,tiff.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run into the same file.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the images the file records as failed again (those that fail again are recorded again).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     shard: Annotated[Optional[str], typer.Option(help="I/N: process only shard I (0..N-1) of the sorted inputs into OUT.shardIIIII-of-NNNNN.h5 (combine with merge). Under torchrun each rank takes its own shard automatically.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary.")] = False,
@@ -131,7 +132,7 @@ def run(
         features=tuple(f.strip() for f in (features or "").split(",") if f.strip()),
         batch_size=batch_size, workers=workers, device=device, dtype=dtype.value,
         out_dtype=out_dtype.value, files_from=files_from, extensions=ext, resume=resume,
-        overwrite=overwrite, compile=compile,
+        retry_failed=retry_failed, overwrite=overwrite, compile=compile,
     )
     inputs = [str(p) for p in paths or ()]
     try:
@@ -287,6 +288,7 @@ def merge_command(
     shards: Annotated[list[Path], typer.Argument(help="Shard files written with --shard I/N (all N of them).", exists=True, dir_okay=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="The combined HDF5 file to write.", dir_okay=False)],
     copy: Annotated[bool, typer.Option("--copy", help="Copy the tokens into one self-contained file instead of virtual datasets over the shards.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the images the file records as failed again (those that fail again are recorded again).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:

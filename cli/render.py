@@ -70,7 +70,7 @@ def run_summary(console: Console, result) -> None:
     shape = "×".join(str(n) for n in result.token_shape)
     head = "done" if result.complete else "stopped"
     console.print(
-        f"[bold]{head}:[/] {result.written} images → {escape(result.output)} "
+        f"[bold]{head}:[/] {result.written} image{'' if result.written == 1 else 's'} → {escape(result.output)} "
         f"({result.rows} rows, tokens {shape} {result.out_dtype} per image)"
     )
     table = Table.grid(padding=(0, 2))

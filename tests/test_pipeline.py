@@ -273,3 +273,24 @@ def test_the_writer_waits_for_a_copy_in_flight_before_reading_its_rows(tmp_path)
     assert writer.nonfinite_rows == 1  # the count made beside the tokens, not a scan of the buffer
     with h5py.File(out) as f:
         np.testing.assert_array_equal(f["tokens"][:], values)
+
+
+def test_retry_failed_decodes_recorded_failures_again_and_records_only_what_fails_again(photos, tmp_path):
+    chelsea = (photos / "chelsea.jpg").read_bytes()
+    (photos / "b_broken.jpg").write_bytes(b"this is not a jpeg")
+    (photos / "d_broken.jpg").write_bytes(b"nor is this")
+    out = tmp_path / "out.h5"
+    first = vitcore.extract([photos], out, EXACT)
+    assert first.rows == 8 and len(first.failures) == 2
+    (photos / "b_broken.jpg").write_bytes(chelsea)  # mended after the run
+    plain = vitcore.extract([photos], out, EXACT, resume=True)
+    assert plain.written == 0 and plain.skipped == 10  # a plain resume leaves recorded failures alone
+    retried = vitcore.extract([photos], out, EXACT, resume=True, retry_failed=True)
+    assert retried.skipped == 8 and retried.written == 1 and [k for k, _ in retried.failures] == ["d_broken.jpg"]
+    keys, tokens, attrs = _rows(out)
+    assert attrs["committed"] == 9 and attrs["failed_committed"] == 1
+    with vitcore.open_tokens(out) as f:
+        assert [k for k, _ in f.failures] == ["d_broken.jpg"]  # recorded once, not twice
+        np.testing.assert_array_equal(f["b_broken.jpg"], f["chelsea.jpg"])
+    with pytest.raises(UsageError, match="--retry-failed goes with --resume"):
+        vitcore.extract([photos], tmp_path / "new.h5", EXACT, retry_failed=True)

@@ -66,6 +66,7 @@ class ExtractOptions:
     files_from: str | None = None  # a file of paths, or "-" for stdin
     extensions: str | tuple[str, ...] | None = None  # None: jpg jpeg png webp bmp gif tif tiff
     resume: bool = False
+    retry_failed: bool = False  # with resume: decode the images the file records as failed again
     overwrite: bool = False
     shard: tuple[int, int] | None = None  # (I, N): only inputs [I·T/N, (I+1)·T/N); resumed automatically
     compile: bool = False  # torch.compile the seed encoder (compiled on the first batch; time reported)
@@ -167,6 +168,8 @@ def validate_options(opts: ExtractOptions) -> None:
         raise UsageError(f"--batch-size must be a positive integer or auto, got {opts.batch_size!r}")
     if opts.workers is not None and opts.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {opts.workers}")
+    if opts.retry_failed and not opts.resume:
+        raise UsageError("--retry-failed goes with --resume: it retries the failures an existing output records")
 
 
 def auto_batch_size(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype) -> int:
@@ -303,7 +306,7 @@ def _extract_locked(
     roots, sources, skipped = list(found.roots), found.sources, 0
     resuming = opts.resume and os.path.exists(output)
     if resuming:
-        state = check_resumable(output, settings)
+        state = check_resumable(output, settings, retry_failed=opts.retry_failed)
         roots = state.roots + [r for r in found.roots if r not in state.roots]
         remap = [roots.index(r) for r in found.roots]
         sources = [
@@ -333,7 +336,7 @@ def _extract_locked(
 
     # Created or truncated, and closed, before the fork (see StoreWriter.prepare); from the fork
     # on, only the writer thread writes to the file.
-    StoreWriter.prepare(output, settings, roots, resuming)
+    StoreWriter.prepare(output, settings, roots, resuming, drop_failures=opts.retry_failed)
     # Workers fork when the iterator is created: before the output is opened for writing.
     batches = iter(loader) if sources else iter(())
     writer = async_writer = None

@@ -267,9 +267,11 @@ class StoreWriter:
         return cls(_open_h5(path, "r+"), settings)
 
     @classmethod
-    def prepare(cls, path: str, settings: StoreSettings, roots: list[str], resuming: bool) -> None:
+    def prepare(cls, path: str, settings: StoreSettings, roots: list[str], resuming: bool,
+                drop_failures: bool = False) -> None:
         """Get the file ready and close it again, before the decoding workers fork: a new file is
-        created; a resumed one loses the rows past the committed counters and takes the roots.
+        created; a resumed one loses the rows past the committed counters and takes the roots
+        (and, with ``drop_failures``, its failure records: those images are tried again).
 
         Nothing is written to the file from the main thread while workers run: PyTorch reports a
         dying worker by raising from a signal handler, which could cut an h5py attribute update in
@@ -280,7 +282,7 @@ class StoreWriter:
             return
         writer = cls.reopen(path, settings)
         try:
-            writer._truncate_to_committed(roots, settings)
+            writer._truncate_to_committed(roots, settings, drop_failures)
             writer.h5.flush()  # a full disk fails here, while the file is still open
         except (OSError, RuntimeError) as err:
             writer._abandon_pending_writes()
@@ -289,8 +291,12 @@ class StoreWriter:
         writer.datasets.clear()
         writer.h5.close()
 
-    def _truncate_to_committed(self, roots: list[str], settings: StoreSettings) -> None:
+    def _truncate_to_committed(self, roots: list[str], settings: StoreSettings, drop_failures: bool) -> None:
         """Resume: drop the rows past the counters and anything a killed run left past them."""
+        if drop_failures:
+            # Counter first: should this run die now, the next resume tries those images again.
+            self.failed_committed = 0
+            self.h5.attrs["failed_committed"] = 0
         for name in self._row_datasets():
             self.datasets[name].resize(self.committed, axis=0)
         for name, end in self.flat_rows.items():
@@ -585,8 +591,9 @@ class ResumeState:
     failed_committed: int
 
 
-def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
-    """Read an existing output and refuse, naming the difference, when its settings differ."""
+def check_resumable(path: str, settings: StoreSettings, retry_failed: bool = False) -> ResumeState:
+    """Read an existing output and refuse, naming the difference, when its settings differ.
+    ``done`` holds the committed rows' files and, unless ``retry_failed``, the recorded failures'."""
     with _open_for_reading(path, "resume") as h5:
         attrs = h5.attrs
         required = ("schema_version", "committed", "failed_committed", "roots", "encoder", "weights",
@@ -630,7 +637,7 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
         keys = h5["paths"].asstr()[:committed] if committed else []
         index = h5["root_index"][:committed]
         done = {file_identity(roots[i], k) for i, k in zip(index, keys)}
-        if failed_committed:
+        if failed_committed and not retry_failed:
             keys = h5["failed/paths"].asstr()[:failed_committed]
             index = h5["failed/root_index"][:failed_committed]
             done |= {file_identity(roots[i], k) for i, k in zip(index, keys)}
