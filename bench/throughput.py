@@ -329,7 +329,11 @@ def run_command(command: list[str], env: dict | None = None) -> tuple[dict, floa
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])}… exited {done.returncode}: {done.stderr.strip()[-300:]}")
-    return json.loads(done.stdout), seconds
+    try:  # a JSON object on stdout; the CLI prints it over several lines, the by-hand child on one
+        return json.loads(done.stdout), seconds
+    except json.JSONDecodeError:
+        raise RuntimeError(f"{' '.join(command[:4])}… printed no JSON object: {done.stdout.strip()[-300:]!r}; "
+                           f"stderr: {done.stderr.strip()[-300:]!r}") from None
 
 
 def bench_end_to_end(args, device, rows: list[dict]) -> None:

@@ -87,6 +87,16 @@ def _batch_size(value: str) -> int | str:
     return number
 
 
+def _runs_on_cpu(device: str) -> bool:
+    from vitcore.device import resolve_device
+    from vitcore.errors import UsageError
+
+    try:
+        return resolve_device(device).type == "cpu"
+    except UsageError:
+        return False  # extract() reports the bad device
+
+
 @app.command()
 def run(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files and folders (folders are searched recursively).", show_default=False)] = None,
@@ -120,11 +130,12 @@ def run(
     """Extract visual tokens for every image under PATHS into an HDF5 file."""
     from vitcore.distributed import extract_distributed, launched_by_torchrun, rank
     from vitcore.errors import VitExtractError
-    from vitcore.pipeline import ExtractOptions, extract
     from vitcore.host_memory import keep_freed_host_memory
+    from vitcore.pipeline import ExtractOptions, extract
     from vitcore.shard import parse_shard, shard_path
 
-    keep_freed_host_memory()  # this process runs the encoder: freed activation buffers stay mapped
+    if workers != 0 and _runs_on_cpu(device):
+        keep_freed_host_memory()  # this process runs the encoder on the CPU: activation buffers stay mapped
     options = ExtractOptions(
         model=model, weights=str(weights) if weights else None, seed=seed, pool=pool.value,
         project_dim=project_dim, layers=tuple(layer or ()), resize=resize.value,
@@ -288,7 +299,6 @@ def merge_command(
     shards: Annotated[list[Path], typer.Argument(help="Shard files written with --shard I/N (all N of them).", exists=True, dir_okay=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="The combined HDF5 file to write.", dir_okay=False)],
     copy: Annotated[bool, typer.Option("--copy", help="Copy the tokens into one self-contained file instead of virtual datasets over the shards.")] = False,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the images the file records as failed again (those that fail again are recorded again).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:

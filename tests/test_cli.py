@@ -82,6 +82,10 @@ def test_resume_through_the_cli_and_mismatch_message(cli, photos, tmp_path):
     assert summary["written"] == 7 and summary["skipped"] == 1 and summary["rows"] == 8  # the same file, however named
     refused = cli("run", photos, "-o", out, "--model", TINY, "--resume", "--pool", "mean")
     assert refused.exit_code == 1 and "pooling setting differs" in refused.stderr
+    alone = cli("run", photos, "-o", out, "--model", TINY, "--retry-failed")
+    assert alone.exit_code == 2 and alone.stderr.count("\n") == 1 and "goes with --resume" in alone.stderr
+    retried = cli("run", photos, "-o", out, "--model", TINY, "--resume", "--retry-failed", "--json")
+    assert json.loads(retried.stdout)["skipped"] == 8  # nothing had failed: nothing to retry
 
 
 def test_files_from_stdin_and_bad_inputs(cli, photos, tmp_path, monkeypatch):

@@ -253,15 +253,18 @@ def test_the_file_names_every_device_that_made_its_rows(images, tmp_path):
     from vitcore.store import devices_joined
 
     assert devices_joined("cuda:0", "cpu", "cuda:0, cpu", "", "cuda:1") == "cuda:0, cpu, cuda:1"
+    two = [images / "a" / "01.png", images / "a" / "03.png"]
     out = tmp_path / "out.h5"
-    shards = [shard_path(str(out), i, 2) for i in range(2)]
+    shards = [shard_path(str(out), i, 3) for i in range(3)]
     for i, shard in enumerate(shards):
-        vitcore.extract([images], shard, EXACT, shard=(i, 2))
+        vitcore.extract(two, shard, EXACT, shard=(i, 3))
         with h5py.File(shard, "r+") as f:
             f.attrs["device"] = f"cuda:{i}"  # as if each shard had run on its own GPU
+    with h5py.File(shards[0], "r") as f:
+        assert f.attrs["committed"] == 0  # 3 shards of 2 images: the first holds none
     merge(str(out), shards)
     with h5py.File(out, "r") as f:
-        assert f.attrs["device"] == "cuda:0, cuda:1"
+        assert f.attrs["device"] == "cuda:1, cuda:2"  # the empty shard's device made no rows
     # Resuming a GPU run on the CPU keeps the GPU's rows, so the file names both.
     single = tmp_path / "single.h5"
     later = images / "a" / "01.png"
@@ -269,6 +272,10 @@ def test_the_file_names_every_device_that_made_its_rows(images, tmp_path):
     vitcore.extract([images], single, EXACT)
     with h5py.File(single, "r+") as f:
         f.attrs["device"] = "cuda:0"
+    nothing_new = vitcore.extract([images], single, EXACT, resume=True)  # writes no rows: no new device
+    assert nothing_new.written == 0
+    with h5py.File(single, "r") as f:
+        assert f.attrs["device"] == "cuda:0"
     aside.rename(later)
     result = vitcore.extract([images], single, EXACT, resume=True)
     assert result.written == 1

@@ -279,18 +279,24 @@ def test_retry_failed_decodes_recorded_failures_again_and_records_only_what_fail
     chelsea = (photos / "chelsea.jpg").read_bytes()
     (photos / "b_broken.jpg").write_bytes(b"this is not a jpeg")
     (photos / "d_broken.jpg").write_bytes(b"nor is this")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "e_broken.jpg").write_bytes(b"nor this")
     out = tmp_path / "out.h5"
-    first = vitcore.extract([photos], out, EXACT)
-    assert first.rows == 8 and len(first.failures) == 2
+    first = vitcore.extract([photos, elsewhere], out, EXACT)
+    assert first.rows == 8 and len(first.failures) == 3
     (photos / "b_broken.jpg").write_bytes(chelsea)  # mended after the run
     plain = vitcore.extract([photos], out, EXACT, resume=True)
     assert plain.written == 0 and plain.skipped == 10  # a plain resume leaves recorded failures alone
     retried = vitcore.extract([photos], out, EXACT, resume=True, retry_failed=True)
     assert retried.skipped == 8 and retried.written == 1 and [k for k, _ in retried.failures] == ["d_broken.jpg"]
     keys, tokens, attrs = _rows(out)
-    assert attrs["committed"] == 9 and attrs["failed_committed"] == 1
+    assert attrs["committed"] == 9 and attrs["failed_committed"] == 2
     with vitcore.open_tokens(out) as f:
-        assert [k for k, _ in f.failures] == ["d_broken.jpg"]  # recorded once, not twice
+        # e_broken.jpg was not among this run's inputs: its record stays; d_broken.jpg's is not doubled.
+        assert [k for k, _ in f.failures] == ["e_broken.jpg", "d_broken.jpg"]
         np.testing.assert_array_equal(f["b_broken.jpg"], f["chelsea.jpg"])
+    again = vitcore.extract([photos, elsewhere], out, EXACT, resume=True)
+    assert again.written == 0 and again.skipped == 11
     with pytest.raises(UsageError, match="--retry-failed goes with --resume"):
         vitcore.extract([photos], tmp_path / "new.h5", EXACT, retry_failed=True)

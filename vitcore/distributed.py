@@ -97,6 +97,8 @@ def _launch_failure(failed: list[tuple[int, str, int]], world: int, output: str)
 
 def _combined(results: list, merged):
     """One ExtractResult for the launch: the ranks' counts added up, the merged file as output."""
+    from vitcore.store import devices_joined
+
     first = results[0]
     seconds = max(r.seconds for r in results)
     written = sum(r.written for r in results)
@@ -110,7 +112,7 @@ def _combined(results: list, merged):
         failures=[f for r in results for f in r.failures],
         seconds=seconds,
         images_per_second=written / seconds if seconds > 0 else 0.0,
-        device=", ".join(dict.fromkeys(r.device for r in results)),
+        device=devices_joined(*(r.device for r in results)),
         timings={},
         warnings=list(dict.fromkeys(w for r in results for w in r.warnings)),
     )

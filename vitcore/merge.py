@@ -215,7 +215,9 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
                      "pooling", "compute_dtype", "out_dtype", "ragged", "features"):
             if name in handles[0].attrs:  # the settings, copied verbatim (resume compares them)
                 attrs[name] = handles[0].attrs[name]
-        attrs["device"] = devices_joined(*(h5.attrs.get("device", "") for h5 in handles))
+        # The devices of the shards that hold rows (an empty shard made none).
+        made = [h5.attrs.get("device", "") for s, h5 in zip(shards, handles) if s.rows]
+        attrs["device"] = devices_joined(*made) or handles[0].attrs.get("device", "")
     finally:
         for h5 in handles:
             h5.close()

@@ -3,6 +3,7 @@
 One direction, no back-and-forth:
     discover inputs → (resume: skip what the file already holds) → DataLoader workers decode
     → main thread: to device, normalise (float32), encode, pool, cast to the stored dtype
+    → (CUDA: a copy stream to pinned host buffers, transfer.py)
     → writer thread: HDF5 rows, flush, commit counter.
 """
 
@@ -305,14 +306,21 @@ def _extract_locked(
     # Resume: keep the file's roots (row root_index values point into them), skip what it holds.
     roots, sources, skipped = list(found.roots), found.sources, 0
     resuming = opts.resume and os.path.exists(output)
+    keep_failures = None  # --retry-failed: the failure records to keep (those of images not retried)
     if resuming:
-        state = check_resumable(output, settings, retry_failed=opts.retry_failed)
+        state = check_resumable(output, settings)
         roots = state.roots + [r for r in found.roots if r not in state.roots]
         remap = [roots.index(r) for r in found.roots]
+        identities = [file_identity(found.roots[s.root_index], s.key) for s in found.sources]
+        skip = state.done | set(state.failed)
+        if opts.retry_failed:  # only failures among this run's inputs: the others' records stay
+            retried = set(state.failed) & set(identities)
+            skip -= retried
+            keep_failures = [i for i, f in enumerate(state.failed) if f not in retried]
         sources = [
             dataclasses.replace(s, root_index=remap[s.root_index])
-            for s in found.sources
-            if file_identity(found.roots[s.root_index], s.key) not in state.done
+            for s, identity in zip(found.sources, identities)
+            if identity not in skip
         ]
         skipped = len(found.sources) - len(sources)
 
@@ -336,7 +344,7 @@ def _extract_locked(
 
     # Created or truncated, and closed, before the fork (see StoreWriter.prepare); from the fork
     # on, only the writer thread writes to the file.
-    StoreWriter.prepare(output, settings, roots, resuming, drop_failures=opts.retry_failed)
+    StoreWriter.prepare(output, settings, roots, resuming, keep_failures)
     # Workers fork when the iterator is created: before the output is opened for writing.
     batches = iter(loader) if sources else iter(())
     writer = async_writer = None

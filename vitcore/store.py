@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -104,9 +104,9 @@ class Rows:
     num_tokens: np.ndarray | None = None  # (n,) int32 when tokens are ragged: tokens is (Σ, D)
     grid_thw: np.ndarray | None = None  # (n, 3) int32
     features: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)  # name → (values, counts)
-    nonfinite: object = None  # images with inf/NaN tokens, counted where the tokens were made, or None
-    ready: object = None  # an event to wait for before reading the arrays (a copy in flight), or None
-    release: object = None  # called when the writer is done with the arrays (reused buffers), or None
+    nonfinite: object = None  # images with inf/NaN tokens, counted where they were made (int(·) reads it)
+    ready: object = None  # a copy's event (.synchronize()) to wait for before reading the arrays, or None
+    release: Callable[[], None] | None = None  # gives the arrays' buffers back once they are written
 
     def nonfinite_rows(self) -> int:
         """Images whose tokens hold inf or NaN; 0 for ragged tokens. Call on host rows."""
@@ -184,6 +184,7 @@ class StoreWriter:
         self.settings = settings
         self.broken = False  # a write failed: the file holds only what was committed before it
         self.nonfinite_rows = 0  # images written with inf or NaN tokens
+        self.device_recorded = False  # the device attribute names this run's device (with its first rows)
         self.datasets = {
             name: h5[name] for name in self._row_datasets() + self._ragged_arrays() + list(FAILED_DATASETS)
         }
@@ -268,10 +269,10 @@ class StoreWriter:
 
     @classmethod
     def prepare(cls, path: str, settings: StoreSettings, roots: list[str], resuming: bool,
-                drop_failures: bool = False) -> None:
+                keep_failures: list[int] | None = None) -> None:
         """Get the file ready and close it again, before the decoding workers fork: a new file is
         created; a resumed one loses the rows past the committed counters and takes the roots
-        (and, with ``drop_failures``, its failure records: those images are tried again).
+        (and, with ``keep_failures``, keeps only those failure records: the others are retried).
 
         Nothing is written to the file from the main thread while workers run: PyTorch reports a
         dying worker by raising from a signal handler, which could cut an h5py attribute update in
@@ -282,7 +283,7 @@ class StoreWriter:
             return
         writer = cls.reopen(path, settings)
         try:
-            writer._truncate_to_committed(roots, settings, drop_failures)
+            writer._truncate_to_committed(roots, settings, keep_failures)
             writer.h5.flush()  # a full disk fails here, while the file is still open
         except (OSError, RuntimeError) as err:
             writer._abandon_pending_writes()
@@ -291,12 +292,10 @@ class StoreWriter:
         writer.datasets.clear()
         writer.h5.close()
 
-    def _truncate_to_committed(self, roots: list[str], settings: StoreSettings, drop_failures: bool) -> None:
-        """Resume: drop the rows past the counters and anything a killed run left past them."""
-        if drop_failures:
-            # Counter first: should this run die now, the next resume tries those images again.
-            self.failed_committed = 0
-            self.h5.attrs["failed_committed"] = 0
+    def _truncate_to_committed(self, roots: list[str], settings: StoreSettings,
+                               keep_failures: list[int] | None) -> None:
+        """Resume: drop the rows past the counters and anything a killed run left past them; with
+        ``keep_failures``, keep only those failure records (the others are being retried)."""
         for name in self._row_datasets():
             self.datasets[name].resize(self.committed, axis=0)
         for name, end in self.flat_rows.items():
@@ -306,15 +305,31 @@ class StoreWriter:
         for name, rows in (("paths", self.committed), ("failed/paths", self.failed_committed),
                            ("failed/errors", self.failed_committed)):
             _clear_stale_strings(self.datasets[name], rows)
+        if keep_failures is not None and len(keep_failures) < self.failed_committed:
+            self._keep_failures(keep_failures)
         attrs = self.h5.attrs
         attrs["complete"] = False
-        # Rows from an earlier run on another device stay: the file names every device that made them.
-        earlier = attrs.get("device", "") if self.committed or self.failed_committed else ""
-        attrs["device"] = devices_joined(earlier, settings.device)
         attrs["roots"] = json.dumps(roots)
         for stale in ("shards", "merged", "inputs_sha256"):  # a merged copy, extended: no longer just its shards
             if stale in attrs:
                 del attrs[stale]
+
+    def _keep_failures(self, keep: list[int]) -> None:
+        """Rewrite the failure table with only the records at ``keep`` (in their order)."""
+        ds = self.datasets
+        kept = {name: ds[name][: self.failed_committed] for name in FAILED_DATASETS}
+        kept = {name: values[keep] if len(keep) else values[:0] for name, values in kept.items()}
+        # Counter first, and flushed: should this run die while the table is rewritten, the next
+        # resume sees no failures and decodes those images again, rather than half a table.
+        self.failed_committed = 0
+        self.h5.attrs["failed_committed"] = 0
+        self.h5.flush()
+        for name, values in kept.items():
+            _append(ds[name], 0, values)
+        for name in ("failed/paths", "failed/errors"):
+            _clear_stale_strings(ds[name], len(keep))  # the records past the kept ones
+        self.failed_committed = len(keep)
+        self.h5.attrs["failed_committed"] = len(keep)
 
     def _row_datasets(self) -> list[str]:
         """Datasets with one row per image (truncated to ``committed`` on resume)."""
@@ -371,6 +386,8 @@ class StoreWriter:
             flat_ends = self._write(rows)
             self.h5.flush()
             self.flat_rows.update(flat_ends)
+            if rows.keys and not self.device_recorded:
+                self._record_device()
             self.committed += len(rows.keys)
             self.failed_committed += len(rows.failed_keys)
             self.h5.attrs["committed"] = self.committed
@@ -379,6 +396,13 @@ class StoreWriter:
         except (OSError, RuntimeError) as err:
             self._abandon_pending_writes()
             raise WriteError(self.h5.filename, self.committed, err) from None
+
+    def _record_device(self) -> None:
+        """With this run's first rows: its device, after those of the rows already in the file
+        (a run resumed on another device, say the CPU after a GPU, keeps the GPU's rows)."""
+        earlier = self.h5.attrs.get("device", "") if self.committed else ""
+        self.h5.attrs["device"] = devices_joined(earlier, self.settings.device)
+        self.device_recorded = True
 
     def _write(self, rows: Rows) -> dict[str, int]:
         """Write a batch's rows; returns the new ends of the flat datasets (applied at commit)."""
@@ -585,15 +609,15 @@ class AsyncWriter:
 # -- resume ------------------------------------------------------------------------------
 @dataclass
 class ResumeState:
-    done: set[bytes]  # files (sources.file_identity) of committed rows and recorded failures
+    done: set[bytes]  # files (sources.file_identity) of the committed rows
+    failed: list[bytes]  # files of the recorded failures, in the table's order
     roots: list[str]
     committed: int
     failed_committed: int
 
 
-def check_resumable(path: str, settings: StoreSettings, retry_failed: bool = False) -> ResumeState:
-    """Read an existing output and refuse, naming the difference, when its settings differ.
-    ``done`` holds the committed rows' files and, unless ``retry_failed``, the recorded failures'."""
+def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
+    """Read an existing output and refuse, naming the difference, when its settings differ."""
     with _open_for_reading(path, "resume") as h5:
         attrs = h5.attrs
         required = ("schema_version", "committed", "failed_committed", "roots", "encoder", "weights",
@@ -637,11 +661,13 @@ def check_resumable(path: str, settings: StoreSettings, retry_failed: bool = Fal
         keys = h5["paths"].asstr()[:committed] if committed else []
         index = h5["root_index"][:committed]
         done = {file_identity(roots[i], k) for i, k in zip(index, keys)}
-        if failed_committed and not retry_failed:
+        failed = []
+        if failed_committed:
             keys = h5["failed/paths"].asstr()[:failed_committed]
             index = h5["failed/root_index"][:failed_committed]
-            done |= {file_identity(roots[i], k) for i, k in zip(index, keys)}
-        return ResumeState(done=done, roots=roots, committed=committed, failed_committed=failed_committed)
+            failed = [file_identity(roots[i], k) for i, k in zip(index, keys)]
+        return ResumeState(done=done, failed=failed, roots=roots, committed=committed,
+                           failed_committed=failed_committed)
 
 
 def _weights_identity(record: dict) -> str:
