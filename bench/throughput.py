@@ -1,4 +1,4 @@
-"""Throughput in one process: the encoder alone against timm's peers, end to end against the
+"""Throughput in one run: the encoder alone against timm's peers, end to end against the
 pipeline users write by hand, memory and start-up. Prints one Markdown table (and --json).
 
     python bench/throughput.py                          # this machine: CPU, or its GPU
