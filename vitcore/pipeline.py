@@ -312,9 +312,10 @@ def _extract_locked(
         roots = state.roots + [r for r in found.roots if r not in state.roots]
         remap = [roots.index(r) for r in found.roots]
         identities = [file_identity(found.roots[s.root_index], s.key) for s in found.sources]
-        skip = state.done | set(state.failed)
+        failed = set(state.failed)
+        skip = state.done | failed
         if opts.retry_failed:  # only failures among this run's inputs: the others' records stay
-            retried = set(state.failed) & set(identities)
+            retried = failed & set(identities)
             skip -= retried
             keep_failures = [i for i, f in enumerate(state.failed) if f not in retried]
         sources = [

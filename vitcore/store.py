@@ -283,7 +283,7 @@ class StoreWriter:
             return
         writer = cls.reopen(path, settings)
         try:
-            writer._truncate_to_committed(roots, settings, keep_failures)
+            writer._truncate_to_committed(roots, keep_failures)
             writer.h5.flush()  # a full disk fails here, while the file is still open
         except (OSError, RuntimeError) as err:
             writer._abandon_pending_writes()
@@ -292,8 +292,7 @@ class StoreWriter:
         writer.datasets.clear()
         writer.h5.close()
 
-    def _truncate_to_committed(self, roots: list[str], settings: StoreSettings,
-                               keep_failures: list[int] | None) -> None:
+    def _truncate_to_committed(self, roots: list[str], keep_failures: list[int] | None) -> None:
         """Resume: drop the rows past the counters and anything a killed run left past them; with
         ``keep_failures``, keep only those failure records (the others are being retried)."""
         for name in self._row_datasets():
@@ -317,8 +316,7 @@ class StoreWriter:
     def _keep_failures(self, keep: list[int]) -> None:
         """Rewrite the failure table with only the records at ``keep`` (in their order)."""
         ds = self.datasets
-        kept = {name: ds[name][: self.failed_committed] for name in FAILED_DATASETS}
-        kept = {name: values[keep] if len(keep) else values[:0] for name, values in kept.items()}
+        kept = {name: ds[name][: self.failed_committed][keep] for name in FAILED_DATASETS}
         # Counter first, and flushed: should this run die while the table is rewritten, the next
         # resume sees no failures and decodes those images again, rather than half a table.
         self.failed_committed = 0
