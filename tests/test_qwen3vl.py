@@ -192,7 +192,7 @@ def test_cli_native_resolution_stores_what_transformers_computes(checkpoint, fol
     folder, visual = checkpoint
     out = tmp_path / "q.h5"
     result = cli("run", folder_of_images, "-o", out, "--weights", folder, "--features", "deepstack,last_hidden",
-                 "--out-dtype", "float32", "--batch-size", "4", "--workers", "0", "--json")
+                 "--dtype", "float32", "--out-dtype", "float32", "--batch-size", "4", "--workers", "0", "--json")
     assert result.exit_code == 0, result.output
     import vitcore
 
@@ -224,7 +224,7 @@ def test_fixed_resolution_pooling_resume_and_shards(checkpoint, folder_of_images
     from vitcore.shard import shard_path
 
     folder, visual = checkpoint
-    opts = dict(weights=str(folder), out_dtype="float32", workers=0, batch_size=2)
+    opts = dict(weights=str(folder), dtype="float32", out_dtype="float32", workers=0, batch_size=2)
     fixed = tmp_path / "fixed.h5"
     vitcore.extract(folder_of_images, fixed, resolution="96", **opts)
     with vitcore.open_tokens(fixed) as f:
