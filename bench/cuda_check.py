@@ -1,6 +1,7 @@
 """Correctness of the GPU paths, checked on the GPU itself (the test suite runs on CPUs only).
 
     python bench/cuda_check.py            # on a CUDA machine; elsewhere it checks the same on the CPU
+    pytest -m cuda                        # the same checks as tests (tests/test_cuda.py), skipped without a GPU
 
 Each check prints PASS or FAIL with its numbers; the exit status is the number of failures.
   1. seed encoder: float32 on the device equals the CPU float32 reference (TF32 off);
@@ -66,11 +67,16 @@ def packed_attention() -> None:
     gen = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     q, k, v = (torch.randn(16, sum(lengths), 72, generator=gen).to(DEVICE, dtype) for _ in range(3))
+    varlen = DEVICE.type == "cuda"  # the path the model chooses there (qwen3vl.choose_attention)
     with torch.inference_mode():
-        got = qwen3vl.attend_within_images(q, k, v, lengths).float()
+        try:
+            got = qwen3vl.attend_within_images(q, k, v, lengths, varlen=varlen).float()
+        except Exception:  # not available with this torch or GPU: what the model falls back to
+            varlen = False
+            got = qwen3vl.attend_within_images(q, k, v, lengths).float()
         per_image = torch.cat([F.scaled_dot_product_attention(a, b, c) for a, b, c in
                                zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))], 1).float()
-    path = "variable-length flash attention" if DEVICE.type == "cuda" and qwen3vl._VARLEN["usable"] else "per-image SDPA"
+    path = "variable-length flash attention" if varlen else "per-image SDPA"
     err = (got - per_image).abs().max().item()
     check(f"Qwen3-VL packed attention ({path}, {dtype})", err < (2e-2 if dtype == torch.bfloat16 else 1e-6),
           f"max difference {err:.1e} from one SDPA call per image")
@@ -190,7 +196,7 @@ def gpu_decode_check() -> None:
 
     from vitcore.gpu_decode import GpuJpegDecoder, unavailable_reason
     from vitcore.loader import ImageDataset, collate
-    from vitcore.preprocess import PreprocessConfig
+    from vitcore.preprocess import ImageLoader, PreprocessConfig
     from vitcore.sources import discover
 
     reason = unavailable_reason(DEVICE)
@@ -213,8 +219,8 @@ def gpu_decode_check() -> None:
         sources = discover([str(folder)]).sources
         gpu_cfg, full_cfg = PreprocessConfig(decode="gpu"), PreprocessConfig(decode="full")
         decoder = GpuJpegDecoder(gpu_cfg, DEVICE)
-        batch = decoder(collate([ImageDataset(sources, gpu_cfg)[i] for i in range(len(sources))]), sources)
-        expected = collate([ImageDataset(sources, full_cfg)[i] for i in range(len(sources))])
+        batch = decoder(collate([ImageDataset(sources, ImageLoader(gpu_cfg))[i] for i in range(len(sources))]), sources)
+        expected = collate([ImageDataset(sources, ImageLoader(full_cfg))[i] for i in range(len(sources))])
     diff = (batch.pixels.cpu().int() - expected.pixels.int()).abs().float()
     same = (batch.indices == expected.indices and batch.sizes == expected.sizes
             and [f.index for f in batch.failures] == [f.index for f in expected.failures])
@@ -224,10 +230,12 @@ def gpu_decode_check() -> None:
           f"largest {diff.max().item():.0f} (nvJPEG is not libjpeg)")
 
 
+CHECKS = (seed_encoder, packed_attention, end_to_end, copy_stream, gpu_decode_check)
+
 if __name__ == "__main__":
     print(f"# {torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'no CUDA: checking on the CPU'}; "
           f"torch {torch.__version__}")
-    for run in (seed_encoder, packed_attention, end_to_end, copy_stream, gpu_decode_check):
+    for run in CHECKS:
         try:
             run()
         except Exception as err:  # a crash is a failed check, and the others still run

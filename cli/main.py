@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cli import render
+from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, RESIZE_MODES
 
 EXIT_STRICT_FAILURES = 3
 
@@ -36,34 +37,20 @@ out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-class Pool(str, Enum):
-    none = "none"
-    mean = "mean"
-    max = "max"
+def _choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum whose members are ``values`` (member name = value), for a Typer choice option."""
+    return Enum(name, {value: value for value in values}, type=str, module=__name__)
 
 
-class Resize(str, Enum):
-    squash = "squash"
-    crop = "crop"
-    pad = "pad"
+# The choices come from vitcore.choices (torch-free), the library's own source of truth.
+Pool = _choice_enum("Pool", POOLING_MODES)
+Resize = _choice_enum("Resize", RESIZE_MODES)
+Decode = _choice_enum("Decode", DECODE_MODES)
+Dtype = _choice_enum("Dtype", DTYPE_CHOICES)
+OutDtype = _choice_enum("OutDtype", OUT_DTYPES)
 
-
-class Decode(str, Enum):
-    draft = "draft"
-    full = "full"
-    gpu = "gpu"
-
-
-class Dtype(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class OutDtype(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
+# run's help panels
+ENCODER, INPUTS, COMPUTE, OUTPUT, DISPLAY = "Encoder", "Inputs", "Compute", "Output", "Display"
 
 
 def _fail(error: Exception, as_json: bool = False) -> typer.Exit:
@@ -100,32 +87,32 @@ def _runs_on_cpu(device: str) -> bool:
 @app.command()
 def run(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files and folders (folders are searched recursively).", show_default=False)] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="The HDF5 file to write.", dir_okay=False)] = Path("tokens.h5"),
-    model: Annotated[Optional[str], typer.Option(help="small | base | large, a custom spec like dim=256,depth=4,heads=4, or qwen3-vl (with --weights CHECKPOINT_DIR). Default: base, or the encoder stored in --weights.", show_default=False)] = None,
-    weights: Annotated[Optional[Path], typer.Option(help=".safetensors weights (written by init-weights or save_weights), or a Qwen3-VL checkpoint folder for --model qwen3-vl; without it a seed encoder is UNTRAINED (seeded random init).", exists=True)] = None,
-    seed: Annotated[int, typer.Option(help="Initialisation seed when no --weights are given.", min=0)] = 0,
-    pool: Annotated[Pool, typer.Option(help="none: all tokens (N, T, D); mean / max: one vector per image (N, D).")] = Pool.none,
-    project_dim: Annotated[Optional[int], typer.Option(help="Add a projector Linear(D → P) after the final norm (the bridge to a language model).", min=1, show_default=False)] = None,
-    layer: Annotated[Optional[list[int]], typer.Option("--layer", help="Also store hidden states after block K as layers/K (repeatable; -2 = penultimate).", show_default=False)] = None,
-    resize: Annotated[Resize, typer.Option(help="squash: straight to the input size; crop: shorter side + centre crop; pad: letterbox.")] = Resize.squash,
-    decode: Annotated[Optional[Decode], typer.Option(help="draft: decode large JPEGs at a reduced scale (fast); full: exact decode; gpu: JPEGs decoded and resized on the GPU (nvJPEG through torchvision; elsewhere falls back to draft and says so). Default: draft for the seed encoders, full for qwen3-vl.", show_default=False)] = None,
-    resolution: Annotated[str, typer.Option(help="qwen3-vl: native (the checkpoint processor's rule; token count varies) or N (every image N×N, N a multiple of 32).")] = "native",
-    features: Annotated[Optional[str], typer.Option(help="qwen3-vl: also store last_hidden (before the merger) and/or deepstack (the three DeepStack features), comma-separated.", show_default=False)] = None,
-    batch_size: Annotated[str, typer.Option(help="Images per batch, or auto.", parser=_batch_size)] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes (0: decode in the main process). Default: min(8, CPUs).", min=0, show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto = bfloat16 where the hardware computes it natively, else float32.")] = Dtype.auto,
-    out_dtype: Annotated[OutDtype, typer.Option(help="Stored dtype.")] = OutDtype.float16,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder: faster batches after a one-off compilation (its time is in the summary); worth it for large runs.")] = False,
-    files_from: Annotated[Optional[str], typer.Option(help="Read paths from FILE, one per line (- for stdin).", show_default=False)] = None,
-    ext: Annotated[Optional[str], typer.Option(help="Extensions to pick up in folders, comma-separated. Default: jpg,jpeg,png,webp,bmp,gif,tif,tiff.", show_default=False)] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run into the same file.")] = False,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the images the file records as failed again (those that fail again are recorded again).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
-    shard: Annotated[Optional[str], typer.Option(help="I/N: process only shard I (0..N-1) of the sorted inputs into OUT.shardIIIII-of-NNNNN.h5 (combine with merge). Under torchrun each rank takes its own shard automatically.", show_default=False)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout (and nothing else).")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_STRICT_FAILURES} when any image failed.")] = False,
+    files_from: Annotated[Optional[str], typer.Option(help="Read paths from FILE, one per line (- for stdin).", show_default=False, rich_help_panel=INPUTS)] = None,
+    ext: Annotated[Optional[str], typer.Option(help="Extensions to pick up in folders, comma-separated. Default: jpg,jpeg,png,webp,bmp,gif,tif,tiff.", show_default=False, rich_help_panel=INPUTS)] = None,
+    decode: Annotated[Optional[Decode], typer.Option(help="draft: decode large JPEGs at a reduced scale (fast); full: exact decode; gpu: JPEGs decoded and resized on the GPU (nvJPEG through torchvision; elsewhere falls back to draft and says so). Default: draft for the seed encoders, full for qwen3-vl.", show_default=False, rich_help_panel=INPUTS)] = None,
+    model: Annotated[Optional[str], typer.Option(help="small | base | large, a custom spec like dim=256,depth=4,heads=4, or qwen3-vl (with --weights CHECKPOINT_DIR). Default: base, or the encoder stored in --weights.", show_default=False, rich_help_panel=ENCODER)] = None,
+    weights: Annotated[Optional[Path], typer.Option(help=".safetensors weights (written by init-weights or save_weights), or a Qwen3-VL checkpoint folder for --model qwen3-vl; without it a seed encoder is UNTRAINED (seeded random init).", exists=True, rich_help_panel=ENCODER)] = None,
+    seed: Annotated[int, typer.Option(help="Initialisation seed when no --weights are given.", min=0, rich_help_panel=ENCODER)] = 0,
+    pool: Annotated[Pool, typer.Option(help="none: all tokens (N, T, D); mean / max: one vector per image (N, D).", rich_help_panel=ENCODER)] = Pool.none,
+    project_dim: Annotated[Optional[int], typer.Option(help="Add a projector Linear(D → P) after the final norm (the bridge to a language model).", min=1, show_default=False, rich_help_panel=ENCODER)] = None,
+    layer: Annotated[Optional[list[int]], typer.Option("--layer", help="Also store hidden states after block K as layers/K (repeatable; -2 = penultimate).", show_default=False, rich_help_panel=ENCODER)] = None,
+    resize: Annotated[Resize, typer.Option(help="squash: straight to the input size; crop: shorter side + centre crop; pad: letterbox.", rich_help_panel=ENCODER)] = Resize.squash,
+    resolution: Annotated[str, typer.Option(help="qwen3-vl: native (the checkpoint processor's rule; token count varies) or N (every image N×N, N a multiple of 32).", rich_help_panel=ENCODER)] = "native",
+    features: Annotated[Optional[str], typer.Option(help="qwen3-vl: also store last_hidden (before the merger) and/or deepstack (the three DeepStack features), comma-separated.", show_default=False, rich_help_panel=ENCODER)] = None,
+    batch_size: Annotated[str, typer.Option(help="Images per batch, or auto.", parser=_batch_size, rich_help_panel=COMPUTE)] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes (0: decode in the main process). Default: min(8, CPUs).", min=0, show_default=False, rich_help_panel=COMPUTE)] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=COMPUTE)] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto = bfloat16 where the hardware computes it natively, else float32.", rich_help_panel=COMPUTE)] = Dtype.auto,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder: faster batches after a one-off compilation (its time is in the summary); worth it for large runs.", rich_help_panel=COMPUTE)] = False,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HDF5 file to write.", dir_okay=False, rich_help_panel=OUTPUT)] = Path("tokens.h5"),
+    out_dtype: Annotated[OutDtype, typer.Option(help="Stored dtype.", rich_help_panel=OUTPUT)] = OutDtype.float16,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run into the same file.", rich_help_panel=OUTPUT)] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the images the file records as failed again (those that fail again are recorded again).", rich_help_panel=OUTPUT)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.", rich_help_panel=OUTPUT)] = False,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: process only shard I (0..N-1) of the sorted inputs into OUT.shardIIIII-of-NNNNN.h5 (combine with merge). Under torchrun each rank takes its own shard automatically.", show_default=False, rich_help_panel=OUTPUT)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary.", rich_help_panel=DISPLAY)] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout (and nothing else).", rich_help_panel=DISPLAY)] = False,
+    strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_STRICT_FAILURES} when any image failed.", rich_help_panel=DISPLAY)] = False,
 ) -> None:
     """Extract visual tokens for every image under PATHS into an HDF5 file."""
     from vitcore.distributed import extract_distributed, launched_by_torchrun, rank
@@ -204,8 +191,9 @@ def info(
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print the presets as JSON on stdout.")] = False,
 ) -> None:
-    """The encoder presets: width, depth, heads, parameters and tokens per image."""
+    """The encoder presets: width, depth, heads, parameters and tokens per image; the other encoder families."""
     from vitcore.config import PRESETS, parameter_count
+    from vitcore.families import DEFAULT_FAMILY, listing
 
     rows = [
         {
@@ -217,8 +205,10 @@ def models(
     if as_json:
         out.print_json(json.dumps(rows))
     else:
-        render.models_table(out, rows)
-        out.print("qwen3-vl: the vision tower of a local Qwen3-VL checkpoint (--model qwen3-vl --weights DIR)")
+        render.models_table(out, rows)  # the presets are the default (seed) family's
+        for name, summary in listing():
+            if name != DEFAULT_FAMILY:
+                out.print(f"{escape(name)}: {escape(summary)}")
 
 
 @app.command("init-weights")

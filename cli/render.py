@@ -103,7 +103,6 @@ def run_summary(console: Console, result) -> None:
 
 
 def info_table(console: Console, s: dict) -> None:
-    enc = s["encoder"]
     table = Table(show_header=False, box=None, padding=(0, 2))
     table.add_row("file", escape(s["file"]))
     table.add_row("rows", f"{s['rows']}" + ("" if s["complete"] else "  [yellow](incomplete: finish with run … --resume)[/]"))
@@ -114,29 +113,13 @@ def info_table(console: Console, s: dict) -> None:
         table.add_row("feature", f"features/{name}: " + (f"varying × {feature_shape[-1]}" if ragged else "×".join(map(str, feature_shape))))
     if s["layers"]:
         table.add_row("layers", ", ".join(f"layers/{k}" for k in s["layers"]))
-    if enc.get("family") == "qwen3-vl":
-        table.add_row(
-            "encoder",
-            f"qwen3-vl vision tower: hidden {enc['hidden_size']}, depth {enc['depth']}, heads {enc['num_heads']}, "
-            f"patch {enc['patch_size']}, merge {enc['spatial_merge_size']}, out {enc['out_hidden_size']}",
-        )
-    else:
-        table.add_row(
-            "encoder",
-            f"{enc['name']}: dim {enc['dim']}, depth {enc['depth']}, heads {enc['heads']}, "
-            f"patch {enc['patch']}, input {enc['image_size']}"
-            + (f", projector → {enc['project_dim']}" if enc.get("project_dim") else ""),
-        )
+    table.add_row("encoder", escape(s["summary"]["encoder"]))
     weights = s["weights"]
     if weights.get("source") == "untrained":
         table.add_row("weights", f"[yellow]UNTRAINED[/] (random init, seed {weights.get('seed')})")
     else:
         table.add_row("weights", f"{escape(str(weights.get('path')))} (sha256 {weights.get('sha256')})")
-    prep = s["preprocessing"]
-    if "resolution" in prep:
-        table.add_row("preprocess", f"resolution {prep['resolution']} (pixels {prep['min_pixels']}–{prep['max_pixels']}), decode {prep['decode']}")
-    else:
-        table.add_row("preprocess", f"resize {prep['resize']} to {prep['image_size']}, decode {prep['decode']}")
+    table.add_row("preprocess", escape(s["summary"]["preprocessing"]))
     table.add_row("compute", f"{s['compute_dtype']} on {s['device']}")
     table.add_row("made", f"{s['created']} by vit-extract {s['vit_extract_version']} (schema {s['schema_version']})")
     table.add_row("roots", "\n".join(escape(r) for r in s["roots"]) or "-")

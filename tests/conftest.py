@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny encoder spec, copies of the sample photos, and a CLI runner."""
+"""Shared fixtures: copies of the sample photos, a CLI runner, and the `cuda` marker's skip.
+Shared constants and helpers are in tests/helpers.py."""
 
 import shutil
 from pathlib import Path
@@ -7,9 +8,19 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from tests.helpers import SAMPLES
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
-TINY = "dim=32,depth=2,heads=2,image_size=56"  # 4 × 4 = 16 tokens: fast on any CPU
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA device; elsewhere they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m cuda` on a machine with one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import SAMPLES, TINY
+from tests.helpers import SAMPLES, TINY
 
 ROOT_ATTRS = {
     "schema_version", "vit_extract_version", "created", "encoder", "weights", "preprocessing", "pooling",
@@ -195,3 +195,57 @@ def test_info_output_is_not_cut_when_piped(cli, photos, tmp_path):
     digest = json.loads(cli("info", out, "--json").stdout)["weights"]["sha256"]
     table = cli("info", out).stdout
     assert digest in table and str(weights) in table
+
+
+def test_cli_choices_are_the_library_choices():
+    from cli import main
+    from vitcore import choices
+    from vitcore.device import DTYPES
+
+    pairs = [(main.Pool, choices.POOLING_MODES), (main.Resize, choices.RESIZE_MODES),
+             (main.Decode, choices.DECODE_MODES), (main.Dtype, choices.DTYPE_CHOICES),
+             (main.OutDtype, choices.OUT_DTYPES)]
+    for enum, values in pairs:
+        assert tuple(member.value for member in enum) == values, enum
+        assert all(isinstance(member, str) for member in enum)
+    assert tuple(DTYPES) == choices.DTYPE_CHOICES[1:]
+
+
+def test_an_invalid_choice_is_a_usage_error(cli, photos, tmp_path):
+    result = cli("run", photos, "-o", tmp_path / "t.h5", "--pool", "median")
+    assert result.exit_code == 2 and "median" in result.output and not (tmp_path / "t.h5").exists()
+
+
+def test_run_help_groups_the_options_into_panels(cli):
+    text = cli("run", "--help").stdout
+    for panel in ("Inputs", "Encoder", "Compute", "Output", "Display"):
+        assert panel in text
+    for option in ("--files-from", "--ext", "--decode", "--model", "--weights", "--seed", "--pool",
+                   "--project-dim", "--layer", "--resize", "--resolution", "--features", "--batch-size",
+                   "--workers", "--device", "--dtype", "--compile", "--output", "--out-dtype", "--resume",
+                   "--retry-failed", "--overwrite", "--shard", "--quiet", "--json", "--strict"):
+        assert option in text, option
+
+
+def test_building_the_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "import cli.main\n"
+        "for args in (['--help'], ['run', '--help'], ['models', '--help']):\n"
+        "    result = CliRunner().invoke(cli.main.app, args)\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_models_lists_every_other_family_from_the_registry(cli, monkeypatch):
+    import vitcore.families
+
+    monkeypatch.setattr(vitcore.families, "listing", lambda: [
+        ("seed", "the seed encoders"), ("qwen3-vl", "a [bold]Qwen3-VL[/] vision tower"), ("other", "one more")])
+    text = cli("models").stdout
+    assert "qwen3-vl: a [bold]Qwen3-VL[/] vision tower" in text and "other: one more" in text
+    assert "seed:" not in text and "302.9M" in text
+    assert [r["name"] for r in json.loads(cli("models", "--json").stdout)] == ["small", "base", "large"]

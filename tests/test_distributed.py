@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import vitcore
-from tests.conftest import TINY
+from tests.helpers import TINY
 from vitcore.errors import ResumeMismatchError, UsageError
 from vitcore.merge import merge
 from vitcore.pipeline import ExtractOptions

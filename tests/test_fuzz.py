@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vitcore.loader import ImageDataset
-from vitcore.preprocess import PreprocessConfig
+from vitcore.preprocess import ImageLoader, PreprocessConfig
 from vitcore.sources import Source
 
 SIZE = 28
@@ -41,7 +41,7 @@ def _outcome(data: bytes):
     path = os.path.join(WORKDIR, "input.img")
     with open(path, "wb") as handle:
         handle.write(data)
-    return ImageDataset([Source(path, "input.img", 0)], PreprocessConfig(image_size=SIZE, decode="draft"))[0]
+    return ImageDataset([Source(path, "input.img", 0)], ImageLoader(PreprocessConfig(image_size=SIZE, decode="draft")))[0]
 
 
 def _assert_row_or_record(item) -> None:

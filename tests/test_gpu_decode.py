@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 import vitcore
-from tests.conftest import TINY
+from tests.helpers import TINY
 from vitcore import gpu_decode
 from vitcore.pipeline import ExtractOptions
 from vitcore.preprocess import PAD_COLOR, PreprocessConfig, resize

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import vitcore
-from tests.conftest import TINY
+from tests.helpers import TINY
 from vitcore.errors import UsageError
 from vitcore.pipeline import ExtractOptions
 from vitcore.search import similar, top_k_cosine

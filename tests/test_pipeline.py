@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vitcore
-from tests.conftest import TINY
+from tests.helpers import TINY
 from vitcore.errors import Interrupted, OutputExistsError, ResumeMismatchError, UsageError
 from vitcore.pipeline import ExtractOptions, StopFlag
 from vitcore.preprocess import PreprocessConfig, load_image, normalize_on_device
@@ -249,12 +249,11 @@ class _LateCopy:
 
 
 def test_the_writer_waits_for_a_copy_in_flight_before_reading_its_rows(tmp_path):
-    from vitcore.store import Rows, StoreSettings, StoreWriter
+    from vitcore.store import ArraySpec, Rows, StoreSettings, StoreWriter
 
     settings = StoreSettings(
-        encoder="{}", weights="{}", weights_identity="seed:0", preprocessing="{}", pooling="none",
-        projector="null", compute_dtype="float32", device="cuda", out_dtype="float16",
-        token_shape=(4, 8), layer_shape=(4, 8),
+        encoder="{}", weights="{}", preprocessing="{}", pooling="none", projector="null",
+        compute_dtype="float32", device="cuda", out_dtype="float16", arrays=(ArraySpec("tokens", (4, 8)),),
     )
     out = tmp_path / "out.h5"
     StoreWriter.prepare(str(out), settings, [str(tmp_path)], False)
@@ -264,7 +263,8 @@ def test_the_writer_waits_for_a_copy_in_flight_before_reading_its_rows(tmp_path)
     buffer = np.zeros_like(values)  # what the host buffer holds while the copy is in flight
     copy = _LateCopy(buffer, values)
     rows = Rows(keys=["a.jpg", "b.jpg"], root_index=np.zeros(2, np.int32), image_size=np.ones((2, 2), np.int32),
-                tokens=buffer, mean=buffer.astype(np.float32).mean(axis=1), nonfinite=np.int64(1), ready=copy)
+                arrays={"tokens": buffer, "mean": buffer.astype(np.float16).mean(axis=1)}, nonfinite=np.int64(1),
+                ready=copy)
     given_back = []
     rows.release = lambda: given_back.append(True)
     writer.append(rows)

@@ -16,6 +16,7 @@ from vitcore.preprocess import (
     BACKGROUND,
     DRAFT_MARGIN,
     PAD_COLOR,
+    ImageLoader,
     PreprocessConfig,
     load_image,
     normalize_on_device,
@@ -620,7 +621,7 @@ def test_image_dataset_turns_failures_into_one_line_records(tmp_path, monkeypatc
     bomb = save(Image.new("RGB", (64, 64), RED), tmp_path / "bomb.png")
     paths = [good, *broken.values(), good, bomb]
     sources = [Source(path=p, key=f"k{i}", root_index=0) for i, p in enumerate(paths)]
-    dataset = ImageDataset(sources, cfg(8))
+    dataset = ImageDataset(sources, ImageLoader(cfg(8)))
     assert len(dataset) == len(paths)
     items = [dataset[i] for i in range(len(paths) - 1)]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # only the last one is read under the limit

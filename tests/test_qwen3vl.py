@@ -12,35 +12,19 @@ import torch
 import transformers  # a test dependency (pip install -e '.[test]'): the oracle
 from PIL import Image
 
-from tests.conftest import SAMPLES
+from tests.helpers import SAMPLES, qwen3vl_processor, save_tiny_qwen3vl
 from vitcore.errors import WeightsError
 from vitcore.qwen3vl import Qwen3VLPreprocess, load_qwen3vl, patchify, resize_rgb, smart_resize
 
-VISION = dict(depth=3, hidden_size=64, num_heads=4, intermediate_size=96, out_hidden_size=48, patch_size=16,
-              temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=2304,
-              deepstack_visual_indexes=[0, 1, 2], hidden_act="gelu_pytorch_tanh")
-TEXT = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=24, vocab_size=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4]})
-PROCESSOR = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-
-
 def _processor(min_pixels=65536, max_pixels=16777216):
-    return transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **PROCESSOR)
+    return qwen3vl_processor(min_pixels, max_pixels)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random Qwen3-VL saved as a real checkpoint: sharded, with an index file."""
     folder = tmp_path_factory.mktemp("qwen3vl") / "ckpt"
-    torch.manual_seed(0)
-    config = transformers.Qwen3VLConfig(vision_config=VISION, text_config=TEXT)
-    model = transformers.Qwen3VLForConditionalGeneration(config).eval()
-    with torch.no_grad():  # visible biases and norms, so every parameter matters
-        for p in model.model.visual.parameters():
-            p.add_(torch.randn(p.shape) * 0.02)
-    model.save_pretrained(folder, max_shard_size="200KB")
-    _processor(max_pixels=200_000).save_pretrained(folder)
-    return folder, model.model.visual
+    return folder, save_tiny_qwen3vl(folder)
 
 
 def _images():

@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 
 import vitcore
-from tests.conftest import TINY
+from tests.helpers import TINY
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError, WeightsError
 from vitcore.lock import OutputLockedError
 from vitcore.pipeline import ExtractOptions
-from vitcore.preprocess import PreprocessConfig, load_image, normalize_on_device
+from vitcore.preprocess import ImageLoader, PreprocessConfig, load_image, normalize_on_device
 from vitcore.weights import build_encoder
 
 EXACT = ExtractOptions(model=TINY, out_dtype="float32", dtype="float32", device="cpu", workers=0, batch_size=4)
@@ -191,7 +191,7 @@ def _load_record(path: str):
     from vitcore.loader import ImageDataset
     from vitcore.sources import Source
 
-    index, pixels, size, error = ImageDataset([Source(path, "k", 0)], PreprocessConfig(image_size=56))[0]
+    index, pixels, size, error = ImageDataset([Source(path, "k", 0)], ImageLoader(PreprocessConfig(image_size=56)))[0]
     return (pixels is None, error)
 
 
@@ -365,20 +365,18 @@ def _mount_small_disk(path: Path, size: str) -> bool:
 # it still held data it could not write).
 _FULL_DISK_RUN = """
 import os, sys
-from vitcore.store import StoreWriter
+from vitcore.store import HOOKS
 if sys.argv[1] in ("inside HDF5", "no tmpfs"):  # the check before writing cannot see a disk filled by someone else
-    StoreWriter._check_space = lambda self, rows: None
+    HOOKS.free_bytes = lambda folder: None
+def full(*args):
+    raise OSError(28, "No space left on device")
 if sys.argv[1] == "no tmpfs, creating":  # fail while the new file is laid out
-    def full(*args):
-        raise OSError(28, "No space left on device")
-    StoreWriter._lay_out = full
-if sys.argv[1] == "no tmpfs":  # fail the write call itself once the file passes ~300 KiB
-    real_write = StoreWriter._write
-    def write_until_full(self, rows):
-        if os.path.getsize(self.h5.filename) > 300_000:
-            raise OSError(28, "No space left on device")
-        return real_write(self, rows)
-    StoreWriter._write = write_until_full
+    HOOKS.before_create = full
+if sys.argv[1] == "no tmpfs":  # fail a batch's write once the file passes ~300 KiB
+    def write_until_full(writer, rows):
+        if os.path.getsize(writer.h5.filename) > 300_000:
+            full()
+    HOOKS.before_write = write_until_full
 from cli.main import main
 sys.argv = ["vit-extract", *sys.argv[2:]]
 main()

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "extract": "vitcore.pipeline",
-    "ExtractOptions": "vitcore.pipeline",
+    "ExtractOptions": "vitcore.options",
     "ExtractResult": "vitcore.pipeline",
     "Progress": "vitcore.pipeline",
     "build_encoder": "vitcore.weights",

@@ -11,11 +11,10 @@ import functools
 
 import torch
 
+from vitcore.choices import DTYPE_CHOICES
 from vitcore.errors import UsageError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
-OUT_DTYPES = ("float16", "float32")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # keys: DTYPE_CHOICES[1:]
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -159,7 +159,8 @@ class GpuJpegDecoder:
                     continue
                 self.refused += 1
                 try:  # refused on the device: Pillow decodes it, or says why it cannot
-                    pixels, size = load_image(sources[index].path, self.cfg)
+                    with sources[index].open() as handle:
+                        pixels, size = load_image(handle, self.cfg)
                     done[index] = (torch.from_numpy(pixels.copy()).to(self.device), size)
                 except Exception as err:
                     failures.append(Failure(index=index, error=describe_error(err)))
@@ -174,6 +175,10 @@ class GpuJpegDecoder:
             batch, indices=order, pixels=pixels, sizes=[done[i][1] for i in order],
             failures=sorted(failures, key=lambda f: f.index), jpegs=None,
         )
+
+    def notes(self) -> list[str]:
+        """What the run's summary says about this decoder."""
+        return [f"JPEGs the GPU decoder refused, decoded by Pillow instead: {self.refused}"] if self.refused else []
 
     def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """One call for the group; if it fails (one bad file fails them all), one call per image."""

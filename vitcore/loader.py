@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitcore.preprocess import PreprocessConfig, load_image, read_jpeg
+from vitcore.preprocess import JpegFile
 from vitcore.sources import Source
 
 
@@ -44,15 +45,6 @@ class Batch:
 
 
 @dataclass
-class JpegFile:
-    """A worker's item for --decode gpu: a JPEG's bytes and what its header says."""
-
-    data: np.ndarray  # 1-D uint8, the whole file
-    size: tuple[int, int]  # upright (width, height)
-    orientation: int  # EXIF orientation (1 = upright), applied after decoding
-
-
-@dataclass
 class EncodedJpegs:
     """A batch's JPEGs, still encoded, in one buffer (one shared-memory block, not one per file)."""
 
@@ -75,8 +67,8 @@ class EncodedJpegs:
         return self.data[self.offsets[i]:self.offsets[i + 1]]
 
 
-def batch_rows(batch: Batch, sources: list[Source], **arrays):
-    """A batch's keys, roots, sizes and failures as writer Rows, with the encoder's ``arrays``."""
+def batch_rows(batch: Batch, sources: list[Source], **fields):
+    """A batch's keys, roots, sizes and failures as writer Rows, with the encoder's ``fields``."""
     from vitcore.store import Rows
 
     n = len(batch.indices)
@@ -87,13 +79,17 @@ def batch_rows(batch: Batch, sources: list[Source], **arrays):
         failed_keys=[sources[f.index].key for f in batch.failures],
         failed_root_index=[sources[f.index].root_index for f in batch.failures],
         failed_errors=[f.error for f in batch.failures],
-        **arrays,
+        **fields,
     )
+
+
+_FILE_OBJECT = re.compile(r"<_io\.Buffered\w+ name=('.*?'|\".*?\"|\d+)>")
 
 
 def describe_error(err: BaseException) -> str:
     """An exception → one line a person can read ("OSError: image file is truncated")."""
     text = " ".join(str(err).split()) or "no details"
+    text = _FILE_OBJECT.sub(lambda m: m.group(1), text)  # Pillow names a file object by its repr
     if isinstance(err, OSError) and err.strerror and err.filename is not None:
         text = err.strerror
     return f"{type(err).__name__}: {text}"[:500]
@@ -101,28 +97,22 @@ def describe_error(err: BaseException) -> str:
 
 class ImageDataset(Dataset):
     """Items are (index, pixels or None, size, error or None); holds no open files (fork-safe).
-    Pixels are (H, W, 3) uint8, or a JpegFile with ``decode="gpu"`` (decoded on the device).
 
-    ``cfg`` is the seed encoders' PreprocessConfig, or any object whose ``load(path)`` returns
-    (uint8 (H, W, 3) pixels, original size), such as the Qwen3-VL image loader.
+    ``loader`` is a family's worker side: ``loader.load(file object)`` → (uint8 (H, W, 3) pixels,
+    or a JpegFile left for the GPU decoder; original upright (width, height)).
     """
 
-    def __init__(self, sources: list[Source], cfg):
-        self.paths = [s.path for s in sources]
-        self.cfg = cfg
+    def __init__(self, sources: list[Source], loader):
+        self.sources = sources
+        self.loader = loader
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.sources)
 
     def __getitem__(self, index: int):
         try:
-            if isinstance(self.cfg, PreprocessConfig):
-                encoded = read_jpeg(self.paths[index]) if self.cfg.decode == "gpu" else None
-                if encoded is not None:
-                    return index, JpegFile(*encoded), encoded[1], None  # decoded on the device
-                pixels, size = load_image(self.paths[index], self.cfg)
-            else:
-                pixels, size = self.cfg.load(self.paths[index])
+            with self.sources[index].open() as handle:
+                pixels, size = self.loader.load(handle)
             return index, pixels, size, None
         except Exception as err:  # any failure of one image is that image's record
             return index, None, None, describe_error(err)
@@ -152,7 +142,8 @@ def default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def make_loader(sources: list[Source], cfg, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(sources: list[Source], image_loader, batch_size: int, workers: int, pin_memory: bool,
+                worker_init_fn=None) -> DataLoader:
     """A sequential loader; worker processes start when it is first iterated.
 
     Workers are forked (fast start) and must be started before the output HDF5 file is opened
@@ -160,7 +151,7 @@ def make_loader(sources: list[Source], cfg, batch_size: int, workers: int, pin_m
     """
     context = multiprocessing.get_context("fork") if workers > 0 and os.name == "posix" else None
     return DataLoader(
-        ImageDataset(sources, cfg),
+        ImageDataset(sources, image_loader),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -168,4 +159,5 @@ def make_loader(sources: list[Source], cfg, batch_size: int, workers: int, pin_m
         pin_memory=pin_memory,
         multiprocessing_context=context,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=worker_init_fn if workers > 0 else None,
     )

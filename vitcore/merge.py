@@ -17,21 +17,21 @@ import h5py
 import numpy as np
 
 from vitcore.errors import UsageError, VitExtractError
-from vitcore.sources import file_identity
-from vitcore.store import (
+from vitcore.sources import identity_of
+from vitcore.store import TokenFile, check_output
+from vitcore.store.schema import (
+    ATTRIBUTES,
+    RAGGED_CHUNK_ROWS,
     SCHEMA_VERSION,
     STRING,
-    StoreSettings,
-    TokenFile,
-    RAGGED_CHUNK_ROWS,
-    _chunks,
-    _weights_identity,
-    check_output,
+    array_names,
+    chunks,
+    compared,
     devices_joined,
     ragged_index_names,
+    stored_value,
 )
 
-BIG_DATASETS = ("tokens", "mean")  # plus layers/<K>
 COPY_BLOCK = 256  # rows per read/write when copying
 
 
@@ -50,7 +50,8 @@ class _Shard:
     rows: int
     failed: int
     record: dict  # the ShardRecord
-    settings: dict
+    settings: dict  # decoded attributes
+    attrs: dict  # raw attributes (what resume and merge compare)
 
 
 def _read_shard(path: str) -> _Shard:
@@ -63,19 +64,19 @@ def _read_shard(path: str) -> _Shard:
             handled = len(f) + len(f.failures)
             raise UsageError(f"{path} is unfinished ({handled} of {record['stop'] - record['start']} inputs handled); "
                              "rerun its launch (it resumes) before merging")
-        return _Shard(path, len(f), len(f.failures), record, settings)
+        return _Shard(path, len(f), len(f.failures), record, settings, dict(f.h5.attrs))
 
 
 def _check_compatible(shards: list[_Shard]) -> None:
     """Same encoder, weights, preprocessing, … and input list; ranges that tile it exactly once."""
     first = shards[0]
-    for name, words in StoreSettings.RESUME_FIELDS:
-        if name == "shard":
+    for attribute in compared():
+        if attribute.name == "shard":  # differs by design
             continue
         for shard in shards[1:]:
-            a, b = _setting(first.settings, name), _setting(shard.settings, name)
+            a, b = (attribute.key(stored_value(s.attrs, attribute)) for s in (first, shard))
             if a != b:
-                raise UsageError(f"cannot merge: {shard.path} has a different {words} from {first.path}")
+                raise UsageError(f"cannot merge: {shard.path} has a different {attribute.compare} from {first.path}")
     for shard in shards[1:]:
         for key, words in (("inputs_sha256", "input list"), ("count", "shard count"), ("total", "input count")):
             if shard.record[key] != first.record[key]:
@@ -91,15 +92,6 @@ def _check_compatible(shards: list[_Shard]) -> None:
         expected_start = stop
     if expected_start != first.record["total"]:
         raise UsageError(f"cannot merge: no shard covers inputs {expected_start}–{first.record['total']}")
-
-
-def _setting(settings: dict, name: str):
-    if name == "weights_identity":
-        return _weights_identity(settings["weights"])
-    if name == "features_json":
-        return json.dumps(settings.get("features") or [])
-    value = settings.get(name)
-    return tuple(value) if isinstance(value, list) else value
 
 
 def merge(output: str, shard_paths: list[str], copy: bool = False, overwrite: bool = False) -> MergeResult:
@@ -133,8 +125,8 @@ def _big_dataset(out, name, shards, handles, lengths, out_dir: str, copy: bool, 
     dtype = handles[0][name].dtype
     total = int(sum(lengths))
     if copy:
-        chunks = (RAGGED_CHUNK_ROWS, *row_shape) if flat else _chunks(row_shape)
-        target = out.create_dataset(name, (total, *row_shape), dtype, maxshape=(None, *row_shape), chunks=chunks)
+        layout = (RAGGED_CHUNK_ROWS, *row_shape) if flat else chunks(row_shape)
+        target = out.create_dataset(name, (total, *row_shape), dtype, maxshape=(None, *row_shape), chunks=layout)
         offset = 0
         for length, h5 in zip(lengths, handles):
             for start in range(0, length, COPY_BLOCK):
@@ -153,7 +145,6 @@ def _big_dataset(out, name, shards, handles, lengths, out_dir: str, copy: bool, 
 
 
 def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool) -> None:
-    first = shards[0].settings
     roots: list[str] = []
     for shard in shards:
         roots += [r for r in shard.settings["roots"] if r not in roots]
@@ -172,7 +163,7 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
             keys = list(h5["paths"].asstr()[:n])
             index = h5["root_index"][:n]
             for key, i in zip(keys, index):
-                identity = file_identity(shard.settings["roots"][i], key)
+                identity = identity_of(shard.settings["roots"][i], key)
                 if identity in seen:
                     raise UsageError(f"cannot merge: {key} appears in more than one shard")
                 seen.add(identity)
@@ -193,10 +184,7 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
         if "grid_thw" in handles[0]:
             grids = [h5["grid_thw"][: s.rows] for s, h5 in zip(shards, handles)]
             out.create_dataset("grid_thw", data=np.concatenate(grids).astype(np.int32).reshape(-1, 3), maxshape=(None, 3))
-        big = [name for name in BIG_DATASETS if name in handles[0]]
-        big += [f"layers/{k}" for k in first["layers"]]
-        big += [f"features/{name}" for name, _, _ in first.get("features") or ()]
-        for name in big:
+        for name in array_names(handles[0].attrs, handles[0]):
             offsets_name, counts_name = ragged_index_names(name)
             flat = offsets_name in handles[0]
             if flat:  # flat (Σ tokens, D): rows per shard are its tokens, up to the last image's end
@@ -211,10 +199,9 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
                 lengths = [s.rows for s in shards]
             _big_dataset(out, name, shards, handles, lengths, out_dir, copy, flat)
         attrs = out.attrs
-        for name in ("encoder", "weights", "preprocessing", "projector", "layers", "vit_extract_version",
-                     "pooling", "compute_dtype", "out_dtype", "ragged", "features"):
-            if name in handles[0].attrs:  # the settings, copied verbatim (resume compares them)
-                attrs[name] = handles[0].attrs[name]
+        for attribute in ATTRIBUTES:
+            if attribute.merge == "first" and attribute.name in handles[0].attrs:
+                attrs[attribute.name] = handles[0].attrs[attribute.name]  # verbatim: resume compares them
         # The devices of the shards that hold rows (an empty shard made none).
         made = [h5.attrs.get("device", "") for s, h5 in zip(shards, handles) if s.rows]
         attrs["device"] = devices_joined(*made) or handles[0].attrs.get("device", "")

@@ -22,8 +22,6 @@ from torch import nn
 
 from vitcore.config import EncoderConfig
 
-POOLING_MODES = ("none", "mean", "max")
-
 
 class Rope2D(nn.Module):
     """2-D rotary position embedding, rotate-half pairing (the Qwen-VL vision layout).

@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-RESIZE_MODES = ("squash", "crop", "pad")
-DECODE_MODES = ("draft", "full", "gpu")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
@@ -85,8 +84,38 @@ def resize_plan(width: int, height: int, cfg: PreprocessConfig) -> ResizePlan:
     raise ValueError(f"unknown resize mode {cfg.resize!r}")
 
 
-def load_image(path: str, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int, int]]:
-    """Read one file → (S, S, 3) uint8 pixels and the original upright (width, height).
+@dataclass
+class JpegFile:
+    """A worker's item for --decode gpu: a JPEG's bytes and what its header says."""
+
+    data: np.ndarray  # 1-D uint8, the whole file
+    size: tuple[int, int]  # upright (width, height)
+    orientation: int  # EXIF orientation (1 = upright), applied after decoding
+
+
+@dataclass(frozen=True)
+class ImageLoader:
+    """The seed encoders' worker side: an input's bytes → (S, S, 3) uint8 and the original upright
+    (width, height). With decode="gpu" a JPEG the GPU decoder takes is passed on still encoded."""
+
+    cfg: PreprocessConfig
+
+    @property
+    def decode(self) -> str:
+        return self.cfg.decode
+
+    def load(self, source) -> tuple[np.ndarray | JpegFile, tuple[int, int]]:
+        if self.cfg.decode == "gpu":
+            encoded = read_jpeg(source)
+            if encoded is not None:
+                return JpegFile(*encoded), encoded[1]  # decoded on the device (gpu_decode)
+            source.seek(0)
+        return load_image(source, self.cfg)
+
+
+def load_image(path, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read one image (a path or a binary file object) → (S, S, 3) uint8 pixels and the original
+    upright (width, height).
 
     Raises on anything that is not a readable image; the loader turns that into a failure record.
     """
@@ -94,8 +123,9 @@ def load_image(path: str, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int,
     return resize(rgb, cfg), size
 
 
-def decode_rgb(path: str, decode: str, wanted) -> tuple[Image.Image, tuple[int, int]]:
-    """Read one file → the upright RGB picture and its original upright (width, height).
+def decode_rgb(path, decode: str, wanted) -> tuple[Image.Image, tuple[int, int]]:
+    """Read one image (a path or a binary file object) → the upright RGB picture and its original
+    upright (width, height).
 
     ``wanted(width, height)`` is the size the picture will be resized to; with ``decode="draft"``
     a JPEG is decoded at the smallest DCT scale that keeps DRAFT_MARGIN × that size.
@@ -114,15 +144,19 @@ def decode_rgb(path: str, decode: str, wanted) -> tuple[Image.Image, tuple[int, 
     return rgb, (width, height)
 
 
-def read_jpeg(path: str) -> tuple[np.ndarray, tuple[int, int], int] | None:
+def read_jpeg(source) -> tuple[np.ndarray, tuple[int, int], int] | None:
     """--decode gpu, in a worker: a JPEG the GPU decoder takes → (its bytes as 1-D uint8, upright
     (width, height), EXIF orientation) from the header alone; None for anything else (it is
     decoded on the CPU)."""
-    with _pillow_checks(), Image.open(path) as img:
+    with _pillow_checks(), Image.open(source) as img:
         if img.format != "JPEG" or img.mode not in ("RGB", "L"):  # CMYK / YCCK: Pillow converts them
             return None
         width, height, orientation = _upright_size(img)
-    data = np.fromfile(path, dtype=np.uint8)
+    if hasattr(source, "read"):
+        source.seek(0)
+        data = np.frombuffer(source.read(), dtype=np.uint8)
+    else:
+        data = np.fromfile(source, dtype=np.uint8)
     if not _has_end_marker(data):  # truncated: Pillow says so, a GPU decoder may fill in grey
         return None
     return data, (width, height), orientation

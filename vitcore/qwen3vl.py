@@ -176,6 +176,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: Qwen3VLConfig):
         super().__init__()
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.varlen = False  # one variable-length flash-attention call per batch (choose_attention)
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
@@ -185,36 +186,50 @@ class Attention(nn.Module):
         # RoPE in float32, as the reference does, then back to the compute dtype.
         q = apply_rope(q.float(), cos, sin).to(v.dtype)
         k = apply_rope(k.float(), cos, sin).to(v.dtype)
-        out = attend_within_images(q, k, v, lengths)  # (H, N, Dh)
+        out = attend_within_images(q, k, v, lengths, self.varlen)  # (H, N, Dh)
         return self.proj(out.transpose(0, 1).reshape(N, D))
 
 
-_VARLEN = {"usable": True}  # switched off for the process after the first failure (falls back)
-
-
-def attend_within_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+def attend_within_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+                         varlen: bool = False) -> torch.Tensor:
     """Full attention inside each image of a packed sequence, none across images. (H, N, Dh) each.
 
-    CUDA, half precision: one variable-length flash-attention call over the packed batch (no
-    padding, no Python loop). Elsewhere: one SDPA call per image, which on a 2-core CPU took
-    249 ms against 892 ms for a single SDPA call with a block-diagonal mask (four images of
-    256–1024 patches, 16 heads of 72; bench/RESULTS.md), with the same numbers to 4e-7.
+    varlen (CUDA, half precision; see choose_attention): one variable-length flash-attention call
+    over the packed batch (no padding, no Python loop). Otherwise: one SDPA call per image, which
+    on a 2-core CPU took 249 ms against 892 ms for a single SDPA call with a block-diagonal mask
+    (four images of 256–1024 patches, 16 heads of 72; bench/RESULTS.md), with the same numbers to 4e-7.
     """
-    if len(lengths) > 1 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _VARLEN["usable"]:
-        try:
-            from torch.nn.attention.varlen import varlen_attn
+    if varlen and len(lengths) > 1:
+        from torch.nn.attention.varlen import varlen_attn
 
-            bounds = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device=q.device)
-            longest = max(lengths)
-            out = varlen_attn(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), bounds, bounds, longest, longest)
-            return out.transpose(0, 1)  # (N, H, Dh) → (H, N, Dh)
-        except (ImportError, RuntimeError, NotImplementedError, TypeError):
-            _VARLEN["usable"] = False  # an older torch or an unsupported GPU: the exact per-image path
+        bounds = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device=q.device)
+        longest = max(lengths)
+        out = varlen_attn(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), bounds, bounds, longest, longest)
+        return out.transpose(0, 1)  # (N, H, Dh) → (H, N, Dh)
     return torch.cat(
         [F.scaled_dot_product_attention(qs, ks, vs) for qs, ks, vs in
          zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))],
         dim=1,
     )
+
+
+def choose_attention(encoder: "Qwen3VLVisionEncoder", device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Pick the attention backend once, when the model is built: variable-length flash attention
+    where a probe call works (CUDA, half precision), else exact per-image SDPA. Returns the notes
+    a run reports (a fallback the user should know about)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return []
+    head_dim = encoder.cfg.head_dim
+    try:
+        probe = torch.zeros(2, 4, head_dim, device=device, dtype=dtype)  # (H, N, Dh): two images of 2 patches
+        attend_within_images(probe, probe, probe, [2, 2], varlen=True)
+    except Exception as err:  # an older torch, an unsupported GPU
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+        return [f"variable-length attention is not available here ({reason}): images attend one at a time"]
+    for module in encoder.modules():
+        if isinstance(module, Attention):
+            module.varlen = True
+    return []
 
 
 class Mlp(nn.Module):
@@ -424,10 +439,7 @@ def load_qwen3vl(folder: str, device="cpu", dtype=torch.float32) -> tuple[Qwen3V
     return model, prep
 
 
-# -- running it over batches of images (the pipeline's side) ---------------------------------
-FEATURE_CHOICES = ("last_hidden", "deepstack")
-
-
+# -- the worker side and the device side of a run (families/qwen3vl.py) ------------------
 @dataclass(frozen=True)
 class Qwen3VLImageLoader:
     """Worker side: decode → upright RGB → the processor's size (Pillow bicubic) → uint8 (H, W, 3)."""
@@ -435,13 +447,14 @@ class Qwen3VLImageLoader:
     prep: Qwen3VLPreprocess
     decode: str = "full"
 
-    def load(self, path: str) -> tuple[np.ndarray, tuple[int, int]]:
+    def load(self, source) -> tuple[np.ndarray, tuple[int, int]]:
+        """An image (a binary file object or a path) → the processor's pixels and its original size."""
         from PIL import Image
 
         from vitcore.preprocess import decode_rgb
 
         target = lambda w, h: self.prep.target_size(h, w)[::-1]  # noqa: E731  (w, h) → (w', h')
-        rgb, (width, height) = decode_rgb(path, self.decode, target)
+        rgb, (width, height) = decode_rgb(source, self.decode, target)
         # The size comes from the original picture (a draft decode is smaller), as the processor's would.
         new_w, new_h = target(width, height)
         return np.array(rgb.resize((new_w, new_h), Image.Resampling.BICUBIC), dtype=np.uint8), (width, height)
@@ -458,58 +471,3 @@ def patchify_torch(pixels: torch.Tensor, prep: Qwen3VLPreprocess) -> tuple[torch
     x = x.permute(2, 0, 1).reshape(C, h // m, m, p, w // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
     x = x[:, :, :, :, :, None].expand(*x.shape[:5], t, p, p)  # (h/m, w/m, m, m, C, T, p, p)
     return x.reshape(h * w, C * t * p * p), (1, h, w)
-
-
-class Qwen3VLBatchEncoder:
-    """Batch of uint8 pictures (sizes may differ) → Rows, packing the batch into one sequence."""
-
-    def __init__(self, encoder: Qwen3VLVisionEncoder, settings, prep: Qwen3VLPreprocess, device, dtype,
-                 features: tuple[str, ...]):
-        self.encoder, self.settings, self.prep = encoder, settings, prep
-        self.device, self.dtype, self.features = device, dtype, features
-        self.warnings: list[str] = []
-
-    def __call__(self, batch, sources):
-        from vitcore.loader import batch_rows
-        from vitcore.model import pool_tokens
-
-        settings, n = self.settings, len(batch.indices)
-        pool, out_dtype = settings.pooling, settings.out_dtype
-        store = getattr(torch, out_dtype)
-        pictures = batch.pixels if isinstance(batch.pixels, list) else list(batch.pixels.unbind(0)) if n else []
-        packed = [patchify_torch(p.to(self.device, non_blocking=True), self.prep) for p in pictures]
-        grids = [g for _, g in packed]
-        merge = self.encoder.cfg.spatial_merge_size ** 2
-        counts = [t * h * w // merge for t, h, w in grids]  # merged tokens per image
-        named: dict[str, tuple[list[torch.Tensor], int]] = {}  # name → (per-image tensors, per-token width)
-        if n:
-            out = self.encoder(torch.cat([x for x, _ in packed]).to(self.dtype), grids)
-            tokens = list(out.tokens.float().split(counts))  # each (T_i, out)
-            if "last_hidden" in self.features:
-                named["last_hidden"] = list(out.last_hidden.float().split([c * merge for c in counts]))
-            if "deepstack" in self.features:
-                for j, feature in enumerate(out.deepstack):
-                    named[f"deepstack_{j}"] = list(feature.float().split(counts))
-        else:
-            tokens = []
-
-        def stored(per_image: list[torch.Tensor], width: int):
-            """(values, counts or None) in the stored layout: pooled, fixed (n, T, W) or flat (Σ, W)."""
-            if pool != "none":
-                values = torch.stack([pool_tokens(x[None], pool)[0] for x in per_image]) if per_image else torch.empty(0, width)
-                return values.to(store).cpu().numpy(), None
-            if not settings.ragged:
-                values = torch.stack(per_image) if per_image else torch.empty(0, *settings.token_shape)
-                return values.to(store).cpu().numpy(), None
-            values = torch.cat(per_image) if per_image else torch.empty(0, width)
-            return values.to(store).cpu().numpy(), np.asarray([len(x) for x in per_image], np.int32)
-
-        width = settings.token_shape[-1]
-        values, num_tokens = stored(tokens, width)
-        mean = None
-        if pool == "none":
-            mean = (torch.stack([x.mean(0) for x in tokens]) if tokens else torch.empty(0, width)).to(store).cpu().numpy()
-        features = {name: stored(named.get(name, []), shape[-1]) for name, shape, _ in settings.features}
-        grid_thw = np.asarray(grids, dtype=np.int32).reshape(n, 3)
-        return batch_rows(batch, sources, tokens=values, mean=mean, num_tokens=num_tokens, grid_thw=grid_thw,
-                          features=features)

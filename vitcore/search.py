@@ -6,14 +6,13 @@ The vectors are ``mean`` for unpooled files and ``tokens`` for pooled ones (N, D
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from vitcore.errors import UsageError, VitExtractError
-from vitcore.store import TokenFile
+from vitcore.store import TokenFile, weights_identity
 
 
 @dataclass
@@ -63,73 +62,33 @@ def query_vector(f: TokenFile, query: str) -> tuple[np.ndarray, str]:
 
 
 def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
-    """Encode one image with the encoder, weights and preprocessing recorded in the file → (D,)."""
+    """Encode one image with the encoder, weights and preprocessing recorded in the file → (D,),
+    through the same batching path as a run (on the CPU, in float32)."""
     import torch
 
-    from vitcore.config import EncoderConfig
-    from vitcore.loader import describe_error
-    from vitcore.model import pool_tokens
-    from vitcore.preprocess import PreprocessConfig, load_image, normalize_on_device
-    from vitcore.weights import build_encoder
+    from vitcore import families
+    from vitcore.batching import BatchRunner, store_settings
+    from vitcore.loader import collate, describe_error
+    from vitcore.sources import Source
 
     settings = f.settings
-    if settings["encoder"].get("family") == "qwen3-vl":
-        return _encode_like_qwen3vl(settings, image_path)
-    cfg = EncoderConfig.from_json(json.dumps(settings["encoder"]))
-    weights = settings["weights"]
-    path = None
-    if weights.get("source") == "file":
-        path = weights.get("path")
-        if not path or not os.path.isfile(path):
-            raise VitExtractError(f"the weights {path} recorded in {f.path} are gone; cannot encode a new image")
-    # A weights file carries its own architecture; build_encoder hashes it as it loads (once).
-    encoder, info = build_encoder(None if path else cfg, path, seed=weights.get("seed") or 0)
-    if path and info.sha256 != weights.get("sha256"):
-        raise VitExtractError(f"the weights file {path} has changed since {f.path} was made")
-    prep_record = settings["preprocessing"]
-    prep = PreprocessConfig(
-        image_size=prep_record["image_size"], resize=prep_record["resize"], decode=prep_record["decode"],
-        mean=tuple(prep_record["mean"]), std=tuple(prep_record["std"]),
-    )
+    family = families.for_record(settings["encoder"])
+    device = torch.device("cpu")
+    built = family.build(family.rebuild(settings, f.path), device, torch.float32)
+    if built.weights.identity() != weights_identity(settings["weights"]):
+        raise VitExtractError(f"{built.weights.path} has changed since {f.path} was made; "
+                              "cannot encode a new image as its rows were")
+    source = Source(path=image_path, key=os.path.basename(image_path), root_index=0)
     try:
-        pixels, _ = load_image(image_path, prep)
+        with source.open() as handle:
+            pixels, size = built.loader.load(handle)
     except Exception as err:
         raise VitExtractError(f"cannot read {image_path}: {describe_error(err)}") from None
-    x = normalize_on_device(torch.from_numpy(pixels.copy())[None], prep.mean, prep.std, torch.float32)
-    with torch.inference_mode():
-        tokens, _ = encoder.forward_features(x)  # (1, N, P)
     pooling = settings.get("pooling", "none")
-    vector = tokens.float().mean(dim=1) if pooling == "none" else pool_tokens(tokens, pooling)
-    return vector[0].numpy()
-
-
-def _encode_like_qwen3vl(settings: dict, image_path: str) -> np.ndarray:
-    import dataclasses
-
-    import torch
-
-    from vitcore.loader import describe_error
-    from vitcore.model import pool_tokens
-    from vitcore.qwen3vl import Qwen3VLImageLoader, Qwen3VLPreprocess, load_qwen3vl, patchify_torch
-
-    folder = settings["weights"]["path"]
-    if not folder or not os.path.isdir(folder):
-        raise VitExtractError(f"the checkpoint {folder} recorded in the file is gone; cannot encode a new image")
-    encoder, _ = load_qwen3vl(folder)
-    if encoder.weights_sha256 != settings["weights"]["sha256"]:
-        raise VitExtractError(f"the checkpoint {folder} has changed since the file was made")
-    record = settings["preprocessing"]
-    fields = {f.name for f in dataclasses.fields(Qwen3VLPreprocess)}
-    prep = Qwen3VLPreprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in fields})
-    try:
-        pixels, _ = Qwen3VLImageLoader(prep, decode=record.get("decode", "full")).load(image_path)
-    except Exception as err:
-        raise VitExtractError(f"cannot read {image_path}: {describe_error(err)}") from None
-    patches, grid = patchify_torch(torch.from_numpy(pixels), prep)
+    runner = BatchRunner(built, store_settings(built, pooling, "float32", device, torch.float32), device)
     with torch.inference_mode():
-        tokens = encoder(patches, [grid]).tokens.float()  # (T, out)
-    pooling = settings.get("pooling", "none")
-    return (tokens.mean(0) if pooling == "none" else pool_tokens(tokens[None], pooling)[0]).numpy()
+        rows = runner(collate([(0, pixels, size, None)]), [source])
+    return rows.arrays["mean" if pooling == "none" else "tokens"][0]
 
 
 def similar(path: str, query: str, k: int = 10, block: int = 65536) -> tuple[list[Hit], str]:

@@ -1,5 +1,10 @@
 """Finding inputs: files, directories (recursive), file lists and stdin → a sorted, de-duplicated list.
 
+An input is a Source: a stored key, the root it is relative to, an identity (equal for the same
+input however it was named; resume and merge recognise work already done by it) and open(),
+which gives its bytes as a binary file object. Decoders read from that file object, never from
+a path, so other providers (archives, tables) can stand beside the folders and file lists here.
+
 Each input gets a key: its path relative to the directory it was found under, or, for a
 file named directly (argument or list line), the path exactly as given, relative to the
 working directory. The roots (absolute) are recorded so ``root / key`` finds the original.
@@ -24,9 +29,20 @@ DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 @dataclass(frozen=True)
 class Source:
+    """A file found in a folder or named in a list (the only provider so far)."""
+
     path: str  # filesystem path to open (str with surrogate escapes for non-UTF-8 bytes)
     key: str  # stored key: relative to its root, escaped to valid UTF-8
     root_index: int  # index into Discovery.roots
+
+    def open(self) -> BinaryIO:
+        """The input's bytes (a missing or unreadable file raises OSError: that input's failure)."""
+        return open(self.path, "rb")
+
+    @property
+    def identity(self) -> bytes:
+        """Equal to identity_of(its root, its key): the normalised absolute path."""
+        return os.path.normpath(os.path.abspath(os.fsencode(self.path)))
 
 
 @dataclass
@@ -80,9 +96,9 @@ def source_path(root: str, key: str) -> bytes:
     return os.path.join(os.fsencode(root), unescape_key(key))
 
 
-def file_identity(root: str, key: str) -> bytes:
-    """The file a (root, stored key) pair names, as a normalised absolute path: equal for the
-    same file however it was spelled (./a, a, /abs/a), used to recognise work already done."""
+def identity_of(root: str, key: str) -> bytes:
+    """The input a stored (root, key) pair names, as Source.identity gives it: for files the
+    normalised absolute path, equal however it was spelled (./a, a, /abs/a)."""
     return os.path.normpath(source_path(root, key))
 
 

@@ -35,13 +35,11 @@ class HostCopier:
         self._spare: queue.SimpleQueue = queue.SimpleQueue()  # buffer sets the writer has finished with
 
     def __call__(self, rows: Rows) -> Rows:
-        if not torch.is_tensor(rows.tokens):  # every image of the batch failed: nothing on the device
+        arrays = {name: value for name, value in rows.arrays.items() if torch.is_tensor(value)}
+        if not arrays:  # every image of the batch failed: nothing on the device
             return rows
-        flat = rows.tokens.reshape(len(rows.tokens), -1)
-        arrays = {"tokens": rows.tokens, "nonfinite": (~torch.isfinite(flat)).any(dim=1).sum()}  # a 0-d count
-        if rows.mean is not None:
-            arrays["mean"] = rows.mean
-        arrays.update({f"layers/{k}": v for k, v in rows.layers.items()})
+        if torch.is_tensor(rows.nonfinite):
+            arrays["nonfinite"] = rows.nonfinite  # a 0-d count made on the device
         buffers = self._buffers(arrays)
         # The copy stream starts once the compute stream has produced this batch.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -55,9 +53,9 @@ class HostCopier:
                 host[name] = target.copy_(tensor, non_blocking=True)
             ready = torch.cuda.Event(blocking=True)  # the writer sleeps on it rather than spinning
             ready.record(self.stream)
+        nonfinite = host.pop("nonfinite", rows.nonfinite)
         return dataclasses.replace(
-            rows, tokens=host["tokens"], mean=host.get("mean"),
-            layers={k: host[f"layers/{k}"] for k in rows.layers}, nonfinite=host["nonfinite"],
+            rows, arrays={**rows.arrays, **host}, nonfinite=nonfinite,
             ready=ready, release=lambda: self._spare.put(buffers),
         )
 

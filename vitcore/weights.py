@@ -155,7 +155,7 @@ def resolve_config(
     stored = None
     if weights is not None:
         if Path(weights).is_dir():
-            raise UsageError(f"--weights {weights} is a folder: for a Qwen3-VL checkpoint add --model qwen3-vl")
+            raise UsageError(f"--weights {weights} is a folder; the seed encoders read a .safetensors file")
         if not Path(weights).is_file():
             raise WeightsError(f"weights file {weights} does not exist")
         stored = read_weights_config(weights)

@@ -1,0 +1,131 @@
+"""What every encoder family must do, parametrized over the registry. A new family gets these tests
+by adding its run to RUNS (test_every_registered_family_is_tested fails until it does)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitcore
+from tests.helpers import SAMPLES, TINY, save_tiny_qwen3vl
+from vitcore import families
+from vitcore.errors import VitExtractError
+
+
+def _photos(folder, sizes):
+    folder.mkdir()
+    for name in ("astronaut.jpg", "chelsea.jpg"):
+        shutil.copy(SAMPLES / name, folder / name)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"noise{i}.png")
+    return folder
+
+
+def seed_run(tmp_path_factory):
+    import vitcore.model
+
+    options = dict(model=TINY)
+    return options, vitcore.model.VisionEncoder, "forward_features"
+
+
+def qwen3vl_run(tmp_path_factory):
+    import vitcore.qwen3vl
+
+    folder = tmp_path_factory.mktemp("qwen3vl") / "ckpt"
+    save_tiny_qwen3vl(folder)
+    return dict(weights=str(folder)), vitcore.qwen3vl.Qwen3VLVisionEncoder, "forward"
+
+
+RUNS = {"seed": seed_run, "qwen3-vl": qwen3vl_run}  # family → (options, module class, its forward's name)
+
+
+def test_every_registered_family_is_tested():
+    assert set(RUNS) == set(families.REGISTRY)
+
+
+@pytest.fixture(scope="module", params=list(families.REGISTRY))
+def family_run(request, tmp_path_factory):
+    options, module, forward = RUNS[request.param](tmp_path_factory)
+    folder = _photos(tmp_path_factory.mktemp("photos") / "imgs", [(40, 90), (130, 60)])
+    options.update(dtype="float32", out_dtype="float32", device="cpu", workers=0, batch_size=4)
+    return request.param, options, module, forward, folder
+
+
+def test_the_family_answers_its_interface_and_is_found_by_its_options(family_run):
+    name, options, *_ = family_run
+    family = families.get(name)
+    assert family.name == name and family.summary and isinstance(family.compilable, bool)
+    for method in ("claims", "check", "build", "rebuild", "describe", "token_grid"):
+        assert callable(getattr(family, method))
+    assert families.for_run(options.get("model"), options.get("weights")) is family
+    assert families.for_run(name, options.get("weights")) is family
+
+
+def test_out_of_memory_splits_the_batch_for_every_family(family_run, tmp_path, monkeypatch):
+    name, options, module, forward, folder = family_run
+    reference = tmp_path / "reference.h5"
+    vitcore.extract([folder], reference, **options)
+    real = getattr(module, forward)
+    passes = []
+
+    def small_memory(self, x, *args):
+        images = len(args[0]) if name != "seed" else x.shape[0]  # packed families: one grid per image
+        passes.append(images)
+        if images > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (a fake device error)")
+        return real(self, x, *args)
+
+    monkeypatch.setattr(module, forward, small_memory)
+    out = tmp_path / "out.h5"
+    result = vitcore.extract([folder], out, **options)
+    assert result.complete and result.rows == 4 and passes[:3] == [4, 2, 1]  # halved, then halved again
+    assert set(passes[3:]) == {1}  # one image a pass from then on
+    assert any("continuing with 2 per pass" in w for w in result.warnings)
+    assert any("--batch-size 1" in w for w in result.warnings)
+    with vitcore.open_tokens(out) as f, vitcore.open_tokens(reference) as g:
+        assert f.keys == g.keys
+        for key in f.keys:
+            np.testing.assert_allclose(f[key], g[key], rtol=1e-5, atol=1e-5)
+
+    def no_memory(self, x, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory (a fake device error)")
+
+    monkeypatch.setattr(module, forward, no_memory)
+    with pytest.raises(VitExtractError, match="out of cpu memory for a single image"):
+        vitcore.extract([folder], tmp_path / "none.h5", **options)
+
+
+def test_non_finite_tokens_are_counted_for_every_family(family_run, tmp_path, monkeypatch):
+    name, options, module, forward, folder = family_run
+    real = getattr(module, forward)
+
+    def overflowing(self, x, *args):  # values far past float16's 65504 on every image
+        out = real(self, x, *args)
+        if name == "seed":
+            return out[0] * 1e9, out[1]
+        out.tokens = out.tokens * 1e9
+        return out
+
+    monkeypatch.setattr(module, forward, overflowing)
+    result = vitcore.extract([folder], tmp_path / "half.h5", **{**options, "out_dtype": "float16"})
+    assert f"{result.rows} images have token values that are not finite" in " ".join(result.warnings)
+
+
+def test_a_new_image_is_encoded_as_the_file_was(family_run, tmp_path):
+    name, options, _, _, folder = family_run
+    out = tmp_path / "out.h5"
+    vitcore.extract([folder], out, **options)
+    from vitcore.search import similar
+
+    hits, kind = similar(str(out), str(folder / "chelsea.jpg"), k=1)
+    assert kind == "image" and hits[0].key == "chelsea.jpg" and hits[0].score > 0.9999
+    with vitcore.open_tokens(out) as f:
+        summary = f.describe()["summary"]
+        assert summary["encoder"] and summary["preprocessing"]
+        rows, cols = f.token_grid("chelsea.jpg")
+        assert rows * cols == len(f["chelsea.jpg"])

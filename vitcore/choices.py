@@ -1,0 +1,12 @@
+"""The allowed values of the options that the command line and the library share.
+
+One source of truth: the CLI builds its choice enums from these tuples and the library checks
+against them, so the two cannot drift. Torch-free (no torch, numpy or h5py) so that importing it
+from the CLI keeps ``vit-extract --help`` instant.
+"""
+
+POOLING_MODES = ("none", "mean", "max")
+RESIZE_MODES = ("squash", "crop", "pad")
+DECODE_MODES = ("draft", "full", "gpu")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # compute dtype; auto picks per device
+OUT_DTYPES = ("float16", "float32")  # stored dtype

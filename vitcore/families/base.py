@@ -1,0 +1,95 @@
+"""What every encoder family provides, and what it hands the shared batching path.
+
+A family (one module under vitcore/families/, one line in the registry) answers:
+
+    claims(model, weights)        does this run's --model / --weights belong to me?
+    check(opts)                   refuse options I do not take (one-line UsageError)
+    build(opts, device, dtype)    → BuiltEncoder: device side, worker side, what the file records
+    default_batch_size(built, device, dtype)
+    rebuild(settings)             → EncoderOptions that build the encoder a file records (`similar`)
+    describe(settings)            → (encoder line, preprocessing line) for `vit-extract info`
+    token_grid(encoder, grid_thw) → (rows, cols) the stored tokens of one image lie on
+    summary                       one line for `vit-extract models`
+
+Family modules import torch only inside build() and rebuild(), so readers stay torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-image array a run stores: ``tokens`` first, then extras (``layers/K``, ``features/<name>``).
+
+    ``shape`` is per image as stored: (T, W), or pooled (W,); for ragged arrays (a count that
+    varies per image, stored flat with offsets and counts) it is (W,) per token.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    ragged: bool = False
+
+    @property
+    def width(self) -> int:
+        return self.shape[-1]
+
+
+@dataclass
+class Encoded:
+    """A family's output for a slice of a batch, before pooling and casting (the runner does those).
+
+    arrays: name → (B, T, W) tensor, or for ragged arrays (Σ T_i, W) with ``counts[name]`` = [T_i].
+    """
+
+    arrays: dict[str, Any]
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    grid_thw: list[tuple[int, int, int]] | None = None  # per image, when the family stores its patch grid
+
+    @property
+    def images(self) -> int:
+        first = next(iter(self.arrays))
+        return len(self.counts[first]) if first in self.counts else len(self.arrays[first])
+
+    def head(self, n: int) -> "Encoded":
+        """The first n images (a compiled batch padded with blank images gives them back)."""
+        assert not self.counts, "padding is only for fixed-shape outputs"
+        return Encoded({k: v[:n] for k, v in self.arrays.items()}, {}, self.grid_thw and self.grid_thw[:n])
+
+    @staticmethod
+    def concat(parts: list["Encoded"]) -> "Encoded":
+        """Slices of one batch, in order, as one Encoded (after an out-of-memory split)."""
+        import torch
+
+        first = parts[0]
+        return Encoded(
+            arrays={k: torch.cat([p.arrays[k] for p in parts]) for k in first.arrays},
+            counts={k: [c for p in parts for c in p.counts[k]] for k in first.counts},
+            grid_thw=None if first.grid_thw is None else [g for p in parts for g in p.grid_thw],
+        )
+
+
+@dataclass
+class BuiltEncoder:
+    """What a family builds for one run."""
+
+    name: str  # what the summary calls the encoder ("base", "custom", …)
+    # Device side: a slice of a batch's uint8 pixels on the device — a (B, H, W, 3) tensor, or a
+    # list of (H_i, W_i, 3) tensors when sizes differ — → Encoded, unpooled, in the compute dtype.
+    encode: Callable[[Any], Encoded]
+    # Worker side (pickled into the DataLoader workers): .load(file object) → (uint8 (H, W, 3),
+    # original upright (width, height)); .decode is the decode mode the file records.
+    loader: Any
+    encoder_record: str  # JSON, with "family"
+    preprocessing: str  # JSON
+    weights: Any  # weights.WeightsInfo
+    outputs: tuple[ArraySpec, ...]  # unpooled, "tokens" first
+    projector: str = "null"  # JSON: {"dim": P} or null
+    grid_thw: bool = False  # store each image's patch grid (t, h, w)
+    compilable: bool = False  # encode() takes fixed-shape batches that torch.compile can specialise on
+    # Main process, before encode(): finishes a batch the workers left partly undone (GPU JPEG decode).
+    finish_batch: Callable | None = None
+    notes: list[str] = field(default_factory=list)  # how the build departed from what was asked
+    default_batch_size: Callable[[], int] = lambda: 8  # --batch-size auto on this device

@@ -1,0 +1,139 @@
+"""Qwen3-VL: the vision tower of a local Hugging Face checkpoint folder (the model is vitcore/qwen3vl.py).
+
+Native resolution: each image keeps its aspect ratio and gets as many tokens as the checkpoint's
+processor gives it, so tokens are stored ragged; --resolution N makes every image N × N.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from vitcore.errors import UsageError, VitExtractError
+
+MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")  # config.json "model_type" of the checkpoints this reads
+FEATURE_CHOICES = ("last_hidden", "deepstack")
+
+
+class Qwen3VLFamily:
+    name = "qwen3-vl"
+    summary = "the vision tower of a local Qwen3-VL checkpoint folder (--weights DIR; --model qwen3-vl optional)"
+    compilable = False  # image sizes vary batch to batch
+
+    def claims(self, model, weights) -> bool:
+        """A checkpoint folder whose config.json says it is a Qwen3-VL model."""
+        if model is not None or not weights or not os.path.isdir(weights):
+            return False
+        try:
+            with open(os.path.join(weights, "config.json")) as handle:
+                config = json.load(handle)
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and config.get("model_type") in MODEL_TYPES
+
+    def check(self, opts) -> None:
+        if not opts.weights or not os.path.isdir(opts.weights):
+            raise UsageError("--model qwen3-vl needs --weights DIR: a local Hugging Face Qwen3-VL checkpoint folder")
+        for flag, value in (("--layer", opts.layers), ("--project-dim", opts.project_dim)):
+            if value:
+                raise UsageError(f"{flag} is for the seed encoders; qwen3-vl stores its merger output (see --features)")
+        if opts.resize != "squash":
+            raise UsageError("--resize is for the seed encoders; qwen3-vl keeps the aspect ratio (see --resolution)")
+        if opts.decode == "gpu":
+            raise UsageError("--decode gpu works with the seed encoders; qwen3-vl decodes on the CPU exactly as "
+                             "its processor does (--decode full)")
+        unknown = [f for f in opts.features if f not in FEATURE_CHOICES]
+        if unknown:
+            raise UsageError(f"--features {','.join(unknown)}: choose from {', '.join(FEATURE_CHOICES)}")
+
+    def build(self, opts, device, dtype, compile: bool = False):
+        import dataclasses
+
+        import torch
+
+        from vitcore.families.base import ArraySpec, BuiltEncoder, Encoded
+        from vitcore.qwen3vl import Qwen3VLImageLoader, choose_attention, load_qwen3vl, patchify_torch
+        from vitcore.weights import WeightsInfo
+
+        encoder, prep = load_qwen3vl(opts.weights, device=device, dtype=dtype)
+        notes = choose_attention(encoder, device, dtype)  # once, here: a fallback is reported
+        cfg = encoder.cfg
+        if opts.resolution != "native":
+            try:
+                side = int(opts.resolution)
+            except ValueError:
+                side = 0
+            if side < prep.factor or side % prep.factor:
+                raise UsageError(f"--resolution {opts.resolution}: use native or a multiple of {prep.factor}")
+            prep = dataclasses.replace(prep, fixed=side)
+        loader = Qwen3VLImageLoader(prep, decode=opts.decode or "full")
+        merge = cfg.spatial_merge_size ** 2
+        fixed = prep.fixed is not None
+        merged_tokens = (prep.fixed // prep.patch_size) ** 2 // merge if fixed else 0
+
+        def spec(name: str, width: int, per_patch: bool = False) -> ArraySpec:
+            if fixed:
+                return ArraySpec(name, (merged_tokens * (merge if per_patch else 1), width))
+            return ArraySpec(name, (width,), ragged=True)
+
+        outputs = [spec("tokens", cfg.out_hidden_size)]
+        if "last_hidden" in opts.features:
+            outputs.append(spec("features/last_hidden", cfg.hidden_size, per_patch=True))
+        if "deepstack" in opts.features:
+            outputs += [spec(f"features/deepstack_{j}", cfg.out_hidden_size)
+                        for j in range(len(cfg.deepstack_visual_indexes))]
+        wanted = {s.name for s in outputs}
+
+        def encode(pictures):
+            """uint8 pictures (H_i, W_i, 3) → one packed sequence → merged tokens per image."""
+            packed = [patchify_torch(p, prep) for p in pictures]  # (h·w, 3·T·p·p) each, merge-block order
+            grids = [g for _, g in packed]
+            counts = [t * h * w // merge for t, h, w in grids]  # merged tokens per image
+            out = encoder(torch.cat([x for x, _ in packed]).to(dtype), grids)
+            arrays, sizes = {"tokens": out.tokens}, {"tokens": counts}  # (Σ T_i, out)
+            if "features/last_hidden" in wanted:
+                arrays["features/last_hidden"] = out.last_hidden  # (Σ 4·T_i, D)
+                sizes["features/last_hidden"] = [c * merge for c in counts]
+            for j, feature in enumerate(out.deepstack):
+                if f"features/deepstack_{j}" in wanted:
+                    arrays[f"features/deepstack_{j}"], sizes[f"features/deepstack_{j}"] = feature, counts
+            return Encoded(arrays, sizes, grids)
+
+        preprocessing = json.dumps({**dataclasses.asdict(prep), "decode": loader.decode, "resolution": opts.resolution,
+                                    "interpolation": "bicubic (Pillow)"}, sort_keys=True)
+        return BuiltEncoder(
+            name=self.name, encode=encode, loader=loader, encoder_record=cfg.to_json(), preprocessing=preprocessing,
+            weights=WeightsInfo(source="file", path=os.path.abspath(opts.weights), sha256=encoder.weights_sha256),
+            outputs=tuple(outputs), grid_thw=True, notes=notes,
+            # native-resolution images vary widely in size
+            default_batch_size=lambda: 4 if device.type == "cpu" else 32,
+        )
+
+    def rebuild(self, settings: dict, file: str):
+        from vitcore.options import EncoderOptions
+
+        folder = settings["weights"]["path"]
+        if not folder or not os.path.isdir(folder):
+            raise VitExtractError(f"the checkpoint {folder} recorded in {file} is gone; cannot encode a new image")
+        prep = settings["preprocessing"]
+        return EncoderOptions(model=self.name, weights=folder, decode=prep.get("decode", "full"),
+                              resolution=str(prep.get("resolution", "native")))
+
+    def describe(self, settings: dict) -> dict:
+        enc, prep = settings["encoder"], settings["preprocessing"]
+        return {
+            "encoder": f"qwen3-vl vision tower: hidden {enc['hidden_size']}, depth {enc['depth']}, "
+                       f"heads {enc['num_heads']}, patch {enc['patch_size']}, merge {enc['spatial_merge_size']}, "
+                       f"out {enc['out_hidden_size']}",
+            "preprocessing": f"resolution {prep['resolution']} (pixels {prep['min_pixels']}–{prep['max_pixels']}), "
+                             f"decode {prep['decode']}",
+        }
+
+    def token_grid(self, encoder: dict, grid_thw) -> tuple[int, int]:
+        """Merged tokens, spatial_merge_size² patches each, in raster order over the merged grid."""
+        _, h, w = grid_thw
+        merge = encoder.get("spatial_merge_size", 1)
+        return h // merge, w // merge
+
+
+FAMILY = Qwen3VLFamily()

@@ -1,0 +1,117 @@
+"""A run's settings: the flat ExtractOptions the CLI and the Python API fill, and the four validated
+parts extract() works with (encoder, inputs, compute, output). Each part checks itself when built,
+so a bad value is refused in one place, before any model is built or file touched; what only a
+family can judge (which options it takes) is its check()."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, RESIZE_MODES
+from vitcore.errors import UsageError
+
+
+def _one_of(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"{flag} {value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """Which encoder, with which weights, seeing which pixels."""
+
+    model: Any = None  # preset, custom spec, config or family name; None: the weights' own, or base
+    weights: str | None = None  # a weights file or checkpoint folder
+    seed: int = 0  # initialisation seed when no weights are given
+    project_dim: int | None = None
+    layers: tuple[int, ...] = ()
+    resize: str = "squash"
+    decode: str | None = None  # None: the family's default
+    resolution: str = "native"
+    features: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _one_of("--resize", self.resize, RESIZE_MODES)
+        if self.decode is not None:
+            _one_of("--decode", self.decode, DECODE_MODES)
+        if self.seed < 0:
+            raise UsageError(f"--seed must be non-negative, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    files_from: str | None = None  # a file of paths, or "-" for stdin
+    extensions: Any = None  # "jpg,png" or a sequence; None: the defaults
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    batch_size: int | str = "auto"
+    workers: int | None = None  # None: min(8, CPUs available)
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise UsageError(f"--batch-size must be a positive integer or auto, got {self.batch_size!r}")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"--workers must be 0 or more, got {self.workers}")
+        _one_of("--dtype", (self.dtype or "auto").strip().lower(), DTYPE_CHOICES)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    pool: str = "none"
+    out_dtype: str = "float16"
+    resume: bool = False
+    retry_failed: bool = False
+    overwrite: bool = False
+    shard: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("--pool", self.pool, POOLING_MODES)
+        _one_of("--out-dtype", self.out_dtype, OUT_DTYPES)
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other; choose one")
+        if self.retry_failed and not self.resume:
+            raise UsageError("--retry-failed goes with --resume: it retries the failures an existing output records")
+
+
+@dataclass
+class ExtractOptions:
+    """Every setting of a run, flat; the CLI fills one from its options."""
+
+    model: Any = None  # preset, custom spec or config, or a family name; None: base or the weights' own
+    weights: str | None = None  # .safetensors written by save_weights / init-weights, or a checkpoint folder
+    seed: int = 0  # initialisation seed when no weights are given
+    pool: str = "none"  # none | mean | max
+    project_dim: int | None = None  # projector Linear(D → P)
+    layers: tuple[int, ...] = ()  # also store hidden states after these blocks (-2: penultimate)
+    resize: str = "squash"  # squash | crop | pad (seed encoders)
+    decode: str | None = None  # draft | full | gpu; None: the family's default
+    resolution: str = "native"  # native-resolution families: native (the processor's rule) or N (N × N)
+    features: tuple[str, ...] = ()  # a family's extra outputs (see its --features)
+    batch_size: int | str = "auto"
+    workers: int | None = None  # None: min(8, CPUs available)
+    device: str = "auto"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    out_dtype: str = "float16"  # stored dtype
+    files_from: str | None = None  # a file of paths, or "-" for stdin
+    extensions: str | tuple[str, ...] | None = None  # None: jpg jpeg png webp bmp gif tif tiff
+    resume: bool = False
+    retry_failed: bool = False  # with resume: decode the images the file records as failed again
+    overwrite: bool = False
+    shard: tuple[int, int] | None = None  # (I, N): only inputs [I·T/N, (I+1)·T/N); resumed automatically
+    compile: bool = False  # torch.compile the encoder where its family allows (compiled on the first batch)
+
+    def parts(self) -> tuple[EncoderOptions, InputOptions, ComputeOptions, OutputOptions]:
+        """The four validated parts (each raises UsageError for a bad value)."""
+        return (_take(EncoderOptions, self), _take(InputOptions, self), _take(ComputeOptions, self),
+                _take(OutputOptions, self))
+
+
+def _take(part, opts: ExtractOptions):
+    return part(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(part)})

@@ -1,0 +1,105 @@
+"""An output file's life in one run, in the order the workers require.
+
+    with Output(path, resume, overwrite) as out:     checked, then locked (one run per output)
+        state = out.resume_state(settings)           what a resumed file holds (None: a new file)
+        out.prepare(settings, roots, keep_failures)  created, or truncated to its committed rows, and closed
+        batches, writer = out.start(loader)          the workers fork first, then the file opens for writing
+        …writer.put(rows)…
+        out.finish(complete)
+
+No writable handle may be inherited by a forked worker (reference/hdf5-notes.md), so the only way
+to a writer is start(), which creates the loader's iterator (forking the workers) before it opens
+the file. Nothing is written from the main thread while workers run (see StoreWriter.prepare).
+"""
+
+from __future__ import annotations
+
+import os
+
+from vitcore.errors import OutputExistsError, UsageError
+from vitcore.lock import OutputLock
+from vitcore.store.resume import ResumeState, check_resumable
+from vitcore.store.schema import StoreSettings
+from vitcore.store.writer import AsyncWriter, StoreWriter
+
+
+class Output:
+    def __init__(self, path: str, resume: bool = False, overwrite: bool = False):
+        self.path, self.resume, self.overwrite = str(path), resume, overwrite
+        self._lock = OutputLock(self.path)
+        self._settings: StoreSettings | None = None
+        self.writer: AsyncWriter | None = None
+
+    def __enter__(self) -> "Output":
+        check_output(self.path, self.resume, self.overwrite)
+        self._lock.__enter__()  # released even if this process is killed
+        try:
+            check_output(self.path, self.resume, self.overwrite)  # again: another run may have made it meanwhile
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.close(False)  # an error left it open: close what was committed
+        finally:
+            self._lock.__exit__(*exc)
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume and os.path.exists(self.path)
+
+    def resume_state(self, settings: StoreSettings) -> ResumeState | None:
+        """What the file already holds when resuming (refusing other settings); None for a new file."""
+        return check_resumable(self.path, settings) if self.resuming else None
+
+    def prepare(self, settings: StoreSettings, roots: list[str], keep_failures: list[int] | None = None) -> None:
+        """Before the workers fork: create the file, or truncate a resumed one to its committed rows."""
+        StoreWriter.prepare(self.path, settings, roots, self.resuming, keep_failures)
+        self._settings = settings
+
+    def start(self, loader, has_work: bool = True):
+        """Fork the loader's workers, then open the file for writing: (batch iterator, AsyncWriter)."""
+        assert self._settings is not None, "prepare() the output before starting the workers"
+        batches = iter(loader) if has_work else iter(())
+        try:
+            self.writer = AsyncWriter(StoreWriter.reopen(self.path, self._settings))
+        except BaseException:
+            _shut_down(batches)
+            raise
+        return batches, self.writer
+
+    def finish(self, complete: bool) -> StoreWriter | None:
+        """Drain the writer, record completeness and close; the closed StoreWriter (its counts)."""
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return None
+        writer.close(complete)
+        return writer.writer
+
+
+def _shut_down(batches) -> None:
+    """Stop a DataLoader iterator's worker processes now. Dropping the iterator is not enough
+    when an exception's traceback still holds a frame that refers to it."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # PyTorch's multi-process iterator
+    if shutdown is not None:
+        shutdown()
+
+
+def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = True) -> None:
+    """Refuse early (before any model is built) an output that cannot or must not be written."""
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; choose one")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"the output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to the output folder {folder} (permission denied)")
+    if os.path.isdir(path):
+        raise UsageError(f"the output {path} is a folder; give a file name such as {os.path.join(path, 'tokens.h5')}")
+    if os.path.exists(path) and not (resume or overwrite):
+        hint = "add --resume to continue it or --overwrite to replace it" if can_resume else "add --overwrite to replace it"
+        raise OutputExistsError(f"{path} already exists; {hint}")
+

@@ -1,0 +1,249 @@
+"""Reading an output file: rows by index or key, batches, settings, failures (torch-free)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from vitcore import families
+from vitcore.errors import VitExtractError
+from vitcore.sources import source_path
+from vitcore.store.schema import decoded, ragged_index_names
+
+
+def open_for_reading(path: str, verb: str) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except BlockingIOError:
+        raise VitExtractError(
+            f"cannot {verb} {path}: a vit-extract run is writing it (HDF5 file lock); "
+            "try again when that run has finished"
+        ) from None
+    except OSError as err:
+        raise VitExtractError(f"cannot {verb} {path}: not a readable HDF5 file ({err})") from None
+
+
+class TokenFile:
+    """Read a vit-extract output: rows by index or key, batches, settings, failures.
+
+        with vitcore.open_tokens("out.h5") as f:
+            x = f["cat.jpg"]          # (T, D) numpy array, or (D,) when pooled
+    """
+
+    def __init__(self, path: str | os.PathLike, check_shards: bool = True):
+        self.path = os.fspath(path)
+        self.h5 = open_for_reading(self.path, "read")
+        missing = [a for a in ("schema_version", "committed", "roots", "encoder") if a not in self.h5.attrs]
+        if missing or "tokens" not in self.h5 or "paths" not in self.h5:
+            self.h5.close()
+            raise VitExtractError(
+                f"{self.path} is not a vit-extract output file (missing {', '.join(missing) or 'datasets'})"
+            )
+        self._keys: list[str] | None = None
+        self._index: dict[str, int] | None = None
+        if check_shards and self.h5.attrs.get("merged") == "virtual":
+            # HDF5 reads a missing shard as NaN, or even a same-named file in the working directory:
+            # refuse unless every shard is the very file that was merged.
+            bad = [s for s in self._shard_states(json.loads(self.h5.attrs["shards"])) if s["state"] != "complete"]
+            if bad:
+                self.h5.close()
+                raise VitExtractError(
+                    f"{self.path} reads through shard files that are {bad[0]['state']} since the merge "
+                    f"({', '.join(s['file'] for s in bad[:3])}); restore them beside it, or merge again"
+                )
+
+    def __enter__(self) -> "TokenFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def __len__(self) -> int:
+        return int(self.h5.attrs["committed"])
+
+    @property
+    def keys(self) -> list[str]:
+        if self._keys is None:
+            n = len(self)
+            self._keys = list(self.h5["paths"].asstr()[:n]) if n else []
+        return self._keys
+
+    def _key_rows(self) -> dict[str, int]:
+        if self._index is None:  # a key found under two roots: the first row wins
+            self._index = {}
+            for i, k in enumerate(self.keys):
+                self._index.setdefault(k, i)
+        return self._index
+
+    def index(self, key: str) -> int:
+        try:
+            return self._key_rows()[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not a row of {self.path}") from None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_rows()
+
+    def _row(self, item: int | str) -> int:
+        i = self.index(item) if isinstance(item, str) else int(item)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {item} is out of range for {n} rows")
+        return i % n
+
+    def __getitem__(self, item: int | str) -> np.ndarray:
+        return self.tokens(item)
+
+    @property
+    def ragged(self) -> bool:
+        return "token_offset" in self.h5
+
+    def _read(self, name: str, item: int | str) -> np.ndarray:
+        """One image's rows of ``name``: a row, or its slice of a flat (Σ tokens, D) dataset."""
+        i = self._row(item)
+        offsets, counts = ragged_index_names(name)
+        if offsets in self.h5:
+            start = int(self.h5[offsets][i])
+            return self.h5[name][start : start + int(self.h5[counts][i])]
+        return self.h5[name][i]
+
+    def tokens(self, item: int | str) -> np.ndarray:
+        """(T, D) tokens (T may differ per image when ragged), or (D,) when pooled."""
+        return self._read("tokens", item)
+
+    def feature(self, name: str, item: int | str) -> np.ndarray:
+        """An extra stored feature of one image (``features/<name>``)."""
+        return self._read(f"features/{name}", item)
+
+    def mean(self, item: int | str) -> np.ndarray:
+        """The image's mean token (the pooled vector itself for pooled files)."""
+        return self.h5[self.vectors_dataset()][self._row(item)]
+
+    def layer(self, k: int, item: int | str) -> np.ndarray:
+        return self._read(f"layers/{k}", item)
+
+    def iter_batches(self, batch_size: int = 256, dataset: str = "tokens") -> Iterator[tuple[list[str], np.ndarray]]:
+        """(keys, array) for consecutive committed rows of ``dataset`` (tokens, mean, layers/K);
+        for a ragged dataset the array is a list of per-image (T_i, D) arrays."""
+        data, n = self.h5[dataset], len(self)
+        offsets, counts = ragged_index_names(dataset)
+        ragged = offsets in self.h5
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            if ragged:
+                firsts, sizes = self.h5[offsets][start:stop], self.h5[counts][start:stop]
+                block = data[int(firsts[0]) : int(firsts[-1] + sizes[-1])] if stop > start else data[0:0]
+                base = int(firsts[0]) if stop > start else 0
+                yield self.keys[start:stop], [block[o - base : o - base + c] for o, c in zip(firsts, sizes)]
+            else:
+                yield self.keys[start:stop], data[start:stop]
+
+    def original_path(self, item: int | str) -> bytes:
+        """The image file a row came from (bytes: names need not be UTF-8)."""
+        i = self._row(item)
+        root = self.settings["roots"][int(self.h5["root_index"][i])]
+        return source_path(root, self.keys[i])
+
+    @property
+    def settings(self) -> dict:
+        """The root attributes, with JSON values decoded."""
+        return decoded(self.h5.attrs)
+
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        n = int(self.h5.attrs["failed_committed"])
+        if not n:
+            return []
+        return list(zip(self.h5["failed/paths"].asstr()[:n], self.h5["failed/errors"].asstr()[:n]))
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        """Per image; for ragged tokens (-1, D): the count varies (num_tokens)."""
+        shape = tuple(self.h5["tokens"].shape[1:])
+        return (-1, *shape) if self.ragged else shape
+
+    def token_grid(self, item: int | str) -> tuple[int, int]:
+        """(rows, cols) of the grid a row's tokens lie on, in raster order."""
+        i = self._row(item)
+        encoder = self.settings["encoder"]
+        grid_thw = tuple(int(v) for v in self.h5["grid_thw"][i]) if "grid_thw" in self.h5 else None
+        return families.for_record(encoder).token_grid(encoder, grid_thw)
+
+    def vectors_dataset(self) -> str:
+        """The (N, D) dataset to search: ``mean`` for unpooled files, ``tokens`` when pooled."""
+        return "mean" if "mean" in self.h5 else "tokens"
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(k) for k in self.settings["layers"]]
+
+    def describe(self, max_failures: int | None = None) -> dict:
+        """What `vit-extract info` shows: a JSON-ready summary of the file."""
+        settings = self.settings
+        failures = self.failures
+        datasets = {}
+        self.h5.visititems(
+            lambda name, obj: datasets.__setitem__(name, {"shape": list(obj.shape), "dtype": str(obj.dtype)})
+            if isinstance(obj, h5py.Dataset) else None
+        )
+        return {
+            "file": self.path,
+            "rows": len(self),
+            "complete": bool(settings.get("complete")),
+            "token_shape": list(self.token_shape),
+            "out_dtype": settings.get("out_dtype"),
+            "pooling": settings.get("pooling"),
+            "layers": settings.get("layers"),
+            "encoder": settings.get("encoder"),
+            "projector": settings.get("projector"),
+            "weights": settings.get("weights"),
+            "preprocessing": settings.get("preprocessing"),
+            "compute_dtype": settings.get("compute_dtype"),
+            "device": settings.get("device"),
+            "created": settings.get("created"),
+            "vit_extract_version": settings.get("vit_extract_version"),
+            "schema_version": settings.get("schema_version"),
+            "roots": settings.get("roots"),
+            "failed": len(failures),
+            "failures": [{"path": k, "error": e} for k, e in failures[:max_failures]],
+            "datasets": datasets,
+            "shard": settings.get("shard"),
+            "merged": settings.get("merged"),
+            "shards": self._shard_states(settings.get("shards")),
+            "features": settings.get("features") or [],
+            "summary": families.for_record(settings["encoder"]).describe(settings),
+        }
+
+    def _shard_states(self, shards: list[dict] | None) -> list[dict] | None:
+        """For a merged file: each shard with its state now (a virtual file reads through them)."""
+        if not shards:
+            return None
+        if self.h5.attrs.get("merged") == "copy":
+            return [{**shard, "state": "copied (not needed)"} for shard in shards]
+        folder = os.path.dirname(os.path.abspath(self.path))
+        states = []
+        for shard in shards:
+            path = os.path.join(folder, shard["file"])
+            state = "missing"
+            if os.path.exists(path):
+                try:
+                    with h5py.File(path, "r") as h5:
+                        same = h5.attrs.get("run_id") == shard.get("run_id") and bool(h5.attrs.get("complete"))
+                        same = same and int(h5.attrs["committed"]) == shard["rows"]
+                    state = "complete" if same else "changed"
+                except (OSError, KeyError):
+                    state = "unreadable"
+            states.append({**shard, "state": state})
+        return states
+
+
+def open_tokens(path: str | os.PathLike, check_shards: bool = True) -> TokenFile:
+    return TokenFile(path, check_shards=check_shards)
+

@@ -1,0 +1,66 @@
+"""--resume: read what an existing output holds, and refuse one made with other settings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from vitcore.errors import ResumeMismatchError
+from vitcore.sources import identity_of
+from vitcore.store.reader import open_for_reading
+from vitcore.store.schema import REQUIRED, SCHEMA_VERSION, StoreSettings, compared, stored_value
+
+
+@dataclass
+class ResumeState:
+    done: set[bytes]  # inputs (sources.identity_of) of the committed rows
+    failed: list[bytes]  # inputs of the recorded failures, in the table's order
+    roots: list[str]
+    committed: int
+    failed_committed: int
+
+
+def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
+    """Read an existing output and refuse, naming the difference, when its settings differ."""
+    with open_for_reading(path, "resume") as h5:
+        attrs = h5.attrs
+        if any(name not in attrs for name in REQUIRED):
+            raise ResumeMismatchError(
+                f"cannot resume {path}: it is not a complete vit-extract output file; use --overwrite"
+            )
+        if attrs.get("merged") == "virtual":
+            raise ResumeMismatchError(
+                f"cannot resume {path}: it is a virtual view over shard files; rerun the launch that made "
+                "the shards (they resume) and merge again, or `merge --copy` it into a file that can grow"
+            )
+        if int(attrs["schema_version"]) != SCHEMA_VERSION:
+            raise ResumeMismatchError(
+                f"cannot resume {path}: schema version {attrs['schema_version']} "
+                f"(this vit-extract writes {SCHEMA_VERSION}); use --overwrite or a new output"
+            )
+        for attribute in compared():
+            then = attribute.key(stored_value(attrs, attribute))
+            now = attribute.key(attribute.value(settings))
+            if then != now:
+                raise ResumeMismatchError(
+                    f"cannot resume {path}: the {attribute.compare} setting differs (file: {_short(then)}; "
+                    f"this run: {_short(now)}); rerun with the file's settings or use --overwrite"
+                )
+        roots = json.loads(attrs["roots"])
+        committed = int(attrs["committed"])
+        failed_committed = int(attrs["failed_committed"])
+        keys = h5["paths"].asstr()[:committed] if committed else []
+        index = h5["root_index"][:committed]
+        done = {identity_of(roots[i], k) for i, k in zip(index, keys)}
+        failed = []
+        if failed_committed:
+            keys = h5["failed/paths"].asstr()[:failed_committed]
+            index = h5["failed/root_index"][:failed_committed]
+            failed = [identity_of(roots[i], k) for i, k in zip(index, keys)]
+        return ResumeState(done=done, failed=failed, roots=roots, committed=committed,
+                           failed_committed=failed_committed)
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 160 else text[:157] + "…"

@@ -1,0 +1,299 @@
+"""The HDF5 schema, in one table: every attribute and dataset of an output file, listed once.
+
+Layout (schema_version 1; the README documents it):
+
+    tokens        (N, T, D) or pooled (N, D)   out dtype; chunk = one image (pooled: 128 rows)
+                  ragged (Σ T_i, D) + token_offset (N,) int64 + num_tokens (N,) int32
+    mean          (N, D)                       each image's mean token (only when tokens are unpooled)
+    layers/<K>, features/<name>                extra per-image arrays, laid out like tokens
+                                               (a ragged one has <name>_token_offset / <name>_num_tokens)
+    grid_thw      (N, 3) int32                 the patch grid (t, h, w), for families that store it
+    paths         (N,)  UTF-8                  key of row i, relative to roots[root_index[i]]
+    root_index    (N,)  int32
+    image_size    (N, 2) int32                 original upright (width, height)
+    failed/paths, failed/errors  (M,) UTF-8   key (as for paths) and a one-line reason
+    failed/root_index            (M,) int32
+
+The attributes are in ATTRIBUTES below, with whether a resume (and a merge) compares them; the
+writer, the resume check, the reader, `info` and merge are all driven by that table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+
+from vitcore.families.base import ArraySpec
+
+SCHEMA_VERSION = 1
+STRING = h5py.string_dtype("utf-8")
+POOLED_CHUNK_ROWS = 128
+RAGGED_CHUNK_ROWS = 256  # tokens per chunk of a flat (Σ tokens, D) dataset
+PER_ROW_CHUNK = 4096  # rows per chunk of the small 1-D / (N, 2) datasets
+ROW_INFO = ("paths", "root_index", "image_size")  # per image, beside the arrays
+FAILED_DATASETS = ("failed/paths", "failed/errors", "failed/root_index")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Everything the file records about how its rows were made."""
+
+    encoder: str  # JSON, with "family"
+    weights: str  # WeightsInfo JSON
+    preprocessing: str  # JSON
+    pooling: str
+    projector: str  # JSON: {"dim": P} or null
+    compute_dtype: str
+    device: str
+    out_dtype: str  # "float16" | "float32"
+    arrays: tuple[ArraySpec, ...]  # as stored (after pooling): "tokens" first, then layers/K, features/<name>
+    mean: bool = True  # store each image's mean token (tokens unpooled)
+    grid_thw: bool = False  # store each image's patch grid (t, h, w)
+    version: str = ""
+    shard: str = "null"  # ShardRecord JSON for shard files (--shard, torchrun), else null
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        return self.arrays[0].shape
+
+    @property
+    def ragged(self) -> bool:
+        return self.arrays[0].ragged
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(s.name.partition("/")[2]) for s in self.arrays if s.name.startswith("layers/")]
+
+    @property
+    def features(self) -> list[list]:
+        """[name, shape, ragged] of each features/<name> array (the ``features`` attribute)."""
+        return [[s.name.partition("/")[2], list(s.shape), s.ragged] for s in self.arrays if s.name.startswith("features/")]
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """One root attribute of an output file."""
+
+    name: str
+    kind: str  # "setting": how the rows were made; "state": the writer's bookkeeping; "merged": a merge's record
+    value: Callable[[StoreSettings], Any] | None = None  # a setting's value for a new file
+    json: bool = False  # JSON text (the reader decodes it)
+    compare: str | None = None  # resume and merge refuse files where it differs; the words that name it
+    key: Callable[[Any], Any] = lambda text: text  # what is compared
+    default: Any = None  # for files made before the attribute existed
+    merge: str = "own"  # first: the first shard's, joined: devices of the shards with rows, own: merge's
+
+
+def _encoder_key(text: str) -> str:
+    record = json.loads(text)
+    record.setdefault("family", "seed")  # files made before records named their family
+    return json.dumps(record, sort_keys=True)
+
+
+def weights_identity(text_or_record) -> str:
+    """What must match for --resume: the seed, or the content of the weights (not their path)."""
+    record = json.loads(text_or_record) if isinstance(text_or_record, str) else text_or_record
+    if record.get("source") == "untrained":
+        return f"untrained seed {record.get('seed')}"
+    return f"sha256 {record.get('sha256')}"
+
+
+ATTRIBUTES = (
+    Attribute("schema_version", "state"),
+    Attribute("vit_extract_version", "setting", lambda s: s.version, merge="first"),
+    Attribute("created", "state"),
+    Attribute("run_id", "state"),  # a merged file checks that its shards are still these files
+    Attribute("encoder", "setting", lambda s: s.encoder, json=True, compare="encoder", key=_encoder_key, merge="first"),
+    Attribute("weights", "setting", lambda s: s.weights, json=True, compare="weights", key=weights_identity,
+              merge="first"),
+    Attribute("preprocessing", "setting", lambda s: s.preprocessing, json=True, compare="preprocessing",
+              merge="first"),
+    Attribute("pooling", "setting", lambda s: s.pooling, compare="pooling", merge="first"),
+    Attribute("projector", "setting", lambda s: s.projector, json=True, compare="projector", merge="first"),
+    Attribute("compute_dtype", "setting", lambda s: s.compute_dtype, compare="compute dtype", merge="first"),
+    Attribute("device", "setting", lambda s: s.device, merge="joined"),  # every device that made rows
+    Attribute("out_dtype", "setting", lambda s: s.out_dtype, compare="output dtype", merge="first"),
+    Attribute("layers", "setting", lambda s: json.dumps(s.layers), json=True, compare="--layer list", merge="first"),
+    Attribute("features", "setting", lambda s: json.dumps(s.features), json=True, compare="--features list",
+              default="[]", merge="first"),
+    Attribute("ragged", "setting", lambda s: s.ragged, default=False, merge="first"),
+    Attribute("shard", "setting", lambda s: s.shard, json=True, compare="input list or shard range", default="null"),
+    Attribute("roots", "state", json=True),
+    Attribute("committed", "state"),
+    Attribute("failed_committed", "state"),
+    Attribute("complete", "state"),
+    Attribute("merged", "merged"),  # "virtual" or "copy"
+    Attribute("shards", "merged", json=True),
+    Attribute("inputs_sha256", "merged"),
+)
+BY_NAME = {a.name: a for a in ATTRIBUTES}
+REQUIRED = ("schema_version", "committed", "failed_committed", "roots", "encoder", "weights", "preprocessing",
+            "pooling", "projector", "compute_dtype", "out_dtype", "layers")
+
+
+def compared() -> list[Attribute]:
+    """The settings a resume and a merge require to be equal."""
+    return [a for a in ATTRIBUTES if a.compare]
+
+
+def stored_value(attrs, attribute: Attribute):
+    """An attribute's raw value in a file (its default when the file predates it)."""
+    value = attrs.get(attribute.name, attribute.default)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def decoded(attrs) -> dict:
+    """Every root attribute, JSON values decoded."""
+    out = {}
+    for name, value in attrs.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if name in BY_NAME and BY_NAME[name].json:
+            value = json.loads(value)
+        out[name] = value
+    return out
+
+
+# -- datasets ---------------------------------------------------------------------------
+def ragged_index_names(name: str) -> tuple[str, str]:
+    """The offset and count datasets of a flat dataset: token_offset / num_tokens for tokens."""
+    if name == "tokens":
+        return "token_offset", "num_tokens"
+    return f"{name}_token_offset", f"{name}_num_tokens"
+
+
+def chunks(row_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (1, *row_shape) if len(row_shape) == 2 else (POOLED_CHUNK_ROWS, *row_shape)
+
+
+def array_names(attrs, datasets) -> list[str]:
+    """The large per-image arrays of a file: tokens, mean, layers/K, features/<name>."""
+    names = [n for n in ("tokens", "mean") if n in datasets]
+    names += [f"layers/{k}" for k in json.loads(stored_value(attrs, BY_NAME["layers"]) or "[]")]
+    names += [f"features/{n}" for n, _, _ in json.loads(stored_value(attrs, BY_NAME["features"]))]
+    return names
+
+
+def lay_out(h5: h5py.File, settings: StoreSettings, roots: list[str], stamp: dict) -> None:
+    """The attributes and the empty, extendable datasets of a new output."""
+    attrs = h5.attrs
+    for attribute in ATTRIBUTES:
+        if attribute.kind == "setting":
+            attrs[attribute.name] = attribute.value(settings)
+    state = dict(schema_version=SCHEMA_VERSION, roots=json.dumps(roots), committed=0, failed_committed=0,
+                 complete=False, **stamp)
+    for name, value in state.items():
+        attrs[name] = value
+    dtype = np.dtype(settings.out_dtype)
+    for spec in settings.arrays:
+        if spec.ragged:
+            create_ragged(h5, spec.name, spec.width, dtype)
+        else:
+            h5.create_dataset(spec.name, (0, *spec.shape), dtype, maxshape=(None, *spec.shape),
+                              chunks=chunks(spec.shape))
+    if settings.mean:
+        width = (settings.arrays[0].width,)
+        h5.create_dataset("mean", (0, *width), dtype, maxshape=(None, *width), chunks=chunks(width))
+    if settings.grid_thw:
+        h5.create_dataset("grid_thw", (0, 3), np.int32, maxshape=(None, 3), chunks=(PER_ROW_CHUNK, 3))
+    h5.create_dataset("paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+    h5.create_dataset("root_index", (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+    h5.create_dataset("image_size", (0, 2), np.int32, maxshape=(None, 2), chunks=(PER_ROW_CHUNK, 2))
+    h5.create_dataset("failed/paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+    h5.create_dataset("failed/errors", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+    h5.create_dataset("failed/root_index", (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+
+
+def create_ragged(h5: h5py.File, name: str, width: int, dtype) -> None:
+    h5.create_dataset(name, (0, width), dtype, maxshape=(None, width), chunks=(RAGGED_CHUNK_ROWS, width))
+    offsets, counts = ragged_index_names(name)
+    h5.create_dataset(offsets, (0,), np.int64, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+    h5.create_dataset(counts, (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+
+
+def row_datasets(settings: StoreSettings) -> list[str]:
+    """Datasets with one row per image (truncated to ``committed`` on resume)."""
+    names = list(ROW_INFO)
+    names += [s.name for s in settings.arrays if not s.ragged]
+    if settings.mean:
+        names.append("mean")
+    if settings.grid_thw:
+        names.append("grid_thw")
+    for spec in settings.arrays:
+        if spec.ragged:
+            names += list(ragged_index_names(spec.name))
+    return names
+
+
+def flat_datasets(settings: StoreSettings) -> list[str]:
+    """Flat (Σ tokens, D) datasets, indexed through their offset and count datasets."""
+    return [s.name for s in settings.arrays if s.ragged]
+
+
+# -- one batch for the writer -------------------------------------------------------------
+@dataclass
+class Rows:
+    """One batch for the writer: n images that succeeded and the failures beside them."""
+
+    keys: list[str]
+    root_index: np.ndarray  # (n,) int32, into the file's roots
+    image_size: np.ndarray  # (n, 2) int32
+    # dataset name → values: (n, *shape), or (Σ T_i, W) for a flat dataset; "mean" (n, D) when
+    # tokens are unpooled. Numpy arrays, or torch tensors until to_host().
+    arrays: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)  # flat dataset → (n,) int32 tokens per image
+    grid_thw: np.ndarray | None = None  # (n, 3) int32
+    failed_keys: list[str] = field(default_factory=list)
+    failed_root_index: list[int] = field(default_factory=list)
+    failed_errors: list[str] = field(default_factory=list)
+    nonfinite: object = None  # images with inf/NaN tokens, counted where they were made (int(·) reads it)
+    ready: object = None  # a copy's event (.synchronize()) to wait for before reading the arrays, or None
+    release: Callable[[], None] | None = None  # gives the arrays' buffers back once they are written
+
+    @property
+    def tokens(self):
+        return self.arrays["tokens"]
+
+    def nonfinite_rows(self) -> int:
+        """Images whose tokens hold inf or NaN. Call on host rows."""
+        if self.nonfinite is not None:
+            return int(self.nonfinite)
+        tokens = self.arrays.get("tokens")
+        if tokens is None or not len(tokens):
+            return 0
+        if "tokens" not in self.counts:
+            return int((~np.isfinite(tokens.reshape(len(tokens), -1))).any(axis=1).sum())
+        bad = (~np.isfinite(tokens)).any(axis=1)
+        starts = np.concatenate([[0], np.cumsum(self.counts["tokens"])[:-1]]).astype(np.int64)
+        return int(sum(bad[s:s + c].any() for s, c in zip(starts, self.counts["tokens"])))
+
+    def to_host(self) -> "Rows":
+        """The same rows with every array in host memory (the encoder may hand over device tensors)."""
+        def host(a):
+            return a.cpu().numpy() if _is_tensor(a) else a
+
+        return dataclasses.replace(self, arrays={k: host(v) for k, v in self.arrays.items()},
+                                   nonfinite=host(self.nonfinite))
+
+    def nbytes(self) -> int:
+        arrays = [self.image_size, self.root_index, *self.arrays.values(), *self.counts.values()]
+        strings = sum(len(k) + 16 for k in self.keys + self.failed_keys + self.failed_errors)
+        return sum(a.nbytes for a in arrays) + strings
+
+
+def _is_tensor(value) -> bool:
+    """A torch tensor, without importing torch here (reading a file must not load it)."""
+    return type(value).__module__.partition(".")[0] == "torch" and hasattr(value, "cpu")
+
+
+def devices_joined(*records: str) -> str:
+    """The ``device`` attribute of rows made on several devices: each once, in order ("cuda:0, cpu")."""
+    seen: list[str] = []
+    for record in records:
+        seen += [d for d in (part.strip() for part in str(record).split(",")) if d and d not in seen]
+    return ", ".join(seen)
