@@ -216,7 +216,7 @@ def test_unreadable_file_and_read_only_output_folder_as_an_unprivileged_user(tmp
 
 def _dies_in_worker(real_load):
     def load(path, cfg):
-        if path.endswith("_die.png") and torch.utils.data.get_worker_info() is not None:
+        if getattr(path, "name", path).endswith("_die.png") and torch.utils.data.get_worker_info() is not None:
             os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
         return real_load(path, cfg)
     return load
@@ -229,7 +229,7 @@ def test_a_worker_killed_by_the_os_stops_the_run_with_a_clear_message_then_resum
     for i in range(12):
         _photo(seed=i).save(folder / f"img{i:02d}.png")
     _photo(seed=99).save(folder / dying)
-    monkeypatch.setattr("vitcore.loader.load_image", _dies_in_worker(load_image))
+    monkeypatch.setattr("vitcore.preprocess.load_image", _dies_in_worker(load_image))
     out = tmp_path / "out.h5"
     signal.alarm(120)  # a hang fails the test instead of blocking the suite
     try:
@@ -345,7 +345,7 @@ def test_no_worker_inherits_a_writable_handle_on_the_output(tmp_path, monkeypatc
                 handle.write(json.dumps(open_files) + "\n")
         return real_load(path, cfg)
 
-    monkeypatch.setattr("vitcore.loader.load_image", spying_load)
+    monkeypatch.setattr("vitcore.preprocess.load_image", spying_load)
     vitcore.extract([folder], tmp_path / "out.h5", EXACT, workers=2, batch_size=2)
     views = [json.loads(line) for line in report.read_text().splitlines()]
     assert len(views) == 16

@@ -44,9 +44,19 @@ def for_run(model, weights: str | None):
         if family.claims(model, weights):
             return family
     if weights is not None and os.path.isdir(weights):
-        known = "; ".join(f"{name}: {summary}" for name, summary in listing())
-        raise UsageError(f"--weights {weights} is a folder no encoder family here recognises ({known})")
+        raise UsageError(f"--weights {weights} is a folder but not a checkpoint any encoder family reads "
+                         f"({_checkpoint_kind(weights)}); the seed encoders take a .safetensors file")
     return get(DEFAULT_FAMILY)
+
+
+def _checkpoint_kind(folder: str) -> str:
+    """What a folder's config.json says it is, in a few words."""
+    try:
+        with open(os.path.join(folder, "config.json")) as handle:
+            model_type = json.load(handle).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return "no readable config.json"
+    return f"config.json model_type {model_type!r}; families here: {', '.join(REGISTRY)}"
 
 
 def for_record(encoder: dict | str):

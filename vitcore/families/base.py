@@ -4,9 +4,9 @@ A family (one module under vitcore/families/, one line in the registry) answers:
 
     claims(model, weights)        does this run's --model / --weights belong to me?
     check(opts)                   refuse options I do not take (one-line UsageError)
-    build(opts, device, dtype)    → BuiltEncoder: device side, worker side, what the file records
-    default_batch_size(built, device, dtype)
-    rebuild(settings)             → EncoderOptions that build the encoder a file records (`similar`)
+    build(opts, device, dtype, compile) → BuiltEncoder: device side, worker side, what the file
+                                  records, the default batch size on that device
+    rebuild(settings, file)       → EncoderOptions that build the encoder a file records (`similar`)
     describe(settings)            → (encoder line, preprocessing line) for `vit-extract info`
     token_grid(encoder, grid_thw) → (rows, cols) the stored tokens of one image lie on
     summary                       one line for `vit-extract models`

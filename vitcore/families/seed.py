@@ -33,14 +33,13 @@ class SeedFamily:
 
         from vitcore import gpu_decode
         from vitcore.families.base import ArraySpec, BuiltEncoder, Encoded
-        from vitcore.model import resolve_layer
         from vitcore.preprocess import ImageLoader, PreprocessConfig, normalize_on_device
         from vitcore.weights import build_encoder
 
         encoder, info = build_encoder(opts.model, opts.weights, seed=opts.seed, project_dim=opts.project_dim,
                                       device=device, dtype=dtype)
         cfg = encoder.cfg
-        layers = _distinct_layers(opts.layers, cfg.depth, resolve_layer)
+        layers = _distinct_layers(opts.layers, cfg.depth)
         prep = PreprocessConfig(image_size=cfg.image_size, resize=opts.resize, decode=opts.decode or "draft")
         notes, finish_batch = [], None
         if prep.decode == "gpu":
@@ -104,8 +103,10 @@ class SeedFamily:
         return side, side
 
 
-def _distinct_layers(layers, depth: int, resolve_layer) -> tuple[int, ...]:
+def _distinct_layers(layers, depth: int) -> tuple[int, ...]:
     """Each distinct K as given (``-1`` and ``23`` are both stored if both are asked for)."""
+    from vitcore.model import resolve_layer
+
     out: list[int] = []
     for k in layers:
         try:

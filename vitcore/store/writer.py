@@ -370,18 +370,6 @@ def _open_h5(path: str, mode: str) -> h5py.File:
         raise VitExtractError(f"cannot open {path} for writing: {reason}") from None
 
 
-def _open_for_reading(path: str, verb: str) -> h5py.File:
-    try:
-        return h5py.File(path, "r")
-    except BlockingIOError:
-        raise VitExtractError(
-            f"cannot {verb} {path}: a vit-extract run is writing it (HDF5 file lock); "
-            "try again when that run has finished"
-        ) from None
-    except OSError as err:
-        raise VitExtractError(f"cannot {verb} {path}: not a readable HDF5 file ({err})") from None
-
-
 class AsyncWriter:
     """Runs a StoreWriter on its own thread behind a small queue, so the device never waits on the disk.
 
