@@ -11,8 +11,10 @@ Each check prints PASS or FAIL with its numbers; the exit status is the number o
   3. extract() on the device, 64 images: the same rows as on the CPU with --batch-size auto and 16
      (pinned memory, the device→host copy stream of transfer.py), and with --compile at batch 3
      (the last batch padded); tokens that overflow float16 are counted on the device as on the CPU.
-  4. the copy stream with its race forced (the compute stream busy, the copy stream held back).
-  5. --decode gpu: nvJPEG + the on-device resize against Pillow's decode + resize, with odd JPEGs.
+  4. Qwen3-VL at native resolution on the device (packed attention, the shared copy stream, ragged
+     rows) against the CPU: float32 row for row, bfloat16 by cosine similarity.
+  5. the copy stream with its race forced (the compute stream busy, the copy stream held back).
+  6. --decode gpu: nvJPEG + the on-device resize against Pillow's decode + resize, with odd JPEGs.
 """
 
 from __future__ import annotations
@@ -140,6 +142,54 @@ def end_to_end() -> None:
               f"CPU: {counts[0]!r}; {DEVICE}: {counts[1]!r}")
 
 
+def _tiny_qwen3vl_checkpoint(folder: Path) -> Path:
+    """A random Qwen3-VL vision tower saved in a checkpoint folder's layout (no transformers needed)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    vision = dict(depth=2, hidden_size=64, num_heads=4, intermediate_size=96, out_hidden_size=48, patch_size=16,
+                  temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")
+    torch.manual_seed(0)
+    model = qwen3vl.Qwen3VLVisionEncoder(qwen3vl.Qwen3VLConfig.from_hf(vision))
+    folder.mkdir()
+    state = {f"{qwen3vl.CHECKPOINT_PREFIX}{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "vision_config": vision}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 3136,
+                                                                         "longest_edge": 200_000}}))
+    return folder
+
+
+def qwen3vl_end_to_end() -> None:
+    """Qwen3-VL at native resolution through the shared batching path (packed attention, copy
+    stream, ragged rows) on the device, against the CPU in float32: float32 row for row, bf16 by cosine."""
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = _photo_folder(Path(tmp) / "photos", generated=8)
+        checkpoint = _tiny_qwen3vl_checkpoint(Path(tmp) / "ckpt")
+        runs = {"cpu": ("cpu", "float32"), "float32": (str(DEVICE), "float32"), "bfloat16": (str(DEVICE), "bfloat16")}
+        rows = {}
+        for name, (device, dtype) in runs.items():
+            out = Path(tmp) / f"q_{name}.h5"
+            vitcore.extract([photos], out, weights=str(checkpoint), device=device, dtype=dtype, out_dtype="float32",
+                            batch_size=4, workers=2, features=("deepstack",))
+            with vitcore.open_tokens(out) as f:
+                rows[name] = {key: f[key] for key in f.keys}
+        ref = rows["cpu"]
+        for name in ("float32", "bfloat16"):
+            same_keys = list(rows[name]) == list(ref) and len(ref) == 16
+            if name == "float32":
+                err = max(np.abs(rows[name][k] - ref[k]).max() / np.abs(ref[k]).max() for k in ref)
+                ok, detail = err < 1e-3, f"largest row error {err:.1e}"
+            else:
+                cos = min(F.cosine_similarity(torch.from_numpy(rows[name][k]), torch.from_numpy(ref[k]), dim=-1).min().item()
+                          for k in ref)
+                ok, detail = cos > 0.999, f"lowest per-token cosine similarity {cos:.4f}"
+            check(f"Qwen3-VL extract on {DEVICE}, {name}", same_keys and ok,
+                  f"{len(rows[name])} images in the CPU's order: {same_keys}; {detail}")
+
+
 def copy_stream() -> None:
     """transfer.HostCopier with the race forced: the compute stream is still busy when the copy is
     queued (wait_stream), and the copy stream is held back while the compute stream allocates and
@@ -153,9 +203,10 @@ def copy_stream() -> None:
     n, shape = 64, (64, 256, 512)
     spin = 200_000_000  # GPU clock cycles: about 0.1 s
 
-    def rows(tokens):
+    def rows(tokens):  # as batching.BatchRunner hands them over: the count made on the device
+        nonfinite = (~torch.isfinite(tokens.reshape(n, -1))).any(dim=1).sum()
         return Rows(keys=[f"{i}" for i in range(n)], root_index=np.zeros(n, np.int32),
-                    image_size=np.ones((n, 2), np.int32), tokens=tokens)
+                    image_size=np.ones((n, 2), np.int32), arrays={"tokens": tokens}, nonfinite=nonfinite)
 
     copier = HostCopier(DEVICE)
     with torch.inference_mode():
@@ -230,7 +281,7 @@ def gpu_decode_check() -> None:
           f"largest {diff.max().item():.0f} (nvJPEG is not libjpeg)")
 
 
-CHECKS = (seed_encoder, packed_attention, end_to_end, copy_stream, gpu_decode_check)
+CHECKS = (seed_encoder, packed_attention, end_to_end, qwen3vl_end_to_end, copy_stream, gpu_decode_check)
 
 if __name__ == "__main__":
     print(f"# {torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'no CUDA: checking on the CPU'}; "

@@ -67,7 +67,7 @@ class ProgressDisplay:
 
 def run_summary(console: Console, result) -> None:
     """One screen after a run: what was written, with what, how fast, and what failed."""
-    shape = "×".join(str(n) for n in result.token_shape)
+    shape = "×".join("varying" if n == -1 else str(n) for n in result.token_shape)
     head = "done" if result.complete else "stopped"
     console.print(
         f"[bold]{head}:[/] {result.written} image{'' if result.written == 1 else 's'} → {escape(result.output)} "

@@ -18,7 +18,7 @@ def _checks():
     return module
 
 
-CHECK_NAMES = ["seed_encoder", "packed_attention", "end_to_end", "copy_stream", "gpu_decode_check"]
+CHECK_NAMES = ["seed_encoder", "packed_attention", "end_to_end", "qwen3vl_end_to_end", "copy_stream", "gpu_decode_check"]
 
 
 def test_every_check_of_the_script_is_a_test():

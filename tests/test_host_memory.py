@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
     import torch
     import torch.utils.data
     from vitcore import host_memory
-    from vitcore.pipeline import _init_worker
+    from vitcore.workers import init_worker
 
     ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE, inherited by the workers
 
@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
     default = least(64)
     kept = host_memory.keep_freed_host_memory()
     after = least(64), least(8)
-    loader = torch.utils.data.DataLoader(InWorker(), num_workers=1, worker_init_fn=_init_worker)
+    loader = torch.utils.data.DataLoader(InWorker(), num_workers=1, worker_init_fn=init_worker)
     in_worker = [int(x) for x in next(iter(loader))]
     still = least(64)  # the parent keeps the setting
     print(default, kept, *after, *in_worker, still)

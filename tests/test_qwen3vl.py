@@ -178,6 +178,7 @@ def test_cli_native_resolution_stores_what_transformers_computes(checkpoint, fol
     result = cli("run", folder_of_images, "-o", out, "--weights", folder, "--features", "deepstack,last_hidden",
                  "--dtype", "float32", "--out-dtype", "float32", "--batch-size", "4", "--workers", "0", "--json")
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["token_shape"] == [-1, 48]  # the count varies per image, as info says
     import vitcore
 
     with vitcore.open_tokens(out) as f:
@@ -213,6 +214,7 @@ def test_fixed_resolution_pooling_resume_and_shards(checkpoint, folder_of_images
     vitcore.extract(folder_of_images, fixed, resolution="96", **opts)
     with vitcore.open_tokens(fixed) as f:
         assert not f.ragged and f.h5["tokens"].shape == (4, 9, 48)  # (96/16)² / 4 merged tokens each
+        assert f.describe()["summary"]["preprocessing"] == "resolution 96×96 (fixed), decode full"
         processor = _processor(min_pixels=96 * 96, max_pixels=96 * 96)
         batch = processor(images=[Image.open(folder_of_images / "tall.png").convert("RGB").resize((96, 96), Image.Resampling.BICUBIC)], return_tensors="pt")
         with torch.no_grad():
@@ -255,3 +257,21 @@ def test_fixed_resolution_pooling_resume_and_shards(checkpoint, folder_of_images
         assert sorted(names) == sorted(b.keys) and len(a) == 4
         for name, key in names.items():
             np.testing.assert_allclose(a[key], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_the_attention_backend_is_chosen_once_and_a_fallback_is_reported(checkpoint, monkeypatch):
+    from vitcore import qwen3vl
+
+    folder, _ = checkpoint
+    encoder, _ = load_qwen3vl(str(folder))
+    attention = [m for m in encoder.modules() if isinstance(m, qwen3vl.Attention)]
+    assert qwen3vl.choose_attention(encoder, torch.device("cpu"), torch.float32) == []  # exact per-image SDPA
+    assert not any(m.varlen for m in attention)
+
+    def unsupported(q, k, v, lengths, varlen=False):
+        raise RuntimeError("varlen_attn: no kernel for this GPU")
+
+    monkeypatch.setattr(qwen3vl, "attend_within_images", unsupported)  # the probe fails, as on an older GPU
+    notes = qwen3vl.choose_attention(encoder, torch.device("cuda"), torch.bfloat16)
+    assert len(notes) == 1 and "variable-length attention is not available" in notes[0]
+    assert "images attend one at a time" in notes[0] and not any(m.varlen for m in attention)

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from vitcore import families, host_memory
+from vitcore import families
 from vitcore.batching import BatchRunner, store_settings
 from vitcore.device import dtype_name, resolve_device, resolve_dtype
 from vitcore.errors import Interrupted, UsageError, VitExtractError
@@ -34,7 +34,7 @@ from vitcore.options import ComputeOptions, EncoderOptions, ExtractOptions, Inpu
 from vitcore.shard import ShardRecord, take_shard
 from vitcore.sources import Discovery, discover, parse_extensions
 from vitcore.store import Output, check_output
-from vitcore.store.output import _shut_down
+from vitcore.workers import init_worker, shut_down, worker_deaths_held
 
 __all__ = ["ExtractOptions", "ExtractResult", "Progress", "StopFlag", "extract"]
 
@@ -61,7 +61,7 @@ class ExtractResult:
     compute_dtype: str
     out_dtype: str
     encoder: str  # preset name or "custom"
-    token_shape: tuple[int, ...]
+    token_shape: tuple[int, ...]  # per image; (-1, D) when the count varies (as TokenFile.token_shape)
     weights: str  # human description
     untrained: bool
     complete: bool
@@ -113,14 +113,6 @@ def stop_on_signals(stop: StopFlag):
             signal.signal(s, h)
 
 
-def _init_worker(_worker_id: int) -> None:
-    host_memory.restore_in_child()  # workers give the memory of large images back
-    # Ctrl-C, and SIGTERM from timeout/Slurm/systemd, reach the whole process group: the main
-    # process decides how to stop and shuts the workers down (they also exit if it dies).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def extract(
     paths=(),
     output: str = "tokens.h5",
@@ -158,7 +150,7 @@ def extract(
         plan = plan_resume(out, found, settings, out_opts.retry_failed)
         batch_size, workers = choose_batching(compute, built, len(plan.sources))
         loader = make_loader(plan.sources, built.loader, batch_size, workers, pin_memory=device.type == "cuda",
-                             worker_init_fn=_init_worker)
+                             worker_init_fn=init_worker)
         runner = BatchRunner(built, settings, device, compiled=compute.compile)
         out.prepare(settings, plan.roots, plan.keep_failures)  # before the workers fork
         ran = run_batches(out, loader, plan.sources, runner, progress, stop or StopFlag())
@@ -180,7 +172,7 @@ def extract(
         compute_dtype=dtype_name(dtype),
         out_dtype=out_opts.out_dtype,
         encoder=built.name,
-        token_shape=settings.token_shape,
+        token_shape=(-1, *settings.token_shape) if settings.ragged else settings.token_shape,
         weights=built.weights.describe(),
         untrained=built.weights.untrained,
         complete=ran.complete,
@@ -302,10 +294,10 @@ def run_batches(out: Output, loader, sources, runner: BatchRunner, progress, sto
             "rows are safe: rerun with --resume (and fewer --workers if memory is short)"
         ) from None
     finally:
-        with _no_worker_signals():  # cleanup must not be cut short by a dying worker's SIGCHLD
+        with worker_deaths_held():  # cleanup must not be cut short by a dying worker's SIGCHLD
             reporter(None)
             if batches is not None:
-                _shut_down(batches)
+                shut_down(batches)
             del batches
             writer = out.finish(complete)
     if stop.is_set():
@@ -324,20 +316,6 @@ def _nonfinite_note(rows: int, out_dtype: str) -> list[str]:
         return []
     hint = " (float16 overflows above 65504: try --out-dtype float32)" if out_dtype == "float16" else ""
     return [f"{rows} images have token values that are not finite (inf or NaN){hint}"]
-
-
-@contextlib.contextmanager
-def _no_worker_signals():
-    """PyTorch reports a dead DataLoader worker by raising from its SIGCHLD handler, wherever the
-    main thread is; while shutting down and closing the output, that would interrupt the cleanup."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGCHLD, previous)
 
 
 def _next_batch(batches) -> Batch | None:

@@ -125,8 +125,9 @@ class Qwen3VLFamily:
             "encoder": f"qwen3-vl vision tower: hidden {enc['hidden_size']}, depth {enc['depth']}, "
                        f"heads {enc['num_heads']}, patch {enc['patch_size']}, merge {enc['spatial_merge_size']}, "
                        f"out {enc['out_hidden_size']}",
-            "preprocessing": f"resolution {prep['resolution']} (pixels {prep['min_pixels']}–{prep['max_pixels']}), "
-                             f"decode {prep['decode']}",
+            "preprocessing": (f"resolution {prep['resolution']} (pixels {prep['min_pixels']}–{prep['max_pixels']})"
+                              if prep["resolution"] == "native" else
+                              f"resolution {prep['resolution']}×{prep['resolution']} (fixed)") + f", decode {prep['decode']}",
         }
 
     def token_grid(self, encoder: dict, grid_thw) -> tuple[int, int]:

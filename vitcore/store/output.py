@@ -21,6 +21,7 @@ from vitcore.lock import OutputLock
 from vitcore.store.resume import ResumeState, check_resumable
 from vitcore.store.schema import StoreSettings
 from vitcore.store.writer import AsyncWriter, StoreWriter
+from vitcore.workers import shut_down, worker_deaths_held
 
 
 class Output:
@@ -65,9 +66,10 @@ class Output:
         assert self._settings is not None, "prepare() the output before starting the workers"
         batches = iter(loader) if has_work else iter(())
         try:
-            self.writer = AsyncWriter(StoreWriter.reopen(self.path, self._settings))
+            with worker_deaths_held():  # no handle may be left open half-way
+                self.writer = AsyncWriter(StoreWriter.reopen(self.path, self._settings))
         except BaseException:
-            _shut_down(batches)
+            shut_down(batches)
             raise
         return batches, self.writer
 
@@ -78,14 +80,6 @@ class Output:
             return None
         writer.close(complete)
         return writer.writer
-
-
-def _shut_down(batches) -> None:
-    """Stop a DataLoader iterator's worker processes now. Dropping the iterator is not enough
-    when an exception's traceback still holds a frame that refers to it."""
-    shutdown = getattr(batches, "_shutdown_workers", None)  # PyTorch's multi-process iterator
-    if shutdown is not None:
-        shutdown()
 
 
 def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = True) -> None:

@@ -1,0 +1,46 @@
+"""The main process's side of the decoding worker processes (torch-free): how they start, how a
+dying one is kept from cutting cleanup short, and how they are stopped.
+
+PyTorch reports a dead DataLoader worker by raising from its SIGCHLD handler, wherever the main
+thread is. That is how a run learns that the OOM killer took a worker, but while the output is
+being opened or closed it would leave an HDF5 handle behind, so those moments hold the signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+from vitcore import host_memory
+
+
+def init_worker(_worker_id: int) -> None:
+    """Run first in every worker process."""
+    host_memory.restore_in_child()  # workers give the memory of large images back
+    # Ctrl-C, and SIGTERM from timeout/Slurm/systemd, reach the whole process group: the main
+    # process decides how to stop and shuts the workers down (they also exit if it dies).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def worker_deaths_held():
+    """While opening or closing the output: a dying worker's SIGCHLD does not interrupt it (the
+    loader still finds the dead worker at its next batch)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+def shut_down(batches) -> None:
+    """Stop a DataLoader iterator's worker processes now. Dropping the iterator is not enough
+    when an exception's traceback still holds a frame that refers to it."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # PyTorch's multi-process iterator
+    if shutdown is not None:
+        shutdown()
