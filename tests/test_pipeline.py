@@ -107,6 +107,21 @@ def test_resume_refuses_different_settings_and_names_the_difference(photos, tmp_
             vitcore.extract([photos], out, EXACT, resume=True, **change)
 
 
+def test_files_whose_encoder_record_predates_families_still_resume(photos, tmp_path):
+    out = tmp_path / "out.h5"
+    first = vitcore.extract([photos / "chelsea.jpg"], out, EXACT)
+    with h5py.File(out, "r+") as f:  # as vit-extract wrote it before records named their family
+        record = json.loads(f.attrs["encoder"])
+        assert record.pop("family") == "seed"
+        f.attrs["encoder"] = json.dumps(record, sort_keys=True)
+    result = vitcore.extract([photos], out, EXACT, resume=True)
+    assert first.rows == 1 and result.skipped == 1 and result.rows == 8 and result.complete
+    with vitcore.open_tokens(out) as f:
+        assert f.describe()["summary"]["encoder"].startswith("custom: dim 32, depth 2")
+    with pytest.raises(ResumeMismatchError, match="the encoder setting differs"):
+        vitcore.extract([photos], out, EXACT, model="dim=32,depth=1,heads=2,image_size=56", resume=True)
+
+
 def test_an_existing_output_is_never_touched_without_resume_or_overwrite(photos, tmp_path):
     out = tmp_path / "out.h5"
     out.write_bytes(b"precious")
