@@ -264,14 +264,71 @@ def test_the_attention_backend_is_chosen_once_and_a_fallback_is_reported(checkpo
 
     folder, _ = checkpoint
     encoder, _ = load_qwen3vl(str(folder))
-    attention = [m for m in encoder.modules() if isinstance(m, qwen3vl.Attention)]
+    backends = lambda: {id(m.backend) for m in encoder.modules() if isinstance(m, qwen3vl.Attention)}  # noqa: E731
     assert qwen3vl.choose_attention(encoder, torch.device("cpu"), torch.float32) == []  # exact per-image SDPA
-    assert not any(m.varlen for m in attention)
+    assert len(backends()) == 1  # one choice, shared by every block
+    real = qwen3vl.attend_within_images
 
-    def unsupported(q, k, v, lengths, varlen=False):
-        raise RuntimeError("varlen_attn: no kernel for this GPU")
+    def no_varlen(q, k, v, lengths, varlen=False):
+        if varlen:
+            raise RuntimeError("varlen_attn: no kernel for this GPU")
+        return real(q, k, v, lengths)
 
-    monkeypatch.setattr(qwen3vl, "attend_within_images", unsupported)  # the probe fails, as on an older GPU
+    monkeypatch.setattr(qwen3vl, "attend_within_images", no_varlen)  # the probe fails, as on an older GPU
     notes = qwen3vl.choose_attention(encoder, torch.device("cuda"), torch.bfloat16)
     assert len(notes) == 1 and "variable-length attention is not available" in notes[0]
-    assert "images attend one at a time" in notes[0] and not any(m.varlen for m in attention)
+    assert "images attend one at a time" in notes[0]
+    # A kernel that passed the probe but fails on a real batch: every block falls back, the run is told once.
+    image = [_images()["small"], _images()["wide"]]
+    prep = load_qwen3vl(str(folder))[1]
+    expected = _ours(encoder, prep, image)[0].tokens
+    backend = next(m.backend for m in encoder.modules() if isinstance(m, qwen3vl.Attention))
+    backend.varlen, backend.notes[:] = True, []
+    got = _ours(encoder, prep, image)[0].tokens
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not backend.varlen and len(backend.notes) == 1 and "no kernel for this GPU" in backend.notes[0]
+
+    def out_of_memory(q, k, v, lengths, varlen=False):
+        raise torch.OutOfMemoryError("CUDA out of memory (a fake device error)")
+
+    monkeypatch.setattr(qwen3vl, "attend_within_images", out_of_memory)
+    backend.varlen = True
+    with pytest.raises(torch.OutOfMemoryError):  # memory is the batching path's to handle: not a fallback
+        _ours(encoder, prep, image)
+    assert backend.varlen and len(backend.notes) == 1
+
+
+def test_a_checkpoint_folder_is_told_by_what_it_is(checkpoint, tmp_path):
+    from vitcore import families
+    from vitcore.errors import UsageError
+
+    folder, _ = checkpoint
+    assert families.for_run(None, str(folder)).name == "qwen3-vl"  # config.json says model_type qwen3_vl
+    with pytest.raises(UsageError, match="is a qwen3-vl checkpoint, and --model base is not qwen3-vl: drop --model"):
+        families.for_run("base", str(folder))
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama", "vision_config": {}}))
+    with pytest.raises(UsageError, match="not a checkpoint any encoder family reads.*model_type 'llama'"):
+        families.for_run(None, str(other))
+    with pytest.raises(UsageError, match="no readable config.json"):
+        families.for_run(None, str(tmp_path / "llama" / ".."))
+
+
+def test_similar_refuses_a_checkpoint_whose_processor_changed_since(checkpoint, folder_of_images, tmp_path):
+    import shutil
+
+    import vitcore
+    from vitcore.errors import VitExtractError
+    from vitcore.search import similar
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint[0], folder)
+    out = tmp_path / "q.h5"
+    vitcore.extract(folder_of_images, out, weights=str(folder), dtype="float32", workers=0, batch_size=4)
+    assert similar(str(out), str(folder_of_images / "wide.png"), k=1)[0][0].key == "wide.png"
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config["size"]["longest_edge"] = 100_000  # the weights' hash does not see this
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(VitExtractError, match="image processor of .* has changed since .*max_pixels"):
+        similar(str(out), str(folder_of_images / "wide.png"), k=1)

@@ -17,18 +17,12 @@ import numpy as np
 import torch
 
 from vitcore import __version__
-from vitcore.device import dtype_name
+from vitcore.device import dtype_name, is_out_of_memory
 from vitcore.errors import VitExtractError
 from vitcore.families.base import ArraySpec, BuiltEncoder, Encoded
 from vitcore.loader import Batch, batch_rows
 from vitcore.model import pool_tokens
 from vitcore.store import Rows, StoreSettings
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
-    )
 
 
 def store_settings(built: BuiltEncoder, pool: str, out_dtype: str, device: torch.device, dtype: torch.dtype,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitcore.device import is_out_of_memory
 from vitcore.errors import WeightsError
 from vitcore.model import Rope2D, apply_rope
 
@@ -176,7 +177,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: Qwen3VLConfig):
         super().__init__()
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.varlen = False  # one variable-length flash-attention call per batch (choose_attention)
+        self.backend = AttentionBackend()  # shared by every block once choose_attention has run
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
@@ -186,8 +187,36 @@ class Attention(nn.Module):
         # RoPE in float32, as the reference does, then back to the compute dtype.
         q = apply_rope(q.float(), cos, sin).to(v.dtype)
         k = apply_rope(k.float(), cos, sin).to(v.dtype)
-        out = attend_within_images(q, k, v, lengths, self.varlen)  # (H, N, Dh)
+        out = self.backend.attend(q, k, v, lengths)  # (H, N, Dh)
         return self.proj(out.transpose(0, 1).reshape(N, D))
+
+
+@dataclass
+class AttentionBackend:
+    """The attention every block of one tower uses: chosen once when it is built (choose_attention).
+
+    Should the variable-length kernel still fail on a real batch for a reason other than memory
+    (an out-of-memory error goes to the batching path, which splits the batch), every block
+    falls back to per-image SDPA for the rest of the run, and the run's notes say so.
+    """
+
+    varlen: bool = False
+    notes: list[str] = field(default_factory=list)  # the run reports these
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        if self.varlen:
+            try:
+                return attend_within_images(q, k, v, lengths, varlen=True)
+            except Exception as err:
+                if is_out_of_memory(err):
+                    raise
+                self.fall_back(err)
+        return attend_within_images(q, k, v, lengths)
+
+    def fall_back(self, err: BaseException) -> None:
+        self.varlen = False
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+        self.notes.append(f"variable-length attention is not available here ({reason}): images attend one at a time")
 
 
 def attend_within_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
@@ -215,21 +244,20 @@ def attend_within_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, leng
 
 def choose_attention(encoder: "Qwen3VLVisionEncoder", device: torch.device, dtype: torch.dtype) -> list[str]:
     """Pick the attention backend once, when the model is built: variable-length flash attention
-    where a probe call works (CUDA, half precision), else exact per-image SDPA. Returns the notes
-    a run reports (a fallback the user should know about)."""
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return []
-    head_dim = encoder.cfg.head_dim
-    try:
-        probe = torch.zeros(2, 4, head_dim, device=device, dtype=dtype)  # (H, N, Dh): two images of 2 patches
-        attend_within_images(probe, probe, probe, [2, 2], varlen=True)
-    except Exception as err:  # an older torch, an unsupported GPU
-        reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
-        return [f"variable-length attention is not available here ({reason}): images attend one at a time"]
+    where a probe call works (CUDA, half precision), else exact per-image SDPA. Returns the list
+    of notes the run reports (a fallback the user should know about; a later one joins it)."""
+    backend = AttentionBackend()
     for module in encoder.modules():
         if isinstance(module, Attention):
-            module.varlen = True
-    return []
+            module.backend = backend
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        try:
+            probe = torch.zeros(2, 4, encoder.cfg.head_dim, device=device, dtype=dtype)  # (H, N, Dh): 2 images
+            attend_within_images(probe, probe, probe, [2, 2], varlen=True)
+            backend.varlen = True
+        except Exception as err:  # an older torch, an unsupported GPU
+            backend.fall_back(err)
+    return backend.notes
 
 
 class Mlp(nn.Module):

@@ -33,6 +33,7 @@ class HostCopier:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self._spare: queue.SimpleQueue = queue.SimpleQueue()  # buffer sets the writer has finished with
+        self._headroom = 1  # rows allocated per row needed: 2 once batches have outgrown a set
 
     def __call__(self, rows: Rows) -> Rows:
         arrays = {name: value for name, value in rows.arrays.items() if torch.is_tensor(value)}
@@ -60,7 +61,13 @@ class HostCopier:
         )
 
     def _buffers(self, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Pinned buffers that hold ``arrays``: a set the writer gave back, or a new one."""
+        """Pinned buffers that hold ``arrays``: a set the writer gave back, or a new one.
+
+        A new set is made exactly to size; once a spare set has been too small (native-resolution
+        batches hold a different number of tokens each time), new sets get twice the rows needed,
+        so a few sets soon fit every batch instead of one being allocated per batch.
+        """
+        outgrown = False
         while True:
             try:
                 spare = self._spare.get_nowait()
@@ -68,8 +75,10 @@ class HostCopier:
                 break
             if all(_fits(spare.get(name), tensor) for name, tensor in arrays.items()):
                 return spare
-            # A set made for other shapes (a first, smaller batch) is let go.
-        return {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in arrays.items()}
+            outgrown = True  # a set made for smaller batches is let go
+        self._headroom = 2 if outgrown or self._headroom > 1 else 1
+        return {name: torch.empty((t.shape[0] * self._headroom, *t.shape[1:]) if t.dim() else t.shape,
+                                  dtype=t.dtype, pin_memory=True) for name, t in arrays.items()}
 
 
 def _fits(buffer: torch.Tensor | None, tensor: torch.Tensor) -> bool:

@@ -43,6 +43,11 @@ def for_run(model, weights: str | None):
     for family in all_families():
         if family.claims(model, weights):
             return family
+    if weights is not None and model is not None:
+        owner = next((f for f in all_families() if f.claims(None, weights)), None)
+        if owner is not None:
+            raise UsageError(f"--weights {weights} is a {owner.name} checkpoint, and --model {model} is not "
+                             f"{owner.name}: drop --model (or use --model {owner.name})")
     if weights is not None and os.path.isdir(weights):
         raise UsageError(f"--weights {weights} is a folder but not a checkpoint any encoder family reads "
                          f"({_checkpoint_kind(weights)}); the seed encoders take a .safetensors file")

@@ -13,6 +13,12 @@ from vitcore.errors import UsageError, VitExtractError
 
 MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")  # config.json "model_type" of the checkpoints this reads
 FEATURE_CHOICES = ("last_hidden", "deepstack")
+PROCESSOR_FIELDS = ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size", "mean", "std",
+                    "rescale_factor")  # what a checkpoint's preprocessor config decides, recorded in the file
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 class Qwen3VLFamily:
@@ -112,10 +118,20 @@ class Qwen3VLFamily:
     def rebuild(self, settings: dict, file: str):
         from vitcore.options import EncoderOptions
 
+        from vitcore.qwen3vl import read_checkpoint_config
+
         folder = settings["weights"]["path"]
         if not folder or not os.path.isdir(folder):
             raise VitExtractError(f"the checkpoint {folder} recorded in {file} is gone; cannot encode a new image")
         prep = settings["preprocessing"]
+        # The weights' hash does not cover the processor's settings: they must still be the file's.
+        _, now = read_checkpoint_config(folder)
+        changed = [name for name in PROCESSOR_FIELDS if _plain(getattr(now, name)) != _plain(prep.get(name))]
+        if changed:
+            raise VitExtractError(
+                f"the image processor of {folder} has changed since {file} was made ({', '.join(changed)}); "
+                "cannot encode a new image as its rows were"
+            )
         return EncoderOptions(model=self.name, weights=folder, decode=prep.get("decode", "full"),
                               resolution=str(prep.get("resolution", "native")))
 

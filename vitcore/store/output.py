@@ -41,12 +41,17 @@ class Output:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         try:
-            if self.writer is not None:
-                self.writer.close(False)  # an error left it open: close what was committed
+            writer, self.writer = self.writer, None
+            if writer is not None:  # an error left it open: close what was committed
+                try:
+                    writer.close(False)
+                except Exception:
+                    if exc_type is None:
+                        raise  # otherwise the error already on its way says more
         finally:
-            self._lock.__exit__(*exc)
+            self._lock.__exit__(exc_type, exc, traceback)
 
     @property
     def resuming(self) -> bool:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
+from vitcore.families import DEFAULT_FAMILY
 from vitcore.families.base import ArraySpec
 
 SCHEMA_VERSION = 1
@@ -91,7 +92,7 @@ class Attribute:
 
 def _encoder_key(text: str) -> str:
     record = json.loads(text)
-    record.setdefault("family", "seed")  # files made before records named their family
+    record.setdefault("family", DEFAULT_FAMILY)  # seed files made before records named their family
     return json.dumps(record, sort_keys=True)
 
 
