@@ -92,7 +92,7 @@ def test_jpegs_decoded_in_the_main_process_keep_every_row_and_failure_in_place(p
     calls = []
     monkeypatch.setattr(gpu_decode, "MAX_DECODE_PIXELS", 300_000)  # a few photos per decode call
     monkeypatch.setattr(gpu_decode, "unavailable_reason", lambda device: None)
-    monkeypatch.setattr(gpu_decode, "_decode_jpegs", lambda datas, device: calls.append(len(datas))
+    monkeypatch.setattr(gpu_decode, "decode_jpegs", lambda datas, device: calls.append(len(datas))
                         or _pillow_stand_in(datas, device))
     result = vitcore.extract([photos], tmp_path / "gpu.h5", EXACT, decode="gpu", workers=workers)
     assert result.complete and len(calls) > 2  # the device path ran, in several calls

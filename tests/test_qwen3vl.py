@@ -332,3 +332,98 @@ def test_similar_refuses_a_checkpoint_whose_processor_changed_since(checkpoint, 
     (folder / "preprocessor_config.json").write_text(json.dumps(config))
     with pytest.raises(VitExtractError, match="image processor of .* has changed since .*max_pixels"):
         similar(str(out), str(folder_of_images / "wide.png"), k=1)
+
+
+# -- checkpoint folders as users have them ------------------------------------------------------
+def _copy_checkpoint(folder, target):
+    import shutil
+
+    shutil.copytree(folder, target)
+    return target
+
+
+def _rename_vision_tensors(folder, target):
+    """The checkpoint saved with the vision tower under visual.* (as before transformers 4.52, and
+    Qwen3VLModel.save_pretrained): one file, every tensor renamed."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        for name, tensor in load_file(str(shard)).items():
+            state[name.replace("model.visual.", "visual.").replace("model.language_model.", "language_model.")] = tensor
+    save_file(state, str(target / "model.safetensors"))
+    for name in ("config.json", "preprocessor_config.json"):
+        (target / name).write_bytes((folder / name).read_bytes())
+    return target
+
+
+def test_vision_weights_under_either_prefix_are_the_same_weights(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    renamed = _rename_vision_tensors(folder, tmp_path / "renamed")
+    ours, prep = load_qwen3vl(str(renamed))
+    reference, _ = load_qwen3vl(str(folder))
+    assert ours.weights_sha256 == reference.weights_sha256  # the same weights: the same identity
+    image = [_images()["wide"]]
+    torch.testing.assert_close(_ours(ours, prep, image)[0].tokens, _ours(reference, prep, image)[0].tokens,
+                               rtol=0, atol=0)
+
+
+def _broken(folder, tmp_path, case):
+    """A copy of the checkpoint broken the way public reports describe."""
+    target = _copy_checkpoint(folder, tmp_path / case)
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    vision_shard = index["weight_map"]["model.visual.blocks.0.attn.qkv.weight"]
+    if case == "lfs pointer":
+        (target / vision_shard).write_text("version https://git-lfs.github.com/spec/v1\n"
+                                           "oid sha256:" + "0" * 64 + "\nsize 123456\n")
+    elif case == "missing shard":
+        (target / vision_shard).unlink()
+    elif case == "truncated shard":
+        data = (target / vision_shard).read_bytes()
+        (target / vision_shard).write_bytes(data[: len(data) // 2])
+    elif case == "not json":
+        (target / "config.json").write_text('{"model_type": "qwen3_vl", "vision_config": {')
+    elif case == "processor not json":
+        (target / "preprocessor_config.json").write_text("{'patch_size': 16}")
+    elif case == "deepstack past depth":
+        config = json.loads((target / "config.json").read_text())
+        config["vision_config"]["deepstack_visual_indexes"] = [0, 1, 3]  # depth 3: blocks 0..2
+        (target / "config.json").write_text(json.dumps(config))
+    elif case == "processor patch 14":
+        prep = json.loads((target / "preprocessor_config.json").read_text())
+        prep["patch_size"] = 14
+        (target / "preprocessor_config.json").write_text(json.dumps(prep))
+    elif case == "processor merge 1":
+        prep = json.loads((target / "preprocessor_config.json").read_text())
+        prep["merge_size"] = 1
+        (target / "preprocessor_config.json").write_text(json.dumps(prep))
+    assert len(shards) > 1
+    return target
+
+
+BROKEN = {
+    "lfs pointer": "is a git-lfs pointer, not the weights: run git lfs pull",
+    "missing shard": "is missing: model.safetensors.index.json names it",
+    "truncated shard": "is truncated|cut short",
+    "not json": "config.json is not valid JSON",
+    "processor not json": "preprocessor_config.json is not valid JSON",
+    "deepstack past depth": "deepstack_visual_indexes \\[0, 1, 3\\] name block 3, but the vision tower has 3 blocks",
+    "processor patch 14": "processor's patch_size is 14 but the vision config's is 16",
+    "processor merge 1": "processor's merge_size is 1 but the vision config's is 2",
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_broken_checkpoint_folder_is_one_line_before_any_work(checkpoint, folder_of_images, tmp_path, cli, case):
+    import re
+
+    folder, _ = checkpoint
+    broken = _broken(folder, tmp_path, case)
+    out = tmp_path / "out.h5"
+    result = cli("run", folder_of_images, "-o", out, "--weights", broken, "--model", "qwen3-vl", "--workers", "0")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert re.search(BROKEN[case], lines[0]), lines[0]
+    assert not out.exists() and not (tmp_path / "out.h5.lock").exists()

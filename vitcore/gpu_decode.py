@@ -35,7 +35,7 @@ from vitcore.preprocess import PAD_COLOR, PreprocessConfig, load_image, resize_p
 MAX_DECODE_PIXELS = 1 << 28  # pixels decoded per call (≈ 0.8 GB of RGB), so large photos fit
 
 
-def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """JPEG bytes (1-D uint8 CPU tensors) → RGB (3, H, W) uint8 tensors on ``device``, as stored
     (torchvision applies EXIF orientation only when decoding on the CPU; exif_orient does it here)."""
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -71,7 +71,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     probe = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 100, 50)).save(probe, format="JPEG")
     try:
-        _decode_jpegs([torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8)], device)
+        decode_jpegs([torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8)], device)
     except ImportError:
         return "needs torchvision (pip install torchvision)"
     except Exception as err:  # an old torchvision, a build without nvJPEG
@@ -183,13 +183,13 @@ class GpuJpegDecoder:
     def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """One call for the group; if it fails (one bad file fails them all), one call per image."""
         try:
-            return list(_decode_jpegs(datas, self.device))
+            return list(decode_jpegs(datas, self.device))
         except Exception:
             pass
         out: list[torch.Tensor | None] = []
         for data in datas:
             try:
-                out.append(_decode_jpegs([data], self.device)[0])
+                out.append(decode_jpegs([data], self.device)[0])
             except Exception:
                 out.append(None)
         return out

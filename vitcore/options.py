@@ -11,6 +11,7 @@ from typing import Any
 
 from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, RESIZE_MODES
 from vitcore.errors import UsageError
+from vitcore.sources import parse_extensions
 
 
 def _one_of(flag: str, value, choices) -> None:
@@ -44,6 +45,9 @@ class EncoderOptions:
 class InputOptions:
     files_from: str | None = None  # a file of paths, or "-" for stdin
     extensions: Any = None  # "jpg,png" or a sequence; None: the defaults
+
+    def __post_init__(self) -> None:
+        parse_extensions(self.extensions)  # refuses an empty list
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,9 @@ the merged grid (h/2, w/2).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -32,8 +30,9 @@ from torch import nn
 from vitcore.device import is_out_of_memory
 from vitcore.errors import WeightsError
 from vitcore.model import Rope2D, apply_rope
+from vitcore.qwen_checkpoint import VISION_PREFIXES, read_json, read_vision_tensors
 
-CHECKPOINT_PREFIX = "model.visual."
+CHECKPOINT_PREFIX = VISION_PREFIXES[0]  # where transformers ≥ 4.52 saves the vision tower
 
 
 @dataclass(frozen=True)
@@ -378,74 +377,36 @@ class Qwen3VLVisionEncoder(nn.Module):
 
 # -- checkpoints -----------------------------------------------------------------------------
 def read_checkpoint_config(folder: str) -> tuple[Qwen3VLConfig, Qwen3VLPreprocess]:
+    """The vision config and the image processor's settings of a checkpoint folder, checked
+    against each other before anything is built (one line for each problem)."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise WeightsError(f"{folder} is not a Qwen3-VL checkpoint folder: it has no config.json")
+    vision = read_json(config_path).get("vision_config")
+    if not isinstance(vision, dict):
+        raise WeightsError(f"{config_path} has no readable vision_config")
     try:
-        with open(config_path) as handle:
-            config = json.load(handle)
-        vision = config["vision_config"]
-    except (OSError, ValueError, KeyError) as err:
-        raise WeightsError(f"{config_path} has no readable vision_config ({err})") from None
+        cfg = Qwen3VLConfig.from_hf(vision)
+    except (KeyError, TypeError, ValueError) as err:
+        raise WeightsError(f"{config_path}: vision_config lacks or garbles {err}") from None
+    late = [i for i in cfg.deepstack_visual_indexes if not 0 <= i < cfg.depth]
+    if late:
+        raise WeightsError(f"{config_path}: deepstack_visual_indexes {list(cfg.deepstack_visual_indexes)} name "
+                           f"block {late[0]}, but the vision tower has {cfg.depth} blocks (0..{cfg.depth - 1})")
     prep = Qwen3VLPreprocess()
     prep_path = os.path.join(folder, "preprocessor_config.json")
     if os.path.isfile(prep_path):
-        with open(prep_path) as handle:
-            prep = Qwen3VLPreprocess.from_hf(json.load(handle))
-    return Qwen3VLConfig.from_hf(vision), prep
-
-
-def _safetensors_files(folder: str) -> dict[str, list[str]]:
-    """shard file → the vision tensor names it holds (only shards that hold any)."""
-    index_path = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index_path):
-        with open(index_path) as handle:
-            weight_map = json.load(handle)["weight_map"]
-        files: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            if name.startswith(CHECKPOINT_PREFIX):
-                files.setdefault(shard, []).append(name)
-        return files
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(single):
-        return {"model.safetensors": None}  # names read from its header
-    raise WeightsError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+        prep = Qwen3VLPreprocess.from_hf(read_json(prep_path))
+    for name, theirs, ours in (("patch_size", prep.patch_size, cfg.patch_size),
+                               ("merge_size", prep.merge_size, cfg.spatial_merge_size),
+                               ("temporal_patch_size", prep.temporal_patch_size, cfg.temporal_patch_size)):
+        if theirs != ours:
+            raise WeightsError(f"{folder}: the image processor's {name} is {theirs} but the vision config's is "
+                               f"{ours}; the processor's settings do not fit this checkpoint")
+    return cfg, prep
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-def read_vision_tensors(folder: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Only the ``model.visual.*`` tensors, read by byte range from each shard that holds them,
-    and a sha256 over their names and bytes (the weights' identity, without hashing the LM)."""
-    tensors: dict[str, torch.Tensor] = {}
-    raw_by_name: dict[str, bytearray] = {}  # hashed below, before anything can change the tensors
-    for shard, names in _safetensors_files(folder).items():
-        path = os.path.join(folder, shard)
-        with open(path, "rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(header_len))
-            base = 8 + header_len
-            wanted = names if names is not None else [n for n in header if n.startswith(CHECKPOINT_PREFIX)]
-            for name in wanted:
-                entry = header[name]
-                start, stop = entry["data_offsets"]
-                handle.seek(base + start)
-                raw = bytearray(stop - start)  # the tensor below shares it: read once, no copies
-                if handle.readinto(raw) != len(raw):
-                    raise WeightsError(f"{path} is truncated: tensor {name} ends past the end of the file")
-                raw_by_name[name] = raw
-                dtype = _DTYPES.get(entry["dtype"])
-                if dtype is None:
-                    raise WeightsError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-                tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-                tensors[name[len(CHECKPOINT_PREFIX):]] = tensor.reshape(entry["shape"])
-    if not tensors:
-        raise WeightsError(f"{folder} holds no {CHECKPOINT_PREFIX}* tensors (is it a Qwen3-VL checkpoint?)")
-    digest = hashlib.sha256()
-    for name in sorted(raw_by_name):
-        digest.update(name.encode() + b"\0" + raw_by_name[name])
-    return tensors, digest.hexdigest()
 
 
 def load_qwen3vl(folder: str, device="cpu", dtype=torch.float32) -> tuple[Qwen3VLVisionEncoder, Qwen3VLPreprocess]:
@@ -454,7 +415,7 @@ def load_qwen3vl(folder: str, device="cpu", dtype=torch.float32) -> tuple[Qwen3V
     cfg, prep = read_checkpoint_config(folder)
     with torch.device("meta"):
         model = Qwen3VLVisionEncoder(cfg)
-    state, digest = read_vision_tensors(folder)
+    state, digest = read_vision_tensors(folder, _DTYPES)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

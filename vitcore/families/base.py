@@ -80,7 +80,7 @@ class BuiltEncoder:
     # list of (H_i, W_i, 3) tensors when sizes differ — → Encoded, unpooled, in the compute dtype.
     encode: Callable[[Any], Encoded]
     # Worker side (pickled into the DataLoader workers): .load(file object) → (uint8 (H, W, 3),
-    # original upright (width, height)); .decode is the decode mode the file records.
+    # original upright (width, height)).
     loader: Any
     encoder_record: str  # JSON, with "family"
     preprocessing: str  # JSON
