@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vitcore  # noqa: E402
-from vitcore import qwen3vl  # noqa: E402
+from vitcore import qwen3vl, qwen_layers  # noqa: E402
 from vitcore.weights import build_encoder, save_weights  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,13 +69,13 @@ def packed_attention() -> None:
     gen = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     q, k, v = (torch.randn(16, sum(lengths), 72, generator=gen).to(DEVICE, dtype) for _ in range(3))
-    varlen = DEVICE.type == "cuda"  # the path the model chooses there (qwen3vl.choose_attention)
+    varlen = DEVICE.type == "cuda"  # the path the model chooses there (qwen_layers.choose_attention)
     with torch.inference_mode():
         try:
-            got = qwen3vl.attend_within_images(q, k, v, lengths, varlen=varlen).float()
+            got = qwen_layers.attend_within_images(q, k, v, lengths, varlen=varlen).float()
         except Exception:  # not available with this torch or GPU: what the model falls back to
             varlen = False
-            got = qwen3vl.attend_within_images(q, k, v, lengths).float()
+            got = qwen_layers.attend_within_images(q, k, v, lengths).float()
         per_image = torch.cat([F.scaled_dot_product_attention(a, b, c) for a, b, c in
                                zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))], 1).float()
     path = "variable-length flash attention" if varlen else "per-image SDPA"
@@ -157,8 +157,9 @@ def _tiny_qwen3vl_checkpoint(folder: Path) -> Path:
     state = {f"{qwen3vl.CHECKPOINT_PREFIX}{k}": v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "vision_config": vision}))
-    (folder / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 3136,
-                                                                         "longest_edge": 200_000}}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"shortest_edge": 3136, "longest_edge": 200_000}, "patch_size": 16, "merge_size": 2,
+        "temporal_patch_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
     return folder
 
 

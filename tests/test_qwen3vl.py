@@ -14,7 +14,8 @@ from PIL import Image
 
 from tests.helpers import SAMPLES, qwen3vl_processor, save_tiny_qwen3vl
 from vitcore.errors import WeightsError
-from vitcore.qwen3vl import Qwen3VLPreprocess, load_qwen3vl, patchify, resize_rgb, smart_resize
+from vitcore.qwen3vl import load_qwen3vl
+from vitcore.qwen_preprocess import QwenVLPreprocess, patchify, resize_rgb, smart_resize
 
 def _processor(min_pixels=65536, max_pixels=16777216):
     return qwen3vl_processor(min_pixels, max_pixels)
@@ -47,7 +48,7 @@ SAMPLE_FILES = sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".jpg", 
 def test_preprocessing_matches_the_pillow_backend_processor(name):
     image = _images()[name] if name in _images() else Image.open(SAMPLES / name).convert("RGB")
     reference = _processor(max_pixels=200_000)(images=[image], return_tensors="np")
-    prep = Qwen3VLPreprocess(max_pixels=200_000)
+    prep = QwenVLPreprocess(max_pixels=200_000)
     patches, grid = patchify(resize_rgb(image, prep), prep)
     assert list(grid) == list(reference["image_grid_thw"][0])
     np.testing.assert_allclose(patches, reference["pixel_values"], rtol=0, atol=1e-6)
@@ -144,8 +145,11 @@ def test_a_single_file_checkpoint_and_clear_errors(checkpoint, tmp_path):
     single = tmp_path / "single"
     transformers.Qwen3VLForConditionalGeneration.from_pretrained(folder).save_pretrained(single, max_shard_size="1GB")
     assert (single / "model.safetensors").exists()
+    with pytest.raises(WeightsError, match="no preprocessor_config.json .*transformers cannot load it either"):
+        load_qwen3vl(str(single))  # the model alone was saved there: its image processor is unknown
+    (single / "preprocessor_config.json").write_bytes((folder / "preprocessor_config.json").read_bytes())
     encoder, prep = load_qwen3vl(str(single))
-    assert prep.min_pixels == 65536  # no preprocessor_config.json saved there: Qwen3-VL's values
+    assert prep.max_pixels == 200_000
     image = [_images()["small"]]
     np.testing.assert_allclose(_ours(encoder, prep, image)[0].tokens, _ours(load_qwen3vl(str(folder))[0], prep, image)[0].tokens)
     with pytest.raises(WeightsError, match="no config.json"):
@@ -260,7 +264,7 @@ def test_fixed_resolution_pooling_resume_and_shards(checkpoint, folder_of_images
 
 
 def test_the_attention_backend_is_chosen_once_and_a_fallback_is_reported(checkpoint, monkeypatch):
-    from vitcore import qwen3vl
+    from vitcore import qwen_layers as qwen3vl
 
     folder, _ = checkpoint
     encoder, _ = load_qwen3vl(str(folder))

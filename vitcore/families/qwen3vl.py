@@ -58,7 +58,9 @@ class Qwen3VLFamily:
         import torch
 
         from vitcore.families.base import ArraySpec, BuiltEncoder, Encoded
-        from vitcore.qwen3vl import Qwen3VLImageLoader, choose_attention, load_qwen3vl, patchify_torch
+        from vitcore.qwen3vl import load_qwen3vl
+        from vitcore.qwen_layers import choose_attention
+        from vitcore.qwen_preprocess import QwenVLImageLoader, patchify_torch
         from vitcore.weights import WeightsInfo
 
         encoder, prep = load_qwen3vl(opts.weights, device=device, dtype=dtype)
@@ -72,7 +74,7 @@ class Qwen3VLFamily:
             if side < prep.factor or side % prep.factor:
                 raise UsageError(f"--resolution {opts.resolution}: use native or a multiple of {prep.factor}")
             prep = dataclasses.replace(prep, fixed=side)
-        loader = Qwen3VLImageLoader(prep, decode=opts.decode or "full")
+        loader = QwenVLImageLoader(prep, decode=opts.decode or "full")
         merge = cfg.spatial_merge_size ** 2
         fixed = prep.fixed is not None
         merged_tokens = (prep.fixed // prep.patch_size) ** 2 // merge if fixed else 0
@@ -118,14 +120,16 @@ class Qwen3VLFamily:
     def rebuild(self, settings: dict, file: str):
         from vitcore.options import EncoderOptions
 
-        from vitcore.qwen3vl import read_checkpoint_config
+        from vitcore.qwen3vl import Qwen3VLConfig
+        from vitcore.qwen_checkpoint import read_tower_config
+        from vitcore.qwen_preprocess import QwenVLPreprocess
 
         folder = settings["weights"]["path"]
         if not folder or not os.path.isdir(folder):
             raise VitExtractError(f"the checkpoint {folder} recorded in {file} is gone; cannot encode a new image")
         prep = settings["preprocessing"]
         # The weights' hash does not cover the processor's settings: they must still be the file's.
-        _, now = read_checkpoint_config(folder)
+        now = QwenVLPreprocess.from_settings(read_tower_config(folder, Qwen3VLConfig.from_hf, "Qwen3-VL")[1])
         changed = [name for name in PROCESSOR_FIELDS if _plain(getattr(now, name)) != _plain(prep.get(name))]
         if changed:
             raise VitExtractError(
