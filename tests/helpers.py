@@ -38,3 +38,47 @@ def save_tiny_qwen3vl(folder: Path):
     model.save_pretrained(folder, max_shard_size="200KB")
     qwen3vl_processor(max_pixels=200_000).save_pretrained(folder)
     return model.model.visual
+
+QWEN2VL_VISION = dict(depth=3, embed_dim=64, hidden_size=48, num_heads=4, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
+QWEN25VL_VISION = dict(depth=3, hidden_size=64, out_hidden_size=48, intermediate_size=96, num_heads=4, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", window_size=56,
+                       fullatt_block_indexes=[1])  # windows of 2 × 2 merged tokens: several per image
+
+
+def save_tiny_qwen2vl(folder: Path, version: str = "2"):
+    """A tiny random Qwen2-VL (version "2") or Qwen2.5-VL ("2.5") checkpoint, sharded, with the processor
+    (Qwen2-VL's values: patch 14, and the class's CLIP mean and std) → its vision tower."""
+    import torch
+    import transformers
+
+    torch.manual_seed(1)
+    if version == "2":
+        config = transformers.Qwen2VLConfig(vision_config=QWEN2VL_VISION, text_config=QWEN3VL_TEXT)
+        model = transformers.Qwen2VLForConditionalGeneration(config).eval()
+    else:
+        config = transformers.Qwen2_5_VLConfig(vision_config=QWEN25VL_VISION, text_config=QWEN3VL_TEXT)
+        model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # visible biases and norms, so every parameter matters
+        for p in model.model.visual.parameters():
+            p.add_(torch.randn(p.shape) * 0.02)
+    model.save_pretrained(folder, max_shard_size="200KB")
+    transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 150_000}).save_pretrained(folder)
+    return model.model.visual
+
+
+def resave_single_file(folder: Path, target: Path) -> Path:
+    """The checkpoint in one model.safetensors with the tower under visual.* (as saved before transformers
+    4.52, and by Qwen*VLModel.save_pretrained), its JSON files beside it."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        for name, tensor in load_file(str(shard)).items():
+            state[name.replace("model.visual.", "visual.").replace("model.language_model.", "language_model.")] = tensor
+    save_file(state, str(target / "model.safetensors"))
+    for json_file in folder.glob("*.json"):
+        if json_file.name != "model.safetensors.index.json":
+            (target / json_file.name).write_bytes(json_file.read_bytes())
+    return target

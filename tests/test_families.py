@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import vitcore
-from tests.helpers import SAMPLES, TINY, save_tiny_qwen3vl
+from tests.helpers import SAMPLES, TINY, save_tiny_qwen2vl, save_tiny_qwen3vl
 from vitcore import families
 from vitcore.errors import VitExtractError
 
@@ -41,7 +41,20 @@ def qwen3vl_run(tmp_path_factory):
     return dict(weights=str(folder)), vitcore.qwen3vl.Qwen3VLVisionEncoder, "forward"
 
 
-RUNS = {"seed": seed_run, "qwen3-vl": qwen3vl_run}  # family → (options, module class, its forward's name)
+def qwen2vl_run(version):
+    def run(tmp_path_factory):
+        import vitcore.qwen2vl
+
+        folder = tmp_path_factory.mktemp(f"qwen{version}vl") / "ckpt"
+        save_tiny_qwen2vl(folder, version)
+        tower = vitcore.qwen2vl.Qwen2VLVisionEncoder if version == "2" else vitcore.qwen2vl.Qwen25VLVisionEncoder
+        return dict(weights=str(folder)), tower, "forward"
+
+    return run
+
+
+# family → a function giving (options, the module class whose forward a fake device error replaces, its name)
+RUNS = {"seed": seed_run, "qwen3-vl": qwen3vl_run, "qwen2.5-vl": qwen2vl_run("2.5"), "qwen2-vl": qwen2vl_run("2")}
 
 
 def test_every_registered_family_is_tested():

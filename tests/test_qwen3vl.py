@@ -12,7 +12,7 @@ import torch
 import transformers  # a test dependency (pip install -e '.[test]'): the oracle
 from PIL import Image
 
-from tests.helpers import SAMPLES, qwen3vl_processor, save_tiny_qwen3vl
+from tests.helpers import SAMPLES, qwen3vl_processor, resave_single_file, save_tiny_qwen3vl
 from vitcore.errors import WeightsError
 from vitcore.qwen3vl import load_qwen3vl
 from vitcore.qwen_preprocess import QwenVLPreprocess, patchify, resize_rgb, smart_resize
@@ -346,25 +346,9 @@ def _copy_checkpoint(folder, target):
     return target
 
 
-def _rename_vision_tensors(folder, target):
-    """The checkpoint saved with the vision tower under visual.* (as before transformers 4.52, and
-    Qwen3VLModel.save_pretrained): one file, every tensor renamed."""
-    from safetensors.torch import load_file, save_file
-
-    target.mkdir()
-    state = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        for name, tensor in load_file(str(shard)).items():
-            state[name.replace("model.visual.", "visual.").replace("model.language_model.", "language_model.")] = tensor
-    save_file(state, str(target / "model.safetensors"))
-    for name in ("config.json", "preprocessor_config.json"):
-        (target / name).write_bytes((folder / name).read_bytes())
-    return target
-
-
 def test_vision_weights_under_either_prefix_are_the_same_weights(checkpoint, tmp_path):
     folder, _ = checkpoint
-    renamed = _rename_vision_tensors(folder, tmp_path / "renamed")
+    renamed = resave_single_file(folder, tmp_path / "renamed")
     ours, prep = load_qwen3vl(str(renamed))
     reference, _ = load_qwen3vl(str(folder))
     assert ours.weights_sha256 == reference.weights_sha256  # the same weights: the same identity

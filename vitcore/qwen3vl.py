@@ -18,9 +18,8 @@ the merged grid (h/2, w/2).
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from torch import nn
 
 from vitcore.errors import WeightsError
 from vitcore.model import Rope2D
-from vitcore.qwen_layers import Attention, merge_order_positions, rope_tables
+from vitcore.qwen_layers import Attention, TowerConfig, merge_order_positions, rope_tables
 from vitcore.qwen_preprocess import QwenVLPreprocess
 from vitcore.qwen_checkpoint import VISION_PREFIXES, load_tower
 
@@ -36,7 +35,7 @@ CHECKPOINT_PREFIX = VISION_PREFIXES[0]  # where transformers ≥ 4.52 saves the 
 
 
 @dataclass(frozen=True)
-class Qwen3VLConfig:
+class Qwen3VLConfig(TowerConfig):
     depth: int = 27
     hidden_size: int = 1152  # D
     num_heads: int = 16
@@ -53,6 +52,12 @@ class Qwen3VLConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    family = "qwen3-vl"
+
+    @property
+    def deepstack_levels(self) -> int:
+        return len(self.deepstack_visual_indexes)
 
     @classmethod
     def from_hf(cls, vision: dict) -> "Qwen3VLConfig":
@@ -83,8 +88,6 @@ class Qwen3VLConfig:
                              f"but the vision tower has {self.depth} blocks (0..{self.depth - 1})")
         return self
 
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "family": "qwen3-vl"}, sort_keys=True)
 
 
 # -- the encoder -----------------------------------------------------------------------------

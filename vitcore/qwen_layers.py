@@ -4,6 +4,8 @@ it), none across segments, with the backend chosen once per tower."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +15,25 @@ from torch import nn
 
 from vitcore.device import is_out_of_memory
 from vitcore.model import apply_rope
+
+
+class TowerConfig:
+    """What every Qwen-VL tower config answers (its fields are the checkpoint's vision_config keys):
+    the tower's width D, the merger's output width, the DeepStack levels, the record a file keeps."""
+
+    family = ""  # the encoder family's name, in the record
+    deepstack_levels = 0
+
+    @property
+    def width(self) -> int:
+        return self.hidden_size
+
+    @property
+    def out_width(self) -> int:
+        return self.out_hidden_size
+
+    def to_json(self) -> str:
+        return json.dumps({**dataclasses.asdict(self), "family": self.family}, sort_keys=True)
 
 
 def merge_order_positions(grid_thw: list[tuple[int, int, int]], merge: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,8 @@ from vitcore.errors import UsageError
 REGISTRY = {
     "seed": "vitcore.families.seed",  # the seed encoders: small | base | large | custom specs, .safetensors
     "qwen3-vl": "vitcore.families.qwen3vl",  # the vision tower of a Hugging Face Qwen3-VL checkpoint folder
+    "qwen2.5-vl": "vitcore.families.qwen2_5vl",  # … of a Qwen2.5-VL checkpoint folder
+    "qwen2-vl": "vitcore.families.qwen2vl",  # … of a Qwen2-VL checkpoint folder
 }
 DEFAULT_FAMILY = "seed"
 

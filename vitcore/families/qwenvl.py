@@ -1,0 +1,177 @@
+"""The Qwen-VL families: the vision tower of a local Hugging Face checkpoint folder (Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL), one class with each family's own values; the towers are vitcore/qwen2vl.py
+and vitcore/qwen3vl.py, their shared processor, layers and checkpoint reading qwen_*.py.
+
+Native resolution: each image keeps its aspect ratio and gets as many tokens as the checkpoint's
+processor gives it, so tokens are stored ragged; --resolution N makes every image N × N.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+from vitcore.errors import UsageError, VitExtractError
+
+PROCESSOR_FIELDS = ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size", "mean", "std",
+                    "rescale_factor")  # what a checkpoint's processor config decides, recorded in the file
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def checkpoint_model_type(folder) -> str | None:
+    """config.json's model_type of a folder, or None."""
+    try:
+        with open(os.path.join(folder, "config.json")) as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
+class QwenVLFamily:
+    compilable = False  # image sizes vary batch to batch
+
+    def __init__(self, name: str, label: str, model_types: tuple[str, ...], tower: dict[str, str],
+                 widths: tuple[str, str], features: tuple[str, ...]):
+        self.name, self.label, self.model_types = name, label, model_types
+        self.tower = tower  # "module", "load" (→ (encoder, QwenVLPreprocess)), "config" (its from_hf)
+        self.widths = widths  # the encoder record's keys for the tower's width and the output width
+        self.features = features  # what --features may ask for
+        self.summary = (f"the vision tower of a local {label} checkpoint folder "
+                        f"(--weights DIR, told by config.json model_type {' or '.join(model_types)})")
+
+    def _tower(self, attribute: str):
+        module = importlib.import_module(self.tower["module"])
+        return getattr(module, self.tower[attribute])
+
+    def claims(self, model, weights) -> bool:
+        """A checkpoint folder whose config.json names one of this family's model types."""
+        if model is not None or not weights or not os.path.isdir(weights):
+            return False
+        return checkpoint_model_type(weights) in self.model_types
+
+    def check(self, opts) -> None:
+        name = self.name
+        if not opts.weights or not os.path.isdir(opts.weights):
+            raise UsageError(f"--model {name} needs --weights DIR: a local Hugging Face {self.label} checkpoint folder")
+        found = checkpoint_model_type(opts.weights)
+        if found is not None and found not in self.model_types:
+            raise UsageError(f"--model {name}: {opts.weights} holds a {found!r} checkpoint, not "
+                             f"{' or '.join(self.model_types)}; drop --model to have it recognised")
+        for flag, value in (("--layer", opts.layers), ("--project-dim", opts.project_dim)):
+            if value:
+                raise UsageError(f"{flag} is for the seed encoders; {name} stores its merger output (see --features)")
+        if opts.resize != "squash":
+            raise UsageError(f"--resize is for the seed encoders; {name} keeps the aspect ratio (see --resolution)")
+        if opts.decode == "gpu":
+            raise UsageError(f"--decode gpu works with the seed encoders; {name} decodes on the CPU exactly as "
+                             "its processor does (--decode full)")
+        unknown = [f for f in opts.features if f not in self.features]
+        if unknown:
+            raise UsageError(f"--features {','.join(unknown)}: {name} offers {', '.join(self.features)}")
+
+    def build(self, opts, device, dtype, compile: bool = False):
+        import dataclasses
+
+        import torch
+
+        from vitcore.families.base import ArraySpec, BuiltEncoder, Encoded
+        from vitcore.qwen_layers import choose_attention
+        from vitcore.qwen_preprocess import QwenVLImageLoader, patchify_torch
+        from vitcore.weights import WeightsInfo
+
+        encoder, prep = self._tower("load")(opts.weights, device=device, dtype=dtype)
+        notes = choose_attention(encoder, device, dtype)  # once, here: a fallback is reported
+        cfg = encoder.cfg
+        if opts.resolution != "native":
+            try:
+                side = int(opts.resolution)
+            except ValueError:
+                side = 0
+            if side < prep.factor or side % prep.factor:
+                raise UsageError(f"--resolution {opts.resolution}: use native or a multiple of {prep.factor}")
+            prep = dataclasses.replace(prep, fixed=side)
+        loader = QwenVLImageLoader(prep, decode=opts.decode or "full")
+        merge = cfg.spatial_merge_size ** 2  # patches per merged token
+        fixed = prep.fixed is not None
+        merged_tokens = (prep.fixed // prep.patch_size) ** 2 // merge if fixed else 0
+
+        def spec(name: str, width: int, per_patch: bool = False) -> ArraySpec:
+            if fixed:
+                return ArraySpec(name, (merged_tokens * (merge if per_patch else 1), width))
+            return ArraySpec(name, (width,), ragged=True)
+
+        outputs = [spec("tokens", cfg.out_width)]
+        if "last_hidden" in opts.features:
+            outputs.append(spec("features/last_hidden", cfg.width, per_patch=True))
+        if "deepstack" in opts.features:
+            outputs += [spec(f"features/deepstack_{j}", cfg.out_width) for j in range(cfg.deepstack_levels)]
+        wanted = {s.name for s in outputs}
+
+        def encode(pictures):
+            """uint8 pictures (H_i, W_i, 3) → one packed sequence → merged tokens per image."""
+            packed = [patchify_torch(p, prep) for p in pictures]  # (h·w, 3·T·p·p) each, merge-block order
+            grids = [g for _, g in packed]
+            counts = [t * h * w // merge for t, h, w in grids]  # merged tokens per image
+            out = encoder(torch.cat([x for x, _ in packed]).to(dtype), grids)
+            arrays, sizes = {"tokens": out.tokens}, {"tokens": counts}  # (Σ T_i, out)
+            if "features/last_hidden" in wanted:
+                arrays["features/last_hidden"] = out.last_hidden  # (Σ 4·T_i, D)
+                sizes["features/last_hidden"] = [c * merge for c in counts]
+            for j, feature in enumerate(out.deepstack):
+                if f"features/deepstack_{j}" in wanted:
+                    arrays[f"features/deepstack_{j}"], sizes[f"features/deepstack_{j}"] = feature, counts
+            return Encoded(arrays, sizes, grids)
+
+        preprocessing = json.dumps({**dataclasses.asdict(prep), "decode": loader.decode, "resolution": opts.resolution,
+                                    "interpolation": "bicubic (Pillow)"}, sort_keys=True)
+        return BuiltEncoder(
+            name=self.name, encode=encode, loader=loader, encoder_record=cfg.to_json(), preprocessing=preprocessing,
+            weights=WeightsInfo(source="file", path=os.path.abspath(opts.weights), sha256=encoder.weights_sha256),
+            outputs=tuple(outputs), grid_thw=True, notes=notes,
+            # native-resolution images vary widely in size
+            default_batch_size=lambda: 4 if device.type == "cpu" else 32,
+        )
+
+    def rebuild(self, settings: dict, file: str):
+        from vitcore.options import EncoderOptions
+        from vitcore.qwen_checkpoint import read_tower_config
+        from vitcore.qwen_preprocess import QwenVLPreprocess
+
+        folder = settings["weights"]["path"]
+        if not folder or not os.path.isdir(folder):
+            raise VitExtractError(f"the checkpoint {folder} recorded in {file} is gone; cannot encode a new image")
+        prep = settings["preprocessing"]
+        # The weights' hash does not cover the processor's settings: they must still be the file's.
+        _, resolved = read_tower_config(folder, self._tower("config").from_hf, self.label)
+        now = QwenVLPreprocess.from_settings(resolved)
+        changed = [name for name in PROCESSOR_FIELDS if _plain(getattr(now, name)) != _plain(prep.get(name))]
+        if changed:
+            raise VitExtractError(
+                f"the image processor of {folder} has changed since {file} was made ({', '.join(changed)}); "
+                "cannot encode a new image as its rows were"
+            )
+        return EncoderOptions(model=self.name, weights=folder, decode=prep.get("decode", "full"),
+                              resolution=str(prep.get("resolution", "native")))
+
+    def describe(self, settings: dict) -> dict:
+        enc, prep = settings["encoder"], settings["preprocessing"]
+        width, out = self.widths
+        return {
+            "encoder": f"{self.name} vision tower: hidden {enc[width]}, depth {enc['depth']}, "
+                       f"heads {enc['num_heads']}, patch {enc['patch_size']}, merge {enc['spatial_merge_size']}, "
+                       f"out {enc[out]}",
+            "preprocessing": (f"resolution {prep['resolution']} (pixels {prep['min_pixels']}–{prep['max_pixels']})"
+                              if prep["resolution"] == "native" else
+                              f"resolution {prep['resolution']}×{prep['resolution']} (fixed)") + f", decode {prep['decode']}",
+        }
+
+    def token_grid(self, encoder: dict, grid_thw) -> tuple[int, int]:
+        """Merged tokens, spatial_merge_size² patches each, in raster order over the merged grid."""
+        _, h, w = grid_thw
+        merge = encoder.get("spatial_merge_size", 1)
+        return h // merge, w // merge
