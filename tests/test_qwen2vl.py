@@ -113,3 +113,23 @@ def test_a_checkpoint_given_to_the_wrong_family_is_one_line(checkpoint, tmp_path
     assert not out.exists()
     with pytest.raises(vitcore.VitExtractError, match="--deepstack|offers last_hidden"):
         vitcore.extract([tmp_path], tmp_path / "x.h5", weights=str(folder), features=("deepstack",))
+
+
+def test_fixed_resolution_matches_transformers_on_the_resized_picture(checkpoint, tmp_path):
+    version, folder, visual = checkpoint
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name, image in _images().items():
+        image.save(images / f"{name}.png")
+    out = tmp_path / "fixed.h5"
+    vitcore.extract([images], out, weights=str(folder), resolution="112", dtype="float32", out_dtype="float32",
+                    workers=0, batch_size=4)
+    processor = transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": 112 * 112, "longest_edge": 112 * 112})
+    with vitcore.open_tokens(out) as f:
+        assert not f.ragged and f.h5["tokens"].shape == (4, 16, 48)  # (112/14)² / 4 merged tokens each
+        for key in f.keys:
+            picture = Image.open(images / key).convert("RGB").resize((112, 112), Image.Resampling.BICUBIC)
+            batch = processor(images=[picture], return_tensors="pt")
+            with torch.no_grad():
+                ref = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+            assert _rel(torch.from_numpy(f[key]), ref) < 1e-4

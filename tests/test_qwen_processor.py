@@ -51,7 +51,10 @@ VARIANTS = {
     "qwen3_vl_moe naming no class": ("qwen3_vl_moe", {PRE: QWEN3}),
     "qwen3_vl_moe naming its class": ("qwen3_vl_moe", {PRE: {**QWEN3, "image_processor_type": "Qwen2VLImageProcessor"}}),
 }
-SIZES = [(20, 17), (1500, 12), (1000, 800), (224, 224), (640, 480), (4032, 3024)]  # (width, height)
+_RNG = np.random.default_rng(7)
+SIZES = [(20, 17), (1500, 12), (1000, 800), (224, 224), (640, 480), (4032, 3024)] + [
+    (int(w), int(h)) for w, h in _RNG.integers(1, 3000, (20, 2)) if max(w, h) / min(w, h) <= 200
+][:6]  # (width, height): fixed ones, then seeded random ones (an aspect ratio over 200 fails any processor)
 
 
 def _folder(tmp_path, model_type, files):
