@@ -143,3 +143,20 @@ def test_a_new_image_is_encoded_with_the_files_weights_and_refused_when_they_cha
     save_weights(build_encoder(TINY, seed=6)[0], weights)  # same architecture, other values
     with pytest.raises(VitExtractError, match="has changed since"):
         similar(str(out), str(outside), k=1)
+
+
+def test_keys_with_control_characters_are_drawn_escaped_on_one_line(photos, tmp_path, cli):
+    from vitcore.search import hits_sheet
+    from vitcore.visualize import printable
+
+    odd = "two\nlines\tand\x1bescape.jpg"
+    shutil.copy(photos / "chelsea.jpg", photos / odd)
+    out = tmp_path / "out.h5"
+    vitcore.extract([photos], out, OPTS)
+    assert printable(odd) == "two\\nlines\\tand\\x1bescape.jpg"
+    image, chosen = token_sheet(str(out), [odd])
+    assert chosen == [odd] and image.width > THUMB
+    hits, kind = similar(str(out), odd, k=2)
+    assert hits_sheet(str(out), hits, odd, kind).height > THUMB
+    result = cli("similar", out, odd, "-k", "2", "--sheet", tmp_path / "hits.png")
+    assert result.exit_code == 0 and (tmp_path / "hits.png").exists()

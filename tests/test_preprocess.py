@@ -519,6 +519,21 @@ def test_unknown_resize_mode_raises(tmp_path):
 # --------------------------------------------------------------------------- draft decode
 
 
+def test_mpo_phone_pictures_are_draft_decoded_like_jpegs(tmp_path, draft_spy):
+    """Many cameras write MPO (JPEG + a second picture) into .jpg: it is JPEG-coded, so draft applies."""
+    first, second = gradient(2000, 1500), gradient(640, 480)
+    mpo = tmp_path / "phone.jpg"
+    first.save(mpo, format="MPO", save_all=True, append_images=[second], quality=90)
+    with Image.open(mpo) as img:
+        assert img.format == "MPO"
+    jpeg = save(first, tmp_path / "same.jpg", quality=90)
+    draft, size = load_image(mpo, cfg(224, decode="draft"))
+    assert size == (2000, 1500) and len(draft_spy) == 1
+    before, after, _ = draft_spy[0]
+    assert before == (2000, 1500) and after[0] < 2000  # decoded at a reduced scale
+    np.testing.assert_array_equal(draft, load_image(jpeg, cfg(224, decode="draft"))[0])  # as the plain JPEG
+
+
 def test_jpeg_draft_close_to_full_but_reduced(tmp_path, draft_spy):
     """A 2000×1500 smooth JPEG: draft output ≈ full output, and draft really decoded at reduced scale."""
     path = save(gradient(2000, 1500), tmp_path / "big.jpg", quality=90)

@@ -21,6 +21,7 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
 PAD_COLOR = (124, 116, 104)  # letterbox fill: the ImageNet mean, which normalises to ≈ 0
 DRAFT_MARGIN = 2  # draft decode keeps at least 2× the resized size, so the bicubic still antialiases
 EXIF_ORIENTATION = 0x0112
+JPEG_CODED = ("JPEG", "MPO")  # formats Pillow decodes with libjpeg, so draft() can scale them (MPO: phone cameras)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def decode_rgb(path, decode: str, wanted) -> tuple[Image.Image, tuple[int, int]]
     with _pillow_checks(), Image.open(path) as img:
         img.seek(0)  # first frame of animations and multi-page files
         width, height, orientation = _upright_size(img)
-        if decode == "draft" and img.format == "JPEG":
+        if decode == "draft" and img.format in JPEG_CODED:
             want_w, want_h = wanted(width, height)
             if orientation in (5, 6, 7, 8):
                 want_w, want_h = want_h, want_w

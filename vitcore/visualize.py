@@ -98,8 +98,14 @@ def _font(size: int = 13):
     return ImageFont.load_default(size=size)
 
 
+def printable(text: str) -> str:
+    """One line of text for a caption: control characters (a newline in a key, say) as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _caption(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, width: int) -> None:
     font = _font()
+    text = printable(text)
     while text and draw.textlength(text, font=font) > width:
         text = text[:-2] + "…" if len(text) > 2 else ""
     draw.text(xy, text, fill=(0, 0, 0), font=font)
