@@ -550,3 +550,84 @@ def test_a_killed_run_with_live_worker_processes_does_not_block_the_resume(tmp_p
     assert result.complete and result.skipped >= 2
     keys, _, _ = _keys_tokens(out)
     assert sorted(keys) == sorted(p.name for p in folder.iterdir())
+
+
+# -- nothing hangs ----------------------------------------------------------------------------------
+def test_pipes_sockets_and_devices_are_failure_records_found_without_blocking(tmp_path):
+    import socket
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _photo(seed=1).save(folder / "a.png")
+    os.mkfifo(folder / "stuck.png")  # no writer: opening it for reading the usual way never returns
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(folder / "sock.png"))
+    signal.alarm(60)  # a hang fails the test instead of blocking the suite
+    try:
+        for workers in (0, 2):
+            result = vitcore.extract([folder, "/dev/zero"], tmp_path / f"out{workers}.h5", EXACT, workers=workers)
+            reasons = dict(result.failures)
+            assert result.rows == 1 and set(reasons) == {"stuck.png", "sock.png", "/dev/zero"}, reasons
+            assert "a named pipe" in reasons["stuck.png"] and "only regular files" in reasons["stuck.png"]
+            assert "a character device" in reasons["/dev/zero"]
+    finally:
+        signal.alarm(0)
+        server.close()
+
+
+_STUCK_RUN = """
+import os, sys, time
+import vitcore.preprocess
+real = vitcore.preprocess.load_image
+PIDS = sys.argv[1]
+def load(source, cfg):
+    with open(PIDS, "a") as pids:
+        pids.write(f"{os.getpid()}\\n")
+    if getattr(source, "name", "").endswith("slow.png"):
+        time.sleep(3600)  # a read that never comes back (a hung network mount)
+    return real(source, cfg)
+vitcore.preprocess.load_image = load
+from cli.main import main
+sys.argv = ["vit-extract", *sys.argv[2:]]
+main()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"  # a zombie has finished
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_a_stuck_worker_never_keeps_the_run_from_stopping_nor_outlives_it(tmp_path, how):
+    folder = tmp_path / "imgs"
+    _small_images(folder, 12)
+    _photo(seed=5).save(folder / "slow.png")
+    pids = tmp_path / "pids.txt"
+    out = tmp_path / "out.h5"
+    cmd = [sys.executable, "-c", _STUCK_RUN, str(pids), "run", str(folder), "-o", str(out), "--model", TINY,
+           "--workers", "2", "--batch-size", "2", "--dtype", "float32", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=PROJECT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (pids.exists() and len(set(pids.read_text().split())) >= 2):
+        time.sleep(0.2)
+    time.sleep(1.0)  # the worker holding slow.png is asleep in its read by now
+    workers = {int(p) for p in pids.read_text().split()}
+    assert len(workers) >= 2
+    proc.send_signal(getattr(signal, how))
+    started = time.time()
+    try:
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert time.time() - started < 20, "the run did not stop within 20 s"
+    if how != "SIGKILL":
+        assert code == 128 + getattr(signal, how), proc.stderr.read()[-2000:]
+        assert "--resume" in proc.stderr.read()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers), "a decoding worker outlived the run"

@@ -77,16 +77,22 @@ class ExtractResult:
 
 
 class StopFlag:
-    """Set by SIGINT / SIGTERM; the loop checks it between batches and stops after a commit."""
+    """Set by SIGINT / SIGTERM; the loop checks it between batches and stops after a commit.
+    While the main thread waits for the workers' next batch, a signal ends the wait at once."""
 
     def __init__(self) -> None:
         self.signal_number: int | None = None
+        self.waiting = False  # the main thread is waiting for a batch (nothing of the output is touched)
 
     def set(self, signal_number: int = signal.SIGINT) -> None:
         self.signal_number = signal_number
 
     def is_set(self) -> bool:
         return self.signal_number is not None
+
+
+class StopWhileWaiting(Exception):
+    """A signal arrived while the main thread waited for a batch: stop without waiting for it."""
 
 
 @contextlib.contextmanager
@@ -104,6 +110,8 @@ def stop_on_signals(stop: StopFlag):
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.set(signum)
+        if stop.waiting:  # a worker may be stuck (a slow disk, a hung mount): do not wait for it
+            raise StopWhileWaiting
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -268,7 +276,13 @@ def run_batches(out: Output, loader, sources, runner: BatchRunner, progress, sto
         with stop_on_signals(stop), torch.inference_mode():
             while not stop.is_set():
                 tick = time.perf_counter()
-                batch = _next_batch(batches)
+                try:
+                    stop.waiting = True
+                    batch = _next_batch(batches)
+                except StopWhileWaiting:
+                    break  # the batch being decoded is not committed: a resume decodes it again
+                finally:
+                    stop.waiting = False
                 if batch is None:
                     break
                 timings["decode_wait"] += time.perf_counter() - tick

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable
@@ -36,13 +37,36 @@ class Source:
     root_index: int  # index into Discovery.roots
 
     def open(self) -> BinaryIO:
-        """The input's bytes (a missing or unreadable file raises OSError: that input's failure)."""
-        return open(self.path, "rb")
+        """The input's bytes. A missing or unreadable file, or anything that is not a regular file
+        (a named pipe, a socket, a device), raises OSError at once: that input's failure record.
+        Opened without blocking, so a named pipe with no writer cannot stall a worker."""
+        handle = open(self.path, "rb", opener=lambda path, flags: os.open(path, flags | os.O_NONBLOCK))
+        try:
+            mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise NotARegularFile(f"not a regular file but {_kind(mode)}; only regular files are decoded")
+            os.set_blocking(handle.fileno(), True)
+            return handle  # .name is the path, for the decoders' messages
+        except BaseException:
+            handle.close()
+            raise
 
     @property
     def identity(self) -> bytes:
         """Equal to identity_of(its root, its key): the normalised absolute path."""
         return os.path.normpath(os.path.abspath(os.fsencode(self.path)))
+
+
+class NotARegularFile(OSError):
+    """An input that is a named pipe, a socket or a device: never read."""
+
+
+def _kind(mode: int) -> str:
+    for test, words in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                        (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return words
+    return "not a file"
 
 
 @dataclass

@@ -17,6 +17,7 @@ from vitcore import host_memory
 
 def init_worker(_worker_id: int) -> None:
     """Run first in every worker process."""
+    _die_with_parent()
     host_memory.restore_in_child()  # workers give the memory of large images back
     # Ctrl-C, and SIGTERM from timeout/Slurm/systemd, reach the whole process group: the main
     # process decides how to stop and shuts the workers down (they also exit if it dies).
@@ -40,7 +41,27 @@ def worker_deaths_held():
 
 def shut_down(batches) -> None:
     """Stop a DataLoader iterator's worker processes now. Dropping the iterator is not enough
-    when an exception's traceback still holds a frame that refers to it."""
+    when an exception's traceback still holds a frame that refers to it. PyTorch asks each worker
+    to finish and, after a few seconds, terminates it; a worker that is still alive then (blocked
+    in a read that ignores signals it does not die of) is killed."""
     shutdown = getattr(batches, "_shutdown_workers", None)  # PyTorch's multi-process iterator
-    if shutdown is not None:
-        shutdown()
+    if shutdown is None:
+        return
+    shutdown()
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the process that started it dies, even by SIGKILL,
+    so no worker is left decoding for nobody."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: PyTorch's own watchdog ends orphaned workers at their next batch
