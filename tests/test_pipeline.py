@@ -105,6 +105,8 @@ def test_resume_refuses_different_settings_and_names_the_difference(photos, tmp_
                           ({"layers": (-2,)}, "--layer")]:
         with pytest.raises(ResumeMismatchError, match=words):
             vitcore.extract([photos], out, EXACT, resume=True, **change)
+    with pytest.raises(ResumeMismatchError, match="preprocessing setting differs \\(resize: file squash, this run crop\\)"):
+        vitcore.extract([photos], out, EXACT, resume=True, resize="crop")  # a long record: the key that differs
 
 
 def test_files_whose_encoder_record_predates_families_still_resume(photos, tmp_path):

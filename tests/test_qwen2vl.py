@@ -74,11 +74,14 @@ def test_windows_match_transformers_window_index(checkpoint):
         assert np.cumsum([0, *lengths]).tolist() == bounds.tolist()
 
 
-@pytest.mark.parametrize("layout", ["sharded, model.visual.*", "one file, visual.*"])
+@pytest.mark.parametrize("layout", ["sharded, model.visual.*", "one file, visual.*", "bilinear resample"])
 def test_the_command_line_recognises_the_checkpoint_and_stores_transformers_tokens(checkpoint, tmp_path, cli, layout):
     version, folder, visual = checkpoint
-    if layout == "one file, visual.*":
+    if layout != "sharded, model.visual.*":
         folder = resave_single_file(folder, tmp_path / "single")
+    if layout == "bilinear resample":  # the processor's filter is the checkpoint's to choose
+        config = json.loads((folder / "preprocessor_config.json").read_text())
+        (folder / "preprocessor_config.json").write_text(json.dumps({**config, "resample": 2}))
     images = tmp_path / "imgs"
     images.mkdir()
     for name, image in _images().items():

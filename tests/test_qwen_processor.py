@@ -50,7 +50,11 @@ VARIANTS = {
     "Fast class name": ("qwen3_vl", {PRE: {**QWEN3, "image_processor_type": "Qwen2VLImageProcessorFast"}}),
     "qwen3_vl_moe naming no class": ("qwen3_vl_moe", {PRE: QWEN3}),
     "qwen3_vl_moe naming its class": ("qwen3_vl_moe", {PRE: {**QWEN3, "image_processor_type": "Qwen2VLImageProcessor"}}),
+    "resample bilinear": ("qwen2_5_vl", {PRE: {"size": {"shortest_edge": 3136, "longest_edge": 80000}, "resample": 2}}),
+    "resample by name": ("qwen3_vl", {PRE: {**QWEN3, "size": EDGES, "resample": "bilinear"}}),
+    "resample null": ("qwen3_vl", {PRE: {**QWEN3, "size": EDGES, "resample": None}}),
 }
+RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 _RNG = np.random.default_rng(7)
 SIZES = [(20, 17), (1500, 12), (1000, 800), (224, 224), (640, 480), (4032, 3024)] + [
     (int(w), int(h)) for w, h in _RNG.integers(1, 3000, (20, 2)) if max(w, h) / min(w, h) <= 200
@@ -76,7 +80,7 @@ def _transformers(folder):
         return f"{type(err).__name__}: {err}"
     return dict(grids=grids, mean=list(processor.image_mean), std=list(processor.image_std),
                 rescale=processor.rescale_factor, patch=processor.patch_size, merge=processor.merge_size,
-                temporal=processor.temporal_patch_size)
+                temporal=processor.temporal_patch_size, resample=RESAMPLE.get(processor.resample, processor.resample))
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -100,7 +104,7 @@ def test_processor_settings_are_what_transformers_resolves(tmp_path, name):
                                                                             expected["temporal"])
     np.testing.assert_allclose(prep.mean, expected["mean"], rtol=0, atol=0)
     np.testing.assert_allclose(prep.std, expected["std"], rtol=0, atol=0)
-    assert prep.rescale_factor == expected["rescale"]
+    assert prep.rescale_factor == expected["rescale"] and prep.resample == expected["resample"]
 
 
 def test_the_table_covers_both_outcomes():

@@ -182,7 +182,9 @@ PROCESSOR_DEFAULTS = {
     "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
     "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "rescale_factor": 1 / 255,
     "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+    "resample": 3,  # bicubic
 }
+RESAMPLE_CODES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 # model_type values for which transformers picks that class when the JSON names none (qwen3_vl_moe
 # is not among them in transformers 5.24: such a folder needs image_processor_type).
 PROCESSOR_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -216,9 +218,10 @@ def image_processor_settings(folder: str, model_type: str | None) -> dict:
     if isinstance(size, dict) and set(size) not in SIZE_KEY_SETS:
         raise WeightsError(f"{where}: size has keys {sorted(size)}; transformers takes shortest_edge and longest_edge")
     edges = {k: v for k, v in size.items() if v is not None} if isinstance(size, dict) else {}
-    settings = {"min_pixels": edges.get("shortest_edge"), "max_pixels": edges.get("longest_edge")}
+    settings = {"min_pixels": edges.get("shortest_edge"), "max_pixels": edges.get("longest_edge"),
+                "size_found": f"size {size!r}"}
     for name in ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std", "rescale_factor",
-                 "do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+                 "do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "resample"):
         settings[name] = record[name] if name in record else PROCESSOR_DEFAULTS[name]
     _check_processor(settings, where)
     return settings
@@ -243,8 +246,16 @@ def _processor_record(folder: str) -> tuple[dict, str]:
 def _check_processor(s: dict, where: str) -> None:
     """What would make transformers fail on the first image, or what this reader does not do."""
     if not s["min_pixels"] or not s["max_pixels"]:
-        raise WeightsError(f"{where}: size needs both shortest_edge and longest_edge (min and max pixels), "
-                           f"got {s['min_pixels']} and {s['max_pixels']}")
+        raise WeightsError(f"{where}: the resize needs size.shortest_edge and size.longest_edge (min and max "
+                           f"pixels, or top-level min_pixels and max_pixels); it has {s['size_found']}")
+    resample = s["resample"]
+    if isinstance(resample, str):
+        resample = RESAMPLE_CODES.get(resample.lower())
+    if not isinstance(resample, int) or isinstance(resample, bool) or resample not in RESAMPLE_CODES.values():
+        raise WeightsError(f"{where}: resample is {s['resample']!r}, not one of Pillow's filters "
+                           f"({', '.join(f'{v} {k}' for k, v in RESAMPLE_CODES.items())})")
+    s["resample"] = resample
+    del s["size_found"]
     for name in ("patch_size", "merge_size", "temporal_patch_size"):
         if not isinstance(s[name], int) or isinstance(s[name], bool) or s[name] < 1:
             raise WeightsError(f"{where}: {name} is {s[name]!r}, not a positive whole number")

@@ -12,6 +12,9 @@ import numpy as np
 import torch
 
 
+RESAMPLE_NAMES = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")  # Pillow's (and transformers') codes
+
+
 @dataclass(frozen=True)
 class QwenVLPreprocess:
     """What a checkpoint's image processor does (Qwen2VLImageProcessor; the defaults are Qwen3-VL's values)."""
@@ -25,6 +28,12 @@ class QwenVLPreprocess:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     rescale_factor: float = 1 / 255
     fixed: int | None = None  # --resolution N: every image to N × N (a multiple of 32)
+    resample: int = 3  # Pillow's filter: 3 bicubic (the processor's default), 2 bilinear, …
+
+    @property
+    def interpolation(self) -> str:
+        """The resize filter, as the file records it."""
+        return f"{RESAMPLE_NAMES[self.resample]} (Pillow)"
 
     @property
     def factor(self) -> int:
@@ -34,7 +43,7 @@ class QwenVLPreprocess:
     def from_settings(cls, settings: dict) -> "QwenVLPreprocess":
         """From qwen_checkpoint.image_processor_settings (what transformers resolves for a folder)."""
         return cls(**{name: settings[name] for name in ("min_pixels", "max_pixels", "patch_size", "merge_size",
-                                                         "temporal_patch_size", "rescale_factor")},
+                                                         "temporal_patch_size", "rescale_factor", "resample")},
                    mean=tuple(settings["image_mean"]), std=tuple(settings["image_std"]))
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
@@ -66,7 +75,7 @@ def resize_rgb(img, prep: QwenVLPreprocess) -> np.ndarray:
     from PIL import Image
 
     height, width = prep.target_size(img.height, img.width)
-    return np.asarray(img.resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8)
+    return np.asarray(img.resize((width, height), Image.Resampling(prep.resample)), dtype=np.uint8)
 
 
 def patchify(pixels: np.ndarray, prep: QwenVLPreprocess) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -99,7 +108,7 @@ class QwenVLImageLoader:
         rgb, (width, height) = decode_rgb(source, self.decode, target)
         # The size comes from the original picture (a draft decode is smaller), as the processor's would.
         new_w, new_h = target(width, height)
-        return np.array(rgb.resize((new_w, new_h), Image.Resampling.BICUBIC), dtype=np.uint8), (width, height)
+        return np.array(rgb.resize((new_w, new_h), Image.Resampling(self.prep.resample)), dtype=np.uint8), (width, height)
 
 
 def patchify_torch(pixels: torch.Tensor, prep: QwenVLPreprocess) -> tuple[torch.Tensor, tuple[int, int, int]]:

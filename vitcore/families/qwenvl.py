@@ -127,8 +127,10 @@ class QwenVLFamily:
                     arrays[f"features/deepstack_{j}"], sizes[f"features/deepstack_{j}"] = feature, counts
             return Encoded(arrays, sizes, grids)
 
-        preprocessing = json.dumps({**dataclasses.asdict(prep), "decode": loader.decode, "resolution": opts.resolution,
-                                    "interpolation": "bicubic (Pillow)"}, sort_keys=True)
+        record = dataclasses.asdict(prep)
+        record.pop("resample")  # recorded as its name, as files have always said "bicubic (Pillow)"
+        preprocessing = json.dumps({**record, "decode": loader.decode, "resolution": opts.resolution,
+                                    "interpolation": prep.interpolation}, sort_keys=True)
         return BuiltEncoder(
             name=self.name, encode=encode, loader=loader, encoder_record=cfg.to_json(), preprocessing=preprocessing,
             weights=WeightsInfo(source="file", path=os.path.abspath(opts.weights), sha256=encoder.weights_sha256),
@@ -150,6 +152,8 @@ class QwenVLFamily:
         _, resolved = read_tower_config(folder, self._tower("config").from_hf, self.label)
         now = QwenVLPreprocess.from_settings(resolved)
         changed = [name for name in PROCESSOR_FIELDS if _plain(getattr(now, name)) != _plain(prep.get(name))]
+        if now.interpolation != prep.get("interpolation", "bicubic (Pillow)"):
+            changed.append("resample")
         if changed:
             raise VitExtractError(
                 f"the image processor of {folder} has changed since {file} was made ({', '.join(changed)}); "

@@ -43,8 +43,8 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
             now = attribute.key(attribute.value(settings))
             if then != now:
                 raise ResumeMismatchError(
-                    f"cannot resume {path}: the {attribute.compare} setting differs (file: {_short(then)}; "
-                    f"this run: {_short(now)}); rerun with the file's settings or use --overwrite"
+                    f"cannot resume {path}: the {attribute.compare} setting differs ({_difference(then, now)}); "
+                    "rerun with the file's settings or use --overwrite"
                 )
         roots = json.loads(attrs["roots"])
         committed = int(attrs["committed"])
@@ -59,6 +59,18 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
             failed = [identity_of(roots[i], k) for i, k in zip(index, keys)]
         return ResumeState(done=done, failed=failed, roots=roots, committed=committed,
                            failed_committed=failed_committed)
+
+
+def _difference(then, now) -> str:
+    """What differs, by key when both are JSON objects (a long record cut short would hide it)."""
+    try:
+        before, after = json.loads(then), json.loads(now)
+    except (TypeError, ValueError):
+        before = after = None
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        return "; ".join(f"{k}: file {_short(before.get(k))}, this run {_short(after.get(k))}" for k in keys[:4])
+    return f"file: {_short(then)}; this run: {_short(now)}"
 
 
 def _short(value) -> str:
