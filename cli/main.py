@@ -320,11 +320,32 @@ def _save_png(image, path: Path) -> None:
 
 
 def main() -> None:
+    """The console script. Errors found while parsing the options (a bad choice, an unknown option,
+    a missing argument) are one line too, and with --json also a JSON record on stdout."""
+    args = sys.argv[1:]
     try:
-        app()
+        code = app(args=args, standalone_mode=False)
+    except Exception as error:
+        if not _is_click(error, "ClickException"):
+            raise
+        if _is_click(error, "NoArgsIsHelpError"):  # a command alone: its help
+            error.show()
+            sys.exit(error.exit_code)
+        message = " ".join(error.format_message().replace("Value error, ", "").split())
+        command = getattr(getattr(error, "ctx", None), "command_path", "vit-extract")
+        err.print(f"[bold red]error:[/] {escape(message)} (see {escape(command)} --help)")
+        if "--json" in args:
+            out.print_json(json.dumps({"error": message, "exit_code": error.exit_code}))
+        sys.exit(error.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_click(error: BaseException, name: str) -> bool:
+    """Whether ``error`` is click's exception ``name`` (Typer may carry its own copy of click)."""
+    return any(cls.__name__ == name for cls in type(error).__mro__)
 
 
 if __name__ == "__main__":

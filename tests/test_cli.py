@@ -249,3 +249,20 @@ def test_models_lists_every_other_family_from_the_registry(cli, monkeypatch):
     assert "qwen3-vl: a [bold]Qwen3-VL[/] vision tower" in text and "other: one more" in text
     assert "seed:" not in text and "302.9M" in text
     assert [r["name"] for r in json.loads(cli("models", "--json").stdout)] == ["small", "base", "large"]
+
+
+@pytest.mark.parametrize("args", [["run", "sample_images", "--pool", "maen"], ["run", "sample_images", "--batch-size", "0"],
+                                  ["run", "sample_images", "--no-such-option"], ["info"]])
+def test_option_parsing_errors_are_one_line_and_json_with_json(args):
+    """The console script, as users run it: errors found while parsing options are one line on
+    stderr, exit 2, and with --json also {"error", "exit_code"} on stdout."""
+    import subprocess
+    import sys
+
+    project = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "cli", *args, "--json"], cwd=project, capture_output=True, text=True,
+                          timeout=60)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    record = json.loads(done.stdout)
+    assert record["exit_code"] == 2 and record["error"] in lines[0] and "Value error" not in record["error"]

@@ -696,3 +696,42 @@ def test_normalize_on_device_casts_dtype():
     want = (pixels.permute(0, 3, 1, 2).numpy().astype(np.float32) / 255 - 0.5) / 0.5
     np.testing.assert_allclose(out.float().numpy(), want, atol=1e-2)
     assert out.min().item() >= -1.0 and out.max().item() <= 1.0
+
+
+# --------------------------------------------------------------------------- declared bit depth
+def _pgm(path, values: np.ndarray, maxval: int):
+    path.write_bytes(f"P5\n{values.shape[1]} {values.shape[0]}\n{maxval}\n".encode() + values.astype(">u2").tobytes())
+    return path
+
+
+@pytest.mark.parametrize("maxval", [65535, 1023, 4095])
+def test_a_pgm_takes_its_range_from_its_maxval_not_from_its_values(tmp_path, maxval):
+    """A dark 16-bit PGM (samples 0–236 of 65535) is nearly black, not 257× brighter; a 10- or
+    12-bit one spans its maxval."""
+    ramp = np.tile(np.linspace(0, 1, 64), (48, 1))  # (48, 64), 0 … 1
+    dark = np.rint(ramp * 236).astype(np.uint16)
+    full = np.rint(ramp * maxval).astype(np.uint16)
+    for name, values, top in (("dark", dark, 236 / maxval * 255), ("full", full, 255)):
+        pixels, size = load_image(_pgm(tmp_path / f"{name}.pgm", values, maxval), cfg(64, decode="full"))
+        assert size == (64, 48)
+        assert abs(int(pixels.max()) - top) <= 1, (name, maxval, pixels.max(), top)
+
+
+def test_sixteen_bit_greyscale_png_and_tiff_are_read_by_their_declared_depth(tmp_path):
+    dark = np.tile(np.arange(0, 237, dtype=np.uint16), (16, 1))  # samples 0–236 of 65535
+    for suffix in ("png", "tif"):
+        path = tmp_path / f"dark.{suffix}"
+        Image.fromarray(dark).save(path)
+        pixels, _ = load_image(path, cfg(16, decode="full"))
+        assert pixels.max() <= 1, suffix  # 236 / 257 rounds to 1
+
+
+def test_a_sixteen_bit_greyscale_png_with_a_transparent_level_composites_it_over_white(tmp_path):
+    values = np.full((32, 32), 20000, np.uint16)
+    values[:, 16:] = 777  # the tRNS grey level: transparent
+    path = tmp_path / "trns16.png"
+    Image.fromarray(values).save(path, transparency=777)
+    with Image.open(path) as img:
+        assert img.mode.startswith("I;16") and img.info.get("transparency") == 777
+    rgb = np.asarray(to_rgb(Image.open(path)))
+    assert (rgb[:, 16:] == BACKGROUND).all() and (rgb[:, :16] == round(20000 / 257)).all()

@@ -631,3 +631,35 @@ def test_a_stuck_worker_never_keeps_the_run_from_stopping_nor_outlives_it(tmp_pa
     while time.time() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.2)
     assert not any(_alive(p) for p in workers), "a decoding worker outlived the run"
+
+
+def _extract_twice(folder: str, out: str):
+    """As the unprivileged user: a run, then a resume; what each reported and what the file records."""
+    first = vitcore.extract([folder], out, EXACT)
+    again = vitcore.extract([folder], out, EXACT, resume=True)
+    with vitcore.open_tokens(out) as f:
+        return first.failures, again.failures, again.skipped, f.keys, f.failures
+
+
+def test_a_folder_that_cannot_be_listed_is_a_failure_record_not_silence(tmp_path):
+    Image.init()
+    shared = Path(__import__("tempfile").mkdtemp(prefix="vit-extract-perm-"))
+    try:
+        shared.chmod(0o777)
+        photos = shared / "photos"
+        (photos / "locked").mkdir(parents=True)
+        _photo(seed=1).save(photos / "a.png")
+        _photo(seed=2).save(photos / "locked" / "hidden.png")
+        (photos / "locked").chmod(0o000)
+        photos.chmod(0o755)
+        kind, outcome = _as_unprivileged_user(_extract_twice, str(photos), str(shared / "out.h5"))
+        assert kind == "ok", outcome
+        first, again, skipped, keys, recorded = outcome
+        assert first == [("locked/", "PermissionError: cannot list this folder (Permission denied)")]
+        assert keys == ["a.png"] and recorded == first  # in the file too
+        assert again == [] and skipped == 1  # a resume does not record it twice
+        kind, message = _as_unprivileged_user(vitcore.extract, [str(photos / "locked")], str(shared / "o2.h5"), EXACT)
+        assert kind == "raised" and "no images found" in message and "cannot list this folder" in message
+    finally:
+        (shared / "photos" / "locked").chmod(0o755)
+        shutil.rmtree(shared, ignore_errors=True)

@@ -14,8 +14,10 @@ One direction, no back-and-forth, in named steps (each a function below):
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -23,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from vitcore import families
@@ -33,7 +36,7 @@ from vitcore.loader import Batch, default_workers, make_loader
 from vitcore.options import ComputeOptions, EncoderOptions, ExtractOptions, InputOptions, OutputOptions
 from vitcore.shard import ShardRecord, take_shard
 from vitcore.sources import Discovery, discover, parse_extensions
-from vitcore.store import Output, check_output
+from vitcore.store import Output, Rows, check_output
 from vitcore.workers import init_worker, shut_down, worker_deaths_held
 
 __all__ = ["ExtractOptions", "ExtractResult", "Progress", "StopFlag", "extract"]
@@ -83,12 +86,16 @@ class StopFlag:
     def __init__(self) -> None:
         self.signal_number: int | None = None
         self.waiting = False  # the main thread is waiting for a batch (nothing of the output is touched)
+        self.overdue = False  # the wait outlasted STOP_GRACE after the signal: end it
 
     def set(self, signal_number: int = signal.SIGINT) -> None:
         self.signal_number = signal_number
 
     def is_set(self) -> bool:
         return self.signal_number is not None
+
+
+STOP_GRACE = 3.0  # seconds a stopping run waits for the batch being decoded
 
 
 class StopWhileWaiting(Exception):
@@ -107,11 +114,24 @@ def stop_on_signals(stop: StopFlag):
         return
 
     def handler(signum, frame):
+        if stop.overdue:  # from the watchdog below, not from the user
+            stop.overdue = False
+            if stop.waiting:
+                raise StopWhileWaiting
+            return
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.set(signum)
-        if stop.waiting:  # a worker may be stuck (a slow disk, a hung mount): do not wait for it
-            raise StopWhileWaiting
+        if stop.waiting:
+            threading.Thread(target=watchdog, name="vit-extract-stop", daemon=True).start()
+
+    def watchdog():
+        """A batch normally arrives within seconds and the loop stops after committing it; a worker
+        stuck in a read (a hung mount) must not hold the run, so the wait is ended after a grace."""
+        time.sleep(STOP_GRACE)
+        if stop.waiting:
+            stop.overdue = True
+            _thread.interrupt_main(signal.SIGINT)  # runs handler above in the main thread
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -161,7 +181,7 @@ def extract(
                              worker_init_fn=init_worker)
         runner = BatchRunner(built, settings, device, compiled=compute.compile)
         out.prepare(settings, plan.roots, plan.keep_failures)  # before the workers fork
-        ran = run_batches(out, loader, plan.sources, runner, progress, stop or StopFlag())
+        ran = run_batches(out, loader, plan, runner, progress, stop or StopFlag())
     notes = list(built.notes)
     if built.finish_batch is not None:
         notes += built.finish_batch.notes()
@@ -208,6 +228,11 @@ def find_inputs(paths, inputs: InputOptions, out: OutputOptions, stdin) -> tuple
         if not found.sources:
             raise UsageError(f"no images found in {', '.join(found.roots) or 'the inputs'}")
         found, shard = take_shard(found, *out.shard)
+        if shard.index:  # folders that could not be listed are recorded once, by shard 0
+            found = dataclasses.replace(found, unlisted=[])
+    if not found.sources and not out.resume and shard is None and found.unlisted:
+        first = found.unlisted[0]
+        raise UsageError(f"no images found: {os.path.join(found.roots[first.root_index], first.key)} {first.reason[first.reason.find('cannot'):]}")
     if not found.sources and not out.resume and shard is None:  # a shard may be empty (N > inputs)
         raise UsageError(
             f"no images found in {', '.join(found.roots) or 'the inputs'} "
@@ -222,24 +247,27 @@ class ResumePlan:
     roots: list[str]  # the file's roots, then any new ones
     skipped: int = 0  # inputs the file already holds (rows or failure records)
     keep_failures: list[int] | None = None  # --retry-failed: the failure records kept (images not retried)
+    unlisted: list = field(default_factory=list)  # folders that could not be listed, not yet recorded
 
 
 def plan_resume(out: Output, found: Discovery, settings, retry_failed: bool) -> ResumePlan:
     """Resume: keep the file's roots (row root_index values point into them), skip what it holds."""
     state = out.resume_state(settings)  # refuses a file made with other settings
     if state is None:
-        return ResumePlan(found.sources, list(found.roots))
+        return ResumePlan(found.sources, list(found.roots), unlisted=found.unlisted)
     roots = state.roots + [r for r in found.roots if r not in state.roots]
     remap = [roots.index(r) for r in found.roots]
     failed = set(state.failed)
     skip = state.done | failed
     keep_failures = None
+    folders = {u.identity(found.roots): u for u in found.unlisted}
     if retry_failed:  # only failures among this run's inputs: the others' records stay
-        retried = failed & {s.identity for s in found.sources}
+        retried = failed & ({s.identity for s in found.sources} | set(folders))
         skip -= retried
         keep_failures = [i for i, f in enumerate(state.failed) if f not in retried]
     sources = [dataclasses.replace(s, root_index=remap[s.root_index]) for s in found.sources if s.identity not in skip]
-    return ResumePlan(sources, roots, len(found.sources) - len(sources), keep_failures)
+    unlisted = [dataclasses.replace(u, root_index=remap[u.root_index]) for i, u in folders.items() if i not in skip]
+    return ResumePlan(sources, roots, len(found.sources) - len(sources), keep_failures, unlisted)
 
 
 def choose_batching(compute: ComputeOptions, built, inputs: int) -> tuple[int, int]:
@@ -260,12 +288,13 @@ class LoopOutcome:
     timings: dict[str, float]
 
 
-def run_batches(out: Output, loader, sources, runner: BatchRunner, progress, stop: StopFlag) -> LoopOutcome:
+def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, progress, stop: StopFlag) -> LoopOutcome:
     """Decoded batches → encoder → writer thread, until the inputs run out or a signal stops it."""
+    sources = plan.sources
     started = time.perf_counter()
     timings = {"decode_wait": 0.0, "compute": 0.0, "writer_wait": 0.0}
     done = written = 0
-    failures: list[tuple[str, str]] = []
+    failures: list[tuple[str, str]] = [(u.key, u.reason) for u in plan.unlisted]
     reporter = _make_reporter(progress, len(sources))
     batches = None
     complete = False
@@ -273,6 +302,8 @@ def run_batches(out: Output, loader, sources, runner: BatchRunner, progress, sto
     try:
         reporter(Progress(0, len(sources), 0, 0.0))
         batches, async_writer = out.start(loader, has_work=bool(sources))  # workers fork, then the file opens
+        if plan.unlisted:  # first: the folders whose contents were not looked at
+            async_writer.put(_folder_records(plan.unlisted))
         with stop_on_signals(stop), torch.inference_mode():
             while not stop.is_set():
                 tick = time.perf_counter()
@@ -330,6 +361,13 @@ def _nonfinite_note(rows: int, out_dtype: str) -> list[str]:
         return []
     hint = " (float16 overflows above 65504: try --out-dtype float32)" if out_dtype == "float16" else ""
     return [f"{rows} images have token values that are not finite (inf or NaN){hint}"]
+
+
+def _folder_records(unlisted) -> Rows:
+    """Failure records (no rows) for folders that could not be listed."""
+    return Rows(keys=[], root_index=np.empty(0, np.int32), image_size=np.empty((0, 2), np.int32),
+                failed_keys=[u.key for u in unlisted], failed_root_index=[u.root_index for u in unlisted],
+                failed_errors=[u.reason for u in unlisted])
 
 
 def _next_batch(batches) -> Batch | None:

@@ -21,6 +21,8 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
 PAD_COLOR = (124, 116, 104)  # letterbox fill: the ImageNet mean, which normalises to ≈ 0
 DRAFT_MARGIN = 2  # draft decode keeps at least 2× the resized size, so the bicubic still antialiases
 EXIF_ORIENTATION = 0x0112
+HIGH_BIT_DEPTH = ("16-bit as the file declares it (I;16, 16-bit PNG, PGM/PPM by maxval, TIFF by BitsPerSample) /257, "
+                  "a 16-bit tRNS colour as transparent; other I and F by value range (see README)")
 JPEG_CODED = ("JPEG", "MPO")  # formats Pillow decodes with libjpeg, so draft() can scale them (MPO: phone cameras)
 
 
@@ -41,7 +43,7 @@ class PreprocessConfig:
             pad_color=list(PAD_COLOR),
             draft_margin=DRAFT_MARGIN,
             exif_orientation="applied",
-            high_bit_depth="I;16 /257; I and F by value range (see README)",
+            high_bit_depth=HIGH_BIT_DEPTH,
         )
         return json.dumps(record, sort_keys=True)
 
@@ -140,9 +142,25 @@ def decode_rgb(path, decode: str, wanted) -> tuple[Image.Image, tuple[int, int]]
                 want_w, want_h = want_h, want_w
             img.draft(None, (want_w * DRAFT_MARGIN, want_h * DRAFT_MARGIN))
         img.load()
+        sixteen_bit = declared_16_bit(img)  # from the file, before a transpose drops its format
         upright = ImageOps.exif_transpose(img)
-        rgb = to_rgb(upright)
+        rgb = to_rgb(upright, sixteen_bit)
     return rgb, (width, height)
+
+
+def declared_16_bit(img: Image.Image) -> bool:
+    """Whether the file says its samples are 16-bit: the range comes from what the file declares,
+    never from the values a picture happens to hold (a dark 16-bit picture is not 8-bit)."""
+    if img.mode.startswith("I;16"):
+        return True
+    if img.mode != "I":
+        return False
+    if img.format in ("PPM", "PNG"):  # 16-bit PNG; PGM/PPM/PAM with maxval > 255, scaled by Pillow to 0..65535
+        return True
+    if img.format == "TIFF":
+        bits = img.tag_v2.get(258)  # BitsPerSample
+        return (bits[0] if isinstance(bits, tuple) else bits) == 16
+    return False
 
 
 def read_jpeg(source) -> tuple[np.ndarray, tuple[int, int], int] | None:
@@ -189,13 +207,20 @@ def _upright_size(img: Image.Image) -> tuple[int, int, int]:
     return width, height, orientation
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode → RGB. Alpha is composited over BACKGROUND; high bit depths are scaled to 8 bits."""
+def to_rgb(img: Image.Image, sixteen_bit: bool | None = None) -> Image.Image:
+    """Any Pillow mode → RGB. Alpha is composited over BACKGROUND; high bit depths are scaled to 8
+    bits (``sixteen_bit``: the file declared 16-bit samples; None: tell from the picture)."""
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(img), mode)).convert("RGB")
+        values = np.asarray(img)
+        sixteen = declared_16_bit(img) if sixteen_bit is None else sixteen_bit
+        rgb = np.repeat(_to_uint8(values, mode, sixteen)[..., None], 3, axis=2)
+        transparent = img.info.get("transparency")
+        if isinstance(transparent, int) and not isinstance(transparent, bool):  # tRNS: one grey level
+            rgb[values == transparent] = BACKGROUND
+        return Image.fromarray(rgb)
     has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
         mode == "P" and "transparency" in img.info
     ) or (mode in ("L", "RGB") and "transparency" in img.info)
@@ -207,15 +232,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # 1, L, P, CMYK (incl. YCCK JPEGs), YCbCr, LAB, HSV
 
 
-def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+def _to_uint8(values: np.ndarray, mode: str, sixteen_bit: bool = False) -> np.ndarray:
     """High-bit-depth greyscale → uint8.
 
-    I;16*: full 16-bit range (÷257). I (32-bit int) and F (float): kept as is when the values
-    already lie in 0..255, ÷257 when in 0..65535 (16-bit data), F in 0..1 times 255; anything
-    else is stretched from its own min..max.
+    Declared 16-bit samples (I;16*, 16-bit PNG, PGM/PPM, TIFF): the full 16-bit range (÷257).
+    Other I (32-bit int) and F (float): kept as is when the values already lie in 0..255, ÷257
+    when in 0..65535, F in 0..1 times 255; anything else is stretched from its own min..max.
     """
     values = values.astype(np.float64)
-    if mode.startswith("I;16"):
+    if mode.startswith("I;16") or sixteen_bit:
         scaled = values / 257.0
     else:
         finite = np.isfinite(values)

@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable
 
 from vitcore.errors import UsageError
@@ -69,11 +69,24 @@ def _kind(mode: int) -> str:
     return "not a file"
 
 
+@dataclass(frozen=True)
+class Unlisted:
+    """A folder that could not be listed: what is in it was not looked at (a failure record)."""
+
+    key: str  # relative to its root, ending in "/" ("./" for the root itself)
+    root_index: int
+    reason: str  # one line
+
+    def identity(self, roots: list[str]) -> bytes:
+        return identity_of(roots[self.root_index], self.key)
+
+
 @dataclass
 class Discovery:
     sources: list[Source]
     roots: list[str]  # absolute root directories; files named directly use the working directory
     skipped_duplicates: int = 0
+    unlisted: list[Unlisted] = field(default_factory=list)  # folders whose contents are unknown
 
 
 def parse_extensions(text: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -170,12 +183,16 @@ def discover(
         return roots.index(root)
 
     seen_dirs: set[str] = set()
+    unlisted: list[Unlisted] = []
     for given, listed in named:
         if os.path.isdir(given):
             root = os.path.abspath(given)
             index = root_index(root)
-            for rel in _walk(root, exts, seen_dirs):
+            files, unreadable = _walk(root, exts, seen_dirs)
+            for rel in files:
                 found.append((index, rel, os.path.join(root, rel)))
+            unlisted += [Unlisted(escape_key(os.path.join(rel, "") if rel else "./"), index, reason)
+                         for rel, reason in unreadable]
         elif os.path.lexists(given) or listed:
             # Named files are taken as given; a listed one that is missing becomes a failure record.
             found.append((root_index(cwd), given, given))
@@ -192,12 +209,14 @@ def discover(
             continue
         seen_paths.add(identity)
         sources.append(Source(path=path, key=escape_key(key), root_index=index))
-    return Discovery(sources=sources, roots=roots, skipped_duplicates=duplicates)
+    return Discovery(sources=sources, roots=roots, skipped_duplicates=duplicates, unlisted=unlisted)
 
 
-def _walk(root: str, exts: tuple[str, ...], seen_dirs: set[str]) -> list[str]:
-    """Relative paths of matching files under root; each real directory visited once."""
+def _walk(root: str, exts: tuple[str, ...], seen_dirs: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Relative paths of matching files under root, each real directory visited once; and the
+    folders that could not be listed, with the reason (relative path, one line)."""
     out: list[str] = []
+    unreadable: list[tuple[str, str]] = []
     stack = [""]
     while stack:
         rel_dir = stack.pop()
@@ -210,8 +229,10 @@ def _walk(root: str, exts: tuple[str, ...], seen_dirs: set[str]) -> list[str]:
             # Sorted, and sub-folders pushed in reverse below, so the walk order (and which name
             # wins for a folder reachable twice) never depends on the file system's listing order.
             entries = sorted(os.scandir(directory), key=lambda e: os.fsencode(e.name))
-        except OSError:
-            continue  # unreadable folder: nothing found there
+        except OSError as err:  # what is in it is unknown: said, not skipped
+            reason = err.strerror or str(err)
+            unreadable.append((rel_dir, f"{type(err).__name__}: cannot list this folder ({reason})"))
+            continue
         subfolders = []
         for entry in entries:
             rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
@@ -224,4 +245,4 @@ def _walk(root: str, exts: tuple[str, ...], seen_dirs: set[str]) -> list[str]:
             elif "." in entry.name and entry.name.rpartition(".")[2].lower() in exts:
                 out.append(rel)
         stack.extend(reversed(subfolders))
-    return out
+    return out, unreadable

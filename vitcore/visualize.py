@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from vitcore.errors import UsageError, VitExtractError
-from vitcore.preprocess import PAD_COLOR, to_rgb
+from vitcore.preprocess import PAD_COLOR, declared_16_bit, to_rgb
 from vitcore.store import TokenFile
 
 THUMB = 224  # side of the square each picture and each map is fitted into on a sheet
@@ -65,7 +65,7 @@ def as_encoder_saw_it(path: bytes | str, resize: str) -> Image.Image | None:
     try:
         with Image.open(os.fsdecode(path) if isinstance(path, bytes) else path) as img:
             img.seek(0)
-            picture = to_rgb(ImageOps.exif_transpose(img))
+            picture = to_rgb(ImageOps.exif_transpose(img), declared_16_bit(img))
             picture.load()
     except Exception:  # moved, deleted or unreadable since extraction: drawn as a placeholder
         return None

@@ -96,6 +96,20 @@ def _encoder_key(text: str) -> str:
     return json.dumps(record, sort_keys=True)
 
 
+OLD_HIGH_BIT_DEPTH = "I;16 /257; I and F by value range (see README)"  # what 0.1.0 files record
+
+
+def _preprocessing_key(text: str) -> str:
+    """Files made by 0.1.0 describe their high-bit-depth rule in older words; for every 8-bit
+    picture (and I;16) the rule is the same, so those files still resume."""
+    from vitcore.preprocess import HIGH_BIT_DEPTH
+
+    record = json.loads(text)
+    if record.get("high_bit_depth") == OLD_HIGH_BIT_DEPTH:
+        record["high_bit_depth"] = HIGH_BIT_DEPTH
+    return json.dumps(record, sort_keys=True)
+
+
 def weights_identity(text_or_record) -> str:
     """What must match for --resume: the seed, or the content of the weights (not their path)."""
     record = json.loads(text_or_record) if isinstance(text_or_record, str) else text_or_record
@@ -113,7 +127,7 @@ ATTRIBUTES = (
     Attribute("weights", "setting", lambda s: s.weights, json=True, compare="weights", key=weights_identity,
               merge="first"),
     Attribute("preprocessing", "setting", lambda s: s.preprocessing, json=True, compare="preprocessing",
-              merge="first"),
+              key=_preprocessing_key, merge="first"),
     Attribute("pooling", "setting", lambda s: s.pooling, compare="pooling", merge="first"),
     Attribute("projector", "setting", lambda s: s.projector, json=True, compare="projector", merge="first"),
     Attribute("compute_dtype", "setting", lambda s: s.compute_dtype, compare="compute dtype", merge="first"),
