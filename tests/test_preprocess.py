@@ -21,6 +21,7 @@ from vitcore.preprocess import (
     load_image,
     normalize_on_device,
     resized_size,
+    decode_rgb,
     to_rgb,
 )
 from vitcore.sources import Source
@@ -735,3 +736,31 @@ def test_a_sixteen_bit_greyscale_png_with_a_transparent_level_composites_it_over
         assert img.mode.startswith("I;16") and img.info.get("transparency") == 777
     rgb = np.asarray(to_rgb(Image.open(path)))
     assert (rgb[:, 16:] == BACKGROUND).all() and (rgb[:, :16] == round(20000 / 257)).all()
+
+
+# --------------------------------------------------------------------------- TIFF orientation
+TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+         5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+         8: Image.Transpose.ROTATE_90}
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "I;16", "1", "RGBA"])
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+def test_tiff_orientation_and_size_are_right_in_every_orientation(tmp_path, mode, compression):
+    """Pillow ≥ 11 turns some TIFFs itself (reporting their size upright) and scrambles uncompressed
+    greyscale ones in orientations 5–8: every orientation must give the upright picture and size."""
+    base = np.zeros((40, 60), np.uint8)
+    base[:10, :20], base[30:, 45:] = 255, 128  # marks that show any flip or turn
+    picture = {"1": Image.fromarray(base > 100), "I;16": Image.fromarray(base.astype(np.uint16) * 257)}.get(
+        mode, Image.fromarray(base).convert(mode))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.tif"
+        picture.save(path, exif=exif, **({"compression": compression} if compression else {}))
+        upright = picture.transpose(TURNS[orientation]) if orientation > 1 else picture
+        rgb, size = decode_rgb(str(path), "full", lambda w, h: (w, h))
+        assert size == upright.size == rgb.size, (orientation, size)
+        np.testing.assert_array_equal(np.asarray(rgb), np.asarray(to_rgb(upright)), err_msg=f"orientation {orientation}")
+        with open(path, "rb") as handle:  # from a file object, as the workers read it
+            assert decode_rgb(handle, "full", lambda w, h: (w, h))[1] == upright.size

@@ -7,7 +7,9 @@ Everything a worker does to an image is here and is recorded in the output file
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import struct
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -134,6 +136,10 @@ def decode_rgb(path, decode: str, wanted) -> tuple[Image.Image, tuple[int, int]]
     a JPEG is decoded at the smallest DCT scale that keeps DRAFT_MARGIN × that size.
     """
     with _pillow_checks(), Image.open(path) as img:
+        if img.format == "TIFF":
+            upright = _oriented_tiff(path)
+            if upright is not None:
+                return upright
         img.seek(0)  # first frame of animations and multi-page files
         width, height, orientation = _upright_size(img)
         if decode == "draft" and img.format in JPEG_CODED:
@@ -146,6 +152,56 @@ def decode_rgb(path, decode: str, wanted) -> tuple[Image.Image, tuple[int, int]]
         upright = ImageOps.exif_transpose(img)
         rgb = to_rgb(upright, sixteen_bit)
     return rgb, (width, height)
+
+
+TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_90}  # EXIF orientation → the turn that makes the picture upright
+
+
+def _oriented_tiff(source) -> tuple[Image.Image, tuple[int, int]] | None:
+    """A TIFF whose first IFD has an orientation other than 1: decoded as stored and turned here.
+
+    Pillow's handling of TIFF orientation changed across versions (from 11 it turns some TIFFs
+    itself at open, reports their size upright, and scrambles uncompressed greyscale ones), so the
+    tag is set to 1 in a copy of the bytes and the turn applied here, the same on every version.
+    None: no orientation to apply (decoded as usual)."""
+    if hasattr(source, "read"):
+        source.seek(0)
+        data = source.read()
+    else:
+        with open(source, "rb") as handle:
+            data = handle.read()
+    orientation, stored = _tiff_orientation_to_1(data)
+    if orientation not in TRANSPOSE:
+        return None
+    with _pillow_checks(), Image.open(io.BytesIO(stored)) as img:
+        img.seek(0)
+        img.load()
+        upright = img.transpose(TRANSPOSE[orientation])
+        rgb = to_rgb(upright, declared_16_bit(img))
+    return rgb, upright.size
+
+
+def _tiff_orientation_to_1(data: bytes) -> tuple[int, bytes]:
+    """(the first IFD's orientation, the bytes with it set to 1); (1, data) when there is none."""
+    if data[:4] not in (b"II*\0", b"MM\0*"):
+        return 1, data
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack_from(order + "I", data, 4)
+        (count,) = struct.unpack_from(order + "H", data, ifd)
+        for i in range(count):
+            entry = ifd + 2 + 12 * i
+            tag, kind = struct.unpack_from(order + "HH", data, entry)
+            if tag == EXIF_ORIENTATION and kind == 3:  # SHORT, stored in the entry itself
+                (orientation,) = struct.unpack_from(order + "H", data, entry + 8)
+                patched = bytearray(data)
+                struct.pack_into(order + "H", patched, entry + 8, 1)
+                return orientation, bytes(patched)
+    except struct.error:
+        pass  # a damaged header: Pillow says what is wrong with it
+    return 1, data
 
 
 def declared_16_bit(img: Image.Image) -> bool:

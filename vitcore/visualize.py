@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from vitcore.errors import UsageError, VitExtractError
-from vitcore.preprocess import PAD_COLOR, declared_16_bit, to_rgb
+from vitcore.preprocess import PAD_COLOR, decode_rgb
 from vitcore.store import TokenFile
 
 THUMB = 224  # side of the square each picture and each map is fitted into on a sheet
@@ -62,11 +62,8 @@ def pca_maps(token_sets: list[np.ndarray], grids: list[tuple[int, int]], joint: 
 def as_encoder_saw_it(path: bytes | str, resize: str) -> Image.Image | None:
     """The original picture, upright and RGB, framed as the encoder saw it (crop: the centre
     square; pad: letterboxed); None when the file cannot be read any more."""
-    try:
-        with Image.open(os.fsdecode(path) if isinstance(path, bytes) else path) as img:
-            img.seek(0)
-            picture = to_rgb(ImageOps.exif_transpose(img), declared_16_bit(img))
-            picture.load()
+    try:  # decoded as a run decodes it (orientation, bit depth, alpha), without the resize
+        picture, _ = decode_rgb(os.fsdecode(path) if isinstance(path, bytes) else path, "full", lambda w, h: (w, h))
     except Exception:  # moved, deleted or unreadable since extraction: drawn as a placeholder
         return None
     width, height = picture.size
