@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 import vitcore
 from tests.helpers import TINY
@@ -281,3 +282,49 @@ def test_the_file_names_every_device_that_made_its_rows(images, tmp_path):
     assert result.written == 1
     with h5py.File(single, "r") as f:
         assert f.attrs["device"] == "cuda:0, cpu"
+
+
+_READ_UNDER_A_LIMIT = """
+import json, resource, sys
+import numpy as np
+soft, hard = int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+import vitcore
+from vitcore.errors import VitExtractError
+try:
+    with vitcore.open_tokens(sys.argv[1]) as f:
+        rows = np.concatenate([batch for _, batch in f.iter_batches(64)])  # every shard read in one go
+        print(json.dumps({"rows": len(rows), "finite": bool(np.isfinite(rows).all()), "sum": float(rows.sum())}))
+except VitExtractError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+
+
+def test_a_virtual_merge_never_reads_fill_values_for_shards_it_could_not_open(tmp_path):
+    """More shards than the open-file limit: the limit is raised as far as the system allows, and
+    where that is not enough the read is refused in one line, never NaN rows read as data."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(40):
+        Image.fromarray(np.full((20, 20, 3), i * 6, np.uint8)).save(folder / f"{i:02d}.png")
+    out = tmp_path / "merged.h5"
+    shards = [shard_path(str(out), i, 40) for i in range(40)]
+    for i in range(40):
+        vitcore.extract([folder], shards[i], EXACT, shard=(i, 40))
+    merge(str(out), shards)
+    copy = tmp_path / "copy.h5"
+    merge(str(copy), shards, copy=True)
+    with vitcore.open_tokens(copy) as f:
+        expected = float(np.stack([f[k] for k in f.keys]).sum())
+
+    def read(soft: int, hard: int) -> dict:
+        done = subprocess.run([sys.executable, "-c", _READ_UNDER_A_LIMIT, str(out), str(soft), str(hard)],
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    raised = read(30, 4096)  # a low soft limit is raised: every shard is read
+    assert raised == {"rows": 40, "finite": True, "sum": pytest.approx(expected, rel=1e-6)}
+    refused = read(30, 30)  # the hard limit is too low: refused, with the way out
+    assert "needs 104 open files, but this system allows 30" in refused["error"]
+    assert "merge --copy" in refused["error"]

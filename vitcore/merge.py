@@ -19,6 +19,7 @@ import numpy as np
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.sources import identity_of
 from vitcore.store import TokenFile, check_output
+from vitcore.store.reader import allow_open_files
 from vitcore.store.schema import (
     ATTRIBUTES,
     RAGGED_CHUNK_ROWS,
@@ -155,6 +156,7 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
     paths, root_index, sizes = [], [], []
     failed_paths, failed_errors, failed_roots = [], [], []
     seen: set[bytes] = set()
+    allow_open_files(len(shards), f"merging {len(shards)} shard files")  # all are open at once below
     handles = [h5py.File(s.path, "r") for s in shards]
     try:
         for shard, h5 in zip(shards, handles):

@@ -15,6 +15,30 @@ from vitcore.sources import source_path
 from vitcore.store.schema import decoded, ragged_index_names
 
 
+OPEN_FILES_MARGIN = 64  # descriptors kept for everything else a process has open
+
+
+def allow_open_files(files: int, what: str) -> None:
+    """Raise this process's open-file limit as far as the system allows so that ``files`` files can
+    be open at once (besides OPEN_FILES_MARGIN others), or say in one line that they cannot."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: nothing to raise or check
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = files + OPEN_FILES_MARGIN
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raise VitExtractError(f"{what} needs {needed} open files, but this system allows {soft} "
+                              f"(ulimit -n; the hard limit is {hard})")
+
+
 def open_for_reading(path: str, verb: str) -> h5py.File:
     try:
         return h5py.File(path, "r")
@@ -46,9 +70,17 @@ class TokenFile:
         self._keys: list[str] | None = None
         self._index: dict[str, int] | None = None
         if check_shards and self.h5.attrs.get("merged") == "virtual":
+            shards = json.loads(self.h5.attrs["shards"])
+            # HDF5 keeps every shard it reads through open, and reads one it cannot open as the
+            # fill value (NaN) without a word: make sure they can all be open at once.
+            try:
+                allow_open_files(len(shards), f"reading {self.path}, a virtual view over {len(shards)} shard files")
+            except VitExtractError as err:
+                self.h5.close()
+                raise VitExtractError(f"{err}; `vit-extract merge --copy` them into one file") from None
             # HDF5 reads a missing shard as NaN, or even a same-named file in the working directory:
             # refuse unless every shard is the very file that was merged.
-            bad = [s for s in self._shard_states(json.loads(self.h5.attrs["shards"])) if s["state"] != "complete"]
+            bad = [s for s in self._shard_states(shards) if s["state"] != "complete"]
             if bad:
                 self.h5.close()
                 raise VitExtractError(
