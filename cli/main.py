@@ -74,6 +74,13 @@ def _batch_size(value: str) -> int | str:
     return number
 
 
+def _keep_host_memory(workers, device: str) -> None:
+    if workers != 0 and _runs_on_cpu(device):
+        from vitcore.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()  # this process runs the encoder on the CPU: activation buffers stay mapped
+
+
 def _runs_on_cpu(device: str) -> bool:
     from vitcore.device import resolve_device
     from vitcore.errors import UsageError
@@ -117,12 +124,10 @@ def run(
     """Extract visual tokens for every image under PATHS into an HDF5 file."""
     from vitcore.distributed import extract_distributed, launched_by_torchrun, rank
     from vitcore.errors import VitExtractError
-    from vitcore.host_memory import keep_freed_host_memory
-    from vitcore.pipeline import ExtractOptions, extract
+    from vitcore.options import ExtractOptions
+    from vitcore.runcheck import check_run
     from vitcore.shard import parse_shard, shard_path
 
-    if workers != 0 and _runs_on_cpu(device):
-        keep_freed_host_memory()  # this process runs the encoder on the CPU: activation buffers stay mapped
     options = ExtractOptions(
         model=model, weights=str(weights) if weights else None, seed=seed, pool=pool.value,
         project_dim=project_dim, layers=tuple(layer or ()), resize=resize.value,
@@ -137,6 +142,7 @@ def run(
         if launched_by_torchrun():
             if shard:
                 raise typer.BadParameter("--shard is chosen by torchrun (one shard per rank); drop it")
+            _keep_host_memory(workers, device)
             with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal and rank() == 0) as display:
                 outcome = extract_distributed(inputs, str(output), options, progress=display.update)
             if outcome.merged is None:  # ranks other than 0 stay silent
@@ -147,8 +153,16 @@ def run(
                 options.shard = parse_shard(shard)
                 output = Path(shard_path(str(output), *options.shard))
             with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal) as display:
-                result = extract(inputs, str(output), options, progress=display.update)
+                # Options, output and inputs are checked before torch is loaded: refusals come at once.
+                checked = check_run(inputs, str(output), options)
+                from vitcore.pipeline import extract
+
+                _keep_host_memory(workers, device)
+                result = extract(inputs, str(output), options, progress=display.update, checked=checked)
             merged = None
+    except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a clean stop, this one does not wait
+        err.print("interrupted at once by a second Ctrl-C; the committed rows are safe: rerun with --resume")
+        raise typer.Exit(130) from None
     except VitExtractError as error:
         if launched_by_torchrun() and rank() != 0:
             raise typer.Exit(getattr(error, "exit_code", 1))  # rank 0 reports for the launch
@@ -326,6 +340,9 @@ def main() -> None:
     try:
         code = app(args=args, standalone_mode=False)
     except Exception as error:
+        if _is_click(error, "Abort"):  # a second Ctrl-C: stopped at once
+            err.print("interrupted at once by a second Ctrl-C; the committed rows are safe: rerun with --resume")
+            sys.exit(130)
         if not _is_click(error, "ClickException"):
             raise
         if _is_click(error, "NoArgsIsHelpError"):  # a command alone: its help

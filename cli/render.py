@@ -91,7 +91,11 @@ def run_summary(console: Console, result) -> None:
         table.add_row("resumed", f"{result.skipped} inputs already in the file (as rows or failures) were skipped")
     if result.duplicates_dropped:
         table.add_row("duplicates", f"{result.duplicates_dropped} inputs named twice were taken once")
-    table.add_row("failed", f"[red]{len(result.failures)}[/]" if result.failures else "0")
+    failed = f"[red]{len(result.failures)}[/]" if result.failures else "0"
+    if result.failed_earlier:
+        failed += (f" this run; {result.failed_earlier} recorded by earlier runs "
+                   "(vit-extract info lists them; --resume --retry-failed tries them again)")
+    table.add_row("failed", failed)
     for warning in result.warnings:
         table.add_row("[yellow]note[/]", escape(warning))
     console.print(table)

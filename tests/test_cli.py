@@ -266,3 +266,44 @@ def test_option_parsing_errors_are_one_line_and_json_with_json(args):
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     record = json.loads(done.stdout)
     assert record["exit_code"] == 2 and record["error"] in lines[0] and "Value error" not in record["error"]
+
+
+def test_small_things_said_right(photos, tmp_path, cli):
+    """init-weights honours the umask; a resume says how many failures earlier runs recorded;
+    a picture too large for memory says so; a second Ctrl-C still ends with a line."""
+    from vitcore.loader import describe_error
+
+    previous = os.umask(0o022)
+    try:
+        assert cli("init-weights", "-o", tmp_path / "w.safetensors", "--model", TINY).exit_code == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out.h5"
+    assert cli("run", photos, "-o", out, "--model", TINY, "--workers", "0").exit_code == 0
+    again = cli("run", photos, "-o", out, "--model", TINY, "--workers", "0", "--resume")
+    assert "0 this run; 1 recorded by earlier runs" in again.stdout
+    assert describe_error(MemoryError()) == "MemoryError: not enough memory to decode and resize this picture"
+    interrupted = subprocess.run(
+        [sys.executable, "-c", "import vitcore.pipeline as p\n"
+         "def stop(*a, **k): raise KeyboardInterrupt\n"
+         "p.extract = stop\nimport sys\nfrom cli.main import main\n"
+         f"sys.argv = ['vit-extract', 'run', {str(photos)!r}, '-o', {str(tmp_path / 'x.h5')!r}]\nmain()"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert interrupted.returncode == 130 and "interrupted at once" in interrupted.stderr, interrupted.stderr[-500:]
+
+
+@pytest.mark.parametrize("args", [["/no/such/folder"], ["sample_images", "-o", "EXISTS"], ["sample_images", "--shard", "5/2"],
+                                  ["sample_images", "--features", "deepstack"]])
+def test_usage_errors_and_refused_outputs_come_before_torch_is_loaded(tmp_path, args):
+    """A refusal is reported at once: options, output and inputs are checked before torch loads."""
+    exists = tmp_path / "exists.h5"
+    exists.write_bytes(b"")
+    args = [str(exists) if a == "EXISTS" else a for a in args]
+    code = ("import sys\nfrom cli.main import main\nsys.argv = ['vit-extract', 'run', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as stop:\n    print('exit', stop.code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.split() == ["exit", "2", "False"], (done.stdout, done.stderr)
+    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1

@@ -92,6 +92,8 @@ def describe_error(err: BaseException) -> str:
     text = _FILE_OBJECT.sub(lambda m: m.group(1), text)  # Pillow names a file object by its repr
     if isinstance(err, OSError) and err.strerror and err.filename is not None:
         text = err.strerror
+    if isinstance(err, MemoryError):
+        text = "not enough memory to decode and resize this picture" + ("" if text == "no details" else f" ({text})")
     return f"{type(err).__name__}: {text}"[:500]
 
 

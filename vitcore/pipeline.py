@@ -2,8 +2,8 @@
 
 One direction, no back-and-forth, in named steps (each a function below):
 
-    choose_family      which encoder family takes --model / --weights, and its option checks
-    find_inputs        discover the inputs (and take this run's shard of them)
+    check_run          (runcheck.py, torch-free) the options, the family that takes --model /
+                       --weights and its option checks, the output, the inputs (and this run's shard)
     Output             check and lock the output (store/output.py)
     family.build       the encoder: device side, worker side, what the file records
     plan_resume        what a resumed file already holds: the inputs left to do
@@ -17,7 +17,6 @@ from __future__ import annotations
 import _thread
 import contextlib
 import dataclasses
-import os
 import signal
 import sys
 import threading
@@ -28,15 +27,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vitcore import families
 from vitcore.batching import BatchRunner, store_settings
 from vitcore.device import dtype_name, resolve_device, resolve_dtype
-from vitcore.errors import Interrupted, UsageError, VitExtractError
+from vitcore.errors import Interrupted, VitExtractError
 from vitcore.loader import Batch, default_workers, make_loader
-from vitcore.options import ComputeOptions, EncoderOptions, ExtractOptions, InputOptions, OutputOptions
-from vitcore.shard import ShardRecord, take_shard
-from vitcore.sources import Discovery, discover, parse_extensions
-from vitcore.store import Output, Rows, check_output
+from vitcore.options import ComputeOptions, ExtractOptions
+from vitcore.runcheck import CheckedRun, check_run
+from vitcore.sources import Discovery
+from vitcore.store import Output, Rows
 from vitcore.workers import init_worker, shut_down, worker_deaths_held
 
 __all__ = ["ExtractOptions", "ExtractResult", "Progress", "StopFlag", "extract"]
@@ -69,6 +67,7 @@ class ExtractResult:
     untrained: bool
     complete: bool
     duplicates_dropped: int = 0
+    failed_earlier: int = 0  # failure records of earlier runs the file keeps (not tried again)
     timings: dict[str, float] = field(default_factory=dict)  # seconds waiting on decode / compute / writer
     warnings: list[str] = field(default_factory=list)  # things the user should know (e.g. batch split)
 
@@ -149,6 +148,7 @@ def extract(
     progress: bool | Callable[[Progress], None] = False,
     stop: StopFlag | None = None,
     stdin=None,
+    checked: CheckedRun | None = None,
     **overrides,
 ) -> ExtractResult:
     """Extract visual tokens for every image under ``paths`` into the HDF5 file ``output``.
@@ -157,20 +157,14 @@ def extract(
     model="small", pool="mean")``). ``progress=True`` draws a tqdm bar on stderr; a callable
     receives a Progress after every batch. Raises VitExtractError subclasses for problems a
     person can fix; image failures are not errors (they are in the result and the file).
+    ``checked``: what runcheck.check_run already found for these arguments (the CLI checks them
+    before it loads torch, so a usage error is reported at once).
     """
-    opts = dataclasses.replace(options or ExtractOptions(), **overrides)
-    if opts.shard is not None:
-        if opts.resume and opts.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other; choose one")
-        # A shard file is an intermediate product of one launch: a rerun continues it.
-        opts = dataclasses.replace(opts, resume=not opts.overwrite)
-    encoder_opts, input_opts, compute, out_opts = opts.parts()
-    family = choose_family(encoder_opts, compute)
-    output = str(output)
-    check_output(output, out_opts.resume, out_opts.overwrite)
+    run = checked or check_run(paths, output, options, stdin=stdin, **overrides)  # before torch is needed
+    encoder_opts, compute, out_opts = run.encoder, run.compute, run.output_options
+    family, found, shard, output = run.family, run.found, run.shard, run.output
     device = resolve_device(compute.device)
     dtype = resolve_dtype(compute.dtype, device)
-    found, shard = find_inputs(paths, input_opts, out_opts, stdin)
     with Output(output, out_opts.resume, out_opts.overwrite) as out:  # one run per output
         built = family.build(encoder_opts, device, dtype, compile=compute.compile)
         settings = store_settings(built, out_opts.pool, out_opts.out_dtype, device, dtype,
@@ -205,40 +199,10 @@ def extract(
         untrained=built.weights.untrained,
         complete=ran.complete,
         duplicates_dropped=found.skipped_duplicates,
+        failed_earlier=plan.failed_earlier,
         timings=ran.timings,
         warnings=notes + runner.warnings + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype),
     )
-
-
-def choose_family(encoder: EncoderOptions, compute: ComputeOptions):
-    """The family that takes --model / --weights; it refuses the options it does not take."""
-    family = families.for_run(encoder.model, encoder.weights)
-    if compute.compile and not family.compilable:
-        takers = [f.name for f in families.all_families() if f.compilable]
-        raise UsageError(f"--compile works with the {', '.join(takers)} encoders, not {family.name}")
-    family.check(encoder)
-    return family
-
-
-def find_inputs(paths, inputs: InputOptions, out: OutputOptions, stdin) -> tuple[Discovery, ShardRecord | None]:
-    """The run's inputs in their stable order, and with --shard this run's slice of them."""
-    found = discover(paths, inputs.files_from, inputs.extensions, stdin=stdin)
-    shard = None
-    if out.shard is not None:
-        if not found.sources:
-            raise UsageError(f"no images found in {', '.join(found.roots) or 'the inputs'}")
-        found, shard = take_shard(found, *out.shard)
-        if shard.index:  # folders that could not be listed are recorded once, by shard 0
-            found = dataclasses.replace(found, unlisted=[])
-    if not found.sources and not out.resume and shard is None and found.unlisted:
-        first = found.unlisted[0]
-        raise UsageError(f"no images found: {os.path.join(found.roots[first.root_index], first.key)} {first.reason[first.reason.find('cannot'):]}")
-    if not found.sources and not out.resume and shard is None:  # a shard may be empty (N > inputs)
-        raise UsageError(
-            f"no images found in {', '.join(found.roots) or 'the inputs'} "
-            f"(looked for {', '.join(parse_extensions(inputs.extensions))}; --ext changes that)"
-        )
-    return found, shard
 
 
 @dataclass
@@ -248,6 +212,7 @@ class ResumePlan:
     skipped: int = 0  # inputs the file already holds (rows or failure records)
     keep_failures: list[int] | None = None  # --retry-failed: the failure records kept (images not retried)
     unlisted: list = field(default_factory=list)  # folders that could not be listed, not yet recorded
+    failed_earlier: int = 0  # failure records of earlier runs kept (not tried again)
 
 
 def plan_resume(out: Output, found: Discovery, settings, retry_failed: bool) -> ResumePlan:
@@ -267,7 +232,8 @@ def plan_resume(out: Output, found: Discovery, settings, retry_failed: bool) -> 
         keep_failures = [i for i, f in enumerate(state.failed) if f not in retried]
     sources = [dataclasses.replace(s, root_index=remap[s.root_index]) for s in found.sources if s.identity not in skip]
     unlisted = [dataclasses.replace(u, root_index=remap[u.root_index]) for i, u in folders.items() if i not in skip]
-    return ResumePlan(sources, roots, len(found.sources) - len(sources), keep_failures, unlisted)
+    earlier = len(keep_failures) if keep_failures is not None else len(state.failed)
+    return ResumePlan(sources, roots, len(found.sources) - len(sources), keep_failures, unlisted, earlier)
 
 
 def choose_batching(compute: ComputeOptions, built, inputs: int) -> tuple[int, int]:

@@ -87,6 +87,9 @@ def save_weights(model: VisionEncoder, path: str | os.PathLike) -> None:
     """Write the state dict and the architecture config to a .safetensors file."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.fspath(path), metadata={CONFIG_METADATA_KEY: model.cfg.to_json()})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # as any file the user writes (safetensors makes it 0600)
 
 
 def read_weights_config(path: str | os.PathLike) -> EncoderConfig | None:
