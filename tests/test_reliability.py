@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import vitcore
+import vitcore.runcheck
 from tests.helpers import TINY
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError, WeightsError
 from vitcore.lock import OutputLockedError
@@ -137,14 +138,14 @@ def test_hostile_corpus_every_input_ends_as_its_own_row_or_a_one_line_failure(tm
     corpus = tmp_path / "corpus"
     rows, fails = _build_hostile_corpus(corpus)
     listed = {s.key for s in vitcore.discover([corpus]).sources}
-    real_discover = vitcore.pipeline.discover
+    real_discover = vitcore.runcheck.discover
 
     def discover_then_vanish(*args, **kwargs):
         found = real_discover(*args, **kwargs)
         (corpus / "vanishes.png").unlink()
         return found
 
-    monkeypatch.setattr(vitcore.pipeline, "discover", discover_then_vanish)
+    monkeypatch.setattr(vitcore.runcheck, "discover", discover_then_vanish)
     out = tmp_path / "out.h5"
     # The folder plus one of its files named again: taken once.
     result = vitcore.extract([corpus, corpus / "one_pixel.png"], out, EXACT, workers=2)
