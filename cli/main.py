@@ -74,23 +74,6 @@ def _batch_size(value: str) -> int | str:
     return number
 
 
-def _keep_host_memory(workers, device: str) -> None:
-    if workers != 0 and _runs_on_cpu(device):
-        from vitcore.host_memory import keep_freed_host_memory
-
-        keep_freed_host_memory()  # this process runs the encoder on the CPU: activation buffers stay mapped
-
-
-def _runs_on_cpu(device: str) -> bool:
-    from vitcore.device import resolve_device
-    from vitcore.errors import UsageError
-
-    try:
-        return resolve_device(device).type == "cpu"
-    except UsageError:
-        return False  # extract() reports the bad device
-
-
 @app.command()
 def run(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files and folders (folders are searched recursively).", show_default=False)] = None,
@@ -142,7 +125,6 @@ def run(
         if launched_by_torchrun():
             if shard:
                 raise typer.BadParameter("--shard is chosen by torchrun (one shard per rank); drop it")
-            _keep_host_memory(workers, device)
             with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal and rank() == 0) as display:
                 outcome = extract_distributed(inputs, str(output), options, progress=display.update)
             if outcome.merged is None:  # ranks other than 0 stay silent
@@ -157,7 +139,6 @@ def run(
                 checked = check_run(inputs, str(output), options)
                 from vitcore.pipeline import extract
 
-                _keep_host_memory(workers, device)
                 result = extract(inputs, str(output), options, progress=display.update, checked=checked)
             merged = None
     except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a clean stop, this one does not wait

@@ -1,22 +1,15 @@
-"""Keeping large freed host buffers in the process instead of giving them back to the kernel.
+"""Keeping the main process's memory flat in the number of images.
 
-A forward pass on the CPU allocates and frees activation buffers of tens of MiB in every block
-(base, batch 8: the MLP hidden state is 32 MiB). glibc serves blocks above its mmap threshold
-(which it never raises past 32 MiB) with a fresh mmap and unmaps them when they are freed, so
-the next block's buffer is faulted in again, page by page, in the kernel. Measured on a 2-core
-Xeon (bench/RESULTS.md): a whole `vit-extract run` on the CPU took 4 % less time (small, 48
-JPEGs, and base, 16 JPEGs), its system time fell from 1.7 s to 0.65 s (small), and a loop of
-forward passes alone ran up to 13 % faster.
+Measured with bench/memory_growth.py (bench/RESULTS.md), storing all tokens: the main process
+grew from about 0.7 GiB after 1,000 images to 1.3 GiB after 20,000. It was memory glibc held
+free but could not hand back: the heap fragments around each batch's buffers. It grew with or
+without the freed-memory retention earlier versions turned on (mallopt: never unmap, never trim,
+for 4 % less run time on two cores); with the retention and trimming together it still grew by
+21 %, and the retention no longer measurably paid for itself, so it is gone.
 
-``keep_freed_host_memory()`` tells glibc to serve every block from its heap and never to trim
-it, so freed buffers are reused where they are already mapped: the peak stays in the process
-until it exits, as with a caching allocator (measured: +22 to +35 MiB of peak memory).
-
-It changes the whole process, so the command line turns it on (it owns the process), and only
-for runs on the CPU with decoding workers: the main process then holds activations, not images.
-The workers, forked from it, get ``WORKER`` instead, which is where glibc's own adaptive
-threshold would settle, fixed (glibc cannot be put back to adapting once mallopt has been
-called): blocks under 32 MiB reused, larger ones (a big photo's pixels) given back.
+HeapWatch learns the resident size of the first batches (activations included) and, once the
+process grows 10 % past it, gives glibc's free memory back (malloc_trim) after a batch: measured,
+1,000 images 669 MiB, 20,000 images 732 MiB. Where glibc is not the C library it does nothing.
 """
 
 from __future__ import annotations
@@ -25,49 +18,47 @@ import ctypes
 import functools
 import os
 
-# mallopt(3) parameters.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-KEEP = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}  # the trim threshold is a C int
-WORKER = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
-
-_kept = False  # KEEP applied in this process (and so inherited by forked children)
-
 
 @functools.lru_cache(maxsize=None)
-def _mallopt():
-    """glibc's mallopt, or None where glibc is not the C library (musl, macOS, Windows).
-
-    With jemalloc or tcmalloc preloaded, glibc's mallopt still answers but governs nothing:
-    harmless. Looked up once; forked workers inherit the answer.
-    """
+def _malloc_trim():
+    """glibc's malloc_trim, or None where glibc is not the C library (musl, macOS, Windows)."""
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return None
-        mallopt = ctypes.CDLL(None).mallopt
+        trim = ctypes.CDLL(None).malloc_trim
     except (ValueError, OSError, AttributeError):
         return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
-def _apply(settings: dict[int, int]) -> bool:
-    """Apply each setting (mallopt returns 1 when it takes one); True if all were taken."""
-    mallopt = _mallopt()
-    if mallopt is None:
-        return False
-    return all([mallopt(param, value) == 1 for param, value in settings.items()])  # every one tried
+class HeapWatch:
+    """After each batch: give the heap's free memory back once the process has outgrown its first batches."""
 
+    LEARN = 16  # batches whose peak sets the baseline
+    SLACK = 1.10  # trim once resident memory is 10 % over the baseline
 
-def keep_freed_host_memory() -> bool:
-    """Serve every malloc from the heap and never trim it; False where glibc is not the allocator."""
-    global _kept
-    _kept = _mallopt() is not None  # whatever was taken is undone in the workers
-    return _apply(KEEP) if _kept else False
+    def __init__(self) -> None:
+        self.batches = 0
+        self.baseline = 0
+        self.trims = 0
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
+    def after_batch(self) -> None:
+        trim = _malloc_trim()
+        if trim is None:
+            return
+        rss = self._resident()
+        self.batches += 1
+        if self.batches <= self.LEARN:
+            self.baseline = max(self.baseline, rss)
+        elif rss > self.baseline * self.SLACK:
+            trim(0)
+            self.trims += 1
 
-def restore_in_child() -> None:
-    """In a forked worker: give large blocks back again (WORKER), if the parent had kept them."""
-    global _kept
-    if _kept:
-        _apply(WORKER)
-        _kept = False
+    def _resident(self) -> int:
+        try:
+            with open("/proc/self/statm") as statm:
+                return int(statm.read().split()[1]) * self._page
+        except (OSError, ValueError, IndexError):
+            return 0

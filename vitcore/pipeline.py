@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from vitcore.batching import BatchRunner, store_settings
+from vitcore.host_memory import HeapWatch
 from vitcore.device import dtype_name, resolve_device, resolve_dtype
 from vitcore.errors import Interrupted, VitExtractError
 from vitcore.loader import Batch, default_workers, make_loader
@@ -262,6 +263,7 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
     done = written = 0
     failures: list[tuple[str, str]] = [(u.key, u.reason) for u in plan.unlisted]
     reporter = _make_reporter(progress, len(sources))
+    heap = HeapWatch()
     batches = None
     complete = False
     writer = None
@@ -293,6 +295,7 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
                 written += len(batch.indices)
                 failures += [(sources[f.index].key, f.error) for f in batch.failures]
                 done += len(batch.indices) + len(batch.failures)
+                heap.after_batch()  # memory flat in the number of images
                 reporter(Progress(done, len(sources), len(failures), time.perf_counter() - started))
         complete = not stop.is_set()
     except RuntimeError as err:

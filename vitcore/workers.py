@@ -12,13 +12,11 @@ import contextlib
 import signal
 import threading
 
-from vitcore import host_memory
 
 
 def init_worker(_worker_id: int) -> None:
     """Run first in every worker process."""
     _die_with_parent()
-    host_memory.restore_in_child()  # workers give the memory of large images back
     # Ctrl-C, and SIGTERM from timeout/Slurm/systemd, reach the whole process group: the main
     # process decides how to stop and shuts the workers down (they also exit if it dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
