@@ -415,3 +415,23 @@ def test_a_broken_checkpoint_folder_is_one_line_before_any_work(checkpoint, fold
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert re.search(BROKEN[case], lines[0]), lines[0]
     assert not out.exists() and not (tmp_path / "out.h5.lock").exists()
+
+
+def test_attention_within_an_image_never_builds_the_whole_score_matrix():
+    """4,096 patches, 16 heads: the N × N scores alone would be 1 GiB (3-D inputs fall back to
+    building them); the fused kernel on 4-D inputs needs a few MiB."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch
+from vitcore.qwen_layers import attend_within_images
+q, k, v = (torch.randn(16, 4096, 72) for _ in range(3))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.inference_mode():
+    out = attend_within_images(q, k, v, [4096])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert int(done.stdout) < 300, f"attention took {done.stdout.strip()} MiB more"
