@@ -55,10 +55,15 @@ ENCODER, INPUTS, COMPUTE, OUTPUT, DISPLAY = "Encoder", "Inputs", "Compute", "Out
 
 def _fail(error: Exception, as_json: bool = False) -> typer.Exit:
     """Report an expected problem in one line (and as JSON on stdout with --json); the exit code."""
-    code = getattr(error, "exit_code", 1)
-    err.print(f"[bold red]error:[/] {escape(str(error))}")
+    return _report(str(error), getattr(error, "exit_code", 1), as_json)
+
+
+def _report(message: str, code: int, as_json: bool, hint: str = "") -> typer.Exit:
+    """``message`` as one line on stderr (``hint`` after it there), and as JSON on stdout with --json."""
+    message = " ".join(message.split())
+    err.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}")
     if as_json:
-        out.print_json(json.dumps({"error": str(error), "exit_code": code}))
+        out.print_json(json.dumps({"error": message, "exit_code": code}))
     return typer.Exit(code)
 
 
@@ -329,12 +334,9 @@ def main() -> None:
         if _is_click(error, "NoArgsIsHelpError"):  # a command alone: its help
             error.show()
             sys.exit(error.exit_code)
-        message = " ".join(error.format_message().replace("Value error, ", "").split())
+        message = error.format_message().replace("Value error, ", "")
         command = getattr(getattr(error, "ctx", None), "command_path", "vit-extract")
-        err.print(f"[bold red]error:[/] {escape(message)} (see {escape(command)} --help)")
-        if "--json" in args:
-            out.print_json(json.dumps({"error": message, "exit_code": error.exit_code}))
-        sys.exit(error.exit_code)
+        sys.exit(_report(message, error.exit_code, "--json" in args, hint=f" (see {command} --help)").exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

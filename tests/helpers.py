@@ -26,18 +26,27 @@ def qwen3vl_processor(min_pixels=65536, max_pixels=16777216):
 
 def save_tiny_qwen3vl(folder: Path):
     """A tiny random Qwen3-VL saved as a real checkpoint (sharded, with an index file) → its vision tower."""
-    import torch
     import transformers
 
-    torch.manual_seed(0)
     config = transformers.Qwen3VLConfig(vision_config=QWEN3VL_VISION, text_config=QWEN3VL_TEXT)
-    model = transformers.Qwen3VLForConditionalGeneration(config).eval()
-    with torch.no_grad():  # visible biases and norms, so every parameter matters
+    return _save_tiny(transformers.Qwen3VLForConditionalGeneration, config, 0, folder,
+                      qwen3vl_processor(max_pixels=200_000))
+
+
+def _save_tiny(model_class, config, seed: int, folder: Path, processor):
+    """A random model of ``config`` with visible biases and norms (so every vision parameter
+    matters), saved sharded with an index beside ``processor`` → its vision tower."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
         for p in model.model.visual.parameters():
             p.add_(torch.randn(p.shape) * 0.02)
     model.save_pretrained(folder, max_shard_size="200KB")
-    qwen3vl_processor(max_pixels=200_000).save_pretrained(folder)
+    processor.save_pretrained(folder)
     return model.model.visual
+
 
 QWEN2VL_VISION = dict(depth=3, embed_dim=64, hidden_size=48, num_heads=4, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
@@ -49,22 +58,16 @@ QWEN25VL_VISION = dict(depth=3, hidden_size=64, out_hidden_size=48, intermediate
 def save_tiny_qwen2vl(folder: Path, version: str = "2"):
     """A tiny random Qwen2-VL (version "2") or Qwen2.5-VL ("2.5") checkpoint, sharded, with the processor
     (Qwen2-VL's values: patch 14, and the class's CLIP mean and std) → its vision tower."""
-    import torch
     import transformers
 
-    torch.manual_seed(1)
     if version == "2":
         config = transformers.Qwen2VLConfig(vision_config=QWEN2VL_VISION, text_config=QWEN3VL_TEXT)
-        model = transformers.Qwen2VLForConditionalGeneration(config).eval()
+        model_class = transformers.Qwen2VLForConditionalGeneration
     else:
         config = transformers.Qwen2_5_VLConfig(vision_config=QWEN25VL_VISION, text_config=QWEN3VL_TEXT)
-        model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
-    with torch.no_grad():  # visible biases and norms, so every parameter matters
-        for p in model.model.visual.parameters():
-            p.add_(torch.randn(p.shape) * 0.02)
-    model.save_pretrained(folder, max_shard_size="200KB")
-    transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 150_000}).save_pretrained(folder)
-    return model.model.visual
+        model_class = transformers.Qwen2_5_VLForConditionalGeneration
+    processor = transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 150_000})
+    return _save_tiny(model_class, config, 1, folder, processor)
 
 
 def resave_single_file(folder: Path, target: Path) -> Path:

@@ -43,7 +43,7 @@ class BatchRunner:
 
     When a batch does not fit in device memory it is split in halves (recursively) and the size
     that fitted is used from then on; one image that does not fit is a clear error. A compiled
-    encoder (built.compilable and compile=True) is traced on the first batch for that batch size
+    encoder (a family that is compilable, run with --compile) is traced on the first batch for that batch size
     only; a later, smaller batch is padded to it with blank images rather than compiled again.
     """
 

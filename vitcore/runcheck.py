@@ -68,7 +68,7 @@ def find_inputs(paths, inputs: InputOptions, out: OutputOptions, stdin) -> tuple
             found = dataclasses.replace(found, unlisted=[])
     if not found.sources and not out.resume and shard is None and found.unlisted:
         first = found.unlisted[0]
-        raise UsageError(f"no images found: {os.path.join(found.roots[first.root_index], first.key)} {first.reason[first.reason.find('cannot'):]}")
+        raise UsageError(f"no images found: {os.path.join(found.roots[first.root_index], first.key)}: {first.reason}")
     if not found.sources and not out.resume and shard is None:  # a shard may be empty (N > inputs)
         raise UsageError(
             f"no images found in {', '.join(found.roots) or 'the inputs'} "

@@ -56,14 +56,22 @@ def for_run(model, weights: str | None):
     return get(DEFAULT_FAMILY)
 
 
-def _checkpoint_kind(folder: str) -> str:
-    """What a folder's config.json says it is, in a few words."""
+def checkpoint_config(folder) -> dict | None:
+    """A checkpoint folder's config.json as a dict, or None when there is none to read."""
     try:
         with open(os.path.join(folder, "config.json")) as handle:
-            model_type = json.load(handle).get("model_type")
-    except (OSError, ValueError, AttributeError):
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _checkpoint_kind(folder: str) -> str:
+    """What a folder's config.json says it is, in a few words."""
+    config = checkpoint_config(folder)
+    if config is None:
         return "no readable config.json"
-    return f"config.json model_type {model_type!r}; families here: {', '.join(REGISTRY)}"
+    return f"config.json model_type {config.get('model_type')!r}; families here: {', '.join(REGISTRY)}"
 
 
 def for_record(encoder: dict | str):

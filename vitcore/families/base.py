@@ -88,7 +88,6 @@ class BuiltEncoder:
     outputs: tuple[ArraySpec, ...]  # unpooled, "tokens" first
     projector: str = "null"  # JSON: {"dim": P} or null
     grid_thw: bool = False  # store each image's patch grid (t, h, w)
-    compilable: bool = False  # encode() takes fixed-shape batches that torch.compile can specialise on
     # Main process, before encode(): finishes a batch the workers left partly undone (GPU JPEG decode).
     finish_batch: Callable | None = None
     notes: list[str] = field(default_factory=list)  # how the build departed from what was asked

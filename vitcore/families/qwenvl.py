@@ -13,6 +13,7 @@ import json
 import os
 
 from vitcore.errors import UsageError, VitExtractError
+from vitcore.families import checkpoint_config
 
 PROCESSOR_FIELDS = ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size", "mean", "std",
                     "rescale_factor")  # what a checkpoint's processor config decides, recorded in the file
@@ -24,12 +25,7 @@ def _plain(value):
 
 def checkpoint_model_type(folder) -> str | None:
     """config.json's model_type of a folder, or None."""
-    try:
-        with open(os.path.join(folder, "config.json")) as handle:
-            config = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    return config.get("model_type") if isinstance(config, dict) else None
+    return (checkpoint_config(folder) or {}).get("model_type")
 
 
 class QwenVLFamily:

@@ -67,7 +67,7 @@ class SeedFamily:
             encoder_record=json.dumps({**json.loads(cfg.to_json()), "family": self.name}, sort_keys=True),
             preprocessing=prep.to_json(), weights=info, outputs=outputs,
             projector=json.dumps({"dim": cfg.project_dim}) if cfg.project_dim else "null",
-            compilable=True, finish_batch=finish_batch, notes=notes, default_batch_size=default_batch_size,
+            finish_batch=finish_batch, notes=notes, default_batch_size=default_batch_size,
         )
 
     def rebuild(self, settings: dict, file: str):

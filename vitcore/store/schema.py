@@ -88,6 +88,7 @@ class Attribute:
     key: Callable[[Any], Any] = lambda text: text  # what is compared
     default: Any = None  # for files made before the attribute existed
     merge: str = "own"  # first: the first shard's, joined: devices of the shards with rows, own: merge's
+    required: bool = False  # a file without it is not a complete vit-extract output (resume refuses it)
 
 
 def _encoder_key(text: str) -> str:
@@ -119,36 +120,39 @@ def weights_identity(text_or_record) -> str:
 
 
 ATTRIBUTES = (
-    Attribute("schema_version", "state"),
+    Attribute("schema_version", "state", required=True),
     Attribute("vit_extract_version", "setting", lambda s: s.version, merge="first"),
     Attribute("created", "state"),
     Attribute("run_id", "state"),  # a merged file checks that its shards are still these files
-    Attribute("encoder", "setting", lambda s: s.encoder, json=True, compare="encoder", key=_encoder_key, merge="first"),
+    Attribute("encoder", "setting", lambda s: s.encoder, json=True, compare="encoder", key=_encoder_key, merge="first",
+              required=True),
     Attribute("weights", "setting", lambda s: s.weights, json=True, compare="weights", key=weights_identity,
-              merge="first"),
+              merge="first", required=True),
     Attribute("preprocessing", "setting", lambda s: s.preprocessing, json=True, compare="preprocessing",
-              key=_preprocessing_key, merge="first"),
-    Attribute("pooling", "setting", lambda s: s.pooling, compare="pooling", merge="first"),
-    Attribute("projector", "setting", lambda s: s.projector, json=True, compare="projector", merge="first"),
-    Attribute("compute_dtype", "setting", lambda s: s.compute_dtype, compare="compute dtype", merge="first"),
+              key=_preprocessing_key, merge="first", required=True),
+    Attribute("pooling", "setting", lambda s: s.pooling, compare="pooling", merge="first", required=True),
+    Attribute("projector", "setting", lambda s: s.projector, json=True, compare="projector", merge="first",
+              required=True),
+    Attribute("compute_dtype", "setting", lambda s: s.compute_dtype, compare="compute dtype", merge="first",
+              required=True),
     Attribute("device", "setting", lambda s: s.device, merge="joined"),  # every device that made rows
-    Attribute("out_dtype", "setting", lambda s: s.out_dtype, compare="output dtype", merge="first"),
-    Attribute("layers", "setting", lambda s: json.dumps(s.layers), json=True, compare="--layer list", merge="first"),
+    Attribute("out_dtype", "setting", lambda s: s.out_dtype, compare="output dtype", merge="first", required=True),
+    Attribute("layers", "setting", lambda s: json.dumps(s.layers), json=True, compare="--layer list", merge="first",
+              required=True),
     Attribute("features", "setting", lambda s: json.dumps(s.features), json=True, compare="--features list",
               default="[]", merge="first"),
     Attribute("ragged", "setting", lambda s: s.ragged, default=False, merge="first"),
     Attribute("shard", "setting", lambda s: s.shard, json=True, compare="input list or shard range", default="null"),
-    Attribute("roots", "state", json=True),
-    Attribute("committed", "state"),
-    Attribute("failed_committed", "state"),
+    Attribute("roots", "state", json=True, required=True),
+    Attribute("committed", "state", required=True),
+    Attribute("failed_committed", "state", required=True),
     Attribute("complete", "state"),
     Attribute("merged", "merged"),  # "virtual" or "copy"
     Attribute("shards", "merged", json=True),
     Attribute("inputs_sha256", "merged"),
 )
 BY_NAME = {a.name: a for a in ATTRIBUTES}
-REQUIRED = ("schema_version", "committed", "failed_committed", "roots", "encoder", "weights", "preprocessing",
-            "pooling", "projector", "compute_dtype", "out_dtype", "layers")
+REQUIRED = tuple(a.name for a in ATTRIBUTES if a.required)
 
 
 def compared() -> list[Attribute]:
@@ -275,17 +279,9 @@ class Rows:
         return self.arrays["tokens"]
 
     def nonfinite_rows(self) -> int:
-        """Images whose tokens hold inf or NaN. Call on host rows."""
-        if self.nonfinite is not None:
-            return int(self.nonfinite)
-        tokens = self.arrays.get("tokens")
-        if tokens is None or not len(tokens):
-            return 0
-        if "tokens" not in self.counts:
-            return int((~np.isfinite(tokens.reshape(len(tokens), -1))).any(axis=1).sum())
-        bad = (~np.isfinite(tokens)).any(axis=1)
-        starts = np.concatenate([[0], np.cumsum(self.counts["tokens"])[:-1]]).astype(np.int64)
-        return int(sum(bad[s:s + c].any() for s, c in zip(starts, self.counts["tokens"])))
+        """Images whose tokens hold inf or NaN, as counted where the rows were made (batching.py).
+        Call on host rows."""
+        return int(self.nonfinite) if self.nonfinite is not None else 0
 
     def to_host(self) -> "Rows":
         """The same rows with every array in host memory (the encoder may hand over device tensors)."""
