@@ -73,7 +73,7 @@ def test_the_family_answers_its_interface_and_is_found_by_its_options(family_run
     name, options, *_ = family_run
     family = families.get(name)
     assert family.name == name and family.summary and isinstance(family.compilable, bool)
-    for method in ("claims", "check", "build", "rebuild", "describe", "token_grid"):
+    for method in ("claims", "check", "record", "build", "rebuild", "describe", "token_grid"):
         assert callable(getattr(family, method))
     assert families.for_run(options.get("model"), options.get("weights")) is family
     assert families.for_run(name, options.get("weights")) is family
@@ -142,3 +142,40 @@ def test_a_new_image_is_encoded_as_the_file_was(family_run, tmp_path):
         assert summary["encoder"] and summary["preprocessing"]
         rows, cols = f.token_grid("chelsea.jpg")
         assert rows * cols == len(f["chelsea.jpg"])
+
+
+def test_what_the_record_says_is_what_the_build_does(family_run):
+    """A resume that finds nothing left to do trusts the record alone: it must be what a build records."""
+    name, options, *_ = family_run
+    family = families.get(name)
+    from vitcore.options import ExtractOptions
+
+    encoder_opts = ExtractOptions(**{k: v for k, v in options.items()}).parts()[0]
+    record = family.record(encoder_opts, torch.device("cpu"))
+    built = family.build(encoder_opts, torch.device("cpu"), torch.float32)
+    for field in ("name", "encoder_record", "preprocessing", "weights", "outputs", "projector", "grid_thw"):
+        assert getattr(built, field) == getattr(record, field), field
+    assert built.weights.sha256 or built.weights.untrained
+
+
+def test_a_resume_with_nothing_left_builds_nothing_for_every_family(family_run, tmp_path, monkeypatch):
+    name, options, _, _, folder = family_run
+    out = tmp_path / "out.h5"
+    first = vitcore.extract([folder], out, **options)
+    family = families.get(name)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the encoder was built for a resume with nothing to do")
+
+    import h5py
+
+    with h5py.File(out, "a") as h5:  # as a run killed after its last commit leaves it
+        h5.attrs["complete"] = False
+    monkeypatch.setattr(type(family), "build", no_build)
+    again = vitcore.extract([folder], out, resume=True, **options)
+    assert (again.written, again.skipped, again.rows, again.complete) == (0, 4, first.rows, True)
+    with h5py.File(out, "r") as h5:
+        assert bool(h5.attrs["complete"])
+    assert again.encoder == first.encoder and again.weights == first.weights
+    with pytest.raises(VitExtractError, match="cannot resume .* differs"):  # still compared, still unbuilt
+        vitcore.extract([folder], out, resume=True, **{**options, "pool": "mean"})

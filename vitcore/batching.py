@@ -19,15 +19,15 @@ import torch
 from vitcore import __version__
 from vitcore.device import dtype_name, is_out_of_memory
 from vitcore.errors import VitExtractError
-from vitcore.families.base import ArraySpec, BuiltEncoder, Encoded
+from vitcore.families.base import ArraySpec, BuiltEncoder, Encoded, RunRecord
 from vitcore.loader import Batch, batch_rows
 from vitcore.model import pool_tokens
 from vitcore.store import Rows, StoreSettings
 
 
-def store_settings(built: BuiltEncoder, pool: str, out_dtype: str, device: torch.device, dtype: torch.dtype,
+def store_settings(built: RunRecord | BuiltEncoder, pool: str, out_dtype: str, device: torch.device, dtype: torch.dtype,
                    shard: str = "null") -> StoreSettings:
-    """What the file records for a run of ``built``: its records, and each output as stored
+    """What the file records for a run of ``built`` (or of its RunRecord, before it is built): its records, and each output as stored
     (pooled outputs are one (W,) vector per image)."""
     arrays = tuple(spec if pool == "none" else ArraySpec(spec.name, (spec.width,)) for spec in built.outputs)
     return StoreSettings(

@@ -5,8 +5,9 @@ One direction, no back-and-forth, in named steps (each a function below):
     check_run          (runcheck.py, torch-free) the options, the family that takes --model /
                        --weights and its option checks, the output, the inputs (and this run's shard)
     Output             check and lock the output (store/output.py)
-    family.build       the encoder: device side, worker side, what the file records
-    plan_resume        what a resumed file already holds: the inputs left to do
+    family.record      what the file will record, from the options and checkpoint files (nothing built)
+    plan_resume        what a resumed file already holds (refusing other settings): the inputs left to do
+    family.build       the encoder, device side and worker side; only when inputs are left to do
     make_loader        DataLoader workers decode (batch size and worker count chosen here)
     run_batches        the loop: batches → BatchRunner (batching.py) → writer thread; Ctrl-C safe
     ExtractResult      what happened, for the summary and --json
@@ -167,20 +168,24 @@ def extract(
     device = resolve_device(compute.device)
     dtype = resolve_dtype(compute.dtype, device)
     with Output(output, out_opts.resume, out_opts.overwrite) as out:  # one run per output
-        built = family.build(encoder_opts, device, dtype, compile=compute.compile)
-        settings = store_settings(built, out_opts.pool, out_opts.out_dtype, device, dtype,
+        record = family.record(encoder_opts, device)  # what the file records: nothing built yet
+        settings = store_settings(record, out_opts.pool, out_opts.out_dtype, device, dtype,
                                   shard.to_json() if shard is not None else "null")
         plan = plan_resume(out, found, settings, out_opts.retry_failed)
-        batch_size, workers = choose_batching(compute, built, len(plan.sources))
-        loader = make_loader(plan.sources, built.loader, batch_size, workers, pin_memory=device.type == "cuda",
-                             worker_init_fn=init_worker)
-        runner = BatchRunner(built, settings, device, compiled=compute.compile)
+        if plan.sources:
+            built = family.build(encoder_opts, device, dtype, compile=compute.compile, record=record)
+            batch_size, workers = choose_batching(compute, built, len(plan.sources))
+            loader = make_loader(plan.sources, built.loader, batch_size, workers, pin_memory=device.type == "cuda",
+                                 worker_init_fn=init_worker)
+            runner = BatchRunner(built, settings, device, compiled=compute.compile)
+        else:  # a resume with nothing left to do: no encoder is built and no worker started
+            built, loader, runner = None, None, None
         out.prepare(settings, plan.roots, plan.keep_failures)  # before the workers fork
         ran = run_batches(out, loader, plan, runner, progress, stop or StopFlag())
-    notes = list(built.notes)
-    if built.finish_batch is not None:
+    notes = list(record.notes) if built is None else list(built.notes)
+    if built is not None and built.finish_batch is not None:
         notes += built.finish_batch.notes()
-    if runner.compile_seconds:
+    if runner is not None and runner.compile_seconds:
         ran.timings["compile"] = runner.compile_seconds  # part of "compute"
     return ExtractResult(
         output=output,
@@ -194,15 +199,15 @@ def extract(
         device=str(device),
         compute_dtype=dtype_name(dtype),
         out_dtype=out_opts.out_dtype,
-        encoder=built.name,
+        encoder=record.name,
         token_shape=(-1, *settings.token_shape) if settings.ragged else settings.token_shape,
-        weights=built.weights.describe(),
-        untrained=built.weights.untrained,
+        weights=record.weights.describe(),
+        untrained=record.weights.untrained,
         complete=ran.complete,
         duplicates_dropped=found.skipped_duplicates,
         failed_earlier=plan.failed_earlier,
         timings=ran.timings,
-        warnings=notes + runner.warnings + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype),
+        warnings=notes + (runner.warnings if runner else []) + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype),
     )
 
 

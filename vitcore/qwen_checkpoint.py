@@ -73,16 +73,10 @@ def _header(handle, path: str) -> tuple[dict, int]:
     return header, 8 + length
 
 
-def read_vision_tensors(folder: str) -> tuple[dict[str, object], str]:
-    """The vision tower's tensors (names without their prefix), read by byte range from each shard
-    that holds them, and a sha256 over their names and bytes: the weights' identity, without
-    hashing the language model. Names are hashed as model.visual.*, so the same weights saved under
-    either prefix have the same identity."""
-    import torch
-
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    tensors: dict[str, torch.Tensor] = {}
-    raw_by_name: dict[str, bytearray] = {}  # hashed below, before anything can change the tensors
+def _vision_bytes(folder: str):
+    """(name as hashed: model.visual.*, its safetensors entry, its bytes) for each vision tensor,
+    read by byte range from each shard that holds it."""
+    seen = set()
     for shard, names in _shards(folder).items():
         path = os.path.join(folder, shard)
         if not os.path.isfile(path):
@@ -96,24 +90,49 @@ def read_vision_tensors(folder: str) -> tuple[dict[str, object], str]:
                     raise WeightsError(f"{path} lacks tensor {name}, which model.safetensors.index.json puts there")
                 start, stop = entry["data_offsets"]
                 handle.seek(base + start)
-                raw = bytearray(stop - start)  # the tensor below shares it: read once, no copies
+                raw = bytearray(stop - start)  # a tensor made from it shares it: read once, no copies
                 if handle.readinto(raw) != len(raw):
                     raise WeightsError(f"{path} is truncated: tensor {name} ends past the end of the file")
-                dtype = dtypes.get(entry["dtype"])
-                if dtype is None:
-                    raise WeightsError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
                 short = _strip(name)
-                if short in tensors:
+                if short in seen:
                     raise WeightsError(f"{folder} holds the vision tensor {short} under both prefixes")
-                raw_by_name[VISION_PREFIXES[0] + short] = raw
-                tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-                tensors[short] = tensor.reshape(entry["shape"])
-    if not tensors:
+                seen.add(short)
+                yield path, VISION_PREFIXES[0] + short, entry, raw
+    if not seen:
         raise WeightsError(f"{folder} holds no vision tensors ({' or '.join(p + '*' for p in VISION_PREFIXES)})")
+
+
+def _digest(raw_by_name: dict) -> str:
+    """The weights' identity: a sha256 over the vision tensors' names and bytes, in name order."""
     digest = hashlib.sha256()
     for name in sorted(raw_by_name):
         digest.update(name.encode() + b"\0" + raw_by_name[name])
-    return tensors, digest.hexdigest()
+    return digest.hexdigest()
+
+
+def vision_weights_sha256(folder: str) -> str:
+    """The vision weights' identity (as read_vision_tensors gives it) without making tensors: what a
+    resume compares before deciding whether the tower must be built at all."""
+    return _digest({name: raw for _, name, _, raw in _vision_bytes(folder)})
+
+
+def read_vision_tensors(folder: str) -> tuple[dict[str, object], str]:
+    """The vision tower's tensors (names without their prefix) and their identity (vision_weights_sha256):
+    the language model's tensors are never read nor hashed. Names are hashed as model.visual.*, so the
+    same weights saved under either prefix have the same identity."""
+    import torch
+
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    tensors: dict[str, torch.Tensor] = {}
+    raw_by_name: dict[str, bytearray] = {}  # hashed below, before anything can change the tensors
+    for path, name, entry, raw in _vision_bytes(folder):
+        dtype = dtypes.get(entry["dtype"])
+        if dtype is None:
+            raise WeightsError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        raw_by_name[name] = raw
+        tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        tensors[_strip(name)] = tensor.reshape(entry["shape"])
+    return tensors, _digest(raw_by_name)
 
 
 def _strip(name: str) -> str:

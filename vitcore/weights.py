@@ -183,6 +183,24 @@ def _architecture(cfg: EncoderConfig) -> tuple:
     return (cfg.dim, cfg.depth, cfg.heads, cfg.patch, cfg.image_size, cfg.mlp_ratio)
 
 
+def weights_info(weights: str | os.PathLike | None, seed: int = 0) -> WeightsInfo:
+    """What the file records of the weights: the seed, or the weights file's path and content hash."""
+    if weights is None:
+        return WeightsInfo(source="untrained", seed=seed)
+    return WeightsInfo(source="file", path=str(Path(weights).resolve()), sha256=file_sha256(weights))
+
+
+def encoder_for(cfg: EncoderConfig, weights: str | os.PathLike | None, seed: int = 0,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VisionEncoder:
+    """An eval-mode encoder of ``cfg`` (resolve_config) on ``device``: seeded, or loaded strictly."""
+    if weights is None:
+        encoder = seeded_encoder(cfg, seed)
+    else:
+        encoder = _empty_encoder(cfg)
+        load_weights(encoder, weights)
+    return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
 def build_encoder(
     model: str | EncoderConfig | None = None,
     weights: str | os.PathLike | None = None,
@@ -200,11 +218,4 @@ def build_encoder(
     if seed < 0:
         raise UsageError(f"--seed must be non-negative, got {seed}")
     cfg = resolve_config(model, weights, project_dim)
-    if weights is None:
-        encoder = seeded_encoder(cfg, seed)
-        info = WeightsInfo(source="untrained", seed=seed)
-    else:
-        encoder = _empty_encoder(cfg)
-        load_weights(encoder, weights)
-        info = WeightsInfo(source="file", path=str(Path(weights).resolve()), sha256=file_sha256(weights))
-    return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False), info
+    return encoder_for(cfg, weights, seed, device, dtype), weights_info(weights, seed)

@@ -4,8 +4,11 @@ A family (one module under vitcore/families/, one line in the registry) answers:
 
     claims(model, weights)        does this run's --model / --weights belong to me?
     check(opts)                   refuse options I do not take (one-line UsageError)
-    build(opts, device, dtype, compile) → BuiltEncoder: device side, worker side, what the file
-                                  records, the default batch size on that device
+    record(opts, device)          → RunRecord: what the file will record, without building anything
+                                  (a --resume with nothing left to do stops after comparing it)
+    build(opts, device, dtype, compile, record) → BuiltEncoder: device side, worker side, what the
+                                  file records (``record``, made again when not given), the default
+                                  batch size on that device
     rebuild(settings, file)       → EncoderOptions that build the encoder a file records (`similar`)
     describe(settings)            → (encoder line, preprocessing line) for `vit-extract info`
     token_grid(encoder, grid_thw) → (rows, cols) the stored tokens of one image lie on
@@ -16,7 +19,7 @@ Family modules import torch only inside build() and rebuild(), so readers stay t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 
@@ -72,6 +75,22 @@ class Encoded:
 
 
 @dataclass
+class RunRecord:
+    """What a run of a family records in the file (store_settings reads these), known from the
+    options and the checkpoint's files alone: no module is built and no tensor made."""
+
+    name: str  # what the summary calls the encoder ("base", "custom", …)
+    encoder_record: str  # JSON, with "family"
+    preprocessing: str  # JSON, as this device will really do it
+    weights: Any  # weights.WeightsInfo
+    outputs: tuple[ArraySpec, ...]  # unpooled, "tokens" first
+    projector: str = "null"  # JSON: {"dim": P} or null
+    grid_thw: bool = False  # store each image's patch grid (t, h, w)
+    notes: list[str] = field(default_factory=list)  # how the run departs from what was asked
+    parts: dict = field(default_factory=dict, repr=False)  # the family's own values, for its build()
+
+
+@dataclass
 class BuiltEncoder:
     """What a family builds for one run."""
 
@@ -92,3 +111,10 @@ class BuiltEncoder:
     finish_batch: Callable | None = None
     notes: list[str] = field(default_factory=list)  # how the build departed from what was asked
     default_batch_size: Callable[[], int] = lambda: 8  # --batch-size auto on this device
+
+    @classmethod
+    def of(cls, record: RunRecord, **device_side) -> "BuiltEncoder":
+        """``record``'s fields, and the device and worker sides; notes from both."""
+        made = {f.name: getattr(record, f.name) for f in fields(record) if f.name != "parts"}
+        made["notes"] = list(record.notes) + list(device_side.pop("notes", []))
+        return cls(**made, **device_side)

@@ -70,19 +70,17 @@ class QwenVLFamily:
         if unknown:
             raise UsageError(f"--features {','.join(unknown)}: {name} offers {', '.join(self.features)}")
 
-    def build(self, opts, device, dtype, compile: bool = False):
+    def record(self, opts, device):
+        """From the checkpoint's JSON files and a hash of its vision tensors' bytes (no tower is built)."""
         import dataclasses
 
-        import torch
-
-        from vitcore.families.base import ArraySpec, BuiltEncoder, Encoded
-        from vitcore.qwen_layers import choose_attention
-        from vitcore.qwen_preprocess import QwenVLImageLoader, patchify_torch
+        from vitcore.families.base import ArraySpec, RunRecord
+        from vitcore.qwen_checkpoint import read_tower_config, vision_weights_sha256
+        from vitcore.qwen_preprocess import QwenVLPreprocess
         from vitcore.weights import WeightsInfo
 
-        encoder, prep = self._tower("load")(opts.weights, device=device, dtype=dtype)
-        notes = choose_attention(encoder, device, dtype)  # once, here: a fallback is reported
-        cfg = encoder.cfg
+        cfg, settings = read_tower_config(opts.weights, self._tower("config").from_hf, self.label)
+        prep = QwenVLPreprocess.from_settings(settings)
         if opts.resolution != "native":
             try:
                 side = int(opts.resolution)
@@ -91,7 +89,7 @@ class QwenVLFamily:
             if side < prep.factor or side % prep.factor:
                 raise UsageError(f"--resolution {opts.resolution}: use native or a multiple of {prep.factor}")
             prep = dataclasses.replace(prep, fixed=side)
-        loader = QwenVLImageLoader(prep, decode=opts.decode or "full")
+        decode = opts.decode or "full"
         merge = cfg.spatial_merge_size ** 2  # patches per merged token
         fixed = prep.fixed is not None
         merged_tokens = (prep.fixed // prep.patch_size) ** 2 // merge if fixed else 0
@@ -106,7 +104,30 @@ class QwenVLFamily:
             outputs.append(spec("features/last_hidden", cfg.width, per_patch=True))
         if "deepstack" in opts.features:
             outputs += [spec(f"features/deepstack_{j}", cfg.out_width) for j in range(cfg.deepstack_levels)]
-        wanted = {s.name for s in outputs}
+        recorded = dataclasses.asdict(prep)
+        recorded.pop("resample")  # recorded as its name, as files have always said "bicubic (Pillow)"
+        preprocessing = json.dumps({**recorded, "decode": decode, "resolution": opts.resolution,
+                                    "interpolation": prep.interpolation}, sort_keys=True)
+        weights = WeightsInfo(source="file", path=os.path.abspath(opts.weights),
+                              sha256=vision_weights_sha256(opts.weights))
+        return RunRecord(name=self.name, encoder_record=cfg.to_json(), preprocessing=preprocessing, weights=weights,
+                         outputs=tuple(outputs), grid_thw=True, parts={"preprocess": prep, "decode": decode})
+
+    def build(self, opts, device, dtype, compile: bool = False, record=None):
+        import torch
+
+        from vitcore.families.base import BuiltEncoder, Encoded
+        from vitcore.qwen_layers import choose_attention
+        from vitcore.qwen_preprocess import QwenVLImageLoader, patchify_torch
+
+        record = record or self.record(opts, device)
+        prep = record.parts["preprocess"]
+        encoder, _ = self._tower("load")(opts.weights, device=device, dtype=dtype)
+        if encoder.weights_sha256 != record.weights.sha256 or encoder.cfg.to_json() != record.encoder_record:
+            raise VitExtractError(f"{opts.weights} changed while the run started; run it again")
+        notes = choose_attention(encoder, device, dtype)  # once, here: a fallback is reported
+        merge = encoder.cfg.spatial_merge_size ** 2  # patches per merged token
+        wanted = {s.name for s in record.outputs}
 
         def encode(pictures):
             """uint8 pictures (H_i, W_i, 3) → one packed sequence → merged tokens per image."""
@@ -123,14 +144,8 @@ class QwenVLFamily:
                     arrays[f"features/deepstack_{j}"], sizes[f"features/deepstack_{j}"] = feature, counts
             return Encoded(arrays, sizes, grids)
 
-        record = dataclasses.asdict(prep)
-        record.pop("resample")  # recorded as its name, as files have always said "bicubic (Pillow)"
-        preprocessing = json.dumps({**record, "decode": loader.decode, "resolution": opts.resolution,
-                                    "interpolation": prep.interpolation}, sort_keys=True)
-        return BuiltEncoder(
-            name=self.name, encode=encode, loader=loader, encoder_record=cfg.to_json(), preprocessing=preprocessing,
-            weights=WeightsInfo(source="file", path=os.path.abspath(opts.weights), sha256=encoder.weights_sha256),
-            outputs=tuple(outputs), grid_thw=True, notes=notes,
+        return BuiltEncoder.of(
+            record, encode=encode, loader=QwenVLImageLoader(prep, decode=record.parts["decode"]), notes=notes,
             # native-resolution images vary widely in size
             default_batch_size=lambda: 4 if device.type == "cpu" else 32,
         )

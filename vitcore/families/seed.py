@@ -28,27 +28,46 @@ class SeedFamily:
             raise UsageError("--resolution is not taken by the seed encoders: their input size is part of "
                              "the model (image_size in a custom spec); see --resize")
 
-    def build(self, opts, device, dtype, compile: bool = False):
+    def record(self, opts, device):
+        """The config from --model / --weights (a weights file is read for its config and hashed,
+        not loaded), the layers asked for, and the decode this device will really do."""
+        from vitcore import gpu_decode
+        from vitcore.families.base import ArraySpec, RunRecord
+        from vitcore.preprocess import PreprocessConfig
+        from vitcore.weights import resolve_config, weights_info
+
+        if opts.seed < 0:
+            raise UsageError(f"--seed must be non-negative, got {opts.seed}")
+        cfg = resolve_config(opts.model, opts.weights, opts.project_dim)
+        layers = _distinct_layers(opts.layers, cfg.depth)
+        prep = PreprocessConfig(image_size=cfg.image_size, resize=opts.resize, decode=opts.decode or "draft")
+        notes = []
+        if prep.decode == "gpu":
+            reason = gpu_decode.unavailable_reason(device)
+            if reason is not None:  # the file records the decode actually used
+                notes.append(f"--decode gpu {reason}: JPEGs were decoded on the CPU (draft) instead")
+                prep = PreprocessConfig(image_size=prep.image_size, resize=prep.resize, decode="draft")
+        outputs = (ArraySpec("tokens", (cfg.num_tokens, cfg.out_dim)),
+                   *(ArraySpec(f"layers/{k}", (cfg.num_tokens, cfg.dim)) for k in layers))
+        return RunRecord(
+            name=cfg.name, encoder_record=json.dumps({**json.loads(cfg.to_json()), "family": self.name}, sort_keys=True),
+            preprocessing=prep.to_json(), weights=weights_info(opts.weights, opts.seed), outputs=outputs,
+            projector=json.dumps({"dim": cfg.project_dim}) if cfg.project_dim else "null", notes=notes,
+            parts={"config": cfg, "layers": layers, "preprocess": prep},
+        )
+
+    def build(self, opts, device, dtype, compile: bool = False, record=None):
         import torch
 
         from vitcore import gpu_decode
-        from vitcore.families.base import ArraySpec, BuiltEncoder, Encoded
-        from vitcore.preprocess import ImageLoader, PreprocessConfig, normalize_on_device
-        from vitcore.weights import build_encoder
+        from vitcore.families.base import BuiltEncoder, Encoded
+        from vitcore.preprocess import ImageLoader, normalize_on_device
+        from vitcore.weights import encoder_for
 
-        encoder, info = build_encoder(opts.model, opts.weights, seed=opts.seed, project_dim=opts.project_dim,
-                                      device=device, dtype=dtype)
-        cfg = encoder.cfg
-        layers = _distinct_layers(opts.layers, cfg.depth)
-        prep = PreprocessConfig(image_size=cfg.image_size, resize=opts.resize, decode=opts.decode or "draft")
-        notes, finish_batch = [], None
-        if prep.decode == "gpu":
-            reason = gpu_decode.unavailable_reason(device)
-            if reason is None:
-                finish_batch = gpu_decode.GpuJpegDecoder(prep, device)
-            else:  # the file records the decode actually used
-                notes.append(f"--decode gpu {reason}: JPEGs were decoded on the CPU (draft) instead")
-                prep = PreprocessConfig(image_size=prep.image_size, resize=prep.resize, decode="draft")
+        record = record or self.record(opts, device)
+        cfg, layers, prep = (record.parts[k] for k in ("config", "layers", "preprocess"))
+        encoder = encoder_for(cfg, opts.weights, opts.seed, device, dtype)
+        finish_batch = gpu_decode.GpuJpegDecoder(prep, device) if prep.decode == "gpu" else None
         # torch.compile traces on the first call, for that batch size only (dynamic=False).
         forward = torch.compile(encoder.forward_features, dynamic=False) if compile else encoder.forward_features
 
@@ -60,15 +79,8 @@ class SeedFamily:
         def default_batch_size() -> int:
             return auto_batch_size(cfg, device, dtype)
 
-        outputs = (ArraySpec("tokens", (cfg.num_tokens, cfg.out_dim)),
-                   *(ArraySpec(f"layers/{k}", (cfg.num_tokens, cfg.dim)) for k in layers))
-        return BuiltEncoder(
-            name=cfg.name, encode=encode, loader=ImageLoader(prep),
-            encoder_record=json.dumps({**json.loads(cfg.to_json()), "family": self.name}, sort_keys=True),
-            preprocessing=prep.to_json(), weights=info, outputs=outputs,
-            projector=json.dumps({"dim": cfg.project_dim}) if cfg.project_dim else "null",
-            finish_batch=finish_batch, notes=notes, default_batch_size=default_batch_size,
-        )
+        return BuiltEncoder.of(record, encode=encode, loader=ImageLoader(prep), finish_batch=finish_batch,
+                               default_batch_size=default_batch_size)
 
     def rebuild(self, settings: dict, file: str):
         """Options that build the encoder ``settings`` (a file's attributes) record."""
