@@ -81,9 +81,12 @@ def _batch_size(value: str) -> int | str:
 
 @app.command()
 def run(
-    paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files and folders (folders are searched recursively).", show_default=False)] = None,
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files, folders (searched recursively), WebDataset .tar shards and Parquet files; shard ranges like data/{00000..00099}.tar are expanded.", show_default=False)] = None,
     files_from: Annotated[Optional[str], typer.Option(help="Read paths from FILE, one per line (- for stdin).", show_default=False, rich_help_panel=INPUTS)] = None,
     ext: Annotated[Optional[str], typer.Option(help="Extensions to pick up in folders, comma-separated. Default: jpg,jpeg,png,webp,bmp,gif,tif,tiff.", show_default=False, rich_help_panel=INPUTS)] = None,
+    keep: Annotated[Optional[str], typer.Option(help="Tar shards (WebDataset samples) and loose files: also store the sample's files of these extensions (e.g. txt,json) as text datasets meta/<ext>, row-aligned.", show_default=False, rich_help_panel=INPUTS)] = None,
+    columns: Annotated[Optional[str], typer.Option(help="Parquet: also store these columns (e.g. caption,url) as text datasets meta/<column>, row-aligned.", show_default=False, rich_help_panel=INPUTS)] = None,
+    image_column: Annotated[Optional[str], typer.Option(help="Parquet: the column holding the images. Default: the first holding image bytes (a Hugging Face datasets Image, or binary).", show_default=False, rich_help_panel=INPUTS)] = None,
     decode: Annotated[Optional[Decode], typer.Option(help="draft: decode large JPEGs at a reduced scale (fast); full: exact decode; gpu: JPEGs decoded and resized on the GPU (nvJPEG through torchvision; elsewhere falls back to draft and says so). Default: draft for the seed encoders, full for the Qwen-VL families.", show_default=False, rich_help_panel=INPUTS)] = None,
     model: Annotated[Optional[str], typer.Option(help="small | base | large, a custom spec like dim=256,depth=4,heads=4, or a Qwen-VL family (qwen3-vl, qwen2.5-vl, qwen2-vl; found from --weights CHECKPOINT_DIR anyway). Default: base, or the encoder stored in --weights.", show_default=False, rich_help_panel=ENCODER)] = None,
     weights: Annotated[Optional[Path], typer.Option(help=".safetensors weights (written by init-weights or save_weights), or a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder (told by its config.json); without it a seed encoder is UNTRAINED (seeded random init).", exists=True, rich_help_panel=ENCODER)] = None,
@@ -122,7 +125,8 @@ def run(
         decode=decode.value if decode else None, resolution=resolution,
         features=tuple(f.strip() for f in (features or "").split(",") if f.strip()),
         batch_size=batch_size, workers=workers, device=device, dtype=dtype.value,
-        out_dtype=out_dtype.value, files_from=files_from, extensions=ext, resume=resume,
+        out_dtype=out_dtype.value, files_from=files_from, extensions=ext, keep=keep, columns=columns,
+        image_column=image_column, resume=resume,
         retry_failed=retry_failed, overwrite=overwrite, compile=compile,
     )
     inputs = [str(p) for p in paths or ()]

@@ -45,7 +45,8 @@ def _outcome(data: bytes):
 
 
 def _assert_row_or_record(item) -> None:
-    index, pixels, size, error = item
+    index, pixels, size, error, meta = item
+    assert meta == {}  # nothing kept beside it
     assert index == 0
     if error is None:
         assert pixels.shape == (SIZE, SIZE, 3) and pixels.dtype == np.uint8
@@ -81,5 +82,5 @@ def test_mutated_image_files(seed, flips, cut, splice):
 
 def test_the_unmutated_seeds_decode():
     for data in SEEDS:
-        _, pixels, size, error = _outcome(data)
+        _, pixels, size, error, _ = _outcome(data)
         assert error is None and size == (32, 24) and pixels.shape == (SIZE, SIZE, 3)

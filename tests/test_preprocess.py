@@ -642,7 +642,7 @@ def test_image_dataset_turns_failures_into_one_line_records(tmp_path, monkeypatc
     items = [dataset[i] for i in range(len(paths) - 1)]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # only the last one is read under the limit
     items.append(dataset[len(paths) - 1])
-    for i, (path, (index, pixels, size, error)) in enumerate(zip(paths, items)):
+    for i, (path, (index, pixels, size, error, _)) in enumerate(zip(paths, items)):
         assert index == i
         if path == good:
             assert error is None and size == (20, 20) and pixels.shape == (8, 8, 3)

@@ -192,7 +192,7 @@ def _load_record(path: str):
     from vitcore.loader import ImageDataset
     from vitcore.sources import Source
 
-    index, pixels, size, error = ImageDataset([Source(path, "k", 0)], ImageLoader(PreprocessConfig(image_size=56)))[0]
+    index, pixels, size, error, _ = ImageDataset([Source(path, "k", 0)], ImageLoader(PreprocessConfig(image_size=56)))[0]
     return (pixels is None, error)
 
 

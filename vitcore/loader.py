@@ -32,6 +32,7 @@ class Batch:
     pixels: torch.Tensor | list[torch.Tensor]  # (B, S, S, 3) uint8; a list of (H_i, W_i, 3) when sizes differ
     sizes: list[tuple[int, int]]  # original upright (width, height) per decoded image
     failures: list[Failure]
+    meta: dict[int, dict[str, str]] | None = None  # --keep / --columns: source index → name → text
     # --decode gpu: JPEGs still encoded; the main process decodes them on the device
     # (gpu_decode.GpuJpegDecoder) and merges them in.
     jpegs: "EncodedJpegs | None" = None
@@ -79,8 +80,17 @@ def batch_rows(batch: Batch, sources: list[Source], **fields):
         failed_keys=[sources[f.index].key for f in batch.failures],
         failed_root_index=[sources[f.index].root_index for f in batch.failures],
         failed_errors=[f.error for f in batch.failures],
+        meta=_meta_columns(batch),
         **fields,
     )
+
+
+def _meta_columns(batch: Batch) -> dict[str, list[str]]:
+    """name → text of each decoded image, in the order of ``batch.indices``."""
+    if not batch.meta:
+        return {}
+    names = next(iter(batch.meta.values())).keys()
+    return {name: [batch.meta[i][name] for i in batch.indices] for name in names}
 
 
 _FILE_OBJECT = re.compile(r"<_io\.Buffered\w+ name=('.*?'|\".*?\"|\d+)>")
@@ -98,33 +108,38 @@ def describe_error(err: BaseException) -> str:
 
 
 class ImageDataset(Dataset):
-    """Items are (index, pixels or None, size, error or None); holds no open files (fork-safe).
+    """Items are (index, pixels or None, size, error or None, meta); holds no open files (fork-safe).
 
     ``loader`` is a family's worker side: ``loader.load(file object)`` → (uint8 (H, W, 3) pixels,
-    or a JpegFile left for the GPU decoder; original upright (width, height)).
+    or a JpegFile left for the GPU decoder; original upright (width, height)). ``meta``: the
+    names of the text kept beside each image (a source's ``extras``), read with it.
     """
 
-    def __init__(self, sources: list[Source], loader):
+    def __init__(self, sources: list[Source], loader, meta: tuple[str, ...] = ()):
         self.sources = sources
         self.loader = loader
+        self.meta = meta
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, index: int):
+        source = self.sources[index]
         try:
-            with self.sources[index].open() as handle:
+            with source.open() as handle:
                 pixels, size = self.loader.load(handle)
-            return index, pixels, size, None
+            return index, pixels, size, None, source.extras(self.meta) if self.meta else {}
         except Exception as err:  # any failure of one image is that image's record
-            return index, None, None, describe_error(err)
+            return index, None, None, describe_error(err), {}
 
 
 def collate(items) -> Batch:
+    items = [item if len(item) == 5 else (*item, {}) for item in items]
     decoded = [item for item in items if item[3] is None]
     ok = [item for item in decoded if not isinstance(item[1], JpegFile)]  # (H, W, 3) pixels
     jpegs = [(item[0], item[1]) for item in decoded if isinstance(item[1], JpegFile)]
-    failures = [Failure(index=i, error=err) for i, _, _, err in items if err is not None]
+    failures = [Failure(index=i, error=err) for i, _, _, err, _ in items if err is not None]
+
     if ok and len({item[1].shape for item in ok}) > 1:  # native resolution: sizes differ
         pixels = [torch.from_numpy(np.require(item[1], requirements=("C", "W"))) for item in ok]
     elif ok:
@@ -136,6 +151,7 @@ def collate(items) -> Batch:
         pixels=pixels,
         sizes=[item[2] for item in ok],
         failures=failures,
+        meta={item[0]: item[4] for item in decoded if item[4]},
         jpegs=EncodedJpegs.gather(jpegs) if jpegs else None,
     )
 
@@ -145,7 +161,7 @@ def default_workers() -> int:
 
 
 def make_loader(sources: list[Source], image_loader, batch_size: int, workers: int, pin_memory: bool,
-                worker_init_fn=None) -> DataLoader:
+                worker_init_fn=None, meta: tuple[str, ...] = ()) -> DataLoader:
     """A sequential loader; worker processes start when it is first iterated.
 
     Workers are forked (fast start) and must be started before the output HDF5 file is opened
@@ -153,7 +169,7 @@ def make_loader(sources: list[Source], image_loader, batch_size: int, workers: i
     """
     context = multiprocessing.get_context("fork") if workers > 0 and os.name == "posix" else None
     return DataLoader(
-        ImageDataset(sources, image_loader),
+        ImageDataset(sources, image_loader, meta),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

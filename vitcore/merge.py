@@ -22,6 +22,7 @@ from vitcore.store import TokenFile, check_output
 from vitcore.store.reader import allow_open_files
 from vitcore.store.schema import (
     ATTRIBUTES,
+    BY_NAME,
     RAGGED_CHUNK_ROWS,
     SCHEMA_VERSION,
     STRING,
@@ -183,6 +184,9 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
         out.create_dataset("failed/errors", data=np.asarray(failed_errors, dtype=object), dtype=STRING, maxshape=(None,))
         out.create_dataset("failed/root_index", data=np.concatenate(failed_roots).astype(np.int32), maxshape=(None,))
 
+        for name in json.loads(stored_value(handles[0].attrs, BY_NAME["meta"])):  # --keep / --columns text
+            texts = [t for s, h5 in zip(shards, handles) for t in (h5[f"meta/{name}"].asstr()[: s.rows] if s.rows else [])]
+            out.create_dataset(f"meta/{name}", data=np.asarray(texts, dtype=object), dtype=STRING, maxshape=(None,))
         if "grid_thw" in handles[0]:
             grids = [h5["grid_thw"][: s.rows] for s, h5 in zip(shards, handles)]
             out.create_dataset("grid_thw", data=np.concatenate(grids).astype(np.int32).reshape(-1, 3), maxshape=(None, 3))

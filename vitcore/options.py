@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from vitcore.containers import ContainerOptions, check_meta_names, parse_names
 from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, RESIZE_MODES
 from vitcore.errors import UsageError
 from vitcore.sources import parse_extensions
@@ -45,9 +46,18 @@ class EncoderOptions:
 class InputOptions:
     files_from: str | None = None  # a file of paths, or "-" for stdin
     extensions: Any = None  # "jpg,png" or a sequence; None: the defaults
+    keep: Any = None  # "txt,json": WebDataset sidecars stored as meta/<ext>
+    columns: Any = None  # "caption,url": Parquet columns stored as meta/<column>
+    image_column: str | None = None  # Parquet: None: the first column holding image bytes
 
     def __post_init__(self) -> None:
         parse_extensions(self.extensions)  # refuses an empty list
+        check_meta_names(self.containers)
+
+    @property
+    def containers(self) -> ContainerOptions:
+        return ContainerOptions(keep=parse_names(self.keep, "--keep"), columns=parse_names(self.columns, "--columns"),
+                                image_column=self.image_column or None)
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,9 @@ class ExtractOptions:
     out_dtype: str = "float16"  # stored dtype
     files_from: str | None = None  # a file of paths, or "-" for stdin
     extensions: str | tuple[str, ...] | None = None  # None: jpg jpeg png webp bmp gif tif tiff
+    keep: str | tuple[str, ...] | None = None  # tar shards (and loose files): sidecar extensions kept as meta/<ext>
+    columns: str | tuple[str, ...] | None = None  # Parquet: columns kept as meta/<column>
+    image_column: str | None = None  # Parquet: the image column; None: the first holding image bytes
     resume: bool = False
     retry_failed: bool = False  # with resume: decode the images the file records as failed again
     overwrite: bool = False

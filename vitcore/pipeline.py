@@ -169,14 +169,15 @@ def extract(
     dtype = resolve_dtype(compute.dtype, device)
     with Output(output, out_opts.resume, out_opts.overwrite) as out:  # one run per output
         record = family.record(encoder_opts, device)  # what the file records: nothing built yet
+        meta = run.inputs.containers.meta_names  # --keep / --columns: text stored beside the tokens
         settings = store_settings(record, out_opts.pool, out_opts.out_dtype, device, dtype,
-                                  shard.to_json() if shard is not None else "null")
+                                  shard.to_json() if shard is not None else "null", meta)
         plan = plan_resume(out, found, settings, out_opts.retry_failed)
         if plan.sources:
             built = family.build(encoder_opts, device, dtype, compile=compute.compile, record=record)
             batch_size, workers = choose_batching(compute, built, len(plan.sources))
             loader = make_loader(plan.sources, built.loader, batch_size, workers, pin_memory=device.type == "cuda",
-                                 worker_init_fn=init_worker)
+                                 worker_init_fn=init_worker, meta=meta)
             runner = BatchRunner(built, settings, device, compiled=compute.compile)
         else:  # a resume with nothing left to do: no encoder is built and no worker started
             built, loader, runner = None, None, None

@@ -58,7 +58,7 @@ def choose_family(encoder: EncoderOptions, compute: ComputeOptions):
 
 def find_inputs(paths, inputs: InputOptions, out: OutputOptions, stdin) -> tuple[Discovery, ShardRecord | None]:
     """The run's inputs in their stable order, and with --shard this run's slice of them."""
-    found = discover(paths, inputs.files_from, inputs.extensions, stdin=stdin)
+    found = discover(paths, inputs.files_from, inputs.extensions, stdin=stdin, containers=inputs.containers)
     shard = None
     if out.shard is not None:
         if not found.sources:

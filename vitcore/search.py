@@ -112,9 +112,10 @@ def hits_sheet(path: str, hits: list[Hit], query: str, kind: str, columns: int =
     cells = []
     with TokenFile(path) as f:
         resize = f.settings["preprocessing"].get("resize", "squash")  # framed as the encoder saw it
-        query_picture = as_encoder_saw_it(query if kind == "image" else f.original_path(query), resize)
+        query_picture = as_encoder_saw_it(query if kind == "image" else lambda: f.open_original(query), resize)
         cells.append(([query_picture or _placeholder("query not found")], f"query: {os.path.basename(query)}"))
         for hit in hits:
-            picture = as_encoder_saw_it(f.original_path(hit.row), resize) or _placeholder("original not found")
+            picture = (as_encoder_saw_it(lambda: f.open_original(hit.row), resize)  # noqa: B023 (called at once)
+                       or _placeholder("original not found"))
             cells.append(([picture], f"{hit.rank}. {hit.key}  {hit.score:.4f}"))
     return sheet(cells, columns)

@@ -37,24 +37,43 @@ class Source:
     root_index: int  # index into Discovery.roots
 
     def open(self) -> BinaryIO:
-        """The input's bytes. A missing or unreadable file, or anything that is not a regular file
-        (a named pipe, a socket, a device), raises OSError at once: that input's failure record.
-        Opened without blocking, so a named pipe with no writer cannot stall a worker."""
-        handle = open(self.path, "rb", opener=lambda path, flags: os.open(path, flags | os.O_NONBLOCK))
-        try:
-            mode = os.fstat(handle.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise NotARegularFile(f"not a regular file but {_kind(mode)}; only regular files are decoded")
-            os.set_blocking(handle.fileno(), True)
-            return handle  # .name is the path, for the decoders' messages
-        except BaseException:
-            handle.close()
-            raise
+        """The input's bytes (open_regular): a failure here is that input's failure record."""
+        return open_regular(self.path)
 
     @property
     def identity(self) -> bytes:
         """Equal to identity_of(its root, its key): the normalised absolute path."""
         return os.path.normpath(os.path.abspath(os.fsencode(self.path)))
+
+    def extras(self, names: tuple[str, ...]) -> dict[str, str]:
+        """The text of the files beside it that share its name up to the first dot (WebDataset's
+        sample rule: ``000001.jpg`` → ``000001.txt``), for ``--keep`` extensions; "" where none."""
+        folder, base = os.path.split(self.path)
+        stem = base.partition(".")[0]
+        out = {}
+        for name in names:
+            try:
+                with open_regular(os.path.join(folder, f"{stem}.{name}")) as handle:
+                    out[name] = handle.read().decode("utf-8", "replace")
+            except OSError:
+                out[name] = ""
+        return out
+
+
+def open_regular(path: str) -> BinaryIO:
+    """A file's bytes. A missing or unreadable file, or anything that is not a regular file (a named
+    pipe, a socket, a device), raises OSError at once. Opened without blocking, so a named pipe
+    with no writer cannot stall a worker."""
+    handle = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
+    try:
+        mode = os.fstat(handle.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(f"not a regular file but {_kind(mode)}; only regular files are decoded")
+        os.set_blocking(handle.fileno(), True)
+        return handle  # .name is the path, for the decoders' messages
+    except BaseException:
+        handle.close()
+        raise
 
 
 class NotARegularFile(OSError):
@@ -150,13 +169,21 @@ def discover(
     files_from: str | os.PathLike | None = None,
     extensions: Iterable[str] | str | None = None,
     stdin: BinaryIO | None = None,
+    containers=None,
 ) -> Discovery:
-    """Every input image, in a deterministic order: roots in the order given, keys sorted within each.
+    """Every input image, in a deterministic order: roots in the order given, keys sorted within
+    each, the images inside a container file in the container's order, where its name sorts.
 
     Directories are walked recursively (symlinked directories followed once; loops are harmless)
-    and filtered by extension; files named directly are taken whatever their extension.
+    and filtered by extension; files named directly are taken whatever their extension. Tar shards
+    and Parquet files (containers.py), named or found in folders, give one input per image inside;
+    ``containers`` (containers.ContainerOptions) says which sidecars and columns travel with them.
+    A name with braces that does not exist as written is expanded (``{00000..00099}.tar``).
     """
+    from vitcore.containers import ContainerOptions, container_kind, expand_braces
+
     exts = parse_extensions(extensions)
+    options = containers or ContainerOptions()
     if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]  # one path, not a sequence of characters
     named = [(os.fspath(p), False) for p in paths]  # (path, came from a list)
@@ -172,49 +199,77 @@ def discover(
         named += [(p, True) for p in listed]
     if not named:
         raise UsageError("no inputs: give image files or folders, or --files-from FILE (- for stdin)")
+    named = [(name, listed) for given, listed in named for name in expand_braces(given)]
 
     cwd = os.getcwd()
     roots: list[str] = []
-    found: list[tuple[int, str, str]] = []  # (root index, key, path)
+    found: list[tuple[int, bytes, int, object]] = []  # (root index, key as bytes, place in its container, input)
+    unlisted: list[Unlisted] = []
 
     def root_index(root: str) -> int:
         if root not in roots:
             roots.append(root)
         return roots.index(root)
 
+    def take(index: int, key: str, path: str) -> None:
+        """One file: an image, or a container whose images are taken in its order."""
+        kind = container_kind(path)
+        if kind is None or os.path.isdir(path):
+            found.append((index, os.fsencode(key), 0, Source(path=path, key=escape_key(key), root_index=index)))
+            return
+        inside, problem = _scan_container(kind, path, key, index, exts, options)
+        found.extend((index, os.fsencode(key), place, source) for place, source in enumerate(inside))
+        if problem is not None:
+            unlisted.append(problem)
+
     seen_dirs: set[str] = set()
-    unlisted: list[Unlisted] = []
     for given, listed in named:
         if os.path.isdir(given):
             root = os.path.abspath(given)
             index = root_index(root)
             files, unreadable = _walk(root, exts, seen_dirs)
             for rel in files:
-                found.append((index, rel, os.path.join(root, rel)))
+                take(index, rel, os.path.join(root, rel))
             unlisted += [Unlisted(escape_key(os.path.join(rel, "") if rel else "./"), index, reason)
                          for rel, reason in unreadable]
         elif os.path.lexists(given) or listed:
             # Named files are taken as given; a listed one that is missing becomes a failure record.
-            found.append((root_index(cwd), given, given))
+            take(root_index(cwd), given, given)
         else:
             raise UsageError(f"input {given} does not exist")
 
-    sources: list[Source] = []
-    seen_paths: set[str] = set()
+    sources: list = []
+    seen: set[bytes] = set()
     duplicates = 0
-    for index, key, path in sorted(found, key=lambda item: (item[0], os.fsencode(item[1]))):
-        identity = os.path.normpath(os.path.abspath(path))
-        if identity in seen_paths:
+    for *_, source in sorted(found, key=lambda item: item[:3]):
+        if source.identity in seen:
             duplicates += 1
             continue
-        seen_paths.add(identity)
-        sources.append(Source(path=path, key=escape_key(key), root_index=index))
+        seen.add(source.identity)
+        sources.append(source)
     return Discovery(sources=sources, roots=roots, skipped_duplicates=duplicates, unlisted=unlisted)
+
+
+def _scan_container(kind: str, path: str, key: str, index: int, exts, options):
+    """(the images inside a container file, a record of what could not be read or None)."""
+    from vitcore.containers import scan_parquet, scan_tar
+
+    if not os.path.lexists(path):  # a listed container that is gone: the file's own failure record
+        return [Source(path=path, key=escape_key(key), root_index=index)], None
+    if kind == "compressed-tar":
+        where = escape_key(os.path.join(key, ""))
+        return [], Unlisted(where, index, "compressed tar: members cannot be read by offset; decompress it "
+                                          "first (gunzip, unxz, …) and give the .tar")
+    if kind == "tar":
+        return scan_tar(path, key, index, exts, options.keep)
+    return scan_parquet(path, key, index, options)
 
 
 def _walk(root: str, exts: tuple[str, ...], seen_dirs: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Relative paths of matching files under root, each real directory visited once; and the
     folders that could not be listed, with the reason (relative path, one line)."""
+    from vitcore.containers import container_kind
+
     out: list[str] = []
     unreadable: list[tuple[str, str]] = []
     stack = [""]
@@ -242,7 +297,7 @@ def _walk(root: str, exts: tuple[str, ...], seen_dirs: set[str]) -> tuple[list[s
                 is_dir = False
             if is_dir:
                 subfolders.append(rel)
-            elif "." in entry.name and entry.name.rpartition(".")[2].lower() in exts:
+            elif ("." in entry.name and entry.name.rpartition(".")[2].lower() in exts) or container_kind(entry.name):
                 out.append(rel)
         stack.extend(reversed(subfolders))
     return out, unreadable

@@ -59,11 +59,16 @@ def pca_maps(token_sets: list[np.ndarray], grids: list[tuple[int, int]], joint: 
 
 
 # -- pictures ----------------------------------------------------------------------------
-def as_encoder_saw_it(path: bytes | str, resize: str) -> Image.Image | None:
-    """The original picture, upright and RGB, framed as the encoder saw it (crop: the centre
-    square; pad: letterboxed); None when the file cannot be read any more."""
+def as_encoder_saw_it(path, resize: str) -> Image.Image | None:
+    """The original picture (a path, a callable opening it, or a file object), upright and RGB,
+    framed as the encoder saw it (crop: the centre square; pad: letterboxed); None when it cannot
+    be read any more."""
     try:  # decoded as a run decodes it (orientation, bit depth, alpha), without the resize
-        picture, _ = decode_rgb(os.fsdecode(path) if isinstance(path, bytes) else path, "full", lambda w, h: (w, h))
+        if callable(path):
+            with path() as handle:
+                picture, _ = decode_rgb(handle, "full", lambda w, h: (w, h))
+        else:
+            picture, _ = decode_rgb(os.fsdecode(path) if isinstance(path, bytes) else path, "full", lambda w, h: (w, h))
     except Exception:  # moved, deleted or unreadable since extraction: drawn as a placeholder
         return None
     width, height = picture.size
@@ -152,7 +157,7 @@ def token_sheet(
         resize = f.settings["preprocessing"].get("resize", "squash")
         cells = []
         for i, tokens, grid, colours in zip(rows, token_sets, grids, maps):
-            picture = as_encoder_saw_it(f.original_path(i), resize)
+            picture = as_encoder_saw_it(lambda: f.open_original(i), resize)
             if picture is None:
                 picture = _placeholder("original not found")
                 token_map = Image.fromarray(colours).resize((THUMB, THUMB), Image.Resampling.NEAREST)

@@ -183,6 +183,33 @@ class TokenFile:
         root = self.settings["roots"][int(self.h5["root_index"][i])]
         return source_path(root, self.keys[i])
 
+    def open_original(self, item: int | str):
+        """The original bytes of a row's input as a binary file object: the image file, the tar
+        member or the Parquet row it was read from. OSError when it is gone."""
+        from vitcore.containers import open_original
+
+        i = self._row(item)
+        return open_original(self.settings["roots"][int(self.h5["root_index"][i])], self.keys[i])
+
+    def source_bytes(self, item: int | str) -> bytes:
+        """The original bytes of a row's input (see open_original)."""
+        with self.open_original(item) as handle:
+            return handle.read()
+
+    @property
+    def meta_names(self) -> list[str]:
+        """The text kept beside each row (meta/<name>: --keep sidecars, --columns)."""
+        return list(self.settings.get("meta") or [])
+
+    def meta(self, name: str, item: int | str | None = None):
+        """meta/<name> of one row, or of every row (a list) when ``item`` is None."""
+        if name not in self.meta_names:
+            raise KeyError(f"{self.path} keeps no {name!r} (it keeps: {', '.join(self.meta_names) or 'nothing'})")
+        dataset = self.h5[f"meta/{name}"].asstr()
+        if item is None:
+            return list(dataset[: len(self)]) if len(self) else []
+        return dataset[self._row(item)]
+
     @property
     def settings(self) -> dict:
         """The root attributes, with JSON values decoded."""

@@ -9,6 +9,7 @@ Layout (schema_version 1; the README documents it):
                                                (a ragged one has <name>_token_offset / <name>_num_tokens)
     grid_thw      (N, 3) int32                 the patch grid (t, h, w), for families that store it
     paths         (N,)  UTF-8                  key of row i, relative to roots[root_index[i]]
+    meta/<name>   (N,)  UTF-8                  text kept beside each image (--keep, --columns; "" if none)
     root_index    (N,)  int32
     image_size    (N, 2) int32                 original upright (width, height)
     failed/paths, failed/errors  (M,) UTF-8   key (as for paths) and a one-line reason
@@ -57,6 +58,7 @@ class StoreSettings:
     grid_thw: bool = False  # store each image's patch grid (t, h, w)
     version: str = ""
     shard: str = "null"  # ShardRecord JSON for shard files (--shard, torchrun), else null
+    meta: tuple[str, ...] = ()  # text datasets meta/<name>, one string per row (--keep, --columns)
 
     @property
     def token_shape(self) -> tuple[int, ...]:
@@ -143,6 +145,8 @@ ATTRIBUTES = (
               default="[]", merge="first"),
     Attribute("ragged", "setting", lambda s: s.ragged, default=False, merge="first"),
     Attribute("shard", "setting", lambda s: s.shard, json=True, compare="input list or shard range", default="null"),
+    Attribute("meta", "setting", lambda s: json.dumps(list(s.meta)), json=True, compare="--keep / --columns list",
+              default="[]", merge="first"),
     Attribute("roots", "state", json=True, required=True),
     Attribute("committed", "state", required=True),
     Attribute("failed_committed", "state", required=True),
@@ -221,6 +225,8 @@ def lay_out(h5: h5py.File, settings: StoreSettings, roots: list[str], stamp: dic
     if settings.grid_thw:
         h5.create_dataset("grid_thw", (0, 3), np.int32, maxshape=(None, 3), chunks=(PER_ROW_CHUNK, 3))
     h5.create_dataset("paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+    for name in settings.meta:
+        h5.create_dataset(f"meta/{name}", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
     h5.create_dataset("root_index", (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
     h5.create_dataset("image_size", (0, 2), np.int32, maxshape=(None, 2), chunks=(PER_ROW_CHUNK, 2))
     h5.create_dataset("failed/paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
@@ -237,7 +243,7 @@ def create_ragged(h5: h5py.File, name: str, width: int, dtype) -> None:
 
 def row_datasets(settings: StoreSettings) -> list[str]:
     """Datasets with one row per image (truncated to ``committed`` on resume)."""
-    names = list(ROW_INFO)
+    names = list(ROW_INFO) + meta_datasets(settings.meta)
     names += [s.name for s in settings.arrays if not s.ragged]
     if settings.mean:
         names.append("mean")
@@ -247,6 +253,11 @@ def row_datasets(settings: StoreSettings) -> list[str]:
         if spec.ragged:
             names += list(ragged_index_names(spec.name))
     return names
+
+
+def meta_datasets(names) -> list[str]:
+    """The text datasets of the names a file keeps (its ``meta`` attribute)."""
+    return [f"meta/{name}" for name in names]
 
 
 def flat_datasets(settings: StoreSettings) -> list[str]:
@@ -270,6 +281,7 @@ class Rows:
     failed_keys: list[str] = field(default_factory=list)
     failed_root_index: list[int] = field(default_factory=list)
     failed_errors: list[str] = field(default_factory=list)
+    meta: dict[str, list[str]] = field(default_factory=dict)  # name → text per image (meta/<name>)
     nonfinite: object = None  # images with inf/NaN tokens, counted where they were made (int(·) reads it)
     ready: object = None  # a copy's event (.synchronize()) to wait for before reading the arrays, or None
     release: Callable[[], None] | None = None  # gives the arrays' buffers back once they are written
@@ -293,7 +305,8 @@ class Rows:
 
     def nbytes(self) -> int:
         arrays = [self.image_size, self.root_index, *self.arrays.values(), *self.counts.values()]
-        strings = sum(len(k) + 16 for k in self.keys + self.failed_keys + self.failed_errors)
+        texts = self.keys + self.failed_keys + self.failed_errors + [t for v in self.meta.values() for t in v]
+        strings = sum(len(k) + 16 for k in texts)
         return sum(a.nbytes for a in arrays) + strings
 
 

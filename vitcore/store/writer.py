@@ -151,8 +151,9 @@ class StoreWriter:
             self.datasets[name].resize(end, axis=0)
         for name in FAILED_DATASETS:
             self.datasets[name].resize(self.failed_committed, axis=0)
-        for name, rows in (("paths", self.committed), ("failed/paths", self.failed_committed),
-                           ("failed/errors", self.failed_committed)):
+        texts = [("paths", self.committed), ("failed/paths", self.failed_committed),
+                 ("failed/errors", self.failed_committed)] + [(f"meta/{m}", self.committed) for m in self.settings.meta]
+        for name, rows in texts:
             _clear_stale_strings(self.datasets[name], rows)
         if keep_failures is not None and len(keep_failures) < self.failed_committed:
             self._keep_failures(keep_failures)
@@ -253,6 +254,8 @@ class StoreWriter:
         if rows.grid_thw is not None:
             _append(ds["grid_thw"], start, rows.grid_thw)
         _append(ds["paths"], start, rows.keys)
+        for name in self.settings.meta:
+            _append(ds[f"meta/{name}"], start, rows.meta.get(name, [""] * len(rows.keys)))
         _append(ds["root_index"], start, rows.root_index)
         _append(ds["image_size"], start, rows.image_size)
         failed = self.failed_committed

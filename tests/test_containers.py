@@ -1,0 +1,307 @@
+"""Tar shards (WebDataset, as img2dataset and webdataset.TarWriter write them) and Parquet files
+(Hugging Face datasets' Image struct) as inputs: the same tokens as loose files, captions kept,
+broken members recorded, and sharding, torchrun and resume at member granularity."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+import vitcore
+import vitcore.visualize
+from tests.helpers import TINY
+from vitcore.errors import ResumeMismatchError, UsageError
+from vitcore.merge import merge
+from vitcore.pipeline import ExtractOptions
+from vitcore.shard import shard_path
+
+PROJECT = Path(__file__).resolve().parent.parent
+EXACT = ExtractOptions(model=TINY, out_dtype="float32", dtype="float32", device="cpu", workers=0, batch_size=3)
+CLI_EXACT = ["--model", TINY, "--out-dtype", "float32", "--dtype", "float32", "--device", "cpu",
+             "--workers", "0", "--batch-size", "3", "--quiet"]
+
+
+def _pictures(count: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """(extension, encoded bytes) of small pictures of several sizes, PNG and JPEG."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        h, w = int(rng.integers(20, 70)), int(rng.integers(20, 70))
+        buffer = io.BytesIO()
+        ext = "jpg" if i % 3 else "png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buffer, "JPEG" if ext == "jpg" else "PNG")
+        out.append((ext, buffer.getvalue()))
+    return out
+
+
+def write_shards(folder: Path, pictures, per_shard: int) -> list[Path]:
+    """img2dataset's layout: NNNNN.tar of samples NNNNNNNNN.{jpg,txt,json}; the same pictures loose."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "loose").mkdir(exist_ok=True)
+    shards = []
+    for start in range(0, len(pictures), per_shard):
+        shard = folder / f"{start // per_shard:05d}.tar"
+        with wds.TarWriter(str(shard)) as writer:
+            for i in range(start, min(start + per_shard, len(pictures))):
+                ext, data = pictures[i]
+                key = f"{i:09d}"
+                sample = {"__key__": key, ext: data, "json": {"url": f"https://example.com/{i}", "key": key}}
+                if i % 4:  # some samples have no caption: stored as ""
+                    sample["txt"] = f"a picture, number {i} ✓"
+                writer.write(sample)
+                (folder / "loose" / f"{key}.{ext}").write_bytes(data)
+        shards.append(shard)
+    return shards
+
+
+def write_parquet(path: Path, pictures, row_group_size: int = 4) -> None:
+    """As Hugging Face datasets writes an Image column: struct<bytes: binary, path: string>."""
+    rows = [{"image": {"bytes": data, "path": f"{i:09d}.{ext}"}, "caption": f"caption {i}", "url": f"u{i}", "n": i}
+            for i, (ext, data) in enumerate(pictures)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+
+
+def _rows(path) -> dict[str, np.ndarray]:
+    with vitcore.open_tokens(path) as f:
+        return {k: f[k] for k in f.keys}
+
+
+def test_tar_shards_and_parquet_give_the_tokens_of_loose_files_with_their_captions(tmp_path, monkeypatch):
+    pictures = _pictures(11)
+    shards = write_shards(tmp_path / "data", pictures, per_shard=4)
+    write_parquet(tmp_path / "train-0000.parquet", pictures)
+    loose = _rows_of_run(tmp_path, [tmp_path / "data" / "loose"], "loose.h5")
+
+    monkeypatch.chdir(tmp_path)  # files named directly are keyed as given
+    # Brace ranges are expanded by us, as WebDataset does.
+    result = vitcore.extract(["data/{00000..00002}.tar"], tmp_path / "tar.h5", EXACT, keep="txt,json")
+    assert result.found == 11 and result.rows == 11 and not result.failures
+    with vitcore.open_tokens(tmp_path / "tar.h5") as f:
+        assert f.keys[:5] == ["data/00000.tar/000000000.png", "data/00000.tar/000000001.jpg", "data/00000.tar/000000002.jpg",
+                              "data/00000.tar/000000003.png", "data/00001.tar/000000004.jpg"]
+        for key in f.keys:  # bit-identical to the same picture read as a loose file
+            name = key.rpartition("/")[2]
+            np.testing.assert_array_equal(f[key], loose[name])
+            assert f.source_bytes(key) == (tmp_path / "data" / "loose" / name).read_bytes()
+        assert f.meta_names == ["txt", "json"]
+        captions, records = f.meta("txt"), f.meta("json")
+        assert captions[0] == "" and captions[5] == "a picture, number 5 ✓"
+        assert [json.loads(r)["key"] for r in records] == [k.rpartition("/")[2].partition(".")[0] for k in f.keys]
+    with h5py.File(tmp_path / "tar.h5", "r") as h5:  # plain h5py reads them, row-aligned with paths
+        assert h5["meta/txt"].asstr()[5] == "a picture, number 5 ✓" and len(h5["meta/txt"]) == len(h5["paths"])
+
+    result = vitcore.extract(["train-0000.parquet"], tmp_path / "pq.h5", EXACT, columns="caption,url,n")
+    assert result.rows == 11 and not result.failures
+    with vitcore.open_tokens(tmp_path / "pq.h5") as f:
+        assert f.keys[:3] == ["train-0000.parquet/row=0", "train-0000.parquet/row=1", "train-0000.parquet/row=2"]
+        assert f.keys[10] == "train-0000.parquet/row=10"  # the file's order, not the text's
+        for i, key in enumerate(f.keys):
+            ext, data = pictures[i]
+            np.testing.assert_array_equal(f[key], loose[f"{i:09d}.{ext}"])
+            assert f.source_bytes(key) == data
+        assert f.meta("caption") == [f"caption {i}" for i in range(11)] and f.meta("url", 3) == "u3"
+        assert f.meta("n", 7) == "7"  # a number column, as text
+
+    # Mixed with loose files in one folder, and named in a --files-from list.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "loose.png").write_bytes(pictures[0][1])
+    os.link(shards[1], mixed / "s.tar")
+    os.link(tmp_path / "train-0000.parquet", mixed / "t.parquet")
+    result = vitcore.extract([mixed], tmp_path / "mixed.h5", EXACT)
+    assert result.rows == 1 + 4 + 11
+    listing = tmp_path / "list.txt"
+    listing.write_text("data/{00000..00001}.tar\ndata/loose/000000010.jpg\n")
+    result = vitcore.extract([], tmp_path / "listed.h5", EXACT, files_from=str(listing))
+    assert result.rows == 9
+
+
+def _rows_of_run(tmp_path, inputs, name, **options) -> dict[str, np.ndarray]:
+    vitcore.extract(inputs, tmp_path / name, EXACT, **options)
+    return _rows(tmp_path / name)
+
+
+def test_broken_members_and_rows_are_failure_records_and_the_rest_is_kept(tmp_path):
+    pictures = _pictures(6)
+    good = write_shards(tmp_path / "good", pictures, per_shard=6)[0]
+    reference = _rows_of_run(tmp_path, [tmp_path / "good" / "loose"], "good.h5")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    # A member that is not an image, and a link member.
+    with tarfile.open(folder / "odd.tar", "w") as tar:
+        for name, data in (("000.jpg", b"this is text, not a JPEG"), ("001.png", pictures[0][1])):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("002.png")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "001.png"
+        tar.addfile(link)
+    data = good.read_bytes()
+    with tarfile.open(good) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    cut_member = members["000000003.png"]
+    # Cut inside the data of member 3: members 0-2 whole, 3 short, the rest gone.
+    (folder / "cut.tar").write_bytes(data[: cut_member.offset_data + cut_member.size // 2])
+    # Cut exactly at a header boundary (tarfile would stop without a word).
+    (folder / "clean_cut.tar").write_bytes(data[: members["000000002.jpg"].offset_data - 512 * 3])
+    import gzip
+
+    (folder / "packed.tar.gz").write_bytes(gzip.compress(data))
+    (folder / "renamed.tar").write_bytes(gzip.compress(data))  # gzip, though named .tar
+    rows = [{"image": {"bytes": pictures[1][1], "path": "a.png"}}, {"image": {"bytes": None, "path": "b.png"}},
+            {"image": None}, {"image": {"bytes": b"garbage", "path": "c.png"}}]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "t.parquet")
+    (folder / "empty.parquet").write_bytes(b"PAR1 not really")
+
+    result = vitcore.extract([folder], tmp_path / "out.h5", EXACT)
+    failures = dict(result.failures)
+    assert failures["odd.tar/000.jpg"].startswith("UnidentifiedImageError") and "'000.jpg'" in failures["odd.tar/000.jpg"]
+    assert "link" in failures["odd.tar/002.png"]
+    assert "cut short" in failures["cut.tar/000000003.png"]
+    assert "cut short" in failures["cut.tar/"] and "000000003.png" in failures["cut.tar/"]
+    assert "end-of-archive" in failures["clean_cut.tar/"]
+    assert "decompress" in failures["packed.tar.gz/"] and "gzip" in failures["renamed.tar/"]
+    assert "no image bytes" in failures["t.parquet/row=1"] and "b.png" in failures["t.parquet/row=1"]
+    assert "null" in failures["t.parquet/row=2"] and "UnidentifiedImageError" in failures["t.parquet/row=3"]
+    assert "Parquet" in failures["empty.parquet/"]
+    out = _rows(tmp_path / "out.h5")
+    assert sorted(out) == ["clean_cut.tar/000000000.png", "clean_cut.tar/000000001.jpg", "cut.tar/000000000.png",
+                           "cut.tar/000000001.jpg", "cut.tar/000000002.jpg", "odd.tar/001.png", "t.parquet/row=0"]
+    for key in ("cut.tar/000000000.png", "cut.tar/000000002.jpg", "clean_cut.tar/000000001.jpg"):
+        np.testing.assert_array_equal(out[key], reference[key.partition("/")[2]])
+
+
+def test_container_usage_errors_are_one_line(tmp_path):
+    pictures = _pictures(3)
+    write_parquet(tmp_path / "t.parquet", pictures)
+    shard = write_shards(tmp_path / "d", pictures, per_shard=3)[0]
+    cases = [
+        (dict(columns="caption,title"), [tmp_path / "t.parquet"], "no column 'title'"),
+        (dict(image_column="caption"), [tmp_path / "t.parquet"], "not image bytes"),
+        (dict(keep="txt", columns="txt"), [shard], "both name txt"),
+        (dict(), [tmp_path / "d" / "{00000..00003}.tar"], "does not exist"),
+    ]
+    pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "text.parquet")
+    cases.append((dict(), [tmp_path / "text.parquet"], "no column holds image bytes"))
+    for options, inputs, words in cases:
+        with pytest.raises(UsageError, match=words):
+            vitcore.extract(inputs, tmp_path / "x.h5", EXACT, **options)
+    vitcore.extract([shard], tmp_path / "kept.h5", EXACT, keep="txt")
+    with pytest.raises(ResumeMismatchError, match="--keep / --columns"):
+        vitcore.extract([shard], tmp_path / "kept.h5", EXACT, keep="txt,json", resume=True)
+
+
+def test_shards_and_merge_over_tar_shards_equal_one_run(tmp_path):
+    shards = write_shards(tmp_path / "data", _pictures(13), per_shard=5)
+    single = tmp_path / "single.h5"
+    vitcore.extract(shards, single, EXACT, keep="txt")
+    out = tmp_path / "out.h5"
+    parts = [shard_path(str(out), i, 3) for i in range(3)]
+    for i, part in enumerate(parts):
+        vitcore.extract(shards, part, EXACT, keep="txt", shard=(i, 3))
+    with vitcore.open_tokens(parts[1]) as f:  # a range of members, cutting across the tar files
+        assert f.keys[0].endswith("/00000.tar/000000004.jpg") and f.keys[-1].endswith("/00001.tar/000000007.jpg")
+    for copy in (False, True):
+        merged = tmp_path / f"merged{copy}.h5"
+        merge(str(merged), parts, copy=copy)
+        with vitcore.open_tokens(merged) as f, vitcore.open_tokens(single) as g:
+            assert f.keys == g.keys and f.meta("txt") == g.meta("txt") and f.meta_names == ["txt"]
+            for key in g.keys:
+                np.testing.assert_array_equal(f[key], g[key])
+
+
+def test_torchrun_over_tar_shards_equals_one_process(tmp_path):
+    shards = write_shards(tmp_path / "data", _pictures(9), per_shard=4)
+    single = tmp_path / "single.h5"
+    vitcore.extract(shards, single, EXACT, keep="json")
+    out = tmp_path / "dist.h5"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cli", "run",
+           str(tmp_path / "data" / "{00000..00002}.tar"), "-o", str(out), "--keep", "json", *CLI_EXACT]
+    done = subprocess.run(cmd, cwd=PROJECT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with vitcore.open_tokens(out) as f, vitcore.open_tokens(single) as g:
+        assert f.keys == g.keys and f.meta("json") == g.meta("json")
+        for key in g.keys:
+            np.testing.assert_array_equal(f[key], g[key])
+
+
+def test_sigkill_then_resume_over_tar_shards_equals_an_uninterrupted_run(tmp_path):
+    shards = write_shards(tmp_path / "data", _pictures(40, seed=3), per_shard=10)
+    single = tmp_path / "single.h5"
+    vitcore.extract(shards, single, EXACT, keep="txt")
+    out = tmp_path / "out.h5"
+    cmd = [sys.executable, "-m", "cli", "run", *map(str, shards), "-o", str(out), "--keep", "txt",
+           *[a if a != "3" else "1" for a in CLI_EXACT]]  # one image a batch: many commits
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HDF5_USE_FILE_LOCKING": "FALSE"}
+    partial = None
+    for delay in (0.5, 1.0, 2.0, 3.0, 4.0):  # until the kill lands mid-run
+        out.unlink(missing_ok=True)
+        process = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline and process.poll() is None:
+            time.sleep(0.05)
+            if out.exists() and _committed(out) >= 1:
+                time.sleep(delay / 10)
+                break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if out.exists() and 0 < _committed(out) < 40:
+            partial = _committed(out)
+            break
+    assert partial is not None, "the run was never caught mid-way"
+    result = vitcore.extract(shards, out, EXACT, keep="txt", resume=True)
+    assert result.skipped == partial and result.written == 40 - partial
+    with vitcore.open_tokens(out) as f, vitcore.open_tokens(single) as g:
+        assert f.keys == g.keys and f.meta("txt") == g.meta("txt")
+        for key in g.keys:
+            np.testing.assert_array_equal(f[key], g[key])
+
+
+def _committed(path) -> int:
+    try:
+        with h5py.File(path, "r", locking=False) as h5:
+            return int(h5.attrs.get("committed", 0))
+    except OSError:
+        return 0
+
+
+def test_show_and_similar_find_the_pictures_inside_containers(tmp_path, monkeypatch):
+    pictures = _pictures(6)
+    write_shards(tmp_path / "data", pictures, per_shard=3)
+    write_parquet(tmp_path / "data" / "t.parquet", pictures)
+    from vitcore.search import hits_sheet, similar
+    from vitcore.visualize import token_sheet
+
+    monkeypatch.chdir(tmp_path / "data")
+    for inputs, key in ((["00000.tar", "00001.tar"], "00001.tar/000000004.jpg"), (["t.parquet"], "t.parquet/row=4")):
+        out = tmp_path / f"{key[:3]}.h5"
+        vitcore.extract(inputs, out, EXACT)
+        hits, kind = similar(str(out), key, k=2)
+        assert kind == "key" and hits[0].key == key and hits[0].score > 0.9999
+        hits, kind = similar(str(out), str(tmp_path / "data" / "loose" / "000000004.jpg"), k=1)
+        assert kind == "image" and hits[0].key == key and hits[0].score > 0.9999
+        placeholders = []
+        real = vitcore.visualize._placeholder
+        monkeypatch.setattr(vitcore.visualize, "_placeholder", lambda text, *a: placeholders.append(text) or real(text, *a))
+        hits_sheet(str(out), hits, key, "key")
+        token_sheet(str(out), keys=[key])
+        assert placeholders == []  # every original was found inside its container
+        monkeypatch.undo()
+        monkeypatch.chdir(tmp_path / "data")
