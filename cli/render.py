@@ -115,6 +115,8 @@ def info_table(console: Console, s: dict) -> None:
     table.add_row("tokens", f"{shape_text} per image, {s['out_dtype']}, pooling {s['pooling']}")
     for name, feature_shape, ragged in s.get("features") or ():
         table.add_row("feature", f"features/{name}: " + (f"varying × {feature_shape[-1]}" if ragged else "×".join(map(str, feature_shape))))
+    if s.get("meta"):
+        table.add_row("meta", ", ".join(f"meta/{name}" for name in s["meta"]) + " (text per row)")
     if s["layers"]:
         table.add_row("layers", ", ".join(f"layers/{k}" for k in s["layers"]))
     table.add_row("encoder", escape(s["summary"]["encoder"]))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import re
 import tarfile
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ class TarMember:
 
     @property
     def identity(self) -> bytes:
-        return os.path.normpath(os.path.join(os.path.abspath(os.fsencode(self.path)), os.fsencode(self.member)))
+        return os.path.normpath(os.path.join(os.path.abspath(os.fsencode(self.path)), os.fsencode(member_key(self.member))))
 
     def extras(self, names: tuple[str, ...]) -> dict[str, str]:
         found = {ext: (offset, size) for ext, offset, size in self.sidecars}
@@ -128,6 +129,13 @@ class TarMember:
             else:
                 out[name] = ""
         return out
+
+
+def member_key(name: str) -> str:
+    """A member's name as its key ends: normalised (``./000.jpg`` → ``000.jpg``), and always inside
+    the tar (a leading ``/`` or ``../`` is dropped), so that its identity is unique to the tar."""
+    parts = [p for p in posixpath.normpath("/" + name).split("/") if p]  # "/" first: ".." cannot climb out
+    return "/".join(parts)
 
 
 def _read_range(path: str, offset: int, size: int, what: str) -> bytes:
@@ -167,7 +175,7 @@ def scan_tar(path: str, key: str, root_index: int, exts: tuple[str, ...], keep: 
             continue
         sidecars = tuple(s for s in samples.get(match.group(1), ()) if s[0] in keep)
         reason = None if info.isfile() else "a link or special entry inside the tar, not a file"
-        sources.append(TarMember(path=path, member=info.name, key=escape_key(os.path.join(key, info.name)),
+        sources.append(TarMember(path=path, member=info.name, key=escape_key(os.path.join(key, member_key(info.name))),
                                  root_index=root_index, offset=info.offset_data, size=info.size,
                                  sidecars=sidecars, problem=reason))
     record = Unlisted(where, root_index, problem) if problem else None
@@ -369,7 +377,7 @@ def _open_inside(container: str, kind: str, inner: str) -> BinaryIO:
         with open_regular(container) as handle:
             members, _ = _tar_members(handle, os.fstat(handle.fileno()).st_size)
         for info in members:
-            if info.name == inner and info.isfile():
+            if member_key(info.name) == inner and info.isfile():
                 return NamedBytes(_read_range(container, info.offset_data, info.size, inner), inner)
         raise FileNotFoundError(f"{container} holds no member {inner}")
     match = re.fullmatch(r"row=(\d+)", inner)

@@ -3,7 +3,8 @@
 An input is a Source: a stored key, the root it is relative to, an identity (equal for the same
 input however it was named; resume and merge recognise work already done by it) and open(),
 which gives its bytes as a binary file object. Decoders read from that file object, never from
-a path, so other providers (archives, tables) can stand beside the folders and file lists here.
+a path, so the images inside tar shards and Parquet files (containers.py) stand beside the
+folders and file lists here.
 
 Each input gets a key: its path relative to the directory it was found under, or, for a
 file named directly (argument or list line), the path exactly as given, relative to the
@@ -90,7 +91,8 @@ def _kind(mode: int) -> str:
 
 @dataclass(frozen=True)
 class Unlisted:
-    """A folder that could not be listed: what is in it was not looked at (a failure record)."""
+    """A folder that could not be listed, or a container file (tar, Parquet) that could not be read
+    to its end: what is in it was not (all) looked at. A failure record keyed ``<key>/``."""
 
     key: str  # relative to its root, ending in "/" ("./" for the root itself)
     root_index: int

@@ -277,6 +277,7 @@ class TokenFile:
             "merged": settings.get("merged"),
             "shards": self._shard_states(settings.get("shards")),
             "features": settings.get("features") or [],
+            "meta": settings.get("meta") or [],
             "summary": families.for_record(settings["encoder"]).describe(settings),
         }
 
