@@ -30,6 +30,11 @@ _EXPORTS = {
     "VisionEncoder": "vitcore.model",
     "discover": "vitcore.sources",
     "VitExtractError": "vitcore.errors",
+    "TokenDataset": "vitcore.dataset",
+    "collate_tokens": "vitcore.dataset",
+    "encoder_outputs": "vitcore.lm_inputs",
+    "place_image_tokens": "vitcore.lm_inputs",
+    "vllm_image_embeds": "vitcore.lm_inputs",
 }
 
 __all__ = ["__version__", *_EXPORTS]
