@@ -189,3 +189,21 @@ def test_a_dataset_subset_keeps_the_order_asked_and_carries_captions(tmp_path):
     assert batch["tokens"].shape == (2, 16, 32) and batch["meta"]["txt"][1] == "a picture, number 1 ✓"
     with pytest.raises(KeyError, match="not in"):
         vitcore.TokenDataset(out, keys=["nope.jpg"])
+
+
+def test_projected_seed_tokens_are_placed_among_text_embeddings(tmp_path):
+    """The seed document's last step: projected visual tokens beside the text tokens."""
+    from tests.helpers import SAMPLES
+
+    out = tmp_path / "seed.h5"
+    vitcore.extract([SAMPLES / "chelsea.jpg", SAMPLES / "coffee.jpg"], out, model=TINY, project_dim=40, **EXACT)
+    dataset = vitcore.TokenDataset(out)
+    batch = vitcore.collate_tokens([dataset[0], dataset[1]])
+    tokens = batch["tokens"]  # (2, 16, 40): the language model's width
+    image_id, text = 7, torch.arange(100, 110)
+    input_ids = torch.cat([text[:3], torch.full((16,), image_id), text[3:6], torch.full((16,), image_id), text[6:]])[None]
+    embeds = torch.randn(1, input_ids.shape[1], 40)
+    placed = vitcore.place_image_tokens(embeds, input_ids, image_id, list(tokens))
+    images = input_ids[0] == image_id
+    assert torch.equal(placed[0, images], tokens.reshape(32, 40))
+    assert torch.equal(placed[0, ~images], embeds[0, ~images])
