@@ -305,3 +305,93 @@ def test_show_and_similar_find_the_pictures_inside_containers(tmp_path, monkeypa
         assert placeholders == []  # every original was found inside its container
         monkeypatch.undo()
         monkeypatch.chdir(tmp_path / "data")
+
+
+def _tar(path: Path, members) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tars_are_read_as_tar_extracts_them(tmp_path):
+    """A name written twice is the later member (with the later caption); tars joined with cat
+    give every member; bytes after the end-of-archive blocks lose nothing and raise no alarm."""
+    pictures = _pictures(4)
+    a, b = pictures[0][1], pictures[3][1]  # two different PNGs
+    c, d = _pictures(2, seed=1)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _tar(folder / "dup.tar", [("d.png", a), ("d.txt", b"first"), ("./d.png", b), ("d.TXT", b"second")])
+    first = _tar(tmp_path / "one.tar", [(f"one.{c[0]}", c[1])])
+    second = _tar(tmp_path / "two.tar", [(f"two.{d[0]}", d[1])])
+    (folder / "joined.tar").write_bytes(first.read_bytes() + second.read_bytes())
+    (folder / "trailing.tar").write_bytes(first.read_bytes() + b"a note someone appended\n")
+    result = vitcore.extract([folder], tmp_path / "out.h5", EXACT, keep="txt")
+    assert result.failures == [] and result.duplicates_dropped == 0
+    with vitcore.open_tokens(tmp_path / "out.h5") as f:
+        assert f.keys == ["dup.tar/d.png", f"joined.tar/one.{c[0]}", f"joined.tar/two.{d[0]}", f"trailing.tar/one.{c[0]}"]
+        assert f.meta("txt", 0) == "second"  # the caption of the member taken: the later one
+        assert f.source_bytes(0) == b
+        (tmp_path / "b.png").write_bytes(b)
+        np.testing.assert_array_equal(f[0], _rows_of_run(tmp_path, [tmp_path / "b.png"], "b.h5")[str(tmp_path / "b.png")])
+
+
+def test_an_img2dataset_folder_with_its_metadata_parquet_files(tmp_path):
+    """img2dataset writes NNNNN.parquet (url, caption, status; no image bytes) beside each tar."""
+    shards = write_shards(tmp_path / "i2d", _pictures(4), per_shard=2)
+    for shard in shards:
+        pq.write_table(pa.table({"url": ["u", "v"], "caption": ["c", "d"]}), shard.with_suffix(".parquet"))
+    (tmp_path / "i2d" / "loose").rename(tmp_path / "elsewhere")
+    result = vitcore.extract([tmp_path / "i2d"], tmp_path / "out.h5", EXACT, keep="txt")
+    assert result.rows == 4 and not result.failures
+    assert any("2 Parquet files" in w and "00000.parquet" in w for w in result.warnings)
+    with pytest.raises(UsageError, match="no column holds image bytes"):  # named: refused
+        vitcore.extract([shards[0].with_suffix(".parquet")], tmp_path / "x.h5", EXACT)
+
+
+def test_a_fixed_container_is_tried_again_with_retry_failed(tmp_path, monkeypatch):
+    pictures = _pictures(6)
+    shard = write_shards(tmp_path / "data", pictures, per_shard=6)[0]
+    whole = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        cut = tar.getmember("000000003.png").offset_data - 512
+    shard.write_bytes(whole[:cut])  # cut at a header: members 3-5 missing
+    monkeypatch.chdir(tmp_path / "data")
+    listing = tmp_path / "list.txt"
+    listing.write_text("00000.tar\n00001.tar\n")  # 00001.tar does not exist yet
+    first = vitcore.extract([], tmp_path / "out.h5", EXACT, files_from=str(listing))
+    assert sorted(dict(first.failures)) == ["00000.tar/", "00001.tar"] and first.rows == 3
+    shard.write_bytes(whole)
+    write_shards(tmp_path / "more", _pictures(2, seed=5), per_shard=2)[0].rename(tmp_path / "data" / "00001.tar")
+    again = vitcore.extract([], tmp_path / "out.h5", EXACT, files_from=str(listing), resume=True, retry_failed=True)
+    assert again.failures == [] and again.rows == 6 + 2
+    with vitcore.open_tokens(tmp_path / "out.h5") as f:
+        assert f.failures == []  # the records of the two containers went with their retry
+
+
+def test_the_image_column_is_recorded_and_compared(tmp_path):
+    pictures, thumbs = _pictures(3), _pictures(3, seed=9)
+    rows = [{"image": {"bytes": p[1], "path": "p"}, "thumb": {"bytes": t[1], "path": "t"}} for p, t in zip(pictures, thumbs)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "two.parquet")
+    out = tmp_path / "thumbs.h5"
+    vitcore.extract([tmp_path / "two.parquet"], out, EXACT, image_column="thumb")
+    with vitcore.open_tokens(out) as f:
+        assert f.source_bytes(1) == thumbs[1][1]  # the column the row was made from
+    with pytest.raises(ResumeMismatchError, match="--image-column"):
+        vitcore.extract([tmp_path / "two.parquet"], out, EXACT, resume=True)
+
+
+def test_meta_names_and_empty_containers_are_checked_in_one_line(tmp_path):
+    shard = write_shards(tmp_path / "d", _pictures(2), per_shard=2)[0]
+    for bad in (".", "..", "a/b"):
+        with pytest.raises(UsageError, match="not a name that can be stored"):
+            vitcore.extract([shard], tmp_path / "x.h5", EXACT, keep=bad)
+    empty = _tar(tmp_path / "empty.tar", [("readme.md", b"hello")])
+    with pytest.raises(UsageError, match="empty.tar holds no image"):
+        vitcore.extract([empty], tmp_path / "x.h5", EXACT)
+    vitcore.extract([shard], tmp_path / "k.h5", EXACT, keep="TXT,json")  # any case, any order
+    result = vitcore.extract([shard], tmp_path / "k.h5", EXACT, keep="json,txt", resume=True)
+    assert result.skipped == 2

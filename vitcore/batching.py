@@ -11,6 +11,7 @@ A family supplies only ``encode`` (families/base.py); everything here is written
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -26,7 +27,7 @@ from vitcore.store import Rows, StoreSettings
 
 
 def store_settings(built: RunRecord | BuiltEncoder, pool: str, out_dtype: str, device: torch.device, dtype: torch.dtype,
-                   shard: str = "null", meta: tuple[str, ...] = ()) -> StoreSettings:
+                   shard: str = "null", meta: tuple[str, ...] = (), image_column: str | None = None) -> StoreSettings:
     """What the file records for a run of ``built`` (or of its RunRecord, before it is built): its records, and each output as stored
     (pooled outputs are one (W,) vector per image)."""
     arrays = tuple(spec if pool == "none" else ArraySpec(spec.name, (spec.width,)) for spec in built.outputs)
@@ -34,7 +35,7 @@ def store_settings(built: RunRecord | BuiltEncoder, pool: str, out_dtype: str, d
         encoder=built.encoder_record, weights=built.weights.to_json(), preprocessing=built.preprocessing,
         pooling=pool, projector=built.projector, compute_dtype=dtype_name(dtype), device=str(device),
         out_dtype=out_dtype, arrays=arrays, mean=pool == "none", grid_thw=built.grid_thw, version=__version__,
-        shard=shard, meta=tuple(meta),
+        shard=shard, meta=tuple(meta), image_column=json.dumps(image_column),
     )
 
 

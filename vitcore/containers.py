@@ -24,6 +24,7 @@ failure record asking for it to be decompressed first.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import posixpath
@@ -67,14 +68,18 @@ class ContainerOptions:
 
 
 def parse_names(text, what: str) -> tuple[str, ...]:
-    """``"txt,json"`` → ("txt", "json"), in the order given, each once."""
+    """``"txt,json"`` → ("txt", "json"), in the order given, each once. ``--keep`` extensions are
+    matched whatever their case (as image extensions are), so they are kept in lower case."""
     if text is None:
         return ()
-    parts = text.split(",") if isinstance(text, str) else list(text)
-    names = tuple(dict.fromkeys(p.strip().lstrip(".") if what == "--keep" else p.strip() for p in parts if p.strip()))
+    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else list(text)) if p.strip()]
+    if what == "--keep":
+        parts = [p.lstrip(".").lower() for p in parts]
+    names = tuple(dict.fromkeys(parts))
     for name in names:
-        if "/" in name or name in (".", ".."):
-            raise UsageError(f"{what} {name!r}: a name cannot contain '/'")
+        if not name or name in (".", "..") or "/" in name:
+            raise UsageError(f"{what} {name or '.'!r} is not a name that can be stored (meta/<name>): "
+                             "give names such as " + ("txt,json" if what == "--keep" else "caption,url"))
     return names
 
 
@@ -149,45 +154,72 @@ def _read_range(path: str, offset: int, size: int, what: str) -> bytes:
 
 def scan_tar(path: str, key: str, root_index: int, exts: tuple[str, ...], keep: tuple[str, ...]):
     """The image members of a tar shard, in the tar's order, and a record of what could not be
-    scanned (a compressed or damaged tar, one cut short), or None."""
+    scanned (a compressed or damaged tar, one cut short), or None.
+
+    Members are taken as ``tar x`` would write them: a name met twice (or two names that are the
+    same path, ``./a.jpg`` and ``a.jpg``) is one member, the later one."""
     where = escape_key(os.path.join(key, ""))
     try:
-        with open_regular(path) as handle:
-            head = handle.read(6)
-            for magic, name in COMPRESSION_MAGIC.items():
-                if head.startswith(magic):
-                    return [], Unlisted(where, root_index, f"compressed tar ({name}): members cannot be read by "
-                                                            f"offset; decompress it first (e.g. {name} -d)")
-            handle.seek(0)
-            size = os.fstat(handle.fileno()).st_size
-            members, problem = _tar_members(handle, size)
+        members, problem = tar_members(path)
+    except CompressedTar as err:
+        return [], Unlisted(where, root_index, str(err))
     except OSError as err:
         return [], Unlisted(where, root_index, f"{type(err).__name__}: cannot read this tar ({err.strerror or err})")
-    samples: dict[str, list[tuple[str, int, int]]] = {}
-    for info in members:
-        match = SAMPLE_NAME.match(info.name)
+    latest: dict[str, tarfile.TarInfo] = {}
+    for info in members:  # in the tar's order, each name where it was last written
+        latest.pop(member_key(info.name), None)
+        latest[member_key(info.name)] = info
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    for name, info in latest.items():
+        match = SAMPLE_NAME.match(name)
         if match and info.isfile():
-            samples.setdefault(match.group(1), []).append((match.group(2), info.offset_data, info.size))
+            samples.setdefault(match.group(1), {})[match.group(2).lower()] = (info.offset_data, info.size)
     sources = []
-    for info in members:
-        match = SAMPLE_NAME.match(info.name)
+    for name, info in latest.items():
+        match = SAMPLE_NAME.match(name)
         if not match or match.group(2).rpartition(".")[2].lower() not in exts:
             continue
-        sidecars = tuple(s for s in samples.get(match.group(1), ()) if s[0] in keep)
+        kept = samples.get(match.group(1), {})
+        sidecars = tuple((ext, *kept[ext]) for ext in keep if ext in kept)
         reason = None if info.isfile() else "a link or special entry inside the tar, not a file"
-        sources.append(TarMember(path=path, member=info.name, key=escape_key(os.path.join(key, member_key(info.name))),
+        sources.append(TarMember(path=path, member=info.name, key=escape_key(os.path.join(key, name)),
                                  root_index=root_index, offset=info.offset_data, size=info.size,
                                  sidecars=sidecars, problem=reason))
     record = Unlisted(where, root_index, problem) if problem else None
     return sources, record
 
 
-def _tar_members(handle, size: int) -> tuple[list[tarfile.TarInfo], str | None]:
+class CompressedTar(OSError):
+    """A tar compressed as a whole: its members have no offsets to read them by."""
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(path: str, size: int, mtime: int) -> tuple[tuple[tarfile.TarInfo, ...], str | None]:
+    with open_regular(path) as handle:
+        head = handle.read(6)
+        for magic, name in COMPRESSION_MAGIC.items():
+            if head.startswith(magic):
+                raise CompressedTar(f"compressed tar ({name}): members cannot be read by offset; "
+                                    f"decompress it first (e.g. {name} -d)")
+        handle.seek(0)
+        members, problem = _tar_members(handle)
+    return tuple(members), problem
+
+
+def tar_members(path: str) -> tuple[tuple[tarfile.TarInfo, ...], str | None]:
+    """A tar's member headers and what is wrong with it, if anything (one scan per file version)."""
+    stat = os.stat(path)
+    return _scan(path, stat.st_size, stat.st_mtime_ns)
+
+
+def _tar_members(handle) -> tuple[list[tarfile.TarInfo], str | None]:
     """Every member's header (one pass over the headers; the data is skipped, not read), and what
-    was wrong with the tar's end, if anything: tarfile stops quietly at a cut-short header."""
+    was wrong with the tar, if anything. Zero blocks are read through (``tar -i``), so tars joined
+    with ``cat`` give all their members; the end-of-archive blocks must follow the last member,
+    or the tar was cut short (tarfile itself stops there without a word)."""
     members: list[tarfile.TarInfo] = []
     try:
-        archive = tarfile.open(fileobj=handle, mode="r:")
+        archive = tarfile.open(fileobj=handle, mode="r:", ignore_zeros=True)
     except tarfile.ReadError as err:
         return [], f"ReadError: not a readable tar ({err})"
     try:
@@ -201,10 +233,10 @@ def _tar_members(handle, size: int) -> tuple[list[tarfile.TarInfo], str | None]:
         if "unexpected end" in str(err):
             return members, f"the tar is cut short in or after {last}: the members after it are missing"
         return members, f"ReadError: the tar is damaged after {last} ({err}); the members after it were not read"
-    end = archive.offset  # just past the last member: the end-of-archive blocks (zeros) belong there
+    end = members[-1].offset_data + -(-members[-1].size // 512) * 512 if members else 0
     handle.seek(end)
-    rest = handle.read(1 << 20)
-    if len(rest) < 512 or rest.strip(b"\0") or (len(rest) < (1 << 20) and end + len(rest) != size):
+    marker = handle.read(512)
+    if len(marker) < 512 or marker.strip(b"\0"):
         last = members[-1].name if members else "its start"
         return members, (f"the tar ends without its end-of-archive marker after {last}: it was cut short, "
                          "and any members after that are missing")
@@ -278,6 +310,11 @@ def _row_group(path: str, group: int, columns: tuple[str, ...]):
     return _GROUP_CACHE["table"]
 
 
+class NoImageColumn(UsageError):
+    """A Parquet file without image bytes (img2dataset's metadata files beside its tars, say):
+    refused when named, skipped (and counted) when found in a folder."""
+
+
 def scan_parquet(path: str, key: str, root_index: int, options: ContainerOptions):
     """The rows of a Parquet file's image column, and a record when it cannot be read, or None.
     A column asked for that the file lacks is a usage error: every file must have it."""
@@ -294,9 +331,9 @@ def scan_parquet(path: str, key: str, root_index: int, options: ContainerOptions
     column = options.image_column or _image_column(schema)
     if column is None:
         names = ", ".join(f"{f.name} ({f.type})" for f in schema)
-        raise UsageError(f"{path}: no column holds image bytes (columns: {names}); name one with --image-column")
+        raise NoImageColumn(f"{path}: no column holds image bytes (columns: {names}); name one with --image-column")
     if column not in schema.names:
-        raise UsageError(f"{path} has no column {column!r} (columns: {', '.join(schema.names)})")
+        raise NoImageColumn(f"{path} has no column {column!r} for --image-column (columns: {', '.join(schema.names)})")
     missing = [c for c in options.columns if c not in schema.names]
     if missing:
         raise UsageError(f"{path} has no column {', '.join(map(repr, missing))} for --columns "
@@ -354,9 +391,10 @@ def expand_braces(given: str) -> list[str]:
 
 
 # -- reading an original back ----------------------------------------------------------------
-def open_original(root: str, key: str) -> BinaryIO:
+def open_original(root: str, key: str, image_column: str | None = None) -> BinaryIO:
     """The bytes of the input a stored (root, key) names: a loose file, a tar member or a Parquet
-    row (the key's first part that is a container file says which). OSError when it is gone."""
+    row (the key's first part that is a container file says which; ``image_column`` the file's
+    --image-column). OSError when it is gone."""
     from vitcore.sources import source_path, unescape_key
 
     path = source_path(root, key)
@@ -368,22 +406,21 @@ def open_original(root: str, key: str) -> BinaryIO:
         kind = container_kind(os.fsdecode(container))
         if kind in ("tar", "parquet") and os.path.isfile(container):
             inner = os.fsdecode(b"/".join(parts[cut:]))
-            return _open_inside(os.fsdecode(container), kind, inner)
+            return _open_inside(os.fsdecode(container), kind, inner, image_column)
     raise FileNotFoundError(f"{os.fsdecode(path)} is gone")
 
 
-def _open_inside(container: str, kind: str, inner: str) -> BinaryIO:
+def _open_inside(container: str, kind: str, inner: str, image_column: str | None) -> BinaryIO:
     if kind == "tar":
-        with open_regular(container) as handle:
-            members, _ = _tar_members(handle, os.fstat(handle.fileno()).st_size)
-        for info in members:
+        members, _ = tar_members(container)
+        for info in reversed(members):  # the last of a name, as the run took it
             if member_key(info.name) == inner and info.isfile():
                 return NamedBytes(_read_range(container, info.offset_data, info.size, inner), inner)
         raise FileNotFoundError(f"{container} holds no member {inner}")
     match = re.fullmatch(r"row=(\d+)", inner)
     if match is None:
         raise FileNotFoundError(f"{inner!r} names no row of {container}")
-    rows, _ = scan_parquet(container, "", 0, ContainerOptions())
+    rows, _ = scan_parquet(container, "", 0, ContainerOptions(image_column=image_column))
     row = int(match.group(1))
     if row >= len(rows):
         raise FileNotFoundError(f"{container} has no row {row}")

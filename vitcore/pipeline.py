@@ -169,9 +169,10 @@ def extract(
     dtype = resolve_dtype(compute.dtype, device)
     with Output(output, out_opts.resume, out_opts.overwrite) as out:  # one run per output
         record = family.record(encoder_opts, device)  # what the file records: nothing built yet
-        meta = run.inputs.containers.meta_names  # --keep / --columns: text stored beside the tokens
+        containers = run.inputs.containers
+        meta = containers.meta_names  # --keep / --columns: text stored beside the tokens
         settings = store_settings(record, out_opts.pool, out_opts.out_dtype, device, dtype,
-                                  shard.to_json() if shard is not None else "null", meta)
+                                  shard.to_json() if shard is not None else "null", meta, containers.image_column)
         plan = plan_resume(out, found, settings, out_opts.retry_failed)
         if plan.sources:
             built = family.build(encoder_opts, device, dtype, compile=compute.compile, record=record)
@@ -208,7 +209,7 @@ def extract(
         duplicates_dropped=found.skipped_duplicates,
         failed_earlier=plan.failed_earlier,
         timings=ran.timings,
-        warnings=notes + (runner.warnings if runner else []) + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype),
+        warnings=found.notes + notes + (runner.warnings if runner else []) + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype),
     )
 
 
@@ -234,7 +235,8 @@ def plan_resume(out: Output, found: Discovery, settings, retry_failed: bool) -> 
     keep_failures = None
     folders = {u.identity(found.roots): u for u in found.unlisted}
     if retry_failed:  # only failures among this run's inputs: the others' records stay
-        retried = failed & ({s.identity for s in found.sources} | set(folders))
+        # A record of a whole container (cut short, missing, unreadable) is tried again with it.
+        retried = failed & ({s.identity for s in found.sources} | set(folders) | found.containers)
         skip -= retried
         keep_failures = [i for i, f in enumerate(state.failed) if f not in retried]
     sources = [dataclasses.replace(s, root_index=remap[s.root_index]) for s in found.sources if s.identity not in skip]

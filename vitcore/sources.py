@@ -108,6 +108,9 @@ class Discovery:
     roots: list[str]  # absolute root directories; files named directly use the working directory
     skipped_duplicates: int = 0
     unlisted: list[Unlisted] = field(default_factory=list)  # folders whose contents are unknown
+    containers: set = field(default_factory=set)  # identities of the container files read (tar, Parquet)
+    empty: list[str] = field(default_factory=list)  # container files that hold no image
+    notes: list[str] = field(default_factory=list)  # what was passed over, counted (for the summary)
 
 
 def parse_extensions(text: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -213,16 +216,31 @@ def discover(
             roots.append(root)
         return roots.index(root)
 
-    def take(index: int, key: str, path: str) -> None:
+    containers: set[bytes] = set()
+    empty: list[str] = []
+    no_images: list[str] = []  # Parquet files found in folders without an image column
+
+    def take(index: int, key: str, path: str, named: bool) -> None:
         """One file: an image, or a container whose images are taken in its order."""
+        from vitcore.containers import NoImageColumn
+
         kind = container_kind(path)
-        if kind is None or os.path.isdir(path):
+        if kind is None or os.path.isdir(path) or not os.path.lexists(path):  # a listed file that is gone:
             found.append((index, os.fsencode(key), 0, Source(path=path, key=escape_key(key), root_index=index)))
+            return                                                            # its own failure record
+        containers.add(os.path.normpath(os.path.abspath(os.fsencode(path))))
+        try:
+            inside, problem = _scan_container(kind, path, key, index, exts, options)
+        except NoImageColumn:
+            if named:
+                raise
+            no_images.append(key)
             return
-        inside, problem = _scan_container(kind, path, key, index, exts, options)
         found.extend((index, os.fsencode(key), place, source) for place, source in enumerate(inside))
         if problem is not None:
             unlisted.append(problem)
+        elif not inside:
+            empty.append(path)
 
     seen_dirs: set[str] = set()
     for given, listed in named:
@@ -231,12 +249,12 @@ def discover(
             index = root_index(root)
             files, unreadable = _walk(root, exts, seen_dirs)
             for rel in files:
-                take(index, rel, os.path.join(root, rel))
+                take(index, rel, os.path.join(root, rel), named=False)
             unlisted += [Unlisted(escape_key(os.path.join(rel, "") if rel else "./"), index, reason)
                          for rel, reason in unreadable]
         elif os.path.lexists(given) or listed:
             # Named files are taken as given; a listed one that is missing becomes a failure record.
-            take(root_index(cwd), given, given)
+            take(root_index(cwd), given, given, named=True)
         else:
             raise UsageError(f"input {given} does not exist")
 
@@ -249,15 +267,19 @@ def discover(
             continue
         seen.add(source.identity)
         sources.append(source)
-    return Discovery(sources=sources, roots=roots, skipped_duplicates=duplicates, unlisted=unlisted)
+    notes = []
+    if no_images:
+        shown = ", ".join(no_images[:3]) + (" …" if len(no_images) > 3 else "")
+        notes.append(f"{len(no_images)} Parquet files in the folders have no column of image bytes and were passed "
+                     f"over ({shown}; img2dataset writes such metadata files beside its tars)")
+    return Discovery(sources=sources, roots=roots, skipped_duplicates=duplicates, unlisted=unlisted,
+                     containers=containers, empty=empty, notes=notes)
 
 
 def _scan_container(kind: str, path: str, key: str, index: int, exts, options):
     """(the images inside a container file, a record of what could not be read or None)."""
     from vitcore.containers import scan_parquet, scan_tar
 
-    if not os.path.lexists(path):  # a listed container that is gone: the file's own failure record
-        return [Source(path=path, key=escape_key(key), root_index=index)], None
     if kind == "compressed-tar":
         where = escape_key(os.path.join(key, ""))
         return [], Unlisted(where, index, "compressed tar: members cannot be read by offset; decompress it "

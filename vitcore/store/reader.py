@@ -189,7 +189,8 @@ class TokenFile:
         from vitcore.containers import open_original
 
         i = self._row(item)
-        return open_original(self.settings["roots"][int(self.h5["root_index"][i])], self.keys[i])
+        settings = self.settings
+        return open_original(settings["roots"][int(self.h5["root_index"][i])], self.keys[i], settings.get("image_column"))
 
     def source_bytes(self, item: int | str) -> bytes:
         """The original bytes of a row's input (see open_original)."""

@@ -59,6 +59,7 @@ class StoreSettings:
     version: str = ""
     shard: str = "null"  # ShardRecord JSON for shard files (--shard, torchrun), else null
     meta: tuple[str, ...] = ()  # text datasets meta/<name>, one string per row (--keep, --columns)
+    image_column: str = "null"  # JSON: the Parquet column the images were read from (--image-column), or null: auto
 
     @property
     def token_shape(self) -> tuple[int, ...]:
@@ -146,7 +147,9 @@ ATTRIBUTES = (
     Attribute("ragged", "setting", lambda s: s.ragged, default=False, merge="first"),
     Attribute("shard", "setting", lambda s: s.shard, json=True, compare="input list or shard range", default="null"),
     Attribute("meta", "setting", lambda s: json.dumps(list(s.meta)), json=True, compare="--keep / --columns list",
-              default="[]", merge="first"),
+              key=lambda text: sorted(json.loads(text)), default="[]", merge="first"),
+    Attribute("image_column", "setting", lambda s: s.image_column, json=True, compare="--image-column",
+              default="null", merge="first"),
     Attribute("roots", "state", json=True, required=True),
     Attribute("committed", "state", required=True),
     Attribute("failed_committed", "state", required=True),
