@@ -4,6 +4,7 @@ fresh process. Prints one Markdown table.
 
     python bench/qwen_cpu.py                                  # Qwen3-VL 2B shape, float32 and bf16
     python bench/qwen_cpu.py --shapes qwen3-8b --big          # adds a 2000x1500 and a 1000x40 photo
+    python bench/qwen_cpu.py --shapes qwen3-8b --only-big --dtypes float32   # those two alone
     python bench/qwen_cpu.py --shapes qwen2.5-3b --dtypes float32
 
 Ours:   vit-extract run IMAGES --weights CKPT --dtype D --out-dtype float32 --json (defaults
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -74,10 +74,10 @@ def make_checkpoint(folder: Path, shape: str) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(processor))
 
 
-def make_images(folder: Path, big: bool) -> list[Path]:
+def make_images(folder: Path, big: bool, samples: bool = True) -> list[Path]:
     folder.mkdir(parents=True)
     paths = []
-    for source in sorted((PROJECT / "sample_images").glob("*")):
+    for source in sorted((PROJECT / "sample_images").glob("*")) if samples else ():
         if source.suffix.lower() in (".jpg", ".png"):
             paths.append(folder / source.name)
             paths[-1].write_bytes(source.read_bytes())
@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="qwen3-2b", help=f"comma-separated: {', '.join(SHAPES)}")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--big", action="store_true", help="add a 2000x1500 photo and a 1000x40 strip")
+    parser.add_argument("--only-big", action="store_true", help="the 2000x1500 photo and the strip alone")
     parser.add_argument("--theirs", nargs="+", help=argparse.SUPPRESS)  # internal: FOLDER DTYPE IMAGE...
     args = parser.parse_args()
     if args.theirs:
@@ -146,7 +147,7 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="qwen-cpu-") as work:
-        images = make_images(Path(work) / "imgs", args.big)
+        images = make_images(Path(work) / "imgs", args.big or args.only_big, samples=not args.only_big)
         for shape in args.shapes.split(","):
             folder = Path(work) / shape
             make_checkpoint(folder, shape)
