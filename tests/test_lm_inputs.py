@@ -5,6 +5,7 @@ with every start method."""
 from __future__ import annotations
 
 import multiprocessing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,7 +188,7 @@ def test_a_dataset_subset_keeps_the_order_asked_and_carries_captions(tmp_path):
     assert item["tokens"].shape == (16, 32)
     batch = vitcore.collate_tokens([dataset[0], dataset[1]])
     assert batch["tokens"].shape == (2, 16, 32) and batch["meta"]["txt"][1] == "a picture, number 1 ✓"
-    with pytest.raises(KeyError, match="not in"):
+    with pytest.raises(KeyError, match="is not a row of"):
         vitcore.TokenDataset(out, keys=["nope.jpg"])
 
 
@@ -207,3 +208,76 @@ def test_projected_seed_tokens_are_placed_among_text_embeddings(tmp_path):
     images = input_ids[0] == image_id
     assert torch.equal(placed[0, images], tokens.reshape(32, 40))
     assert torch.equal(placed[0, ~images], embeds[0, ~images])
+
+
+def test_a_batch_feeds_the_model_as_the_file_does(cached):
+    """encoder_outputs_from_batch: a DataLoader batch of the file → the same model inputs."""
+    family, model, pixels, out = cached
+    names = ["tall.png", "wide.png"]
+    batch = vitcore.collate_tokens([vitcore.TokenDataset(out, keys=names)[i] for i in range(2)])
+    outputs, grid = vitcore.encoder_outputs_from_batch(batch)
+    assert _relative(_from_pixels(model, pixels, names), _from_cache(model, outputs, grid)) < 1e-4
+
+
+def test_rows_by_key_or_number_and_what_is_refused(cached, tmp_path, monkeypatch):
+    family, _, _, out = cached
+    by_key, _ = vitcore.encoder_outputs(out, "wide.png")
+    with vitcore.open_tokens(out) as f:
+        row = f.index("wide.png")
+    by_row, _ = vitcore.encoder_outputs(out, [np.int64(row)])
+    assert torch.equal(by_key.pooler_output[0], by_row.pooler_output[0])
+    assert vitcore.TokenDataset(out, keys=[row]).keys == ["wide.png"] == vitcore.TokenDataset(out, keys="wide.png").keys
+    for bad, words in (([], "no keys"), ([1.5], "neither a key"), ([True], "neither a key")):
+        with pytest.raises(UsageError, match=words):
+            vitcore.encoder_outputs(out, bad)
+    # The same key under two roots names two rows: refused, rows still reachable by number.
+    for root in ("a", "b"):
+        (tmp_path / root).mkdir()
+        Image.fromarray(np.full((30, 30, 3), 40 if root == "a" else 200, np.uint8)).save(tmp_path / root / "x.png")
+    twice = tmp_path / "twice.h5"
+    vitcore.extract([tmp_path / "a", tmp_path / "b"], twice, model=TINY, **EXACT)
+    with pytest.raises(UsageError, match="names 2 rows"):
+        vitcore.TokenDataset(twice, keys=["x.png"])
+    assert [item["tokens"].mean() for item in vitcore.TokenDataset(twice, keys=[1, 0])] != []
+    # A relative path keeps naming the file after the working directory changes.
+    monkeypatch.chdir(out.parent)
+    dataset = vitcore.TokenDataset(out.name)
+    monkeypatch.chdir(tmp_path)
+    assert dataset[0]["key"] == "tall.png"
+
+
+def test_a_file_rewritten_under_a_dataset_is_refused_not_misread(tmp_path):
+    from tests.helpers import SAMPLES
+
+    out = tmp_path / "t.h5"
+    vitcore.extract([SAMPLES / "chelsea.jpg"], out, model=TINY, **EXACT)
+    dataset = vitcore.TokenDataset(out)
+    vitcore.extract([SAMPLES / "coffee.jpg"], out, model=TINY, overwrite=True, **EXACT)
+    with pytest.raises(vitcore.VitExtractError, match="has changed since this TokenDataset was made"):
+        dataset[0]
+
+
+def test_a_merged_file_whose_shard_went_missing_is_refused_not_read_as_nan(tmp_path):
+    from tests.helpers import SAMPLES
+    from vitcore.merge import merge
+    from vitcore.shard import shard_path
+
+    out = tmp_path / "m.h5"
+    parts = [shard_path(str(out), i, 2) for i in range(2)]
+    for i, part in enumerate(parts):
+        vitcore.extract([SAMPLES], part, model=TINY, shard=(i, 2), **EXACT)
+    merge(str(out), parts)
+    dataset = vitcore.TokenDataset(out)
+    Path(parts[1]).rename(tmp_path / "moved.h5")
+    with pytest.raises(vitcore.VitExtractError, match="missing"):
+        dataset[len(dataset) - 1]
+
+
+def test_image_tokens_are_taken_as_arrays_or_batches_too():
+    embeds, ids = torch.zeros(1, 8, 4), torch.tensor([[1, 7, 7, 2, 7, 7, 7, 3]])
+    tokens = np.arange(20, dtype=np.float32).reshape(5, 4)
+    for given in (tokens, [tokens[:2], tokens[2:]], torch.from_numpy(tokens)[None]):
+        placed = vitcore.place_image_tokens(embeds, ids, 7, given)
+        assert torch.equal(placed[0, ids[0] == 7], torch.from_numpy(tokens))
+    with pytest.raises(UsageError, match="no image tokens"):
+        vitcore.place_image_tokens(embeds, ids, 7, [])

@@ -33,6 +33,7 @@ _EXPORTS = {
     "TokenDataset": "vitcore.dataset",
     "collate_tokens": "vitcore.dataset",
     "encoder_outputs": "vitcore.lm_inputs",
+    "encoder_outputs_from_batch": "vitcore.lm_inputs",
     "place_image_tokens": "vitcore.lm_inputs",
     "vllm_image_embeds": "vitcore.lm_inputs",
 }

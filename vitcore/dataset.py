@@ -16,7 +16,14 @@ import os
 import numpy as np
 import torch
 
+from vitcore.errors import VitExtractError
 from vitcore.store.reader import TokenFile
+
+
+def _fingerprint(f: TokenFile) -> tuple:
+    """What tells this file from one written in its place: its run's id and creation time."""
+    attrs = f.h5.attrs
+    return str(attrs.get("run_id", "")), str(attrs.get("created", ""))
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -29,19 +36,20 @@ class TokenDataset(torch.utils.data.Dataset):
         meta         name → text for each stored meta/<name> (captions, --keep / --columns)
     """
 
-    def __init__(self, path: str | os.PathLike, keys: list[str] | None = None):
-        self.path = os.fspath(path)
+    def __init__(self, path: str | os.PathLike, keys=None):
+        """``keys``: None (every row, in file order), or keys (str) and row numbers (int) in the order
+        wanted. A key stored under two roots is refused (give its row numbers)."""
+        from vitcore.lm_inputs import rows_of
+
+        self.path = os.path.abspath(os.fspath(path))  # a launcher may change the working directory
         with TokenFile(self.path) as f:  # the index only; each reading process opens its own handle
-            self.keys = list(f.keys) if keys is None else list(keys)
-            rows = f._key_rows() if keys is not None else None
-            missing = [k for k in self.keys if rows is not None and k not in rows]
-            if missing:
-                raise KeyError(f"not in {self.path}: {', '.join(missing[:5])}" + (" …" if len(missing) > 5 else ""))
-            self.rows = [rows[k] for k in self.keys] if rows is not None else list(range(len(self.keys)))
+            self.rows = rows_of(f, keys)  # keys (str) and row numbers (int); None: every row
+            self.keys = [f.keys[r] for r in self.rows]
             self.features = [f"features/{name}" for name, _, _ in f.settings.get("features") or []]
             self.features += [f"layers/{k}" for k in f.layers]
             self.meta_names = f.meta_names
             self.has_grid = "grid_thw" in f.h5
+            self.made = _fingerprint(f)
         self._file: TokenFile | None = None
         self._pid: int | None = None
 
@@ -55,8 +63,12 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def _open(self) -> TokenFile:
         if self._file is None or self._pid != os.getpid():
-            self._file = TokenFile(self.path, check_shards=False)  # an inherited handle is left alone
-            self._pid = os.getpid()
+            f = TokenFile(self.path)  # an inherited handle is left alone; a merged file checks its shards
+            if _fingerprint(f) != self.made or len(f) <= max(self.rows, default=-1):
+                f.close()
+                raise VitExtractError(f"{self.path} has changed since this TokenDataset was made (rewritten, or "
+                                      "another file in its place): its rows may be other images; make the dataset again")
+            self._file, self._pid = f, os.getpid()
         return self._file
 
     def __getitem__(self, index: int) -> dict:
@@ -77,9 +89,10 @@ class TokenDataset(torch.utils.data.Dataset):
 
 def collate_tokens(items: list[dict]) -> dict:
     """A batch as the Qwen-VL models consume images: every image's tokens concatenated in order,
-    ``(Σ T_i, D)``, with ``grid_thw`` ``(B, 3)`` and ``num_tokens`` ``(B,)`` to split them again;
-    fixed-size tokens are stacked ``(B, T, D)`` instead. Features follow their tokens' layout;
-    meta becomes lists of text."""
+    ``(Σ T_i, D)``, with ``grid_thw`` ``(B, 3)`` and ``num_tokens`` ``(B,)`` to split them again
+    (``feature_num_tokens`` for each feature); so for every Qwen-VL file, even at a fixed
+    --resolution. Seed files' tokens are stacked ``(B, T, D)``. Meta becomes lists of text.
+    Items must come from files with the same features (not a mix)."""
     shapes = {tuple(item["tokens"].shape) for item in items}
     ragged = items[0]["tokens"].dim() == 2 and (len(shapes) > 1 or "grid_thw" in items[0])  # pooled: (D,) each
 
@@ -94,6 +107,9 @@ def collate_tokens(items: list[dict]) -> dict:
     }
     if ragged:
         batch["num_tokens"] = torch.tensor([len(item["tokens"]) for item in items], dtype=torch.int64)
+        batch["feature_num_tokens"] = {  # rows of each feature per image (last_hidden has 4 per token)
+            name: torch.tensor([len(item["features"][name]) for item in items], dtype=torch.int64)
+            for name in items[0]["features"]}
     if "grid_thw" in items[0]:
         batch["grid_thw"] = torch.stack([item["grid_thw"] for item in items])
     return batch

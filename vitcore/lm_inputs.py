@@ -27,12 +27,48 @@ from vitcore.store.reader import TokenFile
 QWEN_FAMILIES = ("qwen3-vl", "qwen2.5-vl", "qwen2-vl")
 
 
-def _rows(f: TokenFile, keys) -> list[int]:
+def rows_of(f: TokenFile, keys) -> list[int]:
+    """Row numbers for ``keys``: None (every row), one key, or a sequence of keys (str) and row
+    numbers (int). A key stored under two roots names two rows: refused, give row numbers then."""
     if keys is None:
         return list(range(len(f)))
-    if isinstance(keys, (str, int)):
+    if isinstance(keys, (str, int, np.integer)) and not isinstance(keys, bool):
         keys = [keys]
-    return [f._row(k) for k in keys]
+    keys = list(keys)
+    if not keys:
+        raise UsageError("no keys given: pass None for every row, or some keys or row numbers")
+    index = _key_index(f)
+    rows = []
+    for key in keys:
+        if isinstance(key, str):
+            found = index.get(key)
+            if found is None:
+                raise KeyError(f"{key!r} is not a row of {f.path}")
+            if len(found) > 1:
+                raise UsageError(f"{key!r} names {len(found)} rows of {f.path} (found under different roots: "
+                                 f"rows {', '.join(map(str, found[:4]))}); give row numbers instead")
+            rows.append(found[0])
+        elif isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+            rows.append(f._row(int(key)))
+        else:
+            raise UsageError(f"{key!r} is neither a key (str) nor a row number (int)")
+    return rows
+
+
+_INDEXES: dict = {}  # (path, size, mtime, committed) → key → rows: a serving loop does not reread every key
+
+
+def _key_index(f: TokenFile) -> dict[str, list[int]]:
+    stat = os.stat(f.path)
+    stamp = (os.path.abspath(f.path), stat.st_size, stat.st_mtime_ns, len(f))
+    if stamp not in _INDEXES:
+        index: dict[str, list[int]] = {}
+        for i, key in enumerate(f.keys):
+            index.setdefault(key, []).append(i)
+        if len(_INDEXES) >= 4:
+            _INDEXES.pop(next(iter(_INDEXES)))
+        _INDEXES[stamp] = index
+    return _INDEXES[stamp]
 
 
 def _family(f: TokenFile) -> str:
@@ -59,7 +95,7 @@ def encoder_outputs(path: str | os.PathLike, keys=None, dtype: torch.dtype | Non
         if family == "qwen3-vl" and len(levels) != wanted:
             raise UsageError(f"{path} has no DeepStack features (made without --features deepstack); the Qwen3-VL "
                              "language model needs them: extract again with --features deepstack")
-        rows = _rows(f, keys)
+        rows = rows_of(f, keys)
 
         def tensor(a: np.ndarray) -> torch.Tensor:
             t = torch.from_numpy(np.ascontiguousarray(a))
@@ -100,8 +136,7 @@ def place_image_tokens(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, ima
     (T_i, H) per image, in prompt order) written at the positions where ``input_ids`` holds
     ``image_token_id``, row by row, left to right: what the Qwen-VL forwards do with their vision
     tower's output. One-line error when the counts differ."""
-    if not torch.is_tensor(tokens):
-        tokens = torch.cat(list(tokens))
+    tokens = _as_rows(tokens, inputs_embeds.shape[-1])
     mask = input_ids == image_token_id  # (B, L)
     places = int(mask.sum())
     if places != len(tokens) or tokens.shape[-1] != inputs_embeds.shape[-1]:
@@ -110,6 +145,34 @@ def place_image_tokens(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, ima
     out = inputs_embeds.clone()
     out[mask] = tokens.to(out.dtype)
     return out
+
+
+def _as_rows(tokens, width: int) -> torch.Tensor:
+    """Tokens as one (Σ T_i, W) tensor: from a tensor or array (T, W) or (B, T, W) (collate_tokens of
+    fixed-size files), or a sequence of those per image."""
+    def one(t) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        return t.reshape(-1, t.shape[-1]) if t.dim() >= 2 else t.reshape(1, -1)
+
+    if torch.is_tensor(tokens) or isinstance(tokens, np.ndarray):
+        return one(tokens)
+    parts = [one(t) for t in tokens]
+    if not parts:
+        raise UsageError("no image tokens were given")
+    return torch.cat(parts)
+
+
+def encoder_outputs_from_batch(batch: dict):
+    """(outputs, image_grid_thw) for a batch of collate_tokens over a Qwen-VL file: what
+    encoder_outputs gives for those rows, to pass as mm_encoder_outputs={"image": outputs}."""
+    if "grid_thw" not in batch or "num_tokens" not in batch:
+        raise UsageError("this batch is not of a Qwen-VL file (no grid_thw / num_tokens): nothing to feed the model")
+    sizes = batch["num_tokens"].tolist()
+    tokens = tuple(batch["tokens"].split(sizes))
+    levels = sorted((name for name in batch["features"] if name.startswith("features/deepstack_")),
+                    key=lambda name: int(name.rpartition("_")[2]))
+    deepstack = [tuple(batch["features"][name].split(sizes)) for name in levels] or None
+    return _output_record(tokens, deepstack), batch["grid_thw"]
 
 
 def vllm_image_embeds(path: str | os.PathLike, keys=None, dtype: torch.dtype | None = None) -> dict:
