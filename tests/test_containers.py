@@ -395,3 +395,27 @@ def test_meta_names_and_empty_containers_are_checked_in_one_line(tmp_path):
     vitcore.extract([shard], tmp_path / "k.h5", EXACT, keep="TXT,json")  # any case, any order
     result = vitcore.extract([shard], tmp_path / "k.h5", EXACT, keep="json,txt", resume=True)
     assert result.skipped == 2
+
+
+def test_parquet_rows_are_read_a_few_at_a_time_and_a_bad_stretch_fails_only_its_rows(tmp_path, monkeypatch):
+    import vitcore.containers
+
+    pictures = _pictures(12)
+    write_parquet(tmp_path / "t.parquet", pictures, row_group_size=6)
+    monkeypatch.setattr(vitcore.containers, "PARQUET_READ_ROWS", 2)
+    real = pq.ParquetFile.iter_batches
+    sizes = []
+
+    def breaking(self, *args, **kwargs):  # the second stretch of row group 0 cannot be decoded
+        for n, batch in enumerate(real(self, *args, **kwargs)):
+            sizes.append(len(batch))
+            if kwargs["row_groups"] == [0] and n == 1:
+                raise OSError("Couldn't deserialize thrift: a damaged page header (a fake fault)")
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", breaking)
+    result = vitcore.extract([tmp_path / "t.parquet"], tmp_path / "out.h5", EXACT)
+    failed = {key.rpartition("=")[2]: reason for key, reason in result.failures}
+    assert sorted(failed, key=int) == ["2", "3", "4", "5"]
+    assert all("row group could not be decoded" in reason and "thrift" in reason for reason in failed.values())
+    assert result.rows == 8 and set(sizes) == {2}  # never more than 2 rows decoded at a time
