@@ -6,7 +6,7 @@ Each image in a container is one input, read by random access (never as a stream
     TarMember   one scan of the tar's headers (standard library tarfile, no decompression) gives
                 each member's data offset and size; a worker reads just those bytes.
     ParquetRow  the file's metadata (pyarrow) gives its row groups; a worker reads the row group
-                holding its row (one row group kept per process: neighbouring rows share it).
+                holding its row forward, a few rows at a time (its batch's rows are neighbours).
 
 Keys (the stored ``paths``): the container's key as a loose file's would be, then ``/`` and
     a tar member's name:       ``00001.tar/000010005.jpg``
