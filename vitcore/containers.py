@@ -356,16 +356,36 @@ class NoImageColumn(UsageError):
 def scan_parquet(path: str, key: str, root_index: int, options: ContainerOptions):
     """The rows of a Parquet file's image column, and a record when it cannot be read, or None.
     A column asked for that the file lacks is a usage error: every file must have it."""
+    try:
+        column, group_rows = parquet_layout(path, options)
+    except ParquetUnreadable as err:
+        return [], Unlisted(escape_key(os.path.join(key, "")), root_index, str(err))
+    sources, row = [], 0
+    for group, count in enumerate(group_rows):
+        for i in range(count):
+            sources.append(ParquetRow(path=path, row=row, key=escape_key(os.path.join(key, f"row={row}")),
+                                      root_index=root_index, row_group=group, index_in_group=i, column=column,
+                                      columns=options.columns))
+            row += 1
+    return sources, None
+
+
+class ParquetUnreadable(OSError):
+    """Not a Parquet file pyarrow can read (its reason in one line)."""
+
+
+def parquet_layout(path: str, options: ContainerOptions) -> tuple[str, list[int]]:
+    """(the image column, the rows of each row group) of a Parquet file, from its metadata alone;
+    the columns asked for are checked against its schema."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    where = escape_key(os.path.join(key, ""))
     try:
         with open_regular(path) as handle:
             metadata = pq.ParquetFile(handle).metadata
             schema = metadata.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as err:
-        return [], Unlisted(where, root_index, f"{type(err).__name__}: not a readable Parquet file ({_one_line(err)})")
+        raise ParquetUnreadable(f"{type(err).__name__}: not a readable Parquet file ({_one_line(err)})") from None
     column = options.image_column or _image_column(schema)
     if column is None:
         names = ", ".join(f"{f.name} ({f.type})" for f in schema)
@@ -379,14 +399,7 @@ def scan_parquet(path: str, key: str, root_index: int, options: ContainerOptions
     if not _holds_bytes(schema.field(column).type):
         raise UsageError(f"{path}: column {column!r} is {schema.field(column).type}, not image bytes "
                          "(binary, or a struct with a 'bytes' field as Hugging Face datasets write)")
-    sources, row = [], 0
-    for group in range(metadata.num_row_groups):
-        for i in range(metadata.row_group(group).num_rows):
-            sources.append(ParquetRow(path=path, row=row, key=escape_key(os.path.join(key, f"row={row}")),
-                                      root_index=root_index, row_group=group, index_in_group=i, column=column,
-                                      columns=options.columns))
-            row += 1
-    return sources, None
+    return column, [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
 
 
 def _holds_bytes(kind) -> bool:
@@ -458,8 +471,11 @@ def _open_inside(container: str, kind: str, inner: str, image_column: str | None
     match = re.fullmatch(r"row=(\d+)", inner)
     if match is None:
         raise FileNotFoundError(f"{inner!r} names no row of {container}")
-    rows, _ = scan_parquet(container, "", 0, ContainerOptions(image_column=image_column))
-    row = int(match.group(1))
-    if row >= len(rows):
-        raise FileNotFoundError(f"{container} has no row {row}")
-    return rows[row].open()
+    column, group_rows = parquet_layout(container, ContainerOptions(image_column=image_column))
+    row = wanted = int(match.group(1))
+    for group, count in enumerate(group_rows):  # the row group holding it: no other row is looked at
+        if row < count:
+            return ParquetRow(path=container, row=wanted, key=inner, root_index=0, row_group=group,
+                              index_in_group=row, column=column).open()
+        row -= count
+    raise FileNotFoundError(f"{container} has no row {wanted}")

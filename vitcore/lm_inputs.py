@@ -37,13 +37,10 @@ def rows_of(f: TokenFile, keys) -> list[int]:
     keys = list(keys)
     if not keys:
         raise UsageError("no keys given: pass None for every row, or some keys or row numbers")
-    index = _key_index(f)
     rows = []
     for key in keys:
         if isinstance(key, str):
-            found = index.get(key)
-            if found is None:
-                raise KeyError(f"{key!r} is not a row of {f.path}")
+            found = f.rows_named(key)
             if len(found) > 1:
                 raise UsageError(f"{key!r} names {len(found)} rows of {f.path} (found under different roots: "
                                  f"rows {', '.join(map(str, found[:4]))}); give row numbers instead")
@@ -53,22 +50,6 @@ def rows_of(f: TokenFile, keys) -> list[int]:
         else:
             raise UsageError(f"{key!r} is neither a key (str) nor a row number (int)")
     return rows
-
-
-_INDEXES: dict = {}  # (path, size, mtime, committed) → key → rows: a serving loop does not reread every key
-
-
-def _key_index(f: TokenFile) -> dict[str, list[int]]:
-    stat = os.stat(f.path)
-    stamp = (os.path.abspath(f.path), stat.st_size, stat.st_mtime_ns, len(f))
-    if stamp not in _INDEXES:
-        index: dict[str, list[int]] = {}
-        for i, key in enumerate(f.keys):
-            index.setdefault(key, []).append(i)
-        if len(_INDEXES) >= 4:
-            _INDEXES.pop(next(iter(_INDEXES)))
-        _INDEXES[stamp] = index
-    return _INDEXES[stamp]
 
 
 def _family(f: TokenFile) -> str:

@@ -134,7 +134,6 @@ class ImageDataset(Dataset):
 
 
 def collate(items) -> Batch:
-    items = [item if len(item) == 5 else (*item, {}) for item in items]
     decoded = [item for item in items if item[3] is None]
     ok = [item for item in decoded if not isinstance(item[1], JpegFile)]  # (H, W, 3) pixels
     jpegs = [(item[0], item[1]) for item in decoded if isinstance(item[1], JpegFile)]

@@ -87,7 +87,7 @@ def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
     pooling = settings.get("pooling", "none")
     runner = BatchRunner(built, store_settings(built, pooling, "float32", device, torch.float32), device)
     with torch.inference_mode():
-        rows = runner(collate([(0, pixels, size, None)]), [source])
+        rows = runner(collate([(0, pixels, size, None, {})]), [source])  # (index, pixels, size, error, meta)
     return rows.arrays["mean" if pooling == "none" else "tokens"][0]
 
 

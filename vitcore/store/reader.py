@@ -15,6 +15,7 @@ from vitcore.sources import source_path
 from vitcore.store.schema import decoded, ragged_index_names
 
 
+_KEY_INDEXES: dict = {}  # (path, size, mtime, rows) → key → rows; a few file versions at most
 OPEN_FILES_MARGIN = 64  # descriptors kept for everything else a process has open
 
 
@@ -107,18 +108,32 @@ class TokenFile:
             self._keys = list(self.h5["paths"].asstr()[:n]) if n else []
         return self._keys
 
-    def _key_rows(self) -> dict[str, int]:
-        if self._index is None:  # a key found under two roots: the first row wins
-            self._index = {}
-            for i, k in enumerate(self.keys):
-                self._index.setdefault(k, i)
+    def _key_rows(self) -> dict[str, list[int]]:
+        """key → its rows (several when it was found under several roots), built once per file
+        version and shared by every reader of it in this process (a serving loop rereads no keys)."""
+        if self._index is None:
+            stat = os.stat(self.path)
+            version = (os.path.abspath(self.path), stat.st_size, stat.st_mtime_ns, len(self))
+            if version not in _KEY_INDEXES:
+                index: dict[str, list[int]] = {}
+                for i, k in enumerate(self.keys):
+                    index.setdefault(k, []).append(i)
+                if len(_KEY_INDEXES) >= 4:
+                    _KEY_INDEXES.pop(next(iter(_KEY_INDEXES)))
+                _KEY_INDEXES[version] = index
+            self._index = _KEY_INDEXES[version]
         return self._index
 
-    def index(self, key: str) -> int:
+    def rows_named(self, key: str) -> list[int]:
+        """Every row stored under ``key`` (one, unless it was found under several roots)."""
         try:
             return self._key_rows()[key]
         except KeyError:
             raise KeyError(f"{key!r} is not a row of {self.path}") from None
+
+    def index(self, key: str) -> int:
+        """The row of ``key``; of a key found under two roots, the first."""
+        return self.rows_named(key)[0]
 
     def __contains__(self, key: str) -> bool:
         return key in self._key_rows()

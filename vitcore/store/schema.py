@@ -228,8 +228,8 @@ def lay_out(h5: h5py.File, settings: StoreSettings, roots: list[str], stamp: dic
     if settings.grid_thw:
         h5.create_dataset("grid_thw", (0, 3), np.int32, maxshape=(None, 3), chunks=(PER_ROW_CHUNK, 3))
     h5.create_dataset("paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
-    for name in settings.meta:
-        h5.create_dataset(f"meta/{name}", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+    for name in meta_datasets(settings.meta):
+        h5.create_dataset(name, (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
     h5.create_dataset("root_index", (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
     h5.create_dataset("image_size", (0, 2), np.int32, maxshape=(None, 2), chunks=(PER_ROW_CHUNK, 2))
     h5.create_dataset("failed/paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))

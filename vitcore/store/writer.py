@@ -29,6 +29,7 @@ from vitcore.store.schema import (
     devices_joined,
     flat_datasets,
     lay_out,
+    meta_datasets,
     ragged_index_names,
     row_datasets,
 )
@@ -152,7 +153,7 @@ class StoreWriter:
         for name in FAILED_DATASETS:
             self.datasets[name].resize(self.failed_committed, axis=0)
         texts = [("paths", self.committed), ("failed/paths", self.failed_committed),
-                 ("failed/errors", self.failed_committed)] + [(f"meta/{m}", self.committed) for m in self.settings.meta]
+                 ("failed/errors", self.failed_committed)] + [(m, self.committed) for m in meta_datasets(self.settings.meta)]
         for name, rows in texts:
             _clear_stale_strings(self.datasets[name], rows)
         if keep_failures is not None and len(keep_failures) < self.failed_committed:
