@@ -6,6 +6,7 @@ fresh process. Prints one Markdown table.
     python bench/qwen_cpu.py --shapes qwen3-8b --big          # adds a 2000x1500 and a 1000x40 photo
     python bench/qwen_cpu.py --shapes qwen3-8b --only-big --dtypes float32   # those two alone
     python bench/qwen_cpu.py --shapes qwen2.5-3b --dtypes float32
+    python bench/qwen_cpu.py --shapes qwen3-2b,qwen2.5-3b,qwen2-2b --rounds 3   # medians of 3 pairs
 
 Ours:   vit-extract run IMAGES --weights CKPT --dtype D --out-dtype float32 --json (defaults
         otherwise: 2 decoding workers on 2 cores); "loop s" is the run loop (the --json seconds).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,30 +45,40 @@ SHAPES = {
     "qwen2.5-3b": ("qwen2_5_vl", dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                                       out_hidden_size=2048, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                                       window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")),
+    "qwen2-2b": ("qwen2_vl", dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16, patch_size=14,
+                                  spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")),
 }
 PROCESSORS = {  # as the released checkpoints' preprocessor_config.json
     "qwen3_vl": dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                      size={"shortest_edge": 65536, "longest_edge": 16777216}),
     "qwen2_5_vl": dict(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=3136, max_pixels=12845056),
 }
+PROCESSORS["qwen2_vl"] = PROCESSORS["qwen2_5_vl"]
+
+
+def transformers_tower(model_type: str, vision: dict):
+    """transformers' own vision tower of that model type, random weights."""
+    import transformers
+
+    if model_type == "qwen3_vl":
+        config = transformers.Qwen3VLConfig(vision_config=vision).vision_config
+        return transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionModel(config)
+    if model_type == "qwen2_5_vl":
+        config = transformers.Qwen2_5_VLConfig(vision_config=vision).vision_config
+        return transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel(config)
+    config = transformers.Qwen2VLConfig(vision_config=vision).vision_config
+    return transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel(config)
 
 
 def make_checkpoint(folder: Path, shape: str) -> None:
     """config.json, preprocessor_config.json and model.safetensors holding only model.visual.*"""
     import torch
-    import transformers
     from safetensors.torch import save_file
 
     model_type, vision = SHAPES[shape]
     folder.mkdir(parents=True)
     torch.manual_seed(0)
-    if model_type == "qwen3_vl":
-        config = transformers.Qwen3VLConfig(vision_config=vision)
-        tower = transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionModel(config.vision_config)
-    else:
-        config = transformers.Qwen2_5_VLConfig(vision_config=vision)
-        tower = transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel(
-            config.vision_config)
+    tower = transformers_tower(model_type, vision)
     state = {f"model.visual.{k}": v.contiguous() for k, v in tower.state_dict().items()}
     save_file(state, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"model_type": model_type, "vision_config": vision}))
@@ -116,12 +128,7 @@ def theirs(folder: str, images: list[str], dtype_name: str) -> None:
     torch.set_grad_enabled(False)
     dtype = getattr(torch, dtype_name)
     config = json.loads(Path(folder, "config.json").read_text())
-    if config["model_type"] == "qwen3_vl":
-        vision = transformers.Qwen3VLConfig(vision_config=config["vision_config"]).vision_config
-        tower = transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionModel(vision)
-    else:
-        vision = transformers.Qwen2_5_VLConfig(vision_config=config["vision_config"]).vision_config
-        tower = transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel(vision)
+    tower = transformers_tower(config["model_type"], config["vision_config"])
     state = {k.removeprefix("model.visual."): v for k, v in load_file(Path(folder, "model.safetensors")).items()}
     tower.load_state_dict(state)
     tower = tower.to(dtype).eval()
@@ -140,6 +147,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--big", action="store_true", help="add a 2000x1500 photo and a 1000x40 strip")
     parser.add_argument("--only-big", action="store_true", help="the 2000x1500 photo and the strip alone")
+    parser.add_argument("--rounds", type=int, default=1, help="pairs (ours, theirs) taken in turns")
     parser.add_argument("--theirs", nargs="+", help=argparse.SUPPRESS)  # internal: FOLDER DTYPE IMAGE...
     args = parser.parse_args()
     if args.theirs:
@@ -152,25 +160,31 @@ def main() -> None:
             folder = Path(work) / shape
             make_checkpoint(folder, shape)
             for dtype in args.dtypes.split(","):
-                out = Path(work) / "out.h5"
-                out.unlink(missing_ok=True)
-                text, wall, peak = measured([sys.executable, "-m", "cli", "run", str(Path(work) / "imgs"), "-o", str(out),
-                                             "--weights", str(folder), "--dtype", dtype, "--out-dtype", "float32",
-                                             "--json"])
-                ours = (json.loads(text)["seconds"], wall, peak)
-                text, wall, peak = measured([sys.executable, __file__, "--theirs", str(folder), dtype,
-                                             *map(str, images)])
-                peer = (json.loads(text)["seconds"], wall, peak)
-                rows.append((shape, dtype, ours, peer))
-                print(f"{shape} {dtype}: ours {ours}, theirs {peer}", file=sys.stderr, flush=True)
-    print(f"{len(images)} images ({', '.join(p.name for p in images)}), native resolution, random weights")
-    print("| shape | dtype | ours loop s | theirs loop s | ratio | ours wall s | theirs wall s | ours peak GiB "
-          "| theirs peak GiB | memory ratio |")
+                rounds = []
+                for _ in range(args.rounds):  # in turns, so a slow spell of the machine falls on both
+                    out = Path(work) / "out.h5"
+                    out.unlink(missing_ok=True)
+                    text, wall, peak = measured([sys.executable, "-m", "cli", "run", str(Path(work) / "imgs"), "-o",
+                                                 str(out), "--weights", str(folder), "--dtype", dtype,
+                                                 "--out-dtype", "float32", "--json"])
+                    ours = (json.loads(text)["seconds"], wall, peak)
+                    text, wall, peak = measured([sys.executable, __file__, "--theirs", str(folder), dtype,
+                                                 *map(str, images)])
+                    peer = (json.loads(text)["seconds"], wall, peak)
+                    rounds.append((ours, peer))
+                    print(f"{shape} {dtype}: ours {ours}, theirs {peer}", file=sys.stderr, flush=True)
+                rows.append((shape, dtype, rounds))
+    print(f"{len(images)} images ({', '.join(p.name for p in images)}), native resolution, random weights; "
+          f"medians of {args.rounds} round(s), ratio = median of the rounds' ratios")
+    print("| shape | dtype | ours loop s | theirs loop s | ratio (min–max) | ours wall s | theirs wall s "
+          "| ours peak GiB | theirs peak GiB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for shape, dtype, (a_loop, a_wall, a_peak), (b_loop, b_wall, b_peak) in rows:
-        print(f"| {shape} | {dtype} | {a_loop:.1f} | {b_loop:.1f} | {b_loop / a_loop:.2f} | {a_wall:.1f} | {b_wall:.1f} "
-              f"| {a_peak:.2f} | {b_peak:.2f} | {b_peak / a_peak:.2f} |")
-
+    for shape, dtype, rounds in rows:
+        med = lambda side, i: statistics.median(r[side][i] for r in rounds)  # noqa: E731
+        ratios = [peer[0] / ours[0] for ours, peer in rounds]
+        spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+        print(f"| {shape} | {dtype} | {med(0, 0):.1f} | {med(1, 0):.1f} | {statistics.median(ratios):.2f}{spread} "
+              f"| {med(0, 1):.1f} | {med(1, 1):.1f} | {med(0, 2):.2f} | {med(1, 2):.2f} | {med(1, 2) / med(0, 2):.2f} |")
 
 if __name__ == "__main__":
     main()

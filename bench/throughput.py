@@ -303,6 +303,30 @@ def by_hand(folder: Path, out: Path, cfg: EncoderConfig, device, batch: int, wor
     return {"images": start, "seconds": time.perf_counter() - began, "model": make.__name__}
 
 
+def encoder_alone(preset: str, device, images: int) -> dict:
+    """What `vit-extract run` defaults to (dtype and batch size for the device) with nothing else:
+    random 224×224 uint8 batches through the family's own encode (normalisation included), no
+    decoding, no copies out, no writing. The end-to-end run's ceiling at the same batch and dtype."""
+    from vitcore.device import resolve_dtype
+    from vitcore.families.seed import FAMILY
+    from vitcore.options import EncoderOptions
+
+    dtype = resolve_dtype("auto", device)
+    built = FAMILY.build(EncoderOptions(model=preset), device, dtype)
+    batch = built.default_batch_size()
+    size = parse_model(preset).image_size
+    pixels = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
+    with torch.inference_mode():
+        built.encode(pixels)  # warm-up: first-call allocations
+        sync(device)
+        done, began = 0, time.perf_counter()
+        while done < images:
+            built.encode(pixels)
+            done += batch
+        sync(device)
+    return {"images": done, "seconds": time.perf_counter() - began, "batch": batch, "dtype": dtype_name(dtype)}
+
+
 def h5py_ceiling(folder: Path, cfg: EncoderConfig, seconds: float = 5.0) -> float:
     """images/s of raw fp16 (256, D) blocks written with h5py to this disk, flushed and fsynced."""
     block = np.random.default_rng(0).standard_normal((64, cfg.num_tokens, cfg.dim)).astype(np.float16)
@@ -354,6 +378,24 @@ def bench_end_to_end(args, device, rows: list[dict]) -> None:
         if args.e2e_compile:
             variants.append(("vit-extract --compile", ["--compile"]))
         our_workers = [] if args.workers is None else ["--workers", str(args.workers)]
+        for _ in range(args.e2e_rounds):  # in turns, so a slow spell of the machine falls on both
+            alone, _s = run_command([sys.executable, str(Path(__file__).resolve()), "--encoder-alone",
+                                     args.e2e_preset, str(device), str(args.e2e_images)])
+            result, command_s = run_command([sys.executable, "-m", "cli", "run", str(images), "-o",
+                                             str(work / "ours.h5"), "--model", args.e2e_preset, "--device",
+                                             str(device), "--json", "--overwrite", *our_workers])
+            alone_rate = alone["images"] / alone["seconds"]
+            rows.append({"section": "e2e", "preset": args.e2e_preset, "what": "encoder alone (defaults' batch and "
+                         "dtype, random pixels)", "images_per_s": alone_rate, "batch": alone["batch"],
+                         "dtype": alone["dtype"]})
+            print(format_row(rows[-1]), file=sys.stderr, flush=True)
+            rows.append({"section": "e2e", "preset": args.e2e_preset, "pool": "none",
+                         "what": "vit-extract (defaults) ÷ encoder alone", "dtype": result["compute_dtype"],
+                         "images_per_s": result["images_per_second"],
+                         "ratio": result["images_per_second"] / alone_rate, "seconds": command_s,
+                         "timings": result["timings"]})
+            print(format_row(rows[-1]), file=sys.stderr, flush=True)
+        (work / "ours.h5").unlink(missing_ok=True)
         for pool in ("none", "mean"):
             hand, command_s = run_command([sys.executable, str(Path(__file__).resolve()), "--by-hand", str(images),
                                            str(work / "by_hand.h5"), args.e2e_preset, str(device), str(batch),
@@ -439,13 +481,21 @@ def main() -> None:
     parser.add_argument("--e2e-compile", action="store_true", help="also run end to end with --compile")
     parser.add_argument("--e2e-images", type=int, default=96, help="JPEGs for the end-to-end runs (0: skip)")
     parser.add_argument("--e2e-preset", default="small")
+    parser.add_argument("--e2e-rounds", type=int, default=1,
+                        help="pairs of (encoder alone, vit-extract run) taken in turns (0: skip that comparison)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--workdir", default=None, help="where the generated images and outputs go (a temp dir)")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: encoder,memory,e2e,startup")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--by-hand", nargs=7, default=None, metavar=("IMAGES", "OUT", "PRESET", "DEVICE", "BATCH",
                         "WORKERS", "POOL"), help=argparse.SUPPRESS)  # the e2e section's by-hand child process
+    parser.add_argument("--encoder-alone", nargs=3, default=None, metavar=("PRESET", "DEVICE", "IMAGES"),
+                        help=argparse.SUPPRESS)  # the e2e section's encoder-alone child process
     args = parser.parse_args()
+    if args.encoder_alone:
+        preset, device, images = args.encoder_alone
+        print(json.dumps(encoder_alone(preset, torch.device(device), int(images))))
+        return
     if args.by_hand:
         images, out, preset, device, batch, workers, pool = args.by_hand
         record = by_hand(Path(images), Path(out), parse_model(preset), torch.device(device), int(batch),

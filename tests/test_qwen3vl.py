@@ -435,3 +435,51 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-1000:]
     assert int(done.stdout) < 300, f"attention took {done.stdout.strip()} MiB more"
+
+
+def test_cpu_packs_small_images_together_and_large_ones_alone(checkpoint, folder_of_images, tmp_path, monkeypatch):
+    """On the CPU one packed sequence holds at most CPU_PACK_PATCHES patches: images that fit share
+    a sequence, a larger one goes alone (a sequence of several large images only made every
+    activation outgrow the allocator's reuse). Tokens are what transformers computes either way."""
+    import vitcore
+    from vitcore.families import qwenvl
+    from vitcore.qwen3vl import Qwen3VLVisionEncoder
+
+    folder, visual = checkpoint
+    calls = []
+    forward = Qwen3VLVisionEncoder.forward
+
+    def spy(self, patches, grid_thw):
+        calls.append([t * h * w for t, h, w in grid_thw])
+        return forward(self, patches, grid_thw)
+
+    monkeypatch.setattr(Qwen3VLVisionEncoder, "forward", spy)
+    opts = dict(weights=str(folder), dtype="float32", out_dtype="float32", workers=0, batch_size=4)
+    monkeypatch.setattr(qwenvl, "CPU_PACK_PATCHES", 10**9)
+    vitcore.extract(folder_of_images, tmp_path / "whole.h5", **opts)
+    (patches,) = calls  # 4 images under the limit: one sequence
+    assert len(patches) == 4
+
+    limit = min(a + b for a, b in zip(patches, patches[1:]))  # some neighbours fit together, never three
+    monkeypatch.setattr(qwenvl, "CPU_PACK_PATCHES", limit)
+    calls.clear()
+    vitcore.extract(folder_of_images, tmp_path / "split.h5", **opts)
+    assert [p for call in calls for p in call] == patches  # every image once, in order
+    assert any(len(call) > 1 for call in calls) and len(calls) > 1
+    assert all(len(call) == 1 or sum(call) <= limit for call in calls)
+    with vitcore.open_tokens(tmp_path / "whole.h5") as whole, vitcore.open_tokens(tmp_path / "split.h5") as split:
+        assert whole.keys == split.keys
+        for key in whole.keys:
+            ref = _reference_for(visual, folder_of_images / key)
+            assert _rel(torch.from_numpy(split[key]), ref.pooler_output) < 1e-4
+            np.testing.assert_allclose(split[key], whole[key], rtol=1e-5, atol=1e-6)
+
+
+def test_pack_groups_rules():
+    from vitcore.families.qwenvl import pack_groups
+
+    item = lambda n: (torch.zeros(n, 1), (1, n, 1))  # noqa: E731
+    sizes = lambda groups: [[x[0].shape[0] for x in g] for g in groups]  # noqa: E731
+    assert sizes(pack_groups([item(n) for n in (3, 4, 9, 2, 2, 5)], 8)) == [[3, 4], [9], [2, 2], [5]]
+    assert sizes(pack_groups([item(n) for n in (3, 4, 9)], None)) == [[3, 4, 9]]
+    assert sizes(pack_groups([item(20)], 8)) == [[20]]

@@ -63,10 +63,12 @@ class Encoded:
 
     @staticmethod
     def concat(parts: list["Encoded"]) -> "Encoded":
-        """Slices of one batch, in order, as one Encoded (after an out-of-memory split)."""
+        """Slices of one batch, in order, as one Encoded (after an out-of-memory split, or packed apart)."""
         import torch
 
         first = parts[0]
+        if len(parts) == 1:
+            return first
         return Encoded(
             arrays={k: torch.cat([p.arrays[k] for p in parts]) for k in first.arrays},
             counts={k: [c for p in parts for c in p.counts[k]] for k in first.counts},

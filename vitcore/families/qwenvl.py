@@ -28,6 +28,30 @@ def checkpoint_model_type(folder) -> str | None:
     return (checkpoint_config(folder) or {}).get("model_type")
 
 
+# On the CPU a packed sequence holds at most this many patches (a larger image goes alone). The
+# matrix products run at their full rate from about 512 rows on, so packing larger images gains
+# nothing; and a sequence of several large images makes every activation larger than glibc's
+# 32 MiB mmap threshold, so each one is mapped and faulted in afresh, layer after layer. The 8
+# sample pictures with the Qwen2.5-VL 3B shape in bf16, batch 4 in one sequence against one image
+# at a time: 30 against 10 s of system time, 80 against 67 s (bench/RESULTS.md).
+CPU_PACK_PATCHES = 1024
+
+
+def pack_groups(packed: list, limit: int | None) -> list[list]:
+    """Consecutive images in groups of at most ``limit`` patches (an image over it goes alone)."""
+    if limit is None:
+        return [packed]
+    groups, size = [], limit + 1
+    for item in packed:
+        patches = item[0].shape[0]
+        if size + patches > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += patches
+    return groups
+
+
 class QwenVLFamily:
     compilable = False  # image sizes vary batch to batch
 
@@ -129,9 +153,16 @@ class QwenVLFamily:
         merge = encoder.cfg.spatial_merge_size ** 2  # patches per merged token
         wanted = {s.name for s in record.outputs}
 
+        # How many patches one packed sequence may hold (None: the whole batch). See pack_groups.
+        limit = CPU_PACK_PATCHES if device.type == "cpu" else None
+
         def encode(pictures):
-            """uint8 pictures (H_i, W_i, 3) → one packed sequence → merged tokens per image."""
+            """uint8 pictures (H_i, W_i, 3) → packed sequences → merged tokens per image."""
             packed = [patchify_torch(p, prep) for p in pictures]  # (h·w, 3·T·p·p) each, merge-block order
+            return Encoded.concat([encode_packed(group) for group in pack_groups(packed, limit)])
+
+        def encode_packed(packed):
+            """[(patches, grid)] → one sequence through the tower → Encoded."""
             grids = [g for _, g in packed]
             counts = [t * h * w // merge for t, h, w in grids]  # merged tokens per image
             out = encoder(torch.cat([x for x, _ in packed]).to(dtype), grids)
