@@ -142,17 +142,25 @@ def theirs(folder: str, images: list[str], dtype_name: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="qwen3-2b", help=f"comma-separated: {', '.join(SHAPES)}")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="qwen3-2b", help=f"comma-separated: {', '.join(SHAPES)} (default: %(default)s)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes (default: %(default)s)")
     parser.add_argument("--big", action="store_true", help="add a 2000x1500 photo and a 1000x40 strip")
     parser.add_argument("--only-big", action="store_true", help="the 2000x1500 photo and the strip alone")
-    parser.add_argument("--rounds", type=int, default=1, help="pairs (ours, theirs) taken in turns")
+    parser.add_argument("--rounds", type=int, default=1, help="pairs (ours, theirs) taken in turns (default: 1)")
     parser.add_argument("--theirs", nargs="+", help=argparse.SUPPRESS)  # internal: FOLDER DTYPE IMAGE...
     args = parser.parse_args()
     if args.theirs:
         theirs(args.theirs[0], args.theirs[2:], args.theirs[1])
         return
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        parser.error(f"--shapes {','.join(unknown)}: choose from {', '.join(SHAPES)}")
+    for name in args.dtypes.split(","):
+        if name not in ("float32", "bfloat16", "float16"):
+            parser.error(f"--dtypes {name}: choose from float32, bfloat16, float16")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be 1 or more, got {args.rounds}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="qwen-cpu-") as work:
         images = make_images(Path(work) / "imgs", args.big or args.only_big, samples=not args.only_big)

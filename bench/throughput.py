@@ -372,6 +372,12 @@ def bench_end_to_end(args, device, rows: list[dict]) -> None:
         print(f"# generated {args.e2e_images} JPEGs in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         workers = args.workers if args.workers is not None else default_workers()
         batch = args.batch or (256 if device.type == "cuda" else 8)
+        if not timm_available():
+            print("# timm is not importable here: the by-hand script uses our encoder instead of timm's EVA "
+                  "(pip install -e '.[bench]')", file=sys.stderr)
+        if args.e2e_images < 4 * batch:
+            print(f"# {args.e2e_images} images are fewer than 4 batches: one slow batch moves every e2e figure",
+                  file=sys.stderr)
         variants = [("vit-extract (defaults)", [])]
         if device.type == "cuda":
             variants.append(("vit-extract --decode gpu", ["--decode", "gpu"]))

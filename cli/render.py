@@ -82,7 +82,10 @@ def run_summary(console: Console, result) -> None:
             "pass --weights FILE.safetensors for real features"
         )
     table.add_row("weights", weights)
-    table.add_row("compute", f"{result.compute_dtype} on {result.device}")
+    compute = f"{result.compute_dtype} on {result.device}"
+    if result.batch_size is not None:
+        compute += f", batch {result.batch_size}, {result.workers} decoding worker{'s' * (result.workers != 1)}"
+    table.add_row("compute", compute)
     time_text = f"{result.seconds:.1f} s, {result.images_per_second:.1f} images/s"
     if "compile" in result.timings:
         time_text += f" (including {result.timings['compile']:.1f} s of torch.compile)"

@@ -58,6 +58,7 @@ def test_json_summary_is_the_only_stdout_and_strict_fails_on_failures(cli, photo
     summary = json.loads(result.stdout)
     assert summary["rows"] == 8 and summary["complete"] is True
     assert [f["path"] for f in summary["failures"]] == ["broken.jpg"]
+    assert summary["workers"] == 0 and summary["batch_size"] == (16 if summary["compute_dtype"] == "bfloat16" else 8)
     info = json.loads(cli("info", out, "--json").stdout)
     assert info["rows"] == 8 and info["failed"] == 1 and info["token_shape"] == [16, 32]
     assert info["datasets"]["tokens"] == {"shape": [8, 16, 32], "dtype": "float16"}
@@ -80,6 +81,11 @@ def test_resume_through_the_cli_and_mismatch_message(cli, photos, tmp_path):
     result = cli("run", photos, "-o", out, "--model", TINY, "--resume", "--json")
     summary = json.loads(result.stdout)
     assert summary["written"] == 7 and summary["skipped"] == 1 and summary["rows"] == 8  # the same file, however named
+    done = json.loads(cli("run", photos, "-o", out, "--model", TINY, "--resume", "--json", "--batch-size", "3").stdout)
+    assert done["written"] == 0 and done["batch_size"] is None and done["workers"] is None  # nothing ran
+    table = cli("run", photos / "rocket.jpg", "-o", tmp_path / "one.h5", "--model", TINY, "--batch-size", "3",
+                "--workers", "0").stdout
+    assert "batch 3, 0 decoding workers" in table
     refused = cli("run", photos, "-o", out, "--model", TINY, "--resume", "--pool", "mean")
     assert refused.exit_code == 1 and "pooling setting differs" in refused.stderr
     alone = cli("run", photos, "-o", out, "--model", TINY, "--retry-failed")

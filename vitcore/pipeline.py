@@ -71,6 +71,8 @@ class ExtractResult:
     duplicates_dropped: int = 0
     failed_earlier: int = 0  # failure records of earlier runs the file keeps (not tried again)
     timings: dict[str, float] = field(default_factory=dict)  # seconds waiting on decode / compute / writer
+    batch_size: int | None = None  # images per batch as run (auto resolved); None when nothing ran
+    workers: int | None = None  # decoding worker processes as run
     warnings: list[str] = field(default_factory=list)  # things the user should know (e.g. batch split)
 
     def to_dict(self) -> dict:
@@ -181,7 +183,7 @@ def extract(
                                  worker_init_fn=init_worker, meta=meta)
             runner = BatchRunner(built, settings, device, compiled=compute.compile)
         else:  # a resume with nothing left to do: no encoder is built and no worker started
-            built, loader, runner = None, None, None
+            built, loader, runner, batch_size, workers = None, None, None, None, None
         out.prepare(settings, plan.roots, plan.keep_failures)  # before the workers fork
         ran = run_batches(out, loader, plan, runner, progress, stop or StopFlag())
     notes = list(record.notes) if built is None else list(built.notes)
@@ -209,6 +211,8 @@ def extract(
         duplicates_dropped=found.skipped_duplicates,
         failed_earlier=plan.failed_earlier,
         timings=ran.timings,
+        batch_size=batch_size,
+        workers=workers,
         warnings=found.notes + notes + (runner.warnings if runner else []) + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype),
     )
 
