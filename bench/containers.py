@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
+from throughput import run_command  # bench/ is this script's folder: a command's JSON summary and wall time
 
 TINY = "dim=64,depth=2,heads=4"
 
@@ -67,13 +65,8 @@ def run_once(inputs: list[str], output: str, extra: list[str]) -> tuple[float, f
     """(images/s of the run loop, wall seconds of the whole command)."""
     if os.path.exists(output):
         os.unlink(output)
-    command = [sys.executable, "-m", "cli", "run", *inputs, "-o", output, "--model", TINY, "--json", *extra]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    summary = json.loads(done.stdout)
+    summary, wall = run_command([sys.executable, "-m", "cli", "run", *inputs, "-o", output, "--model", TINY, "--json",
+                                 *extra])
     return summary["images_per_second"], wall
 
 

@@ -46,7 +46,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from vitcore.config import EncoderConfig, parse_model  # noqa: E402
-from vitcore.device import cpu_has_native_bf16, dtype_name, resolve_device  # noqa: E402
+from vitcore.device import cpu_has_native_bf16, dtype_name, resolve_device, resolve_dtype  # noqa: E402
 from vitcore.loader import default_workers  # noqa: E402
 from vitcore.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from vitcore.weights import build_encoder  # noqa: E402
@@ -307,7 +307,6 @@ def encoder_alone(preset: str, device, images: int) -> dict:
     """What `vit-extract run` defaults to (dtype and batch size for the device) with nothing else:
     random 224×224 uint8 batches through the family's own encode (normalisation included), no
     decoding, no copies out, no writing. The end-to-end run's ceiling at the same batch and dtype."""
-    from vitcore.device import resolve_dtype
     from vitcore.families.seed import FAMILY
     from vitcore.options import EncoderOptions
 

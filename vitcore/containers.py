@@ -33,8 +33,8 @@ import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from vitcore.errors import UsageError
-from vitcore.sources import Unlisted, escape_key, open_regular
+from vitcore.errors import UsageError, one_line
+from vitcore.sources import Unlisted, escape_key, open_regular, path_identity
 
 TAR_SUFFIXES = (".tar",)
 PARQUET_SUFFIXES = (".parquet",)
@@ -122,7 +122,7 @@ class TarMember:
 
     @property
     def identity(self) -> bytes:
-        return os.path.normpath(os.path.join(os.path.abspath(os.fsencode(self.path)), os.fsencode(member_key(self.member))))
+        return path_identity(self.path, member_key(self.member))
 
     def extras(self, names: tuple[str, ...]) -> dict[str, str]:
         found = {ext: (offset, size) for ext, offset, size in self.sidecars}
@@ -273,7 +273,7 @@ class ParquetRow:
 
     @property
     def identity(self) -> bytes:
-        return os.path.normpath(os.path.join(os.path.abspath(os.fsencode(self.path)), f"row={self.row}".encode()))
+        return path_identity(self.path, f"row={self.row}")
 
     def extras(self, names: tuple[str, ...]) -> dict[str, str]:
         batch, at = _rows_at(self.path, self.row_group, (self.column, *self.columns), self.index_in_group)
@@ -324,7 +324,7 @@ class _Cursor:
                 self.batch = next(self.batches, None)
             except Exception as err:
                 self.batch = None
-                self.error = f"its row group could not be decoded ({' '.join(str(err).split())[:200]})"
+                self.error = f"its row group could not be decoded ({_one_line(err)})"
                 raise ValueError(self.error) from None
             if self.batch is None:
                 raise ValueError(f"row {index} of row group {self.key[1]} is past its end")
@@ -423,7 +423,7 @@ def _image_column(schema) -> str | None:
 
 
 def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200] or type(err).__name__
+    return one_line(err) or type(err).__name__
 
 
 # -- brace ranges -------------------------------------------------------------------------

@@ -5,6 +5,11 @@ raises them as they are. Anything else escaping the library is a bug.
 """
 
 
+def one_line(text, limit: int = 200) -> str:
+    """A message (or an exception's text) on one line, whitespace collapsed, at most ``limit`` characters."""
+    return " ".join(str(text).split())[:limit]
+
+
 class VitExtractError(Exception):
     """A problem with the inputs, settings or environment, worded for a person."""
 

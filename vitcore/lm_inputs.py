@@ -52,6 +52,12 @@ def rows_of(f: TokenFile, keys) -> list[int]:
     return rows
 
 
+def _deepstack_levels(names, prefix: str = "") -> list[str]:
+    """The names of DeepStack features (``<prefix>deepstack_<j>``) among ``names``, by level j."""
+    levels = [name for name in names if name.startswith(f"{prefix}deepstack_")]
+    return sorted(levels, key=lambda name: int(name.rpartition("_")[2]))
+
+
 def _family(f: TokenFile) -> str:
     return f.settings["encoder"].get("family", "seed")
 
@@ -71,7 +77,7 @@ def encoder_outputs(path: str | os.PathLike, keys=None, dtype: torch.dtype | Non
         if f.settings.get("pooling", "none") != "none":
             raise UsageError(f"{path} holds pooled vectors; the language model needs every token (extract with --pool none)")
         stored = [name for name, _, _ in f.settings.get("features") or []]
-        levels = sorted((n for n in stored if n.startswith("deepstack_")), key=lambda n: int(n.rpartition("_")[2]))
+        levels = _deepstack_levels(stored)
         wanted = len(f.settings["encoder"].get("deepstack_visual_indexes") or [])
         if family == "qwen3-vl" and len(levels) != wanted:
             raise UsageError(f"{path} has no DeepStack features (made without --features deepstack); the Qwen3-VL "
@@ -150,8 +156,7 @@ def encoder_outputs_from_batch(batch: dict):
         raise UsageError("this batch is not of a Qwen-VL file (no grid_thw / num_tokens): nothing to feed the model")
     sizes = batch["num_tokens"].tolist()
     tokens = tuple(batch["tokens"].split(sizes))
-    levels = sorted((name for name in batch["features"] if name.startswith("features/deepstack_")),
-                    key=lambda name: int(name.rpartition("_")[2]))
+    levels = _deepstack_levels(batch["features"], prefix="features/")
     deepstack = [tuple(batch["features"][name].split(sizes)) for name in levels] or None
     return _output_record(tokens, deepstack), batch["grid_thw"]
 

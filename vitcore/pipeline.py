@@ -31,7 +31,7 @@ import torch
 from vitcore.batching import BatchRunner, store_settings
 from vitcore.host_memory import HeapWatch
 from vitcore.device import dtype_name, resolve_device, resolve_dtype
-from vitcore.errors import Interrupted, VitExtractError
+from vitcore.errors import Interrupted, VitExtractError, one_line
 from vitcore.loader import Batch, default_workers, make_loader
 from vitcore.options import ComputeOptions, ExtractOptions
 from vitcore.runcheck import CheckedRun, check_run
@@ -316,7 +316,7 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
         if "DataLoader worker" not in str(err):
             raise
         raise VitExtractError(
-            f"an image-decoding worker process died ({' '.join(str(err).split())[:160]}); the committed "
+            f"an image-decoding worker process died ({one_line(err, 160)}); the committed "
             "rows are safe: rerun with --resume (and fewer --workers if memory is short)"
         ) from None
     finally:

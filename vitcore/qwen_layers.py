@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitcore.device import is_out_of_memory
+from vitcore.errors import one_line
 from vitcore.model import apply_rope
 
 
@@ -103,7 +104,7 @@ class AttentionBackend:
 
     def fall_back(self, err: BaseException) -> None:
         self.varlen = False
-        reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+        reason = one_line(f"{type(err).__name__}: {err}", 160)
         self.notes.append(f"variable-length attention is not available here ({reason}): images attend one at a time")
 
 

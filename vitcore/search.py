@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitcore.errors import UsageError, VitExtractError
+from vitcore.sources import open_regular
 from vitcore.store import TokenFile, weights_identity
 
 
@@ -112,7 +113,8 @@ def hits_sheet(path: str, hits: list[Hit], query: str, kind: str, columns: int =
     cells = []
     with TokenFile(path) as f:
         resize = f.settings["preprocessing"].get("resize", "squash")  # framed as the encoder saw it
-        query_picture = as_encoder_saw_it(query if kind == "image" else lambda: f.open_original(query), resize)
+        opener = (lambda: open_regular(query)) if kind == "image" else (lambda: f.open_original(query))
+        query_picture = as_encoder_saw_it(opener, resize)
         cells.append(([query_picture or _placeholder("query not found")], f"query: {os.path.basename(query)}"))
         for hit in hits:
             picture = (as_encoder_saw_it(lambda: f.open_original(hit.row), resize)  # noqa: B023 (called at once)

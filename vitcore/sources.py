@@ -44,7 +44,7 @@ class Source:
     @property
     def identity(self) -> bytes:
         """Equal to identity_of(its root, its key): the normalised absolute path."""
-        return os.path.normpath(os.path.abspath(os.fsencode(self.path)))
+        return path_identity(self.path)
 
     def extras(self, names: tuple[str, ...]) -> dict[str, str]:
         """The text of the files beside it that share its name up to the first dot (WebDataset's
@@ -59,6 +59,13 @@ class Source:
             except OSError:
                 out[name] = ""
         return out
+
+
+def path_identity(path: str, inside: str | None = None) -> bytes:
+    """A file's normalised absolute path (equal however it was spelled: ./a, a, /abs/a); with
+    ``inside``, that of an input inside the file (a tar member, a Parquet row) below it."""
+    identity = os.path.abspath(os.fsencode(path))
+    return os.path.normpath(os.path.join(identity, os.fsencode(inside)) if inside is not None else identity)
 
 
 def open_regular(path: str) -> BinaryIO:
@@ -185,7 +192,7 @@ def discover(
     ``containers`` (containers.ContainerOptions) says which sidecars and columns travel with them.
     A name with braces that does not exist as written is expanded (``{00000..00099}.tar``).
     """
-    from vitcore.containers import ContainerOptions, container_kind, expand_braces
+    from vitcore.containers import ContainerOptions, NoImageColumn, container_kind, expand_braces
 
     exts = parse_extensions(extensions)
     options = containers or ContainerOptions()
@@ -222,13 +229,11 @@ def discover(
 
     def take(index: int, key: str, path: str, named: bool) -> None:
         """One file: an image, or a container whose images are taken in its order."""
-        from vitcore.containers import NoImageColumn
-
         kind = container_kind(path)
         if kind is None or os.path.isdir(path) or not os.path.lexists(path):  # a listed file that is gone:
             found.append((index, os.fsencode(key), 0, Source(path=path, key=escape_key(key), root_index=index)))
             return                                                            # its own failure record
-        containers.add(os.path.normpath(os.path.abspath(os.fsencode(path))))
+        containers.add(path_identity(path))
         try:
             inside, problem = _scan_container(kind, path, key, index, exts, options)
         except NoImageColumn:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -59,16 +57,13 @@ def pca_maps(token_sets: list[np.ndarray], grids: list[tuple[int, int]], joint: 
 
 
 # -- pictures ----------------------------------------------------------------------------
-def as_encoder_saw_it(path, resize: str) -> Image.Image | None:
-    """The original picture (a path, a callable opening it, or a file object), upright and RGB,
+def as_encoder_saw_it(opener, resize: str) -> Image.Image | None:
+    """The original picture (``opener()`` gives its bytes as a file object), upright and RGB,
     framed as the encoder saw it (crop: the centre square; pad: letterboxed); None when it cannot
     be read any more."""
     try:  # decoded as a run decodes it (orientation, bit depth, alpha), without the resize
-        if callable(path):
-            with path() as handle:
-                picture, _ = decode_rgb(handle, "full", lambda w, h: (w, h))
-        else:
-            picture, _ = decode_rgb(os.fsdecode(path) if isinstance(path, bytes) else path, "full", lambda w, h: (w, h))
+        with opener() as handle:
+            picture, _ = decode_rgb(handle, "full", lambda w, h: (w, h))
     except Exception:  # moved, deleted or unreadable since extraction: drawn as a placeholder
         return None
     width, height = picture.size

@@ -21,7 +21,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from vitcore.errors import VitExtractError
+from vitcore.errors import VitExtractError, one_line
 from vitcore.store.schema import (
     FAILED_DATASETS,
     Rows,
@@ -353,7 +353,7 @@ class WriteError(VitExtractError):
     def __init__(self, path: str, committed: int, cause: BaseException):
         text = str(cause)
         full = getattr(cause, "errno", None) == errno.ENOSPC or "errno = 28" in text
-        reason = "the disk is full" if full else " ".join(text.split())[:200]
+        reason = "the disk is full" if full else one_line(text)
         super().__init__(
             f"writing {path} failed: {reason}. The first {committed} rows are committed and safe; "
             + ("free some space, then " if full else "fix the problem, then ")
