@@ -32,8 +32,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vitcore  # noqa: E402
-from vitcore import qwen3vl, qwen_layers  # noqa: E402
-from vitcore.weights import build_encoder, save_weights  # noqa: E402
+from vitcore.encoders.qwen import layers as qwen_layers, qwen3vl  # noqa: E402
+from vitcore.encoders.qwen.checkpoint import VISION_PREFIXES  # noqa: E402
+from vitcore.encoders.seed.weights import build_encoder, save_weights  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
@@ -154,7 +155,7 @@ def _tiny_qwen3vl_checkpoint(folder: Path) -> Path:
     torch.manual_seed(0)
     model = qwen3vl.Qwen3VLVisionEncoder(qwen3vl.Qwen3VLConfig.from_hf(vision))
     folder.mkdir()
-    state = {f"{qwen3vl.CHECKPOINT_PREFIX}{k}": v.contiguous() for k, v in model.state_dict().items()}
+    state = {f"{VISION_PREFIXES[0]}{k}": v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "vision_config": vision}))
     (folder / "preprocessor_config.json").write_text(json.dumps({
@@ -199,7 +200,7 @@ def copy_stream() -> None:
         check("copy stream", True, "no CUDA here: nothing to race")
         return
     from vitcore.store import Rows
-    from vitcore.transfer import HostCopier
+    from vitcore.run.transfer import HostCopier
 
     n, shape = 64, (64, 256, 512)
     spin = 200_000_000  # GPU clock cycles: about 0.1 s
@@ -246,10 +247,10 @@ def gpu_decode_check() -> None:
 
     from PIL import Image
 
-    from vitcore.gpu_decode import GpuJpegDecoder, unavailable_reason
-    from vitcore.loader import ImageDataset, collate
-    from vitcore.preprocess import ImageLoader, PreprocessConfig
-    from vitcore.sources import discover
+    from vitcore.encoders.seed.gpu_decode import GpuJpegDecoder, unavailable_reason
+    from vitcore.imaging.loader import ImageDataset, collate
+    from vitcore.encoders.seed.processor import ImageLoader, PreprocessConfig
+    from vitcore.inputs.discover import discover
 
     reason = unavailable_reason(DEVICE)
     if reason is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitcore.preprocess import PreprocessConfig, load_image
+from vitcore.encoders.seed.processor import PreprocessConfig, load_image
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_images" / "coffee.jpg"
 

@@ -33,7 +33,7 @@ def peak():
             if line.startswith("VmHWM"):
                 print("PEAK_KB", line.split()[1], file=sys.stderr)
 atexit.register(peak)
-from cli.main import main
+from vitcore.cli.main import main
 sys.argv = ["vit-extract", *sys.argv[1:]]
 main()
 """

@@ -1,5 +1,5 @@
 """Attention within each image of a packed Qwen3-VL batch on the CPU: per-image SDPA calls vs one
-SDPA call with a block-diagonal mask (what vitcore.qwen_layers.attend_within_images chooses between).
+SDPA call with a block-diagonal mask (what vitcore.encoders.qwen.layers.attend_within_images chooses between).
 
     python bench/packed_attention.py
 """
@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vitcore.qwen_layers import attend_within_images
+from vitcore.encoders.qwen.layers import attend_within_images
 
 HEADS, HEAD_DIM = 16, 72  # the 8B vision tower
 LENGTHS = [1024, 256, 600, 400]  # patches per image

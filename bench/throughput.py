@@ -45,11 +45,11 @@ from PIL import Image
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from vitcore.config import EncoderConfig, parse_model  # noqa: E402
-from vitcore.device import cpu_has_native_bf16, dtype_name, resolve_device, resolve_dtype  # noqa: E402
-from vitcore.loader import default_workers  # noqa: E402
-from vitcore.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from vitcore.weights import build_encoder  # noqa: E402
+from vitcore.encoders.seed.config import EncoderConfig, parse_model  # noqa: E402
+from vitcore.system.device import cpu_has_native_bf16, dtype_name, resolve_device, resolve_dtype  # noqa: E402
+from vitcore.imaging.loader import default_workers  # noqa: E402
+from vitcore.encoders.seed.processor import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from vitcore.encoders.seed.weights import build_encoder  # noqa: E402
 
 
 
@@ -219,7 +219,7 @@ def bench_encoders(args, device, dtypes, rows: list[dict]) -> None:
 # VmHWM, not ru_maxrss: the latter keeps the high-water mark of the (large) parent across fork + exec.
 _CPU_PEAK = """
 import sys, torch
-from vitcore.weights import build_encoder
+from vitcore.encoders.seed.weights import build_encoder
 encoder, _ = build_encoder(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 with torch.inference_mode():
     encoder.forward_features(torch.zeros(int(sys.argv[3]), 3, 224, 224, dtype=getattr(torch, sys.argv[2])))
@@ -307,7 +307,7 @@ def encoder_alone(preset: str, device, images: int) -> dict:
     """What `vit-extract run` defaults to (dtype and batch size for the device) with nothing else:
     random 224×224 uint8 batches through the family's own encode (normalisation included), no
     decoding, no copies out, no writing. The end-to-end run's ceiling at the same batch and dtype."""
-    from vitcore.families.seed import FAMILY
+    from vitcore.encoders.seed.family import SEED as FAMILY
     from vitcore.options import EncoderOptions
 
     dtype = resolve_dtype("auto", device)

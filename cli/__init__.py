@@ -1,1 +1,2 @@
-"""The vit-extract command line (Typer). Entry point: cli.main:main."""
+"""The vit-extract command line (Typer), installed as vitcore.cli. Entry point: vitcore.cli.main:main
+(also `python -m vitcore.cli`)."""

@@ -1,3 +1,5 @@
-from cli.main import main
+"""`python -m vitcore.cli`: the same as the vit-extract command."""
 
-main()
+from .main import main
+
+raise SystemExit(main())

@@ -19,8 +19,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cli import render
+from . import render
+from vitcore import __version__
 from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, RESIZE_MODES
+from vitcore.errors import OutputExistsError, UsageError, VitExtractError, one_line
+from vitcore.options import ExtractOptions
+from vitcore.run.shard import parse_shard, shard_path
 
 EXIT_STRICT_FAILURES = 3
 
@@ -35,6 +39,20 @@ app = typer.Typer(
 # Piped output is not cut to 80 columns: scripts grep it for hashes and paths.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 4096)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"vit-extract {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version,
+                                          is_eager=True)] = False,
+) -> None:
+    """Extract Vision Transformer visual tokens from image folders into HDF5."""
 
 
 def _choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -60,7 +78,7 @@ def _fail(error: Exception, as_json: bool = False) -> typer.Exit:
 
 def _report(message: str, code: int, as_json: bool, hint: str = "") -> typer.Exit:
     """``message`` as one line on stderr (``hint`` after it there), and as JSON on stdout with --json."""
-    message = " ".join(message.split())
+    message = one_line(message, None)
     err.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}")
     if as_json:
         out.print_json(json.dumps({"error": message, "exit_code": code}))
@@ -113,11 +131,7 @@ def run(
     strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_STRICT_FAILURES} when any image failed.", rich_help_panel=DISPLAY)] = False,
 ) -> None:
     """Extract visual tokens for every image under PATHS into an HDF5 file."""
-    from vitcore.distributed import extract_distributed, launched_by_torchrun, rank
-    from vitcore.errors import VitExtractError
-    from vitcore.options import ExtractOptions
-    from vitcore.runcheck import check_run
-    from vitcore.shard import parse_shard, shard_path
+    from vitcore.run.distributed import launched_by_torchrun, rank  # h5py: not for --help
 
     options = ExtractOptions(
         model=model, weights=str(weights) if weights else None, seed=seed, pool=pool.value,
@@ -132,24 +146,11 @@ def run(
     inputs = [str(p) for p in paths or ()]
     try:
         if launched_by_torchrun():
-            if shard:
-                raise typer.BadParameter("--shard is chosen by torchrun (one shard per rank); drop it")
-            with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal and rank() == 0) as display:
-                outcome = extract_distributed(inputs, str(output), options, progress=display.update)
-            if outcome.merged is None:  # ranks other than 0 stay silent
+            result, merged = _run_launched(inputs, output, options, shard, quiet)
+            if merged is None:  # ranks other than 0 stay silent
                 return
-            result, merged = outcome.summary, outcome.merged
         else:
-            if shard:
-                options.shard = parse_shard(shard)
-                output = Path(shard_path(str(output), *options.shard))
-            with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal) as display:
-                # Options, output and inputs are checked before torch is loaded: refusals come at once.
-                checked = check_run(inputs, str(output), options)
-                from vitcore.pipeline import extract
-
-                result = extract(inputs, str(output), options, progress=display.update, checked=checked)
-            merged = None
+            result, merged = _run_here(inputs, output, options, shard, quiet), None
     except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a clean stop, this one does not wait
         err.print("interrupted at once by a second Ctrl-C; the committed rows are safe: rerun with --resume")
         raise typer.Exit(130) from None
@@ -170,6 +171,32 @@ def run(
         raise typer.Exit(EXIT_STRICT_FAILURES)
 
 
+def _run_launched(inputs: list[str], output: Path, options, shard: str | None, quiet: bool):
+    """Under torchrun: this rank's shard, merged by rank 0. (rank 0's summary, the MergeResult or None)."""
+    from vitcore.run.distributed import extract_distributed, rank  # torch: not for --help
+
+    if shard:
+        raise typer.BadParameter("--shard is chosen by torchrun (one shard per rank); drop it")
+    with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal and rank() == 0) as display:
+        outcome = extract_distributed(inputs, str(output), options, progress=display.update)
+    return outcome.summary, outcome.merged
+
+
+def _run_here(inputs: list[str], output: Path, options, shard: str | None, quiet: bool):
+    """One process: the whole run, or shard I/N of it into its own file."""
+    from vitcore.run.checks import check_run  # h5py, numpy: not for --help
+
+    if shard:
+        options.shard = parse_shard(shard)
+        output = Path(shard_path(str(output), *options.shard))
+    with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal) as display:
+        # Options, output and inputs are checked before torch is loaded: refusals come at once.
+        checked = check_run(inputs, str(output), options)
+        from vitcore.run.pipeline import extract  # torch: only once the run is known to go ahead
+
+        return extract(inputs, str(output), options, progress=display.update, checked=checked)
+
+
 @app.command()
 def info(
     file: Annotated[Path, typer.Argument(help="An output file of vit-extract run.", exists=True, dir_okay=False)],
@@ -177,8 +204,7 @@ def info(
     failures: Annotated[int, typer.Option(help="How many failed images to list.", min=0)] = 20,
 ) -> None:
     """Rows, shapes, dtype, encoder, weights and failures of an output file."""
-    from vitcore.errors import VitExtractError
-    from vitcore.store import open_tokens
+    from vitcore.consumers.tokens import open_tokens  # h5py, numpy: not for --help
 
     try:
         with open_tokens(file, check_shards=False) as tokens:  # info shows broken shards, it does not refuse
@@ -196,16 +222,9 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print the presets as JSON on stdout.")] = False,
 ) -> None:
     """The encoder presets: width, depth, heads, parameters and tokens per image; the other encoder families."""
-    from vitcore.config import PRESETS, parameter_count
-    from vitcore.families import DEFAULT_FAMILY, listing
+    from vitcore.encoders.registry import DEFAULT_FAMILY, listing, preset_table  # numpy, h5py: not for --help
 
-    rows = [
-        {
-            "name": name, "dim": c.dim, "depth": c.depth, "heads": c.heads, "patch": c.patch,
-            "image_size": c.image_size, "parameters": parameter_count(c), "tokens_per_image": c.num_tokens,
-        }
-        for name, c in PRESETS.items()
-    ]
+    rows = preset_table()
     if as_json:
         out.print_json(json.dumps(rows))
     else:
@@ -224,10 +243,9 @@ def init_weights(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
 ) -> None:
     """Write a seeded (untrained) encoder as .safetensors, its architecture in the metadata."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError  # safetensors, torch: not for --help
 
-    from vitcore.errors import OutputExistsError, UsageError, VitExtractError
-    from vitcore.weights import build_encoder, save_weights
+    from vitcore import build_encoder, save_weights
 
     try:
         if output.exists() and not overwrite:
@@ -253,8 +271,7 @@ def show(
     columns: Annotated[int, typer.Option(help="Pictures per sheet row.", min=1)] = 2,
 ) -> None:
     """Draw each picture beside a PCA colour map of its patch tokens, as one PNG sheet."""
-    from vitcore.errors import VitExtractError
-    from vitcore.visualize import token_sheet
+    from vitcore.consumers.visualize import token_sheet  # h5py, numpy, Pillow: not for --help
 
     try:
         image, chosen = token_sheet(str(file), keys, first, joint, columns)
@@ -273,8 +290,7 @@ def similar(
     sheet: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet of the hits to this PNG.", dir_okay=False, show_default=False)] = None,
 ) -> None:
     """The images whose pooled vectors are closest to QUERY (cosine similarity, exact)."""
-    from vitcore.errors import VitExtractError
-    from vitcore.search import hits_sheet, similar as find_similar
+    from vitcore.consumers.search import hits_sheet, similar as find_similar  # h5py, numpy: not for --help
 
     try:
         hits, kind = find_similar(str(file), query, k)
@@ -297,8 +313,7 @@ def merge_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Combine shard files into one output that reads like a single run."""
-    from vitcore.errors import VitExtractError
-    from vitcore.merge import merge
+    from vitcore.store.merge import merge  # h5py, numpy: not for --help
 
     try:
         result = merge(str(output), [str(s) for s in shards], copy=copy, overwrite=overwrite)
@@ -315,7 +330,6 @@ def merge_command(
 
 def _save_png(image, path: Path) -> None:
     """Write a sheet as PNG whatever the file name says; a write problem is a one-line error."""
-    from vitcore.errors import VitExtractError
 
     try:
         image.save(path, format="PNG")

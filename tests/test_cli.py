@@ -142,7 +142,7 @@ def test_models_lists_the_presets(cli):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from cli.main import app; assert 'torch' not in sys.modules"
+    code = "import sys; from vitcore.cli.main import app; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 
@@ -204,9 +204,9 @@ def test_info_output_is_not_cut_when_piped(cli, photos, tmp_path):
 
 
 def test_cli_choices_are_the_library_choices():
-    from cli import main
+    from vitcore.cli import main
     from vitcore import choices
-    from vitcore.device import DTYPES
+    from vitcore.system.device import DTYPES
 
     pairs = [(main.Pool, choices.POOLING_MODES), (main.Resize, choices.RESIZE_MODES),
              (main.Decode, choices.DECODE_MODES), (main.Dtype, choices.DTYPE_CHOICES),
@@ -237,9 +237,9 @@ def test_building_the_help_does_not_import_torch():
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "import cli.main\n"
+        "import vitcore.cli.main\n"
         "for args in (['--help'], ['run', '--help'], ['models', '--help']):\n"
-        "    result = CliRunner().invoke(cli.main.app, args)\n"
+        "    result = CliRunner().invoke(vitcore.cli.main.app, args)\n"
         "    assert result.exit_code == 0, result.output\n"
         "assert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
     )
@@ -247,9 +247,9 @@ def test_building_the_help_does_not_import_torch():
 
 
 def test_models_lists_every_other_family_from_the_registry(cli, monkeypatch):
-    import vitcore.families
+    import vitcore.encoders.registry
 
-    monkeypatch.setattr(vitcore.families, "listing", lambda: [
+    monkeypatch.setattr(vitcore.encoders.registry, "listing", lambda: [
         ("seed", "the seed encoders"), ("qwen3-vl", "a [bold]Qwen3-VL[/] vision tower"), ("other", "one more")])
     text = cli("models").stdout
     assert "qwen3-vl: a [bold]Qwen3-VL[/] vision tower" in text and "other: one more" in text
@@ -277,7 +277,7 @@ def test_option_parsing_errors_are_one_line_and_json_with_json(args):
 def test_small_things_said_right(photos, tmp_path, cli):
     """init-weights honours the umask; a resume says how many failures earlier runs recorded;
     a picture too large for memory says so; a second Ctrl-C still ends with a line."""
-    from vitcore.loader import describe_error
+    from vitcore.imaging.loader import describe_error
 
     previous = os.umask(0o022)
     try:
@@ -292,9 +292,9 @@ def test_small_things_said_right(photos, tmp_path, cli):
     assert "0 this run; 1 recorded by earlier runs" in again.stdout
     assert describe_error(MemoryError()) == "MemoryError: not enough memory to decode and resize this picture"
     interrupted = subprocess.run(
-        [sys.executable, "-c", "import vitcore.pipeline as p\n"
+        [sys.executable, "-c", "import vitcore.run.pipeline as p\n"
          "def stop(*a, **k): raise KeyboardInterrupt\n"
-         "p.extract = stop\nimport sys\nfrom cli.main import main\n"
+         "p.extract = stop\nimport sys\nfrom vitcore.cli.main import main\n"
          f"sys.argv = ['vit-extract', 'run', {str(photos)!r}, '-o', {str(tmp_path / 'x.h5')!r}]\nmain()"],
         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
     assert interrupted.returncode == 130 and "interrupted at once" in interrupted.stderr, interrupted.stderr[-500:]
@@ -307,7 +307,7 @@ def test_usage_errors_and_refused_outputs_come_before_torch_is_loaded(tmp_path, 
     exists = tmp_path / "exists.h5"
     exists.write_bytes(b"")
     args = [str(exists) if a == "EXISTS" else a for a in args]
-    code = ("import sys\nfrom cli.main import main\nsys.argv = ['vit-extract', 'run', *sys.argv[1:]]\n"
+    code = ("import sys\nfrom vitcore.cli.main import main\nsys.argv = ['vit-extract', 'run', *sys.argv[1:]]\n"
             "try:\n    main()\nexcept SystemExit as stop:\n    print('exit', stop.code, 'torch' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).resolve().parent.parent)

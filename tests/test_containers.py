@@ -23,12 +23,12 @@ import webdataset as wds
 from PIL import Image
 
 import vitcore
-import vitcore.visualize
+import vitcore.consumers.visualize
 from tests.helpers import TINY
 from vitcore.errors import ResumeMismatchError, UsageError
-from vitcore.merge import merge
-from vitcore.pipeline import ExtractOptions
-from vitcore.shard import shard_path
+from vitcore.store.merge import merge
+from vitcore.run.pipeline import ExtractOptions
+from vitcore.run.shard import shard_path
 
 PROJECT = Path(__file__).resolve().parent.parent
 EXACT = ExtractOptions(model=TINY, out_dtype="float32", dtype="float32", device="cpu", workers=0, batch_size=3)
@@ -286,8 +286,8 @@ def test_show_and_similar_find_the_pictures_inside_containers(tmp_path, monkeypa
     pictures = _pictures(6)
     write_shards(tmp_path / "data", pictures, per_shard=3)
     write_parquet(tmp_path / "data" / "t.parquet", pictures)
-    from vitcore.search import hits_sheet, similar
-    from vitcore.visualize import token_sheet
+    from vitcore.consumers.search import hits_sheet, similar
+    from vitcore.consumers.visualize import token_sheet
 
     monkeypatch.chdir(tmp_path / "data")
     for inputs, key in ((["00000.tar", "00001.tar"], "00001.tar/000000004.jpg"), (["t.parquet"], "t.parquet/row=4")):
@@ -298,8 +298,10 @@ def test_show_and_similar_find_the_pictures_inside_containers(tmp_path, monkeypa
         hits, kind = similar(str(out), str(tmp_path / "data" / "loose" / "000000004.jpg"), k=1)
         assert kind == "image" and hits[0].key == key and hits[0].score > 0.9999
         placeholders = []
-        real = vitcore.visualize._placeholder
-        monkeypatch.setattr(vitcore.visualize, "_placeholder", lambda text, *a: placeholders.append(text) or real(text, *a))
+        real = vitcore.consumers.visualize.placeholder
+        spy = lambda text, *a: placeholders.append(text) or real(text, *a)  # noqa: E731
+        monkeypatch.setattr(vitcore.consumers.visualize, "placeholder", spy)
+        monkeypatch.setattr(vitcore.consumers.search, "placeholder", spy)
         hits_sheet(str(out), hits, key, "key")
         token_sheet(str(out), keys=[key])
         assert placeholders == []  # every original was found inside its container
@@ -398,11 +400,11 @@ def test_meta_names_and_empty_containers_are_checked_in_one_line(tmp_path):
 
 
 def test_parquet_rows_are_read_a_few_at_a_time_and_a_bad_stretch_fails_only_its_rows(tmp_path, monkeypatch):
-    import vitcore.containers
+    import vitcore.inputs.parquet
 
     pictures = _pictures(12)
     write_parquet(tmp_path / "t.parquet", pictures, row_group_size=6)
-    monkeypatch.setattr(vitcore.containers, "PARQUET_READ_ROWS", 2)
+    monkeypatch.setattr(vitcore.inputs.parquet, "PARQUET_READ_ROWS", 2)
     real = pq.ParquetFile.iter_batches
     sizes = []
 

@@ -19,9 +19,9 @@ from PIL import Image
 import vitcore
 from tests.helpers import TINY
 from vitcore.errors import ResumeMismatchError, UsageError
-from vitcore.merge import merge
-from vitcore.pipeline import ExtractOptions
-from vitcore.shard import parse_shard, shard_path
+from vitcore.store.merge import merge
+from vitcore.run.pipeline import ExtractOptions
+from vitcore.run.shard import parse_shard, shard_path
 
 PROJECT = Path(__file__).resolve().parent.parent
 EXACT = ExtractOptions(model=TINY, out_dtype="float32", dtype="float32", device="cpu", workers=0, batch_size=3)

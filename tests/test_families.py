@@ -12,7 +12,7 @@ from PIL import Image
 
 import vitcore
 from tests.helpers import SAMPLES, TINY, save_tiny_qwen2vl, save_tiny_qwen3vl
-from vitcore import families
+from vitcore.encoders import registry as families
 from vitcore.errors import VitExtractError
 
 
@@ -27,27 +27,27 @@ def _photos(folder, sizes):
 
 
 def seed_run(tmp_path_factory):
-    import vitcore.model
+    import vitcore.encoders.seed.model
 
     options = dict(model=TINY)
-    return options, vitcore.model.VisionEncoder, "forward_features"
+    return options, vitcore.encoders.seed.model.VisionEncoder, "forward_features"
 
 
 def qwen3vl_run(tmp_path_factory):
-    import vitcore.qwen3vl
+    import vitcore.encoders.qwen.qwen3vl
 
     folder = tmp_path_factory.mktemp("qwen3vl") / "ckpt"
     save_tiny_qwen3vl(folder)
-    return dict(weights=str(folder)), vitcore.qwen3vl.Qwen3VLVisionEncoder, "forward"
+    return dict(weights=str(folder)), vitcore.encoders.qwen.qwen3vl.Qwen3VLVisionEncoder, "forward"
 
 
 def qwen2vl_run(version):
     def run(tmp_path_factory):
-        import vitcore.qwen2vl
+        import vitcore.encoders.qwen.qwen2vl
 
         folder = tmp_path_factory.mktemp(f"qwen{version}vl") / "ckpt"
         save_tiny_qwen2vl(folder, version)
-        tower = vitcore.qwen2vl.Qwen2VLVisionEncoder if version == "2" else vitcore.qwen2vl.Qwen25VLVisionEncoder
+        tower = vitcore.encoders.qwen.qwen2vl.Qwen2VLVisionEncoder if version == "2" else vitcore.encoders.qwen.qwen2vl.Qwen25VLVisionEncoder
         return dict(weights=str(folder)), tower, "forward"
 
     return run
@@ -58,10 +58,10 @@ RUNS = {"seed": seed_run, "qwen3-vl": qwen3vl_run, "qwen2.5-vl": qwen2vl_run("2.
 
 
 def test_every_registered_family_is_tested():
-    assert set(RUNS) == set(families.REGISTRY)
+    assert set(RUNS) == set(families.BY_NAME)
 
 
-@pytest.fixture(scope="module", params=list(families.REGISTRY))
+@pytest.fixture(scope="module", params=list(families.BY_NAME))
 def family_run(request, tmp_path_factory):
     options, module, forward = RUNS[request.param](tmp_path_factory)
     folder = _photos(tmp_path_factory.mktemp("photos") / "imgs", [(40, 90), (130, 60)])
@@ -81,7 +81,7 @@ def test_the_family_answers_its_interface_and_is_found_by_its_options(family_run
 
 def test_out_of_memory_splits_the_batch_for_every_family(family_run, tmp_path, monkeypatch):
     name, options, module, forward, folder = family_run
-    from vitcore.families import qwenvl
+    from vitcore.encoders.qwen import family as qwenvl
 
     monkeypatch.setattr(qwenvl, "CPU_PACK_PATCHES", 10**9)  # a batch is one sequence here, as on a GPU
     reference = tmp_path / "reference.h5"
@@ -136,7 +136,7 @@ def test_a_new_image_is_encoded_as_the_file_was(family_run, tmp_path):
     name, options, _, _, folder = family_run
     out = tmp_path / "out.h5"
     vitcore.extract([folder], out, **options)
-    from vitcore.search import similar
+    from vitcore.consumers.search import similar
 
     hits, kind = similar(str(out), str(folder / "chelsea.jpg"), k=1)
     assert kind == "image" and hits[0].key == "chelsea.jpg" and hits[0].score > 0.9999

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vitcore.loader import ImageDataset
-from vitcore.preprocess import ImageLoader, PreprocessConfig
-from vitcore.sources import Source
+from vitcore.imaging.loader import ImageDataset
+from vitcore.encoders.seed.processor import ImageLoader, PreprocessConfig
+from vitcore.inputs.files import Source
 
 SIZE = 28
 

@@ -13,9 +13,9 @@ from PIL import Image, ImageOps
 
 import vitcore
 from tests.helpers import TINY
-from vitcore import gpu_decode
-from vitcore.pipeline import ExtractOptions
-from vitcore.preprocess import PAD_COLOR, PreprocessConfig, resize
+from vitcore.encoders.seed import gpu_decode
+from vitcore.run.pipeline import ExtractOptions
+from vitcore.encoders.seed.processor import PAD_COLOR, PreprocessConfig, resize
 
 EXACT = ExtractOptions(model=TINY, out_dtype="float32", dtype="float32", device="cpu", workers=0, batch_size=4)
 

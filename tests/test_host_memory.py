@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from vitcore import host_memory
+from vitcore.system import host_memory
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "confstr") or "CS_GNU_LIBC_VERSION" not in os.confstr_names

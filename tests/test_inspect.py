@@ -10,9 +10,9 @@ from PIL import Image
 import vitcore
 from tests.helpers import TINY
 from vitcore.errors import UsageError
-from vitcore.pipeline import ExtractOptions
-from vitcore.search import similar, top_k_cosine
-from vitcore.visualize import CAPTION, GAP, THUMB, pca_maps, token_sheet
+from vitcore.run.pipeline import ExtractOptions
+from vitcore.consumers.search import similar, top_k_cosine
+from vitcore.consumers.visualize import CAPTION, GAP, THUMB, pca_maps, token_sheet
 
 OPTS = ExtractOptions(model=TINY, dtype="float32", device="cpu", workers=0)
 
@@ -130,7 +130,7 @@ def test_sheet_file_problems_are_one_line_errors(tmp_path, photos, cli):
 
 def test_a_new_image_is_encoded_with_the_files_weights_and_refused_when_they_changed(tmp_path, photos):
     from vitcore.errors import VitExtractError
-    from vitcore.weights import build_encoder, save_weights
+    from vitcore.encoders.seed.weights import build_encoder, save_weights
 
     weights = tmp_path / "w.safetensors"
     save_weights(build_encoder(TINY, seed=5)[0], weights)
@@ -146,8 +146,8 @@ def test_a_new_image_is_encoded_with_the_files_weights_and_refused_when_they_cha
 
 
 def test_keys_with_control_characters_are_drawn_escaped_on_one_line(photos, tmp_path, cli):
-    from vitcore.search import hits_sheet
-    from vitcore.visualize import printable
+    from vitcore.consumers.search import hits_sheet
+    from vitcore.consumers.visualize import printable
 
     odd = "two\nlines\tand\x1bescape.jpg"
     shutil.copy(photos / "chelsea.jpg", photos / odd)

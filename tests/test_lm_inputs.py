@@ -259,8 +259,8 @@ def test_a_file_rewritten_under_a_dataset_is_refused_not_misread(tmp_path):
 
 def test_a_merged_file_whose_shard_went_missing_is_refused_not_read_as_nan(tmp_path):
     from tests.helpers import SAMPLES
-    from vitcore.merge import merge
-    from vitcore.shard import shard_path
+    from vitcore.store.merge import merge
+    from vitcore.run.shard import shard_path
 
     out = tmp_path / "m.h5"
     parts = [shard_path(str(out), i, 2) for i in range(2)]

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitcore.config import PRESETS, EncoderConfig, parameter_count, parse_model
+from vitcore.encoders.seed.config import PRESETS, EncoderConfig, parameter_count, parse_model
 from vitcore.errors import UsageError
-from vitcore.model import Attention, Rope2D, VisionEncoder, apply_rope, pool_tokens
-from vitcore.weights import seeded_encoder
+from vitcore.encoders.seed.model import Attention, Rope2D, VisionEncoder, apply_rope, pool_tokens
+from vitcore.encoders.seed.weights import seeded_encoder
 
 TINY = EncoderConfig(dim=32, depth=2, heads=2, patch=14, image_size=56)
 SEED_PARAMS = {"small": 38e6, "base": 303e6, "large": 630e6}

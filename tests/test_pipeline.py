@@ -11,9 +11,9 @@ import torch
 import vitcore
 from tests.helpers import TINY
 from vitcore.errors import Interrupted, OutputExistsError, ResumeMismatchError, UsageError
-from vitcore.pipeline import ExtractOptions, StopFlag
-from vitcore.preprocess import PreprocessConfig, load_image, normalize_on_device
-from vitcore.weights import build_encoder
+from vitcore.run.pipeline import ExtractOptions, StopFlag
+from vitcore.encoders.seed.processor import PreprocessConfig, load_image, normalize_on_device
+from vitcore.encoders.seed.weights import build_encoder
 
 EXACT = ExtractOptions(model=TINY, out_dtype="float32", dtype="float32", device="cpu", workers=0, batch_size=3)
 
@@ -238,7 +238,7 @@ def test_compile_gives_the_eager_tokens_and_reports_its_compilation_time(photos,
 
 
 def test_tokens_that_overflow_float16_are_counted_in_a_warning(photos, tmp_path):
-    from vitcore.weights import save_weights
+    from vitcore.encoders.seed.weights import save_weights
 
     encoder, _ = build_encoder(TINY, seed=0)
     with torch.no_grad():

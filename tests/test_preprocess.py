@@ -1,4 +1,4 @@
-"""Tests for vitcore.preprocess: decode → upright RGB → resize → uint8, and device normalisation."""
+"""Tests for decoding (vitcore.imaging.decode) and the seed preprocessing (vitcore.encoders.seed.processor): decode → upright RGB → resize → uint8, and device normalisation."""
 
 from __future__ import annotations
 
@@ -11,20 +11,17 @@ import pytest
 import torch
 from PIL import Image, JpegImagePlugin
 
-from vitcore.loader import ImageDataset
-from vitcore.preprocess import (
-    BACKGROUND,
-    DRAFT_MARGIN,
+from vitcore.imaging.loader import ImageDataset
+from vitcore.encoders.seed.processor import (
     PAD_COLOR,
     ImageLoader,
     PreprocessConfig,
     load_image,
     normalize_on_device,
     resized_size,
-    decode_rgb,
-    to_rgb,
 )
-from vitcore.sources import Source
+from vitcore.imaging.decode import BACKGROUND, DRAFT_MARGIN, decode_rgb, to_rgb
+from vitcore.inputs.files import Source
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)

@@ -13,8 +13,8 @@ from PIL import Image
 
 import vitcore
 from tests.helpers import resave_single_file, save_tiny_qwen2vl
-from vitcore.qwen2vl import load_qwen25vl, load_qwen2vl, window_order
-from vitcore.qwen_preprocess import patchify, resize_rgb
+from vitcore.encoders.qwen.qwen2vl import load_qwen25vl, load_qwen2vl, window_order
+from vitcore.encoders.qwen.processor import patchify, resize_rgb
 
 VERSIONS = {"2": ("qwen2-vl", load_qwen2vl), "2.5": ("qwen2.5-vl", load_qwen25vl)}
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from tests.helpers import SAMPLES, qwen3vl_processor, resave_single_file, save_tiny_qwen3vl
 from vitcore.errors import WeightsError
-from vitcore.qwen3vl import load_qwen3vl
-from vitcore.qwen_preprocess import QwenVLPreprocess, patchify, resize_rgb, smart_resize
+from vitcore.encoders.qwen.qwen3vl import load_qwen3vl
+from vitcore.encoders.qwen.processor import QwenVLPreprocess, patchify, resize_rgb, smart_resize
 
 def _processor(min_pixels=65536, max_pixels=16777216):
     return qwen3vl_processor(min_pixels, max_pixels)
@@ -209,8 +209,8 @@ def test_cli_native_resolution_stores_what_transformers_computes(checkpoint, fol
 def test_fixed_resolution_pooling_resume_and_shards(checkpoint, folder_of_images, tmp_path):
     import vitcore
     from vitcore.errors import ResumeMismatchError, UsageError
-    from vitcore.merge import merge
-    from vitcore.shard import shard_path
+    from vitcore.store.merge import merge
+    from vitcore.run.shard import shard_path
 
     folder, visual = checkpoint
     opts = dict(weights=str(folder), dtype="float32", out_dtype="float32", workers=0, batch_size=2)
@@ -264,7 +264,7 @@ def test_fixed_resolution_pooling_resume_and_shards(checkpoint, folder_of_images
 
 
 def test_the_attention_backend_is_chosen_once_and_a_fallback_is_reported(checkpoint, monkeypatch):
-    from vitcore import qwen_layers as qwen3vl
+    from vitcore.encoders.qwen import layers as qwen3vl
 
     folder, _ = checkpoint
     encoder, _ = load_qwen3vl(str(folder))
@@ -303,7 +303,7 @@ def test_the_attention_backend_is_chosen_once_and_a_fallback_is_reported(checkpo
 
 
 def test_a_checkpoint_folder_is_told_by_what_it_is(checkpoint, tmp_path):
-    from vitcore import families
+    from vitcore.encoders import registry as families
     from vitcore.errors import UsageError
 
     folder, _ = checkpoint
@@ -324,7 +324,7 @@ def test_similar_refuses_a_checkpoint_whose_processor_changed_since(checkpoint, 
 
     import vitcore
     from vitcore.errors import VitExtractError
-    from vitcore.search import similar
+    from vitcore.consumers.search import similar
 
     folder = tmp_path / "ckpt"
     shutil.copytree(checkpoint[0], folder)
@@ -425,7 +425,7 @@ def test_attention_within_an_image_never_builds_the_whole_score_matrix():
 
     code = """
 import resource, torch
-from vitcore.qwen_layers import attend_within_images
+from vitcore.encoders.qwen.layers import attend_within_images
 q, k, v = (torch.randn(16, 4096, 72) for _ in range(3))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with torch.inference_mode():
@@ -442,8 +442,8 @@ def test_cpu_packs_small_images_together_and_large_ones_alone(checkpoint, folder
     a sequence, a larger one goes alone (a sequence of several large images only made every
     activation outgrow the allocator's reuse). Tokens are what transformers computes either way."""
     import vitcore
-    from vitcore.families import qwenvl
-    from vitcore.qwen3vl import Qwen3VLVisionEncoder
+    from vitcore.encoders.qwen import family as qwenvl
+    from vitcore.encoders.qwen.qwen3vl import Qwen3VLVisionEncoder
 
     folder, visual = checkpoint
     calls = []
@@ -476,7 +476,7 @@ def test_cpu_packs_small_images_together_and_large_ones_alone(checkpoint, folder
 
 
 def test_pack_groups_rules():
-    from vitcore.families.qwenvl import pack_groups
+    from vitcore.encoders.qwen.family import pack_groups
 
     item = lambda n: (torch.zeros(n, 1), (1, n, 1))  # noqa: E731
     sizes = lambda groups: [[x[0].shape[0] for x in g] for g in groups]  # noqa: E731

@@ -14,8 +14,8 @@ import transformers  # the oracle (a test dependency)
 from PIL import Image
 
 from vitcore.errors import WeightsError
-from vitcore.qwen_preprocess import QwenVLPreprocess
-from vitcore.qwen_checkpoint import image_processor_settings
+from vitcore.encoders.qwen.processor import QwenVLPreprocess
+from vitcore.encoders.qwen.checkpoint import image_processor_settings
 
 QWEN3 = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 EDGES = {"shortest_edge": 65536, "longest_edge": 16777216}

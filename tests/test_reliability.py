@@ -24,13 +24,13 @@ import torch
 from PIL import Image
 
 import vitcore
-import vitcore.runcheck
+import vitcore.run.checks
 from tests.helpers import TINY
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError, WeightsError
-from vitcore.lock import OutputLockedError
-from vitcore.pipeline import ExtractOptions
-from vitcore.preprocess import ImageLoader, PreprocessConfig, load_image, normalize_on_device
-from vitcore.weights import build_encoder
+from vitcore.store.lock import OutputLockedError
+from vitcore.run.pipeline import ExtractOptions
+from vitcore.encoders.seed.processor import ImageLoader, PreprocessConfig, load_image, normalize_on_device
+from vitcore.encoders.seed.weights import build_encoder
 
 EXACT = ExtractOptions(model=TINY, out_dtype="float32", dtype="float32", device="cpu", workers=0, batch_size=4)
 PROJECT = Path(__file__).resolve().parent.parent
@@ -138,18 +138,18 @@ def test_hostile_corpus_every_input_ends_as_its_own_row_or_a_one_line_failure(tm
     corpus = tmp_path / "corpus"
     rows, fails = _build_hostile_corpus(corpus)
     listed = {s.key for s in vitcore.discover([corpus]).sources}
-    real_discover = vitcore.runcheck.discover
+    real_discover = vitcore.run.checks.discover
 
     def discover_then_vanish(*args, **kwargs):
         found = real_discover(*args, **kwargs)
         (corpus / "vanishes.png").unlink()
         return found
 
-    monkeypatch.setattr(vitcore.runcheck, "discover", discover_then_vanish)
+    monkeypatch.setattr(vitcore.run.checks, "discover", discover_then_vanish)
     out = tmp_path / "out.h5"
     # The folder plus one of its files named again: taken once.
     result = vitcore.extract([corpus, corpus / "one_pixel.png"], out, EXACT, workers=2)
-    escape = lambda k: vitcore.sources.escape_key(k)  # noqa: E731
+    escape = lambda k: vitcore.inputs.base.escape_key(k)  # noqa: E731
     assert {escape(k) for k in rows} | {escape(k) for k in fails} == listed
     keys, tokens, attrs = _keys_tokens(out)
     assert set(keys) == {escape(k) for k in rows} and len(keys) == len(rows) == attrs["committed"]
@@ -159,7 +159,7 @@ def test_hostile_corpus_every_input_ends_as_its_own_row_or_a_one_line_failure(tm
         assert reason and "\n" not in reason and len(reason) < 300, (key, reason)
     # No row moved: each row holds exactly its own image's tokens.
     for i, key in enumerate(keys):
-        path = os.path.join(corpus, os.fsdecode(vitcore.sources.unescape_key(key)))
+        path = os.path.join(corpus, os.fsdecode(vitcore.inputs.base.unescape_key(key)))
         np.testing.assert_allclose(tokens[i], _direct_tokens(path), rtol=1e-5, atol=1e-5, err_msg=key)
     with vitcore.open_tokens(out) as f:
         assert len(f.failures) == len(fails)
@@ -189,8 +189,8 @@ def _as_unprivileged_user(function, *args):
 
 
 def _load_record(path: str):
-    from vitcore.loader import ImageDataset
-    from vitcore.sources import Source
+    from vitcore.imaging.loader import ImageDataset
+    from vitcore.inputs.files import Source
 
     index, pixels, size, error, _ = ImageDataset([Source(path, "k", 0)], ImageLoader(PreprocessConfig(image_size=56)))[0]
     return (pixels is None, error)
@@ -230,7 +230,7 @@ def test_a_worker_killed_by_the_os_stops_the_run_with_a_clear_message_then_resum
     for i in range(12):
         _photo(seed=i).save(folder / f"img{i:02d}.png")
     _photo(seed=99).save(folder / dying)
-    monkeypatch.setattr("vitcore.preprocess.load_image", _dies_in_worker(load_image))
+    monkeypatch.setattr("vitcore.encoders.seed.processor.load_image", _dies_in_worker(load_image))
     out = tmp_path / "out.h5"
     signal.alarm(120)  # a hang fails the test instead of blocking the suite
     try:
@@ -346,7 +346,7 @@ def test_no_worker_inherits_a_writable_handle_on_the_output(tmp_path, monkeypatc
                 handle.write(json.dumps(open_files) + "\n")
         return real_load(path, cfg)
 
-    monkeypatch.setattr("vitcore.preprocess.load_image", spying_load)
+    monkeypatch.setattr("vitcore.encoders.seed.processor.load_image", spying_load)
     vitcore.extract([folder], tmp_path / "out.h5", EXACT, workers=2, batch_size=2)
     views = [json.loads(line) for line in report.read_text().splitlines()]
     assert len(views) == 16
@@ -378,7 +378,7 @@ if sys.argv[1] == "no tmpfs":  # fail a batch's write once the file passes ~300 
         if os.path.getsize(writer.h5.filename) > 300_000:
             full()
     HOOKS.before_write = write_until_full
-from cli.main import main
+from vitcore.cli.main import main
 sys.argv = ["vit-extract", *sys.argv[2:]]
 main()
 """
@@ -460,7 +460,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_killed_holder_does_not
     out = tmp_path / "out.h5"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from vitcore.lock import OutputLock\n"
+         "import sys, time; from vitcore.store.lock import OutputLock\n"
          f"with OutputLock({str(out)!r}):\n    print('locked', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, text=True, cwd=PROJECT,
     )
@@ -578,8 +578,8 @@ def test_pipes_sockets_and_devices_are_failure_records_found_without_blocking(tm
 
 _STUCK_RUN = """
 import os, sys, time
-import vitcore.preprocess
-real = vitcore.preprocess.load_image
+import vitcore.encoders.seed.processor
+real = vitcore.encoders.seed.processor.load_image
 PIDS = sys.argv[1]
 def load(source, cfg):
     with open(PIDS, "a") as pids:
@@ -587,8 +587,8 @@ def load(source, cfg):
     if getattr(source, "name", "").endswith("slow.png"):
         time.sleep(3600)  # a read that never comes back (a hung network mount)
     return real(source, cfg)
-vitcore.preprocess.load_image = load
-from cli.main import main
+vitcore.encoders.seed.processor.load_image = load
+from vitcore.cli.main import main
 sys.argv = ["vit-extract", *sys.argv[2:]]
 main()
 """

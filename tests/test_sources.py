@@ -1,4 +1,4 @@
-"""Tests for vitcore.sources: finding inputs, keys, de-duplication and reversible key escaping."""
+"""Tests for vitcore.inputs (loose files and discovery): finding inputs, keys, de-duplication and reversible key escaping."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ from pathlib import Path
 import pytest
 
 from vitcore.errors import UsageError
-from vitcore.sources import (
-    DEFAULT_EXTENSIONS,
-    discover,
-    escape_key,
-    parse_extensions,
-    read_file_list,
-    unescape_key,
-)
+from vitcore.inputs.base import escape_key, unescape_key
+from vitcore.inputs.discover import discover
+from vitcore.inputs.files import read_file_list
+from vitcore.options import DEFAULT_EXTENSIONS, parse_extensions
 
 
 # --------------------------------------------------------------------------- helpers

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vitcore.config import parse_model
+from vitcore.encoders.seed.config import parse_model
 from vitcore.errors import UsageError, WeightsError
-from vitcore.weights import CONFIG_METADATA_KEY, build_encoder, file_sha256, read_weights_config, save_weights, seeded_encoder
+from vitcore.encoders.seed.weights import CONFIG_METADATA_KEY, build_encoder, file_sha256, read_weights_config, save_weights, seeded_encoder
 
 SPEC = "dim=32,depth=2,heads=2,image_size=28"
 

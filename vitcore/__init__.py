@@ -16,26 +16,27 @@ import importlib
 
 __version__ = "0.2.0"  # 0.2.0: every encoder record names its family
 
-_EXPORTS = {
-    "extract": "vitcore.pipeline",
+_EXPORTS = {  # name → the module that defines it
+    "extract": "vitcore.run.pipeline",
     "ExtractOptions": "vitcore.options",
-    "ExtractResult": "vitcore.pipeline",
-    "Progress": "vitcore.pipeline",
-    "build_encoder": "vitcore.weights",
-    "save_weights": "vitcore.weights",
-    "open_tokens": "vitcore.store",
-    "TokenFile": "vitcore.store",
-    "EncoderConfig": "vitcore.config",
-    "PRESETS": "vitcore.config",
-    "VisionEncoder": "vitcore.model",
-    "discover": "vitcore.sources",
+    "ExtractResult": "vitcore.run.pipeline",
+    "Progress": "vitcore.run.pipeline",
+    "build_encoder": "vitcore.encoders.seed.weights",
+    "save_weights": "vitcore.encoders.seed.weights",
+    "open_tokens": "vitcore.consumers.tokens",
+    "TokenFile": "vitcore.consumers.tokens",
+    "EncoderConfig": "vitcore.encoders.seed.config",
+    "PRESETS": "vitcore.encoders.seed.config",
+    "VisionEncoder": "vitcore.encoders.seed.model",
+    "discover": "vitcore.inputs.discover",
+    "unescape_key": "vitcore.inputs.base",
     "VitExtractError": "vitcore.errors",
-    "TokenDataset": "vitcore.dataset",
-    "collate_tokens": "vitcore.dataset",
-    "encoder_outputs": "vitcore.lm_inputs",
-    "encoder_outputs_from_batch": "vitcore.lm_inputs",
-    "place_image_tokens": "vitcore.lm_inputs",
-    "vllm_image_embeds": "vitcore.lm_inputs",
+    "TokenDataset": "vitcore.consumers.dataset",
+    "collate_tokens": "vitcore.consumers.dataset",
+    "encoder_outputs": "vitcore.consumers.lm_inputs",
+    "encoder_outputs_from_batch": "vitcore.consumers.lm_inputs",
+    "place_image_tokens": "vitcore.consumers.lm_inputs",
+    "vllm_image_embeds": "vitcore.consumers.lm_inputs",
 }
 
 __all__ = ["__version__", *_EXPORTS]

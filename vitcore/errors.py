@@ -5,8 +5,9 @@ raises them as they are. Anything else escaping the library is a bug.
 """
 
 
-def one_line(text, limit: int = 200) -> str:
-    """A message (or an exception's text) on one line, whitespace collapsed, at most ``limit`` characters."""
+def one_line(text, limit: int | None = 200) -> str:
+    """A message (or an exception's text) on one line, whitespace collapsed, at most ``limit``
+    characters (None: all of it)."""
     return " ".join(str(text).split())[:limit]
 
 

@@ -1,23 +1,74 @@
 """A run's settings: the flat ExtractOptions the CLI and the Python API fill, and the four validated
 parts extract() works with (encoder, inputs, compute, output). Each part checks itself when built,
 so a bad value is refused in one place, before any model is built or file touched; what only a
-family can judge (which options it takes) is its check()."""
+family can judge (which options it takes) is its check(). The lists a user writes (--ext, --keep,
+--columns) are parsed here too, so every layer above reads them the same way."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
-from vitcore.containers import ContainerOptions, check_meta_names, parse_names
 from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, RESIZE_MODES
 from vitcore.errors import UsageError
-from vitcore.sources import parse_extensions
+
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 def _one_of(flag: str, value, choices) -> None:
     if value not in choices:
         raise UsageError(f"{flag} {value!r} is not one of {', '.join(choices)}")
+
+
+def check_seed(seed: int) -> None:
+    if seed < 0:
+        raise UsageError(f"--seed must be non-negative, got {seed}")
+
+
+def parse_extensions(text: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``"jpg,.PNG"`` → ("jpg", "png"); None → the defaults."""
+    if text is None:
+        return DEFAULT_EXTENSIONS
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    exts = tuple(sorted({p.strip().lstrip(".").lower() for p in parts if p.strip().lstrip(".")}))
+    if not exts:
+        raise UsageError("--ext needs at least one extension, e.g. --ext jpg,png")
+    return exts
+
+
+@dataclass(frozen=True)
+class ContainerOptions:
+    keep: tuple[str, ...] = ()  # WebDataset sidecar extensions stored as meta/<ext>
+    columns: tuple[str, ...] = ()  # Parquet columns stored as meta/<column>
+    image_column: str | None = None  # None: the first column holding image bytes
+
+    @property
+    def meta_names(self) -> tuple[str, ...]:
+        return self.keep + self.columns
+
+
+def parse_names(text, what: str) -> tuple[str, ...]:
+    """``"txt,json"`` → ("txt", "json"), in the order given, each once. ``--keep`` extensions are
+    matched whatever their case (as image extensions are), so they are kept in lower case."""
+    if text is None:
+        return ()
+    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else list(text)) if p.strip()]
+    if what == "--keep":
+        parts = [p.lstrip(".").lower() for p in parts]
+    names = tuple(dict.fromkeys(parts))
+    for name in names:
+        if not name or name in (".", "..") or "/" in name:
+            raise UsageError(f"{what} {name or '.'!r} is not a name that can be stored (meta/<name>): "
+                             "give names such as " + ("txt,json" if what == "--keep" else "caption,url"))
+    return names
+
+
+def check_meta_names(options: ContainerOptions) -> None:
+    clash = set(options.keep) & set(options.columns)
+    if clash:
+        raise UsageError(f"--keep and --columns both name {', '.join(sorted(clash))}: each becomes meta/<name>; "
+                         "rename one (Parquet columns cannot be renamed here, so keep that one)")
 
 
 @dataclass(frozen=True)
@@ -38,8 +89,7 @@ class EncoderOptions:
         _one_of("--resize", self.resize, RESIZE_MODES)
         if self.decode is not None:
             _one_of("--decode", self.decode, DECODE_MODES)
-        if self.seed < 0:
-            raise UsageError(f"--seed must be non-negative, got {self.seed}")
+        check_seed(self.seed)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
         …writer.put(rows)…
         out.finish(complete)
 
-No writable handle may be inherited by a forked worker (reference/hdf5-notes.md), so the only way
+No writable handle may be inherited by a forked worker (a child's exit can flush or close it), so the only way
 to a writer is start(), which creates the loader's iterator (forking the workers) before it opens
 the file. Nothing is written from the main thread while workers run (see StoreWriter.prepare).
 """
@@ -17,11 +17,11 @@ from __future__ import annotations
 import os
 
 from vitcore.errors import OutputExistsError, UsageError
-from vitcore.lock import OutputLock
+from vitcore.store.lock import OutputLock
 from vitcore.store.resume import ResumeState, check_resumable
 from vitcore.store.schema import StoreSettings
 from vitcore.store.writer import AsyncWriter, StoreWriter
-from vitcore.workers import shut_down, worker_deaths_held
+from vitcore.system.workers import shut_down, worker_deaths_held
 
 
 class Output:

@@ -9,9 +9,9 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from vitcore import families
 from vitcore.errors import VitExtractError
-from vitcore.sources import source_path
+from vitcore.inputs.base import source_path
+from vitcore.inputs.discover import open_original
 from vitcore.store.schema import decoded, ragged_index_names
 
 
@@ -52,8 +52,10 @@ def open_for_reading(path: str, verb: str) -> h5py.File:
         raise VitExtractError(f"cannot {verb} {path}: not a readable HDF5 file ({err})") from None
 
 
-class TokenFile:
-    """Read a vit-extract output: rows by index or key, batches, settings, failures.
+class StoredTokens:
+    """Read a vit-extract output: rows by index or key, batches, settings, failures; everything the
+    file itself says. What only its encoder family knows (the token grid, a summary of the encoder)
+    is added by consumers.tokens.TokenFile, which vitcore.open_tokens gives.
 
         with vitcore.open_tokens("out.h5") as f:
             x = f["cat.jpg"]          # (T, D) numpy array, or (D,) when pooled
@@ -89,7 +91,7 @@ class TokenFile:
                     f"({', '.join(s['file'] for s in bad[:3])}); restore them beside it, or merge again"
                 )
 
-    def __enter__(self) -> "TokenFile":
+    def __enter__(self) -> "StoredTokens":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -138,7 +140,8 @@ class TokenFile:
     def __contains__(self, key: str) -> bool:
         return key in self._key_rows()
 
-    def _row(self, item: int | str) -> int:
+    def row_number(self, item: int | str) -> int:
+        """The row of a key or a row number (negative counts from the end)."""
         i = self.index(item) if isinstance(item, str) else int(item)
         n = len(self)
         if not -n <= i < n:
@@ -152,9 +155,9 @@ class TokenFile:
     def ragged(self) -> bool:
         return "token_offset" in self.h5
 
-    def _read(self, name: str, item: int | str) -> np.ndarray:
+    def read(self, name: str, item: int | str) -> np.ndarray:
         """One image's rows of ``name``: a row, or its slice of a flat (Σ tokens, D) dataset."""
-        i = self._row(item)
+        i = self.row_number(item)
         offsets, counts = ragged_index_names(name)
         if offsets in self.h5:
             start = int(self.h5[offsets][i])
@@ -163,18 +166,15 @@ class TokenFile:
 
     def tokens(self, item: int | str) -> np.ndarray:
         """(T, D) tokens (T may differ per image when ragged), or (D,) when pooled."""
-        return self._read("tokens", item)
+        return self.read("tokens", item)
 
     def feature(self, name: str, item: int | str) -> np.ndarray:
         """An extra stored feature of one image (``features/<name>``)."""
-        return self._read(f"features/{name}", item)
+        return self.read(f"features/{name}", item)
 
     def mean(self, item: int | str) -> np.ndarray:
         """The image's mean token (the pooled vector itself for pooled files)."""
-        return self.h5[self.vectors_dataset()][self._row(item)]
-
-    def layer(self, k: int, item: int | str) -> np.ndarray:
-        return self._read(f"layers/{k}", item)
+        return self.h5[self.vectors_dataset()][self.row_number(item)]
 
     def iter_batches(self, batch_size: int = 256, dataset: str = "tokens") -> Iterator[tuple[list[str], np.ndarray]]:
         """(keys, array) for consecutive committed rows of ``dataset`` (tokens, mean, layers/K);
@@ -194,16 +194,14 @@ class TokenFile:
 
     def original_path(self, item: int | str) -> bytes:
         """The image file a row came from (bytes: names need not be UTF-8)."""
-        i = self._row(item)
+        i = self.row_number(item)
         root = self.settings["roots"][int(self.h5["root_index"][i])]
         return source_path(root, self.keys[i])
 
     def open_original(self, item: int | str):
         """The original bytes of a row's input as a binary file object: the image file, the tar
         member or the Parquet row it was read from. OSError when it is gone."""
-        from vitcore.containers import open_original
-
-        i = self._row(item)
+        i = self.row_number(item)
         settings = self.settings
         return open_original(settings["roots"][int(self.h5["root_index"][i])], self.keys[i], settings.get("image_column"))
 
@@ -224,7 +222,7 @@ class TokenFile:
         dataset = self.h5[f"meta/{name}"].asstr()
         if item is None:
             return list(dataset[: len(self)]) if len(self) else []
-        return dataset[self._row(item)]
+        return dataset[self.row_number(item)]
 
     @property
     def settings(self) -> dict:
@@ -243,13 +241,6 @@ class TokenFile:
         """Per image; for ragged tokens (-1, D): the count varies (num_tokens)."""
         shape = tuple(self.h5["tokens"].shape[1:])
         return (-1, *shape) if self.ragged else shape
-
-    def token_grid(self, item: int | str) -> tuple[int, int]:
-        """(rows, cols) of the grid a row's tokens lie on, in raster order."""
-        i = self._row(item)
-        encoder = self.settings["encoder"]
-        grid_thw = tuple(int(v) for v in self.h5["grid_thw"][i]) if "grid_thw" in self.h5 else None
-        return families.for_record(encoder).token_grid(encoder, grid_thw)
 
     def vectors_dataset(self) -> str:
         """The (N, D) dataset to search: ``mean`` for unpooled files, ``tokens`` when pooled."""
@@ -294,7 +285,6 @@ class TokenFile:
             "shards": self._shard_states(settings.get("shards")),
             "features": settings.get("features") or [],
             "meta": settings.get("meta") or [],
-            "summary": families.for_record(settings["encoder"]).describe(settings),
         }
 
     def _shard_states(self, shards: list[dict] | None) -> list[dict] | None:
@@ -318,8 +308,3 @@ class TokenFile:
                     state = "unreadable"
             states.append({**shard, "state": state})
         return states
-
-
-def open_tokens(path: str | os.PathLike, check_shards: bool = True) -> TokenFile:
-    return TokenFile(path, check_shards=check_shards)
-

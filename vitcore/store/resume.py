@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 from vitcore.errors import ResumeMismatchError
-from vitcore.sources import identity_of
+from vitcore.inputs.base import identity_of
 from vitcore.store.reader import open_for_reading
 from vitcore.store.schema import REQUIRED, SCHEMA_VERSION, StoreSettings, compared, stored_value
 
@@ -39,11 +39,10 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
                 f"(this vit-extract writes {SCHEMA_VERSION}); use --overwrite or a new output"
             )
         for attribute in compared():
-            then = attribute.key(stored_value(attrs, attribute))
-            now = attribute.key(attribute.value(settings))
-            if then != now:
+            then, now = stored_value(attrs, attribute), attribute.value(settings)
+            if attribute.differs(then, now):
                 raise ResumeMismatchError(
-                    f"cannot resume {path}: the {attribute.compare} setting differs ({_difference(then, now)}); "
+                    f"cannot resume {path}: the {attribute.compare} setting differs ({_difference(attribute.key(then), attribute.key(now))}); "
                     "rerun with the file's settings or use --overwrite"
                 )
         roots = json.loads(attrs["roots"])

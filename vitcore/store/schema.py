@@ -29,8 +29,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from vitcore.families import DEFAULT_FAMILY
-from vitcore.families.base import ArraySpec
+from vitcore.imaging.decode import HIGH_BIT_DEPTH
 
 SCHEMA_VERSION = 1
 STRING = h5py.string_dtype("utf-8")
@@ -39,6 +38,23 @@ RAGGED_CHUNK_ROWS = 256  # tokens per chunk of a flat (Σ tokens, D) dataset
 PER_ROW_CHUNK = 4096  # rows per chunk of the small 1-D / (N, 2) datasets
 ROW_INFO = ("paths", "root_index", "image_size")  # per image, beside the arrays
 FAILED_DATASETS = ("failed/paths", "failed/errors", "failed/root_index")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-image array a run stores: ``tokens`` first, then extras (``layers/K``, ``features/<name>``).
+
+    ``shape`` is per image as stored: (T, W), or pooled (W,); for ragged arrays (a count that
+    varies per image, stored flat with offsets and counts) it is (W,) per token.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    ragged: bool = False
+
+    @property
+    def width(self) -> int:
+        return self.shape[-1]
 
 
 @dataclass(frozen=True)
@@ -89,15 +105,26 @@ class Attribute:
     json: bool = False  # JSON text (the reader decodes it)
     compare: str | None = None  # resume and merge refuse files where it differs; the words that name it
     key: Callable[[Any], Any] = lambda text: text  # what is compared
+    equal: Callable[[Any, Any], bool] | None = None  # compares two values itself (instead of their keys)
     default: Any = None  # for files made before the attribute existed
     merge: str = "own"  # first: the first shard's, joined: devices of the shards with rows, own: merge's
     required: bool = False  # a file without it is not a complete vit-extract output (resume refuses it)
 
+    def differs(self, then, now) -> bool:
+        """Whether two stored values of this setting differ (resume and merge refuse them)."""
+        if self.equal is not None:
+            return not self.equal(then, now)
+        return self.key(then) != self.key(now)
 
-def _encoder_key(text: str) -> str:
-    record = json.loads(text)
-    record.setdefault("family", DEFAULT_FAMILY)  # seed files made before records named their family
-    return json.dumps(record, sort_keys=True)
+
+def _same_encoder(then: str, now: str) -> bool:
+    """Encoder records are equal; a record that names no family (files made before records named
+    their family) matches one that does when everything else is equal."""
+    before, after = json.loads(then), json.loads(now)
+    if "family" not in before or "family" not in after:
+        before.pop("family", None)
+        after.pop("family", None)
+    return before == after
 
 
 OLD_HIGH_BIT_DEPTH = "I;16 /257; I and F by value range (see README)"  # what 0.1.0 files record
@@ -106,8 +133,6 @@ OLD_HIGH_BIT_DEPTH = "I;16 /257; I and F by value range (see README)"  # what 0.
 def _preprocessing_key(text: str) -> str:
     """Files made by 0.1.0 describe their high-bit-depth rule in older words; for every 8-bit
     picture (and I;16) the rule is the same, so those files still resume."""
-    from vitcore.preprocess import HIGH_BIT_DEPTH
-
     record = json.loads(text)
     if record.get("high_bit_depth") == OLD_HIGH_BIT_DEPTH:
         record["high_bit_depth"] = HIGH_BIT_DEPTH
@@ -127,7 +152,7 @@ ATTRIBUTES = (
     Attribute("vit_extract_version", "setting", lambda s: s.version, merge="first"),
     Attribute("created", "state"),
     Attribute("run_id", "state"),  # a merged file checks that its shards are still these files
-    Attribute("encoder", "setting", lambda s: s.encoder, json=True, compare="encoder", key=_encoder_key, merge="first",
+    Attribute("encoder", "setting", lambda s: s.encoder, json=True, compare="encoder", equal=_same_encoder, merge="first",
               required=True),
     Attribute("weights", "setting", lambda s: s.weights, json=True, compare="weights", key=weights_identity,
               merge="first", required=True),

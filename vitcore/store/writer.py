@@ -1,7 +1,7 @@
 """Writing an output file: the writer (append, flush, commit counter, resume truncation), its
 thread, and what happens when a write fails.
 
-Write pattern (measurements in reference/hdf5-notes.md): default libver, no SWMR, no
+Write pattern (measured: the README's Reliability section): default libver, no SWMR, no
 compression; per batch: resize, write rows, flush, then advance ``committed`` and flush again.
 Only rows below ``committed`` (and failures below ``failed_committed``) are trusted.
 """

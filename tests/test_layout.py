@@ -1,0 +1,82 @@
+"""The layout the architecture is written in, and the wheel that ships it.
+
+import-linter's contracts (pyproject.toml: one direction through the layers, families that never
+import each other, families named only by the registry) are checked over the tree as it installs
+(cli/ as vitcore.cli); a deliberately upward import in a scratch module must break them. The wheel
+holds every package under vitcore/ and the cli, and nothing else at the top level.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+NOT_SOURCE = shutil.ignore_patterns("__pycache__", "*.pyc")
+
+
+def _installed_shape(tmp_path: Path) -> Path:
+    """vitcore/ with cli/ inside it as vitcore/cli, laid out as the wheel installs them (the import
+    graph is read from the folder the package is found in)."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "vitcore", tree / "vitcore", ignore=NOT_SOURCE)
+    shutil.copytree(ROOT / "cli", tree / "vitcore" / "cli", ignore=NOT_SOURCE)
+    return tree
+
+
+def _lint(tree: Path) -> subprocess.CompletedProcess:
+    # Run in the copy: the working directory comes first on the path, so its vitcore is the one read.
+    return subprocess.run([str(LINT_IMPORTS), str(ROOT / "pyproject.toml"), "--no-cache"],
+                          cwd=tree, capture_output=True, text=True, timeout=300)
+
+
+def test_the_import_contracts_are_kept(tmp_path):
+    result = _lint(_installed_shape(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 3 kept, 0 broken" in result.stdout
+
+
+@pytest.mark.parametrize("module, imports, broken", [
+    ("store/upward.py", "from vitcore.run import pipeline", "vitcore.store is not allowed to import vitcore.run"),
+    ("inputs/upward.py", "from vitcore.cli import main", "vitcore.inputs is not allowed to import vitcore.cli"),
+    ("encoders/seed/peek.py", "from vitcore.encoders.qwen import config", "encoder families never import each other"),
+    ("consumers/peek.py", "from vitcore.encoders.seed import processor", "only the registry names the families"),
+])
+def test_an_arrow_the_wrong_way_breaks_the_contracts(tmp_path, module, imports, broken):
+    tree = _installed_shape(tmp_path)
+    (tree / "vitcore" / module).write_text(f"def late():\n    {imports}  # even inside a function\n")
+    result = _lint(tree)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert broken in result.stdout and "BROKEN" in result.stdout
+
+
+def _source_packages() -> set[str]:
+    """Every package the tree holds, named as installed (cli/ is vitcore.cli)."""
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "vitcore").rglob("__init__.py")}
+    found |= {".".join(("vitcore", *p.parent.relative_to(ROOT).parts)) for p in (ROOT / "cli").rglob("__init__.py")}
+    return found
+
+
+def test_the_wheel_ships_every_package_and_no_generic_name(tmp_path):
+    source = tmp_path / "source"  # a copy: no build/ folder of an earlier build leaks into the wheel
+    for name in ("vitcore", "cli"):
+        shutil.copytree(ROOT / name, source / name, ignore=NOT_SOURCE)
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                            "--wheel-dir", str(tmp_path / "dist"), str(source)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = (tmp_path / "dist").glob("vit_extract-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {str(Path(n).parent).replace("/", ".") for n in names if n.endswith("/__init__.py")}
+    assert shipped == _source_packages()
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"vitcore"}
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert {"vitcore.cli", "vitcore.encoders.seed", "vitcore.encoders.qwen", "vitcore.store"} <= shipped

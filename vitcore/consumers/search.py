@@ -1,0 +1,122 @@
+"""Nearest neighbours by cosine similarity over a file's pooled vectors, exact, in blocks.
+
+The vectors are ``mean`` for unpooled files and ``tokens`` for pooled ones (N, D). They are read
+``block`` rows at a time, so millions of rows never have to fit in memory at once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from vitcore.errors import UsageError, VitExtractError
+from vitcore.consumers.tokens import TokenFile
+from vitcore.consumers.visualize import as_encoder_saw_it, placeholder, sheet
+from vitcore.encoders import registry
+from vitcore.imaging.loader import collate, describe_error
+from vitcore.inputs.base import open_regular
+from vitcore.inputs.files import Source
+from vitcore.store import weights_identity
+
+
+@dataclass
+class Hit:
+    rank: int
+    key: str
+    score: float
+    row: int
+
+
+def top_k_cosine(blocks, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """Exact top-k rows by cosine similarity to ``query`` over an iterable of (N_i, D) blocks.
+
+    Returns (row, score) pairs, best first; ties keep the lower row first.
+    """
+    q = query.astype(np.float32).ravel()
+    q = q / max(float(np.linalg.norm(q)), 1e-12)
+    best_rows = np.empty(0, dtype=np.int64)
+    best_scores = np.empty(0, dtype=np.float32)
+    start = 0
+    for block in blocks:
+        x = np.asarray(block, dtype=np.float32)  # (n, D)
+        norms = np.maximum(np.linalg.norm(x, axis=1), 1e-12)
+        scores = np.nan_to_num((x @ q) / norms, nan=-np.inf)  # (n,); a non-finite row ranks last
+        rows = np.arange(start, start + len(x), dtype=np.int64)
+        start += len(x)
+        best_rows = np.concatenate([best_rows, rows])
+        best_scores = np.concatenate([best_scores, scores.astype(np.float32)])
+        if len(best_rows) > k:
+            keep = np.lexsort((best_rows, -best_scores))[:k]  # by score desc, then row asc
+            best_rows, best_scores = best_rows[keep], best_scores[keep]
+    order = np.lexsort((best_rows, -best_scores))
+    return [(int(best_rows[i]), float(best_scores[i])) for i in order[:k]]
+
+
+def query_vector(f: TokenFile, query: str) -> tuple[np.ndarray, str]:
+    """The vector for QUERY: a key already in the file, or an image file encoded as the file was."""
+    if query in f:
+        vector, kind = f.mean(query).astype(np.float32), "key"
+    elif os.path.isfile(query):
+        vector, kind = encode_like(f, query), "image"
+    else:
+        raise UsageError(f"{query!r} is neither a key of {f.path} nor an image file")
+    if not np.isfinite(vector).all():
+        raise VitExtractError(f"the vector of {query!r} is not finite (inf or NaN); see `vit-extract info {f.path}`")
+    return vector, kind
+
+
+def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
+    """Encode one image with the encoder, weights and preprocessing recorded in the file → (D,),
+    through the same batching path as a run (on the CPU, in float32)."""
+    import torch  # torch: only when a new image is encoded (`similar` on a key needs none)
+
+    from vitcore.run.batching import BatchRunner, store_settings
+
+    settings = f.settings
+    family = registry.for_record(settings["encoder"])
+    device = torch.device("cpu")
+    built = family.build(family.rebuild(settings, f.path), device, torch.float32)
+    if built.weights.identity() != weights_identity(settings["weights"]):
+        raise VitExtractError(f"{built.weights.path} has changed since {f.path} was made; "
+                              "cannot encode a new image as its rows were")
+    source = Source(path=image_path, key=os.path.basename(image_path), root_index=0)
+    try:
+        with source.open() as handle:
+            pixels, size = built.loader.load(handle)
+    except Exception as err:
+        raise VitExtractError(f"cannot read {image_path}: {describe_error(err)}") from None
+    pooling = settings.get("pooling", "none")
+    runner = BatchRunner(built, store_settings(built, pooling, "float32", device, torch.float32), device)
+    with torch.inference_mode():
+        rows = runner(collate([(0, pixels, size, None, {})]), [source])  # (index, pixels, size, error, meta)
+    return rows.arrays["mean" if pooling == "none" else "tokens"][0]
+
+
+def similar(path: str, query: str, k: int = 10, block: int = 65536) -> tuple[list[Hit], str]:
+    """The k rows of ``path`` most similar to ``query``, best first, and how the query was read."""
+    if k < 1:
+        raise UsageError("-k must be at least 1")
+    with TokenFile(path) as f:
+        if not len(f):
+            raise VitExtractError(f"{path} has no rows to search")
+        vector, kind = query_vector(f, query)
+        dataset = f.vectors_dataset()
+        ranked = top_k_cosine((batch for _, batch in f.iter_batches(block, dataset)), vector, k)
+        keys = f.keys
+        return [Hit(rank=r + 1, key=keys[row], score=score, row=row) for r, (row, score) in enumerate(ranked)], kind
+
+
+def hits_sheet(path: str, hits: list[Hit], query: str, kind: str, columns: int = 4):
+    """A contact sheet of the query and its hits (pictures found through the recorded roots)."""
+    cells = []
+    with TokenFile(path) as f:
+        opener = (lambda: open_regular(query)) if kind == "image" else (lambda: f.open_original(query))
+        query_picture = as_encoder_saw_it(opener, f.as_seen)  # framed as the encoder saw it
+        cells.append(([query_picture or placeholder("query not found")], f"query: {os.path.basename(query)}"))
+        for hit in hits:
+            picture = (as_encoder_saw_it(lambda: f.open_original(hit.row), f.as_seen)  # noqa: B023 (called at once)
+                       or placeholder("original not found"))
+            cells.append(([picture], f"{hit.rank}. {hit.key}  {hit.score:.4f}"))
+    return sheet(cells, columns)

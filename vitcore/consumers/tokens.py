@@ -1,0 +1,69 @@
+"""A finished file read with what its encoder family knows: the grid a row's tokens lie on and a
+one-line summary of its encoder. ``vitcore.open_tokens`` gives this reader; the store's own
+(store/reader.py) knows only what the file itself says."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from vitcore.encoders import registry
+from vitcore.errors import UsageError
+from vitcore.store.reader import StoredTokens
+
+
+class TokenFile(StoredTokens):
+    """Read a vit-extract output: rows by index or key, batches, settings, failures, token grids.
+
+        with vitcore.open_tokens("out.h5") as f:
+            x = f["cat.jpg"]          # (T, D) numpy array, or (D,) when pooled
+            rows, cols = f.token_grid("cat.jpg")
+    """
+
+    def token_grid(self, item: int | str) -> tuple[int, int]:
+        """(rows, cols) of the grid a row's tokens lie on, in raster order."""
+        i = self.row_number(item)
+        encoder = self.settings["encoder"]
+        grid_thw = tuple(int(v) for v in self.h5["grid_thw"][i]) if "grid_thw" in self.h5 else None
+        return registry.for_record(encoder).token_grid(encoder, grid_thw)
+
+    def as_seen(self, picture):
+        """An original picture (upright RGB, Pillow) framed as this file's encoder saw it."""
+        return registry.for_record(self.settings["encoder"]).framed(picture, self.settings["preprocessing"])
+
+    def describe(self, max_failures: int | None = None) -> dict:
+        """What `vit-extract info` shows: a JSON-ready summary of the file."""
+        described = super().describe(max_failures)
+        settings = self.settings
+        described["summary"] = registry.for_record(settings["encoder"]).describe(settings)
+        return described
+
+
+def open_tokens(path: str | os.PathLike, check_shards: bool = True) -> TokenFile:
+    return TokenFile(path, check_shards=check_shards)
+
+
+def rows_of(f: TokenFile, keys) -> list[int]:
+    """Row numbers for ``keys``: None (every row), one key, or a sequence of keys (str) and row
+    numbers (int). A key stored under two roots names two rows: refused, give row numbers then."""
+    if keys is None:
+        return list(range(len(f)))
+    if isinstance(keys, (str, int, np.integer)) and not isinstance(keys, bool):
+        keys = [keys]
+    keys = list(keys)
+    if not keys:
+        raise UsageError("no keys given: pass None for every row, or some keys or row numbers")
+    rows = []
+    for key in keys:
+        if isinstance(key, str):
+            found = f.rows_named(key)
+            if len(found) > 1:
+                raise UsageError(f"{key!r} names {len(found)} rows of {f.path} (found under different roots: "
+                                 f"rows {', '.join(map(str, found[:4]))}); give row numbers instead")
+            rows.append(found[0])
+        elif isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+            rows.append(f.row_number(int(key)))
+        else:
+            raise UsageError(f"{key!r} is neither a key (str) nor a row number (int)")
+    return rows

@@ -1,0 +1,164 @@
+"""Looking at tokens: PCA colour maps of patch tokens, and contact sheets (Pillow and numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from vitcore.errors import UsageError, VitExtractError
+from vitcore.imaging.decode import decode_rgb
+from vitcore.consumers.tokens import TokenFile
+
+THUMB = 224  # side of the square each picture and each map is fitted into on a sheet
+GAP = 8
+CAPTION = 22  # caption strip height in pixels
+BACKDROP = (255, 255, 255)
+
+
+# -- PCA ---------------------------------------------------------------------------------
+class PcaProjection:
+    """The first three principal components of a set of tokens, scaled to colours 0..255.
+
+    Fitted once (on one image, or on all chosen images with --joint) and applied to each image,
+    so colours are comparable across images in the joint case. Component signs are fixed (largest
+    loading positive) so the same tokens always give the same colours.
+    """
+
+    def __init__(self, tokens: np.ndarray):
+        x = tokens.reshape(-1, tokens.shape[-1]).astype(np.float64)  # (M, D)
+        self.center = x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x - self.center, full_matrices=False)
+        components = vt[:3]  # (≤3, D)
+        signs = np.sign(components[np.arange(len(components)), np.abs(components).argmax(axis=1)])
+        self.components = components * signs[:, None]
+        projected = (x - self.center) @ self.components.T  # (M, ≤3)
+        low = np.percentile(projected, 1, axis=0)
+        high = np.percentile(projected, 99, axis=0)
+        self.middle = (low + high) / 2
+        # One scale for all three channels (the widest component's 1–99 % range): a component that
+        # is only noise stays near mid-grey instead of being stretched into loud colours.
+        self.span = max(float((high - low).max()), 1e-12)
+
+    def rgb(self, tokens: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+        """(T, D) tokens of one image → (rows, cols, 3) uint8 colours on its patch grid."""
+        projected = (tokens.astype(np.float64) - self.center) @ self.components.T  # (T, ≤3)
+        scaled = np.clip(0.5 + (projected - self.middle) / self.span, 0.0, 1.0) * 255.0
+        if scaled.shape[1] < 3:  # fewer than 3 components (tiny inputs): grey for the missing ones
+            scaled = np.concatenate([scaled, np.full((len(scaled), 3 - scaled.shape[1]), 128.0)], axis=1)
+        return np.rint(scaled).astype(np.uint8).reshape(grid[0], grid[1], 3)
+
+
+def pca_maps(token_sets: list[np.ndarray], grids: list[tuple[int, int]], joint: bool = False) -> list[np.ndarray]:
+    """One (rows, cols, 3) colour map per image: PCA per image, or one PCA over all with joint."""
+    if joint:
+        projection = PcaProjection(np.concatenate([t.reshape(-1, t.shape[-1]) for t in token_sets]))
+        return [projection.rgb(t, g) for t, g in zip(token_sets, grids)]
+    return [PcaProjection(t).rgb(t, g) for t, g in zip(token_sets, grids)]
+
+
+# -- pictures ----------------------------------------------------------------------------
+def as_encoder_saw_it(opener, frame) -> Image.Image | None:
+    """The original picture (``opener()`` gives its bytes as a file object), upright and RGB,
+    framed as the encoder saw it (``frame``: TokenFile.as_seen, the file's encoder family's rule);
+    None when it cannot be read any more."""
+    try:  # decoded as a run decodes it (orientation, bit depth, alpha), without the resize
+        with opener() as handle:
+            picture, _ = decode_rgb(handle, "full", lambda w, h: (w, h))
+    except Exception:  # moved, deleted or unreadable since extraction: drawn as a placeholder
+        return None
+    return frame(picture)
+
+
+def fit(img: Image.Image, box: int = THUMB) -> Image.Image:
+    """Scale so the longer side is ``box`` (aspect kept)."""
+    scale = box / max(img.size)
+    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+
+
+def placeholder(text: str, size: tuple[int, int] = (THUMB, THUMB)) -> Image.Image:
+    img = Image.new("RGB", size, (200, 200, 200))
+    ImageDraw.Draw(img).text((8, size[1] // 2 - 8), text, fill=(60, 60, 60), font=_font())
+    return img
+
+
+def _font(size: int = 13):
+    return ImageFont.load_default(size=size)
+
+
+def printable(text: str) -> str:
+    """One line of text for a caption: control characters (a newline in a key, say) as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _caption(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, width: int) -> None:
+    font = _font()
+    text = printable(text)
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    draw.text(xy, text, fill=(0, 0, 0), font=font)
+
+
+def sheet(cells: list[tuple[list[Image.Image], str]], columns: int) -> Image.Image:
+    """A grid of cells; each cell is 1+ images side by side (each fitted to THUMB) over a caption.
+
+    Size: columns' × cell width, rows × (THUMB + CAPTION + GAP) + GAP, where a cell of k images is
+    k·THUMB + (k−1)·GAP wide.
+    """
+    per_cell = max(len(images) for images, _ in cells)
+    cell_w = per_cell * THUMB + (per_cell - 1) * GAP
+    cell_h = THUMB + CAPTION
+    columns = max(1, min(columns, len(cells)))
+    rows = -(-len(cells) // columns)
+    out = Image.new("RGB", (GAP + columns * (cell_w + GAP), GAP + rows * (cell_h + GAP)), BACKDROP)
+    draw = ImageDraw.Draw(out)
+    for n, (images, text) in enumerate(cells):
+        x0 = GAP + (n % columns) * (cell_w + GAP)
+        y0 = GAP + (n // columns) * (cell_h + GAP)
+        for k, img in enumerate(images):
+            thumb = fit(img)
+            x = x0 + k * (THUMB + GAP) + (THUMB - thumb.width) // 2
+            out.paste(thumb, (x, y0 + (THUMB - thumb.height) // 2))
+        _caption(draw, (x0, y0 + THUMB + 4), text, cell_w)
+    return out
+
+
+# -- the show command --------------------------------------------------------------------
+def token_sheet(
+    path: str, keys: list[str] | None = None, first: int | None = None, joint: bool = False, columns: int = 2
+) -> tuple[Image.Image, list[str]]:
+    """The sheet `vit-extract show` draws: each picture beside the PCA map of its patch tokens."""
+    with TokenFile(path) as f:
+        if f.settings.get("pooling", "none") != "none":
+            raise UsageError(
+                f"{path} holds pooled vectors (pooling {f.settings['pooling']}), so it has no patch tokens "
+                "to draw; extract with --pool none to see token maps"
+            )
+        if not len(f):
+            raise VitExtractError(f"{path} has no rows to show")
+        rows = _choose_rows(f, keys, first)
+        token_sets = [f.tokens(i) for i in rows]
+        grids = [f.token_grid(i) for i in rows]
+        maps = pca_maps(token_sets, grids, joint=joint)
+        cells = []
+        for i, tokens, grid, colours in zip(rows, token_sets, grids, maps):
+            picture = as_encoder_saw_it(lambda: f.open_original(i), f.as_seen)  # noqa: B023 (called at once)
+            if picture is None:
+                picture = placeholder("original not found")
+                token_map = Image.fromarray(colours).resize((THUMB, THUMB), Image.Resampling.NEAREST)
+            else:
+                shown = fit(picture)
+                token_map = Image.fromarray(colours).resize(shown.size, Image.Resampling.NEAREST)
+                picture = shown
+            shape = "x".join(str(n) for n in tokens.shape)  # "x": the default font has no "×"
+            cells.append(([picture, token_map], f"{f.keys[i]}  ({shape}, grid {grid[0]}x{grid[1]})"))
+        chosen = [f.keys[i] for i in rows]
+    return sheet(cells, columns), chosen
+
+
+def _choose_rows(f: TokenFile, keys: list[str] | None, first: int | None) -> list[int]:
+    if keys:
+        missing = [k for k in keys if k not in f]
+        if missing:
+            raise UsageError(f"not in {f.path}: {', '.join(missing[:5])}" + (" …" if len(missing) > 5 else ""))
+        return [f.index(k) for k in keys]
+    return list(range(min(first or 8, len(f))))

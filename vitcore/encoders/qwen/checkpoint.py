@@ -1,0 +1,293 @@
+"""Reading a Hugging Face Qwen-VL checkpoint folder as transformers would: its JSON files and the
+vision tower's tensors (the language model's are never read). Shared by the Qwen-VL families.
+
+Every problem is a one-line WeightsError that names the file: JSON that does not parse, a shard
+the index names but the folder lacks, a git-lfs pointer in place of the weights, a file that is
+not safetensors or is cut short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+
+from vitcore.errors import WeightsError
+
+# Where the vision tower's tensors live: transformers ≥ 4.52 saves them under model.visual.; older
+# saves and the bare Qwen*VLModel under visual. (transformers loads both to the same weights).
+VISION_PREFIXES = ("model.visual.", "visual.")
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+
+
+def read_json(path: str) -> dict:
+    """A JSON object from ``path``; one line naming the file when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(LFS_POINTER))
+            if head == LFS_POINTER:
+                raise WeightsError(f"{path} is a git-lfs pointer, not the file itself: run git lfs pull")
+            data = json.loads(head + handle.read())
+    except OSError as err:
+        raise WeightsError(f"cannot read {path}: {err.strerror}") from None
+    except ValueError as err:
+        raise WeightsError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _shards(folder: str) -> dict[str, list[str] | None]:
+    """shard file → the tensor names the index puts there (None: read the names from its header)."""
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index_path} has no weight_map")
+        files: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            if name.startswith(VISION_PREFIXES):
+                files.setdefault(shard, []).append(name)
+        return files
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return {"model.safetensors": None}
+    raise WeightsError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def _header(handle, path: str) -> tuple[dict, int]:
+    """A safetensors file's header and where its data starts."""
+    start = handle.read(8)
+    if start == LFS_POINTER[:8] and handle.read(len(LFS_POINTER) - 8) == LFS_POINTER[8:]:
+        raise WeightsError(f"{path} is a git-lfs pointer, not the weights: run git lfs pull")
+    if len(start) < 8:
+        raise WeightsError(f"{path} is not a safetensors file (it is {len(start)} bytes long)")
+    (length,) = struct.unpack("<Q", start)
+    size = os.fstat(handle.fileno()).st_size
+    if length > size - 8:
+        raise WeightsError(f"{path} is not a safetensors file, or is cut short (header of {length} bytes)")
+    try:
+        header = json.loads(handle.read(length))
+    except ValueError:
+        raise WeightsError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    return header, 8 + length
+
+
+def _vision_bytes(folder: str):
+    """(name as hashed: model.visual.*, its safetensors entry, its bytes) for each vision tensor,
+    read by byte range from each shard that holds it."""
+    seen = set()
+    for shard, names in _shards(folder).items():
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
+            raise WeightsError(f"{path} is missing: model.safetensors.index.json names it (download it again)")
+        with open(path, "rb") as handle:
+            header, base = _header(handle, path)
+            wanted = names if names is not None else [n for n in header if n.startswith(VISION_PREFIXES)]
+            for name in wanted:
+                entry = header.get(name)
+                if entry is None:
+                    raise WeightsError(f"{path} lacks tensor {name}, which model.safetensors.index.json puts there")
+                start, stop = entry["data_offsets"]
+                handle.seek(base + start)
+                raw = bytearray(stop - start)  # a tensor made from it shares it: read once, no copies
+                if handle.readinto(raw) != len(raw):
+                    raise WeightsError(f"{path} is truncated: tensor {name} ends past the end of the file")
+                short = _strip(name)
+                if short in seen:
+                    raise WeightsError(f"{folder} holds the vision tensor {short} under both prefixes")
+                seen.add(short)
+                yield path, VISION_PREFIXES[0] + short, entry, raw
+    if not seen:
+        raise WeightsError(f"{folder} holds no vision tensors ({' or '.join(p + '*' for p in VISION_PREFIXES)})")
+
+
+def _digest(raw_by_name: dict) -> str:
+    """The weights' identity: a sha256 over the vision tensors' names and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(raw_by_name):
+        digest.update(name.encode() + b"\0" + raw_by_name[name])
+    return digest.hexdigest()
+
+
+def vision_weights_sha256(folder: str) -> str:
+    """The vision weights' identity (as read_vision_tensors gives it) without making tensors: what a
+    resume compares before deciding whether the tower must be built at all."""
+    return _digest({name: raw for _, name, _, raw in _vision_bytes(folder)})
+
+
+def read_vision_tensors(folder: str) -> tuple[dict[str, object], str]:
+    """The vision tower's tensors (names without their prefix) and their identity (vision_weights_sha256):
+    the language model's tensors are never read nor hashed. Names are hashed as model.visual.*, so the
+    same weights saved under either prefix have the same identity."""
+    import torch  # torch: a record hashes the bytes without it; only loading makes tensors
+
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    tensors: dict[str, torch.Tensor] = {}
+    raw_by_name: dict[str, bytearray] = {}  # hashed below, before anything can change the tensors
+    for path, name, entry, raw in _vision_bytes(folder):
+        dtype = dtypes.get(entry["dtype"])
+        if dtype is None:
+            raise WeightsError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        raw_by_name[name] = raw
+        tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        tensors[_strip(name)] = tensor.reshape(entry["shape"])
+    return tensors, _digest(raw_by_name)
+
+
+def _strip(name: str) -> str:
+    for prefix in VISION_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+# -- a tower: its config checked against its processor, its weights loaded strictly -----------------
+def read_tower_config(folder: str, parse, label: str):
+    """(the tower's config, the processor's settings) of a checkpoint folder, checked against each
+    other. ``parse(vision_config)`` builds the family's config; it raises KeyError, TypeError or
+    ValueError for a vision config it cannot take."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise WeightsError(f"{folder} is not a {label} checkpoint folder: it has no config.json")
+    config = read_json(config_path)
+    vision = config.get("vision_config")
+    if not isinstance(vision, dict):
+        raise WeightsError(f"{config_path} has no readable vision_config")
+    try:
+        cfg = parse(vision)
+    except KeyError as err:
+        raise WeightsError(f"{config_path}: vision_config lacks {err}") from None
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"{config_path}: {err}") from None
+    settings = image_processor_settings(folder, config.get("model_type"))
+    for name, theirs, ours in (("patch_size", settings["patch_size"], cfg.patch_size),
+                               ("merge_size", settings["merge_size"], cfg.spatial_merge_size),
+                               ("temporal_patch_size", settings["temporal_patch_size"], cfg.temporal_patch_size)):
+        if theirs != ours:
+            raise WeightsError(f"{folder}: the image processor's {name} is {theirs} but the vision config's is "
+                               f"{ours}; the processor's settings do not fit this checkpoint")
+    return cfg, settings
+
+
+def load_tower(folder: str, parse, tower, label: str, device="cpu", dtype=None):
+    """(the vision tower, strictly loaded, without the language model; the processor's settings).
+    ``tower(cfg)`` builds the family's module; ``model.weights_sha256`` identifies its weights."""
+    import torch  # torch: a record hashes the bytes without it; only loading makes tensors
+
+    cfg, settings = read_tower_config(folder, parse, label)
+    with torch.device("meta"):
+        model = tower(cfg)
+    state, digest = read_vision_tensors(folder)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    misshaped = [n for n in sorted(set(expected) & set(state)) if tuple(state[n].shape) != expected[n]]
+    if missing or unexpected or misshaped:
+        raise WeightsError(f"{folder} does not fit its {label} vision config: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}, wrong shape {misshaped[:4]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    model = model.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
+    model.weights_sha256 = digest
+    return model, settings
+
+
+# -- the image processor's settings, resolved as transformers resolves them ------------------------
+# Qwen2-VL, Qwen2.5-VL and Qwen3-VL share one image processor class (Qwen2VLImageProcessor and its
+# Pillow twin); a checkpoint differs only in the values it stores. The class defaults:
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROCESSOR_DEFAULTS = {
+    "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
+    "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
+    "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "rescale_factor": 1 / 255,
+    "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+    "resample": 3,  # bicubic
+}
+RESAMPLE_CODES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+# model_type values for which transformers picks that class when the JSON names none (qwen3_vl_moe
+# is not among them in transformers 5.24: such a folder needs image_processor_type).
+PROCESSOR_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+PROCESSOR_CLASSES = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil")
+SIZE_KEY_SETS = ({"shortest_edge", "longest_edge"}, {"shortest_edge"}, {"longest_edge"}, {"min_pixels", "max_pixels"},
+                 {"height", "width"}, {"max_height", "max_width"})
+
+
+def image_processor_settings(folder: str, model_type: str | None) -> dict:
+    """min_pixels, max_pixels, patch_size, merge_size, temporal_patch_size, image_mean, image_std and
+    rescale_factor as transformers' AutoImageProcessor resolves them for ``folder`` (the Pillow
+    backend): the nested ``image_processor`` of v5's processor_config.json, else the whole of
+    preprocessor_config.json, never both; top-level min_pixels / max_pixels over ``size``; a key
+    given as null is null (transformers then fails on the first image: so does this, at once)."""
+    record, where = _processor_record(folder)
+    kind = record.get("image_processor_type") or (record.get("feature_extractor_type") or "").replace(
+        "FeatureExtractor", "ImageProcessor") or None
+    if kind is not None and kind.removesuffix("Fast") not in PROCESSOR_CLASSES:
+        raise WeightsError(f"{where} names image processor {kind}, not Qwen2VLImageProcessor")
+    if kind is None and model_type not in PROCESSOR_MODEL_TYPES:
+        raise WeightsError(f"{where} names no image_processor_type and config.json's model_type {model_type!r} "
+                           "does not choose one (transformers cannot load it either)")
+    size = record.get("size")
+    size = dict(PROCESSOR_DEFAULTS["size"]) if size is None else size
+    for top, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        if record.get(top) is not None:  # the older top-level keys win over size
+            if not isinstance(size, dict):
+                raise WeightsError(f"{where}: size {size!r} cannot take {top}")
+            size = {**size, edge: record[top]}
+            size.pop(top, None)
+    if isinstance(size, dict) and set(size) not in SIZE_KEY_SETS:
+        raise WeightsError(f"{where}: size has keys {sorted(size)}; transformers takes shortest_edge and longest_edge")
+    edges = {k: v for k, v in size.items() if v is not None} if isinstance(size, dict) else {}
+    settings = {"min_pixels": edges.get("shortest_edge"), "max_pixels": edges.get("longest_edge"),
+                "size_found": f"size {size!r}"}
+    for name in ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std", "rescale_factor",
+                 "do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "resample"):
+        settings[name] = record[name] if name in record else PROCESSOR_DEFAULTS[name]
+    _check_processor(settings, where)
+    return settings
+
+
+def _processor_record(folder: str) -> tuple[dict, str]:
+    nested = os.path.join(folder, "processor_config.json")
+    if os.path.isfile(nested):
+        record = read_json(nested).get("image_processor")
+        if record is not None:
+            if not isinstance(record, dict):
+                raise WeightsError(f"{nested}: image_processor is not a JSON object")
+            return record, f"{nested} (image_processor)"
+    flat = os.path.join(folder, "preprocessor_config.json")
+    if os.path.isfile(flat):
+        return read_json(flat), flat
+    raise WeightsError(f"{folder} has no preprocessor_config.json (nor a processor_config.json with an image_processor): "
+                       "its image processor is unknown (transformers cannot load it either); copy the file from the "
+                       "checkpoint this folder came from")
+
+
+def _check_processor(s: dict, where: str) -> None:
+    """What would make transformers fail on the first image, or what this reader does not do."""
+    if not s["min_pixels"] or not s["max_pixels"]:
+        raise WeightsError(f"{where}: the resize needs size.shortest_edge and size.longest_edge (min and max "
+                           f"pixels, or top-level min_pixels and max_pixels); it has {s['size_found']}")
+    resample = s["resample"]
+    if isinstance(resample, str):
+        resample = RESAMPLE_CODES.get(resample.lower())
+    if not isinstance(resample, int) or isinstance(resample, bool) or resample not in RESAMPLE_CODES.values():
+        raise WeightsError(f"{where}: resample is {s['resample']!r}, not one of Pillow's filters "
+                           f"({', '.join(f'{v} {k}' for k, v in RESAMPLE_CODES.items())})")
+    s["resample"] = resample
+    del s["size_found"]
+    for name in ("patch_size", "merge_size", "temporal_patch_size"):
+        if not isinstance(s[name], int) or isinstance(s[name], bool) or s[name] < 1:
+            raise WeightsError(f"{where}: {name} is {s[name]!r}, not a positive whole number")
+    if not isinstance(s["rescale_factor"], (int, float)) or isinstance(s["rescale_factor"], bool):
+        raise WeightsError(f"{where}: rescale_factor is {s['rescale_factor']!r}, not a number")
+    for name in ("image_mean", "image_std"):
+        value = s[name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = s[name] = (float(value),) * 3  # one number for every channel, as transformers takes it
+        if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+            raise WeightsError(f"{where}: {name} is {value!r}, not three numbers")
+        s[name] = tuple(float(v) for v in value)
+    off = [name for name in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb") if s[name] is False]
+    if off:
+        raise WeightsError(f"{where}: {', '.join(off)} false is not supported (vit-extract resizes, rescales, "
+                           "normalises and converts to RGB as the checkpoints it reads do)")

@@ -1,0 +1,73 @@
+"""The encoder families, and the only place that names them all: which family takes a run's
+--model / --weights, and which made a file.
+
+A family is an object with the interface in base.py, defined in its own package (seed/, qwen/).
+Adding one means writing its package and adding it to FAMILIES; nothing else branches on which
+family a run uses. Family objects are torch-free until they build an encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from vitcore.encoders.base import checkpoint_config
+from vitcore.encoders.qwen.family import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
+from vitcore.encoders.seed.family import SEED
+from vitcore.errors import UsageError
+
+# The first is the default: files made before records named their family are its.
+FAMILIES = (SEED, QWEN3_VL, QWEN2_5_VL, QWEN2_VL)
+BY_NAME = {family.name: family for family in FAMILIES}
+DEFAULT_FAMILY = FAMILIES[0].name
+
+
+def get(name: str):
+    """The family called ``name``."""
+    if name not in BY_NAME:
+        raise UsageError(f"unknown encoder family {name!r}: this vit-extract knows {', '.join(BY_NAME)}")
+    return BY_NAME[name]
+
+
+def for_run(model, weights: str | None):
+    """The family that takes this run's --model and --weights: the one whose name --model is, else
+    the one that recognises the weights (a checkpoint is told by what it is), else the default."""
+    if isinstance(model, str) and model.strip().lower() in BY_NAME:
+        return get(model.strip().lower())
+    for family in FAMILIES:
+        if family.claims(model, weights):
+            return family
+    if weights is not None and model is not None:
+        owner = next((f for f in FAMILIES if f.claims(None, weights)), None)
+        if owner is not None:
+            raise UsageError(f"--weights {weights} is a {owner.name} checkpoint, and --model {model} is not "
+                             f"{owner.name}: drop --model (or use --model {owner.name})")
+    if weights is not None and os.path.isdir(weights):
+        raise UsageError(f"--weights {weights} is a folder but not a checkpoint any encoder family reads "
+                         f"({_checkpoint_kind(weights)}); the seed encoders take a .safetensors file")
+    return FAMILIES[0]
+
+
+def _checkpoint_kind(folder: str) -> str:
+    """What a folder's config.json says it is, in a few words."""
+    config = checkpoint_config(folder)
+    if config is None:
+        return "no readable config.json"
+    return f"config.json model_type {config.get('model_type')!r}; families here: {', '.join(BY_NAME)}"
+
+
+def for_record(encoder: dict | str):
+    """The family that made a file, from its ``encoder`` record (files made before records named
+    their family are the default family's)."""
+    record = json.loads(encoder) if isinstance(encoder, str) else encoder
+    return get(record.get("family", DEFAULT_FAMILY))
+
+
+def preset_table() -> list[dict]:
+    """The default family's presets, one dict each, for `vit-extract models`."""
+    return FAMILIES[0].presets()
+
+
+def listing() -> list[tuple[str, str]]:
+    """(name, one line) for every family, for `vit-extract models` and help texts."""
+    return [(family.name, family.summary) for family in FAMILIES]

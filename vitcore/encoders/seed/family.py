@@ -1,0 +1,165 @@
+"""The seed encoders: presets small | base | large or a custom spec, untrained (seeded) or from a
+.safetensors file; fixed S × S input, one token per patch.
+
+Torch is imported only inside record() and build() (through weights.py, model.py, gpu_decode.py),
+so `vit-extract --help`, `models`, `info` and the readers never load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from vitcore.encoders.base import BuiltEncoder, Encoded, RunRecord
+from vitcore.encoders.seed.config import PRESETS, EncoderConfig, parameter_count, resolve_layer
+from vitcore.encoders.seed.processor import ImageLoader, PreprocessConfig, framed, normalize_on_device
+from vitcore.errors import UsageError, VitExtractError
+from vitcore.options import EncoderOptions
+from vitcore.store.schema import ArraySpec
+
+
+class SeedFamily:
+    name = "seed"
+    summary = ("the seed encoders: presets small, base, large or a spec like dim=256,depth=4,heads=4; "
+               "untrained (seeded) or --weights FILE.safetensors")
+    label = "seed"
+    compilable = True  # fixed-shape batches: torch.compile specialises on the batch size
+    feeds_language_model = False  # its tokens go to a language model through place_image_tokens, by hand
+
+    def claims(self, model, weights) -> bool:
+        """Presets, custom specs and configs, untrained or with a weights file (not a folder)."""
+        return not (weights is not None and os.path.isdir(weights))
+
+    def check(self, opts) -> None:
+        if opts.features:
+            raise UsageError(f"--features {','.join(opts.features)} is not taken by the seed encoders "
+                             "(they store tokens, and hidden states with --layer)")
+        if opts.resolution != "native":
+            raise UsageError("--resolution is not taken by the seed encoders: their input size is part of "
+                             "the model (image_size in a custom spec); see --resize")
+
+    def record(self, opts, device):
+        """The config from --model / --weights (a weights file is read for its config and hashed,
+        not loaded), the layers asked for, and the decode this device will really do."""
+        from vitcore.encoders.seed import gpu_decode  # torch: only once a run is under way
+        from vitcore.encoders.seed.weights import resolve_config, weights_info
+
+        cfg = resolve_config(opts.model, opts.weights, opts.project_dim)
+        layers = _distinct_layers(opts.layers, cfg.depth)
+        prep = PreprocessConfig(image_size=cfg.image_size, resize=opts.resize, decode=opts.decode or "draft")
+        notes = []
+        if prep.decode == "gpu":
+            reason = gpu_decode.unavailable_reason(device)
+            if reason is not None:  # the file records the decode actually used
+                notes.append(f"--decode gpu {reason}: JPEGs were decoded on the CPU (draft) instead")
+                prep = PreprocessConfig(image_size=prep.image_size, resize=prep.resize, decode="draft")
+        outputs = (ArraySpec("tokens", (cfg.num_tokens, cfg.out_dim)),
+                   *(ArraySpec(f"layers/{k}", (cfg.num_tokens, cfg.dim)) for k in layers))
+        return RunRecord(
+            name=cfg.name, encoder_record=json.dumps({**json.loads(cfg.to_json()), "family": self.name}, sort_keys=True),
+            preprocessing=prep.to_json(), weights=weights_info(opts.weights, opts.seed), outputs=outputs,
+            projector=json.dumps({"dim": cfg.project_dim}) if cfg.project_dim else "null", notes=notes,
+            parts={"config": cfg, "layers": layers, "preprocess": prep},
+        )
+
+    def build(self, opts, device, dtype, compile: bool = False, record=None):
+        import torch  # torch: only once a run is under way
+
+        from vitcore.encoders.seed import gpu_decode
+        from vitcore.encoders.seed.weights import encoder_for
+
+        record = record or self.record(opts, device)
+        cfg, layers, prep = (record.parts[k] for k in ("config", "layers", "preprocess"))
+        encoder = encoder_for(cfg, opts.weights, opts.seed, device, dtype)
+        finish_batch = gpu_decode.GpuJpegDecoder(prep, device) if prep.decode == "gpu" else None
+        # torch.compile traces on the first call, for that batch size only (dynamic=False).
+        forward = torch.compile(encoder.forward_features, dynamic=False) if compile else encoder.forward_features
+
+        def encode(pixels):
+            x = normalize_on_device(pixels, prep.mean, prep.std, dtype)  # (B, S, S, 3) uint8 → (B, 3, S, S)
+            tokens, hidden = forward(x, layers)  # (B, N, P), {K: (B, N, D)}
+            return Encoded({"tokens": tokens, **{f"layers/{k}": h for k, h in hidden.items()}})
+
+        def default_batch_size() -> int:
+            return auto_batch_size(cfg, device, dtype)
+
+        return BuiltEncoder.of(record, encode=encode, loader=ImageLoader(prep), finish_batch=finish_batch,
+                               default_batch_size=default_batch_size)
+
+    def rebuild(self, settings: dict, file: str):
+        """Options that build the encoder ``settings`` (a file's attributes) record."""
+        record = {k: v for k, v in settings["encoder"].items() if k != "family"}
+        weights = settings["weights"]
+        path = None
+        if weights.get("source") == "file":
+            path = weights.get("path")
+            if not path or not os.path.isfile(path):
+                raise VitExtractError(f"the weights {path} recorded in {file} are gone; cannot encode a new image")
+        prep = settings["preprocessing"]
+        return EncoderOptions(
+            model=None if path else EncoderConfig.from_json(json.dumps(record)), weights=path,
+            seed=weights.get("seed") or 0, resize=prep["resize"],
+            decode="full" if prep["decode"] == "gpu" else prep["decode"],  # one image: exact decode on the CPU
+        )
+
+    def describe(self, settings: dict) -> dict:
+        enc, prep = settings["encoder"], settings["preprocessing"]
+        return {
+            "encoder": f"{enc['name']}: dim {enc['dim']}, depth {enc['depth']}, heads {enc['heads']}, "
+                       f"patch {enc['patch']}, input {enc['image_size']}"
+                       + (f", projector → {enc['project_dim']}" if enc.get("project_dim") else ""),
+            "preprocessing": f"resize {prep['resize']} to {prep['image_size']}, decode {prep['decode']}",
+        }
+
+    def deepstack_levels(self, encoder: dict) -> int:
+        return 0
+
+    def presets(self) -> list[dict]:
+        """Each preset's shape, parameters and tokens per image (`vit-extract models`)."""
+        return [
+            {
+                "name": name, "dim": c.dim, "depth": c.depth, "heads": c.heads, "patch": c.patch,
+                "image_size": c.image_size, "parameters": parameter_count(c), "tokens_per_image": c.num_tokens,
+            }
+            for name, c in PRESETS.items()
+        ]
+
+    def framed(self, picture, preprocessing: dict):
+        """A picture as this encoder saw it (before its resize to S × S): the --resize mode's frame."""
+        return framed(picture, preprocessing.get("resize", "squash"))
+
+    def token_grid(self, encoder: dict, grid_thw) -> tuple[int, int]:
+        side = encoder["image_size"] // encoder["patch"]
+        return side, side
+
+
+def _distinct_layers(layers, depth: int) -> tuple[int, ...]:
+    """Each distinct K as given (``-1`` and ``23`` are both stored if both are asked for)."""
+    out: list[int] = []
+    for k in layers:
+        try:
+            resolve_layer(int(k), depth)
+        except IndexError:
+            raise UsageError(
+                f"--layer {k} is out of range: this encoder has {depth} blocks (0..{depth - 1}, or -{depth}..-1)"
+            ) from None
+        if int(k) not in out:
+            out.append(int(k))
+    return tuple(out)
+
+
+def auto_batch_size(cfg, device, dtype) -> int:
+    """CPU: a batch big enough to keep the matmuls efficient. CUDA: what fits in half the free memory."""
+    import torch  # torch: only once a run is under way
+
+    if device.type != "cuda":
+        return 16 if dtype == torch.bfloat16 else 8
+    free, _ = torch.cuda.mem_get_info(device)
+    element = torch.finfo(dtype).bits // 8
+    # Peak activation per image: the MLP hidden (4D) plus q, k, v and residual copies, per token.
+    per_image = cfg.num_tokens * (int(cfg.mlp_ratio * cfg.dim) + 6 * cfg.dim) * element * 2
+    fits = int(free * 0.5 // max(per_image, 1))
+    return max(1, min(512, 1 << max(0, fits.bit_length() - 1)))
+
+
+SEED = SeedFamily()

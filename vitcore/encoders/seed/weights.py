@@ -1,0 +1,190 @@
+"""Building an encoder with its weights: seeded initialisation, safetensors save and strict load.
+
+A weights file carries its architecture in the safetensors metadata (key
+``vit_extract.config``, the EncoderConfig as JSON), so the file alone rebuilds its encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from vitcore.encoders.seed.config import DEFAULT_PRESET, EncoderConfig, parse_model
+from vitcore.encoders.base import WeightsInfo
+from vitcore.errors import UsageError, WeightsError
+from vitcore.options import check_seed
+from vitcore.encoders.seed.model import VisionEncoder
+
+CONFIG_METADATA_KEY = "vit_extract.config"
+INIT_STD = 0.02  # normal, clipped at ±2 std, for every Linear and the patch Conv2d
+
+
+def _empty_encoder(cfg: EncoderConfig) -> VisionEncoder:
+    # Build on the meta device: no time spent on PyTorch's default init that we overwrite anyway.
+    with torch.device("meta"):
+        model = VisionEncoder(cfg)
+    return model.to_empty(device="cpu")
+
+
+def init_weights(model: VisionEncoder, seed: int) -> VisionEncoder:
+    """Deterministic initialisation from ``seed``: the same numbers on every machine (CPU generator).
+
+    LayerNorm: weight 1, bias 0. Linear and Conv2d: normal(0, 0.02) weights clipped at ±2σ, zero bias.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # registration order: fixed by the code
+            owner = model.get_submodule(name.rpartition(".")[0])
+            if isinstance(owner, torch.nn.LayerNorm):
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                # normal_ + clamp_ rather than trunc_normal_: 8× faster on a 300M-parameter model
+                param.normal_(0.0, INIT_STD, generator=generator).clamp_(-2 * INIT_STD, 2 * INIT_STD)
+    return model
+
+
+def seeded_encoder(cfg: EncoderConfig, seed: int = 0) -> VisionEncoder:
+    return init_weights(_empty_encoder(cfg.validate()), seed).eval()
+
+
+def save_weights(model: VisionEncoder, path: str | os.PathLike) -> None:
+    """Write the state dict and the architecture config to a .safetensors file."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.fspath(path), metadata={CONFIG_METADATA_KEY: model.cfg.to_json()})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # as any file the user writes (safetensors makes it 0600)
+
+
+def read_weights_config(path: str | os.PathLike) -> EncoderConfig | None:
+    """The architecture stored in a weights file, or None when it has none."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"cannot read weights file {path}: {err}") from None
+    text = metadata.get(CONFIG_METADATA_KEY)
+    return EncoderConfig.from_json(text) if text else None
+
+
+def load_weights(model: VisionEncoder, path: str | os.PathLike) -> None:
+    """Strict load: every missing, unexpected or mis-shaped tensor is named in the error."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            found = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+            problems = _state_dict_problems(expected, found)
+            if problems:
+                raise WeightsError(f"weights file {path} does not fit the encoder: {problems}")
+            state = {k: handle.get_tensor(k) for k in found}
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"cannot read weights file {path}: {err}") from None
+    model.load_state_dict(state, strict=True)
+
+
+def _state_dict_problems(expected: dict[str, tuple], found: dict[str, tuple], limit: int = 6) -> str:
+    def listing(label: str, names: list[str]) -> str:
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        return f"{label} {', '.join(names[:limit])}{more}"
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = [
+        f"{k} {list(found[k])} (expected {list(expected[k])})"
+        for k in sorted(set(expected) & set(found))
+        if expected[k] != found[k]
+    ]
+    parts = []
+    if missing:
+        parts.append(listing("missing", missing))
+    if unexpected:
+        parts.append(listing("unexpected", unexpected))
+    if misshaped:
+        parts.append(listing("wrong shape:", misshaped))
+    return "; ".join(parts)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_config(
+    model: str | EncoderConfig | None, weights: str | os.PathLike | None, project_dim: int | None
+) -> EncoderConfig:
+    """The encoder to build from --model, --weights and --project-dim, refusing contradictions."""
+
+    asked = parse_model(model) if isinstance(model, str) else model
+    stored = None
+    if weights is not None:
+        if Path(weights).is_dir():
+            raise UsageError(f"--weights {weights} is a folder; the seed encoders read a .safetensors file")
+        if not Path(weights).is_file():
+            raise WeightsError(f"weights file {weights} does not exist")
+        stored = read_weights_config(weights)
+    if stored is not None:
+        if asked is not None and _architecture(asked) != _architecture(stored):
+            raise UsageError(
+                f"--model {asked.name} does not match the encoder stored in {weights} "
+                f"({stored.name}: dim {stored.dim}, depth {stored.depth}, heads {stored.heads}); "
+                "drop --model to use the file's"
+            )
+        if project_dim is not None and project_dim != stored.project_dim:
+            raise UsageError(
+                f"--project-dim {project_dim} does not match {weights}, whose projector is "
+                f"{stored.project_dim or 'absent'}; drop --project-dim"
+            )
+        return stored
+    cfg = asked or parse_model(DEFAULT_PRESET)
+    return cfg.with_projector(project_dim if project_dim is not None else cfg.project_dim)
+
+
+def _architecture(cfg: EncoderConfig) -> tuple:
+    return (cfg.dim, cfg.depth, cfg.heads, cfg.patch, cfg.image_size, cfg.mlp_ratio)
+
+
+def weights_info(weights: str | os.PathLike | None, seed: int = 0) -> WeightsInfo:
+    """What the file records of the weights: the seed, or the weights file's path and content hash."""
+    if weights is None:
+        return WeightsInfo(source="untrained", seed=seed)
+    return WeightsInfo(source="file", path=str(Path(weights).resolve()), sha256=file_sha256(weights))
+
+
+def encoder_for(cfg: EncoderConfig, weights: str | os.PathLike | None, seed: int = 0,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VisionEncoder:
+    """An eval-mode encoder of ``cfg`` (resolve_config) on ``device``: seeded, or loaded strictly."""
+    if weights is None:
+        encoder = seeded_encoder(cfg, seed)
+    else:
+        encoder = _empty_encoder(cfg)
+        load_weights(encoder, weights)
+    return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_encoder(
+    model: str | EncoderConfig | None = None,
+    weights: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    project_dim: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[VisionEncoder, WeightsInfo]:
+    """An eval-mode encoder on ``device`` in ``dtype``, and where its weights came from.
+
+    ``model`` is a preset name, a custom spec (``dim=64,depth=2,heads=4``) or an EncoderConfig;
+    with ``weights`` the file's stored config is used (and ``model`` must agree with it).
+    """
+    check_seed(seed)
+    cfg = resolve_config(model, weights, project_dim)
+    return encoder_for(cfg, weights, seed, device, dtype), weights_info(weights, seed)

@@ -1,0 +1,170 @@
+"""Finding inputs: files, folders (recursive), file lists and stdin → one sorted, de-duplicated list.
+
+Loose files are files.py's; the files that hold many images are each a container kind, a module
+listed in CONTAINERS that answers
+
+    claims(name)                                  is a file of this name mine?
+    scan(path, key, root_index, exts, options)    → (its inputs in its own order, an Unlisted
+                                                    record of what could not be read, or None)
+    open_inside(container, inner, options)        → the bytes of one input read back by its key
+
+A new kind of input is one module and one entry here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterable
+
+from vitcore.errors import UsageError
+from vitcore.inputs import parquet, tar
+from vitcore.inputs.base import Discovery, PassedOver, Unlisted, escape_key, open_regular, path_identity, source_path, unescape_key
+from vitcore.inputs.files import Source, read_file_list, walk
+from vitcore.options import ContainerOptions, parse_extensions
+
+CONTAINERS = (tar, parquet)
+
+
+def container_for(name: str):
+    """The container kind (module) that takes a file of this name, or None (a loose file)."""
+    return next((kind for kind in CONTAINERS if kind.claims(name)), None)
+
+
+def discover(
+    paths: Iterable[str | os.PathLike] = (),
+    files_from: str | os.PathLike | None = None,
+    extensions: Iterable[str] | str | None = None,
+    stdin: BinaryIO | None = None,
+    containers: ContainerOptions | None = None,
+) -> Discovery:
+    """Every input image, in a deterministic order: roots in the order given, keys sorted within
+    each, the images inside a container file in the container's order, where its name sorts.
+
+    Directories are walked recursively (symlinked directories followed once; loops are harmless)
+    and filtered by extension; files named directly are taken whatever their extension. Container
+    files (tar shards, Parquet), named or found in folders, give one input per image inside;
+    ``containers`` says which sidecars and columns travel with them. A name with braces that does
+    not exist as written is expanded (``{00000..00099}.tar``).
+    """
+    found = _Found(parse_extensions(extensions), containers or ContainerOptions())
+    seen_dirs: set[str] = set()
+    for given, listed in named_inputs(paths, files_from, stdin):
+        if os.path.isdir(given):
+            root = os.path.abspath(given)
+            index = found.root_index(root)
+            files, unreadable = walk(root, found.exts, seen_dirs, lambda name: container_for(name) is not None)
+            for rel in files:
+                found.take(index, rel, os.path.join(root, rel), named=False)
+            found.unlisted += [Unlisted(escape_key(os.path.join(rel, "") if rel else "./"), index, reason)
+                               for rel, reason in unreadable]
+        elif os.path.lexists(given) or listed:
+            # Named files are taken as given; a listed one that is missing becomes a failure record.
+            found.take(found.root_index(os.getcwd()), given, given, named=True)
+        else:
+            raise UsageError(f"input {given} does not exist")
+    return found.discovery()
+
+
+def named_inputs(paths, files_from, stdin) -> list[tuple[str, bool]]:
+    """(path, came from a list) for every path given or listed, brace ranges expanded."""
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        paths = [paths]  # one path, not a sequence of characters
+    named = [(os.fspath(p), False) for p in paths]
+    if files_from is not None:
+        if os.fspath(files_from) == "-":
+            listed = read_file_list(stdin or sys.stdin.buffer)
+        else:
+            try:
+                with open(files_from, "rb") as handle:
+                    listed = read_file_list(handle)
+            except OSError as err:
+                raise UsageError(f"cannot read --files-from {files_from}: {err.strerror}") from None
+        named += [(p, True) for p in listed]
+    if not named:
+        raise UsageError("no inputs: give image files or folders, or --files-from FILE (- for stdin)")
+    return [(name, listed) for given, listed in named for name in expand_braces(given)]
+
+
+@dataclass
+class _Found:
+    """What discovery has found so far, in the order found."""
+
+    exts: tuple[str, ...]
+    options: ContainerOptions
+    roots: list[str] = field(default_factory=list)
+    items: list[tuple] = field(default_factory=list)  # (root index, key as bytes, place in its container, input)
+    unlisted: list[Unlisted] = field(default_factory=list)
+    containers: set[bytes] = field(default_factory=set)
+    empty: list[str] = field(default_factory=list)
+    passed_over: dict = field(default_factory=dict)  # container kind → keys of its files with no images
+
+    def root_index(self, root: str) -> int:
+        if root not in self.roots:
+            self.roots.append(root)
+        return self.roots.index(root)
+
+    def take(self, index: int, key: str, path: str, named: bool) -> None:
+        """One file: an image, or a container whose images are taken in its order."""
+        kind = container_for(path)
+        if kind is None or os.path.isdir(path) or not os.path.lexists(path):  # a listed file that is gone:
+            self.items.append((index, os.fsencode(key), 0, Source(path=path, key=escape_key(key), root_index=index)))
+            return                                                                 # its own failure record
+        self.containers.add(path_identity(path))
+        try:
+            inside, problem = kind.scan(path, key, index, self.exts, self.options)
+        except PassedOver:
+            if named:
+                raise
+            self.passed_over.setdefault(kind, []).append(key)
+            return
+        self.items.extend((index, os.fsencode(key), place, source) for place, source in enumerate(inside))
+        if problem is not None:
+            self.unlisted.append(problem)
+        elif not inside:
+            self.empty.append(path)
+
+    def discovery(self) -> Discovery:
+        """The inputs sorted (roots in order, keys within each), each input once."""
+        sources, seen, duplicates = [], set(), 0
+        for *_, source in sorted(self.items, key=lambda item: item[:3]):
+            if source.identity in seen:
+                duplicates += 1
+                continue
+            seen.add(source.identity)
+            sources.append(source)
+        notes = [kind.passed_over_note(keys) for kind, keys in self.passed_over.items()]
+        return Discovery(sources=sources, roots=self.roots, skipped_duplicates=duplicates, unlisted=self.unlisted,
+                         containers=self.containers, empty=self.empty, notes=notes)
+
+
+def expand_braces(given: str) -> list[str]:
+    """``data/{00000..00099}.tar`` → the 100 names, as WebDataset expands shard lists (the braceexpand
+    package); a name that exists as written, or has no braces, is taken as it is."""
+    if "{" not in given or os.path.lexists(given):
+        return [given]
+    from braceexpand import braceexpand  # only for names with braces
+
+    try:
+        names = list(braceexpand(given))
+    except Exception:  # unbalanced braces: a literal name after all
+        return [given]
+    return names or [given]
+
+
+def open_original(root: str, key: str, image_column: str | None = None) -> BinaryIO:
+    """The bytes of the input a stored (root, key) names: a loose file, or an input inside a
+    container (the key's first part that is a container file says which; ``image_column`` the
+    file's --image-column). OSError when it is gone."""
+    path = source_path(root, key)
+    if os.path.isfile(path):
+        return open_regular(os.fsdecode(path))
+    parts = unescape_key(key).split(b"/")
+    for cut in range(1, len(parts)):
+        container = os.path.join(os.fsencode(root), b"/".join(parts[:cut]))
+        kind = container_for(os.fsdecode(container))
+        if kind is not None and os.path.isfile(container):
+            inner = os.fsdecode(b"/".join(parts[cut:]))
+            return kind.open_inside(os.fsdecode(container), inner, ContainerOptions(image_column=image_column))
+    raise FileNotFoundError(f"{os.fsdecode(path)} is gone")

@@ -1,0 +1,90 @@
+"""Loose files: the images found in folders (walked recursively) or named directly, one input each.
+
+Each input gets a key: its path relative to the directory it was found under, or, for a file
+named directly (argument or list line), the path exactly as given, relative to the working
+directory. The roots (absolute) are recorded so ``root / key`` finds the original.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
+
+from vitcore.inputs.base import open_regular, path_identity
+
+
+@dataclass(frozen=True)
+class Source:
+    """A loose file found in a folder or named in a list."""
+
+    path: str  # filesystem path to open (str with surrogate escapes for non-UTF-8 bytes)
+    key: str  # stored key: relative to its root, escaped to valid UTF-8
+    root_index: int  # index into Discovery.roots
+
+    def open(self) -> BinaryIO:
+        """The input's bytes (open_regular): a failure here is that input's failure record."""
+        return open_regular(self.path)
+
+    @property
+    def identity(self) -> bytes:
+        """Equal to identity_of(its root, its key): the normalised absolute path."""
+        return path_identity(self.path)
+
+    def extras(self, names: tuple[str, ...]) -> dict[str, str]:
+        """The text of the files beside it that share its name up to the first dot (WebDataset's
+        sample rule: ``000001.jpg`` → ``000001.txt``), for ``--keep`` extensions; "" where none."""
+        folder, base = os.path.split(self.path)
+        stem = base.partition(".")[0]
+        out = {}
+        for name in names:
+            try:
+                with open_regular(os.path.join(folder, f"{stem}.{name}")) as handle:
+                    out[name] = handle.read().decode("utf-8", "replace")
+            except OSError:
+                out[name] = ""
+        return out
+
+
+def read_file_list(handle: BinaryIO) -> list[str]:
+    """One path per line (bytes, so any file name survives); blank lines ignored."""
+    lines = handle.read().split(b"\n")
+    return [os.fsdecode(line.rstrip(b"\r")) for line in lines if line.strip()]
+
+
+def walk(root: str, exts: tuple[str, ...], seen_dirs: set[str],
+         is_container: Callable[[str], bool]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Relative paths of the files under root with one of ``exts`` or that ``is_container`` takes,
+    each real directory visited once; and the folders that could not be listed, with the reason
+    (relative path, one line)."""
+    out: list[str] = []
+    unreadable: list[tuple[str, str]] = []
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        directory = os.path.join(root, rel_dir) if rel_dir else root
+        real = os.path.realpath(directory)
+        if real in seen_dirs:
+            continue  # a symlink loop or a second link to a folder already walked
+        seen_dirs.add(real)
+        try:
+            # Sorted, and sub-folders pushed in reverse below, so the walk order (and which name
+            # wins for a folder reachable twice) never depends on the file system's listing order.
+            entries = sorted(os.scandir(directory), key=lambda e: os.fsencode(e.name))
+        except OSError as err:  # what is in it is unknown: said, not skipped
+            reason = err.strerror or str(err)
+            unreadable.append((rel_dir, f"{type(err).__name__}: cannot list this folder ({reason})"))
+            continue
+        subfolders = []
+        for entry in entries:
+            rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subfolders.append(rel)
+            elif ("." in entry.name and entry.name.rpartition(".")[2].lower() in exts) or is_container(entry.name):
+                out.append(rel)
+        stack.extend(reversed(subfolders))
+    return out, unreadable

@@ -1,0 +1,227 @@
+"""Parquet files with an image column: each row is one input. The file's metadata (pyarrow) gives
+its row groups; a worker reads the row group holding its row forward, a few rows at a time (its
+batch's rows are neighbours), so batches, --shard, torchrun ranks and --resume work row by row.
+
+Keys: the file's key as a loose file's would be, then ``/row=N`` (0-based, over the whole file):
+``train-0003.parquet/row=4711``. ``--columns caption,url`` stores those columns as UTF-8 text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from vitcore.errors import UsageError, one_line
+from vitcore.inputs.base import NamedBytes, PassedOver, Unlisted, escape_key, open_regular, path_identity
+from vitcore.options import ContainerOptions
+
+SUFFIXES = (".parquet",)
+
+
+def claims(name: str) -> bool:
+    return name.lower().endswith(SUFFIXES)
+
+
+@dataclass(frozen=True)
+class ParquetRow:
+    """One row of a Parquet file's image column."""
+
+    path: str
+    row: int  # over the whole file
+    key: str  # the file's key + "/row=<row>"
+    root_index: int
+    row_group: int
+    index_in_group: int
+    column: str  # the image column: a struct with "bytes" (Hugging Face datasets' Image) or binary
+    columns: tuple[str, ...] = ()  # the columns kept as meta
+
+    def open(self) -> BinaryIO:
+        batch, at = _rows_at(self.path, self.row_group, (self.column, *self.columns), self.index_in_group)
+        value = batch.column(self.column)[at].as_py()
+        if isinstance(value, dict):  # datasets' Image: {"bytes": …, "path": …}
+            data, named = value.get("bytes"), value.get("path")
+            if data is None:
+                hint = f" (it names a file, {named!r}, instead)" if named else ""
+                raise ValueError(f"this row holds no image bytes{hint}")
+        else:
+            data = value
+            if data is None:
+                raise ValueError("this row's image column is null")
+        return NamedBytes(data, f"row={self.row}")
+
+    @property
+    def identity(self) -> bytes:
+        return path_identity(self.path, f"row={self.row}")
+
+    def extras(self, names: tuple[str, ...]) -> dict[str, str]:
+        batch, at = _rows_at(self.path, self.row_group, (self.column, *self.columns), self.index_in_group)
+        out = {}
+        for name in names:
+            if name in self.columns:
+                value = batch.column(name)[at].as_py()
+                out[name] = "" if value is None else value if isinstance(value, str) else _as_text(value)
+            else:
+                out[name] = ""
+        return out
+
+
+def _as_text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+PARQUET_READ_ROWS = 16  # rows decoded at a time inside a row group
+
+
+class _Cursor:
+    """Where this process is reading a Parquet row group: rows are decoded forward, a few at a
+    time (iter_batches), so a worker holds a few rows rather than its whole row group (a row group
+    of 300 rows of 500 kB took 922 MB read whole, 385 MB read this way)."""
+
+    def __init__(self, path: str, group: int, columns: tuple[str, ...]):
+        import pyarrow.parquet as pq  # pyarrow: only where a Parquet file is read
+
+        self.key, self.pid = (path, group, columns), os.getpid()
+        self.handle = open_regular(path)
+        reader = pq.ParquetFile(self.handle, pre_buffer=False, buffer_size=1 << 20)
+        self.batches = reader.iter_batches(batch_size=PARQUET_READ_ROWS, row_groups=[group], columns=list(columns),
+                                           use_threads=False)
+        self.start, self.batch = 0, None  # the rows of ``batch`` are start, start + 1, … of the group
+        self.error: str | None = None  # the row group could not be decoded past here
+
+    def at(self, index: int):
+        while self.batch is None or index >= self.start + len(self.batch):
+            if self.error is not None:  # every later row of the group shares the reason
+                raise ValueError(self.error)
+            if self.batch is not None:
+                self.start += len(self.batch)
+            try:
+                self.batch = next(self.batches, None)
+            except Exception as err:
+                self.batch = None
+                self.error = f"its row group could not be decoded ({_one_line(err)})"
+                raise ValueError(self.error) from None
+            if self.batch is None:
+                raise ValueError(f"row {index} of row group {self.key[1]} is past its end")
+        return self.batch, index - self.start
+
+    def close(self) -> None:
+        if self.pid == os.getpid():  # a cursor inherited through a fork shares the parent's file offset
+            self.handle.close()
+
+
+_CURSOR: dict = {}  # this process's one cursor
+
+
+def _rows_at(path: str, group: int, columns: tuple[str, ...], index: int):
+    """(a record batch holding row ``index`` of row group ``group``, the row's place in it)."""
+    cursor = _CURSOR.get("now")
+    if cursor is None or cursor.key != (path, group, columns) or cursor.pid != os.getpid() or index < cursor.start:
+        if cursor is not None:
+            cursor.close()
+        cursor = _CURSOR["now"] = _Cursor(path, group, columns)
+    return cursor.at(index)
+
+
+class NoImageColumn(PassedOver):
+    """A Parquet file without image bytes (img2dataset's metadata files beside its tars, say):
+    refused when named, skipped (and counted) when found in a folder."""
+
+
+def passed_over_note(keys: list[str]) -> str:
+    """The summary's line for the Parquet files in folders that hold no image column."""
+    shown = ", ".join(keys[:3]) + (" …" if len(keys) > 3 else "")
+    return (f"{len(keys)} Parquet files in the folders have no column of image bytes and were passed over "
+            f"({shown}; img2dataset writes such metadata files beside its tars)")
+
+
+def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options: ContainerOptions):
+    """The rows of a Parquet file's image column, and a record when it cannot be read, or None.
+    A column asked for that the file lacks is a usage error: every file must have it."""
+    try:
+        column, group_rows = parquet_layout(path, options)
+    except ParquetUnreadable as err:
+        return [], Unlisted(escape_key(os.path.join(key, "")), root_index, str(err))
+    sources, row = [], 0
+    for group, count in enumerate(group_rows):
+        for i in range(count):
+            sources.append(ParquetRow(path=path, row=row, key=escape_key(os.path.join(key, f"row={row}")),
+                                      root_index=root_index, row_group=group, index_in_group=i, column=column,
+                                      columns=options.columns))
+            row += 1
+    return sources, None
+
+
+class ParquetUnreadable(OSError):
+    """Not a Parquet file pyarrow can read (its reason in one line)."""
+
+
+def parquet_layout(path: str, options: ContainerOptions) -> tuple[str, list[int]]:
+    """(the image column, the rows of each row group) of a Parquet file, from its metadata alone;
+    the columns asked for are checked against its schema."""
+    import pyarrow as pa  # pyarrow: only where a Parquet file is read
+    import pyarrow.parquet as pq
+
+    try:
+        with open_regular(path) as handle:
+            metadata = pq.ParquetFile(handle).metadata
+            schema = metadata.schema.to_arrow_schema()
+    except (OSError, pa.ArrowException) as err:
+        raise ParquetUnreadable(f"{type(err).__name__}: not a readable Parquet file ({_one_line(err)})") from None
+    column = options.image_column or _image_column(schema)
+    if column is None:
+        names = ", ".join(f"{f.name} ({f.type})" for f in schema)
+        raise NoImageColumn(f"{path}: no column holds image bytes (columns: {names}); name one with --image-column")
+    if column not in schema.names:
+        raise NoImageColumn(f"{path} has no column {column!r} for --image-column (columns: {', '.join(schema.names)})")
+    missing = [c for c in options.columns if c not in schema.names]
+    if missing:
+        raise UsageError(f"{path} has no column {', '.join(map(repr, missing))} for --columns "
+                         f"(columns: {', '.join(schema.names)})")
+    if not _holds_bytes(schema.field(column).type):
+        raise UsageError(f"{path}: column {column!r} is {schema.field(column).type}, not image bytes "
+                         "(binary, or a struct with a 'bytes' field as Hugging Face datasets write)")
+    return column, [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+
+
+def _holds_bytes(kind) -> bool:
+    import pyarrow as pa  # pyarrow: only where a Parquet file is read
+
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return True
+    if pa.types.is_struct(kind):
+        index = kind.get_field_index("bytes")
+        return index >= 0 and _holds_bytes(kind.field(index).type)
+    return False
+
+
+def _image_column(schema) -> str | None:
+    """The first column holding image bytes: datasets' Image struct first, then plain binary."""
+    import pyarrow as pa  # pyarrow: only where a Parquet file is read
+
+    structs = [f.name for f in schema if pa.types.is_struct(f.type) and _holds_bytes(f.type)]
+    plain = [f.name for f in schema if _holds_bytes(f.type) and not pa.types.is_struct(f.type)]
+    return (structs or plain or [None])[0]
+
+
+def _one_line(err: BaseException) -> str:
+    return one_line(err) or type(err).__name__
+
+
+def open_inside(container: str, inner: str, options: ContainerOptions) -> BinaryIO:
+    """The bytes of row ``inner`` (``row=N``) of a Parquet file; only its row group is read."""
+    match = re.fullmatch(r"row=(\d+)", inner)
+    if match is None:
+        raise FileNotFoundError(f"{inner!r} names no row of {container}")
+    column, group_rows = parquet_layout(container, options)
+    row = wanted = int(match.group(1))
+    for group, count in enumerate(group_rows):  # the row group holding it: no other row is looked at
+        if row < count:
+            return ParquetRow(path=container, row=wanted, key=inner, root_index=0, row_group=group,
+                              index_in_group=row, column=column).open()
+        row -= count
+    raise FileNotFoundError(f"{container} has no row {wanted}")

@@ -1,0 +1,190 @@
+"""One batching path for every encoder family: a batch of decoded images → Rows for the writer.
+
+    batch (uint8, from the workers) → [finish_batch: GPU JPEG decode] → device
+      → family encode (split in halves while the device runs out of memory; compiled batches padded)
+      → per stored array: pooling and the mean token in float32 → stored dtype
+      → images with inf/NaN counted where they were made
+      → CUDA: copy stream into pinned host buffers (transfer.py); CPU: numpy views
+
+A family supplies only ``encode`` (encoders/base.py); everything here is written once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+
+from vitcore import __version__
+from vitcore.errors import VitExtractError
+from vitcore.system.device import dtype_name, is_out_of_memory
+from vitcore.encoders.base import BuiltEncoder, Encoded, RunRecord
+from vitcore.encoders.layers import pool_tokens
+from vitcore.imaging.loader import Batch
+from vitcore.run.transfer import HostCopier
+from vitcore.store import ArraySpec, Rows, StoreSettings
+
+
+def store_settings(built: RunRecord | BuiltEncoder, pool: str, out_dtype: str, device: torch.device, dtype: torch.dtype,
+                   shard: str = "null", meta: tuple[str, ...] = (), image_column: str | None = None) -> StoreSettings:
+    """What the file records for a run of ``built`` (or of its RunRecord, before it is built): its records, and each output as stored
+    (pooled outputs are one (W,) vector per image)."""
+    arrays = tuple(spec if pool == "none" else ArraySpec(spec.name, (spec.width,)) for spec in built.outputs)
+    return StoreSettings(
+        encoder=built.encoder_record, weights=built.weights.to_json(), preprocessing=built.preprocessing,
+        pooling=pool, projector=built.projector, compute_dtype=dtype_name(dtype), device=str(device),
+        out_dtype=out_dtype, arrays=arrays, mean=pool == "none", grid_thw=built.grid_thw, version=__version__,
+        shard=shard, meta=tuple(meta), image_column=json.dumps(image_column),
+    )
+
+
+class BatchRunner:
+    """Batch → Rows on the device, for any family.
+
+    When a batch does not fit in device memory it is split in halves (recursively) and the size
+    that fitted is used from then on; one image that does not fit is a clear error. A compiled
+    encoder (a family that is compilable, run with --compile) is traced on the first batch for that batch size
+    only; a later, smaller batch is padded to it with blank images rather than compiled again.
+    """
+
+    def __init__(self, built: BuiltEncoder, settings: StoreSettings, device: torch.device, compiled: bool = False):
+        self.built, self.settings, self.device = built, settings, device
+        self.compile_seconds: float | None = 0.0 if compiled else None
+        self.compiled_batch: int | None = None
+        self.max_chunk: int | None = None  # images per forward pass, once memory ran out
+        self.warnings: list[str] = []
+        self.to_host = HostCopier(device) if device.type == "cuda" else None
+
+    def __call__(self, batch: Batch, sources) -> Rows:
+        if self.built.finish_batch is not None:
+            batch = self.built.finish_batch(batch, sources)
+        n = len(batch.indices)
+        if n:
+            encoded = self._encode(_to_device(batch.pixels, self.device))
+            arrays, counts, nonfinite = self._stored(encoded)
+            grid_thw = np.asarray(encoded.grid_thw, np.int32).reshape(n, 3) if self.settings.grid_thw else None
+        else:  # every image of this batch failed: empty rows, failures only
+            arrays, counts, nonfinite = self._empty()
+            grid_thw = np.empty((0, 3), np.int32) if self.settings.grid_thw else None
+        rows = batch_rows(batch, sources, arrays=arrays, counts=counts, grid_thw=grid_thw, nonfinite=nonfinite)
+        # On a GPU the results go to the host on a copy stream (transfer.py), and this thread goes
+        # on to the next batch without waiting. On the CPU they are there already: numpy views.
+        return self.to_host(rows) if self.to_host is not None and n else rows.to_host()
+
+    # -- stored layout -------------------------------------------------------------------
+    def _stored(self, encoded: Encoded):
+        """Encoded → (dataset name → stored values, flat dataset → counts, non-finite image count)."""
+        settings = self.settings
+        pool, store = settings.pooling, getattr(torch, settings.out_dtype)
+        arrays, counts = {}, {}
+        nonfinite = None
+        for spec in settings.arrays:
+            x = encoded.arrays[spec.name].float()  # pooling and the mean token in float32 (one copy)
+            sizes = encoded.counts.get(spec.name)
+            per_image = x.split(sizes) if sizes is not None else None
+            if pool != "none":
+                values = (torch.stack([pool_tokens(p[None], pool)[0] for p in per_image])
+                          if per_image is not None else pool_tokens(x, pool))  # (n, W)
+            elif spec.ragged:
+                values = x  # (Σ T_i, W)
+                counts[spec.name] = np.asarray(sizes, np.int32)
+            else:
+                values = x.reshape(encoded.images, *spec.shape)  # (n, T, W): equal counts when fixed
+            if spec.name == "tokens" and settings.mean:
+                mean = torch.stack([p.mean(0) for p in per_image]) if per_image is not None else x.mean(dim=1)
+                arrays["mean"] = mean.to(store)
+            arrays[spec.name] = values.to(store)
+            if spec.name == "tokens":
+                nonfinite = _nonfinite_images(arrays["tokens"], counts.get("tokens"))
+        return arrays, counts, nonfinite
+
+    def _empty(self):
+        dtype = self.settings.out_dtype
+        arrays = {spec.name: np.empty((0, *spec.shape), dtype) for spec in self.settings.arrays}
+        counts = {spec.name: np.empty(0, np.int32) for spec in self.settings.arrays if spec.ragged}
+        if self.settings.mean:
+            arrays["mean"] = np.empty((0, self.settings.arrays[0].width), dtype)
+        return arrays, counts, 0
+
+    # -- the forward pass ----------------------------------------------------------------
+    def _encode(self, pixels) -> Encoded:
+        n = len(pixels)
+        if self.max_chunk is not None and n > self.max_chunk:
+            size = self.max_chunk  # fixed for this split: a part may lower max_chunk again
+            return Encoded.concat([self._encode(pixels[i:i + size]) for i in range(0, n, size)])
+        try:
+            if self.compile_seconds is None:
+                return self.built.encode(pixels)
+            return self._encode_compiled(pixels)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err):
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if n == 1:
+            raise VitExtractError(
+                f"out of {self.device} memory for a single image; use a smaller --model, "
+                "--dtype bfloat16, or another --device"
+            ) from None
+        self.max_chunk = n // 2
+        self.compiled_batch = None  # compiled again for the smaller size (padding would undo the split)
+        self.warnings.append(
+            f"a batch of {n} did not fit in {self.device} memory; continuing with "
+            f"{self.max_chunk} per pass (use --batch-size {self.max_chunk} next time)"
+        )
+        return self._encode(pixels)
+
+    def _encode_compiled(self, pixels: torch.Tensor) -> Encoded:
+        n = pixels.shape[0]
+        if self.compiled_batch is None:  # the first call compiles: time it apart from the rest
+            tick = time.perf_counter()
+            out = self.built.encode(pixels)
+            self.compile_seconds += time.perf_counter() - tick
+            self.compiled_batch = n
+            return out
+        if n >= self.compiled_batch:
+            return self.built.encode(pixels)
+        blank = pixels.new_zeros((self.compiled_batch - n, *pixels.shape[1:]))  # images never mix
+        return self.built.encode(torch.cat([pixels, blank])).head(n)
+
+
+def _to_device(pixels, device: torch.device):
+    if isinstance(pixels, list):
+        return [p.to(device, non_blocking=True) for p in pixels]
+    return pixels.to(device, non_blocking=True)
+
+
+def _nonfinite_images(values: torch.Tensor, counts: np.ndarray | None) -> torch.Tensor:
+    """How many images have an inf or NaN in their stored tokens: a 0-d tensor on their device."""
+    if counts is None:
+        return (~torch.isfinite(values.reshape(len(values), -1))).any(dim=1).sum()
+    bad_token = (~torch.isfinite(values)).any(dim=1).float()  # (Σ T_i,)
+    image = torch.repeat_interleave(torch.arange(len(counts), device=values.device),
+                                    torch.as_tensor(counts, device=values.device, dtype=torch.long))
+    per_image = torch.zeros(len(counts), device=values.device).index_add_(0, image, bad_token)
+    return (per_image > 0).sum()
+
+
+def batch_rows(batch: Batch, sources: list, **fields) -> Rows:
+    """A batch's keys, roots, sizes and failures as writer Rows, with the encoder's ``fields``."""
+    n = len(batch.indices)
+    return Rows(
+        keys=[sources[i].key for i in batch.indices],
+        root_index=np.asarray([sources[i].root_index for i in batch.indices], dtype=np.int32),
+        image_size=np.asarray(batch.sizes, dtype=np.int32).reshape(n, 2),
+        failed_keys=[sources[f.index].key for f in batch.failures],
+        failed_root_index=[sources[f.index].root_index for f in batch.failures],
+        failed_errors=[f.error for f in batch.failures],
+        meta=_meta_columns(batch),
+        **fields,
+    )
+
+
+def _meta_columns(batch: Batch) -> dict[str, list[str]]:
+    """name → text of each decoded image, in the order of ``batch.indices``."""
+    if not batch.meta:
+        return {}
+    names = next(iter(batch.meta.values())).keys()
+    return {name: [batch.meta[i][name] for i in batch.indices] for name in names}

@@ -1,0 +1,82 @@
+"""Everything about a run that can be checked without torch: the options, the encoder family that
+takes --model / --weights (and the options it refuses), the output path, and the inputs (with
+--shard, this run's slice). The CLI runs it before importing torch, so a usage error or an output
+that will be refused is reported at once; extract() runs it when not given its result."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from vitcore.encoders import registry
+from vitcore.errors import UsageError
+from vitcore.options import ComputeOptions, EncoderOptions, ExtractOptions, InputOptions, OutputOptions, parse_extensions
+from vitcore.run.shard import ShardRecord, take_shard
+from vitcore.inputs.base import Discovery
+from vitcore.inputs.discover import discover
+from vitcore.store.output import check_output
+
+
+@dataclass
+class CheckedRun:
+    encoder: EncoderOptions
+    inputs: InputOptions
+    compute: ComputeOptions
+    output_options: OutputOptions
+    family: object  # the encoder family (encoders/base.py)
+    output: str
+    found: Discovery  # this run's inputs (its shard of them)
+    shard: ShardRecord | None
+
+
+def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | None = None, *, stdin=None,
+              **overrides) -> CheckedRun:
+    """Refuse, in one line, what would make the run fail before any work; what the run will do."""
+    opts = dataclasses.replace(options or ExtractOptions(), **overrides)
+    if opts.shard is not None:
+        if opts.resume and opts.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other; choose one")
+        # A shard file is an intermediate product of one launch: a rerun continues it.
+        opts = dataclasses.replace(opts, resume=not opts.overwrite)
+    encoder, inputs, compute, out = opts.parts()
+    family = choose_family(encoder, compute)
+    output = str(output)
+    check_output(output, out.resume, out.overwrite)
+    found, shard = find_inputs(paths, inputs, out, stdin)
+    return CheckedRun(encoder, inputs, compute, out, family, output, found, shard)
+
+
+def choose_family(encoder: EncoderOptions, compute: ComputeOptions):
+    """The family that takes --model / --weights; it refuses the options it does not take."""
+    family = registry.for_run(encoder.model, encoder.weights)
+    if compute.compile and not family.compilable:
+        takers = [f.name for f in registry.FAMILIES if f.compilable]
+        raise UsageError(f"--compile works with the {', '.join(takers)} encoders, not {family.name}")
+    family.check(encoder)
+    return family
+
+
+def find_inputs(paths, inputs: InputOptions, out: OutputOptions, stdin) -> tuple[Discovery, ShardRecord | None]:
+    """The run's inputs in their stable order, and with --shard this run's slice of them."""
+    found = discover(paths, inputs.files_from, inputs.extensions, stdin=stdin, containers=inputs.containers)
+    shard = None
+    if out.shard is not None:
+        if not found.sources:
+            raise UsageError(f"no images found in {', '.join(found.roots) or 'the inputs'}")
+        found, shard = take_shard(found, *out.shard)
+        if shard.index:  # folders that could not be listed are recorded once, by shard 0
+            found = dataclasses.replace(found, unlisted=[])
+    if not found.sources and not out.resume and shard is None and found.unlisted:
+        first = found.unlisted[0]
+        raise UsageError(f"no images found: {os.path.join(found.roots[first.root_index], first.key)}: {first.reason}")
+    if not found.sources and not out.resume and shard is None and found.empty:
+        raise UsageError(f"no images found: {found.empty[0]} holds no image"
+                         + (f" (looked for {', '.join(parse_extensions(inputs.extensions))} members)"
+                            if found.empty[0].lower().endswith(".tar") else ""))
+    if not found.sources and not out.resume and shard is None:  # a shard may be empty (N > inputs)
+        raise UsageError(
+            f"no images found in {', '.join(found.roots) or 'the inputs'} "
+            f"(looked for {', '.join(parse_extensions(inputs.extensions))}; --ext changes that)"
+        )
+    return found, shard

@@ -1,0 +1,242 @@
+"""Combining shard files into one output with the single-run schema.
+
+By default the large arrays (tokens, mean, layers/K) become HDF5 virtual datasets over the shards,
+named by paths relative to the merged file (the folder can be moved as a whole); the small
+per-image datasets and the failures are written for real. ``copy=True`` writes everything into
+one self-contained file instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from vitcore.errors import UsageError, VitExtractError
+from vitcore.inputs.base import identity_of
+from vitcore.store.output import check_output
+from vitcore.store.reader import StoredTokens, allow_open_files
+from vitcore.store.schema import (
+    ATTRIBUTES,
+    BY_NAME,
+    RAGGED_CHUNK_ROWS,
+    SCHEMA_VERSION,
+    STRING,
+    array_names,
+    chunks,
+    compared,
+    devices_joined,
+    ragged_index_names,
+    stored_value,
+)
+
+COPY_BLOCK = 256  # rows per read/write when copying
+
+
+@dataclass
+class MergeResult:
+    output: str
+    rows: int
+    failed: int
+    shards: int
+    virtual: bool
+
+
+@dataclass
+class _Shard:
+    path: str
+    rows: int
+    failed: int
+    record: dict  # the ShardRecord
+    settings: dict  # decoded attributes
+    attrs: dict  # raw attributes (what resume and merge compare)
+
+
+def _read_shard(path: str) -> _Shard:
+    with StoredTokens(path) as f:
+        settings = f.settings
+        record = settings.get("shard")
+        if not record:
+            raise UsageError(f"{path} is not a shard (it was not made with --shard or torchrun)")
+        if not settings.get("complete"):
+            handled = len(f) + len(f.failures)
+            raise UsageError(f"{path} is unfinished ({handled} of {record['stop'] - record['start']} inputs handled); "
+                             "rerun its launch (it resumes) before merging")
+        return _Shard(path, len(f), len(f.failures), record, settings, dict(f.h5.attrs))
+
+
+def _check_compatible(shards: list[_Shard]) -> None:
+    """Same encoder, weights, preprocessing, … and input list; ranges that tile it exactly once."""
+    first = shards[0]
+    for attribute in compared():
+        if attribute.name == "shard":  # differs by design
+            continue
+        for shard in shards[1:]:
+            if attribute.differs(stored_value(first.attrs, attribute), stored_value(shard.attrs, attribute)):
+                raise UsageError(f"cannot merge: {shard.path} has a different {attribute.compare} from {first.path}")
+    for shard in shards[1:]:
+        for key, words in (("inputs_sha256", "input list"), ("count", "shard count"), ("total", "input count")):
+            if shard.record[key] != first.record[key]:
+                raise UsageError(f"cannot merge: {shard.path} was made from a different {words} than {first.path}")
+    ordered = sorted(shards, key=lambda s: s.record["start"])
+    expected_start = 0
+    for shard in ordered:
+        start, stop = shard.record["start"], shard.record["stop"]
+        if start < expected_start:
+            raise UsageError(f"cannot merge: {shard.path} overlaps another shard (inputs {start}–{stop})")
+        if start > expected_start:
+            raise UsageError(f"cannot merge: no shard covers inputs {expected_start}–{start} (a shard is missing)")
+        expected_start = stop
+    if expected_start != first.record["total"]:
+        raise UsageError(f"cannot merge: no shard covers inputs {expected_start}–{first.record['total']}")
+
+
+def merge(output: str, shard_paths: list[str], copy: bool = False, overwrite: bool = False) -> MergeResult:
+    """Check the shards and write OUT; refuses gaps, overlaps, duplicates and mismatched settings."""
+    if not shard_paths:
+        raise UsageError("merge needs at least one shard file")
+    check_output(output, resume=False, overwrite=overwrite, can_resume=False)
+    for shard in shard_paths:  # never write over one of the inputs
+        if os.path.exists(output) and os.path.samefile(output, shard):
+            raise UsageError(f"cannot merge into {output}: it is one of the shards being merged")
+    shards = sorted((_read_shard(p) for p in dict.fromkeys(map(str, shard_paths))), key=lambda s: s.record["start"])
+    if len(shards) != len(shard_paths):
+        raise UsageError("cannot merge: the same shard file is named twice")
+    _check_compatible(shards)
+    building = output + ".creating"
+    try:
+        with h5py.File(building, "w") as out:
+            _write_merged(out, output, shards, copy)
+        os.replace(building, output)
+    except OSError as err:
+        raise VitExtractError(f"cannot write {output}: {err}") from None
+    finally:
+        if os.path.exists(building):
+            os.unlink(building)
+    return MergeResult(output, sum(s.rows for s in shards), sum(s.failed for s in shards), len(shards), not copy)
+
+
+def _big_dataset(out, name, shards, handles, lengths, out_dir: str, copy: bool, flat: bool) -> None:
+    """``name`` over all shards, ``lengths[i]`` leading rows from shard i: a copy or a virtual view."""
+    row_shape = handles[0][name].shape[1:]
+    dtype = handles[0][name].dtype
+    total = int(sum(lengths))
+    if copy:
+        layout = (RAGGED_CHUNK_ROWS, *row_shape) if flat else chunks(row_shape)
+        target = out.create_dataset(name, (total, *row_shape), dtype, maxshape=(None, *row_shape), chunks=layout)
+        offset = 0
+        for length, h5 in zip(lengths, handles):
+            for start in range(0, length, COPY_BLOCK):
+                stop = min(start + COPY_BLOCK, length)
+                target[offset + start : offset + stop] = h5[name][start:stop]
+            offset += length
+        return
+    layout = h5py.VirtualLayout((total, *row_shape), dtype)
+    offset = 0
+    for shard, length in zip(shards, lengths):
+        if length:
+            relative = os.path.relpath(os.path.abspath(shard.path), out_dir)
+            layout[offset : offset + length] = h5py.VirtualSource(relative, name, shape=(length, *row_shape))
+        offset += length
+    out.create_virtual_dataset(name, layout, fillvalue=np.nan)  # a missing shard reads as NaN, not zeros
+
+
+def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool) -> None:
+    roots: list[str] = []
+    for shard in shards:
+        roots += [r for r in shard.settings["roots"] if r not in roots]
+    allow_open_files(len(shards), f"merging {len(shards)} shard files")  # all are open at once below
+    handles = [h5py.File(s.path, "r") for s in shards]
+    try:
+        failed = _merge_row_info(out, shards, handles, roots)
+        _merge_arrays(out, shards, handles, os.path.dirname(os.path.abspath(output)), copy)
+        attrs = out.attrs
+        for attribute in ATTRIBUTES:
+            if attribute.merge == "first" and attribute.name in handles[0].attrs:
+                attrs[attribute.name] = handles[0].attrs[attribute.name]  # verbatim: resume compares them
+        # The devices of the shards that hold rows (an empty shard made none).
+        made = [h5.attrs.get("device", "") for s, h5 in zip(shards, handles) if s.rows]
+        attrs["device"] = devices_joined(*made) or handles[0].attrs.get("device", "")
+    finally:
+        for h5 in handles:
+            h5.close()
+    _merged_state(out.attrs, output, shards, roots, failed, copy)
+
+
+def _merge_row_info(out: h5py.File, shards: list[_Shard], handles, roots: list[str]) -> int:
+    """The small per-image datasets and the failures, written for real with root indices remapped;
+    the number of failures."""
+    paths, root_index, sizes = [], [], []
+    failed_paths, failed_errors, failed_roots = [], [], []
+    seen: set[bytes] = set()
+    for shard, h5 in zip(shards, handles):
+        remap = np.asarray([roots.index(r) for r in shard.settings["roots"]], dtype=np.int32)
+        n, m = shard.rows, shard.failed
+        keys = list(h5["paths"].asstr()[:n])
+        index = h5["root_index"][:n]
+        for key, i in zip(keys, index):
+            identity = identity_of(shard.settings["roots"][i], key)
+            if identity in seen:
+                raise UsageError(f"cannot merge: {key} appears in more than one shard")
+            seen.add(identity)
+        paths += keys
+        root_index.append(remap[index] if n else np.empty(0, np.int32))
+        sizes.append(h5["image_size"][:n])
+        failed_paths += list(h5["failed/paths"].asstr()[:m])
+        failed_errors += list(h5["failed/errors"].asstr()[:m])
+        failed_roots.append(remap[h5["failed/root_index"][:m]] if m else np.empty(0, np.int32))
+
+    out.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STRING, maxshape=(None,))
+    out.create_dataset("root_index", data=np.concatenate(root_index).astype(np.int32), maxshape=(None,))
+    out.create_dataset("image_size", data=np.concatenate(sizes).astype(np.int32).reshape(-1, 2), maxshape=(None, 2))
+    out.create_dataset("failed/paths", data=np.asarray(failed_paths, dtype=object), dtype=STRING, maxshape=(None,))
+    out.create_dataset("failed/errors", data=np.asarray(failed_errors, dtype=object), dtype=STRING, maxshape=(None,))
+    out.create_dataset("failed/root_index", data=np.concatenate(failed_roots).astype(np.int32), maxshape=(None,))
+    for name in json.loads(stored_value(handles[0].attrs, BY_NAME["meta"])):  # --keep / --columns text
+        texts = [t for s, h5 in zip(shards, handles) for t in (h5[f"meta/{name}"].asstr()[: s.rows] if s.rows else [])]
+        out.create_dataset(f"meta/{name}", data=np.asarray(texts, dtype=object), dtype=STRING, maxshape=(None,))
+    if "grid_thw" in handles[0]:
+        grids = [h5["grid_thw"][: s.rows] for s, h5 in zip(shards, handles)]
+        out.create_dataset("grid_thw", data=np.concatenate(grids).astype(np.int32).reshape(-1, 3), maxshape=(None, 3))
+    return len(failed_paths)
+
+
+def _merge_arrays(out: h5py.File, shards: list[_Shard], handles, out_dir: str, copy: bool) -> None:
+    """The large per-image arrays: copied, or virtual views over the shards."""
+    for name in array_names(handles[0].attrs, handles[0]):
+        offsets_name, counts_name = ragged_index_names(name)
+        flat = offsets_name in handles[0]
+        if flat:  # flat (Σ tokens, D): rows per shard are its tokens, up to the last image's end
+            offsets = [h5[offsets_name][: s.rows] for s, h5 in zip(shards, handles)]
+            counts = [h5[counts_name][: s.rows] for s, h5 in zip(shards, handles)]
+            lengths = [int(o[-1]) + int(c[-1]) if len(o) else 0 for o, c in zip(offsets, counts)]
+            bases = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+            offsets = [o + base for o, base in zip(offsets, bases)]
+            out.create_dataset(offsets_name, data=np.concatenate(offsets).astype(np.int64), maxshape=(None,))
+            out.create_dataset(counts_name, data=np.concatenate(counts).astype(np.int32), maxshape=(None,))
+        else:
+            lengths = [s.rows for s in shards]
+        _big_dataset(out, name, shards, handles, lengths, out_dir, copy, flat)
+
+
+def _merged_state(attrs, output: str, shards: list[_Shard], roots: list[str], failed: int, copy: bool) -> None:
+    """What a merged file records of itself and of its shards."""
+    out_dir = os.path.dirname(os.path.abspath(output))
+    attrs["schema_version"] = SCHEMA_VERSION
+    attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    attrs["roots"] = json.dumps(roots)
+    attrs["committed"] = sum(s.rows for s in shards)
+    attrs["failed_committed"] = failed
+    attrs["complete"] = True
+    attrs["shard"] = "null"
+    attrs["merged"] = "copy" if copy else "virtual"
+    attrs["shards"] = json.dumps([
+        {"file": os.path.relpath(os.path.abspath(s.path), out_dir), "rows": s.rows, "run_id": s.settings.get("run_id"),
+         "start": s.record["start"], "stop": s.record["stop"], "index": s.record["index"]}
+        for s in shards
+    ])
+    attrs["inputs_sha256"] = shards[0].record["inputs_sha256"]
