@@ -23,7 +23,7 @@ from . import render
 from vitcore import __version__
 from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, RESIZE_MODES
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError, one_line
-from vitcore.options import ExtractOptions
+from vitcore.options import ExtractOptions, comma_list
 from vitcore.run.shard import parse_shard, shard_path
 
 EXIT_STRICT_FAILURES = 3
@@ -137,7 +137,7 @@ def run(
         model=model, weights=str(weights) if weights else None, seed=seed, pool=pool.value,
         project_dim=project_dim, layers=tuple(layer or ()), resize=resize.value,
         decode=decode.value if decode else None, resolution=resolution,
-        features=tuple(f.strip() for f in (features or "").split(",") if f.strip()),
+        features=tuple(comma_list(features)),
         batch_size=batch_size, workers=workers, device=device, dtype=dtype.value,
         out_dtype=out_dtype.value, files_from=files_from, extensions=ext, keep=keep, columns=columns,
         image_column=image_column, resume=resume,

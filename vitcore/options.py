@@ -26,12 +26,17 @@ def check_seed(seed: int) -> None:
         raise UsageError(f"--seed must be non-negative, got {seed}")
 
 
+def comma_list(text: str | Iterable[str] | None) -> list[str]:
+    """``"a, b,,c"`` (or a sequence) → ["a", "b", "c"]: each item stripped, empty ones dropped."""
+    parts = (text or "").split(",") if isinstance(text, str) or text is None else list(text)
+    return [p.strip() for p in parts if p.strip()]
+
+
 def parse_extensions(text: str | Iterable[str] | None) -> tuple[str, ...]:
     """``"jpg,.PNG"`` → ("jpg", "png"); None → the defaults."""
     if text is None:
         return DEFAULT_EXTENSIONS
-    parts = text.split(",") if isinstance(text, str) else list(text)
-    exts = tuple(sorted({p.strip().lstrip(".").lower() for p in parts if p.strip().lstrip(".")}))
+    exts = tuple(sorted({p.lstrip(".").lower() for p in comma_list(text) if p.lstrip(".")}))
     if not exts:
         raise UsageError("--ext needs at least one extension, e.g. --ext jpg,png")
     return exts
@@ -53,7 +58,7 @@ def parse_names(text, what: str) -> tuple[str, ...]:
     matched whatever their case (as image extensions are), so they are kept in lower case."""
     if text is None:
         return ()
-    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else list(text)) if p.strip()]
+    parts = comma_list(text)
     if what == "--keep":
         parts = [p.lstrip(".").lower() for p in parts]
     names = tuple(dict.fromkeys(parts))

@@ -111,32 +111,25 @@ class RunRecord:
     parts: dict = field(default_factory=dict, repr=False)  # the family's own values, for its build()
 
 
-@dataclass
-class BuiltEncoder:
-    """What a family builds for one run."""
+@dataclass(kw_only=True)
+class BuiltEncoder(RunRecord):
+    """What a family builds for one run: its RunRecord (what the file records), and the device and
+    worker sides."""
 
-    name: str  # what the summary calls the encoder ("base", "custom", …)
     # Device side: a slice of a batch's uint8 pixels on the device — a (B, H, W, 3) tensor, or a
     # list of (H_i, W_i, 3) tensors when sizes differ — → Encoded, unpooled, in the compute dtype.
     encode: Callable[[Any], Encoded]
     # Worker side (pickled into the DataLoader workers): .load(file object) → (uint8 (H, W, 3),
     # original upright (width, height)).
     loader: Any
-    encoder_record: str  # JSON, with "family"
-    preprocessing: str  # JSON
-    weights: WeightsInfo
-    outputs: tuple[ArraySpec, ...]  # unpooled, "tokens" first
-    projector: str = "null"  # JSON: {"dim": P} or null
-    grid_thw: bool = False  # store each image's patch grid (t, h, w)
     # Main process, before encode(): finishes a batch the workers left partly undone (GPU JPEG decode).
     finish_batch: Callable | None = None
-    notes: list[str] = field(default_factory=list)  # how the build departed from what was asked
     default_batch_size: Callable[[], int] = lambda: 8  # --batch-size auto on this device
 
     @classmethod
     def of(cls, record: RunRecord, **device_side) -> "BuiltEncoder":
-        """``record``'s fields, and the device and worker sides; notes from both."""
-        made = {f.name: getattr(record, f.name) for f in fields(record) if f.name != "parts"}
+        """``record``'s fields, and the device and worker sides; notes from both (a build may add some)."""
+        made = {f.name: getattr(record, f.name) for f in fields(RunRecord)}
         made["notes"] = list(record.notes) + list(device_side.pop("notes", []))
         return cls(**made, **device_side)
 

@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 from vitcore.errors import UsageError
 
+
 def path_identity(path: str, inside: str | None = None) -> bytes:
     """A file's normalised absolute path (equal however it was spelled: ./a, a, /abs/a); with
     ``inside``, that of an input inside the file (a tar member, a Parquet row) below it."""
@@ -82,7 +83,7 @@ class Discovery:
     skipped_duplicates: int = 0
     unlisted: list[Unlisted] = field(default_factory=list)  # folders whose contents are unknown
     containers: set = field(default_factory=set)  # identities of the container files read (tar, Parquet)
-    empty: list[str] = field(default_factory=list)  # container files that hold no image
+    empty: list[str] = field(default_factory=list)  # container files that hold no image, each "PATH holds no …"
     notes: list[str] = field(default_factory=list)  # what was passed over, counted (for the summary)
 
 

@@ -6,7 +6,9 @@ listed in CONTAINERS that answers
     claims(name)                                  is a file of this name mine?
     scan(path, key, root_index, exts, options)    → (its inputs in its own order, an Unlisted
                                                     record of what could not be read, or None)
+    holds_nothing(path, exts)                     → the words for a file of it with no image
     open_inside(container, inner, options)        → the bytes of one input read back by its key
+    passed_over_note(keys)                        (only a kind whose scan raises PassedOver)
 
 A new kind of input is one module and one entry here.
 """
@@ -123,7 +125,7 @@ class _Found:
         if problem is not None:
             self.unlisted.append(problem)
         elif not inside:
-            self.empty.append(path)
+            self.empty.append(kind.holds_nothing(path, self.exts))
 
     def discovery(self) -> Discovery:
         """The inputs sorted (roots in order, keys within each), each input once."""

@@ -132,6 +132,10 @@ class NoImageColumn(PassedOver):
     refused when named, skipped (and counted) when found in a folder."""
 
 
+def holds_nothing(path: str, exts: tuple[str, ...]) -> str:
+    return f"{path} holds no image (it has no rows)"
+
+
 def passed_over_note(keys: list[str]) -> str:
     """The summary's line for the Parquet files in folders that hold no image column."""
     shown = ", ".join(keys[:3]) + (" …" if len(keys) > 3 else "")

@@ -39,6 +39,10 @@ def claims(name: str) -> bool:
     return name.lower().endswith(SUFFIXES + tuple(COMPRESSED_SUFFIXES))
 
 
+def holds_nothing(path: str, exts: tuple[str, ...]) -> str:
+    return f"{path} holds no image (looked for {', '.join(exts)} members)"
+
+
 def _compression(name: str) -> str | None:
     lower = name.lower()
     return next((kind for suffix, kind in COMPRESSED_SUFFIXES.items() if lower.endswith(suffix)), None)

@@ -27,10 +27,10 @@ from vitcore.run.transfer import HostCopier
 from vitcore.store import ArraySpec, Rows, StoreSettings
 
 
-def store_settings(built: RunRecord | BuiltEncoder, pool: str, out_dtype: str, device: torch.device, dtype: torch.dtype,
+def store_settings(built: RunRecord, pool: str, out_dtype: str, device: torch.device, dtype: torch.dtype,
                    shard: str = "null", meta: tuple[str, ...] = (), image_column: str | None = None) -> StoreSettings:
-    """What the file records for a run of ``built`` (or of its RunRecord, before it is built): its records, and each output as stored
-    (pooled outputs are one (W,) vector per image)."""
+    """What the file records for a run of ``built`` (a RunRecord, or the BuiltEncoder made from it):
+    its records, and each output as stored (pooled outputs are one (W,) vector per image)."""
     arrays = tuple(spec if pool == "none" else ArraySpec(spec.name, (spec.width,)) for spec in built.outputs)
     return StoreSettings(
         encoder=built.encoder_record, weights=built.weights.to_json(), preprocessing=built.preprocessing,

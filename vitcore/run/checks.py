@@ -71,9 +71,7 @@ def find_inputs(paths, inputs: InputOptions, out: OutputOptions, stdin) -> tuple
         first = found.unlisted[0]
         raise UsageError(f"no images found: {os.path.join(found.roots[first.root_index], first.key)}: {first.reason}")
     if not found.sources and not out.resume and shard is None and found.empty:
-        raise UsageError(f"no images found: {found.empty[0]} holds no image"
-                         + (f" (looked for {', '.join(parse_extensions(inputs.extensions))} members)"
-                            if found.empty[0].lower().endswith(".tar") else ""))
+        raise UsageError(f"no images found: {found.empty[0]}")
     if not found.sources and not out.resume and shard is None:  # a shard may be empty (N > inputs)
         raise UsageError(
             f"no images found in {', '.join(found.roots) or 'the inputs'} "

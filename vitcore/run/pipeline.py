@@ -282,7 +282,8 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
     writer = None
     try:
         reporter(Progress(0, len(sources), 0, 0.0))
-        batches, async_writer = out.start(loader, has_work=bool(sources))  # workers fork, then the file opens
+        batches = iter(loader) if sources else iter(())  # the workers fork here, before the file opens for writing
+        async_writer = out.open_writer()  # (a failure here shuts the workers down below)
         if plan.unlisted:  # first: the folders whose contents were not looked at
             async_writer.put(_folder_records(plan.unlisted))
         with stop_on_signals(stop), torch.inference_mode():

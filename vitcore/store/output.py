@@ -3,13 +3,15 @@
     with Output(path, resume, overwrite) as out:     checked, then locked (one run per output)
         state = out.resume_state(settings)           what a resumed file holds (None: a new file)
         out.prepare(settings, roots, keep_failures)  created, or truncated to its committed rows, and closed
-        batches, writer = out.start(loader)          the workers fork first, then the file opens for writing
+        …the decoding workers fork (the run starts its loader)…
+        writer = out.open_writer()                   only then: the file opens for writing
         …writer.put(rows)…
         out.finish(complete)
 
-No writable handle may be inherited by a forked worker (a child's exit can flush or close it), so the only way
-to a writer is start(), which creates the loader's iterator (forking the workers) before it opens
-the file. Nothing is written from the main thread while workers run (see StoreWriter.prepare).
+No writable handle may be inherited by a forked worker (a child's exit can flush or close it): the
+file is closed after prepare() and opened again only by open_writer(), which a run calls once its
+workers have forked. Nothing is written from the main thread while workers run (see
+StoreWriter.prepare).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from vitcore.store.lock import OutputLock
 from vitcore.store.resume import ResumeState, check_resumable
 from vitcore.store.schema import StoreSettings
 from vitcore.store.writer import AsyncWriter, StoreWriter
-from vitcore.system.workers import shut_down, worker_deaths_held
+from vitcore.system.workers import worker_deaths_held
 
 
 class Output:
@@ -66,17 +68,12 @@ class Output:
         StoreWriter.prepare(self.path, settings, roots, self.resuming, keep_failures)
         self._settings = settings
 
-    def start(self, loader, has_work: bool = True):
-        """Fork the loader's workers, then open the file for writing: (batch iterator, AsyncWriter)."""
-        assert self._settings is not None, "prepare() the output before starting the workers"
-        batches = iter(loader) if has_work else iter(())
-        try:
-            with worker_deaths_held():  # no handle may be left open half-way
-                self.writer = AsyncWriter(StoreWriter.reopen(self.path, self._settings))
-        except BaseException:
-            shut_down(batches)
-            raise
-        return batches, self.writer
+    def open_writer(self) -> AsyncWriter:
+        """The prepared file, open for writing. Call it once the decoding workers have forked."""
+        assert self._settings is not None, "prepare() the output before opening it for writing"
+        with worker_deaths_held():  # no handle may be left open half-way
+            self.writer = AsyncWriter(StoreWriter.reopen(self.path, self._settings))
+        return self.writer
 
     def finish(self, complete: bool) -> StoreWriter | None:
         """Drain the writer, record completeness and close; the closed StoreWriter (its counts)."""
@@ -101,4 +98,3 @@ def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = Tr
     if os.path.exists(path) and not (resume or overwrite):
         hint = "add --resume to continue it or --overwrite to replace it" if can_resume else "add --overwrite to replace it"
         raise OutputExistsError(f"{path} already exists; {hint}")
-

@@ -305,8 +305,6 @@ class StoreWriter:
                 pass  # the committed rows were flushed before the failure; nothing more can be saved
 
 
-
-
 def _point_at_devnull(h5: h5py.File) -> None:
     """Sync what reached the file, then give HDF5 /dev/null in its place (see _abandon_pending_writes).
     Only while the file is open: after a failed close its descriptor may belong to another file."""

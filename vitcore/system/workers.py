@@ -14,7 +14,6 @@ import signal
 import threading
 
 
-
 def init_worker(_worker_id: int) -> None:
     """Run first in every worker process."""
     _die_with_parent()
