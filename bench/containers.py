@@ -65,7 +65,7 @@ def run_once(inputs: list[str], output: str, extra: list[str]) -> tuple[float, f
     """(images/s of the run loop, wall seconds of the whole command)."""
     if os.path.exists(output):
         os.unlink(output)
-    summary, wall = run_command([sys.executable, "-m", "cli", "run", *inputs, "-o", output, "--model", TINY, "--json",
+    summary, wall = run_command([sys.executable, "-m", "vitcore.cli", "run", *inputs, "-o", output, "--model", TINY, "--json",
                                  *extra])
     return summary["images_per_second"], wall
 

@@ -172,7 +172,7 @@ def main() -> None:
                 for _ in range(args.rounds):  # in turns, so a slow spell of the machine falls on both
                     out = Path(work) / "out.h5"
                     out.unlink(missing_ok=True)
-                    text, wall, peak = measured([sys.executable, "-m", "cli", "run", str(Path(work) / "imgs"), "-o",
+                    text, wall, peak = measured([sys.executable, "-m", "vitcore.cli", "run", str(Path(work) / "imgs"), "-o",
                                                  str(out), "--weights", str(folder), "--dtype", dtype,
                                                  "--out-dtype", "float32", "--json"])
                     ours = (json.loads(text)["seconds"], wall, peak)

@@ -386,7 +386,7 @@ def bench_end_to_end(args, device, rows: list[dict]) -> None:
         for _ in range(args.e2e_rounds):  # in turns, so a slow spell of the machine falls on both
             alone, _s = run_command([sys.executable, str(Path(__file__).resolve()), "--encoder-alone",
                                      args.e2e_preset, str(device), str(args.e2e_images)])
-            result, command_s = run_command([sys.executable, "-m", "cli", "run", str(images), "-o",
+            result, command_s = run_command([sys.executable, "-m", "vitcore.cli", "run", str(images), "-o",
                                              str(work / "ours.h5"), "--model", args.e2e_preset, "--device",
                                              str(device), "--json", "--overwrite", *our_workers])
             alone_rate = alone["images"] / alone["seconds"]
@@ -415,7 +415,7 @@ def bench_end_to_end(args, device, rows: list[dict]) -> None:
             for what, extra in variants:
                 out = work / "ours.h5"
                 result, command_s = run_command([
-                    sys.executable, "-m", "cli", "run", str(images), "-o", str(out), "--model", args.e2e_preset,
+                    sys.executable, "-m", "vitcore.cli", "run", str(images), "-o", str(out), "--model", args.e2e_preset,
                     "--pool", pool, "--device", str(device), "--json", *our_workers, *extra])
                 out.unlink()
                 rate = result["images_per_second"]
@@ -432,7 +432,7 @@ def bench_end_to_end(args, device, rows: list[dict]) -> None:
 
 # -- start-up -------------------------------------------------------------------------------------
 def bench_startup(args, rows: list[dict]) -> None:
-    exe = [sys.executable, "-m", "cli"]
+    exe = [sys.executable, "-m", "vitcore.cli"]
     env = dict(os.environ, PYTHONPATH=str(PROJECT))
     help_s = []
     for _ in range(3):

@@ -9,6 +9,7 @@ Exit codes: 0 done (failed images are listed, not fatal); 1 fatal error; 2 usage
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from enum import Enum
@@ -66,6 +67,7 @@ Resize = _choice_enum("Resize", RESIZE_MODES)
 Decode = _choice_enum("Decode", DECODE_MODES)
 Dtype = _choice_enum("Dtype", DTYPE_CHOICES)
 OutDtype = _choice_enum("OutDtype", OUT_DTYPES)
+ProgressMode = _choice_enum("ProgressMode", render.PROGRESS_MODES)
 
 # run's help panels
 ENCODER, INPUTS, COMPUTE, OUTPUT, DISPLAY = "Encoder", "Inputs", "Compute", "Output", "Display"
@@ -126,6 +128,8 @@ def run(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the images the file records as failed again (those that fail again are recorded again).", rich_help_panel=OUTPUT)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.", rich_help_panel=OUTPUT)] = False,
     shard: Annotated[Optional[str], typer.Option(help="I/N: process only shard I (0..N-1) of the sorted inputs into OUT.shardIIIII-of-NNNNN.h5 (combine with merge). Under torchrun each rank takes its own shard automatically.", show_default=False, rich_help_panel=OUTPUT)] = None,
+    progress: Annotated[ProgressMode, typer.Option(help="bar: a live bar; lines: a plain line every --progress-every seconds and at the end (for logs); auto: bar on a terminal, lines elsewhere; none.", rich_help_panel=DISPLAY)] = ProgressMode.auto,
+    progress_every: Annotated[float, typer.Option(help="Seconds between progress lines (--progress lines).", min=0.0, rich_help_panel=DISPLAY)] = 30.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary.", rich_help_panel=DISPLAY)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout (and nothing else).", rich_help_panel=DISPLAY)] = False,
     strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_STRICT_FAILURES} when any image failed.", rich_help_panel=DISPLAY)] = False,
@@ -144,13 +148,14 @@ def run(
         retry_failed=retry_failed, overwrite=overwrite, compile=compile,
     )
     inputs = [str(p) for p in paths or ()]
+    shown = _Shown(progress.value, progress_every, not quiet)
     try:
         if launched_by_torchrun():
-            result, merged = _run_launched(inputs, output, options, shard, quiet)
+            result, merged = _run_launched(inputs, output, options, shard, shown)
             if merged is None:  # ranks other than 0 stay silent
                 return
         else:
-            result, merged = _run_here(inputs, output, options, shard, quiet), None
+            result, merged = _run_here(inputs, output, options, shard, shown), None
     except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a clean stop, this one does not wait
         err.print("interrupted at once by a second Ctrl-C; the committed rows are safe: rerun with --resume")
         raise typer.Exit(130) from None
@@ -171,25 +176,37 @@ def run(
         raise typer.Exit(EXIT_STRICT_FAILURES)
 
 
-def _run_launched(inputs: list[str], output: Path, options, shard: str | None, quiet: bool):
+@dataclasses.dataclass
+class _Shown:
+    """How a run shows its progress on stderr (--progress, --progress-every, --quiet)."""
+
+    mode: str
+    every: float
+    enabled: bool
+
+    def display(self, also: bool = True):
+        return render.progress_display(err, self.mode, self.every, shown=self.enabled and also)
+
+
+def _run_launched(inputs: list[str], output: Path, options, shard: str | None, shown: _Shown):
     """Under torchrun: this rank's shard, merged by rank 0. (rank 0's summary, the MergeResult or None)."""
     from vitcore.run.distributed import extract_distributed, rank  # torch: not for --help
 
     if shard:
         raise typer.BadParameter("--shard is chosen by torchrun (one shard per rank); drop it")
-    with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal and rank() == 0) as display:
+    with shown.display(also=rank() == 0) as display:
         outcome = extract_distributed(inputs, str(output), options, progress=display.update)
     return outcome.summary, outcome.merged
 
 
-def _run_here(inputs: list[str], output: Path, options, shard: str | None, quiet: bool):
+def _run_here(inputs: list[str], output: Path, options, shard: str | None, shown: _Shown):
     """One process: the whole run, or shard I/N of it into its own file."""
     from vitcore.run.checks import check_run  # h5py, numpy: not for --help
 
     if shard:
         options.shard = parse_shard(shard)
         output = Path(shard_path(str(output), *options.shard))
-    with render.ProgressDisplay(err, enabled=not quiet and err.is_terminal) as display:
+    with shown.display() as display:
         # Options, output and inputs are checked before torch is loaded: refusals come at once.
         checked = check_run(inputs, str(output), options)
         from vitcore.run.pipeline import extract  # torch: only once the run is known to go ahead
@@ -347,6 +364,11 @@ def main() -> None:
         if _is_click(error, "Abort"):  # a second Ctrl-C: stopped at once
             err.print("interrupted at once by a second Ctrl-C; the committed rows are safe: rerun with --resume")
             sys.exit(130)
+        if _missing_dependency(error):  # installed without torch (or another dependency): one line, no traceback
+            package = error.name.partition(".")[0]
+            hint = " (the build for your machine; see the README's Quick start)" if package == "torch" else ""
+            sys.exit(_report(f"{package} is not installed in this environment and this command needs it: "
+                             f"install it{hint}", 1, "--json" in args).exit_code)
         if not _is_click(error, "ClickException"):
             raise
         if _is_click(error, "NoArgsIsHelpError"):  # a command alone: its help
@@ -359,6 +381,11 @@ def main() -> None:
         err.print("interrupted")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _missing_dependency(error: BaseException) -> bool:
+    """A package vit-extract depends on could not be imported (not a module of vit-extract's own)."""
+    return isinstance(error, ModuleNotFoundError) and bool(error.name) and error.name.partition(".")[0] != "vitcore"
 
 
 def _is_click(error: BaseException, name: str) -> bool:

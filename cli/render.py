@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -16,6 +18,60 @@ from rich.progress import (
 from rich.table import Table
 
 FAILURES_SHOWN = 10
+
+
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
+
+
+def progress_display(console: Console, mode: str, every: float, shown: bool = True):
+    """The display --progress asks for: auto is a bar on a terminal and lines elsewhere (a log
+    file, Slurm, nohup, CI); ``shown`` False (--quiet, --json, a torchrun rank other than 0) shows none."""
+    if mode == "auto":
+        mode = "bar" if console.is_terminal else "lines"
+    if mode == "lines":
+        return ProgressLines(console, every, enabled=shown)
+    return ProgressDisplay(console, enabled=shown and mode == "bar")
+
+
+class ProgressLines:
+    """Plain progress lines for logs: one every ``every`` seconds while images are done, and one at the end."""
+
+    def __init__(self, console: Console, every: float, enabled: bool):
+        self.console, self.every, self.enabled = console, every, enabled
+        self.last: float | None = None  # when the last line was written
+        self.latest = None  # the latest Progress, written at the end if not yet
+
+    def __enter__(self) -> "ProgressLines":
+        return self
+
+    def update(self, p) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        self.latest = p
+        if self.last is None:
+            self.last = now  # the first call: the run has started (nothing done yet)
+        elif now - self.last >= self.every:
+            self._write(p)
+            self.last = now
+
+    def _write(self, p) -> None:
+        rate = p.done / p.elapsed if p.elapsed > 0 else 0.0
+        eta = f", ETA {_duration((p.total - p.done) / rate)}" if rate > 0 and p.done < p.total else ""
+        share = f" ({100 * p.done / p.total:.0f} %)" if p.total else ""
+        self.console.print(f"progress: {p.done}/{p.total} images{share}, {rate:.1f} images/s, "
+                           f"elapsed {_duration(p.elapsed)}{eta}, {p.failed} failed", markup=False, highlight=False)
+        self.latest = None
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled and self.latest is not None and self.latest.done:
+            self._write(self.latest)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class ProgressDisplay:
@@ -63,6 +119,12 @@ class ProgressDisplay:
             self.bar.stop()
         elif self.status is not None:
             self.status.stop()
+
+
+def _inputs(shard: dict) -> str:
+    """A shard's inputs, both ends included ([start, stop) in the record)."""
+    start, stop = shard["start"], shard["stop"]
+    return f"inputs {start} to {stop - 1}" if stop > start else "no inputs"
 
 
 def run_summary(console: Console, result) -> None:
@@ -134,9 +196,9 @@ def info_table(console: Console, s: dict) -> None:
     table.add_row("roots", "\n".join(escape(r) for r in s["roots"]) or "-")
     if s.get("shard"):
         shard = s["shard"]
-        table.add_row("shard", f"{shard['index']} of {shard['count']}: inputs {shard['start']}–{shard['stop']} of {shard['total']}")
+        table.add_row("shard", f"{shard['index']} of {shard['count']}: {_inputs(shard)} of {shard['total']}")
     for shard in s.get("shards") or ():
-        table.add_row("shard", f"{escape(shard['file'])}: {shard['rows']} rows, inputs {shard['start']}–{shard['stop']}, {shard['state']}")
+        table.add_row("shard", f"{escape(shard['file'])}: {shard['rows']} rows, {_inputs(shard)}, {shard['state']}")
     table.add_row("failed", f"[red]{s['failed']}[/]" if s["failed"] else "0")
     console.print(table)
     for f in s["failures"]:

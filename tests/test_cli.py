@@ -154,7 +154,7 @@ def test_one_signal_stops_cleanly_and_leaves_a_resumable_file(tmp_path, sig, cod
     for i in range(150):
         (folder / f"img{i:04d}.jpg").write_bytes(source)
     out = tmp_path / "t.h5"
-    cmd = [sys.executable, "-m", "cli", "run", str(folder), "-o", str(out), "--model", TINY,
+    cmd = [sys.executable, "-m", "vitcore.cli", "run", str(folder), "-o", str(out), "--model", TINY,
            "--batch-size", "2", "--workers", "1", "--quiet"]
     # Its own process group, signalled as a whole, as timeout, Slurm and a terminal's Ctrl-C do.
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
@@ -266,7 +266,7 @@ def test_option_parsing_errors_are_one_line_and_json_with_json(args):
     import sys
 
     project = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-m", "cli", *args, "--json"], cwd=project, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "vitcore.cli", *args, "--json"], cwd=project, capture_output=True, text=True,
                           timeout=60)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
@@ -313,3 +313,47 @@ def test_usage_errors_and_refused_outputs_come_before_torch_is_loaded(tmp_path, 
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.stdout.split() == ["exit", "2", "False"], (done.stdout, done.stderr)
     assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_progress_goes_to_a_log_as_plain_lines_and_not_with_quiet(tmp_path):
+    """stderr redirected to a file (a batch job's log): a plain line every --progress-every seconds
+    and one at the end; none with --quiet or --progress none."""
+    base = [sys.executable, "-m", "vitcore.cli", "run", str(SAMPLES), "--model", TINY, "--workers", "0",
+            "--batch-size", "1", "--dtype", "float32", "--progress-every", "0"]
+    logs = {}
+    for name, extra in (("lines", []), ("quiet", ["--quiet"]), ("none", ["--progress", "none"])):
+        log = tmp_path / f"{name}.err"
+        with open(log, "w") as stderr:
+            done = subprocess.run([*base, "-o", str(tmp_path / f"{name}.h5"), *extra], stderr=stderr,
+                                  stdout=subprocess.DEVNULL, timeout=300)
+        assert done.returncode == 0, log.read_text()
+        logs[name] = log.read_text().splitlines()
+    lines = logs["lines"]
+    assert len(lines) >= 2 and all(line.startswith("progress: ") for line in lines), lines
+    assert lines[-1].startswith("progress: 8/8 images (100 %)") and lines[-1].endswith("0 failed")
+    assert "\x1b" not in "".join(lines)  # no terminal control codes in a log
+    assert logs["quiet"] == [] and logs["none"] == []
+
+
+def test_a_missing_dependency_is_one_line_not_a_traceback(tmp_path):
+    """Installed without torch (the README has users install it themselves): a run says so in one
+    line, as JSON too with --json; commands that need no torch still work."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ModuleNotFoundError(f\"No module named '{name}'\", name=name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    run = [sys.executable, "-m", "vitcore.cli", "run", str(SAMPLES), "-o", str(tmp_path / "t.h5"), "--model", TINY]
+    done = subprocess.run([*run, "--json"], capture_output=True, text=True, env=env, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert "torch is not installed" in lines[0] and "Traceback" not in done.stderr
+    assert json.loads(done.stdout) == {"error": lines[0].removeprefix("error: "), "exit_code": 1}
+    models = subprocess.run([sys.executable, "-m", "vitcore.cli", "models"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert models.returncode == 0 and "small" in models.stdout, models.stderr

@@ -231,7 +231,7 @@ def test_torchrun_over_tar_shards_equals_one_process(tmp_path):
     single = tmp_path / "single.h5"
     vitcore.extract(shards, single, EXACT, keep="json")
     out = tmp_path / "dist.h5"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cli", "run",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitcore.cli", "run",
            str(tmp_path / "data" / "{00000..00002}.tar"), "-o", str(out), "--keep", "json", *CLI_EXACT]
     done = subprocess.run(cmd, cwd=PROJECT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
@@ -247,7 +247,7 @@ def test_sigkill_then_resume_over_tar_shards_equals_an_uninterrupted_run(tmp_pat
     single = tmp_path / "single.h5"
     vitcore.extract(shards, single, EXACT, keep="txt")
     out = tmp_path / "out.h5"
-    cmd = [sys.executable, "-m", "cli", "run", *map(str, shards), "-o", str(out), "--keep", "txt",
+    cmd = [sys.executable, "-m", "vitcore.cli", "run", *map(str, shards), "-o", str(out), "--keep", "txt",
            *[a if a != "3" else "1" for a in CLI_EXACT]]  # one image a batch: many commits
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HDF5_USE_FILE_LOCKING": "FALSE"}
     partial = None

@@ -153,7 +153,7 @@ def test_merged_folder_can_be_moved(images, tmp_path):
 
 def _torchrun(nproc: int, images: Path, out: Path, *extra: str, background: bool = False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "cli", "run", str(images), "-o", str(out), *CLI_EXACT, *extra]
+           "-m", "vitcore.cli", "run", str(images), "-o", str(out), *CLI_EXACT, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if background:
         return subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -8,6 +8,7 @@ holds every package under vitcore/ and the cli, and nothing else at the top leve
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -56,30 +57,68 @@ def test_an_arrow_the_wrong_way_breaks_the_contracts(tmp_path, module, imports, 
     assert broken in result.stdout and "BROKEN" in result.stdout
 
 
-def _source_packages() -> set[str]:
-    """Every package the tree holds, named as installed (cli/ is vitcore.cli)."""
-    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "vitcore").rglob("__init__.py")}
-    found |= {".".join(("vitcore", *p.parent.relative_to(ROOT).parts)) for p in (ROOT / "cli").rglob("__init__.py")}
+def _source_modules() -> set[str]:
+    """Every Python file the tree holds, by the path it installs at (cli/ is vitcore/cli)."""
+    found = {str(p.relative_to(ROOT)) for p in (ROOT / "vitcore").rglob("*.py") if "__pycache__" not in p.parts}
+    found |= {str(Path("vitcore") / p.relative_to(ROOT)) for p in (ROOT / "cli").rglob("*.py")
+              if "__pycache__" not in p.parts}
     return found
 
 
-def test_the_wheel_ships_every_package_and_no_generic_name(tmp_path):
-    source = tmp_path / "source"  # a copy: no build/ folder of an earlier build leaks into the wheel
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel, built as `pip install .` builds it, from a copy of the tree in which an earlier
+    build of another layout left its modules behind in build/lib."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
+    source = tmp_path / "source"
     for name in ("vitcore", "cli"):
         shutil.copytree(ROOT / name, source / name, ignore=NOT_SOURCE)
-    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
+    for stale in ("build/lib/cli/main.py", "build/lib/vitcore/containers.py"):
+        (source / stale).parent.mkdir(parents=True, exist_ok=True)
+        (source / stale).write_text("raise RuntimeError('a module of an earlier build')\n")
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
                             "--wheel-dir", str(tmp_path / "dist"), str(source)],
                            capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stdout + built.stderr
-    (wheel,) = (tmp_path / "dist").glob("vit_extract-*.whl")
+    (found,) = (tmp_path / "dist").glob("vit_extract-*.whl")
+    return found
+
+
+def test_the_wheel_ships_every_module_and_no_generic_name(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = {str(Path(n).parent).replace("/", ".") for n in names if n.endswith("/__init__.py")}
-    assert shipped == _source_packages()
+    # A folder without __init__.py imports from a checkout but is left out of a wheel: this names it.
+    assert {n for n in names if n.endswith(".py")} == _source_modules()
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"vitcore"}
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
-    assert {"vitcore.cli", "vitcore.encoders.seed", "vitcore.encoders.qwen", "vitcore.store"} <= shipped
+
+
+def test_the_installed_wheel_imports_from_itself_alone(wheel, tmp_path):
+    """Installed (not editable) and imported from elsewhere: every module imports from the install,
+    and nothing reaches for a top-level cli that only a checkout has."""
+    target = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                           str(wheel)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    code = ("import importlib, pkgutil, sys, vitcore\n"
+            f"assert vitcore.__file__.startswith({str(target)!r}), vitcore.__file__\n"
+            "names = [m.name for m in pkgutil.walk_packages(vitcore.__path__, 'vitcore.') if not m.name.endswith('.__main__')]\n"
+            "for name in names:\n"
+            "    importlib.import_module(name)\n"
+            "assert 'cli' not in sys.modules\n"
+            "from vitcore.cli.main import main\n"
+            "sys.argv = ['vit-extract', '--version']\n"
+            "main()\n")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(target)})
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == f"vit-extract {_version()}"
+
+
+def _version() -> str:
+    init = (ROOT / "vitcore" / "__init__.py").read_text()
+    return init.split('__version__ = "', 1)[1].split('"', 1)[0]
 
 
 def test_the_public_api_resolves_and_import_vitcore_loads_no_torch():

@@ -533,7 +533,7 @@ def test_a_killed_run_with_live_worker_processes_does_not_block_the_resume(tmp_p
     folder = tmp_path / "imgs"
     _small_images(folder, 400)
     out = tmp_path / "out.h5"
-    cmd = [sys.executable, "-m", "cli", "run", str(folder), "-o", str(out), "--model", TINY,
+    cmd = [sys.executable, "-m", "vitcore.cli", "run", str(folder), "-o", str(out), "--model", TINY,
            "--batch-size", "2", "--workers", "2", "--quiet", "--dtype", "float32", "--out-dtype", "float32"]
     proc = subprocess.Popen(cmd, cwd=PROJECT, stderr=subprocess.PIPE)
     deadline = time.time() + 60

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.2.0"  # 0.2.0: every encoder record names its family
+__version__ = "0.3.0"  # 0.3.0: packages by concern, cli installed as vitcore.cli; 0.2.0: every encoder record names its family
 
 _EXPORTS = {  # name → the module that defines it
     "extract": "vitcore.run.pipeline",
@@ -46,3 +46,8 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'vitcore' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names too (imported on first use), for tab completion in IPython and Jupyter."""
+    return sorted({*globals(), *__all__})

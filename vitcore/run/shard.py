@@ -39,7 +39,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     if count < 1:
         raise UsageError(f"--shard {text}: N must be at least 1")
     if index >= count:
-        raise UsageError(f"--shard {text}: I must be 0 to {max(count - 1, 0)} for N = {count}")
+        raise UsageError(f"--shard {text}: the shard number (before the slash) must be 0 to {max(count - 1, 0)} for {count} shards")
     return index, count
 
 

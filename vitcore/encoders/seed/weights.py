@@ -18,6 +18,7 @@ from vitcore.encoders.seed.config import DEFAULT_PRESET, EncoderConfig, parse_mo
 from vitcore.encoders.base import WeightsInfo
 from vitcore.errors import UsageError, WeightsError
 from vitcore.options import check_seed
+from vitcore.system.device import resolve_device
 from vitcore.encoders.seed.model import VisionEncoder
 
 CONFIG_METADATA_KEY = "vit_extract.config"
@@ -186,5 +187,6 @@ def build_encoder(
     with ``weights`` the file's stored config is used (and ``model`` must agree with it).
     """
     check_seed(seed)
+    device = resolve_device(str(device))  # CUDA asked for where there is none: one line, not torch's assertion
     cfg = resolve_config(model, weights, project_dim)
     return encoder_for(cfg, weights, seed, device, dtype), weights_info(weights, seed)
