@@ -270,7 +270,7 @@ def init_weights(
         if not output.resolve().parent.is_dir():
             raise UsageError(f"the output folder {output.resolve().parent} does not exist")
         encoder, _ = build_encoder(model, seed=seed, project_dim=project_dim)
-        save_weights(encoder, output)
+        save_weights(encoder, output, untrained_seed=seed)
     except VitExtractError as error:
         raise _fail(error)
     except (OSError, SafetensorError) as error:

@@ -188,6 +188,9 @@ def info_table(console: Console, s: dict) -> None:
     weights = s["weights"]
     if weights.get("source") == "untrained":
         table.add_row("weights", f"[yellow]UNTRAINED[/] (random init, seed {weights.get('seed')})")
+    elif weights.get("source") == "untrained file":
+        table.add_row("weights", f"[yellow]UNTRAINED[/] (random init, seed {weights.get('seed')}, written by init-weights to "
+                                 f"{escape(str(weights.get('path')))}; sha256 {weights.get('sha256')})")
     else:
         table.add_row("weights", f"{escape(str(weights.get('path')))} (sha256 {weights.get('sha256')})")
     table.add_row("preprocess", escape(s["summary"]["preprocessing"]))

@@ -122,11 +122,13 @@ def test_negative_layer_option_and_init_weights_round_trip(cli, photos, tmp_path
     assert made.exit_code == 0 and weights.exists()
     assert cli("init-weights", "--model", TINY, "-o", weights).exit_code == 2  # exists
     out = tmp_path / "t.h5"
-    result = cli("run", photos, "-o", out, "--weights", weights, "--layer", "-2", "--pool", "mean", "-q")
+    result = cli("run", photos, "-o", out, "--weights", weights, "--layer", "-2", "--pool", "mean", "--json")
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["untrained"] is True  # init-weights wrote a random initialisation
     with h5py.File(out, "r") as f:
         record = json.loads(f.attrs["weights"])
-        assert record["source"] == "file" and len(record["sha256"]) == 64
+        assert record["source"] == "untrained file" and record["seed"] == 4 and len(record["sha256"]) == 64
+        assert record["path"] == str(weights.resolve())
         assert f["tokens"].shape == (8, 32) and f["layers/-2"].shape == (8, 32)
     seeded = tmp_path / "s.h5"
     cli("run", photos, "-o", seeded, "--model", TINY, "--seed", "4", "--pool", "mean", "-q")

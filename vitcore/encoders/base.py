@@ -70,14 +70,16 @@ class Encoded:
 class WeightsInfo:
     """Where an encoder's weights came from, as recorded in the output file."""
 
-    source: str  # "untrained" or "file"
+    # "untrained" (seeded here), "file", or "untrained file": a file of a seeded random
+    # initialisation (init-weights), identified by its content like any file, and still untrained.
+    source: str
     seed: int | None = None
     path: str | None = None
     sha256: str | None = None
 
     @property
     def untrained(self) -> bool:
-        return self.source == "untrained"
+        return self.source in ("untrained", "untrained file")
 
     def to_json(self) -> str:
         return json.dumps(
@@ -87,9 +89,11 @@ class WeightsInfo:
 
     def identity(self) -> str:
         """What must match for --resume: the seed, or the file's content (not its path)."""
-        return f"untrained seed {self.seed}" if self.untrained else f"sha256 {self.sha256}"
+        return f"untrained seed {self.seed}" if self.source == "untrained" else f"sha256 {self.sha256}"
 
     def describe(self) -> str:
+        if self.source == "untrained file":
+            return f"UNTRAINED (random init, seed {self.seed}, written by init-weights to {self.path})"
         if self.untrained:
             return f"UNTRAINED (random init, seed {self.seed})"
         return f"{self.path} (sha256 {self.sha256[:12]}…)"

@@ -91,7 +91,7 @@ class SeedFamily:
         record = {k: v for k, v in settings["encoder"].items() if k != "family"}
         weights = settings["weights"]
         path = None
-        if weights.get("source") == "file":
+        if weights.get("source") in ("file", "untrained file"):
             path = weights.get("path")
             if not path or not os.path.isfile(path):
                 raise VitExtractError(f"the weights {path} recorded in {file} are gone; cannot encode a new image")

@@ -22,6 +22,7 @@ from vitcore.system.device import resolve_device
 from vitcore.encoders.seed.model import VisionEncoder
 
 CONFIG_METADATA_KEY = "vit_extract.config"
+UNTRAINED_METADATA_KEY = "vit_extract.untrained_seed"  # present only in files of a random initialisation
 INIT_STD = 0.02  # normal, clipped at ±2 std, for every Linear and the patch Conv2d
 
 
@@ -55,23 +56,30 @@ def seeded_encoder(cfg: EncoderConfig, seed: int = 0) -> VisionEncoder:
     return init_weights(_empty_encoder(cfg.validate()), seed).eval()
 
 
-def save_weights(model: VisionEncoder, path: str | os.PathLike) -> None:
-    """Write the state dict and the architecture config to a .safetensors file."""
+def save_weights(model: VisionEncoder, path: str | os.PathLike, *, untrained_seed: int | None = None) -> None:
+    """Write the state dict and the architecture config to a .safetensors file; ``untrained_seed``:
+    the weights are that seed's random initialisation (init-weights), and every run with them says so."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, os.fspath(path), metadata={CONFIG_METADATA_KEY: model.cfg.to_json()})
+    metadata = {CONFIG_METADATA_KEY: model.cfg.to_json()}
+    if untrained_seed is not None:
+        metadata[UNTRAINED_METADATA_KEY] = str(untrained_seed)
+    save_file(state, os.fspath(path), metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)  # as any file the user writes (safetensors makes it 0600)
 
 
-def read_weights_config(path: str | os.PathLike) -> EncoderConfig | None:
-    """The architecture stored in a weights file, or None when it has none."""
+def _metadata(path: str | os.PathLike) -> dict[str, str]:
     try:
         with safe_open(os.fspath(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+            return handle.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise WeightsError(f"cannot read weights file {path}: {err}") from None
-    text = metadata.get(CONFIG_METADATA_KEY)
+
+
+def read_weights_config(path: str | os.PathLike) -> EncoderConfig | None:
+    """The architecture stored in a weights file, or None when it has none."""
+    text = _metadata(path).get(CONFIG_METADATA_KEY)
     return EncoderConfig.from_json(text) if text else None
 
 
@@ -158,6 +166,10 @@ def weights_info(weights: str | os.PathLike | None, seed: int = 0) -> WeightsInf
     """What the file records of the weights: the seed, or the weights file's path and content hash."""
     if weights is None:
         return WeightsInfo(source="untrained", seed=seed)
+    untrained_seed = _metadata(weights).get(UNTRAINED_METADATA_KEY)
+    if untrained_seed is not None:  # written by init-weights: a random initialisation, still
+        return WeightsInfo(source="untrained file", seed=int(untrained_seed), path=str(Path(weights).resolve()),
+                           sha256=file_sha256(weights))
     return WeightsInfo(source="file", path=str(Path(weights).resolve()), sha256=file_sha256(weights))
 
 
