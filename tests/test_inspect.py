@@ -160,3 +160,44 @@ def test_keys_with_control_characters_are_drawn_escaped_on_one_line(photos, tmp_
     assert hits_sheet(str(out), hits, odd, kind).height > THUMB
     result = cli("similar", out, odd, "-k", "2", "--sheet", tmp_path / "hits.png")
     assert result.exit_code == 0 and (tmp_path / "hits.png").exists()
+
+
+def test_a_key_under_two_roots_never_silently_picks_a_row(tmp_path, cli):
+    """run a/ b/ with a/x.png and b/x.png: every lookup refuses the bare key and names both
+    candidates; ROOT/KEY selects one (checked against the row's tokens read directly)."""
+    for root, grey in (("a", 30), ("b", 220)):
+        (tmp_path / root).mkdir()
+        Image.fromarray(np.full((40, 40, 3), grey, np.uint8)).save(tmp_path / root / "x.png")
+        Image.fromarray(np.full((40, 40, 3), grey + 10, np.uint8)).save(tmp_path / root / f"only_{root}.png")
+    out = tmp_path / "twice.h5"
+    vitcore.extract([tmp_path / "a", tmp_path / "b"], out, OPTS)
+    qualified = {root: str(tmp_path / root / "x.png") for root in ("a", "b")}
+    with vitcore.open_tokens(out) as f:
+        rows = {root: [i for i, k in enumerate(f.keys) if k == "x.png" and f.qualified_key(i) == qualified[root]][0]
+                for root in ("a", "b")}
+        tokens = {root: f.h5["tokens"][rows[root]] for root in ("a", "b")}
+        assert not np.array_equal(tokens["a"], tokens["b"])
+        for lookup in (lambda: f["x.png"], lambda: f.index("x.png"), lambda: f.mean("x.png"),
+                       lambda: f.source_bytes("x.png"), lambda: f.token_grid("x.png")):
+            with pytest.raises(UsageError, match=r"'x.png' names 2 rows") as refused:
+                lookup()
+            assert qualified["a"] in str(refused.value) and qualified["b"] in str(refused.value)
+        for root in ("a", "b"):
+            assert qualified[root] in f and f.index(qualified[root]) == rows[root]
+            np.testing.assert_array_equal(f[qualified[root]], tokens[root])
+            assert f.shown_key(rows[root]) == qualified[root]
+        assert f.shown_key(f.index("only_a.png")) == "only_a.png"  # a unique key stays as it is
+    with pytest.raises(UsageError, match="names 2 rows"):
+        vitcore.TokenDataset(out, keys=["x.png"])
+    assert vitcore.TokenDataset(out, keys=[qualified["b"]]).rows == [rows["b"]]
+
+    refused = cli("similar", out, "x.png", "-k", "2")
+    assert refused.exit_code == 2 and qualified["a"] in refused.output and qualified["b"] in refused.output
+    found = cli("similar", out, qualified["b"], "-k", "4", "--json")
+    assert found.exit_code == 0, found.output
+    hits = json.loads(found.stdout)
+    assert hits[0]["key"] == qualified["b"] and hits[0]["score"] > 0.9999
+    assert qualified["a"] in [h["key"] for h in hits]  # the other x.png is shown with its root
+    assert cli("show", out, "x.png", "-o", tmp_path / "s.png").exit_code == 2
+    shown = cli("show", out, qualified["a"], "-o", tmp_path / "s.png")
+    assert shown.exit_code == 0, shown.output

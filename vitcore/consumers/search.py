@@ -104,8 +104,8 @@ def similar(path: str, query: str, k: int = 10, block: int = 65536) -> tuple[lis
         vector, kind = query_vector(f, query)
         dataset = f.vectors_dataset()
         ranked = top_k_cosine((batch for _, batch in f.iter_batches(block, dataset)), vector, k)
-        keys = f.keys
-        return [Hit(rank=r + 1, key=keys[row], score=score, row=row) for r, (row, score) in enumerate(ranked)], kind
+        # A key stored under several roots is shown with its root, so the hits can be told apart.
+        return [Hit(rank=r + 1, key=f.shown_key(row), score=score, row=row) for r, (row, score) in enumerate(ranked)], kind
 
 
 def hits_sheet(path: str, hits: list[Hit], query: str, kind: str, columns: int = 4):

@@ -46,7 +46,7 @@ def open_tokens(path: str | os.PathLike, check_shards: bool = True) -> TokenFile
 
 def rows_of(f: TokenFile, keys) -> list[int]:
     """Row numbers for ``keys``: None (every row), one key, or a sequence of keys (str) and row
-    numbers (int). A key stored under two roots names two rows: refused, give row numbers then."""
+    numbers (int). A key stored under two roots names two rows: refused; give ROOT/KEY or a row number."""
     if keys is None:
         return list(range(len(f)))
     if isinstance(keys, (str, int, np.integer)) and not isinstance(keys, bool):
@@ -57,11 +57,7 @@ def rows_of(f: TokenFile, keys) -> list[int]:
     rows = []
     for key in keys:
         if isinstance(key, str):
-            found = f.rows_named(key)
-            if len(found) > 1:
-                raise UsageError(f"{key!r} names {len(found)} rows of {f.path} (found under different roots: "
-                                 f"rows {', '.join(map(str, found[:4]))}); give row numbers instead")
-            rows.append(found[0])
+            rows.append(f.index(key))  # a key under two roots is refused, naming the qualified forms
         elif isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
             rows.append(f.row_number(int(key)))
         else:

@@ -150,8 +150,8 @@ def token_sheet(
                 token_map = Image.fromarray(colours).resize(shown.size, Image.Resampling.NEAREST)
                 picture = shown
             shape = "x".join(str(n) for n in tokens.shape)  # "x": the default font has no "×"
-            cells.append(([picture, token_map], f"{f.keys[i]}  ({shape}, grid {grid[0]}x{grid[1]})"))
-        chosen = [f.keys[i] for i in rows]
+            cells.append(([picture, token_map], f"{f.shown_key(i)}  ({shape}, grid {grid[0]}x{grid[1]})"))
+        chosen = [f.shown_key(i) for i in rows]
     return sheet(cells, columns), chosen
 
 

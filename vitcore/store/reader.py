@@ -9,7 +9,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from vitcore.errors import VitExtractError
+from vitcore.errors import UsageError, VitExtractError
 from vitcore.inputs.base import source_path
 from vitcore.inputs.discover import open_original
 from vitcore.store.schema import decoded, ragged_index_names
@@ -50,6 +50,13 @@ def open_for_reading(path: str, verb: str) -> h5py.File:
         ) from None
     except OSError as err:
         raise VitExtractError(f"cannot {verb} {path}: not a readable HDF5 file ({err})") from None
+
+
+class AmbiguousKey(UsageError, KeyError):
+    """A key stored under several roots (a/x.jpg and b/x.jpg are both "x.jpg"): it names no one row."""
+
+    def __str__(self) -> str:  # the message as written, not KeyError's quoted repr
+        return str(self.args[0])
 
 
 class StoredTokens:
@@ -127,18 +134,44 @@ class StoredTokens:
         return self._index
 
     def rows_named(self, key: str) -> list[int]:
-        """Every row stored under ``key`` (one, unless it was found under several roots)."""
-        try:
-            return self._key_rows()[key]
-        except KeyError:
-            raise KeyError(f"{key!r} is not a row of {self.path}") from None
+        """Every row stored under ``key`` (one, unless it was found under several roots), or the
+        one row of a root-qualified key (the root joined with the key: the input's original path)."""
+        rows = self._key_rows().get(key) or self._qualified_rows(key)
+        if not rows:
+            raise KeyError(f"{key!r} is not a row of {self.path}")
+        return rows
+
+    def _qualified_rows(self, name: str) -> list[int]:
+        roots = self.settings["roots"]
+        for i, root in enumerate(roots):
+            prefix = os.path.join(root, "")
+            if name.startswith(prefix):
+                rows = self._key_rows().get(name[len(prefix):], [])
+                return [r for r in rows if int(self.h5["root_index"][r]) == i]
+        return []
+
+    def qualified_key(self, row: int) -> str:
+        """A row's root joined with its key: the form that names it alone when its key is stored twice."""
+        i = self.row_number(row)
+        return os.path.join(self.settings["roots"][int(self.h5["root_index"][i])], self.keys[i])
+
+    def shown_key(self, row: int) -> str:
+        """A row's key as a person should see it: qualified by its root when the key names several rows."""
+        key = self.keys[self.row_number(row)]
+        return key if len(self._key_rows()[key]) == 1 else self.qualified_key(row)
 
     def index(self, key: str) -> int:
-        """The row of ``key``; of a key found under two roots, the first."""
-        return self.rows_named(key)[0]
+        """The row of ``key``. A key stored under several roots is refused (AmbiguousKey), listing
+        the root-qualified keys that each name one of its rows."""
+        rows = self.rows_named(key)
+        if len(rows) > 1:
+            named = ", ".join(f"{self.qualified_key(r)} (row {r})" for r in rows[:4]) + (" …" if len(rows) > 4 else "")
+            raise AmbiguousKey(f"{key!r} names {len(rows)} rows of {self.path}, found under different roots: {named}; "
+                               "give the one you mean as ROOT/KEY, or a row number")
+        return rows[0]
 
     def __contains__(self, key: str) -> bool:
-        return key in self._key_rows()
+        return key in self._key_rows() or bool(self._qualified_rows(key))
 
     def row_number(self, item: int | str) -> int:
         """The row of a key or a row number (negative counts from the end)."""
