@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from . import render
 from vitcore import __version__
@@ -29,8 +30,31 @@ from vitcore.run.shard import parse_shard, shard_path
 
 EXIT_STRICT_FAILURES = 3
 
+class _PlainHelp:
+    """Help that reads as a person writes it: flags (--help too) with no type after them, arguments
+    by their name alone (this Typer otherwise prints <bool> and <list[Path]>)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+            if param.param_type_name == "argument" and hasattr(param, "display_type_rich"):
+                param.display_type_rich = lambda ctx: None
+        return params
+
+
+class _Command(_PlainHelp, TyperCommand):
+    pass
+
+
+class _Group(_PlainHelp, TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="vit-extract",
+    cls=_Group,
     help="Extract Vision Transformer visual tokens from image folders into HDF5.",
     no_args_is_help=True,
     add_completion=False,
@@ -87,6 +111,18 @@ def _report(message: str, code: int, as_json: bool, hint: str = "") -> typer.Exi
     return typer.Exit(code)
 
 
+def _block_numbers(given: list[str] | None) -> tuple[int, ...]:
+    """--layer K, repeated or comma-separated (-2,-3), as block numbers."""
+    numbers = []
+    for text in given or ():
+        for part in comma_list(text):
+            try:
+                numbers.append(int(part))
+            except ValueError:
+                raise UsageError(f"--layer {part!r} is not a block number: give integers such as -2 or 3,-1") from None
+    return tuple(numbers)
+
+
 def _batch_size(value: str) -> int | str:
     if value == "auto":
         return value
@@ -99,37 +135,37 @@ def _batch_size(value: str) -> int | str:
     return number
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
-    paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files, folders (searched recursively), WebDataset .tar shards and Parquet files; shard ranges like data/{00000..00099}.tar are expanded.", show_default=False)] = None,
-    files_from: Annotated[Optional[str], typer.Option(help="Read paths from FILE, one per line (- for stdin).", show_default=False, rich_help_panel=INPUTS)] = None,
-    ext: Annotated[Optional[str], typer.Option(help="Extensions to pick up in folders, comma-separated. Default: jpg,jpeg,png,webp,bmp,gif,tif,tiff.", show_default=False, rich_help_panel=INPUTS)] = None,
-    keep: Annotated[Optional[str], typer.Option(help="Tar shards (WebDataset samples) and loose files: also store the sample's files of these extensions (e.g. txt,json) as text datasets meta/<ext>, row-aligned.", show_default=False, rich_help_panel=INPUTS)] = None,
-    columns: Annotated[Optional[str], typer.Option(help="Parquet: also store these columns (e.g. caption,url) as text datasets meta/<column>, row-aligned.", show_default=False, rich_help_panel=INPUTS)] = None,
-    image_column: Annotated[Optional[str], typer.Option(help="Parquet: the column holding the images. Default: the first holding image bytes (a Hugging Face datasets Image, or binary).", show_default=False, rich_help_panel=INPUTS)] = None,
+    paths: Annotated[Optional[list[Path]], typer.Argument(metavar="PATHS", help="Image files, folders (searched recursively), WebDataset .tar shards and Parquet files; shard ranges like data/{00000..00099}.tar are expanded.", show_default=False)] = None,
+    files_from: Annotated[Optional[str], typer.Option(metavar="FILE", help="Read paths from FILE, one per line (- for stdin).", show_default=False, rich_help_panel=INPUTS)] = None,
+    ext: Annotated[Optional[str], typer.Option(metavar="LIST", help="Extensions to pick up in folders, comma-separated. Default: jpg,jpeg,png,webp,bmp,gif,tif,tiff.", show_default=False, rich_help_panel=INPUTS)] = None,
+    keep: Annotated[Optional[str], typer.Option(metavar="LIST", help="Tar shards (WebDataset samples) and loose files: also store the sample's files of these extensions (e.g. txt,json) as text datasets meta/<ext>, row-aligned.", show_default=False, rich_help_panel=INPUTS)] = None,
+    columns: Annotated[Optional[str], typer.Option(metavar="LIST", help="Parquet: also store these columns (e.g. caption,url) as text datasets meta/<column>, row-aligned.", show_default=False, rich_help_panel=INPUTS)] = None,
+    image_column: Annotated[Optional[str], typer.Option(metavar="NAME", help="Parquet: the column holding the images. Default: the first holding image bytes (a Hugging Face datasets Image, or binary).", show_default=False, rich_help_panel=INPUTS)] = None,
     decode: Annotated[Optional[Decode], typer.Option(help="draft: decode large JPEGs at a reduced scale (fast); full: exact decode; gpu: JPEGs decoded and resized on the GPU (nvJPEG through torchvision; elsewhere falls back to draft and says so). Default: draft for the seed encoders, full for the Qwen-VL families.", show_default=False, rich_help_panel=INPUTS)] = None,
-    model: Annotated[Optional[str], typer.Option(help="small | base | large, a custom spec like dim=256,depth=4,heads=4, or a Qwen-VL family (qwen3-vl, qwen2.5-vl, qwen2-vl; found from --weights CHECKPOINT_DIR anyway). Default: base, or the encoder stored in --weights.", show_default=False, rich_help_panel=ENCODER)] = None,
-    weights: Annotated[Optional[Path], typer.Option(help=".safetensors weights (written by init-weights or save_weights), or a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder (told by its config.json); without it a seed encoder is UNTRAINED (seeded random init).", exists=True, rich_help_panel=ENCODER)] = None,
-    seed: Annotated[int, typer.Option(help="Initialisation seed when no --weights are given.", min=0, rich_help_panel=ENCODER)] = 0,
+    model: Annotated[Optional[str], typer.Option(metavar="NAME", help="small | base | large, a custom spec like dim=256,depth=4,heads=4, or a Qwen-VL family (qwen3-vl, qwen2.5-vl, qwen2-vl; found from --weights CHECKPOINT_DIR anyway). Default: base, or the encoder stored in --weights.", show_default=False, rich_help_panel=ENCODER)] = None,
+    weights: Annotated[Optional[Path], typer.Option(metavar="PATH", help=".safetensors weights (written by init-weights or save_weights), or a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder (told by its config.json); without it a seed encoder is UNTRAINED (seeded random init).", exists=True, rich_help_panel=ENCODER)] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="Initialisation seed when no --weights are given.", min=0, rich_help_panel=ENCODER)] = 0,
     pool: Annotated[Pool, typer.Option(help="none: all tokens (N, T, D); mean / max: one vector per image (N, D).", rich_help_panel=OUTPUT)] = Pool.none,
-    project_dim: Annotated[Optional[int], typer.Option(help="Add a projector Linear(D → P) after the final norm (the bridge to a language model).", min=1, show_default=False, rich_help_panel=ENCODER)] = None,
-    layer: Annotated[Optional[list[int]], typer.Option("--layer", help="Also store hidden states after block K as layers/K (repeatable; -2 = penultimate).", show_default=False, rich_help_panel=ENCODER)] = None,
+    project_dim: Annotated[Optional[int], typer.Option(metavar="P", help="Add a projector Linear(D → P) after the final norm (the bridge to a language model).", min=1, show_default=False, rich_help_panel=ENCODER)] = None,
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", metavar="K", help="Also store hidden states after block K as layers/K (repeatable, or comma-separated: -2,-3; -2 = penultimate).", show_default=False, rich_help_panel=ENCODER)] = None,
     resize: Annotated[Resize, typer.Option(help="squash: straight to the input size; crop: shorter side + centre crop; pad: letterbox.", rich_help_panel=ENCODER)] = Resize.squash,
-    resolution: Annotated[str, typer.Option(help="Qwen-VL families: native (the checkpoint processor's rule; token count varies) or N (every image N×N, N a multiple of patch × merge: 32 for qwen3-vl, 28 for qwen2-vl and qwen2.5-vl).", rich_help_panel=ENCODER)] = "native",
-    features: Annotated[Optional[str], typer.Option(help="Qwen-VL families: also store last_hidden (before the merger) and, for qwen3-vl, deepstack (the DeepStack features), comma-separated.", show_default=False, rich_help_panel=ENCODER)] = None,
-    batch_size: Annotated[str, typer.Option(help="Images per batch, or auto.", parser=_batch_size, rich_help_panel=COMPUTE)] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes (0: decode in the main process). Default: min(8, CPUs).", min=0, show_default=False, rich_help_panel=COMPUTE)] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=COMPUTE)] = "auto",
+    resolution: Annotated[str, typer.Option(metavar="native|N", help="Qwen-VL families: native (the checkpoint processor's rule; token count varies) or N (every image N×N, N a multiple of patch × merge: 32 for qwen3-vl, 28 for qwen2-vl and qwen2.5-vl).", rich_help_panel=ENCODER)] = "native",
+    features: Annotated[Optional[str], typer.Option(metavar="LIST", help="Qwen-VL families: also store last_hidden (before the merger) and, for qwen3-vl, deepstack (the DeepStack features), comma-separated.", show_default=False, rich_help_panel=ENCODER)] = None,
+    batch_size: Annotated[str, typer.Option(metavar="N|auto", help="Images per batch, or auto.", parser=_batch_size, rich_help_panel=COMPUTE)] = "auto",
+    workers: Annotated[Optional[int], typer.Option(metavar="N", help="Decoding worker processes (0: decode in the main process). Default: min(8, CPUs).", min=0, show_default=False, rich_help_panel=COMPUTE)] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto | cpu | cuda | cuda:N.", rich_help_panel=COMPUTE)] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto = bfloat16 where the hardware computes it natively, else float32.", rich_help_panel=COMPUTE)] = Dtype.auto,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder: faster batches after a one-off compilation (its time is in the summary); worth it for large runs.", rich_help_panel=COMPUTE)] = False,
-    output: Annotated[Path, typer.Option("--output", "-o", help="The HDF5 file to write.", dir_okay=False, rich_help_panel=OUTPUT)] = Path("tokens.h5"),
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The HDF5 file to write.", dir_okay=False, rich_help_panel=OUTPUT)] = Path("tokens.h5"),
     out_dtype: Annotated[OutDtype, typer.Option(help="Stored dtype.", rich_help_panel=OUTPUT)] = OutDtype.float16,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run into the same file.", rich_help_panel=OUTPUT)] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the images the file records as failed again (those that fail again are recorded again).", rich_help_panel=OUTPUT)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.", rich_help_panel=OUTPUT)] = False,
-    shard: Annotated[Optional[str], typer.Option(help="I/N: process only shard I (0..N-1) of the sorted inputs into OUT.shardIIIII-of-NNNNN.h5 (combine with merge). Under torchrun each rank takes its own shard automatically.", show_default=False, rich_help_panel=OUTPUT)] = None,
+    shard: Annotated[Optional[str], typer.Option(metavar="I/N", help="I/N: process only shard I (0..N-1) of the sorted inputs into OUT.shardIIIII-of-NNNNN.h5 (combine with merge). Under torchrun each rank takes its own shard automatically.", show_default=False, rich_help_panel=OUTPUT)] = None,
     progress: Annotated[ProgressMode, typer.Option(help="bar: a live bar; lines: a plain line every --progress-every seconds and at the end (for logs); auto: bar on a terminal, lines elsewhere; none.", rich_help_panel=DISPLAY)] = ProgressMode.auto,
-    progress_every: Annotated[float, typer.Option(help="Seconds between progress lines (--progress lines).", min=0.0, rich_help_panel=DISPLAY)] = 30.0,
+    progress_every: Annotated[float, typer.Option(metavar="SECONDS", help="Seconds between progress lines (--progress lines).", min=0.0, rich_help_panel=DISPLAY)] = 30.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary.", rich_help_panel=DISPLAY)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout (and nothing else).", rich_help_panel=DISPLAY)] = False,
     strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_STRICT_FAILURES} when any image failed.", rich_help_panel=DISPLAY)] = False,
@@ -137,9 +173,13 @@ def run(
     """Extract visual tokens for every image under PATHS into an HDF5 file."""
     from vitcore.run.distributed import launched_by_torchrun, rank  # h5py: not for --help
 
+    try:
+        layers = _block_numbers(layer)
+    except UsageError as error:
+        raise _fail(error, as_json)
     options = ExtractOptions(
         model=model, weights=str(weights) if weights else None, seed=seed, pool=pool.value,
-        project_dim=project_dim, layers=tuple(layer or ()), resize=resize.value,
+        project_dim=project_dim, layers=layers, resize=resize.value,
         decode=decode.value if decode else None, resolution=resolution,
         features=tuple(comma_list(features)),
         batch_size=batch_size, workers=workers, device=device, dtype=dtype.value,
@@ -214,11 +254,11 @@ def _run_here(inputs: list[str], output: Path, options, shard: str | None, shown
         return extract(inputs, str(output), options, progress=display.update, checked=checked)
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(
-    file: Annotated[Path, typer.Argument(help="An output file of vit-extract run.", exists=True, dir_okay=False)],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run.", exists=True, dir_okay=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON on stdout.")] = False,
-    failures: Annotated[int, typer.Option(help="How many failed images to list.", min=0)] = 20,
+    failures: Annotated[int, typer.Option(metavar="N", help="How many failed images to list.", min=0)] = 20,
 ) -> None:
     """Rows, shapes, dtype, encoder, weights and failures of an output file."""
     from vitcore.consumers.tokens import open_tokens  # h5py, numpy: not for --help
@@ -234,7 +274,7 @@ def info(
         render.info_table(out, summary)
 
 
-@app.command()
+@app.command(cls=_Command)
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print the presets as JSON on stdout.")] = False,
 ) -> None:
@@ -251,12 +291,12 @@ def models(
                 out.print(f"{escape(name)}: {escape(summary)}")
 
 
-@app.command("init-weights")
+@app.command("init-weights", cls=_Command)
 def init_weights(
-    output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors file to write.", dir_okay=False)],
-    model: Annotated[str, typer.Option(help="small | base | large, or a custom spec like dim=256,depth=4,heads=4.")] = "base",
-    seed: Annotated[int, typer.Option(help="Initialisation seed.", min=0)] = 0,
-    project_dim: Annotated[Optional[int], typer.Option(help="Include a projector Linear(D → P).", min=1, show_default=False)] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The .safetensors file to write.", dir_okay=False)],
+    model: Annotated[str, typer.Option(metavar="NAME", help="small | base | large, or a custom spec like dim=256,depth=4,heads=4.")] = "base",
+    seed: Annotated[int, typer.Option(metavar="N", help="Initialisation seed.", min=0)] = 0,
+    project_dim: Annotated[Optional[int], typer.Option(metavar="P", help="Include a projector Linear(D → P).", min=1, show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
 ) -> None:
     """Write a seeded (untrained) encoder as .safetensors, its architecture in the metadata."""
@@ -278,14 +318,14 @@ def init_weights(
     out.print(f"wrote {output}: {encoder.cfg.name} encoder, seed {seed} (untrained)")
 
 
-@app.command()
+@app.command(cls=_Command)
 def show(
-    file: Annotated[Path, typer.Argument(help="An output file of vit-extract run (unpooled).", exists=True, dir_okay=False)],
-    keys: Annotated[Optional[list[str]], typer.Argument(help="Keys (stored paths) to draw; default: the first rows.", show_default=False)] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="The PNG sheet to write.", dir_okay=False)] = Path("sheet.png"),
-    first: Annotated[int, typer.Option(help="Without KEYS: draw the first N rows.", min=1)] = 8,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run (unpooled).", exists=True, dir_okay=False)],
+    keys: Annotated[Optional[list[str]], typer.Argument(metavar="KEYS", help="Keys (stored paths) to draw; default: the first rows.", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The PNG sheet to write.", dir_okay=False)] = Path("sheet.png"),
+    first: Annotated[int, typer.Option(metavar="N", help="Without KEYS: draw the first N rows.", min=1)] = 8,
     joint: Annotated[bool, typer.Option("--joint", help="One PCA over all chosen images (comparable colours) instead of one per image.")] = False,
-    columns: Annotated[int, typer.Option(help="Pictures per sheet row.", min=1)] = 2,
+    columns: Annotated[int, typer.Option(metavar="N", help="Pictures per sheet row.", min=1)] = 2,
 ) -> None:
     """Draw each picture beside a PCA colour map of its patch tokens, as one PNG sheet."""
     from vitcore.consumers.visualize import token_sheet  # h5py, numpy, Pillow: not for --help
@@ -298,13 +338,13 @@ def show(
     out.print(f"wrote {output}: {len(chosen)} images, {image.width}×{image.height} px")
 
 
-@app.command()
+@app.command(cls=_Command)
 def similar(
-    file: Annotated[Path, typer.Argument(help="An output file of vit-extract run.", exists=True, dir_okay=False)],
-    query: Annotated[str, typer.Argument(help="A key in the file, or an image file (encoded with the file's settings).")],
-    k: Annotated[int, typer.Option("-k", help="How many neighbours.", min=1)] = 10,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run.", exists=True, dir_okay=False)],
+    query: Annotated[str, typer.Argument(metavar="QUERY", help="A key in the file, or an image file (encoded with the file's settings).")],
+    k: Annotated[int, typer.Option("-k", metavar="K", help="How many neighbours.", min=1)] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON on stdout.")] = False,
-    sheet: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet of the hits to this PNG.", dir_okay=False, show_default=False)] = None,
+    sheet: Annotated[Optional[Path], typer.Option(metavar="PNG", help="Also write a contact sheet of the hits to this PNG.", dir_okay=False, show_default=False)] = None,
 ) -> None:
     """The images whose pooled vectors are closest to QUERY (cosine similarity, exact)."""
     from vitcore.consumers.search import hits_sheet, similar as find_similar  # h5py, numpy: not for --help
@@ -321,10 +361,10 @@ def similar(
         render.hits_table(out, hits, f"{query} (read as {'a key in the file' if kind == 'key' else 'an image file'})")
 
 
-@app.command("merge")
+@app.command("merge", cls=_Command)
 def merge_command(
-    shards: Annotated[list[Path], typer.Argument(help="Shard files written with --shard I/N (all N of them).", exists=True, dir_okay=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The combined HDF5 file to write.", dir_okay=False)],
+    shards: Annotated[list[Path], typer.Argument(metavar="SHARDS", help="Shard files written with --shard I/N (all N of them).", exists=True, dir_okay=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The combined HDF5 file to write.", dir_okay=False)],
     copy: Annotated[bool, typer.Option("--copy", help="Copy the tokens into one self-contained file instead of virtual datasets over the shards.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,

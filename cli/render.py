@@ -121,6 +121,16 @@ class ProgressDisplay:
             self.status.stop()
 
 
+def _print(console: Console, table) -> None:
+    """A table; off a terminal (a file, a pipe) without the spaces rich pads its cells with."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    with console.capture() as captured:
+        console.print(table)
+    console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
 def _inputs(shard: dict) -> str:
     """A shard's inputs, both ends included ([start, stop) in the record)."""
     start, stop = shard["start"], shard["stop"]
@@ -163,7 +173,7 @@ def run_summary(console: Console, result) -> None:
     table.add_row("failed", failed)
     for warning in result.warnings:
         table.add_row("[yellow]note[/]", escape(warning))
-    console.print(table)
+    _print(console, table)
     for key, error in result.failures[:FAILURES_SHOWN]:
         console.print(f"  [red]✗[/] {escape(key)}: {escape(error)}")
     if len(result.failures) > FAILURES_SHOWN:
@@ -203,7 +213,7 @@ def info_table(console: Console, s: dict) -> None:
     for shard in s.get("shards") or ():
         table.add_row("shard", f"{escape(shard['file'])}: {shard['rows']} rows, {_inputs(shard)}, {shard['state']}")
     table.add_row("failed", f"[red]{s['failed']}[/]" if s["failed"] else "0")
-    console.print(table)
+    _print(console, table)
     for f in s["failures"]:
         console.print(f"  [red]✗[/] {escape(f['path'])}: {escape(f['error'])}")
     if s["failed"] > len(s["failures"]):
@@ -217,11 +227,11 @@ def models_table(console: Console, rows: list[dict]) -> None:
             r["name"], str(r["dim"]), str(r["depth"]), str(r["heads"]), str(r["patch"]),
             str(r["image_size"]), f"{r['parameters'] / 1e6:.1f}M", str(r["tokens_per_image"]),
         )
-    console.print(table)
+    _print(console, table)
 
 
 def hits_table(console: Console, hits, query: str) -> None:
     table = Table("rank", "key", "score", title=f"nearest to {escape(query)}", title_justify="left")
     for hit in hits:
         table.add_row(str(hit.rank), escape(hit.key), f"{hit.score:.4f}")
-    console.print(table)
+    _print(console, table)

@@ -359,3 +359,31 @@ def test_a_missing_dependency_is_one_line_not_a_traceback(tmp_path):
     models = subprocess.run([sys.executable, "-m", "vitcore.cli", "models"], capture_output=True, text=True, env=env,
                             timeout=120)
     assert models.returncode == 0 and "small" in models.stdout, models.stderr
+
+
+def test_piped_summaries_have_no_trailing_padding(cli, photos, tmp_path):
+    """Off a terminal (a file, a pipe) the summary, info and models lines end at their text."""
+    out = tmp_path / "t.h5"
+    outputs = [cli("run", photos, "-o", out, "--model", TINY, "--workers", "0").stdout, cli("info", out).stdout,
+               cli("models").stdout]
+    for text in outputs:
+        assert text.strip() and [line for line in text.splitlines() if line != line.rstrip()] == [], text
+
+
+@pytest.mark.parametrize("command", ["", "run", "info", "models", "init-weights", "show", "similar", "merge"])
+def test_help_reads_as_a_person_writes_it(cli, command):
+    """No Python types in the help: flags stand alone, values are named (FILE, N, K, LIST)."""
+    result = cli(*([command] if command else []), "--help")
+    assert result.exit_code == 0
+    for typed in ("<bool>", "<list[", "<str>", "<int range>", "<int>", "<float>", "<float range>", "<path>", "<file>"):
+        assert typed not in result.stdout, (typed, result.stdout)
+
+
+def test_layer_takes_repeats_and_commas(cli, photos, tmp_path):
+    out = tmp_path / "t.h5"
+    result = cli("run", photos, "-o", out, "--model", TINY, "--layer", "-2,-1", "--layer", "0", "-q", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    with h5py.File(out, "r") as f:
+        assert sorted(f["layers"]) == ["-1", "-2", "0"]
+    bad = cli("run", photos, "-o", tmp_path / "u.h5", "--model", TINY, "--layer", "-2,x")
+    assert bad.exit_code == 2 and "'x' is not a block number" in bad.output
