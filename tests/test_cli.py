@@ -387,3 +387,24 @@ def test_layer_takes_repeats_and_commas(cli, photos, tmp_path):
         assert sorted(f["layers"]) == ["-1", "-2", "0"]
     bad = cli("run", photos, "-o", tmp_path / "u.h5", "--model", TINY, "--layer", "-2,x")
     assert bad.exit_code == 2 and "'x' is not a block number" in bad.output
+
+
+def test_what_was_passed_over_or_left_empty_is_counted_with_reasons(cli, photos, tmp_path):
+    """Files skipped by extension are counted by extension; an empty file and a HEIC picture fail
+    with their own reason, not Pillow's bare "cannot identify"; --keep text that is not there is counted."""
+    (photos / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    (photos / "clip.avif").write_bytes(b"\x00" * 8)
+    (photos / "notes.txt").write_text("not a caption")
+    (photos / "empty.jpg").write_bytes(b"")
+    (photos / "renamed.png").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    first = sorted(p.name for p in photos.iterdir() if p.suffix in (".jpg", ".png") and p.stat().st_size > 100)[0]
+    (photos / first).with_suffix(".txt").write_text("a caption")
+    result = cli("run", photos, "-o", tmp_path / "t.h5", "--model", TINY, "--workers", "0", "--keep", "txt", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["passed_over"] == {"avif": 1, "heic": 1}  # the .txt files are --keep sidecars, not passed over
+    reasons = {f["path"]: f["error"] for f in summary["failures"]}
+    assert "the file is empty (0 bytes)" in reasons["empty.jpg"]
+    assert "HEIF/HEIC" in reasons["renamed.png"] and "pillow-heif" in reasons["renamed.png"]
+    assert summary["missing_meta"] == {"txt": summary["rows"] - 1}
+    assert any("passed over by extension (avif 1, heic 1)" in w for w in summary["warnings"])

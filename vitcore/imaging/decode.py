@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
 DRAFT_MARGIN = 2  # draft decode keeps at least 2× the resized size, so the bicubic still antialiases
@@ -40,7 +40,7 @@ def decode_rgb(path, decode: str, wanted) -> tuple[Image.Image, tuple[int, int]]
     ``wanted(width, height)`` is the size the picture will be resized to; with ``decode="draft"``
     a JPEG is decoded at the smallest DCT scale that keeps DRAFT_MARGIN × that size.
     """
-    with _pillow_checks(), Image.open(path) as img:
+    with _pillow_checks(), _open(path) as img:
         if img.format == "TIFF":
             upright = _oriented_tiff(path)
             if upright is not None:
@@ -128,7 +128,7 @@ def read_jpeg(source) -> tuple[np.ndarray, tuple[int, int], int] | None:
     """--decode gpu, in a worker: a JPEG the GPU decoder takes → (its bytes as 1-D uint8, upright
     (width, height), EXIF orientation) from the header alone; None for anything else (it is
     decoded on the CPU)."""
-    with _pillow_checks(), Image.open(source) as img:
+    with _pillow_checks(), _open(source) as img:
         if img.format != "JPEG" or img.mode not in ("RGB", "L"):  # CMYK / YCCK: Pillow converts them
             return None
         width, height, orientation = _upright_size(img)
@@ -147,6 +147,42 @@ def _has_end_marker(data: np.ndarray, tail: int = 4096) -> bool:
     append a little data after it)."""
     end = data[-tail:]
     return bool(np.any((end[:-1] == 0xFF) & (end[1:] == 0xD9)))
+
+
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+AVIF_BRANDS = {b"avif", b"avis"}
+
+
+def _open(source) -> Image.Image:
+    """Image.open, with what Pillow's "cannot identify image file" leaves unsaid: an empty file, or
+    a HEIF/HEIC or AVIF picture that this Pillow has no plugin for."""
+    try:
+        return Image.open(source)
+    except UnidentifiedImageError:
+        reason = _unidentified(source)
+        if reason is None:
+            raise
+        raise UnidentifiedImageError(reason) from None
+
+
+def _unidentified(source) -> str | None:
+    if hasattr(source, "read"):
+        source.seek(0)
+        head = source.read(32)
+    else:
+        with open(source, "rb") as handle:
+            head = handle.read(32)
+    if not head:
+        return "the file is empty (0 bytes)"
+    brand = head[8:12] if head[4:8] == b"ftyp" else b""
+    if brand in HEIF_BRANDS:
+        return ("a HEIF/HEIC picture, which Pillow cannot open without a plugin: convert it to JPEG or PNG "
+                "(pillow-heif reads it)")
+    if brand in AVIF_BRANDS:
+        if features.check("avif"):
+            return "an AVIF picture that Pillow could not read (damaged, or a kind of AVIF its decoder lacks)"
+        return "an AVIF picture, which this Pillow cannot open (Pillow 11.2 or newer reads AVIF): upgrade Pillow or convert it"
+    return None
 
 
 @contextlib.contextmanager

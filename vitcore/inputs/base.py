@@ -4,7 +4,8 @@ of a container or folder that could not be read to its end.
 An input (a loose file, a tar member, a Parquet row; each kind's class is in its own module) has
 a stored key, the root it is relative to, an identity (equal for the same input however it was
 named; resume and merge recognise work already done by it) and open(), which gives its bytes as
-a binary file object. Decoders read from that file object, never from a path.
+a binary file object. Decoders read from that file object, never from a path. ``extras(names)``
+gives the text kept beside it (--keep, --columns): name → text, or None where it has none.
 
 Keys are stored as UTF-8. A name that is not valid UTF-8 is escaped reversibly: each
 undecodable byte becomes ``\\xHH`` and a literal backslash becomes ``\\\\``
@@ -85,6 +86,7 @@ class Discovery:
     containers: set = field(default_factory=set)  # identities of the container files read (tar, Parquet)
     empty: list[str] = field(default_factory=list)  # container files that hold no image, each "PATH holds no …"
     notes: list[str] = field(default_factory=list)  # what was passed over, counted (for the summary)
+    passed_over: dict[str, int] = field(default_factory=dict)  # extension → files in folders not taken (--ext)
 
 
 def escape_key(name: str) -> str:

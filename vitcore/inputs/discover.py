@@ -56,7 +56,8 @@ def discover(
         if os.path.isdir(given):
             root = os.path.abspath(given)
             index = found.root_index(root)
-            files, unreadable = walk(root, found.exts, seen_dirs, lambda name: container_for(name) is not None)
+            files, unreadable = walk(root, found.exts, seen_dirs, lambda name: container_for(name) is not None,
+                                     found.by_extension)
             for rel in files:
                 found.take(index, rel, os.path.join(root, rel), named=False)
             found.unlisted += [Unlisted(escape_key(os.path.join(rel, "") if rel else "./"), index, reason)
@@ -101,6 +102,7 @@ class _Found:
     containers: set[bytes] = field(default_factory=set)
     empty: list[str] = field(default_factory=list)
     passed_over: dict = field(default_factory=dict)  # container kind → keys of its files with no images
+    by_extension: dict[str, int] = field(default_factory=dict)  # files in folders not taken, by extension
 
     def root_index(self, root: str) -> int:
         if root not in self.roots:
@@ -137,8 +139,9 @@ class _Found:
             seen.add(source.identity)
             sources.append(source)
         notes = [kind.passed_over_note(keys) for kind, keys in self.passed_over.items()]
+        by_extension = {ext: n for ext, n in self.by_extension.items() if ext not in self.options.keep}  # sidecars are used
         return Discovery(sources=sources, roots=self.roots, skipped_duplicates=duplicates, unlisted=self.unlisted,
-                         containers=self.containers, empty=self.empty, notes=notes)
+                         containers=self.containers, empty=self.empty, notes=notes, passed_over=by_extension)
 
 
 def expand_braces(given: str) -> list[str]:

@@ -33,7 +33,7 @@ class Source:
 
     def extras(self, names: tuple[str, ...]) -> dict[str, str]:
         """The text of the files beside it that share its name up to the first dot (WebDataset's
-        sample rule: ``000001.jpg`` → ``000001.txt``), for ``--keep`` extensions; "" where none."""
+        sample rule: ``000001.jpg`` → ``000001.txt``), for ``--keep`` extensions; None where there is none."""
         folder, base = os.path.split(self.path)
         stem = base.partition(".")[0]
         out = {}
@@ -42,7 +42,7 @@ class Source:
                 with open_regular(os.path.join(folder, f"{stem}.{name}")) as handle:
                     out[name] = handle.read().decode("utf-8", "replace")
             except OSError:
-                out[name] = ""
+                out[name] = None  # no such file beside it
         return out
 
 
@@ -52,11 +52,11 @@ def read_file_list(handle: BinaryIO) -> list[str]:
     return [os.fsdecode(line.rstrip(b"\r")) for line in lines if line.strip()]
 
 
-def walk(root: str, exts: tuple[str, ...], seen_dirs: set[str],
-         is_container: Callable[[str], bool]) -> tuple[list[str], list[tuple[str, str]]]:
+def walk(root: str, exts: tuple[str, ...], seen_dirs: set[str], is_container: Callable[[str], bool],
+         passed_over: dict[str, int]) -> tuple[list[str], list[tuple[str, str]]]:
     """Relative paths of the files under root with one of ``exts`` or that ``is_container`` takes,
     each real directory visited once; and the folders that could not be listed, with the reason
-    (relative path, one line)."""
+    (relative path, one line). The other files are counted by extension in ``passed_over``."""
     out: list[str] = []
     unreadable: list[tuple[str, str]] = []
     stack = [""]
@@ -86,5 +86,8 @@ def walk(root: str, exts: tuple[str, ...], seen_dirs: set[str],
                 subfolders.append(rel)
             elif ("." in entry.name and entry.name.rpartition(".")[2].lower() in exts) or is_container(entry.name):
                 out.append(rel)
+            else:
+                ext = entry.name.rpartition(".")[2].lower() if "." in entry.name else "(no extension)"
+                passed_over[ext] = passed_over.get(ext, 0) + 1
         stack.extend(reversed(subfolders))
     return out, unreadable

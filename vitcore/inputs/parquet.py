@@ -62,9 +62,9 @@ class ParquetRow:
         for name in names:
             if name in self.columns:
                 value = batch.column(name)[at].as_py()
-                out[name] = "" if value is None else value if isinstance(value, str) else _as_text(value)
+                out[name] = None if value is None else value if isinstance(value, str) else _as_text(value)
             else:
-                out[name] = ""
+                out[name] = None
         return out
 
 

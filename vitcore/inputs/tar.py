@@ -86,7 +86,7 @@ class TarMember:
                 offset, size = found[name]
                 out[name] = _read_range(self.path, offset, size, name).decode("utf-8", "replace")
             else:
-                out[name] = ""
+                out[name] = None  # the sample has no member of that extension
         return out
 
 

@@ -187,4 +187,4 @@ def _meta_columns(batch: Batch) -> dict[str, list[str]]:
     if not batch.meta:
         return {}
     names = next(iter(batch.meta.values())).keys()
-    return {name: [batch.meta[i][name] for i in batch.indices] for name in names}
+    return {name: [batch.meta[i][name] or "" for i in batch.indices] for name in names}  # none kept: ""

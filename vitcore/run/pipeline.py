@@ -75,6 +75,8 @@ class ExtractResult:
     batch_size: int | None = None  # images per batch as run (auto resolved); None when nothing ran
     workers: int | None = None  # decoding worker processes as run
     warnings: list[str] = field(default_factory=list)  # things the user should know (e.g. batch split)
+    missing_meta: dict[str, int] = field(default_factory=dict)  # --keep / --columns name → rows without that text
+    passed_over: dict[str, int] = field(default_factory=dict)  # extension → files in folders not taken (--ext)
 
     def to_dict(self) -> dict:
         record = dataclasses.asdict(self)
@@ -214,7 +216,10 @@ def extract(
         timings=ran.timings,
         batch_size=batch_size,
         workers=workers,
-        warnings=found.notes + notes + (runner.warnings if runner else []) + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype),
+        warnings=found.notes + notes + (runner.warnings if runner else []) + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype)
+        + _counted_notes(ran.missing_meta, found.passed_over),
+        missing_meta=ran.missing_meta,
+        passed_over=found.passed_over,
     )
 
 
@@ -266,6 +271,7 @@ class LoopOutcome:
     complete: bool
     seconds: float
     timings: dict[str, float]
+    missing_meta: dict[str, int]  # --keep / --columns name → rows stored with no such text
 
 
 def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, progress, stop: StopFlag) -> LoopOutcome:
@@ -274,6 +280,7 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
     started = time.perf_counter()
     timings = {"decode_wait": 0.0, "compute": 0.0, "writer_wait": 0.0}
     done = written = 0
+    missing_meta: dict[str, int] = {}
     failures: list[tuple[str, str]] = [(u.key, u.reason) for u in plan.unlisted]
     reporter = _make_reporter(progress, len(sources))
     heap = HeapWatch()
@@ -307,6 +314,7 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
                 del rows  # the writer thread holds the batch now; its buffers go when it is written
                 timings["writer_wait"] += time.perf_counter() - tick
                 written += len(batch.indices)
+                _count_missing(batch, missing_meta)
                 failures += [(sources[f.index].key, f.error) for f in batch.failures]
                 done += len(batch.indices) + len(batch.failures)
                 heap.after_batch()  # memory flat in the number of images
@@ -336,7 +344,28 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
             stop.signal_number,
         )
     return LoopOutcome(written, failures, writer.committed, writer.nonfinite_rows, complete,
-                       time.perf_counter() - started, timings)
+                       time.perf_counter() - started, timings, missing_meta)
+
+
+def _count_missing(batch: Batch, missing: dict[str, int]) -> None:
+    """Add up the rows of a batch whose --keep / --columns text was not there (stored as "")."""
+    for texts in (batch.meta or {}).values():
+        for name, text in texts.items():
+            if text is None:
+                missing[name] = missing.get(name, 0) + 1
+
+
+def _counted_notes(missing_meta: dict[str, int], passed_over: dict[str, int]) -> list[str]:
+    """What was stored empty or passed over, counted, for the summary (--json has the counts too)."""
+    notes = [f"{count} rows have no {name} text (stored as \"\"): no such member, file or value beside them "
+             "(a sample's files share its name up to the first dot, as in WebDataset: 'a.b.jpg' goes with 'a.txt')"
+             for name, count in missing_meta.items()]
+    if passed_over:
+        counts = ", ".join(f"{ext} {n}" for ext, n in sorted(passed_over.items(), key=lambda item: (-item[1], item[0])))
+        files = sum(passed_over.values())
+        notes.append(f"{files} file{'s' * (files != 1)} in the folders passed over by extension ({counts}); "
+                     "--ext takes other extensions")
+    return notes
 
 
 def _nonfinite_note(rows: int, out_dtype: str) -> list[str]:
