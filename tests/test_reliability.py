@@ -399,7 +399,7 @@ def test_a_full_disk_is_a_clear_error_with_committed_rows_kept_and_resumable(tmp
         if real_disk:
             filler.write_bytes(b"\0" * (4 << 20) if where == "inside HDF5" else b"")
         args = ["run", str(folder), "-o", str(out), "--model", options.model, "--dtype", "float32",
-                "--out-dtype", "float32", "--device", "cpu", "--workers", "0", "--batch-size", "4"]
+                "--out-dtype", "float32", "--device", "cpu", "--workers", "0", "--batch-size", "4", "--progress", "none"]
         failed = subprocess.run([sys.executable, "-c", _FULL_DISK_RUN, where if real_disk else "no tmpfs", *args],
                                 capture_output=True, text=True, cwd=PROJECT, timeout=120)
         assert failed.returncode == 1, failed.stderr[-2000:]

@@ -55,11 +55,14 @@ def top_k_cosine(blocks, query: np.ndarray, k: int) -> list[tuple[int, float]]:
 
 
 def query_vector(f: TokenFile, query: str) -> tuple[np.ndarray, str]:
-    """The vector for QUERY: a key already in the file, or an image file encoded as the file was."""
-    if query in f:
+    """The vector for QUERY: a key already in the file, or an image file encoded as the file was
+    (the original of a row too), or the root-qualified key of a row whose original is gone."""
+    if f.stores_key(query):
         vector, kind = f.mean(query).astype(np.float32), "key"
     elif os.path.isfile(query):
         vector, kind = encode_like(f, query), "image"
+    elif query in f:
+        vector, kind = f.mean(query).astype(np.float32), "key"
     else:
         raise UsageError(f"{query!r} is neither a key of {f.path} nor an image file")
     if not np.isfinite(vector).all():

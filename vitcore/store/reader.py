@@ -170,6 +170,10 @@ class StoredTokens:
                                "give the one you mean as ROOT/KEY, or a row number")
         return rows[0]
 
+    def stores_key(self, key: str) -> bool:
+        """Whether ``key`` is a stored key as it is (not its root-qualified form)."""
+        return key in self._key_rows()
+
     def __contains__(self, key: str) -> bool:
         return key in self._key_rows() or bool(self._qualified_rows(key))
 
