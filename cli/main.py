@@ -264,8 +264,15 @@ def info(
     from vitcore.consumers.tokens import open_tokens  # h5py, numpy: not for --help
 
     try:
-        with open_tokens(file, check_shards=False) as tokens:  # info shows broken shards, it does not refuse
-            summary = tokens.describe(max_failures=failures)
+        # info shows broken shards, and a file a run is writing now, as far as it is committed
+        with open_tokens(file, check_shards=False, while_written=True) as tokens:
+            try:
+                summary = tokens.describe(max_failures=failures)
+            except (OSError, KeyError, RuntimeError) as error:
+                if not tokens.being_written:
+                    raise
+                raise VitExtractError(f"{file} is being written by a run and could not be read at this moment "
+                                      f"({one_line(error, 120)}); try again") from None
     except VitExtractError as error:
         raise _fail(error, as_json)
     if as_json:

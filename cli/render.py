@@ -184,7 +184,11 @@ def run_summary(console: Console, result) -> None:
 def info_table(console: Console, s: dict) -> None:
     table = Table(show_header=False, box=None, padding=(0, 2))
     table.add_row("file", escape(s["file"]))
-    table.add_row("rows", f"{s['rows']}" + ("" if s["complete"] else "  [yellow](incomplete: finish with run … --resume)[/]"))
+    if s.get("being_written"):
+        state = "  [yellow](a run is writing it now: the rows committed so far)[/]"
+    else:
+        state = "" if s["complete"] else "  [yellow](incomplete: finish with run … --resume)[/]"
+    table.add_row("rows", f"{s['rows']}{state}")
     shape = s["token_shape"]
     shape_text = f"varying × {shape[-1]} (num_tokens)" if shape[0] == -1 else "×".join(map(str, shape))
     table.add_row("tokens", f"{shape_text} per image, {s['out_dtype']}, pooling {s['pooling']}")

@@ -11,8 +11,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
+import vitcore
 from tests.helpers import SAMPLES, TINY
+from vitcore.errors import VitExtractError
 
 ROOT_ATTRS = {
     "schema_version", "vit_extract_version", "created", "encoder", "weights", "preprocessing", "pooling",
@@ -408,3 +411,33 @@ def test_what_was_passed_over_or_left_empty_is_counted_with_reasons(cli, photos,
     assert "HEIF/HEIC" in reasons["renamed.png"] and "pillow-heif" in reasons["renamed.png"]
     assert summary["missing_meta"] == {"txt": summary["rows"] - 1}
     assert any("passed over by extension (avif 1, heic 1)" in w for w in summary["warnings"])
+
+
+def test_info_reads_a_file_while_a_run_writes_it(tmp_path):
+    """info on a file a run is writing: the rows committed so far, said to be in progress; a plain
+    read (the library's default) is still refused in one line."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(24):
+        Image.fromarray(np.full((64, 64, 3), i * 10, np.uint8)).save(folder / f"{i:02d}.png")
+    out = tmp_path / "live.h5"
+    run = subprocess.Popen([sys.executable, "-m", "vitcore.cli", "run", str(folder), "-o", str(out), "--model", "small",
+                            "--batch-size", "1", "--workers", "0", "--dtype", "float32", "--progress", "none"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = []
+    try:
+        while run.poll() is None and len(seen) < 2:  # two reads of a file with committed rows, mid-run
+            done = subprocess.run([sys.executable, "-m", "vitcore.cli", "info", str(out), "--json"],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                summary = json.loads(done.stdout)
+                if summary["being_written"] and summary["rows"] > 0:
+                    seen.append(summary)
+        assert run.poll() is None, "the run ended before info could watch it"
+        with pytest.raises(VitExtractError, match="a vit-extract run is writing it"):
+            vitcore.open_tokens(out)
+    finally:
+        run.terminate()
+        run.wait(timeout=120)
+    assert all(0 < s["rows"] < 24 and s["complete"] is False for s in seen)
+    assert seen[0]["rows"] <= seen[1]["rows"]

@@ -40,8 +40,8 @@ class TokenFile(StoredTokens):
         return described
 
 
-def open_tokens(path: str | os.PathLike, check_shards: bool = True) -> TokenFile:
-    return TokenFile(path, check_shards=check_shards)
+def open_tokens(path: str | os.PathLike, check_shards: bool = True, while_written: bool = False) -> TokenFile:
+    return TokenFile(path, check_shards=check_shards, while_written=while_written)
 
 
 def rows_of(f: TokenFile, keys) -> list[int]:

@@ -40,11 +40,15 @@ def allow_open_files(files: int, what: str) -> None:
                               f"(ulimit -n; the hard limit is {hard})")
 
 
+class BeingWritten(VitExtractError):
+    """A run holds the file open for writing (HDF5's file lock)."""
+
+
 def open_for_reading(path: str, verb: str) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except BlockingIOError:
-        raise VitExtractError(
+        raise BeingWritten(
             f"cannot {verb} {path}: a vit-extract run is writing it (HDF5 file lock); "
             "try again when that run has finished"
         ) from None
@@ -68,9 +72,19 @@ class StoredTokens:
             x = f["cat.jpg"]          # (T, D) numpy array, or (D,) when pooled
     """
 
-    def __init__(self, path: str | os.PathLike, check_shards: bool = True):
+    def __init__(self, path: str | os.PathLike, check_shards: bool = True, while_written: bool = False):
+        """``while_written``: a file a run is writing now is read anyway, without HDF5's lock: the
+        writer flushes every batch before it advances ``committed``, so the committed rows are whole
+        (``being_written`` says so; a read that meets a flush half-way fails, and can be tried again)."""
         self.path = os.fspath(path)
-        self.h5 = open_for_reading(self.path, "read")
+        self.being_written = False
+        try:
+            self.h5 = open_for_reading(self.path, "read")
+        except BeingWritten:
+            if not while_written:
+                raise
+            self.h5 = h5py.File(self.path, "r", locking=False)
+            self.being_written = True
         missing = [a for a in ("schema_version", "committed", "roots", "encoder") if a not in self.h5.attrs]
         if missing or "tokens" not in self.h5 or "paths" not in self.h5:
             self.h5.close()
@@ -300,6 +314,7 @@ class StoredTokens:
             "file": self.path,
             "rows": len(self),
             "complete": bool(settings.get("complete")),
+            "being_written": self.being_written,
             "token_shape": list(self.token_shape),
             "out_dtype": settings.get("out_dtype"),
             "pooling": settings.get("pooling"),
