@@ -1,6 +1,7 @@
 """extract() end to end through the library: stored rows equal direct encoding, failures, resume."""
 
 import json
+import os
 import time
 
 import h5py
@@ -38,7 +39,7 @@ def test_stored_tokens_equal_encoding_each_image_directly(photos, tmp_path):
             np.testing.assert_allclose(f[key], expected, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(f.mean(key), expected.mean(0), rtol=1e-5, atol=1e-5)
             assert tuple(f.h5["image_size"][f.index(key)]) == size
-            assert f.original_path(key) == bytes(photos / key)
+            assert f.original_path(key) == str(photos / key) and open(f.original_path(key), "rb").read()
 
 
 def test_a_failed_image_has_no_row_and_moves_no_other_row(photos, tmp_path):
@@ -317,3 +318,20 @@ def test_retry_failed_decodes_recorded_failures_again_and_records_only_what_fail
     assert again.written == 0 and again.skipped == 11
     with pytest.raises(UsageError, match="--retry-failed goes with --resume"):
         vitcore.extract([photos], tmp_path / "new.h5", EXACT, retry_failed=True)
+
+
+def test_original_path_is_a_str_that_opens_the_file_whatever_its_name(tmp_path):
+    """A name that is not UTF-8 (Latin-1 é) comes back as the str open() takes (surrogate escapes)."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    raw = os.path.join(os.fsencode(folder), b"caf\xe9.png")
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(os.fsdecode(raw), format="PNG")
+    out = tmp_path / "o.h5"
+    vitcore.extract([folder], out, EXACT)
+    with vitcore.open_tokens(out) as f:
+        path = f.original_path(0)
+        assert isinstance(path, str) and os.fsencode(path) == raw
+        with open(path, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -17,6 +17,9 @@ import time
 from vitcore.errors import VitExtractError
 
 
+LOCK_SUFFIX = ".lock"
+
+
 class OutputLockedError(VitExtractError):
     """Another live process is writing the same output."""
 
@@ -24,7 +27,7 @@ class OutputLockedError(VitExtractError):
 class OutputLock:
     def __init__(self, output: str):
         self.output = output
-        self.path = output + ".lock"
+        self.path = output + LOCK_SUFFIX
         self.fd: int | None = None
 
     def __enter__(self) -> "OutputLock":

@@ -33,6 +33,7 @@ from vitcore.store.schema import (
     ragged_index_names,
     stored_value,
 )
+from vitcore.store.writer import BUILDING_SUFFIX
 
 COPY_BLOCK = 256  # rows per read/write when copying
 
@@ -107,7 +108,7 @@ def merge(output: str, shard_paths: list[str], copy: bool = False, overwrite: bo
     if len(shards) != len(shard_paths):
         raise UsageError("cannot merge: the same shard file is named twice")
     _check_compatible(shards)
-    building = output + ".creating"
+    building = output + BUILDING_SUFFIX
     try:
         with h5py.File(building, "w") as out:
             _write_merged(out, output, shards, copy)

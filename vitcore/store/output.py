@@ -19,10 +19,10 @@ from __future__ import annotations
 import os
 
 from vitcore.errors import OutputExistsError, UsageError
-from vitcore.store.lock import OutputLock
+from vitcore.store.lock import LOCK_SUFFIX, OutputLock
 from vitcore.store.resume import ResumeState, check_resumable
 from vitcore.store.schema import StoreSettings
-from vitcore.store.writer import AsyncWriter, StoreWriter
+from vitcore.store.writer import BUILDING_SUFFIX, AsyncWriter, StoreWriter
 from vitcore.system.workers import worker_deaths_held
 
 
@@ -84,6 +84,23 @@ class Output:
         return writer.writer
 
 
+SIDE_FILES = (LOCK_SUFFIX, BUILDING_SUFFIX)  # written beside an output: its lock, the file while it is made
+
+
+def _check_name_length(path: str, folder: str) -> None:
+    """The output's name, and the names of the files written beside it, fit the file system."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return
+    name = os.fsencode(os.path.basename(path))
+    longest = len(name) + max(len(suffix) for suffix in SIDE_FILES)
+    if longest > limit:
+        raise UsageError(f"the output name {os.path.basename(path)!r} is too long: file names here hold {limit} bytes, "
+                         f"and vit-extract writes {' and '.join(SIDE_FILES)} files beside the output; "
+                         f"shorten it by {longest - limit} bytes")
+
+
 def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = True) -> None:
     """Refuse early (before any model is built) an output that cannot or must not be written."""
     if resume and overwrite:
@@ -91,8 +108,11 @@ def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = Tr
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"the output folder {folder} does not exist")
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise UsageError(f"cannot write to the output folder {folder}: it is on a read-only file system")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write to the output folder {folder} (permission denied)")
+    _check_name_length(path, folder)
     if os.path.isdir(path):
         raise UsageError(f"the output {path} is a folder; give a file name such as {os.path.join(path, 'tokens.h5')}")
     if os.path.exists(path) and not (resume or overwrite):

@@ -243,11 +243,12 @@ class StoredTokens:
             else:
                 yield self.keys[start:stop], data[start:stop]
 
-    def original_path(self, item: int | str) -> bytes:
-        """The image file a row came from (bytes: names need not be UTF-8)."""
+    def original_path(self, item: int | str) -> str:
+        """The path of the input a row came from, as open() takes it (a name that is not UTF-8 keeps
+        its bytes as surrogate escapes, as os.fsdecode gives them; os.fsencode gives the bytes back)."""
         i = self.row_number(item)
         root = self.settings["roots"][int(self.h5["root_index"][i])]
-        return source_path(root, self.keys[i])
+        return os.fsdecode(source_path(root, self.keys[i]))
 
     def open_original(self, item: int | str):
         """The original bytes of a row's input as a binary file object: the image file, the tar

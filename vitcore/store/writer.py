@@ -36,6 +36,8 @@ from vitcore.store.schema import (
 
 SPACE_MARGIN = 4 << 20  # bytes kept free beyond a batch's size, for HDF5 metadata
 
+BUILDING_SUFFIX = ".creating"  # a new output (or a merge) is built under this name, then renamed
+
 
 def free_bytes(folder: str) -> int | None:
     """Bytes the current user may still write under ``folder`` (None: unknown)."""
@@ -93,7 +95,7 @@ class StoreWriter:
         """Write a new, empty output and close it. Built under a temporary name and renamed into
         place, so a run killed at any moment leaves no file (or the old one, with --overwrite) or
         a valid one."""
-        building = path + ".creating"
+        building = path + BUILDING_SUFFIX
         try:
             h5 = _open_h5(building, "w")
         except VitExtractError:
