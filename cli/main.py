@@ -163,7 +163,7 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run into the same file.", rich_help_panel=OUTPUT)] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the images the file records as failed again (those that fail again are recorded again).", rich_help_panel=OUTPUT)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.", rich_help_panel=OUTPUT)] = False,
-    shard: Annotated[Optional[str], typer.Option(metavar="I/N", help="I/N: process only shard I (0..N-1) of the sorted inputs into OUT.shardIIIII-of-NNNNN.h5 (combine with merge). Under torchrun each rank takes its own shard automatically.", show_default=False, rich_help_panel=OUTPUT)] = None,
+    shard: Annotated[Optional[str], typer.Option(metavar="I/N", help="I/N: process only shard I (0..N-1) of the sorted inputs into its own file (-o tokens.h5 --shard 3/8 writes tokens.shard00003-of-00008.h5; combine with merge). Under torchrun each rank takes its own shard automatically.", show_default=False, rich_help_panel=OUTPUT)] = None,
     progress: Annotated[ProgressMode, typer.Option(help="bar: a live bar; lines: a plain line every --progress-every seconds and at the end (for logs); auto: bar on a terminal, lines elsewhere; none.", rich_help_panel=DISPLAY)] = ProgressMode.auto,
     progress_every: Annotated[float, typer.Option(metavar="SECONDS", help="Seconds between progress lines (--progress lines).", min=0.0, rich_help_panel=DISPLAY)] = 30.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary.", rich_help_panel=DISPLAY)] = False,

@@ -455,3 +455,13 @@ def test_info_reads_a_file_while_a_run_writes_it(tmp_path):
         run.wait(timeout=120)
     assert all(0 < s["rows"] < 24 and s["complete"] is False for s in seen)
     assert seen[0]["rows"] <= seen[1]["rows"]
+
+
+def test_the_readme_and_help_name_shard_files_as_the_tool_writes_them(cli):
+    from vitcore.run.shard import shard_path
+
+    written = shard_path("tokens.h5", 3, 8)
+    assert written == "tokens.shard00003-of-00008.h5"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"`{written}`" in readme and "OUT.shard" not in readme
+    assert written in " ".join(cli("run", "--help").stdout.split())
