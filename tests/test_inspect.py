@@ -154,6 +154,14 @@ def test_keys_with_control_characters_are_drawn_escaped_on_one_line(photos, tmp_
     out = tmp_path / "out.h5"
     vitcore.extract([photos], out, OPTS)
     assert printable(odd) == "two\\nlines\\tand\\x1bescape.jpg"
+    # Characters the caption font cannot draw (it would draw boxes) are escaped too, legibly: no
+    # character of a caption draws as the missing-glyph box, and the escapes read back to the name.
+    from vitcore.consumers.visualize import NO_GLYPH, _glyph
+
+    for name in ("東京 photo.jpg", "café.jpg", "Ωmega × 2.png"):
+        shown = printable(name)
+        assert all(_glyph(c) != _glyph(NO_GLYPH) for c in shown), shown
+        assert shown.encode("ascii", "backslashreplace").decode("unicode_escape") == name
     image, chosen = token_sheet(str(out), [odd])
     assert chosen == [odd] and image.width > THUMB
     hits, kind = similar(str(out), odd, k=2)

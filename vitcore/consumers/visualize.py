@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -86,8 +88,28 @@ def _font(size: int = 13):
 
 
 def printable(text: str) -> str:
-    """One line of text for a caption: control characters (a newline in a key, say) as escapes."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    """One line of text for a caption: control characters (a newline in a key, say), and characters
+    the caption font has no glyph for (it would draw a box), as escapes (\\u6771)."""
+    return "".join(c if _drawable(c) else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _drawable(char: str) -> bool:
+    if not char.isprintable():
+        return False
+    if char.isascii():
+        return True
+    return _glyph(char) != _glyph(NO_GLYPH)  # not the missing-glyph box
+
+
+def _glyph(char: str) -> bytes:
+    """The pixels of one character drawn in the caption font."""
+    drawn = Image.new("L", (40, 30))
+    ImageDraw.Draw(drawn).text((5, 5), char, fill=255, font=_font())
+    return drawn.tobytes()
+
+
+NO_GLYPH = "\U0010fffd"  # a private-use character no font draws: its box is the missing-glyph box
 
 
 def _caption(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, width: int) -> None:
