@@ -24,7 +24,7 @@ from typer.core import TyperCommand, TyperGroup
 from . import render
 from vitcore import __version__
 from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, RESIZE_MODES
-from vitcore.errors import OutputExistsError, UsageError, VitExtractError, one_line
+from vitcore.errors import UsageError, VitExtractError, one_line
 from vitcore.options import ExtractOptions, comma_list
 from vitcore.run.shard import parse_shard, shard_path
 
@@ -307,22 +307,15 @@ def init_weights(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
 ) -> None:
     """Write a seeded (untrained) encoder as .safetensors, its architecture in the metadata."""
-    from safetensors import SafetensorError  # safetensors, torch: not for --help
-
-    from vitcore import build_encoder, save_weights
+    from vitcore.encoders.registry import write_untrained_weights  # torch, safetensors: not for --help
+    from vitcore.store.output import check_output
 
     try:
-        if output.exists() and not overwrite:
-            raise OutputExistsError(f"{output} already exists; add --overwrite to replace it")
-        if not output.resolve().parent.is_dir():
-            raise UsageError(f"the output folder {output.resolve().parent} does not exist")
-        encoder, _ = build_encoder(model, seed=seed, project_dim=project_dim)
-        save_weights(encoder, output, untrained_seed=seed)
+        check_output(str(output), resume=False, overwrite=overwrite, can_resume=False)
+        name = write_untrained_weights(model, seed, project_dim, str(output))
     except VitExtractError as error:
         raise _fail(error)
-    except (OSError, SafetensorError) as error:
-        raise _fail(RuntimeError(f"cannot write {output}: {getattr(error, 'strerror', None) or error}"))
-    out.print(f"wrote {output}: {encoder.cfg.name} encoder, seed {seed} (untrained)")
+    out.print(f"wrote {output}: {name} encoder, seed {seed} (untrained)")
 
 
 @app.command(cls=_Command)

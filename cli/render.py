@@ -199,14 +199,11 @@ def info_table(console: Console, s: dict) -> None:
     if s["layers"]:
         table.add_row("layers", ", ".join(f"layers/{k}" for k in s["layers"]))
     table.add_row("encoder", escape(s["summary"]["encoder"]))
-    weights = s["weights"]
-    if weights.get("source") == "untrained":
-        table.add_row("weights", f"[yellow]UNTRAINED[/] (random init, seed {weights.get('seed')})")
-    elif weights.get("source") == "untrained file":
-        table.add_row("weights", f"[yellow]UNTRAINED[/] (random init, seed {weights.get('seed')}, written by init-weights to "
-                                 f"{escape(str(weights.get('path')))}; sha256 {weights.get('sha256')})")
-    else:
-        table.add_row("weights", f"{escape(str(weights.get('path')))} (sha256 {weights.get('sha256')})")
+    from vitcore.store.schema import describe_weights  # h5py: not for --help
+
+    table.add_row("weights", escape(describe_weights(s["weights"])).replace("UNTRAINED", "[yellow]UNTRAINED[/]", 1))
+    if s["weights"].get("sha256"):
+        table.add_row("sha256", s["weights"]["sha256"])
     table.add_row("preprocess", escape(s["summary"]["preprocessing"]))
     table.add_row("compute", f"{s['compute_dtype']} on {s['device']}")
     table.add_row("made", f"{s['created']} by vit-extract {s['vit_extract_version']} (schema {s['schema_version']})")

@@ -209,3 +209,20 @@ def test_a_key_under_two_roots_never_silently_picks_a_row(tmp_path, cli):
     assert cli("show", out, "x.png", "-o", tmp_path / "s.png").exit_code == 2
     shown = cli("show", out, qualified["a"], "-o", tmp_path / "s.png")
     assert shown.exit_code == 0, shown.output
+
+
+def test_a_root_qualified_key_finds_its_row_when_roots_nest(tmp_path, monkeypatch):
+    """run x.png a/ from the folder holding both: roots are that folder and a/ inside it, and both
+    store x.png; each qualified key names its own row."""
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((40, 40, 3), 30, np.uint8)).save(tmp_path / "x.png")
+    Image.fromarray(np.full((40, 40, 3), 220, np.uint8)).save(tmp_path / "a" / "x.png")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "nested.h5"
+    vitcore.extract(["x.png", "a"], out, OPTS)
+    with vitcore.open_tokens(out) as f:
+        assert len(f.roots) == 2 and f.roots[1].startswith(f.roots[0])
+        for path in (tmp_path / "x.png", tmp_path / "a" / "x.png"):
+            row = f.index(str(path))
+            assert f.qualified_key(row) == str(path) and f.original_path(row) == str(path)
+        assert f.index(str(tmp_path / "x.png")) != f.index(str(tmp_path / "a" / "x.png"))

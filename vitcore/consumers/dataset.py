@@ -38,7 +38,7 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: str | os.PathLike, keys=None):
         """``keys``: None (every row, in file order), or keys (str) and row numbers (int) in the order
-        wanted. A key stored under two roots is refused (give its row numbers)."""
+        wanted. A key stored under two roots is refused (give ROOT/KEY or its row number)."""
         self.path = os.path.abspath(os.fspath(path))  # a launcher may change the working directory
         with TokenFile(self.path) as f:  # the index only; each reading process opens its own handle
             self.rows = rows_of(f, keys)  # keys (str) and row numbers (int); None: every row

@@ -15,9 +15,7 @@ from vitcore.errors import UsageError, VitExtractError
 from vitcore.consumers.tokens import TokenFile
 from vitcore.consumers.visualize import as_encoder_saw_it, placeholder, sheet
 from vitcore.encoders import registry
-from vitcore.imaging.loader import collate, describe_error
 from vitcore.inputs.base import open_regular
-from vitcore.inputs.files import Source
 from vitcore.store import weights_identity
 
 
@@ -75,6 +73,8 @@ def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
     through the same batching path as a run (on the CPU, in float32)."""
     import torch  # torch: only when a new image is encoded (`similar` on a key needs none)
 
+    from vitcore.imaging.loader import collate, describe_error
+    from vitcore.inputs.files import Source
     from vitcore.run.batching import BatchRunner, store_settings
 
     settings = f.settings

@@ -4,6 +4,8 @@ one-line summary of its encoder. ``vitcore.open_tokens`` gives this reader; the 
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 import numpy as np
@@ -21,22 +23,28 @@ class TokenFile(StoredTokens):
             rows, cols = f.token_grid("cat.jpg")
     """
 
+    @functools.cached_property
+    def _made_by(self):
+        """(the family that made the file, its encoder record, its preprocessing record): read once."""
+        encoder = json.loads(self.h5.attrs["encoder"])
+        return registry.for_record(encoder), encoder, json.loads(self.h5.attrs["preprocessing"])
+
     def token_grid(self, item: int | str) -> tuple[int, int]:
         """(rows, cols) of the grid a row's tokens lie on, in raster order."""
         i = self.row_number(item)
-        encoder = self.settings["encoder"]
+        family, encoder, _ = self._made_by
         grid_thw = tuple(int(v) for v in self.h5["grid_thw"][i]) if "grid_thw" in self.h5 else None
-        return registry.for_record(encoder).token_grid(encoder, grid_thw)
+        return family.token_grid(encoder, grid_thw)
 
     def as_seen(self, picture):
         """An original picture (upright RGB, Pillow) framed as this file's encoder saw it."""
-        return registry.for_record(self.settings["encoder"]).framed(picture, self.settings["preprocessing"])
+        family, _, preprocessing = self._made_by
+        return family.framed(picture, preprocessing)
 
     def describe(self, max_failures: int | None = None) -> dict:
         """What `vit-extract info` shows: a JSON-ready summary of the file."""
         described = super().describe(max_failures)
-        settings = self.settings
-        described["summary"] = registry.for_record(settings["encoder"]).describe(settings)
+        described["summary"] = self._made_by[0].describe(described)  # the family reads encoder and preprocessing
         return described
 
 

@@ -161,6 +161,7 @@ def token_sheet(
         token_sets = [f.tokens(i) for i in rows]
         grids = [f.token_grid(i) for i in rows]
         maps = pca_maps(token_sets, grids, joint=joint)
+        chosen = [f.shown_key(i) for i in rows]
         cells = []
         for i, tokens, grid, colours in zip(rows, token_sets, grids, maps):
             picture = as_encoder_saw_it(lambda: f.open_original(i), f.as_seen)  # noqa: B023 (called at once)
@@ -172,8 +173,7 @@ def token_sheet(
                 token_map = Image.fromarray(colours).resize(shown.size, Image.Resampling.NEAREST)
                 picture = shown
             shape = "x".join(str(n) for n in tokens.shape)  # "x": the default font has no "×"
-            cells.append(([picture, token_map], f"{f.shown_key(i)}  ({shape}, grid {grid[0]}x{grid[1]})"))
-        chosen = [f.shown_key(i) for i in rows]
+            cells.append(([picture, token_map], f"{chosen[len(cells)]}  ({shape}, grid {grid[0]}x{grid[1]})"))
     return sheet(cells, columns), chosen
 
 

@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-from vitcore.store.schema import ArraySpec
+from vitcore.store.schema import ArraySpec, describe_weights, weights_identity
 
 
 @dataclass
@@ -89,14 +89,10 @@ class WeightsInfo:
 
     def identity(self) -> str:
         """What must match for --resume: the seed, or the file's content (not its path)."""
-        return f"untrained seed {self.seed}" if self.source == "untrained" else f"sha256 {self.sha256}"
+        return weights_identity(self.to_json())
 
     def describe(self) -> str:
-        if self.source == "untrained file":
-            return f"UNTRAINED (random init, seed {self.seed}, written by init-weights to {self.path})"
-        if self.untrained:
-            return f"UNTRAINED (random init, seed {self.seed})"
-        return f"{self.path} (sha256 {self.sha256[:12]}…)"
+        return describe_weights(self.to_json())
 
 
 @dataclass

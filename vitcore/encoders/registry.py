@@ -63,6 +63,12 @@ def for_record(encoder: dict | str):
     return get(record.get("family", DEFAULT_FAMILY))
 
 
+def write_untrained_weights(model, seed: int, project_dim: int | None, path: str) -> str:
+    """`vit-extract init-weights`: the default family's seeded encoder written as a weights file that
+    says it is untrained; the name of what was written."""
+    return FAMILIES[0].write_untrained(model, seed, project_dim, path)
+
+
 def preset_table() -> list[dict]:
     """The default family's presets, one dict each, for `vit-extract models`."""
     return FAMILIES[0].presets()

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
 DRAFT_MARGIN = 2  # draft decode keeps at least 2× the resized size, so the bicubic still antialiases
 EXIF_ORIENTATION = 0x0112
-HIGH_BIT_DEPTH = ("16-bit as the file declares it (I;16, 16-bit PNG, PGM/PPM by maxval, TIFF by BitsPerSample) /257, "
-                  "a 16-bit tRNS colour as transparent; other I and F by value range (see README)")
 JPEG_CODED = ("JPEG", "MPO")  # formats Pillow decodes with libjpeg, so draft() can scale them (MPO: phone cameras)
 
 
@@ -174,14 +173,16 @@ def _unidentified(source) -> str | None:
             head = handle.read(32)
     if not head:
         return "the file is empty (0 bytes)"
-    brand = head[8:12] if head[4:8] == b"ftyp" else b""
-    if brand in HEIF_BRANDS:
-        return ("a HEIF/HEIC picture, which Pillow cannot open without a plugin: convert it to JPEG or PNG "
-                "(pillow-heif reads it)")
-    if brand in AVIF_BRANDS:
+    if head[4:8] != b"ftyp":
+        return None
+    brands = {head[i:i + 4] for i in range(8, len(head) - 3, 4)}  # the major brand, then the compatible ones
+    if brands & AVIF_BRANDS:  # before HEIF: an AVIF names mif1 too
         if features.check("avif"):
             return "an AVIF picture that Pillow could not read (damaged, or a kind of AVIF its decoder lacks)"
         return "an AVIF picture, which this Pillow cannot open (Pillow 11.2 or newer reads AVIF): upgrade Pillow or convert it"
+    if brands & HEIF_BRANDS:
+        return ("a HEIF/HEIC picture, which Pillow cannot open without a plugin: convert it to JPEG or PNG "
+                "(pillow-heif reads it)")
     return None
 
 

@@ -139,7 +139,8 @@ def make_loader(sources: list, image_loader, batch_size: int, workers: int, pin_
     """A sequential loader; worker processes start when it is first iterated.
 
     Workers are forked (fast start) and must be started before the output HDF5 file is opened
-    for writing, so no worker ever inherits a writable handle (store/output.py starts them).
+    for writing, so no worker ever inherits a writable handle (run/pipeline.py starts them, then
+    Output.open_writer opens the file).
     """
     context = multiprocessing.get_context("fork") if workers > 0 and os.name == "posix" else None
     return DataLoader(

@@ -101,7 +101,7 @@ class _Found:
     unlisted: list[Unlisted] = field(default_factory=list)
     containers: set[bytes] = field(default_factory=set)
     empty: list[str] = field(default_factory=list)
-    passed_over: dict = field(default_factory=dict)  # container kind → keys of its files with no images
+    passed_over_by_kind: dict = field(default_factory=dict)  # container kind → keys of its files with no images
     by_extension: dict[str, int] = field(default_factory=dict)  # files in folders not taken, by extension
 
     def root_index(self, root: str) -> int:
@@ -121,7 +121,7 @@ class _Found:
         except PassedOver:
             if named:
                 raise
-            self.passed_over.setdefault(kind, []).append(key)
+            self.passed_over_by_kind.setdefault(kind, []).append(key)
             return
         self.items.extend((index, os.fsencode(key), place, source) for place, source in enumerate(inside))
         if problem is not None:
@@ -138,7 +138,7 @@ class _Found:
                 continue
             seen.add(source.identity)
             sources.append(source)
-        notes = [kind.passed_over_note(keys) for kind, keys in self.passed_over.items()]
+        notes = [kind.passed_over_note(keys) for kind, keys in self.passed_over_by_kind.items()]
         by_extension = {ext: n for ext, n in self.by_extension.items() if ext not in self.options.keep}  # sidecars are used
         return Discovery(sources=sources, roots=self.roots, skipped_duplicates=duplicates, unlisted=self.unlisted,
                          containers=self.containers, empty=self.empty, notes=notes, passed_over=by_extension)

@@ -31,7 +31,7 @@ class Source:
         """Equal to identity_of(its root, its key): the normalised absolute path."""
         return path_identity(self.path)
 
-    def extras(self, names: tuple[str, ...]) -> dict[str, str]:
+    def extras(self, names: tuple[str, ...]) -> dict[str, str | None]:
         """The text of the files beside it that share its name up to the first dot (WebDataset's
         sample rule: ``000001.jpg`` → ``000001.txt``), for ``--keep`` extensions; None where there is none."""
         folder, base = os.path.split(self.path)

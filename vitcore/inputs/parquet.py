@@ -56,7 +56,7 @@ class ParquetRow:
     def identity(self) -> bytes:
         return path_identity(self.path, f"row={self.row}")
 
-    def extras(self, names: tuple[str, ...]) -> dict[str, str]:
+    def extras(self, names: tuple[str, ...]) -> dict[str, str | None]:
         batch, at = _rows_at(self.path, self.row_group, (self.column, *self.columns), self.index_in_group)
         out = {}
         for name in names:

@@ -78,7 +78,7 @@ class TarMember:
     def identity(self) -> bytes:
         return path_identity(self.path, member_key(self.member))
 
-    def extras(self, names: tuple[str, ...]) -> dict[str, str]:
+    def extras(self, names: tuple[str, ...]) -> dict[str, str | None]:
         found = {ext: (offset, size) for ext, offset, size in self.sidecars}
         out = {}
         for name in names:
@@ -114,9 +114,10 @@ def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options):
     same path, ``./a.jpg`` and ``a.jpg``) is one member, the later one."""
     where = escape_key(os.path.join(key, ""))
     keep = options.keep
+    compression = _compression(path)
+    if compression:  # by its name: nothing is read from it
+        return [], Unlisted(where, root_index, str(CompressedTar(compression)))
     try:
-        if _compression(path):
-            raise CompressedTar(_compression(path))
         members, problem = tar_members(path)
     except CompressedTar as err:
         return [], Unlisted(where, root_index, str(err))

@@ -13,6 +13,7 @@ import dataclasses
 import os
 
 from vitcore.errors import VitExtractError
+from vitcore.run.notes import counted_notes
 from vitcore.run.shard import shard_path
 from vitcore.store import check_output, devices_joined
 from vitcore.store.merge import merge
@@ -98,6 +99,11 @@ def _launch_failure(failed: list[tuple[int, str, int]], world: int, output: str)
 def _combined(results: list, merged):
     """One ExtractResult for the launch: the ranks' counts added up, the merged file as output."""
     first = results[0]
+    missing: dict[str, int] = {}
+    for r in results:
+        for name, count in r.missing_meta.items():
+            missing[name] = missing.get(name, 0) + count
+    per_rank = {note for r in results for note in counted_notes(r.missing_meta, {})}
     seconds = max(r.seconds for r in results)
     written = sum(r.written for r in results)
     return dataclasses.replace(
@@ -112,5 +118,8 @@ def _combined(results: list, merged):
         images_per_second=written / seconds if seconds > 0 else 0.0,
         device=devices_joined(*(r.device for r in results)),
         timings={},
-        warnings=list(dict.fromkeys(w for r in results for w in r.warnings)),
+        # The ranks' own counts are one note each; the launch's is their sum, said once.
+        warnings=[w for w in dict.fromkeys(w for r in results for w in r.warnings) if w not in per_rank]
+        + counted_notes(missing, {}),
+        missing_meta=missing,
     )

@@ -36,6 +36,7 @@ from vitcore.errors import Interrupted, VitExtractError, one_line
 from vitcore.imaging.loader import Batch, default_workers, make_loader
 from vitcore.options import ComputeOptions, ExtractOptions
 from vitcore.run.checks import CheckedRun, check_run
+from vitcore.run.notes import counted_notes
 from vitcore.inputs.base import Discovery
 from vitcore.store import Output, Rows
 from vitcore.system.workers import init_worker, shut_down, worker_deaths_held
@@ -217,7 +218,7 @@ def extract(
         batch_size=batch_size,
         workers=workers,
         warnings=found.notes + notes + (runner.warnings if runner else []) + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype)
-        + _counted_notes(ran.missing_meta, found.passed_over),
+        + counted_notes(ran.missing_meta, found.passed_over),
         missing_meta=ran.missing_meta,
         passed_over=found.passed_over,
     )
@@ -353,19 +354,6 @@ def _count_missing(batch: Batch, missing: dict[str, int]) -> None:
         for name, text in texts.items():
             if text is None:
                 missing[name] = missing.get(name, 0) + 1
-
-
-def _counted_notes(missing_meta: dict[str, int], passed_over: dict[str, int]) -> list[str]:
-    """What was stored empty or passed over, counted, for the summary (--json has the counts too)."""
-    notes = [f"{count} rows have no {name} text (stored as \"\"): no such member, file or value beside them "
-             "(a sample's files share its name up to the first dot, as in WebDataset: 'a.b.jpg' goes with 'a.txt')"
-             for name, count in missing_meta.items()]
-    if passed_over:
-        counts = ", ".join(f"{ext} {n}" for ext, n in sorted(passed_over.items(), key=lambda item: (-item[1], item[0])))
-        files = sum(passed_over.values())
-        notes.append(f"{files} file{'s' * (files != 1)} in the folders passed over by extension ({counts}); "
-                     "--ext takes other extensions")
-    return notes
 
 
 def _nonfinite_note(rows: int, out_dtype: str) -> list[str]:

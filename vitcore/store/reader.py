@@ -92,6 +92,7 @@ class StoredTokens:
                 f"{self.path} is not a vit-extract output file (missing {', '.join(missing) or 'datasets'})"
             )
         self._keys: list[str] | None = None
+        self._roots: list[str] | None = None
         self._index: dict[str, int] | None = None
         if check_shards and self.h5.attrs.get("merged") == "virtual":
             shards = json.loads(self.h5.attrs["shards"])
@@ -156,18 +157,24 @@ class StoredTokens:
         return rows
 
     def _qualified_rows(self, name: str) -> list[int]:
-        roots = self.settings["roots"]
-        for i, root in enumerate(roots):
+        rows = []
+        for i, root in enumerate(self.roots):  # roots may nest (/data and /data/a): each is tried
             prefix = os.path.join(root, "")
             if name.startswith(prefix):
-                rows = self._key_rows().get(name[len(prefix):], [])
-                return [r for r in rows if int(self.h5["root_index"][r]) == i]
-        return []
+                rows += [r for r in self._key_rows().get(name[len(prefix):], []) if int(self.h5["root_index"][r]) == i]
+        return rows
+
+    @property
+    def roots(self) -> list[str]:
+        """The recorded roots (absolute); a key is relative to roots[root_index[row]]."""
+        if self._roots is None:
+            self._roots = json.loads(self.h5.attrs["roots"])
+        return self._roots
 
     def qualified_key(self, row: int) -> str:
         """A row's root joined with its key: the form that names it alone when its key is stored twice."""
         i = self.row_number(row)
-        return os.path.join(self.settings["roots"][int(self.h5["root_index"][i])], self.keys[i])
+        return os.path.join(self.roots[int(self.h5["root_index"][i])], self.keys[i])
 
     def shown_key(self, row: int) -> str:
         """A row's key as a person should see it: qualified by its root when the key names several rows."""
@@ -247,8 +254,7 @@ class StoredTokens:
         """The path of the input a row came from, as open() takes it (a name that is not UTF-8 keeps
         its bytes as surrogate escapes, as os.fsdecode gives them; os.fsencode gives the bytes back)."""
         i = self.row_number(item)
-        root = self.settings["roots"][int(self.h5["root_index"][i])]
-        return os.fsdecode(source_path(root, self.keys[i]))
+        return os.fsdecode(source_path(self.roots[int(self.h5["root_index"][i])], self.keys[i]))
 
     def open_original(self, item: int | str):
         """The original bytes of a row's input as a binary file object: the image file, the tar

@@ -13,7 +13,7 @@ from vitcore.store.schema import REQUIRED, SCHEMA_VERSION, StoreSettings, compar
 
 @dataclass
 class ResumeState:
-    done: set[bytes]  # inputs (sources.identity_of) of the committed rows
+    done: set[bytes]  # inputs (inputs.base.identity_of) of the committed rows
     failed: list[bytes]  # inputs of the recorded failures, in the table's order
     roots: list[str]
     committed: int

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from vitcore.imaging.decode import HIGH_BIT_DEPTH
+from vitcore.imaging import HIGH_BIT_DEPTH
 
 SCHEMA_VERSION = 1
 STRING = h5py.string_dtype("utf-8")
@@ -140,11 +140,23 @@ def _preprocessing_key(text: str) -> str:
 
 
 def weights_identity(text_or_record) -> str:
-    """What must match for --resume: the seed, or the content of the weights (not their path)."""
+    """What must match for --resume: the seed, or the content of the weights (not their path; a file
+    init-weights wrote, source "untrained file", is a file like any other here)."""
     record = json.loads(text_or_record) if isinstance(text_or_record, str) else text_or_record
     if record.get("source") == "untrained":
         return f"untrained seed {record.get('seed')}"
     return f"sha256 {record.get('sha256')}"
+
+
+def describe_weights(text_or_record) -> str:
+    """The ``weights`` record in words, for the summary and `info`."""
+    record = json.loads(text_or_record) if isinstance(text_or_record, str) else text_or_record
+    source, seed, path = record.get("source"), record.get("seed"), record.get("path")
+    if source == "untrained":
+        return f"UNTRAINED (random init, seed {seed})"
+    if source == "untrained file":
+        return f"UNTRAINED (random init, seed {seed}, written by init-weights to {path})"
+    return f"{path} (sha256 {str(record.get('sha256'))[:12]}…)"
 
 
 ATTRIBUTES = (

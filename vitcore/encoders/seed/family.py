@@ -114,6 +114,19 @@ class SeedFamily:
     def deepstack_levels(self, encoder: dict) -> int:
         return 0
 
+    def write_untrained(self, model, seed: int, project_dim: int | None, path: str) -> str:
+        """A seeded encoder as .safetensors, marked as a random initialisation; its config's name."""
+        from safetensors import SafetensorError  # torch, safetensors: only when weights are written
+
+        from vitcore.encoders.seed.weights import build_encoder, save_weights
+
+        encoder, _ = build_encoder(model, seed=seed, project_dim=project_dim)
+        try:
+            save_weights(encoder, path, untrained_seed=seed)
+        except (OSError, SafetensorError) as error:
+            raise VitExtractError(f"cannot write {path}: {getattr(error, 'strerror', None) or error}") from None
+        return encoder.cfg.name
+
     def presets(self) -> list[dict]:
         """Each preset's shape, parameters and tokens per image (`vit-extract models`)."""
         return [

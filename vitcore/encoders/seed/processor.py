@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from vitcore.imaging.decode import BACKGROUND, DRAFT_MARGIN, HIGH_BIT_DEPTH, JpegFile, decode_rgb, read_jpeg
+from vitcore.imaging import HIGH_BIT_DEPTH
+from vitcore.imaging.decode import BACKGROUND, DRAFT_MARGIN, JpegFile, decode_rgb, read_jpeg
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,6 +6,7 @@ A weights file carries its architecture in the safetensors metadata (key
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -70,9 +71,19 @@ def save_weights(model: VisionEncoder, path: str | os.PathLike, *, untrained_see
 
 
 def _metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A weights file's metadata (read once per file version: a run asks for its config and its marks)."""
     try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            return handle.metadata() or {}
+        stat = os.stat(path)
+    except OSError as err:
+        raise WeightsError(f"cannot read weights file {path}: {err}") from None
+    return dict(_metadata_of(os.fspath(path), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _metadata_of(path: str, size: int, mtime: int) -> tuple:
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return tuple((handle.metadata() or {}).items())
     except (SafetensorError, OSError) as err:
         raise WeightsError(f"cannot read weights file {path}: {err}") from None
 
