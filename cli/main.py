@@ -93,6 +93,10 @@ Dtype = _choice_enum("Dtype", DTYPE_CHOICES)
 OutDtype = _choice_enum("OutDtype", OUT_DTYPES)
 ProgressMode = _choice_enum("ProgressMode", render.PROGRESS_MODES)
 
+# An existing output of `run`, as info and similar take it.
+RunOutput = Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run.", exists=True,
+                                           dir_okay=False)]
+
 # run's help panels
 ENCODER, INPUTS, COMPUTE, OUTPUT, DISPLAY = "Encoder", "Inputs", "Compute", "Output", "Display"
 
@@ -256,7 +260,7 @@ def _run_here(inputs: list[str], output: Path, options, shard: str | None, shown
 
 @app.command(cls=_Command)
 def info(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run.", exists=True, dir_okay=False)],
+    file: RunOutput,
     as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON on stdout.")] = False,
     failures: Annotated[int, typer.Option(metavar="N", help="How many failed images to list.", min=0)] = 20,
 ) -> None:
@@ -340,7 +344,7 @@ def show(
 
 @app.command(cls=_Command)
 def similar(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run.", exists=True, dir_okay=False)],
+    file: RunOutput,
     query: Annotated[str, typer.Argument(metavar="QUERY", help="A key in the file, or an image file (encoded with the file's settings).")],
     k: Annotated[int, typer.Option("-k", metavar="K", help="How many neighbours.", min=1)] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON on stdout.")] = False,
