@@ -421,3 +421,34 @@ def test_parquet_rows_are_read_a_few_at_a_time_and_a_bad_stretch_fails_only_its_
     assert sorted(failed, key=int) == ["2", "3", "4", "5"]
     assert all("row group could not be decoded" in reason and "thrift" in reason for reason in failed.values())
     assert result.rows == 8 and set(sizes) == {2}  # never more than 2 rows decoded at a time
+
+
+@pytest.mark.parametrize("layout", ["datasets Sequence(Image())", "list of binary"])
+def test_a_row_with_a_list_of_images_gives_one_row_per_image(tmp_path, layout, monkeypatch):
+    """VLM data keeps several images per row (list<struct<bytes, path>>, or list<binary>): one row per
+    image, keyed row=N/image=K, with the row's --columns text, tokens equal to the same images loose."""
+    pictures = _pictures(6, seed=3)
+    per_row = [[0, 1], [], [2], [3, 4, 5]]  # picture indices in each row's list; row 1 has none
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i, (ext, data) in enumerate(pictures):
+        (loose / f"{i}.{ext}").write_bytes(data)
+    if layout == "list of binary":
+        images = pa.array([[pictures[i][1] for i in row] for row in per_row], type=pa.list_(pa.binary()))
+    else:
+        kind = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        images = pa.array([[{"bytes": pictures[i][1], "path": f"{i}.{pictures[i][0]}"} for i in row] for row in per_row],
+                          type=kind)
+    table = pa.table({"caption": [f"row {r}" for r in range(len(per_row))], "images": images})
+    pq.write_table(table, tmp_path / "vlm.parquet", row_group_size=2)
+    out = tmp_path / "vlm.h5"
+    monkeypatch.chdir(tmp_path)
+    vitcore.extract(["vlm.parquet"], out, EXACT, columns="caption")
+    reference = _rows_of_run(tmp_path, [loose], "loose.h5")
+    expected = [(r, k, i) for r, row in enumerate(per_row) for k, i in enumerate(row)]
+    with vitcore.open_tokens(out) as f:
+        assert f.keys == [f"vlm.parquet/row={r}/image={k}" for r, k, _ in expected]
+        assert f.meta("caption") == [f"row {r}" for r, _, _ in expected]
+        for key, (_, _, i) in zip(f.keys, expected):
+            np.testing.assert_array_equal(f[key], reference[f"{i}.{pictures[i][0]}"])
+            assert f.source_bytes(key) == pictures[i][1]  # read back by its key

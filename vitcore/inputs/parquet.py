@@ -3,11 +3,15 @@ its row groups; a worker reads the row group holding its row forward, a few rows
 batch's rows are neighbours), so batches, --shard, torchrun ranks and --resume work row by row.
 
 Keys: the file's key as a loose file's would be, then ``/row=N`` (0-based, over the whole file):
-``train-0003.parquet/row=4711``. ``--columns caption,url`` stores those columns as UTF-8 text.
+``train-0003.parquet/row=4711``. A column holding a list of images per row (the datasets layout
+``Sequence(Image())``: ``list<struct<bytes, path>>``, or ``list<binary>``) gives one input per image,
+``row=N/image=K`` (K 0-based in the row's list). ``--columns caption,url`` stores those columns as
+UTF-8 text (each image of a row gets the row's text).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -35,26 +39,35 @@ class ParquetRow:
     root_index: int
     row_group: int
     index_in_group: int
-    column: str  # the image column: a struct with "bytes" (Hugging Face datasets' Image) or binary
+    column: str  # the image column: a struct with "bytes" (Hugging Face datasets' Image) or binary, or a list of them
     columns: tuple[str, ...] = ()  # the columns kept as meta
+    image: int | None = None  # a list column: this image's place in the row's list
+
+    @property
+    def inner(self) -> str:
+        """Its name inside the file: ``row=N``, or ``row=N/image=K``."""
+        return f"row={self.row}" if self.image is None else f"row={self.row}/image={self.image}"
 
     def open(self) -> BinaryIO:
         batch, at = _rows_at(self.path, self.row_group, (self.column, *self.columns), self.index_in_group)
         value = batch.column(self.column)[at].as_py()
+        if self.image is not None:
+            value = value[self.image] if value is not None and self.image < len(value) else None
+        where = "this row" if self.image is None else f"image {self.image} of this row"
         if isinstance(value, dict):  # datasets' Image: {"bytes": …, "path": …}
             data, named = value.get("bytes"), value.get("path")
             if data is None:
                 hint = f" (it names a file, {named!r}, instead)" if named else ""
-                raise ValueError(f"this row holds no image bytes{hint}")
+                raise ValueError(f"{where} holds no image bytes{hint}")
         else:
             data = value
             if data is None:
-                raise ValueError("this row's image column is null")
-        return NamedBytes(data, f"row={self.row}")
+                raise ValueError(f"{where} is null in the image column")
+        return NamedBytes(data, self.inner)
 
     @property
     def identity(self) -> bytes:
-        return path_identity(self.path, f"row={self.row}")
+        return path_identity(self.path, self.inner)
 
     def extras(self, names: tuple[str, ...]) -> dict[str, str | None]:
         batch, at = _rows_at(self.path, self.row_group, (self.column, *self.columns), self.index_in_group)
@@ -150,14 +163,44 @@ def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options: C
         column, group_rows = parquet_layout(path, options)
     except ParquetUnreadable as err:
         return [], Unlisted(escape_key(os.path.join(key, "")), root_index, str(err))
+    try:
+        images = _images_per_row(path, column, group_rows)  # None: one image per row
+    except ParquetUnreadable as err:
+        return [], Unlisted(escape_key(os.path.join(key, "")), root_index, str(err))
     sources, row = [], 0
     for group, count in enumerate(group_rows):
         for i in range(count):
-            sources.append(ParquetRow(path=path, row=row, key=escape_key(os.path.join(key, f"row={row}")),
-                                      root_index=root_index, row_group=group, index_in_group=i, column=column,
-                                      columns=options.columns))
+            for k in range(images[row]) if images is not None else (None,):
+                item = ParquetRow(path=path, row=row, key="", root_index=root_index, row_group=group,
+                                  index_in_group=i, column=column, columns=options.columns, image=k)
+                sources.append(dataclasses.replace(item, key=escape_key(os.path.join(key, item.inner))))
             row += 1
     return sources, None
+
+
+def _images_per_row(path: str, column: str, group_rows: list[int]) -> list[int] | None:
+    """How many images each row's list holds, for a list column (None for one image per row). Read
+    from the smallest part of the column: the images' paths where the list holds datasets' Image
+    structs (a few bytes a row), else the list itself, one row group at a time."""
+    import pyarrow as pa  # pyarrow: only where a Parquet file is read
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        with open_regular(path) as handle:
+            reader = pq.ParquetFile(handle)
+            kind = reader.schema_arrow.field(column).type
+            if not _is_list(kind):
+                return None
+            paths = [reader.schema.column(i).path for i in range(len(reader.schema))]  # leaves: images.list.element.path
+            leaf = [name for name in paths if name.startswith(f"{column}.") and name.endswith(".path")]
+            counts = []
+            for group in range(len(group_rows)):
+                lists = reader.read_row_group(group, columns=leaf[:1] or [column]).column(0)
+                counts += pc.fill_null(pc.list_value_length(lists), 0).to_pylist()
+    except (OSError, pa.ArrowException) as err:
+        raise ParquetUnreadable(f"{type(err).__name__}: its image lists could not be read ({_one_line(err)})") from None
+    return counts
 
 
 class ParquetUnreadable(OSError):
@@ -188,28 +231,38 @@ def parquet_layout(path: str, options: ContainerOptions) -> tuple[str, list[int]
                          f"(columns: {', '.join(schema.names)})")
     if not _holds_bytes(schema.field(column).type):
         raise UsageError(f"{path}: column {column!r} is {schema.field(column).type}, not image bytes "
-                         "(binary, or a struct with a 'bytes' field as Hugging Face datasets write)")
+                         "(binary, a struct with a 'bytes' field as Hugging Face datasets write, or a list of those)")
     return column, [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
 
 
-def _holds_bytes(kind) -> bool:
+def _holds_bytes(kind, lists: bool = True) -> bool:
+    """Binary, a struct with binary "bytes" (datasets' Image), or (``lists``) a list of either."""
     import pyarrow as pa  # pyarrow: only where a Parquet file is read
 
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         return True
     if pa.types.is_struct(kind):
         index = kind.get_field_index("bytes")
-        return index >= 0 and _holds_bytes(kind.field(index).type)
-    return False
+        return index >= 0 and _holds_bytes(kind.field(index).type, lists=False)
+    return lists and _is_list(kind) and _holds_bytes(kind.value_type, lists=False)
+
+
+def _is_list(kind) -> bool:
+    import pyarrow as pa  # pyarrow: only where a Parquet file is read
+
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
 
 
 def _image_column(schema) -> str | None:
-    """The first column holding image bytes: datasets' Image struct first, then plain binary."""
+    """The first column holding image bytes: datasets' Image struct first, then plain binary, then
+    a list of images per row."""
     import pyarrow as pa  # pyarrow: only where a Parquet file is read
 
-    structs = [f.name for f in schema if pa.types.is_struct(f.type) and _holds_bytes(f.type)]
-    plain = [f.name for f in schema if _holds_bytes(f.type) and not pa.types.is_struct(f.type)]
-    return (structs or plain or [None])[0]
+    held = [f for f in schema if _holds_bytes(f.type)]
+    structs = [f.name for f in held if pa.types.is_struct(f.type)]
+    plain = [f.name for f in held if not pa.types.is_struct(f.type) and not _is_list(f.type)]
+    lists = [f.name for f in held if _is_list(f.type)]
+    return (structs or plain or lists or [None])[0]
 
 
 def _one_line(err: BaseException) -> str:
@@ -217,15 +270,17 @@ def _one_line(err: BaseException) -> str:
 
 
 def open_inside(container: str, inner: str, options: ContainerOptions) -> BinaryIO:
-    """The bytes of row ``inner`` (``row=N``) of a Parquet file; only its row group is read."""
-    match = re.fullmatch(r"row=(\d+)", inner)
+    """The bytes of ``inner`` (``row=N``, or ``row=N/image=K`` in a list column) of a Parquet file;
+    only its row group is read."""
+    match = re.fullmatch(r"row=(\d+)(?:/image=(\d+))?", inner)
     if match is None:
         raise FileNotFoundError(f"{inner!r} names no row of {container}")
     column, group_rows = parquet_layout(container, options)
     row = wanted = int(match.group(1))
+    image = int(match.group(2)) if match.group(2) is not None else None
     for group, count in enumerate(group_rows):  # the row group holding it: no other row is looked at
         if row < count:
             return ParquetRow(path=container, row=wanted, key=inner, root_index=0, row_group=group,
-                              index_in_group=row, column=column).open()
+                              index_in_group=row, column=column, image=image).open()
         row -= count
     raise FileNotFoundError(f"{container} has no row {wanted}")
