@@ -465,3 +465,18 @@ def test_the_readme_and_help_name_shard_files_as_the_tool_writes_them(cli):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert f"`{written}`" in readme and "OUT.shard" not in readme
     assert written in " ".join(cli("run", "--help").stdout.split())
+
+
+def test_list_options_take_commas_or_repeats(cli, photos, tmp_path):
+    """--ext, --keep (and --columns, --features, --layer) take a comma list, or the option repeated."""
+    (photos / "first.jpg").with_suffix(".txt").write_text("a caption")
+    (photos / "first.jpg").with_suffix(".json").write_text("{}")
+    outs = {}
+    for name, args in (("commas", ["--ext", "jpg,png", "--keep", "txt,json"]),
+                       ("repeats", ["--ext", "jpg", "--ext", "png", "--keep", "txt", "--keep", "json"])):
+        outs[name] = tmp_path / f"{name}.h5"
+        done = cli("run", photos, "-o", outs[name], "--model", TINY, "--workers", "0", "-q", *args)
+        assert done.exit_code == 0, done.output
+    with h5py.File(outs["commas"], "r") as a, h5py.File(outs["repeats"], "r") as b:
+        assert list(a["paths"].asstr()[:]) == list(b["paths"].asstr()[:]) and len(a["paths"]) == 8
+        assert sorted(a["meta"]) == sorted(b["meta"]) == ["json", "txt"]

@@ -27,9 +27,10 @@ def check_seed(seed: int) -> None:
 
 
 def comma_list(text: str | Iterable[str] | None) -> list[str]:
-    """``"a, b,,c"`` (or a sequence) → ["a", "b", "c"]: each item stripped, empty ones dropped."""
-    parts = (text or "").split(",") if isinstance(text, str) or text is None else list(text)
-    return [p.strip() for p in parts if p.strip()]
+    """``"a, b,,c"``, or a sequence of such (an option given several times) → ["a", "b", "c"]:
+    each item stripped, empty ones dropped."""
+    given = [text or ""] if isinstance(text, str) or text is None else list(text)
+    return [p.strip() for item in given for p in str(item).split(",") if p.strip()]
 
 
 def parse_extensions(text: str | Iterable[str] | None) -> tuple[str, ...]:
