@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from rich.console import Console
@@ -143,7 +144,7 @@ def run_summary(console: Console, result) -> None:
     head = "done" if result.complete else "stopped"
     console.print(
         f"[bold]{head}:[/] {result.written} image{'' if result.written == 1 else 's'} → {escape(result.output)} "
-        f"({result.rows} rows, tokens {shape} {result.out_dtype} per image)"
+        f"({result.rows} row{'' if result.rows == 1 else 's'}, tokens {shape} {result.out_dtype} per image)"
     )
     table = Table.grid(padding=(0, 2))
     table.add_row("encoder", f"{result.encoder}")
@@ -151,7 +152,7 @@ def run_summary(console: Console, result) -> None:
     if result.untrained:
         weights = (
             f"[bold yellow]{weights}[/]: these tokens carry no learned meaning; "
-            "pass --weights FILE.safetensors for real features"
+            "pass trained weights (--weights) for real features"
         )
     table.add_row("weights", weights)
     compute = f"{result.compute_dtype} on {result.device}"
@@ -215,8 +216,10 @@ def info_table(console: Console, s: dict) -> None:
         table.add_row("shard", f"{escape(shard['file'])}: {shard['rows']} rows, {_inputs(shard)}, {shard['state']}")
     table.add_row("failed", f"[red]{s['failed']}[/]" if s["failed"] else "0")
     _print(console, table)
-    for f in s["failures"]:
-        console.print(f"  [red]✗[/] {escape(f['path'])}: {escape(f['error'])}")
+    twice = {k for k in (f["path"] for f in s["failures"]) if sum(g["path"] == k for g in s["failures"]) > 1}
+    for f in s["failures"]:  # a key recorded under two roots is shown with its root
+        shown = os.path.join(f["root"], f["path"]) if f["path"] in twice else f["path"]
+        console.print(f"  [red]✗[/] {escape(shown)}: {escape(f['error'])}")
     if s["failed"] > len(s["failures"]):
         console.print(f"  … and {s['failed'] - len(s['failures'])} more (--failures N shows more)")
 

@@ -424,7 +424,7 @@ def test_what_was_passed_over_or_left_empty_is_counted_with_reasons(cli, photos,
     assert "the file is empty (0 bytes)" in reasons["empty.jpg"]
     assert "HEIF/HEIC" in reasons["renamed.png"] and "pillow-heif" in reasons["renamed.png"]
     assert summary["missing_meta"] == {"txt": summary["rows"] - 1}
-    assert any("passed over by extension (avif 1, heic 1)" in w for w in summary["warnings"])
+    assert any("passed over by extension (avif 1, heic 1)" in w for w in summary["warnings"])  # tars: test_containers
 
 
 def test_info_reads_a_file_while_a_run_writes_it(tmp_path):
@@ -480,3 +480,20 @@ def test_list_options_take_commas_or_repeats(cli, photos, tmp_path):
     with h5py.File(outs["commas"], "r") as a, h5py.File(outs["repeats"], "r") as b:
         assert list(a["paths"].asstr()[:]) == list(b["paths"].asstr()[:]) and len(a["paths"]) == 8
         assert sorted(a["meta"]) == sorted(b["meta"]) == ["json", "txt"]
+
+
+def test_info_gives_each_failure_its_root(cli, tmp_path):
+    """The same broken name under two roots: info --json gives each failure's root, and the table
+    shows them apart."""
+    for root in ("a", "b"):
+        (tmp_path / root).mkdir()
+        (tmp_path / root / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+        Image.fromarray(np.full((30, 30, 3), 9, np.uint8)).save(tmp_path / root / "ok.png")
+    out = tmp_path / "t.h5"
+    assert cli("run", tmp_path / "a", tmp_path / "b", "-o", out, "--model", TINY, "--workers", "0", "-q").exit_code == 0
+    summary = json.loads(cli("info", out, "--json").stdout)
+    assert sorted((f["path"], f["root"]) for f in summary["failures"]) == [
+        ("broken.jpg", str(tmp_path / "a")), ("broken.jpg", str(tmp_path / "b"))]
+    assert summary["untrained"] is True
+    table = cli("info", out).stdout
+    assert str(tmp_path / "a" / "broken.jpg") in table and str(tmp_path / "b" / "broken.jpg") in table

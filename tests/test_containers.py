@@ -452,3 +452,22 @@ def test_a_row_with_a_list_of_images_gives_one_row_per_image(tmp_path, layout, m
         for key, (_, _, i) in zip(f.keys, expected):
             np.testing.assert_array_equal(f[key], reference[f"{i}.{pictures[i][0]}"])
             assert f.source_bytes(key) == pictures[i][1]  # read back by its key
+
+
+def test_tar_members_passed_over_are_counted_like_loose_files(tmp_path):
+    """A tar's members that are neither images nor kept sidecars are counted by extension, as loose
+    files are (an AVIF left out by --ext, a stray stats file); kept sidecars are not counted."""
+    pictures = _pictures(3, seed=5)
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, (ext, data) in enumerate(pictures):
+            for name, payload in ((f"{i:03d}.{ext}", data), (f"{i:03d}.txt", b"caption"), (f"{i:03d}.avif", b"\0" * 8)):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        info = tarfile.TarInfo("_stats.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    result = vitcore.extract([shard], tmp_path / "t.h5", EXACT, keep="txt")
+    assert result.rows == 3 and result.passed_over == {"avif": 3, "json": 1}
+    assert any("passed over by extension (avif 3, json 1)" in w for w in result.warnings)

@@ -226,3 +226,26 @@ def test_a_root_qualified_key_finds_its_row_when_roots_nest(tmp_path, monkeypatc
             row = f.index(str(path))
             assert f.qualified_key(row) == str(path) and f.original_path(row) == str(path)
         assert f.index(str(tmp_path / "x.png")) != f.index(str(tmp_path / "a" / "x.png"))
+
+
+def test_a_file_name_with_a_backslash_is_found_by_its_own_name(tmp_path, cli):
+    """The key escapes a literal backslash (\\\\); the name as it is on disk still finds its row."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    name = "back\\slash.png"
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(folder / name)
+    out = tmp_path / "b.h5"
+    vitcore.extract([folder], out, OPTS)
+    with vitcore.open_tokens(out) as f:
+        assert f.keys == ["back\\\\slash.png"] and name in f and f.index(name) == 0
+    assert cli("show", out, name, "-o", tmp_path / "s.png").exit_code == 0
+
+
+def test_long_captions_keep_their_end():
+    """Two keys under long roots that differ only at the end stay told apart on a sheet."""
+    from vitcore.consumers.visualize import _font, fitted
+
+    root = "/data/very/long/dataset/path/for/the/shared/cluster/storage/project_alpha/raw/"
+    a, b = fitted(root + "cam1/0001.jpg", 2 * THUMB), fitted(root + "cam2/0001.jpg", 2 * THUMB)
+    assert a != b and "…" in a and a.endswith("cam1/0001.jpg") and _font().getlength(a) <= 2 * THUMB
+    assert fitted("short.jpg", 2 * THUMB) == "short.jpg"

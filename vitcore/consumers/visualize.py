@@ -83,7 +83,18 @@ def placeholder(text: str, size: tuple[int, int] = (THUMB, THUMB)) -> Image.Imag
     return img
 
 
+CAPTION_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular.ttf", "Arial.ttf")
+
+
+@functools.lru_cache(maxsize=4)
 def _font(size: int = 13):
+    """A system font that draws accented letters where there is one (Pillow finds it in the usual
+    font folders), else Pillow's own (ASCII only: other characters are escaped, see printable)."""
+    for name in CAPTION_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
     return ImageFont.load_default(size=size)
 
 
@@ -113,11 +124,19 @@ NO_GLYPH = "\U0010fffd"  # a private-use character no font draws: its box is the
 
 
 def _caption(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, width: int) -> None:
-    font = _font()
-    text = printable(text)
-    while text and draw.textlength(text, font=font) > width:
-        text = text[:-2] + "…" if len(text) > 2 else ""
-    draw.text(xy, text, fill=(0, 0, 0), font=font)
+    draw.text(xy, fitted(text, width), fill=(0, 0, 0), font=_font())
+
+
+def fitted(text: str, width: int) -> str:
+    """A caption that fits ``width`` pixels: printable, cut in the middle when too long, so that
+    its end (the file name, which tells keys under long roots apart) stays."""
+    font, text = _font(), printable(text)
+    if font.getlength(text) <= width:
+        return text
+    head, tail = text[: len(text) // 2], text[len(text) // 2:]
+    while (head or tail) and font.getlength(f"{head}…{tail}") > width:
+        head, tail = (head[:-1], tail) if len(head) > len(tail) // 2 else (head, tail[1:])
+    return f"{head}…{tail}"
 
 
 def sheet(cells: list[tuple[list[Image.Image], str]], columns: int) -> Image.Image:

@@ -4,8 +4,10 @@ Loose files are files.py's; the files that hold many images are each a container
 listed in CONTAINERS that answers
 
     claims(name)                                  is a file of this name mine?
-    scan(path, key, root_index, exts, options)    → (its inputs in its own order, an Unlisted
-                                                    record of what could not be read, or None)
+    scan(path, key, root_index, exts, options, passed_over)
+                                                  → (its inputs in its own order, an Unlisted
+                                                    record of what could not be read, or None);
+                                                    what it holds but passes over, counted by extension
     holds_nothing(path, exts)                     → the words for a file of it with no image
     open_inside(container, inner, options)        → the bytes of one input read back by its key
     passed_over_note(keys)                        (only a kind whose scan raises PassedOver)
@@ -102,7 +104,7 @@ class _Found:
     containers: set[bytes] = field(default_factory=set)
     empty: list[str] = field(default_factory=list)
     passed_over_by_kind: dict = field(default_factory=dict)  # container kind → keys of its files with no images
-    by_extension: dict[str, int] = field(default_factory=dict)  # files in folders not taken, by extension
+    by_extension: dict[str, int] = field(default_factory=dict)  # files (and tar members) not taken, by extension
 
     def root_index(self, root: str) -> int:
         if root not in self.roots:
@@ -117,7 +119,7 @@ class _Found:
             return                                                                 # its own failure record
         self.containers.add(path_identity(path))
         try:
-            inside, problem = kind.scan(path, key, index, self.exts, self.options)
+            inside, problem = kind.scan(path, key, index, self.exts, self.options, self.by_extension)
         except PassedOver:
             if named:
                 raise

@@ -152,11 +152,14 @@ def holds_nothing(path: str, exts: tuple[str, ...]) -> str:
 def passed_over_note(keys: list[str]) -> str:
     """The summary's line for the Parquet files in folders that hold no image column."""
     shown = ", ".join(keys[:3]) + (" …" if len(keys) > 3 else "")
-    return (f"{len(keys)} Parquet files in the folders have no column of image bytes and were passed over "
+    files = "1 Parquet file in the folders has" if len(keys) == 1 else f"{len(keys)} Parquet files in the folders have"
+    passed = "was" if len(keys) == 1 else "were"
+    return (f"{files} no column of image bytes and {passed} passed over "
             f"({shown}; img2dataset writes such metadata files beside its tars)")
 
 
-def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options: ContainerOptions):
+def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options: ContainerOptions,
+         passed_over: dict[str, int]):
     """The rows of a Parquet file's image column, and a record when it cannot be read, or None.
     A column asked for that the file lacks is a usage error: every file must have it."""
     try:

@@ -106,9 +106,10 @@ def _read_range(path: str, offset: int, size: int, what: str) -> bytes:
     return data
 
 
-def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options):
+def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options, passed_over: dict[str, int]):
     """The image members of a tar shard, in the tar's order, and a record of what could not be
-    scanned (a compressed or damaged tar, one cut short), or None.
+    scanned (a compressed or damaged tar, one cut short), or None. Members that are neither images
+    (``exts``) nor kept sidecars (``options.keep``) are counted by extension in ``passed_over``.
 
     Members are taken as ``tar x`` would write them: a name met twice (or two names that are the
     same path, ``./a.jpg`` and ``a.jpg``) is one member, the later one."""
@@ -135,7 +136,10 @@ def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options):
     sources = []
     for name, info in latest.items():
         match = SAMPLE_NAME.match(name)
-        if not match or match.group(2).rpartition(".")[2].lower() not in exts:
+        ext = match.group(2).rpartition(".")[2].lower() if match else "(no extension)"
+        if ext not in exts:
+            if info.isfile() and not (match and match.group(2).lower() in keep):
+                passed_over[ext] = passed_over.get(ext, 0) + 1
             continue
         kept = samples.get(match.group(1), {})
         sidecars = tuple((ext, *kept[ext]) for ext in keep if ext in kept)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 def counted_notes(missing_meta: dict[str, int], passed_over: dict[str, int]) -> list[str]:
     """What was stored empty or passed over, counted, for the summary (--json has the counts too)."""
-    notes = [f"{count} rows have no {name} text (stored as \"\"): no such member, file or value beside them "
+    notes = [f"{count} row{' has' if count == 1 else 's have'} no {name} text (stored as \"\"): no such member, file or value beside them "
              "(a sample's files share its name up to the first dot, as in WebDataset: 'a.b.jpg' goes with 'a.txt')"
              for name, count in missing_meta.items()]
     if passed_over:
         counts = ", ".join(f"{ext} {n}" for ext, n in sorted(passed_over.items(), key=lambda item: (-item[1], item[0])))
         files = sum(passed_over.values())
-        notes.append(f"{files} file{'s' * (files != 1)} in the folders passed over by extension ({counts}); "
-                     "--ext takes other extensions")
+        notes.append(f"{files} file{'s' * (files != 1)} in the folders (or members of tars) passed over by extension "
+                     f"({counts}); --ext takes other extensions")
     return notes

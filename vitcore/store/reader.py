@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from vitcore.errors import UsageError, VitExtractError
-from vitcore.inputs.base import source_path
+from vitcore.inputs.base import escape_key, source_path
 from vitcore.inputs.discover import open_original
 from vitcore.store.schema import decoded, ragged_index_names
 
@@ -150,13 +150,15 @@ class StoredTokens:
 
     def rows_named(self, key: str) -> list[int]:
         """Every row stored under ``key`` (one, unless it was found under several roots), or the
-        one row of a root-qualified key (the root joined with the key: the input's original path)."""
-        rows = self._key_rows().get(key) or self._qualified_rows(key)
+        one row of a root-qualified key (the root joined with the key: the input's original path).
+        A name as it is on disk finds its row too (a stored key escapes a literal backslash)."""
+        rows = self._named(key)
         if not rows:
             raise KeyError(f"{key!r} is not a row of {self.path}")
         return rows
 
     def _qualified_rows(self, name: str) -> list[int]:
+        name = os.path.abspath(name)  # a root may be given as the working directory sees it
         rows = []
         for i, root in enumerate(self.roots):  # roots may nest (/data and /data/a): each is tried
             prefix = os.path.join(root, "")
@@ -188,7 +190,7 @@ class StoredTokens:
         if len(rows) > 1:
             named = ", ".join(f"{self.qualified_key(r)} (row {r})" for r in rows[:4]) + (" …" if len(rows) > 4 else "")
             raise AmbiguousKey(f"{key!r} names {len(rows)} rows of {self.path}, found under different roots: {named}; "
-                               "give the one you mean as ROOT/KEY, or a row number")
+                               "give the one you mean as ROOT/KEY (its original path)")
         return rows[0]
 
     def stores_key(self, key: str) -> bool:
@@ -196,7 +198,11 @@ class StoredTokens:
         return key in self._key_rows()
 
     def __contains__(self, key: str) -> bool:
-        return key in self._key_rows() or bool(self._qualified_rows(key))
+        return bool(self._named(key))
+
+    def _named(self, key: str) -> list[int]:
+        index = self._key_rows()
+        return index.get(key) or index.get(escape_key(key)) or self._qualified_rows(key)
 
     def row_number(self, item: int | str) -> int:
         """The row of a key or a row number (negative counts from the end)."""
@@ -337,7 +343,11 @@ class StoredTokens:
             "schema_version": settings.get("schema_version"),
             "roots": settings.get("roots"),
             "failed": len(failures),
-            "failures": [{"path": k, "error": e} for k, e in failures[:max_failures]],
+            # Each with its root, so that the same key under two roots, or a key relative to a folder
+            # that is not the working directory, is found.
+            "failures": [{"path": k, "error": e, "root": self.roots[i]} for (k, e), i in
+                         zip(failures[:max_failures], self.h5["failed/root_index"][: len(failures[:max_failures])])],
+            "untrained": settings.get("weights", {}).get("source") in ("untrained", "untrained file"),
             "datasets": datasets,
             "shard": settings.get("shard"),
             "merged": settings.get("merged"),
