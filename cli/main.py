@@ -179,6 +179,7 @@ def run(
 
     try:
         layers = _block_numbers(layer)
+        shown = _Shown.chosen(progress.value, progress_every, quiet)
     except UsageError as error:
         raise _fail(error, as_json)
     options = ExtractOptions(
@@ -192,7 +193,6 @@ def run(
         retry_failed=retry_failed, overwrite=overwrite, compile=compile,
     )
     inputs = [str(p) for p in paths or ()]
-    shown = _Shown(progress.value, progress_every, not quiet)
     try:
         if launched_by_torchrun():
             result, merged = _run_launched(inputs, output, options, shard, shown)
@@ -227,6 +227,12 @@ class _Shown:
     mode: str
     every: float
     enabled: bool
+
+    @classmethod
+    def chosen(cls, mode: str, every: float, quiet: bool) -> "_Shown":
+        if quiet and mode in ("bar", "lines"):
+            raise UsageError(f"--quiet shows no progress, and --progress {mode} asks for it; drop one of them")
+        return cls(mode, every, not quiet)
 
     def display(self, also: bool = True):
         return render.progress_display(err, self.mode, self.every, shown=self.enabled and also)

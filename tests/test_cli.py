@@ -307,7 +307,8 @@ def test_small_things_said_right(photos, tmp_path, cli):
 
 @pytest.mark.parametrize("args", [["/no/such/folder"], ["sample_images", "-o", "EXISTS"], ["sample_images", "--shard", "5/2"],
                                   ["sample_images", "--features", "deepstack"], ["sample_images", "-o", "LONG"],
-                                  ["sample_images", "-o", "READ_ONLY"]])
+                                  ["sample_images", "-o", "READ_ONLY"], ["sample_images", "-o", "UNDER_A_FILE"],
+                                  ["sample_images", "--quiet", "--progress", "lines"]])
 def test_usage_errors_and_refused_outputs_come_before_torch_is_loaded(tmp_path, args):
     """A refusal is reported at once: options, output and inputs are checked before torch loads."""
     exists = tmp_path / "exists.h5"
@@ -319,7 +320,9 @@ def test_usage_errors_and_refused_outputs_come_before_torch_is_loaded(tmp_path, 
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)], capture_output=True)
         if mounted.returncode != 0:
             pytest.skip(f"cannot mount a read-only file system here: {mounted.stderr.decode().strip()}")
-    args = [{"EXISTS": str(exists), "LONG": str(long), "READ_ONLY": str(read_only / "t.h5")}.get(a, a) for a in args]
+    under_a_file = exists / "t.h5"  # its "folder" is a file
+    args = [{"EXISTS": str(exists), "LONG": str(long), "READ_ONLY": str(read_only / "t.h5"),
+             "UNDER_A_FILE": str(under_a_file)}.get(a, a) for a in args]
     code = ("import sys\nfrom vitcore.cli.main import main\nsys.argv = ['vit-extract', 'run', *sys.argv[1:]]\n"
             "try:\n    main()\nexcept SystemExit as stop:\n    print('exit', stop.code, 'torch' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
@@ -332,6 +335,10 @@ def test_usage_errors_and_refused_outputs_come_before_torch_is_loaded(tmp_path, 
         assert "is too long" in done.stderr and "shorten it by 5 bytes" in done.stderr
     if read_only.is_dir():
         assert "read-only file system" in done.stderr
+    if str(under_a_file) in args:
+        assert f"{exists} is a file, not a folder" in done.stderr
+    if "--quiet" in args:
+        assert "drop one of them" in done.stderr
 
 
 def test_progress_goes_to_a_log_as_plain_lines_and_not_with_quiet(tmp_path):

@@ -84,6 +84,14 @@ class Output:
         return writer.writer
 
 
+def _ancestors(folder: str) -> list[str]:
+    """A folder and the folders above it, nearest first."""
+    out = [folder]
+    while os.path.dirname(out[-1]) != out[-1]:
+        out.append(os.path.dirname(out[-1]))
+    return out
+
+
 SIDE_FILES = (LOCK_SUFFIX, BUILDING_SUFFIX)  # written beside an output: its lock, the file while it is made
 
 
@@ -107,6 +115,9 @@ def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = Tr
         raise UsageError("--resume and --overwrite contradict each other; choose one")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
+        blocking = next((p for p in _ancestors(folder) if os.path.exists(p) and not os.path.isdir(p)), None)
+        if blocking is not None:
+            raise UsageError(f"cannot write {path}: {blocking} is a file, not a folder")
         raise UsageError(f"the output folder {folder} does not exist")
     if os.statvfs(folder).f_flag & os.ST_RDONLY:
         raise UsageError(f"cannot write to the output folder {folder}: it is on a read-only file system")
