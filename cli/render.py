@@ -197,6 +197,8 @@ def info_table(console: Console, s: dict) -> None:
         table.add_row("feature", f"features/{name}: " + (f"varying × {feature_shape[-1]}" if ragged else "×".join(map(str, feature_shape))))
     if s.get("meta"):
         table.add_row("meta", ", ".join(f"meta/{name}" for name in s["meta"]) + " (text per row)")
+    if s.get("image_columns_used"):
+        table.add_row("images from", "Parquet column " + ", ".join(escape(c) for c in s["image_columns_used"]))
     if s["layers"]:
         table.add_row("layers", ", ".join(f"layers/{k}" for k in s["layers"]))
     table.add_row("encoder", escape(s["summary"]["encoder"]))

@@ -87,6 +87,7 @@ class Discovery:
     empty: list[str] = field(default_factory=list)  # container files that hold no image, each "PATH holds no …"
     notes: list[str] = field(default_factory=list)  # what was passed over, counted (for the summary)
     passed_over: dict[str, int] = field(default_factory=dict)  # extension → files in folders not taken (--ext)
+    image_columns: tuple[str, ...] = ()  # the columns the images inside container files are read from (Parquet)
 
 
 def escape_key(name: str) -> str:

@@ -143,7 +143,8 @@ class _Found:
         notes = [kind.passed_over_note(keys) for kind, keys in self.passed_over_by_kind.items()]
         by_extension = {ext: n for ext, n in self.by_extension.items() if ext not in self.options.keep}  # sidecars are used
         return Discovery(sources=sources, roots=self.roots, skipped_duplicates=duplicates, unlisted=self.unlisted,
-                         containers=self.containers, empty=self.empty, notes=notes, passed_over=by_extension)
+                         containers=self.containers, empty=self.empty, notes=notes, passed_over=by_extension,
+                         image_columns=tuple(sorted({s.column for s in sources if hasattr(s, "column")})))
 
 
 def expand_braces(given: str) -> list[str]:

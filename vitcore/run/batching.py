@@ -28,7 +28,8 @@ from vitcore.store import ArraySpec, Rows, StoreSettings
 
 
 def store_settings(built: RunRecord, pool: str, out_dtype: str, device: torch.device, dtype: torch.dtype,
-                   shard: str = "null", meta: tuple[str, ...] = (), image_column: str | None = None) -> StoreSettings:
+                   shard: str = "null", meta: tuple[str, ...] = (), image_column: str | None = None,
+                   image_columns_used: tuple[str, ...] = ()) -> StoreSettings:
     """What the file records for a run of ``built`` (a RunRecord, or the BuiltEncoder made from it):
     its records, and each output as stored (pooled outputs are one (W,) vector per image)."""
     arrays = tuple(spec if pool == "none" else ArraySpec(spec.name, (spec.width,)) for spec in built.outputs)
@@ -37,6 +38,7 @@ def store_settings(built: RunRecord, pool: str, out_dtype: str, device: torch.de
         pooling=pool, projector=built.projector, compute_dtype=dtype_name(dtype), device=str(device),
         out_dtype=out_dtype, arrays=arrays, mean=pool == "none", grid_thw=built.grid_thw, version=__version__,
         shard=shard, meta=tuple(meta), image_column=json.dumps(image_column),
+        image_columns_used=json.dumps(sorted(image_columns_used)),
     )
 
 

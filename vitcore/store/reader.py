@@ -354,6 +354,7 @@ class StoredTokens:
             "shards": self._shard_states(settings.get("shards")),
             "features": settings.get("features") or [],
             "meta": settings.get("meta") or [],
+            "image_columns_used": settings.get("image_columns_used") or [],
         }
 
     def _shard_states(self, shards: list[dict] | None) -> list[dict] | None:

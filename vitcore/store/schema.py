@@ -76,6 +76,7 @@ class StoreSettings:
     shard: str = "null"  # ShardRecord JSON for shard files (--shard, torchrun), else null
     meta: tuple[str, ...] = ()  # text datasets meta/<name>, one string per row (--keep, --columns)
     image_column: str = "null"  # JSON: the Parquet column the images were read from (--image-column), or null: auto
+    image_columns_used: str = "[]"  # JSON: the columns the Parquet inputs' images were read from, as chosen
 
     @property
     def token_shape(self) -> tuple[int, ...]:
@@ -187,6 +188,8 @@ ATTRIBUTES = (
               key=lambda text: sorted(json.loads(text)), default="[]", merge="first"),
     Attribute("image_column", "setting", lambda s: s.image_column, json=True, compare="--image-column",
               default="null", merge="first"),
+    # What --image-column (or its automatic choice) read: recorded, not compared (the choice is the file's).
+    Attribute("image_columns_used", "setting", lambda s: s.image_columns_used, json=True, default="[]", merge="first"),
     Attribute("roots", "state", json=True, required=True),
     Attribute("committed", "state", required=True),
     Attribute("failed_committed", "state", required=True),
