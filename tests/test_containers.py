@@ -450,6 +450,7 @@ def test_a_row_with_a_list_of_images_gives_one_row_per_image(tmp_path, layout, m
         assert f.keys == [f"vlm.parquet/row={r}/image={k}" for r, k, _ in expected]
         assert f.meta("caption") == [f"row {r}" for r, _, _ in expected]
         assert f.settings["image_column"] is None and f.settings["image_columns_used"] == ["images"]  # chosen
+        assert f.failures == [("vlm.parquet/row=1", "ValueError: this row holds no image: its image list is empty")]
         for key, (_, _, i) in zip(f.keys, expected):
             np.testing.assert_array_equal(f[key], reference[f"{i}.{pictures[i][0]}"])
             assert f.source_bytes(key) == pictures[i][1]  # read back by its key

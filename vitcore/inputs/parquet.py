@@ -51,6 +51,8 @@ class ParquetRow:
     def open(self) -> BinaryIO:
         batch, at = _rows_at(self.path, self.row_group, (self.column, *self.columns), self.index_in_group)
         value = batch.column(self.column)[at].as_py()
+        if isinstance(value, list) and self.image is None:
+            raise ValueError("this row holds no image: its image list is empty")
         if self.image is not None:
             value = value[self.image] if value is not None and self.image < len(value) else None
         where = "this row" if self.image is None else f"image {self.image} of this row"
@@ -173,7 +175,8 @@ def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options: C
     sources, row = [], 0
     for group, count in enumerate(group_rows):
         for i in range(count):
-            for k in range(images[row]) if images is not None else (None,):
+            # A row whose list is empty stays one input, row=N: its failure record says so.
+            for k in range(images[row]) if images is not None and images[row] else (None,):
                 item = ParquetRow(path=path, row=row, key="", root_index=root_index, row_group=group,
                                   index_in_group=i, column=column, columns=options.columns, image=k)
                 sources.append(dataclasses.replace(item, key=escape_key(os.path.join(key, item.inner))))
