@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 
 from rich.console import Console
 from rich.markup import escape
@@ -218,9 +219,9 @@ def info_table(console: Console, s: dict) -> None:
         table.add_row("shard", f"{escape(shard['file'])}: {shard['rows']} rows, {_inputs(shard)}, {shard['state']}")
     table.add_row("failed", f"[red]{s['failed']}[/]" if s["failed"] else "0")
     _print(console, table)
-    twice = {k for k in (f["path"] for f in s["failures"]) if sum(g["path"] == k for g in s["failures"]) > 1}
+    counts = Counter(f["path"] for f in s["failures"])  # one pass: --failures may list thousands
     for f in s["failures"]:  # a key recorded under two roots is shown with its root
-        shown = os.path.join(f["root"], f["path"]) if f["path"] in twice else f["path"]
+        shown = os.path.join(f["root"], f["path"]) if counts[f["path"]] > 1 else f["path"]
         console.print(f"  [red]✗[/] {escape(shown)}: {escape(f['error'])}")
     if s["failed"] > len(s["failures"]):
         console.print(f"  … and {s['failed'] - len(s['failures'])} more (--failures N shows more)")
