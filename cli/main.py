@@ -23,7 +23,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from . import render
 from vitcore import __version__
-from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, RESIZE_MODES
+from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, PROCESSOR_BACKENDS, RESIZE_MODES
 from vitcore.errors import UsageError, VitExtractError, one_line
 from vitcore.options import ExtractOptions, comma_list
 from vitcore.run.shard import parse_shard, shard_path
@@ -89,6 +89,7 @@ def _choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
 Pool = _choice_enum("Pool", POOLING_MODES)
 Resize = _choice_enum("Resize", RESIZE_MODES)
 Decode = _choice_enum("Decode", DECODE_MODES)
+Processor = _choice_enum("Processor", PROCESSOR_BACKENDS)
 Dtype = _choice_enum("Dtype", DTYPE_CHOICES)
 OutDtype = _choice_enum("OutDtype", OUT_DTYPES)
 ProgressMode = _choice_enum("ProgressMode", render.PROGRESS_MODES)
@@ -156,6 +157,7 @@ def run(
     layer: Annotated[Optional[list[str]], typer.Option("--layer", metavar="K", help="Also store hidden states after block K as layers/K (repeatable, or comma-separated: -2,-3; -2 = penultimate).", show_default=False, rich_help_panel=ENCODER)] = None,
     resize: Annotated[Resize, typer.Option(help="squash: straight to the input size; crop: shorter side + centre crop; pad: letterbox.", rich_help_panel=ENCODER)] = Resize.squash,
     resolution: Annotated[str, typer.Option(metavar="native|N", help="Qwen-VL families: native (the checkpoint processor's rule; token count varies) or N (every image N×N, N a multiple of patch × merge: 32 for qwen3-vl, 28 for qwen2-vl and qwen2.5-vl).", rich_help_panel=ENCODER)] = "native",
+    processor: Annotated[Optional[Processor], typer.Option(help="Qwen-VL families: follow transformers' torchvision image processor (Qwen2VLImageProcessor: what transformers picks when torchvision is installed, and what vLLM uses) or its Pillow one (Qwen2VLImageProcessorPil: transformers without torchvision). The two resize differently, so tokens differ slightly; match the stack that will use them. Default: torchvision (torchvision itself is not needed).", show_default=False, rich_help_panel=ENCODER)] = None,
     features: Annotated[Optional[list[str]], typer.Option(metavar="LIST", help="Qwen-VL families: also store last_hidden (before the merger) and, for qwen3-vl, deepstack (the DeepStack features), comma-separated.", show_default=False, rich_help_panel=ENCODER)] = None,
     batch_size: Annotated[str, typer.Option(metavar="N|auto", help="Images per batch, or auto.", parser=_batch_size, rich_help_panel=COMPUTE)] = "auto",
     workers: Annotated[Optional[int], typer.Option(metavar="N", help="Decoding worker processes (0: decode in the main process). Default: min(8, CPUs).", min=0, show_default=False, rich_help_panel=COMPUTE)] = None,
@@ -186,6 +188,7 @@ def run(
         model=model, weights=str(weights) if weights else None, seed=seed, pool=pool.value,
         project_dim=project_dim, layers=layers, resize=resize.value,
         decode=decode.value if decode else None, resolution=resolution,
+        processor=processor.value if processor else None,
         features=tuple(comma_list(features)),
         batch_size=batch_size, workers=workers, device=device, dtype=dtype.value,
         out_dtype=out_dtype.value, files_from=files_from, extensions=ext, keep=keep, columns=columns,

@@ -17,11 +17,36 @@ QWEN3VL_TEXT = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1, n
 QWEN3VL_PROCESSOR = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-def qwen3vl_processor(min_pixels=65536, max_pixels=16777216):
+# transformers' two image-processor backends for the Qwen-VL families (its backend= names), each the
+# reference for vit-extract's --processor of the same name.
+BACKENDS = ("pil", "torchvision")
+
+
+def processor_class(backend: str):
+    """transformers' Qwen2VL image processor class of ``backend`` (torchvision's needs torchvision:
+    without it the test is skipped, and .ci/run's second pass, which installs it, runs it)."""
+    import pytest
     import transformers
 
-    return transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-                                                 **QWEN3VL_PROCESSOR)
+    if backend == "torchvision":
+        pytest.importorskip("torchvision", reason="transformers' torchvision backend needs torchvision")
+        return transformers.Qwen2VLImageProcessor
+    return transformers.Qwen2VLImageProcessorPil
+
+
+def auto_processor(folder, backend: str):
+    """AutoImageProcessor for a checkpoint folder with ``backend`` (never the silent fallback to the other)."""
+    import transformers
+
+    wanted = processor_class(backend)
+    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), backend=backend)
+    assert type(processor) is wanted, type(processor)
+    return processor
+
+
+def qwen3vl_processor(min_pixels=65536, max_pixels=16777216, backend: str = "pil"):
+    return processor_class(backend)(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                                    **QWEN3VL_PROCESSOR)
 
 
 def save_tiny_qwen3vl(folder: Path):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import vitcore
-from tests.helpers import TINY, save_tiny_qwen2vl, save_tiny_qwen3vl
+from tests.helpers import BACKENDS, TINY, auto_processor, processor_class, save_tiny_qwen2vl, save_tiny_qwen3vl
 from vitcore.errors import UsageError
 
 transformers = pytest.importorskip("transformers")
@@ -22,12 +22,16 @@ SPECIAL = dict(image_token_id=4000, video_token_id=4001, vision_start_token_id=4
 EXACT = dict(dtype="float32", out_dtype="float32", device="cpu", workers=0)
 
 
-@pytest.fixture(scope="module", params=["qwen3-vl", "qwen2.5-vl"])
+@pytest.fixture(scope="module", params=[(f, b) for f in ("qwen3-vl", "qwen2.5-vl") for b in BACKENDS],
+                ids=lambda p: "/".join(p))
 def cached(request, tmp_path_factory):
-    """(family, the full model, its processor's pixel inputs per image name, the token file)."""
-    root = tmp_path_factory.mktemp(request.param)
+    """(family, the full model, the pixel inputs per image name from transformers' processor of the
+    backend the file was made with, the token file)."""
+    family, backend = request.param
+    processor_class(backend)  # installed, or skipped
+    root = tmp_path_factory.mktemp(family)
     folder = root / "ckpt"
-    if request.param == "qwen3-vl":
+    if family == "qwen3-vl":
         save_tiny_qwen3vl(folder)
         model_class, features = transformers.Qwen3VLForConditionalGeneration, ("deepstack",)
     else:
@@ -39,13 +43,13 @@ def cached(request, tmp_path_factory):
     for name, (w, h) in (("wide.png", (300, 200)), ("tall.png", (180, 420))):  # different grids
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / name)
     out = root / "tokens.h5"
-    vitcore.extract([images], out, weights=str(folder), features=features, **EXACT)
+    vitcore.extract([images], out, weights=str(folder), features=features, processor=backend, **EXACT)
     # The token ids the tiny vocabulary has room for (the defaults lie past its 4,096 entries).
     model = model_class.from_pretrained(folder, **SPECIAL).eval()
-    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    processor = auto_processor(folder, backend)
     pixels = {name: processor(images=[Image.open(images / name).convert("RGB")], return_tensors="pt")
               for name in ("wide.png", "tall.png")}
-    return request.param, model, pixels, out
+    return family, model, pixels, out
 
 
 def _prompt(grids) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@ the checkpoint reader and the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,9 +13,9 @@ import transformers
 from PIL import Image
 
 import vitcore
-from tests.helpers import resave_single_file, save_tiny_qwen2vl
+from tests.helpers import BACKENDS, auto_processor, processor_class, resave_single_file, save_tiny_qwen2vl
 from vitcore.encoders.qwen.qwen2vl import load_qwen25vl, load_qwen2vl, window_order
-from vitcore.encoders.qwen.processor import patchify, resize_rgb
+from vitcore.encoders.qwen.processor import patchify_torch, resize_rgb
 
 VERSIONS = {"2": ("qwen2-vl", load_qwen2vl), "2.5": ("qwen2.5-vl", load_qwen25vl)}
 
@@ -35,23 +36,25 @@ def _rel(a, b) -> float:
     return (torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double())).item()
 
 
-def _reference(folder, visual, images):
-    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), backend="pil")
+def _reference(folder, visual, images, backend="pil"):
+    processor = auto_processor(folder, backend)
     batch = processor(images=images, return_tensors="pt")
     with torch.no_grad():
         return visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]), batch["image_grid_thw"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("names", [["wide"], ["tall"], ["small"], ["wide", "tall", "small", "square"]])
-def test_tower_matches_transformers_in_float32(checkpoint, names):
+def test_tower_matches_transformers_in_float32(checkpoint, names, backend):
     version, folder, visual = checkpoint
     encoder, prep = VERSIONS[version][1](str(folder))
+    prep = dataclasses.replace(prep, backend=backend)
     images = [_images()[n] for n in names]
-    ref, ref_grids = _reference(folder, visual, images)
-    patches, grids = zip(*(patchify(resize_rgb(image, prep), prep) for image in images))
+    ref, ref_grids = _reference(folder, visual, images, backend)
+    patches, grids = zip(*(patchify_torch(torch.from_numpy(resize_rgb(image, prep)), prep) for image in images))
     assert [tuple(g) for g in ref_grids.tolist()] == list(grids)
     with torch.no_grad():
-        ours = encoder(torch.from_numpy(np.concatenate(patches)), list(grids))
+        ours = encoder(torch.cat(patches), list(grids))
     assert ours.tokens.shape == ref.pooler_output.shape and _rel(ours.tokens, ref.pooler_output) < 1e-4
     hidden = ref.last_hidden_state
     if version == "2.5":  # transformers leaves its last hidden states in window order; ours are in merge-block order
@@ -74,9 +77,12 @@ def test_windows_match_transformers_window_index(checkpoint):
         assert np.cumsum([0, *lengths]).tolist() == bounds.tolist()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["sharded, model.visual.*", "one file, visual.*", "bilinear resample"])
-def test_the_command_line_recognises_the_checkpoint_and_stores_transformers_tokens(checkpoint, tmp_path, cli, layout):
+def test_the_command_line_recognises_the_checkpoint_and_stores_transformers_tokens(checkpoint, tmp_path, cli, layout,
+                                                                                   backend):
     version, folder, visual = checkpoint
+    processor_class(backend)  # the reference's backend is installed (else skipped)
     if layout != "sharded, model.visual.*":
         folder = resave_single_file(folder, tmp_path / "single")
     if layout == "bilinear resample":  # the processor's filter is the checkpoint's to choose
@@ -88,13 +94,13 @@ def test_the_command_line_recognises_the_checkpoint_and_stores_transformers_toke
         image.save(images / f"{name}.png")
     out = tmp_path / "q.h5"
     result = cli("run", images, "-o", out, "--weights", folder, "--features", "last_hidden", "--dtype", "float32",
-                 "--out-dtype", "float32", "--batch-size", "3", "--workers", "0", "--json")
+                 "--out-dtype", "float32", "--batch-size", "3", "--workers", "0", "--json", "--processor", backend)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["encoder"] == VERSIONS[version][0]
     with vitcore.open_tokens(out) as f:
         assert f.settings["encoder"]["family"] == VERSIONS[version][0] and f.ragged and len(f) == 4
         for key in f.keys:
-            ref, grid = _reference(folder, visual, [Image.open(images / key).convert("RGB")])
+            ref, grid = _reference(folder, visual, [Image.open(images / key).convert("RGB")], backend)
             assert f.h5["grid_thw"][f.index(key)].tolist() == grid[0].tolist()
             assert _rel(torch.from_numpy(f[key]), ref.pooler_output) < 1e-4
             assert f.token_grid(key) == (grid[0, 1] // 2, grid[0, 2] // 2)
@@ -126,7 +132,7 @@ def test_fixed_resolution_matches_transformers_on_the_resized_picture(checkpoint
         image.save(images / f"{name}.png")
     out = tmp_path / "fixed.h5"
     vitcore.extract([images], out, weights=str(folder), resolution="112", dtype="float32", out_dtype="float32",
-                    workers=0, batch_size=4)
+                    workers=0, batch_size=4, processor="pil")
     processor = transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": 112 * 112, "longest_edge": 112 * 112})
     with vitcore.open_tokens(out) as f:
         assert not f.ragged and f.h5["tokens"].shape == (4, 16, 48)  # (112/14)² / 4 merged tokens each

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import os
 
@@ -12,13 +13,19 @@ import torch
 import transformers  # a test dependency (pip install -e '.[test]'): the oracle
 from PIL import Image
 
-from tests.helpers import SAMPLES, qwen3vl_processor, resave_single_file, save_tiny_qwen3vl
+from tests.helpers import BACKENDS, SAMPLES, qwen3vl_processor, resave_single_file, save_tiny_qwen3vl
 from vitcore.errors import WeightsError
 from vitcore.encoders.qwen.qwen3vl import load_qwen3vl
-from vitcore.encoders.qwen.processor import QwenVLPreprocess, patchify, resize_rgb, smart_resize
+from vitcore.encoders.qwen.processor import QwenVLPreprocess, patchify_torch, resize_rgb, smart_resize
 
-def _processor(min_pixels=65536, max_pixels=16777216):
-    return qwen3vl_processor(min_pixels, max_pixels)
+
+def _processor(min_pixels=65536, max_pixels=16777216, backend="pil"):
+    return qwen3vl_processor(min_pixels, max_pixels, backend)
+
+
+def _patches(image, prep):
+    """vit-extract's preprocessing of one picture → (patches (h·w, 3·T·p·p), grid)."""
+    return patchify_torch(torch.from_numpy(resize_rgb(image, prep)), prep)
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +51,38 @@ def _images():
 SAMPLE_FILES = sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".jpg", ".png"))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(_images()) + SAMPLE_FILES)
-def test_preprocessing_matches_the_pillow_backend_processor(name):
+def test_preprocessing_equals_the_processor_of_the_same_backend_bit_for_bit(name, backend):
     image = _images()[name] if name in _images() else Image.open(SAMPLES / name).convert("RGB")
-    reference = _processor(max_pixels=200_000)(images=[image], return_tensors="np")
-    prep = QwenVLPreprocess(max_pixels=200_000)
-    patches, grid = patchify(resize_rgb(image, prep), prep)
-    assert list(grid) == list(reference["image_grid_thw"][0])
-    np.testing.assert_allclose(patches, reference["pixel_values"], rtol=0, atol=1e-6)
+    reference = _processor(max_pixels=200_000, backend=backend)(images=[image], return_tensors="pt")
+    prep = QwenVLPreprocess(max_pixels=200_000, backend=backend)
+    patches, grid = _patches(image, prep)
+    assert list(grid) == reference["image_grid_thw"][0].tolist()
+    assert torch.equal(patches, reference["pixel_values"])
+
+
+# nearest, lanczos, bilinear, box, hamming (bicubic, the default: above); transformers' torchvision
+# backend has no box or hamming (vit-extract refuses them with it: test_processor_choice_is_recorded…).
+@pytest.mark.parametrize("backend, resample", [(b, r) for b in BACKENDS for r in (0, 1, 2, 4, 5)
+                                               if not (b == "torchvision" and r in (4, 5))])
+def test_every_filter_a_checkpoint_may_name_equals_its_backend(backend, resample):
+    image = _images()["tall"]
+    prep = QwenVLPreprocess(max_pixels=200_000, backend=backend, resample=resample)
+    processor = _processor(max_pixels=200_000, backend=backend)
+    reference = processor(images=[image], resample=resample, return_tensors="pt")
+    patches, grid = _patches(image, prep)
+    assert list(grid) == reference["image_grid_thw"][0].tolist()
+    assert torch.equal(patches, reference["pixel_values"])
+
+
+@pytest.mark.parametrize("name", ["tall", "extreme", "over_max"])
+def test_the_two_backends_differ_where_the_picture_is_resized(name):
+    """The reason the choice exists: on noise and hard edges the two resize kernels disagree."""
+    image = _images()[name]
+    pil, torchvision = (_patches(image, QwenVLPreprocess(max_pixels=200_000, backend=b))[0] for b in BACKENDS)
+    assert pil.shape == torchvision.shape
+    assert (pil - torchvision).abs().max() > 0.5 / 127.5  # at least a grey level apart somewhere (not rounding)
 
 
 def test_smart_resize_rules():
@@ -63,29 +94,31 @@ def test_smart_resize_rules():
         smart_resize(10, 2500, 32, 0, 10**9)
 
 
-def _reference(visual, images):
-    batch = _processor(max_pixels=200_000)(images=images, return_tensors="pt")
+def _reference(visual, images, backend="pil"):
+    batch = _processor(max_pixels=200_000, backend=backend)(images=images, return_tensors="pt")
     with torch.no_grad():
         out = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
     return out, [tuple(g) for g in batch["image_grid_thw"].tolist()]
 
 
 def _ours(encoder, prep, images):
-    patches, grids = zip(*(patchify(resize_rgb(img, prep), prep) for img in images))
+    patches, grids = zip(*(_patches(img, prep) for img in images))
     with torch.no_grad():
-        return encoder(torch.from_numpy(np.concatenate(patches)), list(grids)), list(grids)
+        return encoder(torch.cat(patches), list(grids)), list(grids)
 
 
 def _rel(a, b) -> float:
     return (torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double())).item()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("names", [["square"], ["wide"], ["tall"], ["small"], ["square", "wide", "tall", "small"]])
-def test_encoder_matches_transformers_in_float32(checkpoint, names):
+def test_encoder_matches_transformers_in_float32(checkpoint, names, backend):
     folder, visual = checkpoint
     encoder, prep = load_qwen3vl(str(folder))
+    prep = dataclasses.replace(prep, backend=backend)
     images = [_images()[n] for n in names]
-    ref, ref_grids = _reference(visual, images)
+    ref, ref_grids = _reference(visual, images, backend)
     ours, grids = _ours(encoder, prep, images)
     assert grids == ref_grids
     assert ours.tokens.shape == ref.pooler_output.shape
@@ -171,16 +204,19 @@ def folder_of_images(tmp_path):
     return folder
 
 
-def _reference_for(visual, path):
-    ref, _ = _reference(visual, [Image.open(path).convert("RGB")])
+def _reference_for(visual, path, backend="pil"):
+    ref, _ = _reference(visual, [Image.open(path).convert("RGB")], backend)
     return ref
 
 
-def test_cli_native_resolution_stores_what_transformers_computes(checkpoint, folder_of_images, tmp_path, cli):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cli_native_resolution_stores_what_transformers_computes(checkpoint, folder_of_images, tmp_path, cli, backend):
     folder, visual = checkpoint
     out = tmp_path / "q.h5"
+    _processor(backend=backend)  # the reference's backend is installed (else skipped)
     result = cli("run", folder_of_images, "-o", out, "--weights", folder, "--features", "deepstack,last_hidden",
-                 "--dtype", "float32", "--out-dtype", "float32", "--batch-size", "4", "--workers", "0", "--json")
+                 "--dtype", "float32", "--out-dtype", "float32", "--batch-size", "4", "--workers", "0", "--json",
+                 "--processor", backend)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["token_shape"] == [-1, 48]  # the count varies per image, as info says
     import vitcore
@@ -190,8 +226,9 @@ def test_cli_native_resolution_stores_what_transformers_computes(checkpoint, fol
         assert f.settings["encoder"]["family"] == "qwen3-vl" and f.settings["compute_dtype"] == "float32"
         offsets, counts = f.h5["token_offset"][:], f.h5["num_tokens"][:]
         assert offsets[0] == 0 and all(offsets[1:] == np.cumsum(counts)[:-1])  # one slice per image
+        assert json.loads(f.h5.attrs["preprocessing"])["backend"] == backend
         for key in f.keys:
-            ref = _reference_for(visual, folder_of_images / key)
+            ref = _reference_for(visual, folder_of_images / key, backend)
             t, h, w = f.h5["grid_thw"][f.index(key)]
             assert f.token_grid(key) == (h // 2, w // 2) and f[key].shape == (h * w // 4, 48)
             assert _rel(torch.from_numpy(f[key]), ref.pooler_output) < 1e-4
@@ -213,12 +250,13 @@ def test_fixed_resolution_pooling_resume_and_shards(checkpoint, folder_of_images
     from vitcore.run.shard import shard_path
 
     folder, visual = checkpoint
-    opts = dict(weights=str(folder), dtype="float32", out_dtype="float32", workers=0, batch_size=2)
+    opts = dict(weights=str(folder), dtype="float32", out_dtype="float32", workers=0, batch_size=2, processor="pil")
     fixed = tmp_path / "fixed.h5"
     vitcore.extract(folder_of_images, fixed, resolution="96", **opts)
     with vitcore.open_tokens(fixed) as f:
         assert not f.ragged and f.h5["tokens"].shape == (4, 9, 48)  # (96/16)² / 4 merged tokens each
-        assert f.describe()["summary"]["preprocessing"] == "resolution 96×96 (fixed), decode full"
+        assert f.describe()["summary"]["preprocessing"] == ("resolution 96×96 (fixed), decode full, "
+                                                            "processor pil (bicubic (Pillow))")
         processor = _processor(min_pixels=96 * 96, max_pixels=96 * 96)
         batch = processor(images=[Image.open(folder_of_images / "tall.png").convert("RGB").resize((96, 96), Image.Resampling.BICUBIC)], return_tensors="pt")
         with torch.no_grad():
@@ -454,7 +492,7 @@ def test_cpu_packs_small_images_together_and_large_ones_alone(checkpoint, folder
         return forward(self, patches, grid_thw)
 
     monkeypatch.setattr(Qwen3VLVisionEncoder, "forward", spy)
-    opts = dict(weights=str(folder), dtype="float32", out_dtype="float32", workers=0, batch_size=4)
+    opts = dict(weights=str(folder), dtype="float32", out_dtype="float32", workers=0, batch_size=4, processor="pil")
     monkeypatch.setattr(qwenvl, "CPU_PACK_PATCHES", 10**9)
     vitcore.extract(folder_of_images, tmp_path / "whole.h5", **opts)
     (patches,) = calls  # 4 images under the limit: one sequence
@@ -483,3 +521,62 @@ def test_pack_groups_rules():
     assert sizes(pack_groups([item(n) for n in (3, 4, 9, 2, 2, 5)], 8)) == [[3, 4], [9], [2, 2], [5]]
     assert sizes(pack_groups([item(n) for n in (3, 4, 9)], None)) == [[3, 4, 9]]
     assert sizes(pack_groups([item(20)], 8)) == [[20]]
+
+
+def test_processor_choice_is_recorded_checked_on_resume_and_followed_by_similar(checkpoint, folder_of_images, tmp_path):
+    """--processor picks transformers' backend; the file records it, --resume refuses the other one
+    (naming the option), and a new image given to `similar` is encoded with the file's backend."""
+    import shutil
+
+    import h5py
+
+    import vitcore
+    from vitcore.consumers.search import encode_like
+    from vitcore.errors import ResumeMismatchError, UsageError
+
+    folder, _ = checkpoint
+    opts = dict(weights=str(folder), dtype="float32", out_dtype="float32", workers=0, batch_size=4)
+    files = {backend: tmp_path / f"{backend}.h5" for backend in BACKENDS}
+    vitcore.extract(folder_of_images, files["torchvision"], **opts)  # the default
+    vitcore.extract(folder_of_images, files["pil"], processor="pil", **opts)
+    means, errors = {}, {}
+    for backend, path in files.items():
+        with vitcore.open_tokens(path) as f:
+            record = f.settings["preprocessing"]
+            assert record["backend"] == backend and record["interpolation"] == \
+                f"bicubic ({'Pillow' if backend == 'pil' else 'torchvision'})"
+            assert f"processor {backend}" in f.describe()["summary"]["preprocessing"]
+            means[backend] = f.mean("tall.png")
+            errors[backend] = np.abs(encode_like(f, str(folder_of_images / "tall.png")) - means[backend]).max()
+    gap = np.abs(means["pil"] - means["torchvision"]).max()
+    assert max(errors.values()) * 10 < gap  # each file's query is its own backend's, not the other's
+
+    with pytest.raises(ResumeMismatchError, match=r"backend: file pil \(--processor pil\), this run torchvision"):
+        vitcore.extract(folder_of_images, files["pil"], resume=True, **opts)
+    vitcore.extract(folder_of_images, files["pil"], resume=True, processor="pil", **opts)
+
+    # A file made before the choice existed followed the Pillow backend; it still resumes and searches as such.
+    old = tmp_path / "old.h5"
+    shutil.copy(files["pil"], old)
+    with h5py.File(old, "r+") as h5:
+        record = json.loads(h5.attrs["preprocessing"])
+        del record["backend"]
+        h5.attrs["preprocessing"] = json.dumps(record, sort_keys=True)
+    vitcore.extract(folder_of_images, old, resume=True, processor="pil", **opts)
+    with pytest.raises(ResumeMismatchError, match="backend"):
+        vitcore.extract(folder_of_images, old, resume=True, **opts)
+    with vitcore.open_tokens(old) as f:
+        assert np.abs(encode_like(f, str(folder_of_images / "tall.png")) - means["pil"]).max() * 10 < gap
+
+    # Box and hamming filters exist only in the Pillow backend; the seed encoders take no --processor.
+    boxed = tmp_path / "boxed"
+    shutil.copytree(folder, boxed)
+    config = json.loads((boxed / "preprocessor_config.json").read_text())
+    (boxed / "preprocessor_config.json").write_text(json.dumps({**config, "resample": 4}))
+    with pytest.raises(UsageError, match="resamples with box, which transformers' torchvision backend cannot do"):
+        vitcore.extract(folder_of_images, tmp_path / "box.h5", **{**opts, "weights": str(boxed)})
+    vitcore.extract(folder_of_images, tmp_path / "box.h5", processor="pil", **{**opts, "weights": str(boxed)})
+    with pytest.raises(UsageError, match="--processor pil is for the Qwen-VL families"):
+        vitcore.extract(folder_of_images, tmp_path / "seed.h5", model="small", processor="pil")
+    with pytest.raises(UsageError, match="--processor"):
+        vitcore.extract(folder_of_images, tmp_path / "x.h5", processor="fast", **opts)

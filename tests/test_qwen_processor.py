@@ -13,6 +13,7 @@ import pytest
 import transformers  # the oracle (a test dependency)
 from PIL import Image
 
+from tests.helpers import BACKENDS, processor_class
 from vitcore.errors import WeightsError
 from vitcore.encoders.qwen.processor import QwenVLPreprocess
 from vitcore.encoders.qwen.checkpoint import image_processor_settings
@@ -68,11 +69,12 @@ def _folder(tmp_path, model_type, files):
     return tmp_path
 
 
-def _transformers(folder):
+def _transformers(folder, backend):
     """transformers' settings and grids for SIZES, or the error it raises (loading or on an image)."""
+    wanted = processor_class(backend).__name__
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(str(folder), backend="pil")
-        if type(processor).__name__ != "Qwen2VLImageProcessorPil":
+        processor = transformers.AutoImageProcessor.from_pretrained(str(folder), backend=backend)
+        if type(processor).__name__ != wanted:
             return f"another class: {type(processor).__name__}"
         grids = [processor(images=[Image.new("RGB", size)], return_tensors="np")["image_grid_thw"][0].tolist()
                  for size in SIZES]
@@ -83,11 +85,12 @@ def _transformers(folder):
                 temporal=processor.temporal_patch_size, resample=RESAMPLE.get(processor.resample, processor.resample))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_processor_settings_are_what_transformers_resolves(tmp_path, name):
+def test_processor_settings_are_what_transformers_resolves(tmp_path, name, backend):
     model_type, files = VARIANTS[name]
     folder = _folder(tmp_path, model_type, files)
-    expected = _transformers(folder)
+    expected = _transformers(folder, backend)
     if isinstance(expected, str):  # transformers cannot use this folder: neither do we, in one line
         with pytest.raises(WeightsError) as refused:
             image_processor_settings(str(folder), model_type)
@@ -114,5 +117,5 @@ def test_the_table_covers_both_outcomes():
 
     for model_type, files in VARIANTS.values():
         with tempfile.TemporaryDirectory() as tmp:
-            outcomes["refused" if isinstance(_transformers(_folder(Path(tmp), model_type, files)), str) else "read"] += 1
+            outcomes["refused" if isinstance(_transformers(_folder(Path(tmp), model_type, files), "pil"), str) else "read"] += 1
     assert outcomes["refused"] >= 5 and outcomes["read"] >= 12, outcomes

@@ -8,5 +8,7 @@ from the CLI keeps ``vit-extract --help`` instant.
 POOLING_MODES = ("none", "mean", "max")
 RESIZE_MODES = ("squash", "crop", "pad")
 DECODE_MODES = ("draft", "full", "gpu")
+# Qwen-VL: which of transformers' two image-processor backends the pixels follow (its backend= names)
+PROCESSOR_BACKENDS = ("torchvision", "pil")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # compute dtype; auto picks per device
 OUT_DTYPES = ("float16", "float32")  # stored dtype

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, RESIZE_MODES
+from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, PROCESSOR_BACKENDS, RESIZE_MODES
 from vitcore.errors import UsageError
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -90,11 +90,14 @@ class EncoderOptions:
     decode: str | None = None  # None: the family's default
     resolution: str = "native"
     features: tuple[str, ...] = ()
+    processor: str | None = None  # Qwen-VL: torchvision or pil; None: the family's default
 
     def __post_init__(self) -> None:
         _one_of("--resize", self.resize, RESIZE_MODES)
         if self.decode is not None:
             _one_of("--decode", self.decode, DECODE_MODES)
+        if self.processor is not None:
+            _one_of("--processor", self.processor, PROCESSOR_BACKENDS)
         check_seed(self.seed)
 
 
@@ -164,6 +167,7 @@ class ExtractOptions:
     decode: str | None = None  # draft | full | gpu; None: the family's default
     resolution: str = "native"  # native-resolution families: native (the processor's rule) or N (N × N)
     features: tuple[str, ...] = ()  # a family's extra outputs (see its --features)
+    processor: str | None = None  # Qwen-VL: torchvision | pil (transformers' backends); None: torchvision
     batch_size: int | str = "auto"
     workers: int | None = None  # None: min(8, CPUs available)
     device: str = "auto"

@@ -68,8 +68,19 @@ def _difference(then, now) -> str:
         before = after = None
     if isinstance(before, dict) and isinstance(after, dict):
         keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        return "; ".join(f"{k}: file {_short(before.get(k))}, this run {_short(after.get(k))}" for k in keys[:4])
+        return "; ".join(f"{k}: file {_short(before.get(k))}{_option_for(k, before)}, this run {_short(after.get(k))}"
+                         for k in keys[:4])
     return f"file: {_short(then)}; this run: {_short(now)}"
+
+
+# Preprocessing keys a user sets with an option of the same run (the rest come from the weights).
+OPTION_OF = {"backend": "--processor", "decode": "--decode", "resolution": "--resolution", "resize": "--resize"}
+
+
+def _option_for(key: str, before: dict) -> str:
+    """' (--processor pil)': the option that gives the file's value, where one does."""
+    option = OPTION_OF.get(key)
+    return f" ({option} {before[key]})" if option and isinstance(before.get(key), str) else ""
 
 
 def _short(value) -> str:

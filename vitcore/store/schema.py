@@ -133,10 +133,13 @@ OLD_HIGH_BIT_DEPTH = "I;16 /257; I and F by value range (see README)"  # what 0.
 
 def _preprocessing_key(text: str) -> str:
     """Files made by 0.1.0 describe their high-bit-depth rule in older words; for every 8-bit
-    picture (and I;16) the rule is the same, so those files still resume."""
+    picture (and I;16) the rule is the same, so those files still resume. Qwen-VL files made before
+    the processor backend was a choice followed the Pillow backend."""
     record = json.loads(text)
     if record.get("high_bit_depth") == OLD_HIGH_BIT_DEPTH:
         record["high_bit_depth"] = HIGH_BIT_DEPTH
+    if "merge_size" in record and "backend" not in record:
+        record["backend"] = "pil"
     return json.dumps(record, sort_keys=True)
 
 

@@ -31,6 +31,11 @@ def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
+def recorded_backend(preprocessing: dict) -> str:
+    """The processor backend a file's rows follow (files made before the choice existed: pil)."""
+    return preprocessing.get("backend", "pil")
+
+
 def checkpoint_model_type(folder) -> str | None:
     """config.json's model_type of a folder, or None."""
     return (checkpoint_config(folder) or {}).get("model_type")
@@ -101,10 +106,14 @@ class QwenVLFamily:
 
     def record(self, opts, device):
         """From the checkpoint's JSON files and a hash of its vision tensors' bytes (no tower is built)."""
-        from vitcore.encoders.qwen.processor import QwenVLPreprocess  # torch: only once a run is under way
+        from vitcore.encoders.qwen.processor import DEFAULT_BACKEND, TORCH_MODES, QwenVLPreprocess
 
         cfg, settings = read_tower_config(opts.weights, self.config.from_hf, self.label)
-        prep = QwenVLPreprocess.from_settings(settings)
+        prep = QwenVLPreprocess.from_settings(settings, backend=opts.processor or DEFAULT_BACKEND)
+        if prep.backend == "torchvision" and prep.resample not in TORCH_MODES:
+            raise UsageError(f"--processor torchvision: {opts.weights}'s image processor resamples with "
+                             f"{prep.interpolation.split()[0]}, which transformers' torchvision backend cannot do; "
+                             "use --processor pil")
         if opts.resolution != "native":
             try:
                 side = int(opts.resolution)
@@ -129,7 +138,7 @@ class QwenVLFamily:
         if "deepstack" in opts.features:
             outputs += [spec(f"features/deepstack_{j}", cfg.out_width) for j in range(cfg.deepstack_levels)]
         recorded = dataclasses.asdict(prep)
-        recorded.pop("resample")  # recorded as its name, as files have always said "bicubic (Pillow)"
+        recorded.pop("resample")  # recorded by name: "bicubic (torchvision)", "bicubic (Pillow)"
         preprocessing = json.dumps({**recorded, "decode": decode, "resolution": opts.resolution,
                                     "interpolation": prep.interpolation}, sort_keys=True)
         weights = WeightsInfo(source="file", path=os.path.abspath(opts.weights),
@@ -189,7 +198,7 @@ class QwenVLFamily:
         prep = settings["preprocessing"]
         # The weights' hash does not cover the processor's settings: they must still be the file's.
         _, resolved = read_tower_config(folder, self.config.from_hf, self.label)
-        now = QwenVLPreprocess.from_settings(resolved)
+        now = QwenVLPreprocess.from_settings(resolved, backend=recorded_backend(prep))
         changed = [name for name in PROCESSOR_FIELDS if _plain(getattr(now, name)) != _plain(prep.get(name))]
         if now.interpolation != prep.get("interpolation", "bicubic (Pillow)"):
             changed.append("resample")
@@ -199,7 +208,7 @@ class QwenVLFamily:
                 "cannot encode a new image as its rows were"
             )
         return EncoderOptions(model=self.name, weights=folder, decode=prep.get("decode", "full"),
-                              resolution=str(prep.get("resolution", "native")))
+                              resolution=str(prep.get("resolution", "native")), processor=recorded_backend(prep))
 
     def describe(self, settings: dict) -> dict:
         enc, prep = settings["encoder"], settings["preprocessing"]
@@ -210,7 +219,8 @@ class QwenVLFamily:
                        f"out {enc[out]}",
             "preprocessing": (f"resolution {prep['resolution']} (pixels {prep['min_pixels']}–{prep['max_pixels']})"
                               if prep["resolution"] == "native" else
-                              f"resolution {prep['resolution']}×{prep['resolution']} (fixed)") + f", decode {prep['decode']}",
+                              f"resolution {prep['resolution']}×{prep['resolution']} (fixed)")
+                             + f", decode {prep['decode']}, processor {recorded_backend(prep)} ({prep.get('interpolation')})",
         }
 
     def framed(self, picture, preprocessing: dict):

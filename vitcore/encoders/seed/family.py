@@ -37,6 +37,9 @@ class SeedFamily:
         if opts.resolution != "native":
             raise UsageError("--resolution is not taken by the seed encoders: their input size is part of "
                              "the model (image_size in a custom spec); see --resize")
+        if opts.processor is not None:
+            raise UsageError(f"--processor {opts.processor} is for the Qwen-VL families (which of transformers' "
+                             "image-processor backends to follow); the seed encoders have their own preprocessing")
 
     def record(self, opts, device):
         """The config from --model / --weights (a weights file is read for its config and hashed,
