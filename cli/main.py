@@ -378,15 +378,18 @@ def similar(
 def merge_command(
     shards: Annotated[list[Path], typer.Argument(metavar="SHARDS", help="Shard files written with --shard I/N (all N of them).", exists=True, dir_okay=False)],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The combined HDF5 file to write.", dir_okay=False)],
-    copy: Annotated[bool, typer.Option("--copy", help="Copy the tokens into one self-contained file instead of virtual datasets over the shards.")] = False,
+    virtual: Annotated[bool, typer.Option("--virtual", help="Write HDF5 virtual datasets over the shards instead of a copy: no second copy of the tokens, but the shards must stay beside it, every read opens one file per shard, and plain h5py reads a shard it cannot open as NaN without an error.")] = False,
+    copy: Annotated[bool, typer.Option("--copy", hidden=True, help="A self-contained copy (the default; kept for older scripts).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
-    """Combine shard files into one output that reads like a single run."""
+    """Combine shard files into one self-contained output that reads like a single run."""
     from vitcore.store.merge import merge  # h5py, numpy: not for --help
 
     try:
-        result = merge(str(output), [str(s) for s in shards], copy=copy, overwrite=overwrite)
+        if copy and virtual:
+            raise UsageError("--copy and --virtual contradict each other (a copy is the default)")
+        result = merge(str(output), [str(s) for s in shards], virtual=virtual, overwrite=overwrite)
     except VitExtractError as error:
         raise _fail(error, as_json)
     if as_json:

@@ -207,7 +207,12 @@ def test_container_usage_errors_are_one_line(tmp_path):
         vitcore.extract([shard], tmp_path / "kept.h5", EXACT, keep="txt,json", resume=True)
 
 
-def test_shards_and_merge_over_tar_shards_equal_one_run(tmp_path):
+def test_shards_and_merge_over_tar_shards_equal_one_run(tmp_path, monkeypatch):
+    from vitcore.store import merge as merging
+
+    # merge copies in blocks (memory near one block): blocks smaller than a shard, so several are used
+    monkeypatch.setattr(merging, "TEXT_BLOCK", 2)
+    monkeypatch.setattr(merging, "COPY_BLOCK", 3)
     shards = write_shards(tmp_path / "data", _pictures(13), per_shard=5)
     single = tmp_path / "single.h5"
     vitcore.extract(shards, single, EXACT, keep="txt")
@@ -217,9 +222,9 @@ def test_shards_and_merge_over_tar_shards_equal_one_run(tmp_path):
         vitcore.extract(shards, part, EXACT, keep="txt", shard=(i, 3))
     with vitcore.open_tokens(parts[1]) as f:  # a range of members, cutting across the tar files
         assert f.keys[0].endswith("/00000.tar/000000004.jpg") and f.keys[-1].endswith("/00001.tar/000000007.jpg")
-    for copy in (False, True):
-        merged = tmp_path / f"merged{copy}.h5"
-        merge(str(merged), parts, copy=copy)
+    for virtual in (False, True):
+        merged = tmp_path / f"merged{virtual}.h5"
+        merge(str(merged), parts, virtual=virtual)
         with vitcore.open_tokens(merged) as f, vitcore.open_tokens(single) as g:
             assert f.keys == g.keys and f.meta("txt") == g.meta("txt") and f.meta_names == ["txt"]
             for key in g.keys:

@@ -78,16 +78,16 @@ def test_every_shard_then_merge_equals_one_run(images, tmp_path, count):
     for i in range(count):
         shards.append(shard_path(str(out), i, count))
         vitcore.extract([images], shards[-1], EXACT, shard=(i, count))
-    result = merge(str(out), shards)
+    result = merge(str(out), shards, virtual=True)
     assert result.rows == 29 and result.failed == 1 and result.virtual
     _assert_same(out, single)
     with h5py.File(out, "r") as f:
         assert f["tokens"].is_virtual and f.attrs["complete"] and f.attrs["merged"] == "virtual"
     copied = tmp_path / "copied.h5"
-    merge(str(copied), shards, copy=True)
+    assert not merge(str(copied), shards).virtual  # the default: a self-contained copy
     _assert_same(copied, single)
     with h5py.File(copied, "r") as f:
-        assert not f["tokens"].is_virtual
+        assert not f["tokens"].is_virtual and f.attrs["merged"] == "copy"
     with vitcore.open_tokens(out) as f:
         summary = f.describe()
         assert [s["state"] for s in summary["shards"]] == ["complete"] * count
@@ -138,7 +138,7 @@ def test_merged_folder_can_be_moved(images, tmp_path):
     shards = [shard_path(str(out), i, 2) for i in range(2)]
     for i in range(2):
         vitcore.extract([images], shards[i], EXACT, shard=(i, 2))
-    merge(str(out), shards)
+    merge(str(out), shards, virtual=True)  # the views name their shards by relative paths
     expected = _content(out)[1]
     moved = tmp_path / "moved"
     shutil.move(str(work), str(moved))
@@ -217,7 +217,7 @@ def test_a_virtual_merge_refuses_to_read_through_changed_or_missing_shards(image
     shards = [shard_path(out, i, 3) for i in range(3)]
     for i in range(3):
         vitcore.extract([images], shards[i], EXACT, shard=(i, 3))
-    merge(out, shards)
+    merge(out, shards, virtual=True)
     with pytest.raises(UsageError, match="one of the shards"):
         merge(shards[0], shards, overwrite=True)
     vitcore.extract([images], shards[1], EXACT, shard=(1, 3), overwrite=True, seed=5)  # same rows, new file
@@ -311,9 +311,9 @@ def test_a_virtual_merge_never_reads_fill_values_for_shards_it_could_not_open(tm
     shards = [shard_path(str(out), i, 40) for i in range(40)]
     for i in range(40):
         vitcore.extract([folder], shards[i], EXACT, shard=(i, 40))
-    merge(str(out), shards)
+    merge(str(out), shards, virtual=True)
     copy = tmp_path / "copy.h5"
-    merge(str(copy), shards, copy=True)
+    merge(str(copy), shards)
     with vitcore.open_tokens(copy) as f:
         expected = float(np.stack([f[k] for k in f.keys]).sum())
 
@@ -327,4 +327,44 @@ def test_a_virtual_merge_never_reads_fill_values_for_shards_it_could_not_open(tm
     assert raised == {"rows": 40, "finite": True, "sum": pytest.approx(expected, rel=1e-6)}
     refused = read(30, 30)  # the hard limit is too low: refused, with the way out
     assert "needs 104 open files, but this system allows 30" in refused["error"]
-    assert "merge --copy" in refused["error"]
+    assert "without --virtual" in refused["error"]
+
+    # The default merge is a copy: plain h5py reads every row under the same limit, and so do
+    # `info` and `similar`; the virtual view reads NaN for the shards it could not open, silently,
+    # which is why it is not the default.
+    def plain(path, soft):
+        done = subprocess.run([sys.executable, "-c", _PLAIN_H5PY_UNDER_A_LIMIT, str(path), str(soft)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    assert plain(copy, 30) == {"rows": 40, "nan_rows": 0, "sum": pytest.approx(expected, rel=1e-6)}
+    assert plain(out, 30)["nan_rows"] > 0
+    for command in (["info", str(copy), "--json"], ["similar", str(copy), "07.png", "-k", "1", "--json"]):
+        done = subprocess.run([sys.executable, "-c", _CLI_UNDER_A_LIMIT, "30", *command],
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+        assert done.returncode == 0, done.stderr[-2000:]
+        answer = json.loads(done.stdout)
+        assert answer["rows"] == 40 if command[0] == "info" else answer[0]["key"] == "07.png"
+
+
+_PLAIN_H5PY_UNDER_A_LIMIT = """
+import json, resource, sys
+import h5py, numpy as np
+soft = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, soft))
+with h5py.File(sys.argv[1], "r") as f:  # plain h5py, as a user's script reads it
+    tokens = f["tokens"][:]
+nan = np.isnan(tokens).reshape(len(tokens), -1).any(axis=1)
+print(json.dumps({"rows": len(tokens), "nan_rows": int(nan.sum()), "sum": float(tokens[~nan].sum())}))
+"""
+
+_CLI_UNDER_A_LIMIT = """
+import resource, sys
+soft = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, soft))
+from vitcore.cli.main import main
+sys.argv = ["vit-extract", *sys.argv[2:]]
+main()
+"""
+

@@ -5,6 +5,7 @@ with every start method."""
 from __future__ import annotations
 
 import multiprocessing
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,13 @@ def test_tokens_are_placed_as_the_model_places_its_own(cached):
 def test_vllm_embeds_hold_the_tokens_then_each_deepstack_level(cached):
     family, _, _, out = cached
     outputs, grid = vitcore.encoder_outputs(out, ["wide.png", "tall.png"])
-    embeds = vitcore.vllm_image_embeds(out, ["wide.png", "tall.png"])
+    with vitcore.open_tokens(out) as f:
+        backend = f.settings["preprocessing"]["backend"]
+    with warnings.catch_warnings(record=True) as caught:  # vLLM's pixels come from the torchvision backend
+        warnings.simplefilter("always")
+        embeds = vitcore.vllm_image_embeds(out, ["wide.png", "tall.png"])
+    said = [str(w.message) for w in caught if "vLLM makes its own pixels" in str(w.message)]
+    assert len(said) == (backend == "pil") and all("--processor pil" in text for text in said)
     tokens = torch.cat(outputs.pooler_output)
     levels = getattr(outputs, "deepstack_features", None) or []
     assert embeds["image_grid_thw"].dtype == torch.int64 and torch.equal(embeds["image_grid_thw"], grid)
@@ -270,7 +277,7 @@ def test_a_merged_file_whose_shard_went_missing_is_refused_not_read_as_nan(tmp_p
     parts = [shard_path(str(out), i, 2) for i in range(2)]
     for i, part in enumerate(parts):
         vitcore.extract([SAMPLES], part, model=TINY, shard=(i, 2), **EXACT)
-    merge(str(out), parts)
+    merge(str(out), parts, virtual=True)
     dataset = vitcore.TokenDataset(out)
     Path(parts[1]).rename(tmp_path / "moved.h5")
     with pytest.raises(vitcore.VitExtractError, match="missing"):

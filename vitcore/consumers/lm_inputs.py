@@ -17,6 +17,7 @@ README, "Training and serving on cached tokens").
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -139,6 +140,12 @@ def vllm_image_embeds(path: str | os.PathLike, keys=None, dtype: torch.dtype | N
     (1 + DeepStack levels): each token's merged output followed by its DeepStack features,
     the layout vLLM's Qwen3-VL model splits again (see the README)."""
     outputs, grid = encoder_outputs(path, keys, dtype)
+    with TokenFile(path) as f:
+        backend = f.settings["preprocessing"].get("backend", "pil")  # files before the choice: Pillow
+    if backend != "torchvision":
+        warnings.warn(f"{path} was made with --processor {backend}; vLLM makes its own pixels with transformers' "
+                      "torchvision processor, so these tokens are not exactly what it would compute from the "
+                      "images (extract with --processor torchvision to match)", stacklevel=2)
     tokens = torch.cat(list(outputs.pooler_output))
     if getattr(outputs, "deepstack_features", None):
         tokens = torch.cat([tokens, *[torch.cat(list(level)) for level in outputs.deepstack_features]], dim=-1)

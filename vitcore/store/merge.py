@@ -1,9 +1,10 @@
 """Combining shard files into one output with the single-run schema.
 
-By default the large arrays (tokens, mean, layers/K) become HDF5 virtual datasets over the shards,
-named by paths relative to the merged file (the folder can be moved as a whole); the small
-per-image datasets and the failures are written for real. ``copy=True`` writes everything into
-one self-contained file instead.
+By default everything is copied into one self-contained file, read in blocks (memory stays near
+one block whatever the shards hold). ``virtual=True`` makes the large arrays (tokens, mean,
+layers/K) HDF5 virtual datasets over the shards instead, named by paths relative to the merged
+file: no copy, but every read needs the shards beside it and one open file per shard, and plain
+h5py reads a shard it cannot open as NaN, silently (vit-extract's readers refuse such a read).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from vitcore.store.schema import (
 )
 from vitcore.store.writer import BUILDING_SUFFIX
 
-COPY_BLOCK = 256  # rows per read/write when copying
+COPY_BLOCK = 256  # rows per read/write when copying tokens
+TEXT_BLOCK = 65536  # strings per read/write (paths, errors, meta/<name>)
 
 
 @dataclass
@@ -96,8 +98,9 @@ def _check_compatible(shards: list[_Shard]) -> None:
         raise UsageError(f"cannot merge: no shard covers inputs {expected_start}–{first.record['total']}")
 
 
-def merge(output: str, shard_paths: list[str], copy: bool = False, overwrite: bool = False) -> MergeResult:
-    """Check the shards and write OUT; refuses gaps, overlaps, duplicates and mismatched settings."""
+def merge(output: str, shard_paths: list[str], virtual: bool = False, overwrite: bool = False) -> MergeResult:
+    """Check the shards and write OUT, a copy (or with ``virtual``, views over the shards); refuses
+    gaps, overlaps, duplicates and mismatched settings."""
     if not shard_paths:
         raise UsageError("merge needs at least one shard file")
     check_output(output, resume=False, overwrite=overwrite, can_resume=False)
@@ -111,14 +114,14 @@ def merge(output: str, shard_paths: list[str], copy: bool = False, overwrite: bo
     building = output + BUILDING_SUFFIX
     try:
         with h5py.File(building, "w") as out:
-            _write_merged(out, output, shards, copy)
+            _write_merged(out, output, shards, not virtual)
         os.replace(building, output)
     except OSError as err:
         raise VitExtractError(f"cannot write {output}: {err}") from None
     finally:
         if os.path.exists(building):
             os.unlink(building)
-    return MergeResult(output, sum(s.rows for s in shards), sum(s.failed for s in shards), len(shards), not copy)
+    return MergeResult(output, sum(s.rows for s in shards), sum(s.failed for s in shards), len(shards), virtual)
 
 
 def _big_dataset(out, name, shards, handles, lengths, out_dir: str, copy: bool, flat: bool) -> None:
@@ -169,41 +172,43 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
 
 
 def _merge_row_info(out: h5py.File, shards: list[_Shard], handles, roots: list[str]) -> int:
-    """The small per-image datasets and the failures, written for real with root indices remapped;
-    the number of failures."""
-    paths, root_index, sizes = [], [], []
-    failed_paths, failed_errors, failed_roots = [], [], []
+    """The small per-image datasets and the failures, written for real with root indices remapped,
+    shard by shard and block by block (never every string at once); the number of failures."""
+    rows, failed = sum(s.rows for s in shards), sum(s.failed for s in shards)
+    text = lambda name, n: out.create_dataset(name, (n,), dtype=STRING, maxshape=(None,))  # noqa: E731
+    paths, errors, failed_paths = text("paths", rows), text("failed/errors", failed), text("failed/paths", failed)
+    root_index = out.create_dataset("root_index", (rows,), np.int32, maxshape=(None,))
+    failed_roots = out.create_dataset("failed/root_index", (failed,), np.int32, maxshape=(None,))
+    image_size = out.create_dataset("image_size", (rows, 2), np.int32, maxshape=(None, 2))
+    metas = {name: text(f"meta/{name}", rows) for name in json.loads(stored_value(handles[0].attrs, BY_NAME["meta"]))}
+    grids = out.create_dataset("grid_thw", (rows, 3), np.int32, maxshape=(None, 3)) if "grid_thw" in handles[0] else None
     seen: set[bytes] = set()
+    at = failed_at = 0
     for shard, h5 in zip(shards, handles):
         remap = np.asarray([roots.index(r) for r in shard.settings["roots"]], dtype=np.int32)
-        n, m = shard.rows, shard.failed
-        keys = list(h5["paths"].asstr()[:n])
-        index = h5["root_index"][:n]
-        for key, i in zip(keys, index):
-            identity = identity_of(shard.settings["roots"][i], key)
-            if identity in seen:
-                raise UsageError(f"cannot merge: {key} appears in more than one shard")
-            seen.add(identity)
-        paths += keys
-        root_index.append(remap[index] if n else np.empty(0, np.int32))
-        sizes.append(h5["image_size"][:n])
-        failed_paths += list(h5["failed/paths"].asstr()[:m])
-        failed_errors += list(h5["failed/errors"].asstr()[:m])
-        failed_roots.append(remap[h5["failed/root_index"][:m]] if m else np.empty(0, np.int32))
-
-    out.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STRING, maxshape=(None,))
-    out.create_dataset("root_index", data=np.concatenate(root_index).astype(np.int32), maxshape=(None,))
-    out.create_dataset("image_size", data=np.concatenate(sizes).astype(np.int32).reshape(-1, 2), maxshape=(None, 2))
-    out.create_dataset("failed/paths", data=np.asarray(failed_paths, dtype=object), dtype=STRING, maxshape=(None,))
-    out.create_dataset("failed/errors", data=np.asarray(failed_errors, dtype=object), dtype=STRING, maxshape=(None,))
-    out.create_dataset("failed/root_index", data=np.concatenate(failed_roots).astype(np.int32), maxshape=(None,))
-    for name in json.loads(stored_value(handles[0].attrs, BY_NAME["meta"])):  # --keep / --columns text
-        texts = [t for s, h5 in zip(shards, handles) for t in (h5[f"meta/{name}"].asstr()[: s.rows] if s.rows else [])]
-        out.create_dataset(f"meta/{name}", data=np.asarray(texts, dtype=object), dtype=STRING, maxshape=(None,))
-    if "grid_thw" in handles[0]:
-        grids = [h5["grid_thw"][: s.rows] for s, h5 in zip(shards, handles)]
-        out.create_dataset("grid_thw", data=np.concatenate(grids).astype(np.int32).reshape(-1, 3), maxshape=(None, 3))
-    return len(failed_paths)
+        for start in range(0, shard.rows, TEXT_BLOCK):
+            stop = min(start + TEXT_BLOCK, shard.rows)
+            keys, index = h5["paths"].asstr()[start:stop], h5["root_index"][start:stop]
+            for key, i in zip(keys, index):
+                identity = identity_of(shard.settings["roots"][i], key)
+                if identity in seen:
+                    raise UsageError(f"cannot merge: {key} appears in more than one shard")
+                seen.add(identity)
+            block = slice(at + start, at + stop)
+            paths[block], root_index[block] = keys, remap[index]
+            image_size[block] = h5["image_size"][start:stop]
+            for name, target in metas.items():
+                target[block] = h5[f"meta/{name}"].asstr()[start:stop]
+            if grids is not None:
+                grids[block] = h5["grid_thw"][start:stop]
+        for start in range(0, shard.failed, TEXT_BLOCK):
+            stop = min(start + TEXT_BLOCK, shard.failed)
+            block = slice(failed_at + start, failed_at + stop)
+            failed_paths[block] = h5["failed/paths"].asstr()[start:stop]
+            errors[block] = h5["failed/errors"].asstr()[start:stop]
+            failed_roots[block] = remap[h5["failed/root_index"][start:stop]]
+        at, failed_at = at + shard.rows, failed_at + shard.failed
+    return failed
 
 
 def _merge_arrays(out: h5py.File, shards: list[_Shard], handles, out_dir: str, copy: bool) -> None:

@@ -102,7 +102,7 @@ class StoredTokens:
                 allow_open_files(len(shards), f"reading {self.path}, a virtual view over {len(shards)} shard files")
             except VitExtractError as err:
                 self.h5.close()
-                raise VitExtractError(f"{err}; `vit-extract merge --copy` them into one file") from None
+                raise VitExtractError(f"{err}; `vit-extract merge` them again without --virtual: one self-contained file") from None
             # HDF5 reads a missing shard as NaN, or even a same-named file in the working directory:
             # refuse unless every shard is the very file that was merged.
             bad = [s for s in self._shard_states(shards) if s["state"] != "complete"]

@@ -31,7 +31,7 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
         if attrs.get("merged") == "virtual":
             raise ResumeMismatchError(
                 f"cannot resume {path}: it is a virtual view over shard files; rerun the launch that made "
-                "the shards (they resume) and merge again, or `merge --copy` it into a file that can grow"
+                "the shards (they resume) and merge again, or merge without --virtual into a file that can grow"
             )
         if int(attrs["schema_version"]) != SCHEMA_VERSION:
             raise ResumeMismatchError(
