@@ -241,6 +241,7 @@ def test_symlink_loop_terminates(tmp_path, link, target):
     found = discover([root])
     assert keys(found) == ["a.jpg", "sub/b.jpg", "sub/deep/c.jpg"]
     assert found.skipped_duplicates == 0
+    assert found.entries_passed_over == {"folder_link_walked": 1}  # said in the summary, not skipped silently
 
 
 def test_symlinked_folder_followed(tmp_path):
@@ -258,6 +259,7 @@ def test_two_links_to_one_folder_deterministic(tmp_path, monkeypatch):
     os.symlink("real", root / "alias")
     first = discover([root])
     assert len(first.sources) == 2 and "top.jpg" in keys(first)
+    assert first.entries_passed_over == {"folder_link_walked": 1}
     reversed_scandir(monkeypatch)
     second = discover([root])
     assert keys(second) == keys(first)

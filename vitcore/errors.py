@@ -27,8 +27,8 @@ class OutputExistsError(UsageError):
     """The output file exists and neither --resume nor --overwrite was given."""
 
 
-class ResumeMismatchError(VitExtractError):
-    """--resume was asked for a file made with different settings."""
+class ResumeMismatchError(UsageError):
+    """--resume was asked for a file made with different settings (a settings refusal: exit 2)."""
 
 
 class WeightsError(VitExtractError):

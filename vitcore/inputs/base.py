@@ -77,6 +77,30 @@ class PassedOver(UsageError):
     refused when named, passed over (and counted, by its kind's passed_over_note) when found in a folder."""
 
 
+# What discovery passes over that is not a file of another extension, by kind (the summary says each).
+ENTRY_KINDS = {
+    "folder_link_walked": "folder links not followed (a symlink loop, or a second link to a folder already walked)",
+    "tar_directory": "directory entries inside tars",
+    "tar_special": "links and special entries inside tars, not named as images",
+}
+
+
+@dataclass
+class NotTaken:
+    """What discovery passed over, counted: files and tar members by extension (--ext takes others),
+    and entries that are not files by their kind (ENTRY_KINDS). Nothing is passed over unsaid."""
+
+    by_extension: dict[str, int] = field(default_factory=dict)
+    entries: dict[str, int] = field(default_factory=dict)
+
+    def extension(self, ext: str) -> None:
+        self.by_extension[ext] = self.by_extension.get(ext, 0) + 1
+
+    def entry(self, kind: str) -> None:
+        assert kind in ENTRY_KINDS, kind
+        self.entries[kind] = self.entries.get(kind, 0) + 1
+
+
 @dataclass
 class Discovery:
     sources: list  # the inputs: files.Source, tar.TarMember, parquet.ParquetRow, …
@@ -87,6 +111,7 @@ class Discovery:
     empty: list[str] = field(default_factory=list)  # container files that hold no image, each "PATH holds no …"
     notes: list[str] = field(default_factory=list)  # what was passed over, counted (for the summary)
     passed_over: dict[str, int] = field(default_factory=dict)  # extension → files in folders not taken (--ext)
+    entries_passed_over: dict[str, int] = field(default_factory=dict)  # ENTRY_KINDS name → entries not taken
     image_columns: tuple[str, ...] = ()  # the columns the images inside container files are read from (Parquet)
 
 

@@ -4,7 +4,7 @@ Loose files are files.py's; the files that hold many images are each a container
 listed in CONTAINERS that answers
 
     claims(name)                                  is a file of this name mine?
-    scan(path, key, root_index, exts, options, passed_over)
+    scan(path, key, root_index, exts, options, not_taken)
                                                   → (its inputs in its own order, an Unlisted
                                                     record of what could not be read, or None);
                                                     what it holds but passes over, counted by extension
@@ -24,7 +24,7 @@ from typing import BinaryIO, Iterable
 
 from vitcore.errors import UsageError
 from vitcore.inputs import parquet, tar
-from vitcore.inputs.base import Discovery, PassedOver, Unlisted, escape_key, open_regular, path_identity, source_path, unescape_key
+from vitcore.inputs.base import Discovery, NotTaken, PassedOver, Unlisted, escape_key, open_regular, path_identity, source_path, unescape_key
 from vitcore.inputs.files import Source, read_file_list, walk
 from vitcore.options import ContainerOptions, parse_extensions
 
@@ -59,7 +59,7 @@ def discover(
             root = os.path.abspath(given)
             index = found.root_index(root)
             files, unreadable = walk(root, found.exts, seen_dirs, lambda name: container_for(name) is not None,
-                                     found.by_extension)
+                                     found.not_taken)
             for rel in files:
                 found.take(index, rel, os.path.join(root, rel), named=False)
             found.unlisted += [Unlisted(escape_key(os.path.join(rel, "") if rel else "./"), index, reason)
@@ -104,7 +104,7 @@ class _Found:
     containers: set[bytes] = field(default_factory=set)
     empty: list[str] = field(default_factory=list)
     passed_over_by_kind: dict = field(default_factory=dict)  # container kind → keys of its files with no images
-    by_extension: dict[str, int] = field(default_factory=dict)  # files (and tar members) not taken, by extension
+    not_taken: NotTaken = field(default_factory=NotTaken)  # files (and tar members) not taken, counted
 
     def root_index(self, root: str) -> int:
         if root not in self.roots:
@@ -119,7 +119,7 @@ class _Found:
             return                                                                 # its own failure record
         self.containers.add(path_identity(path))
         try:
-            inside, problem = kind.scan(path, key, index, self.exts, self.options, self.by_extension)
+            inside, problem = kind.scan(path, key, index, self.exts, self.options, self.not_taken)
         except PassedOver:
             if named:
                 raise
@@ -141,9 +141,11 @@ class _Found:
             seen.add(source.identity)
             sources.append(source)
         notes = [kind.passed_over_note(keys) for kind, keys in self.passed_over_by_kind.items()]
-        by_extension = {ext: n for ext, n in self.by_extension.items() if ext not in self.options.keep}  # sidecars are used
+        by_extension = {ext: n for ext, n in self.not_taken.by_extension.items()
+                        if ext not in self.options.keep}  # sidecars are used
         return Discovery(sources=sources, roots=self.roots, skipped_duplicates=duplicates, unlisted=self.unlisted,
                          containers=self.containers, empty=self.empty, notes=notes, passed_over=by_extension,
+                         entries_passed_over=dict(self.not_taken.entries),
                          image_columns=tuple(sorted({s.column for s in sources if hasattr(s, "column")})))
 
 

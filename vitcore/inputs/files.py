@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
-from vitcore.inputs.base import open_regular, path_identity
+from vitcore.inputs.base import NotTaken, open_regular, path_identity
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,11 @@ def read_file_list(handle: BinaryIO) -> list[str]:
 
 
 def walk(root: str, exts: tuple[str, ...], seen_dirs: set[str], is_container: Callable[[str], bool],
-         passed_over: dict[str, int]) -> tuple[list[str], list[tuple[str, str]]]:
+         not_taken: NotTaken) -> tuple[list[str], list[tuple[str, str]]]:
     """Relative paths of the files under root with one of ``exts`` or that ``is_container`` takes,
     each real directory visited once; and the folders that could not be listed, with the reason
-    (relative path, one line). The other files are counted by extension in ``passed_over``."""
+    (relative path, one line). The other files are counted by extension, and the folder links
+    not followed by kind, in ``not_taken``."""
     out: list[str] = []
     unreadable: list[tuple[str, str]] = []
     stack = [""]
@@ -64,8 +65,10 @@ def walk(root: str, exts: tuple[str, ...], seen_dirs: set[str], is_container: Ca
         rel_dir = stack.pop()
         directory = os.path.join(root, rel_dir) if rel_dir else root
         real = os.path.realpath(directory)
-        if real in seen_dirs:
-            continue  # a symlink loop or a second link to a folder already walked
+        if real in seen_dirs:  # a symlink loop or a second link to a folder already walked
+            if rel_dir:  # (a root given twice is the same input twice, not a link)
+                not_taken.entry("folder_link_walked")
+            continue
         seen_dirs.add(real)
         try:
             # Sorted, and sub-folders pushed in reverse below, so the walk order (and which name
@@ -87,7 +90,6 @@ def walk(root: str, exts: tuple[str, ...], seen_dirs: set[str], is_container: Ca
             elif ("." in entry.name and entry.name.rpartition(".")[2].lower() in exts) or is_container(entry.name):
                 out.append(rel)
             else:
-                ext = entry.name.rpartition(".")[2].lower() if "." in entry.name else "(no extension)"
-                passed_over[ext] = passed_over.get(ext, 0) + 1
+                not_taken.extension(entry.name.rpartition(".")[2].lower() if "." in entry.name else "(no extension)")
         stack.extend(reversed(subfolders))
     return out, unreadable

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from vitcore.errors import UsageError, one_line
-from vitcore.inputs.base import NamedBytes, PassedOver, Unlisted, escape_key, open_regular, path_identity
+from vitcore.inputs.base import NamedBytes, NotTaken, PassedOver, Unlisted, escape_key, open_regular, path_identity
 from vitcore.options import ContainerOptions
 
 SUFFIXES = (".parquet",)
@@ -161,7 +161,7 @@ def passed_over_note(keys: list[str]) -> str:
 
 
 def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options: ContainerOptions,
-         passed_over: dict[str, int]):
+         not_taken: NotTaken):
     """The rows of a Parquet file's image column, and a record when it cannot be read, or None.
     A column asked for that the file lacks is a usage error: every file must have it."""
     try:

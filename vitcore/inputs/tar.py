@@ -9,51 +9,61 @@ WebDataset samples: members sharing a name up to the first dot of the base name 
 (``000010005.jpg``, ``000010005.txt``, ``000010005.json``); ``--keep txt,json`` stores the sample's
 members of those extensions beside its image, as UTF-8 text (``""`` where a sample has none).
 
-Compressed tars (.tar.gz, .tgz, .tar.bz2, .tar.xz, .tar.zst, or a .tar that is really compressed)
-cannot be read by offset: each is a failure record asking for it to be decompressed first.
+Links: a hard link or symbolic link member is read as the member it names, as ``tar x`` would
+make it (a link to nothing in the tar is a failure record). Directory and other entries that are
+not files, and files that are neither images nor kept sidecars, are counted in the summary.
+
+Compressed tars (webdataset writes .tar.gz; also .tgz, .tar.bz2, .tar.xz), told by their first
+bytes, not their name: gzip, bzip2 and xz are read by decompressing the stream (no member has an
+offset in the file). Discovery decompresses each once to list its members; each process that reads
+members keeps one stream open per tar and reads forward, so reading in the tar's order costs one
+pass per decoding worker, and going back (a member before the last one read) starts again from the
+beginning. zstd is not in Python's standard library: such a tar is a failure record asking for it
+to be decompressed first.
 """
 
 from __future__ import annotations
 
+import bz2
 import functools
+import gzip
+import lzma
 import os
 import posixpath
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from vitcore.inputs.base import NamedBytes, Unlisted, escape_key, open_regular, path_identity
+from vitcore.inputs.base import NamedBytes, NotTaken, Unlisted, escape_key, open_regular, path_identity
 
 SUFFIXES = (".tar",)
-# A tar compressed as a whole, by its name's ending or its first bytes → the compression.
-COMPRESSED_SUFFIXES = {".tar.gz": "gzip", ".tgz": "gzip", ".tar.bz2": "bzip2", ".tbz2": "bzip2", ".tar.xz": "xz",
-                       ".txz": "xz", ".tar.zst": "zstd", ".tar.zstd": "zstd"}
+# Names taken as tars (what they hold is told by their first bytes, COMPRESSION_MAGIC).
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tar.zstd")
 COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+# The compressions read as a stream, by the standard library's decompressors (seekable forwards).
+STREAMS = {"gzip": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}
+STREAM_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, tarfile.ReadError)  # a damaged or cut stream
 # WebDataset's split of a member name: everything up to the first dot of the base name is the sample.
 SAMPLE_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
 def claims(name: str) -> bool:
-    """A tar by its name's ending (a compressed one too: it becomes a failure record)."""
-    return name.lower().endswith(SUFFIXES + tuple(COMPRESSED_SUFFIXES))
+    """A tar by its name's ending (compressed or not: its first bytes tell)."""
+    return name.lower().endswith(SUFFIXES + COMPRESSED_SUFFIXES)
 
 
 def holds_nothing(path: str, exts: tuple[str, ...]) -> str:
     return f"{path} holds no image (looked for {', '.join(exts)} members)"
 
 
-def _compression(name: str) -> str | None:
-    lower = name.lower()
-    return next((kind for suffix, kind in COMPRESSED_SUFFIXES.items() if lower.endswith(suffix)), None)
-
-
 class CompressedTar(OSError):
-    """A tar compressed as a whole: its members have no offsets to read them by."""
+    """A tar compressed with what the standard library cannot decompress (zstd)."""
 
     def __init__(self, compression: str):
-        super().__init__(f"compressed tar ({compression}): members cannot be read by offset; "
-                         f"decompress it first (e.g. {compression} -d) and give the .tar")
+        super().__init__(f"compressed tar ({compression}): vit-extract reads gzip, bzip2 and xz tars, not "
+                         f"{compression}; decompress it first (e.g. {compression} -d) and give the .tar")
 
 
 @dataclass(frozen=True)
@@ -67,12 +77,20 @@ class TarMember:
     offset: int  # where its data starts in the tar
     size: int
     sidecars: tuple[tuple[str, int, int], ...] = ()  # (extension, offset, size) of the sample's kept members
-    problem: str | None = None  # why it cannot be read (a link, not a file), or None
+    problem: str | None = None  # why it cannot be read (a link to nothing, not a file), or None
+    compression: str | None = None  # gzip, bzip2, xz: offsets are in the decompressed stream
 
     def open(self) -> BinaryIO:
         if self.problem is not None:
             raise OSError(self.problem)
-        return NamedBytes(_read_range(self.path, self.offset, self.size, self.member), self.member)
+        if self.compression is None:
+            return NamedBytes(_read_range(self.path, self.offset, self.size, self.member), self.member)
+        # The sample's sidecars are read in the same forward pass (one may lie before the image).
+        wanted = [(self.offset, self.size), *((offset, size) for _, offset, size in self.sidecars)]
+        data = _stream_ranges(self.path, self.compression, wanted, self.member)
+        _LAST_SAMPLE.clear()
+        _LAST_SAMPLE.update({(self.path, offset): data[offset] for offset, _ in wanted[1:]})
+        return NamedBytes(data[self.offset], self.member)
 
     @property
     def identity(self) -> bytes:
@@ -84,7 +102,13 @@ class TarMember:
         for name in names:
             if name in found:
                 offset, size = found[name]
-                out[name] = _read_range(self.path, offset, size, name).decode("utf-8", "replace")
+                if self.compression is None:
+                    data = _read_range(self.path, offset, size, name)
+                else:
+                    data = _LAST_SAMPLE.get((self.path, offset))
+                    if data is None:
+                        data = _stream_ranges(self.path, self.compression, [(offset, size)], name)[offset]
+                out[name] = data.decode("utf-8", "replace")
             else:
                 out[name] = None  # the sample has no member of that extension
         return out
@@ -106,20 +130,18 @@ def _read_range(path: str, offset: int, size: int, what: str) -> bytes:
     return data
 
 
-def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options, passed_over: dict[str, int]):
+def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options, not_taken: NotTaken):
     """The image members of a tar shard, in the tar's order, and a record of what could not be
-    scanned (a compressed or damaged tar, one cut short), or None. Members that are neither images
-    (``exts``) nor kept sidecars (``options.keep``) are counted by extension in ``passed_over``.
+    scanned (a damaged tar, one cut short, one compressed with zstd), or None. Members that are
+    neither images (``exts``) nor kept sidecars (``options.keep``) are counted by extension, and
+    entries that are not files by kind, in ``not_taken``.
 
     Members are taken as ``tar x`` would write them: a name met twice (or two names that are the
-    same path, ``./a.jpg`` and ``a.jpg``) is one member, the later one."""
+    same path, ``./a.jpg`` and ``a.jpg``) is one member, the later one; a link is the member it names."""
     where = escape_key(os.path.join(key, ""))
     keep = options.keep
-    compression = _compression(path)
-    if compression:  # by its name: nothing is read from it
-        return [], Unlisted(where, root_index, str(CompressedTar(compression)))
     try:
-        members, problem = tar_members(path)
+        members, problem, compression = tar_members(path)
     except CompressedTar as err:
         return [], Unlisted(where, root_index, str(err))
     except OSError as err:
@@ -138,38 +160,104 @@ def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options, p
         match = SAMPLE_NAME.match(name)
         ext = match.group(2).rpartition(".")[2].lower() if match else "(no extension)"
         if ext not in exts:
-            if info.isfile() and not (match and match.group(2).lower() in keep):
-                passed_over[ext] = passed_over.get(ext, 0) + 1
+            if info.isdir():
+                not_taken.entry("tar_directory")
+            elif not info.isfile():
+                not_taken.entry("tar_special")
+            elif not (match and match.group(2).lower() in keep):
+                not_taken.extension(ext)
             continue
         kept = samples.get(match.group(1), {})
         sidecars = tuple((ext, *kept[ext]) for ext in keep if ext in kept)
-        reason = None if info.isfile() else "a link or special entry inside the tar, not a file"
+        target, reason = _linked(name, latest)
         sources.append(TarMember(path=path, member=info.name, key=escape_key(os.path.join(key, name)),
-                                 root_index=root_index, offset=info.offset_data, size=info.size,
-                                 sidecars=sidecars, problem=reason))
+                                 root_index=root_index, offset=target.offset_data if target else 0,
+                                 size=target.size if target else 0, sidecars=sidecars, problem=reason,
+                                 compression=compression))
     record = Unlisted(where, root_index, problem) if problem else None
     return sources, record
 
 
+def _linked(name: str, latest: dict[str, tarfile.TarInfo]) -> tuple[tarfile.TarInfo | None, str | None]:
+    """The file member that ``name`` is, following hard and symbolic links inside the tar as
+    ``tar x`` would make them; or None and why it cannot be read."""
+    info, hops = latest[name], 0
+    while info.islnk() or info.issym():
+        if info.issym() and info.linkname.startswith("/"):
+            return None, f"a symbolic link to {info.linkname}, outside the tar"
+        base = "" if info.islnk() else posixpath.dirname(member_key(info.name))  # hard links name from the top
+        target = member_key(posixpath.join(base, info.linkname))
+        hops += 1
+        if target not in latest or hops > 16:
+            return None, f"a link to {info.linkname}, which is not a file in this tar"
+        info = latest[target]
+    if not info.isfile():
+        return None, "a directory or special entry inside the tar, not a file"
+    return info, None
+
+
 @functools.lru_cache(maxsize=8)
-def _scan(path: str, size: int, mtime: int) -> tuple[tuple[tarfile.TarInfo, ...], str | None]:
+def _scan(path: str, size: int, mtime: int) -> tuple[tuple[tarfile.TarInfo, ...], str | None, str | None]:
     with open_regular(path) as handle:
         head = handle.read(6)
-        for magic, compression in COMPRESSION_MAGIC.items():
-            if head.startswith(magic):
-                raise CompressedTar(compression)
+        compression = next((kind for magic, kind in COMPRESSION_MAGIC.items() if head.startswith(magic)), None)
         handle.seek(0)
-        members, problem = _tar_members(handle)
-    return tuple(members), problem
+        if compression is None:
+            members, problem = _tar_members(handle)
+        elif compression not in STREAMS:
+            raise CompressedTar(compression)
+        else:
+            with STREAMS[compression](handle) as stream:
+                members, problem = _tar_members(stream, compression)
+    return tuple(members), problem, compression
 
 
-def tar_members(path: str) -> tuple[tuple[tarfile.TarInfo, ...], str | None]:
-    """A tar's member headers and what is wrong with it, if anything (one scan per file version)."""
+def tar_members(path: str) -> tuple[tuple[tarfile.TarInfo, ...], str | None, str | None]:
+    """A tar's member headers, what is wrong with it if anything, and its compression (None, or
+    gzip, bzip2, xz: offsets are then in the decompressed stream); one scan per file version."""
     stat = os.stat(path)
     return _scan(path, stat.st_size, stat.st_mtime_ns)
 
 
-def _tar_members(handle) -> tuple[list[tarfile.TarInfo], str | None]:
+# -- compressed tars, read forwards --------------------------------------------------------------
+# One decompressing stream per tar in each process (a forked worker opens its own), and the
+# sidecars read with the last image (TarMember.open), for its extras().
+_STREAMS_OPEN: dict = {"pid": None, "streams": {}}
+_LAST_SAMPLE: dict[tuple[str, int], bytes] = {}
+STREAMS_KEPT = 2  # a worker reads one tar at a time; the one before may still have members to give
+
+
+def _stream_ranges(path: str, compression: str, ranges: list[tuple[int, int]], what: str) -> dict[int, bytes]:
+    """The bytes at (offset, size) of a compressed tar's stream, read in offset order → {offset: bytes}."""
+    if _STREAMS_OPEN["pid"] != os.getpid():  # inherited through fork: not ours to read from
+        _STREAMS_OPEN.update(pid=os.getpid(), streams={})
+    streams = _STREAMS_OPEN["streams"]
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in streams:
+        while len(streams) >= STREAMS_KEPT:
+            handle, stream = streams.pop(next(iter(streams)))
+            stream.close()
+            handle.close()
+        handle = open_regular(path)
+        streams[key] = (handle, STREAMS[compression](handle))
+    stream = streams[key][1]
+    out = {}
+    try:
+        for offset, size in sorted(set(ranges)):
+            stream.seek(offset)  # forwards: decompress and skip; backwards: from the start again
+            out[offset] = stream.read(size)
+            if len(out[offset]) != size:
+                raise EOFError(f"{len(out[offset])} of {size} bytes")
+    except STREAM_ERRORS as err:
+        handle, stream = streams.pop(key)
+        stream.close()
+        handle.close()
+        raise OSError(f"the {compression} tar is cut short or damaged at {what}: {err}") from None
+    return out
+
+
+def _tar_members(handle, compression: str | None = None) -> tuple[list[tarfile.TarInfo], str | None]:
     """Every member's header (one pass over the headers; the data is skipped, not read), and what
     was wrong with the tar, if anything. Zero blocks are read through (``tar -i``), so tars joined
     with ``cat`` give all their members; the end-of-archive blocks must follow the last member,
@@ -177,22 +265,26 @@ def _tar_members(handle) -> tuple[list[tarfile.TarInfo], str | None]:
     members: list[tarfile.TarInfo] = []
     try:
         archive = tarfile.open(fileobj=handle, mode="r:", ignore_zeros=True)
-    except tarfile.ReadError as err:
-        return [], f"ReadError: not a readable tar ({err})"
+    except (tarfile.ReadError, *(STREAM_ERRORS if compression else ())) as err:
+        return [], f"{type(err).__name__}: not a readable {compression + ' ' if compression else ''}tar ({err})"
     try:
         while True:
             info = archive.next()
             if info is None:
                 break
             members.append(info)
-    except tarfile.ReadError as err:
+    except (tarfile.ReadError, *(STREAM_ERRORS if compression else ())) as err:
         last = members[-1].name if members else "its start"
-        if "unexpected end" in str(err):
+        if "unexpected end" in str(err) or isinstance(err, EOFError):
             return members, f"the tar is cut short in or after {last}: the members after it are missing"
-        return members, f"ReadError: the tar is damaged after {last} ({err}); the members after it were not read"
+        return members, (f"{type(err).__name__}: the {compression + ' ' if compression else ''}tar is damaged "
+                         f"after {last} ({err}); the members after it were not read")
     end = members[-1].offset_data + -(-members[-1].size // 512) * 512 if members else 0
-    handle.seek(end)
-    marker = handle.read(512)
+    try:
+        handle.seek(end)
+        marker = handle.read(512)
+    except STREAM_ERRORS:  # a compressed stream that ends early
+        marker = b""
     if len(marker) < 512 or marker.strip(b"\0"):
         last = members[-1].name if members else "its start"
         return members, (f"the tar ends without its end-of-archive marker after {last}: it was cut short, "
@@ -202,8 +294,13 @@ def _tar_members(handle) -> tuple[list[tarfile.TarInfo], str | None]:
 
 def open_inside(container: str, inner: str, options) -> BinaryIO:
     """The bytes of member ``inner`` of a tar (the last of that name, as a run takes it)."""
-    members, _ = tar_members(container)
-    for info in reversed(members):
-        if member_key(info.name) == inner and info.isfile():
-            return NamedBytes(_read_range(container, info.offset_data, info.size, inner), inner)
+    members, _, compression = tar_members(container)
+    latest = {member_key(info.name): info for info in members}
+    if inner in latest:
+        target, _ = _linked(inner, latest)
+        if target is not None:
+            if compression is None:
+                return NamedBytes(_read_range(container, target.offset_data, target.size, inner), inner)
+            data = _stream_ranges(container, compression, [(target.offset_data, target.size)], inner)
+            return NamedBytes(data[target.offset_data], inner)
     raise FileNotFoundError(f"{container} holds no member {inner}")

@@ -3,9 +3,13 @@ launch can add up its ranks' counts and say them once)."""
 
 from __future__ import annotations
 
+from vitcore.inputs.base import ENTRY_KINDS
 
-def counted_notes(missing_meta: dict[str, int], passed_over: dict[str, int]) -> list[str]:
-    """What was stored empty or passed over, counted, for the summary (--json has the counts too)."""
+
+def counted_notes(missing_meta: dict[str, int], passed_over: dict[str, int],
+                  entries: dict[str, int] | None = None) -> list[str]:
+    """What was stored empty or passed over, counted, for the summary (--json has the counts too):
+    rows without a kept text, files by extension, and entries that are not files by kind."""
     notes = [f"{count} row{' has' if count == 1 else 's have'} no {name} text (stored as \"\"): no such member, file or value beside them "
              "(a sample's files share its name up to the first dot, as in WebDataset: 'a.b.jpg' goes with 'a.txt')"
              for name, count in missing_meta.items()]
@@ -14,4 +18,6 @@ def counted_notes(missing_meta: dict[str, int], passed_over: dict[str, int]) -> 
         files = sum(passed_over.values())
         notes.append(f"{files} file{'s' * (files != 1)} in the folders (or members of tars) passed over by extension "
                      f"({counts}); --ext takes other extensions")
+    if entries:
+        notes.append("passed over, not files: " + "; ".join(f"{ENTRY_KINDS[kind]}: {n}" for kind, n in sorted(entries.items())))
     return notes

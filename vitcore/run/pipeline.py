@@ -78,6 +78,7 @@ class ExtractResult:
     warnings: list[str] = field(default_factory=list)  # things the user should know (e.g. batch split)
     missing_meta: dict[str, int] = field(default_factory=dict)  # --keep / --columns name → rows without that text
     passed_over: dict[str, int] = field(default_factory=dict)  # extension → files in folders not taken (--ext)
+    entries_passed_over: dict[str, int] = field(default_factory=dict)  # kind (inputs.base.ENTRY_KINDS) → entries
 
     def to_dict(self) -> dict:
         record = dataclasses.asdict(self)
@@ -219,9 +220,10 @@ def extract(
         batch_size=batch_size,
         workers=workers,
         warnings=found.notes + notes + (runner.warnings if runner else []) + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype)
-        + counted_notes(ran.missing_meta, found.passed_over),
+        + counted_notes(ran.missing_meta, found.passed_over, found.entries_passed_over),
         missing_meta=ran.missing_meta,
         passed_over=found.passed_over,
+        entries_passed_over=found.entries_passed_over,
     )
 
 
