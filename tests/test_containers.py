@@ -100,10 +100,11 @@ def test_tar_shards_and_parquet_give_the_tokens_of_loose_files_with_their_captio
             assert f.source_bytes(key) == (tmp_path / "data" / "loose" / name).read_bytes()
         assert f.meta_names == ["txt", "json"]
         captions, records = f.meta("txt"), f.meta("json")
-        assert captions[0] == "" and captions[5] == "a picture, number 5 ✓"
+        assert captions[0] is None and captions[5] == "a picture, number 5 ✓"  # sample 0 has no caption
         assert [json.loads(r)["key"] for r in records] == [k.rpartition("/")[2].partition(".")[0] for k in f.keys]
     with h5py.File(tmp_path / "tar.h5", "r") as h5:  # plain h5py reads them, row-aligned with paths
         assert h5["meta/txt"].asstr()[5] == "a picture, number 5 ✓" and len(h5["meta/txt"]) == len(h5["paths"])
+        assert h5["meta/txt"].asstr()[0] == "" and h5["meta_absent/txt"][0] == 1 and h5["meta_absent/txt"][5] == 0
 
     result = vitcore.extract(["train-0000.parquet"], tmp_path / "pq.h5", EXACT, columns="caption,url,n")
     assert result.rows == 11 and not result.failures
@@ -554,3 +555,81 @@ def test_compressed_tars_are_read_as_streams_judged_by_content_and_equal_the_pla
             assert len(f) >= 4
             for key in f.keys:
                 np.testing.assert_array_equal(f[key], rows["gz.tar.gz/" + key.rpartition("gz.tar.gz/")[2]])
+
+
+def test_columns_of_every_type_are_stored_as_text_or_valid_json_and_null_is_told_from_empty(tmp_path):
+    """--columns: text as it is; numbers, lists, structs, maps, timestamps and dates as JSON that
+    json.loads reads (ISO 8601 for times; NaN and infinities as null, counted); a null value is
+    marked absent (meta_absent/<name>), distinguishable from "" in the file, the reader and a merge."""
+    import datetime
+    import decimal
+
+    pictures = _pictures(4, seed=9)
+    utc = datetime.timezone.utc
+    table = pa.table({
+        "image": [{"bytes": data, "path": f"{i}.{ext}"} for i, (ext, data) in enumerate(pictures)],
+        "caption": pa.array(["a cat", "", None, "naïve ✓"], pa.string()),
+        "score": pa.array([0.5, float("nan"), None, float("inf")], pa.float64()),
+        "when": pa.array([datetime.datetime(2024, 5, 1, 12, 30, tzinfo=utc), None,
+                          datetime.datetime(1999, 12, 31, 23, 59, 59, tzinfo=utc), datetime.datetime(2000, 1, 1, tzinfo=utc)],
+                         pa.timestamp("us", tz="UTC")),
+        "day": pa.array([datetime.date(2024, 5, 1)] * 4, pa.date32()),
+        "tags": pa.array([["x", "y"], [], None, ["z"]], pa.list_(pa.string())),
+        "box": pa.array([{"w": 1, "h": 2.5}, {"w": 3, "h": float("nan")}, None, {"w": 0, "h": 0.0}]),
+        "price": pa.array([decimal.Decimal("1.10"), None, decimal.Decimal("0.333"), decimal.Decimal("7")],
+                          pa.decimal128(10, 3)),
+        "ok": pa.array([True, False, None, True]),
+        "raw": pa.array([b"bytes", b"", None, b"\xff"], pa.binary()),
+    })
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=2)
+    names = "caption,score,when,day,tags,box,price,ok,raw"
+    result = vitcore.extract([tmp_path / "t.parquet"], tmp_path / "t.h5", EXACT, columns=names)
+    assert result.rows == 4
+    assert result.nonfinite_meta == {"score": 2, "box": 1}
+    assert any("2 rows of --columns score held NaN or infinite numbers, stored as JSON null" in w for w in result.warnings)
+    assert result.missing_meta == {name: 1 for name in names.split(",") if name != "day"}
+    with vitcore.open_tokens(tmp_path / "t.h5") as f:
+        stored = {name: f.meta(name) for name in names.split(",")}
+        masks = {name: f.h5[f"meta_absent/{name}"][:].tolist() for name in names.split(",")}
+    assert stored["caption"] == ["a cat", "", None, "naïve ✓"]  # null is None, empty is ""
+    assert masks["caption"] == [0, 0, 1, 0]
+    assert [json.loads(t) if t is not None else "-" for t in stored["score"]] == [0.5, None, "-", None]
+    assert stored["when"][0] == '"2024-05-01T12:30:00+00:00"' and stored["when"][1] is None
+    assert json.loads(stored["day"][0]) == "2024-05-01"
+    assert [json.loads(t) if t is not None else "-" for t in stored["tags"]] == [["x", "y"], [], "-", ["z"]]
+    assert json.loads(stored["box"][1]) == {"w": 3, "h": None}
+    assert json.loads(stored["price"][0]) == "1.100" and stored["price"][1] is None
+    assert stored["ok"] == ["true", "false", None, "true"]
+    assert stored["raw"][:2] == ["bytes", ""] and stored["raw"][2] is None
+    for name in names.split(","):  # every non-text value is valid JSON
+        if name not in ("caption", "raw"):
+            for text in stored[name]:
+                if text is not None:
+                    json.loads(text)
+
+    # A shard merge keeps the masks; the dataset hands None for a missing value.
+    out = tmp_path / "m.h5"
+    parts = [shard_path(str(out), i, 2) for i in range(2)]
+    for i, part in enumerate(parts):
+        vitcore.extract([tmp_path / "t.parquet"], part, EXACT, columns="caption", shard=(i, 2))
+    merge(str(out), parts)
+    with vitcore.open_tokens(out) as f:
+        assert f.meta("caption") == ["a cat", "", None, "naïve ✓"]
+    assert [vitcore.TokenDataset(out)[i]["meta"]["caption"] for i in range(4)] == ["a cat", "", None, "naïve ✓"]
+
+
+def test_a_file_made_before_absence_masks_resumes_and_gains_them(tmp_path):
+    """0.3 files stored a missing sidecar as "" with no mask: resumed, the mask is made from the
+    texts ("" read as missing, as those files meant it) and the new rows get their own."""
+    pictures = _pictures(8, seed=4)
+    shards = write_shards(tmp_path / "data", pictures, per_shard=4)  # samples 0 and 4 have no txt
+    out = tmp_path / "t.h5"
+    vitcore.extract([shards[0]], out, EXACT, keep="txt")
+    with h5py.File(out, "r+") as h5:
+        del h5["meta_absent"]  # as 0.3 wrote it
+    vitcore.extract(shards, out, EXACT, keep="txt", resume=True)
+    with vitcore.open_tokens(out) as f:
+        captions = f.meta("txt")
+        assert len(captions) == 8 and f.h5["meta_absent/txt"].shape == (8,)
+    assert [c is None for c in captions] == [i % 4 == 0 for i in range(8)]
+    assert captions[1] == "a picture, number 1 ✓"

@@ -106,7 +106,7 @@ def test_resume_refuses_different_settings_and_names_the_difference(photos, tmp_
                           ({"layers": (-2,)}, "--layer")]:
         with pytest.raises(ResumeMismatchError, match=words):
             vitcore.extract([photos], out, EXACT, resume=True, **change)
-    with pytest.raises(ResumeMismatchError, match="preprocessing setting differs \\(resize: file squash, this run crop\\)"):
+    with pytest.raises(ResumeMismatchError, match="preprocessing setting differs \\(resize: file squash \\(--resize squash\\), this run crop\\)"):
         vitcore.extract([photos], out, EXACT, resume=True, resize="crop")  # a long record: the key that differs
 
 

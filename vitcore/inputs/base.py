@@ -77,6 +77,21 @@ class PassedOver(UsageError):
     refused when named, passed over (and counted, by its kind's passed_over_note) when found in a folder."""
 
 
+class JsonText(str):
+    """A --columns value that is not text, written as JSON; ``nonfinite`` counts the NaN and
+    infinite numbers in it that JSON has no word for (written as null, and said in the summary)."""
+
+    nonfinite = 0
+
+    def __new__(cls, text: str, nonfinite: int = 0):
+        made = super().__new__(cls, text)
+        made.nonfinite = nonfinite
+        return made
+
+    def __reduce__(self):  # crosses from a decoding worker to the main process intact
+        return (JsonText, (str(self), self.nonfinite))
+
+
 # What discovery passes over that is not a file of another extension, by kind (the summary says each).
 ENTRY_KINDS = {
     "folder_link_walked": "folder links not followed (a symlink loop, or a second link to a folder already walked)",

@@ -7,10 +7,11 @@ listed in CONTAINERS that answers
     scan(path, key, root_index, exts, options, not_taken)
                                                   → (its inputs in its own order, an Unlisted
                                                     record of what could not be read, or None);
-                                                    what it holds but passes over, counted by extension
+                                                    what it holds but passes over, counted in not_taken
     holds_nothing(path, exts)                     → the words for a file of it with no image
     open_inside(container, inner, options)        → the bytes of one input read back by its key
     passed_over_note(keys)                        (only a kind whose scan raises PassedOver)
+    close_readers()                               close what this process keeps open to read forward
 
 A new kind of input is one module and one entry here.
 """
@@ -147,6 +148,12 @@ class _Found:
                          containers=self.containers, empty=self.empty, notes=notes, passed_over=by_extension,
                          entries_passed_over=dict(self.not_taken.entries),
                          image_columns=tuple(sorted({s.column for s in sources if hasattr(s, "column")})))
+
+
+def close_readers() -> None:
+    """Close what the container kinds keep open in this process to read their inputs forward."""
+    for kind in CONTAINERS:
+        kind.close_readers()
 
 
 def expand_braces(given: str) -> list[str]:

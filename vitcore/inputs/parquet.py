@@ -12,14 +12,17 @@ UTF-8 text (each image of a row gets the row's text).
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import decimal
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from vitcore.errors import UsageError, one_line
-from vitcore.inputs.base import NamedBytes, NotTaken, PassedOver, Unlisted, escape_key, open_regular, path_identity
+from vitcore.inputs.base import JsonText, NamedBytes, NotTaken, PassedOver, Unlisted, escape_key, open_regular, path_identity
 from vitcore.options import ContainerOptions
 
 SUFFIXES = (".parquet",)
@@ -76,26 +79,62 @@ class ParquetRow:
         out = {}
         for name in names:
             if name in self.columns:
-                value = batch.column(name)[at].as_py()
-                out[name] = None if value is None else value if isinstance(value, str) else _as_text(value)
+                out[name] = column_text(batch.column(name)[at].as_py())
             else:
                 out[name] = None
         return out
 
 
-def _as_text(value) -> str:
+def column_text(value) -> str | None:
+    """A --columns value as stored: None stays None (the row has none: the absence mask says so),
+    text as it is, bytes as UTF-8, anything else as JSON (numbers, lists, structs; timestamps and
+    dates as ISO 8601 strings; NaN and infinities as null, counted)."""
+    if value is None or isinstance(value, str):
+        return value
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
-    return json.dumps(value, default=str, ensure_ascii=False)
+    nonfinite = [0]
+    text = json.dumps(_plain_json(value, nonfinite), ensure_ascii=False, allow_nan=False)
+    return JsonText(text, nonfinite[0])
 
 
-PARQUET_READ_ROWS = 16  # rows decoded at a time inside a row group
+def _plain_json(value, nonfinite: list[int]):
+    """pyarrow's Python values → what JSON can hold."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        nonfinite[0] += 1
+        return None
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)  # exact, as text (a float would round it)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {str(k): _plain_json(v, nonfinite) for k, v in value.items()}
+    if isinstance(value, list) and value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        return {str(k): _plain_json(v, nonfinite) for k, v in value}  # a Parquet map: (key, value) pairs
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(v, nonfinite) for v in value]
+    return str(value)
+
+
+# Rows decoded at a time inside a row group. One: pyarrow's reader holds a data page and the values
+# decoded from it, and a page often spans the whole row group (pyarrow's writer checks a page's size
+# only every 1,024 values, so images of 500 kB fill one page per row group); decoding one row at a
+# time keeps that to the page plus one row. A 50 MB row group in one page: 146 MB of peak growth
+# at 16 rows, 104 MB at one (bench/parquet_memory.py); one row at a time is also faster.
+PARQUET_READ_ROWS = 1
 
 
 class _Cursor:
-    """Where this process is reading a Parquet row group: rows are decoded forward, a few at a
-    time (iter_batches), so a worker holds a few rows rather than its whole row group (a row group
-    of 300 rows of 500 kB took 922 MB read whole, 385 MB read this way)."""
+    """Where this process is reading a Parquet row group: rows are decoded forward, one at a time
+    (iter_batches), so a worker holds a page and a row rather than its whole row group decoded."""
 
     def __init__(self, path: str, group: int, columns: tuple[str, ...]):
         import pyarrow.parquet as pq  # pyarrow: only where a Parquet file is read
@@ -140,6 +179,13 @@ def _rows_at(path: str, group: int, columns: tuple[str, ...], index: int):
             cursor.close()
         cursor = _CURSOR["now"] = _Cursor(path, group, columns)
     return cursor.at(index)
+
+
+def close_readers() -> None:
+    """Close this process's row-group cursor (a run's end)."""
+    cursor = _CURSOR.pop("now", None)
+    if cursor is not None:
+        cursor.close()
 
 
 class NoImageColumn(PassedOver):

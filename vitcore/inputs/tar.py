@@ -227,6 +227,15 @@ _LAST_SAMPLE: dict[tuple[str, int], bytes] = {}
 STREAMS_KEPT = 2  # a worker reads one tar at a time; the one before may still have members to give
 
 
+def close_readers() -> None:
+    """Close this process's compressed-tar streams (a run's end; a worker's streams end with it)."""
+    for handle, stream in _STREAMS_OPEN["streams"].values():
+        stream.close()
+        handle.close()
+    _STREAMS_OPEN["streams"] = {}
+    _LAST_SAMPLE.clear()
+
+
 def _stream_ranges(path: str, compression: str, ranges: list[tuple[int, int]], what: str) -> dict[int, bytes]:
     """The bytes at (offset, size) of a compressed tar's stream, read in offset order → {offset: bytes}."""
     if _STREAMS_OPEN["pid"] != os.getpid():  # inherited through fork: not ours to read from

@@ -184,9 +184,9 @@ def batch_rows(batch: Batch, sources: list, **fields) -> Rows:
     )
 
 
-def _meta_columns(batch: Batch) -> dict[str, list[str]]:
-    """name → text of each decoded image, in the order of ``batch.indices``."""
+def _meta_columns(batch: Batch) -> dict[str, list[str | None]]:
+    """name → text of each decoded image, in the order of ``batch.indices`` (None: it has none)."""
     if not batch.meta:
         return {}
     names = next(iter(batch.meta.values())).keys()
-    return {name: [batch.meta[i][name] or "" for i in batch.indices] for name in names}  # none kept: ""
+    return {name: [batch.meta[i][name] for i in batch.indices] for name in names}

@@ -100,10 +100,13 @@ def _combined(results: list, merged):
     """One ExtractResult for the launch: the ranks' counts added up, the merged file as output."""
     first = results[0]
     missing: dict[str, int] = {}
+    nonfinite: dict[str, int] = {}
     for r in results:
         for name, count in r.missing_meta.items():
             missing[name] = missing.get(name, 0) + count
-    per_rank = {note for r in results for note in counted_notes(r.missing_meta, {})}
+        for name, count in r.nonfinite_meta.items():
+            nonfinite[name] = nonfinite.get(name, 0) + count
+    per_rank = {note for r in results for note in counted_notes(r.missing_meta, {}, None, r.nonfinite_meta)}
     seconds = max(r.seconds for r in results)
     written = sum(r.written for r in results)
     return dataclasses.replace(
@@ -120,6 +123,7 @@ def _combined(results: list, merged):
         timings={},
         # The ranks' own counts are one note each; the launch's is their sum, said once.
         warnings=[w for w in dict.fromkeys(w for r in results for w in r.warnings) if w not in per_rank]
-        + counted_notes(missing, {}),
+        + counted_notes(missing, {}, None, nonfinite),
         missing_meta=missing,
+        nonfinite_meta=nonfinite,
     )

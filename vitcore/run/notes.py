@@ -7,12 +7,15 @@ from vitcore.inputs.base import ENTRY_KINDS
 
 
 def counted_notes(missing_meta: dict[str, int], passed_over: dict[str, int],
-                  entries: dict[str, int] | None = None) -> list[str]:
+                  entries: dict[str, int] | None = None, nonfinite_meta: dict[str, int] | None = None) -> list[str]:
     """What was stored empty or passed over, counted, for the summary (--json has the counts too):
     rows without a kept text, files by extension, and entries that are not files by kind."""
-    notes = [f"{count} row{' has' if count == 1 else 's have'} no {name} text (stored as \"\"): no such member, file or value beside them "
+    notes = [f"{count} row{' has' if count == 1 else 's have'} no {name} text (stored as \"\", marked in "
+             f"meta_absent/{name}): no such member, file or value beside them "
              "(a sample's files share its name up to the first dot, as in WebDataset: 'a.b.jpg' goes with 'a.txt')"
              for name, count in missing_meta.items()]
+    notes += [f"{count} row{'s' * (count != 1)} of --columns {name} held NaN or infinite numbers, stored as JSON null"
+              for name, count in (nonfinite_meta or {}).items()]
     if passed_over:
         counts = ", ".join(f"{ext} {n}" for ext, n in sorted(passed_over.items(), key=lambda item: (-item[1], item[0])))
         files = sum(passed_over.values())

@@ -38,6 +38,7 @@ from vitcore.options import ComputeOptions, ExtractOptions
 from vitcore.run.checks import CheckedRun, check_run
 from vitcore.run.notes import counted_notes
 from vitcore.inputs.base import Discovery
+from vitcore.inputs.discover import close_readers
 from vitcore.store import Output, Rows
 from vitcore.system.workers import init_worker, shut_down, worker_deaths_held
 
@@ -77,6 +78,7 @@ class ExtractResult:
     workers: int | None = None  # decoding worker processes as run
     warnings: list[str] = field(default_factory=list)  # things the user should know (e.g. batch split)
     missing_meta: dict[str, int] = field(default_factory=dict)  # --keep / --columns name → rows without that text
+    nonfinite_meta: dict[str, int] = field(default_factory=dict)  # --columns name → rows with NaN/inf stored as null
     passed_over: dict[str, int] = field(default_factory=dict)  # extension → files in folders not taken (--ext)
     entries_passed_over: dict[str, int] = field(default_factory=dict)  # kind (inputs.base.ENTRY_KINDS) → entries
 
@@ -220,8 +222,9 @@ def extract(
         batch_size=batch_size,
         workers=workers,
         warnings=found.notes + notes + (runner.warnings if runner else []) + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype)
-        + counted_notes(ran.missing_meta, found.passed_over, found.entries_passed_over),
+        + counted_notes(ran.missing_meta, found.passed_over, found.entries_passed_over, ran.nonfinite_meta),
         missing_meta=ran.missing_meta,
+        nonfinite_meta=ran.nonfinite_meta,
         passed_over=found.passed_over,
         entries_passed_over=found.entries_passed_over,
     )
@@ -276,6 +279,7 @@ class LoopOutcome:
     seconds: float
     timings: dict[str, float]
     missing_meta: dict[str, int]  # --keep / --columns name → rows stored with no such text
+    nonfinite_meta: dict[str, int]  # --columns name → rows whose NaN or infinite numbers became null
 
 
 def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, progress, stop: StopFlag) -> LoopOutcome:
@@ -285,6 +289,7 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
     timings = {"decode_wait": 0.0, "compute": 0.0, "writer_wait": 0.0}
     done = written = 0
     missing_meta: dict[str, int] = {}
+    nonfinite_meta: dict[str, int] = {}
     failures: list[tuple[str, str]] = [(u.key, u.reason) for u in plan.unlisted]
     reporter = _make_reporter(progress, len(sources))
     heap = HeapWatch()
@@ -318,7 +323,7 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
                 del rows  # the writer thread holds the batch now; its buffers go when it is written
                 timings["writer_wait"] += time.perf_counter() - tick
                 written += len(batch.indices)
-                _count_missing(batch, missing_meta)
+                _count_missing(batch, missing_meta, nonfinite_meta)
                 failures += [(sources[f.index].key, f.error) for f in batch.failures]
                 done += len(batch.indices) + len(batch.failures)
                 heap.after_batch()  # memory flat in the number of images
@@ -339,6 +344,7 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
             if batches is not None:
                 shut_down(batches)
             del batches
+            close_readers()  # what this process kept open to read containers (workers=0)
             writer = out.finish(complete)
     if stop.is_set():
         name = signal.Signals(stop.signal_number).name
@@ -348,15 +354,18 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
             stop.signal_number,
         )
     return LoopOutcome(written, failures, writer.committed, writer.nonfinite_rows, complete,
-                       time.perf_counter() - started, timings, missing_meta)
+                       time.perf_counter() - started, timings, missing_meta, nonfinite_meta)
 
 
-def _count_missing(batch: Batch, missing: dict[str, int]) -> None:
-    """Add up the rows of a batch whose --keep / --columns text was not there (stored as "")."""
+def _count_missing(batch: Batch, missing: dict[str, int], nonfinite: dict[str, int]) -> None:
+    """Add up the rows of a batch whose --keep / --columns text was not there (stored as "", its
+    absence mask set), and those whose NaN or infinite numbers were written as JSON null."""
     for texts in (batch.meta or {}).values():
         for name, text in texts.items():
             if text is None:
                 missing[name] = missing.get(name, 0) + 1
+            elif getattr(text, "nonfinite", 0):
+                nonfinite[name] = nonfinite.get(name, 0) + 1
 
 
 def _nonfinite_note(rows: int, out_dtype: str) -> list[str]:

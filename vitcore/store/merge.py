@@ -23,6 +23,7 @@ from vitcore.store.output import check_output
 from vitcore.store.reader import StoredTokens, allow_open_files
 from vitcore.store.schema import (
     ATTRIBUTES,
+    absent_mask,
     BY_NAME,
     RAGGED_CHUNK_ROWS,
     SCHEMA_VERSION,
@@ -180,7 +181,9 @@ def _merge_row_info(out: h5py.File, shards: list[_Shard], handles, roots: list[s
     root_index = out.create_dataset("root_index", (rows,), np.int32, maxshape=(None,))
     failed_roots = out.create_dataset("failed/root_index", (failed,), np.int32, maxshape=(None,))
     image_size = out.create_dataset("image_size", (rows, 2), np.int32, maxshape=(None, 2))
-    metas = {name: text(f"meta/{name}", rows) for name in json.loads(stored_value(handles[0].attrs, BY_NAME["meta"]))}
+    names = json.loads(stored_value(handles[0].attrs, BY_NAME["meta"]))
+    metas = {name: text(f"meta/{name}", rows) for name in names}
+    masks = {name: out.create_dataset(absent_mask(name), (rows,), np.uint8, maxshape=(None,)) for name in names}
     grids = out.create_dataset("grid_thw", (rows, 3), np.int32, maxshape=(None, 3)) if "grid_thw" in handles[0] else None
     seen: set[bytes] = set()
     at = failed_at = 0
@@ -198,7 +201,10 @@ def _merge_row_info(out: h5py.File, shards: list[_Shard], handles, roots: list[s
             paths[block], root_index[block] = keys, remap[index]
             image_size[block] = h5["image_size"][start:stop]
             for name, target in metas.items():
-                target[block] = h5[f"meta/{name}"].asstr()[start:stop]
+                target[block] = texts = h5[f"meta/{name}"].asstr()[start:stop]
+                # shards made before 0.4 have no mask: they stored a missing value as ""
+                mask = h5.get(absent_mask(name))
+                masks[name][block] = mask[start:stop] if mask is not None else [t == "" for t in texts]
             if grids is not None:
                 grids[block] = h5["grid_thw"][start:stop]
         for start in range(0, shard.failed, TEXT_BLOCK):

@@ -12,7 +12,7 @@ import numpy as np
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.inputs.base import escape_key, source_path
 from vitcore.inputs.discover import open_original
-from vitcore.store.schema import decoded, ragged_index_names
+from vitcore.store.schema import absent_mask, decoded, ragged_index_names
 
 
 _KEY_INDEXES: dict = {}  # (path, size, mtime, rows) → key → rows; a few file versions at most
@@ -280,13 +280,20 @@ class StoredTokens:
         return list(self.settings.get("meta") or [])
 
     def meta(self, name: str, item: int | str | None = None):
-        """meta/<name> of one row, or of every row (a list) when ``item`` is None."""
+        """meta/<name> of one row, or of every row (a list) when ``item`` is None; None where the
+        row has no such text (no sidecar, a null value), "" where it is empty."""
         if name not in self.meta_names:
             raise KeyError(f"{self.path} keeps no {name!r} (it keeps: {', '.join(self.meta_names) or 'nothing'})")
         dataset = self.h5[f"meta/{name}"].asstr()
+        mask = self.h5.get(absent_mask(name))  # files before 0.4 have none: "" there may be either
         if item is None:
-            return list(dataset[: len(self)]) if len(self) else []
-        return dataset[self.row_number(item)]
+            if not len(self):
+                return []
+            texts = list(dataset[: len(self)])
+            absent = mask[: len(self)] if mask is not None else np.zeros(len(texts), np.uint8)
+            return [None if gone else text for text, gone in zip(texts, absent)]
+        row = self.row_number(item)
+        return None if mask is not None and mask[row] else dataset[row]
 
     @property
     def settings(self) -> dict:

@@ -271,8 +271,9 @@ def lay_out(h5: h5py.File, settings: StoreSettings, roots: list[str], stamp: dic
     if settings.grid_thw:
         h5.create_dataset("grid_thw", (0, 3), np.int32, maxshape=(None, 3), chunks=(PER_ROW_CHUNK, 3))
     h5.create_dataset("paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
-    for name in meta_datasets(settings.meta):
-        h5.create_dataset(name, (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+    for name in settings.meta:
+        h5.create_dataset(f"meta/{name}", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+        h5.create_dataset(absent_mask(name), (0,), np.uint8, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
     h5.create_dataset("root_index", (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
     h5.create_dataset("image_size", (0, 2), np.int32, maxshape=(None, 2), chunks=(PER_ROW_CHUNK, 2))
     h5.create_dataset("failed/paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
@@ -302,8 +303,14 @@ def row_datasets(settings: StoreSettings) -> list[str]:
 
 
 def meta_datasets(names) -> list[str]:
-    """The text datasets of the names a file keeps (its ``meta`` attribute)."""
-    return [f"meta/{name}" for name in names]
+    """The text datasets of the names a file keeps (its ``meta`` attribute), and beside each its
+    absence mask (uint8, 1 where the row had no value: no such sidecar, a null Parquet value; the
+    text is "" there), so a missing value is told from an empty one."""
+    return [f"meta/{name}" for name in names] + [absent_mask(name) for name in names]
+
+
+def absent_mask(name: str) -> str:
+    return f"meta_absent/{name}"
 
 
 def flat_datasets(settings: StoreSettings) -> list[str]:
@@ -351,7 +358,7 @@ class Rows:
 
     def nbytes(self) -> int:
         arrays = [self.image_size, self.root_index, *self.arrays.values(), *self.counts.values()]
-        texts = self.keys + self.failed_keys + self.failed_errors + [t for v in self.meta.values() for t in v]
+        texts = self.keys + self.failed_keys + self.failed_errors + [t or "" for v in self.meta.values() for t in v]
         strings = sum(len(k) + 16 for k in texts)
         return sum(a.nbytes for a in arrays) + strings
 

@@ -24,12 +24,13 @@ import numpy as np
 from vitcore.errors import VitExtractError, one_line
 from vitcore.store.schema import (
     FAILED_DATASETS,
+    PER_ROW_CHUNK,
     Rows,
     StoreSettings,
     devices_joined,
     flat_datasets,
+    absent_mask,
     lay_out,
-    meta_datasets,
     ragged_index_names,
     row_datasets,
 )
@@ -65,6 +66,17 @@ class WriteHooks:
 HOOKS = WriteHooks()
 
 
+def _add_absent_masks(h5: h5py.File, names) -> None:
+    """Files made before 0.4 have no absence masks: resumed, each gets one from its texts (those
+    files stored a missing value as "", so "" reads as missing there)."""
+    for name in names:
+        if absent_mask(name) not in h5:
+            committed = int(h5.attrs["committed"])
+            texts = h5[f"meta/{name}"].asstr()[:committed] if committed else []
+            h5.create_dataset(absent_mask(name), data=np.asarray([t == "" for t in texts], np.uint8),
+                              maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+
+
 def _append(dataset: h5py.Dataset, start: int, values) -> None:
     count = len(values)
     dataset.resize(start + count, axis=0)
@@ -81,6 +93,8 @@ class StoreWriter:
         self.broken = False  # a write failed: the file holds only what was committed before it
         self.nonfinite_rows = 0  # images written with inf or NaN tokens
         self.device_recorded = False  # the device attribute names this run's device (with its first rows)
+        if h5.mode == "r+":
+            _add_absent_masks(h5, settings.meta)
         self.datasets = {
             name: h5[name] for name in row_datasets(settings) + flat_datasets(settings) + list(FAILED_DATASETS)
         }
@@ -155,7 +169,7 @@ class StoreWriter:
         for name in FAILED_DATASETS:
             self.datasets[name].resize(self.failed_committed, axis=0)
         texts = [("paths", self.committed), ("failed/paths", self.failed_committed),
-                 ("failed/errors", self.failed_committed)] + [(m, self.committed) for m in meta_datasets(self.settings.meta)]
+                 ("failed/errors", self.failed_committed)] + [(f"meta/{m}", self.committed) for m in self.settings.meta]
         for name, rows in texts:
             _clear_stale_strings(self.datasets[name], rows)
         if keep_failures is not None and len(keep_failures) < self.failed_committed:
@@ -258,7 +272,9 @@ class StoreWriter:
             _append(ds["grid_thw"], start, rows.grid_thw)
         _append(ds["paths"], start, rows.keys)
         for name in self.settings.meta:
-            _append(ds[f"meta/{name}"], start, rows.meta.get(name, [""] * len(rows.keys)))
+            texts = rows.meta.get(name, [None] * len(rows.keys))  # None: the row has no such text
+            _append(ds[f"meta/{name}"], start, ["" if t is None else t for t in texts])
+            _append(ds[absent_mask(name)], start, np.asarray([t is None for t in texts], np.uint8))
         _append(ds["root_index"], start, rows.root_index)
         _append(ds["image_size"], start, rows.image_size)
         failed = self.failed_committed
