@@ -25,7 +25,7 @@ ROOT_ATTRS = {
 
 def test_run_on_sample_images_writes_the_documented_schema(cli, tmp_path):
     out = tmp_path / "tokens.h5"
-    result = cli("run", SAMPLES, "-o", out, "--model", TINY, "--workers", "2")
+    result = cli("run", SAMPLES, "-o", out, "--model", TINY, "--workers", "2", "--dtype", "float32")
     assert result.exit_code == 0, result.output
     assert "UNTRAINED" in result.stdout and "8 images" in result.stdout
     images = sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".jpg", ".png"))
@@ -46,22 +46,31 @@ def test_run_on_sample_images_writes_the_documented_schema(cli, tmp_path):
         assert json.loads(f.attrs["weights"]) == {"source": "untrained", "seed": 0, "path": None, "sha256": None}
         prep = json.loads(f.attrs["preprocessing"])
         assert (prep["resize"], prep["decode"], prep["image_size"]) == ("squash", "draft", 56)
+        assert prep["interpolation"] == "bicubic (Pillow, antialiased)" and prep["draft_margin"] == 2
+        assert prep["background"] == [255, 255, 255] and prep["exif_orientation"] == "applied"
         assert prep["mean"] == [0.485, 0.456, 0.406] and prep["std"] == [0.229, 0.224, 0.225]
         assert f.attrs["pooling"] == "none" and f.attrs["projector"] == "null"
-        assert f.attrs["compute_dtype"] in ("float32", "bfloat16") and f.attrs["device"] == "cpu"
+        assert f.attrs["compute_dtype"] == "float32" and f.attrs["device"] == "cpu"
         assert f.attrs["out_dtype"] == "float16"
-        assert np.isfinite(f["tokens"][:]).all() and np.abs(f["tokens"][:]).max() > 0.1
+        # The rows are the encoder's own output for each picture (the library's path, float32), in float16.
+        direct = vitcore.extract([SAMPLES], tmp_path / "direct.h5", model=TINY, dtype="float32", out_dtype="float32",
+                                 workers=0)
+        with h5py.File(direct.output, "r") as g:
+            np.testing.assert_allclose(f["tokens"][:].astype(np.float32), g["tokens"][:], rtol=1e-3, atol=1e-3)
 
 
 def test_json_summary_is_the_only_stdout_and_strict_fails_on_failures(cli, photos, tmp_path):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "t.h5"
-    result = cli("run", photos, "-o", out, "--model", TINY, "--json", "--strict", "--workers", "0")
+    result = cli("run", photos, "-o", out, "--model", TINY, "--json", "--strict", "--workers", "0", "--dtype", "float32")
     assert result.exit_code == 3
     summary = json.loads(result.stdout)
     assert summary["rows"] == 8 and summary["complete"] is True
     assert [f["path"] for f in summary["failures"]] == ["broken.jpg"]
-    assert summary["workers"] == 0 and summary["batch_size"] == (16 if summary["compute_dtype"] == "bfloat16" else 8)
+    assert summary["workers"] == 0 and summary["batch_size"] == 8 and summary["compute_dtype"] == "float32"
+    with h5py.File(out, "r") as f:  # the failure record: key, reason and root
+        assert list(f["failed/paths"].asstr()[:]) == ["broken.jpg"] and list(f["failed/root_index"][:]) == [0]
+        assert json.loads(f.attrs["roots"])[0] == str(photos) and "broken.jpg" not in list(f["paths"].asstr()[:])
     info = json.loads(cli("info", out, "--json").stdout)
     assert info["rows"] == 8 and info["failed"] == 1 and info["token_shape"] == [16, 32]
     assert info["datasets"]["tokens"] == {"shape": [8, 16, 32], "dtype": "float16"}
@@ -146,9 +155,16 @@ def test_models_lists_the_presets(cli):
     assert "302.9M" in cli("models").stdout
 
 
-def test_help_does_not_import_torch():
-    code = "import sys; from vitcore.cli.main import app; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["merge", "--help"], ["models"]])
+def test_help_does_not_import_torch(args):
+    """--help, and a command that needs no model, answer without importing torch."""
+    code = ("import sys\nfrom vitcore.cli.main import main\nsys.argv = ['vit-extract', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as done:\n    assert not done.code, done.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("ok"), done.stderr[-2000:]
+    assert "Usage" in done.stdout or args == ["models"]
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -173,11 +189,9 @@ def test_one_signal_stops_cleanly_and_leaves_a_resumable_file(tmp_path, sig, cod
                     break
         except (OSError, KeyError):
             pass
-    sent = time.time()
     os.killpg(proc.pid, sig)
-    _, stderr = proc.communicate(timeout=30)
+    _, stderr = proc.communicate(timeout=60)  # a hang guard; how fast it stops is bench/ (stop_latency.py)
     assert proc.returncode == code, stderr
-    assert time.time() - sent < 5
     assert "--resume" in stderr and "Traceback" not in stderr
     with h5py.File(out, "r") as f:
         committed = f.attrs["committed"]

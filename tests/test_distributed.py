@@ -88,6 +88,17 @@ def test_every_shard_then_merge_equals_one_run(images, tmp_path, count):
     _assert_same(copied, single)
     with h5py.File(copied, "r") as f:
         assert not f["tokens"].is_virtual and f.attrs["merged"] == "copy"
+        # The merge's record of its shards: each file (relative), its rows and range, tiling the input list.
+        recorded = json.loads(f.attrs["shards"])
+        assert [r["file"] for r in recorded] == [os.path.basename(s) for s in shards]
+        assert [r["index"] for r in recorded] == list(range(count)) and sum(r["rows"] for r in recorded) == 29
+        assert recorded[0]["start"] == 0 and all(a["stop"] == b["start"] for a, b in zip(recorded, recorded[1:]))
+        assert recorded[-1]["stop"] == 30  # 29 rows and one failure
+        for shard, r in zip(shards, recorded):
+            with h5py.File(shard, "r") as part:
+                own = json.loads(part.attrs["shard"])
+                assert (r["start"], r["stop"], r["run_id"]) == (own["start"], own["stop"], part.attrs["run_id"])
+                assert f.attrs["inputs_sha256"] == own["inputs_sha256"]  # the one input list they all split
     with vitcore.open_tokens(out) as f:
         summary = f.describe()
         assert [s["state"] for s in summary["shards"]] == ["complete"] * count
@@ -144,11 +155,9 @@ def test_merged_folder_can_be_moved(images, tmp_path):
     shutil.move(str(work), str(moved))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    os.chdir(elsewhere)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the working directory as it was, after
+        patch.chdir(elsewhere)
         np.testing.assert_array_equal(_content(moved / "out.h5")[1], expected)
-    finally:
-        os.chdir(PROJECT)
 
 
 def _torchrun(nproc: int, images: Path, out: Path, *extra: str, background: bool = False):
@@ -229,12 +238,10 @@ def test_a_virtual_merge_refuses_to_read_through_changed_or_missing_shards(image
     elsewhere.mkdir()
     shutil.copy(shards[2], elsewhere / os.path.basename(shards[2]))
     os.unlink(shards[2])
-    os.chdir(elsewhere)  # HDF5 would fall back to a same-named file in the working directory
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the working directory as it was, after
+        patch.chdir(elsewhere)  # HDF5 would fall back to a same-named file in the working directory
         with pytest.raises(VitExtractError, match="missing|changed"):
             vitcore.open_tokens(out)
-    finally:
-        os.chdir(PROJECT)
     with pytest.raises(ResumeMismatchError, match="virtual view"):
         vitcore.extract([images], out, EXACT, resume=True)
 

@@ -5,6 +5,7 @@ with every start method."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import warnings
 from pathlib import Path
 
@@ -249,7 +250,13 @@ def test_rows_by_key_or_number_and_what_is_refused(cached, tmp_path, monkeypatch
     vitcore.extract([tmp_path / "a", tmp_path / "b"], twice, model=TINY, **EXACT)
     with pytest.raises(UsageError, match="names 2 rows"):
         vitcore.TokenDataset(twice, keys=["x.png"])
-    assert [item["tokens"].mean() for item in vitcore.TokenDataset(twice, keys=[1, 0])] != []
+    picked = vitcore.TokenDataset(twice, keys=[1, 0])
+    with vitcore.open_tokens(twice) as f:
+        rows = [f.tokens(1), f.tokens(0)]  # b/x.png (grey 200), then a/x.png (grey 40)
+        roots = [f.settings["roots"][int(f.h5["root_index"][r])] for r in (1, 0)]
+    assert not np.array_equal(rows[0], rows[1]) and [os.path.basename(r) for r in roots] == ["b", "a"]
+    for i, row in enumerate(rows):  # each item is the row asked for, in the order asked
+        np.testing.assert_array_equal(np.asarray(picked[i]["tokens"]), row)
     # A relative path keeps naming the file after the working directory changes.
     monkeypatch.chdir(out.parent)
     dataset = vitcore.TokenDataset(out.name)

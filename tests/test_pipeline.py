@@ -188,7 +188,13 @@ def test_resume_recognises_the_same_file_however_it_was_named(photos, tmp_path, 
 
 
 def test_a_writer_error_is_final(tmp_path):
+    """A write that fails surfaces at the next put and again at close, never forgotten; the batches
+    queued behind it are not written but their buffers go back. Driven by events, not sleeps."""
+    import threading
+
     from vitcore.store import AsyncWriter, WriteError
+
+    inside, go = threading.Event(), threading.Event()
 
     class Failing:
         calls = 0
@@ -196,6 +202,8 @@ def test_a_writer_error_is_final(tmp_path):
 
         def append(self, rows):
             Failing.calls += 1
+            inside.set()
+            go.wait(30)  # held until the test has queued batches behind this one
             raise WriteError("x.h5", 0, OSError(28, "No space left on device"))
 
         def close(self, complete):
@@ -203,23 +211,26 @@ def test_a_writer_error_is_final(tmp_path):
 
     released = []
 
+    drained = threading.Event()
+
     class Batch:  # stands in for Rows: only its buffers' release is looked at after an error
         def __init__(self, name):
-            self.release = lambda: released.append(name)
+            self.release = lambda: (released.append(name), name == "later 1" and drained.set())
 
     writer = Failing()
     async_writer = AsyncWriter(writer)
     async_writer.put(Batch("batch 1"))
-    later = 0
-    with pytest.raises(WriteError, match="disk is full"):
-        for _ in range(50):  # the error surfaces at a later put…
-            async_writer.put(Batch(f"later {later}"))
-            later += 1
-            time.sleep(0.01)
+    assert inside.wait(30)  # the writer thread is in its (failing) write
+    async_writer.put(Batch("later 0"))  # queued behind it: accepted, the error is not known yet
+    async_writer.put(Batch("later 1"))
+    go.set()
+    assert drained.wait(30)  # the writer has failed and handed back the batches queued behind
+    with pytest.raises(WriteError, match="the disk is full"):  # the error surfaces at the next put…
+        async_writer.put(Batch("after"))
     with pytest.raises(WriteError):  # …and again at close: it is never forgotten
         async_writer.close(True)
     assert Failing.calls == 1 and writer.closed_complete is False
-    assert released == [f"later {i}" for i in range(later)]  # not written, but their buffers go back
+    assert released == ["later 0", "later 1"]  # not written, but their buffers go back
 
 
 def test_compile_gives_the_eager_tokens_and_reports_its_compilation_time(photos, tmp_path):

@@ -353,12 +353,18 @@ def test_no_worker_inherits_a_writable_handle_on_the_output(tmp_path, monkeypatc
     assert all(view == [] for view in views), views[:3]  # no HDF5 file at all was open at fork time
 
 
-def _mount_small_disk(path: Path, size: str) -> bool:
+def _small_disk(path: Path, size: str, kind: str) -> bool:
+    """A folder for the output: a real tmpfs of ``size`` (kind "tmpfs"; skipped, saying so, where
+    one cannot be mounted), or a plain folder whose fullness the run simulates (kind "simulated")."""
     path.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
+    if kind == "simulated":
         return False
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount); the simulated case covers the code")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    return done.returncode == 0
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()[:100]}); the simulated case covers the code")
+    return True
 
 
 # The failing run goes through the command line in its own process, as users meet it: its exit
@@ -384,15 +390,18 @@ main()
 """
 
 
-@pytest.mark.parametrize("where", ["before the write", "inside HDF5"])
-def test_a_full_disk_is_a_clear_error_with_committed_rows_kept_and_resumable(tmp_path, where):
+# A real small tmpfs filled before the write or inside HDF5; or, on any machine, a write hook that
+# fails once the file passes ~300 KiB ("simulated").
+@pytest.mark.parametrize("where, disk_kind", [("before the write", "tmpfs"), ("inside HDF5", "tmpfs"),
+                                              ("past 300 KiB", "simulated")])
+def test_a_full_disk_is_a_clear_error_with_committed_rows_kept_and_resumable(tmp_path, where, disk_kind):
     folder = tmp_path / "imgs"
     _small_images(folder, 60)
     options = dataclasses.replace(EXACT, model="dim=64,depth=1,heads=2,image_size=112")  # 16 KiB a row
     reference = tmp_path / "reference.h5"
     vitcore.extract([folder], reference, options)
     disk = tmp_path / "disk"
-    real_disk = _mount_small_disk(disk, "5m")
+    real_disk = _small_disk(disk, "5m", disk_kind)
     out = disk / "out.h5"
     try:
         filler = disk / "filler.bin"
@@ -423,11 +432,12 @@ def test_a_full_disk_is_a_clear_error_with_committed_rows_kept_and_resumable(tmp
             subprocess.run(["umount", str(disk)], check=False)
 
 
-def test_a_disk_too_full_to_create_the_output_is_a_clear_error_that_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("disk_kind", ["tmpfs", "simulated"])
+def test_a_disk_too_full_to_create_the_output_is_a_clear_error_that_leaves_nothing(tmp_path, disk_kind):
     folder = tmp_path / "imgs"
     _small_images(folder, 4)
     disk = tmp_path / "disk"
-    real_disk = _mount_small_disk(disk, "1m")
+    real_disk = _small_disk(disk, "1m", disk_kind)
     try:
         if real_disk:
             filler = os.open(disk / "filler.bin", os.O_WRONLY | os.O_CREAT)
@@ -585,6 +595,8 @@ def load(source, cfg):
     with open(PIDS, "a") as pids:
         pids.write(f"{os.getpid()}\\n")
     if getattr(source, "name", "").endswith("slow.png"):
+        with open(PIDS + ".asleep", "w") as marker:  # the test's readiness signal
+            marker.write(str(os.getpid()))
         time.sleep(3600)  # a read that never comes back (a hung network mount)
     return real(source, cfg)
 vitcore.encoders.seed.processor.load_image = load
@@ -612,19 +624,18 @@ def test_a_stuck_worker_never_keeps_the_run_from_stopping_nor_outlives_it(tmp_pa
     cmd = [sys.executable, "-c", _STUCK_RUN, str(pids), "run", str(folder), "-o", str(out), "--model", TINY,
            "--workers", "2", "--batch-size", "2", "--dtype", "float32", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=PROJECT, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not (pids.exists() and len(set(pids.read_text().split())) >= 2):
-        time.sleep(0.2)
-    time.sleep(1.0)  # the worker holding slow.png is asleep in its read by now
+    asleep = Path(str(pids) + ".asleep")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (asleep.exists() and pids.exists() and len(set(pids.read_text().split())) >= 2):
+        time.sleep(0.1)  # waiting for the worker to say it is stuck in its read (an event, not a guess)
+    assert asleep.exists(), "no worker reached slow.png"
     workers = {int(p) for p in pids.read_text().split()}
     assert len(workers) >= 2
     proc.send_signal(getattr(signal, how))
-    started = time.time()
     try:
-        code = proc.wait(timeout=30)
+        code = proc.wait(timeout=60)  # a hang guard only; how fast it stops is bench/stop_latency.py
     finally:
         proc.kill()
-    assert time.time() - started < 20, "the run did not stop within 20 s"
     if how != "SIGKILL":
         assert code == 128 + getattr(signal, how), proc.stderr.read()[-2000:]
         assert "--resume" in proc.stderr.read()
