@@ -455,7 +455,8 @@ def test_what_was_passed_over_or_left_empty_is_counted_with_reasons(cli, photos,
 
 def test_info_reads_a_file_while_a_run_writes_it(tmp_path):
     """info on a file a run is writing: the rows committed so far, said to be in progress; a plain
-    read (the library's default) is still refused in one line."""
+    read (the library's default) is still refused in one line, and another process's plain h5py
+    is kept out by HDF5's file lock."""
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(24):
@@ -476,6 +477,11 @@ def test_info_reads_a_file_while_a_run_writes_it(tmp_path):
         assert run.poll() is None, "the run ended before info could watch it"
         with pytest.raises(VitExtractError, match="a vit-extract run is writing it"):
             vitcore.open_tokens(out)
+        # HDF5's own lock keeps another process's plain h5py (locking on, its default) out too.
+        plain = subprocess.run([sys.executable, "-c", "import sys, h5py; h5py.File(sys.argv[1], 'r')", str(out)],
+                               capture_output=True, text=True, timeout=120)
+        assert run.poll() is None, "the run ended before the lock could be tried"
+        assert plain.returncode != 0 and "unable to lock file" in plain.stderr, plain.stderr[-1500:]
     finally:
         run.terminate()
         run.wait(timeout=120)

@@ -257,8 +257,10 @@ def test_tokens_that_overflow_float16_are_counted_in_a_warning(photos, tmp_path)
         encoder.norm.weight.mul_(1e6)  # the final norm's outputs reach ~1e6, past float16's 65504
     weights = tmp_path / "loud.safetensors"
     save_weights(encoder, weights)
-    half = vitcore.extract([photos], tmp_path / "half.h5", weights=str(weights), workers=0, batch_size=3)
-    full = vitcore.extract([photos], tmp_path / "full.h5", weights=str(weights), workers=0, out_dtype="float32")
+    half = vitcore.extract([photos], tmp_path / "half.h5", weights=str(weights), workers=0, batch_size=3,
+                           dtype="float32")
+    full = vitcore.extract([photos], tmp_path / "full.h5", weights=str(weights), workers=0, out_dtype="float32",
+                           dtype="float32")
     assert f"{half.rows} images have token values that are not finite" in " ".join(half.warnings)
     assert "--out-dtype float32" in " ".join(half.warnings)
     assert not any("finite" in w for w in full.warnings)
