@@ -162,7 +162,7 @@ def run(
     batch_size: Annotated[str, typer.Option(metavar="N|auto", help="Images per batch, or auto.", parser=_batch_size, rich_help_panel=COMPUTE)] = "auto",
     workers: Annotated[Optional[int], typer.Option(metavar="N", help="Decoding worker processes (0: decode in the main process). Default: min(8, CPUs).", min=0, show_default=False, rich_help_panel=COMPUTE)] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto | cpu | cuda | cuda:N.", rich_help_panel=COMPUTE)] = "auto",
-    dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto = bfloat16 where the hardware computes it natively, else float32.", rich_help_panel=COMPUTE)] = Dtype.auto,
+    dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto: on a GPU bfloat16 where the card computes it, on a CPU whichever of float32 and bfloat16 this machine multiplies faster (measured once per machine, torch and encoder width; the summary says why).", rich_help_panel=COMPUTE)] = Dtype.auto,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder: faster batches after a one-off compilation (its time is in the summary); worth it for large runs.", rich_help_panel=COMPUTE)] = False,
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The HDF5 file to write.", dir_okay=False, rich_help_panel=OUTPUT)] = Path("tokens.h5"),
     out_dtype: Annotated[OutDtype, typer.Option(help="Stored dtype.", rich_help_panel=OUTPUT)] = OutDtype.float16,

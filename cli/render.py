@@ -160,6 +160,8 @@ def run_summary(console: Console, result) -> None:
     if result.batch_size is not None:
         compute += f", batch {result.batch_size}, {result.workers} decoding worker{'s' * (result.workers != 1)}"
     table.add_row("compute", compute)
+    if result.dtype_reason:
+        table.add_row("dtype", f"auto → {escape(result.dtype_reason)} (--dtype overrides)")
     time_text = f"{result.seconds:.1f} s, {result.images_per_second:.1f} images/s"
     if "compile" in result.timings:
         time_text += f" (including {result.timings['compile']:.1f} s of torch.compile)"

@@ -11,6 +11,22 @@ from vitcore.cli.main import app
 from tests.helpers import SAMPLES
 
 
+@pytest.fixture(scope="session", autouse=True)
+def measurement_cache(tmp_path_factory):
+    """--dtype auto's measurements go to a folder of this session's (inherited by the runs the tests
+    start), never into the user's own cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("cache")
+    saved = os.environ.get("VIT_EXTRACT_CACHE_DIR")
+    os.environ["VIT_EXTRACT_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("VIT_EXTRACT_CACHE_DIR", None)
+    else:
+        os.environ["VIT_EXTRACT_CACHE_DIR"] = saved
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` need a CUDA device; elsewhere they are skipped, saying why."""
     import torch

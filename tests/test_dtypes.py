@@ -23,7 +23,7 @@ BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bf16 keeps 8 significant bits
     (None, "flags : fpu avx2 avx512f avx512_bf16", torch.bfloat16),
     (None, "flags : fpu avx2 avx512f", torch.float32),
 ])
-def test_auto_on_the_cpu_follows_the_cpus_bf16_support(monkeypatch, probes, flags, expected):
+def test_without_an_encoder_to_time_auto_follows_the_cpus_bf16_flags(monkeypatch, probes, flags, expected):
     devices.cpu_has_native_bf16.cache_clear()  # decided afresh from the faked inputs
     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         if probes is None:  # the probes raise, as on a torch without them working
@@ -45,6 +45,95 @@ def test_auto_on_the_cpu_follows_the_cpus_bf16_support(monkeypatch, probes, flag
         assert devices.resolve_dtype("float32", torch.device("cpu")) == torch.float32  # explicit wins
     finally:
         devices.cpu_has_native_bf16.cache_clear()
+
+
+def _fake_products(seconds: dict, calls: list):
+    """A stand-in for timing products: ``seconds`` per dtype, each call noted (the decision logic
+    is tested, not the clock)."""
+    def measure(dtype, rows, width):
+        calls.append((dtype, rows, width))
+        return seconds[dtype]
+    return measure
+
+
+@pytest.mark.parametrize("float32, bfloat16, expected, words", [
+    (1.0, 1.75, torch.float32, "float32: bf16 ran at 0.57× float32's matrix-product speed"),  # AVX-512-BF16, no AMX
+    (1.0, 0.2, torch.bfloat16, "bfloat16: 5.00× float32's matrix-product speed"),  # AMX
+    (1.0, 0.97, torch.float32, "bf16 ran at 1.03×"),  # not clearly faster: exact float32 kept
+])
+def test_auto_on_the_cpu_times_the_encoders_products_and_keeps_the_result(monkeypatch, tmp_path, float32, bfloat16,
+                                                                         expected, words):
+    from vitcore.system import calibrate
+
+    monkeypatch.setenv("VIT_EXTRACT_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(calibrate, "product_seconds", _fake_products({torch.float32: float32, torch.bfloat16: bfloat16}, calls))
+    first = devices.choose_dtype("auto", torch.device("cpu"), width=768)
+    assert first.dtype == expected and words in first.reason and "measured on this CPU" in first.reason
+    assert calls and all(width == 768 for _, _, width in calls)
+    assert {dtype for dtype, _, _ in calls} == {torch.float32, torch.bfloat16}
+
+    calls.clear()  # the second run reads what the first measured
+    again = devices.choose_dtype("auto", torch.device("cpu"), width=768)
+    assert again.dtype == expected and not calls and "measured earlier on this CPU" in again.reason
+    assert devices.choose_dtype("float32", torch.device("cpu"), width=768).reason is None  # named: no measuring
+    assert not calls
+
+    monkeypatch.setattr(torch, "__version__", "9.9.9")  # another torch: measured again
+    devices.choose_dtype("auto", torch.device("cpu"), width=768)
+    assert calls
+    calls.clear()
+    monkeypatch.setattr(calibrate, "machine_key", lambda: "another CPU | avx2 | 8 cpus")  # another machine: again
+    devices.choose_dtype("auto", torch.device("cpu"), width=768)
+    assert calls
+    calls.clear()
+    devices.choose_dtype("auto", torch.device("cpu"), width=1024)  # another encoder width: again
+    assert calls
+    assert (tmp_path / "dtype.json").is_file()
+
+
+def test_a_damaged_or_unwritable_cache_only_means_measuring_again(monkeypatch, tmp_path):
+    from vitcore.system import calibrate
+
+    calls = []
+    monkeypatch.setattr(calibrate, "product_seconds", _fake_products({torch.float32: 1.0, torch.bfloat16: 2.0}, calls))
+    monkeypatch.setenv("VIT_EXTRACT_CACHE_DIR", str(tmp_path))
+    (tmp_path / "dtype.json").write_text("{ not json")
+    assert devices.choose_dtype("auto", torch.device("cpu"), width=512).dtype == torch.float32 and calls
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    monkeypatch.setenv("VIT_EXTRACT_CACHE_DIR", str(blocked / "cache"))  # cannot be made: still decided
+    assert devices.choose_dtype("auto", torch.device("cpu"), width=512).dtype == torch.float32
+
+
+def test_a_failed_measurement_falls_back_to_the_flags_and_says_so(monkeypatch, tmp_path):
+    from vitcore.system import calibrate
+
+    monkeypatch.setenv("VIT_EXTRACT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "product_seconds", lambda *a: (_ for _ in ()).throw(RuntimeError("no bf16 kernel")))
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    chosen = devices.choose_dtype("auto", torch.device("cpu"), width=512)
+    assert chosen.dtype == torch.float32 and "measuring failed (no bf16 kernel)" in chosen.reason
+    small = devices.choose_dtype("auto", torch.device("cpu"), width=32)  # too small to time: the flags
+    assert small.dtype == torch.float32 and "too small to time fairly" in small.reason
+
+
+def test_a_run_says_what_auto_chose_and_why(monkeypatch, tmp_path, cli):
+    from vitcore.system import calibrate
+
+    monkeypatch.setenv("VIT_EXTRACT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "product_seconds", _fake_products({torch.float32: 1.0, torch.bfloat16: 1.75}, []))
+    spec = "dim=256,depth=1,heads=2,image_size=28"
+    result = cli("run", SAMPLES / "rocket.jpg", "-o", tmp_path / "a.h5", "--model", spec, "--workers", "0", "--json")
+    import json
+
+    summary = json.loads(result.stdout)
+    assert summary["compute_dtype"] == "float32" and summary["dtype_reason"].startswith("float32: bf16 ran at 0.57×")
+    shown = cli("run", SAMPLES / "rocket.jpg", "-o", tmp_path / "b.h5", "--model", spec, "--workers", "0")
+    assert "auto → float32: bf16 ran at 0.57× float32's matrix-product speed, measured earlier" in shown.stdout
+    named = json.loads(cli("run", SAMPLES / "rocket.jpg", "-o", tmp_path / "c.h5", "--model", spec, "--workers", "0",
+                           "--dtype", "float32", "--json").stdout)
+    assert named["dtype_reason"] is None
 
 
 @pytest.mark.parametrize("supported, expected", [(True, torch.bfloat16), (False, torch.float32)])

@@ -107,6 +107,7 @@ class RunRecord:
     outputs: tuple[ArraySpec, ...]  # unpooled, "tokens" first
     projector: str = "null"  # JSON: {"dim": P} or null
     grid_thw: bool = False  # store each image's patch grid (t, h, w)
+    width: int | None = None  # the blocks' token width D: --dtype auto times products of this width
     notes: list[str] = field(default_factory=list)  # how the run departs from what was asked
     parts: dict = field(default_factory=dict, repr=False)  # the family's own values, for its build()
 

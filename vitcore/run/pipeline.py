@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from vitcore.run.batching import BatchRunner, store_settings
 from vitcore.system.host_memory import HeapWatch
-from vitcore.system.device import dtype_name, resolve_device, resolve_dtype
+from vitcore.system.device import choose_dtype, dtype_name, resolve_device
 from vitcore.errors import Interrupted, VitExtractError, one_line
 from vitcore.imaging.loader import Batch, default_workers, make_loader
 from vitcore.options import ComputeOptions, ExtractOptions
@@ -79,6 +79,7 @@ class ExtractResult:
     warnings: list[str] = field(default_factory=list)  # things the user should know (e.g. batch split)
     missing_meta: dict[str, int] = field(default_factory=dict)  # --keep / --columns name → rows without that text
     nonfinite_meta: dict[str, int] = field(default_factory=dict)  # --columns name → rows with NaN/inf stored as null
+    dtype_reason: str | None = None  # --dtype auto: what it chose and why (None: the dtype was named)
     passed_over: dict[str, int] = field(default_factory=dict)  # extension → files in folders not taken (--ext)
     entries_passed_over: dict[str, int] = field(default_factory=dict)  # kind (inputs.base.ENTRY_KINDS) → entries
 
@@ -175,9 +176,10 @@ def extract(
     encoder_opts, compute, out_opts = run.encoder, run.compute, run.output_options
     family, found, shard, output = run.family, run.found, run.shard, run.output
     device = resolve_device(compute.device)
-    dtype = resolve_dtype(compute.dtype, device)
     with Output(output, out_opts.resume, out_opts.overwrite) as out:  # one run per output
         record = family.record(encoder_opts, device)  # what the file records: nothing built yet
+        chosen = choose_dtype(compute.dtype, device, record.width)  # auto: measured for this encoder's width
+        dtype = chosen.dtype
         containers = run.inputs.containers
         meta = containers.meta_names  # --keep / --columns: text stored beside the tokens
         settings = store_settings(record, out_opts.pool, out_opts.out_dtype, device, dtype,
@@ -210,6 +212,7 @@ def extract(
         images_per_second=ran.written / ran.seconds if ran.seconds > 0 else 0.0,
         device=str(device),
         compute_dtype=dtype_name(dtype),
+        dtype_reason=chosen.reason,
         out_dtype=out_opts.out_dtype,
         encoder=record.name,
         token_shape=(-1, *settings.token_shape) if settings.ragged else settings.token_shape,

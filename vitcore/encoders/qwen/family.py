@@ -144,7 +144,8 @@ class QwenVLFamily:
         weights = WeightsInfo(source="file", path=os.path.abspath(opts.weights),
                               sha256=vision_weights_sha256(opts.weights))
         return RunRecord(name=self.name, encoder_record=cfg.to_json(), preprocessing=preprocessing, weights=weights,
-                         outputs=tuple(outputs), grid_thw=True, parts={"preprocess": prep, "decode": decode})
+                         outputs=tuple(outputs), grid_thw=True, parts={"preprocess": prep, "decode": decode},
+                         width=cfg.width)
 
     def build(self, opts, device, dtype, compile: bool = False, record=None):
         import torch  # torch: only once a run is under way

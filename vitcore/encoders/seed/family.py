@@ -62,7 +62,7 @@ class SeedFamily:
             name=cfg.name, encoder_record=json.dumps({**json.loads(cfg.to_json()), "family": self.name}, sort_keys=True),
             preprocessing=prep.to_json(), weights=weights_info(opts.weights, opts.seed), outputs=outputs,
             projector=json.dumps({"dim": cfg.project_dim}) if cfg.project_dim else "null", notes=notes,
-            parts={"config": cfg, "layers": layers, "preprocess": prep},
+            parts={"config": cfg, "layers": layers, "preprocess": prep}, width=cfg.dim,
         )
 
     def build(self, opts, device, dtype, compile: bool = False, record=None):
