@@ -580,12 +580,18 @@ def test_columns_of_every_type_are_stored_as_text_or_valid_json_and_null_is_told
                           pa.decimal128(10, 3)),
         "ok": pa.array([True, False, None, True]),
         "raw": pa.array([b"bytes", b"", None, b"\xff"], pa.binary()),
+        # what Python's datetime cannot hold must not cost an image its row
+        "ns": pa.array([1714566600123456789, 1, None, -1], pa.timestamp("ns", tz="UTC")),
+        "far": pa.array([300000, 0, None, -800000], pa.date32()),  # year 2791, 1970, -, before year 1
+        "took": pa.array([90_000_000, 1, None, 0], pa.duration("us")),
+        "small": pa.array([0.1, 1.5, None, float("nan")], pa.float32()),
+        "map": pa.array([[("a", 1)], [], None, [("k", 1), ("k", 2)]], pa.map_(pa.string(), pa.int64())),
     })
     pq.write_table(table, tmp_path / "t.parquet", row_group_size=2)
-    names = "caption,score,when,day,tags,box,price,ok,raw"
+    names = "caption,score,when,day,tags,box,price,ok,raw,ns,far,took,small,map"
     result = vitcore.extract([tmp_path / "t.parquet"], tmp_path / "t.h5", EXACT, columns=names)
-    assert result.rows == 4
-    assert result.nonfinite_meta == {"score": 2, "box": 1}
+    assert result.rows == 4 and not result.failures  # every image kept, whatever its row's values
+    assert result.nonfinite_meta == {"score": 2, "box": 1, "small": 1}
     assert any("2 rows of --columns score held NaN or infinite numbers, stored as JSON null" in w for w in result.warnings)
     assert result.missing_meta == {name: 1 for name in names.split(",") if name != "day"}
     with vitcore.open_tokens(tmp_path / "t.h5") as f:
@@ -601,6 +607,11 @@ def test_columns_of_every_type_are_stored_as_text_or_valid_json_and_null_is_told
     assert json.loads(stored["price"][0]) == "1.100" and stored["price"][1] is None
     assert stored["ok"] == ["true", "false", None, "true"]
     assert stored["raw"][:2] == ["bytes", ""] and stored["raw"][2] is None
+    assert json.loads(stored["ns"][0]) == "2024-05-01T12:30:00.123456789Z"  # nanoseconds kept, ISO 8601
+    assert json.loads(stored["far"][0]) == "2791-05-17" and json.loads(stored["far"][3]).startswith("-")
+    assert [json.loads(t) for t in stored["took"][:2]] == [90.0, 1e-6]  # durations in seconds
+    assert stored["small"][:2] == ["0.1", "1.5"]  # float32 by its own digits, not 0.10000000149011612
+    assert [json.loads(t) if t else t for t in stored["map"]] == [{"a": 1}, {}, None, [["k", 1], ["k", 2]]]
     for name in names.split(","):  # every non-text value is valid JSON
         if name not in ("caption", "raw"):
             for text in stored[name]:
@@ -633,3 +644,68 @@ def test_a_file_made_before_absence_masks_resumes_and_gains_them(tmp_path):
         assert len(captions) == 8 and f.h5["meta_absent/txt"].shape == (8,)
     assert [c is None for c in captions] == [i % 4 == 0 for i in range(8)]
     assert captions[1] == "a picture, number 1 ✓"
+
+
+def test_links_in_a_tar_are_read_as_tar_x_leaves_them(tmp_path):
+    """A hard link is the file its target was when the link was written (a later entry of that
+    name does not change it); a symbolic link is followed like a path, through a link to a folder
+    too; a link may be a sidecar; a loop is named as one. A kept extension that is no sample's
+    sidecar is counted, not dropped silently."""
+    pictures = _pictures(3, seed=11)
+    (ext0, first), (ext1, second), (ext2, third) = pictures
+    (tmp_path / "in").mkdir()
+    shard = tmp_path / "in" / "links.tar"
+    shard.write_bytes(_tar_bytes([
+        (f"a.{ext0}", first), (f"h.{ext0}", f"=>a.{ext0}"), (f"a.{ext0}", second),  # a rewritten after the link
+        ("real/r.png", third), ("sub", "->real"), ("via.png", "->sub/r.png"),  # through a folder link
+        ("cap.txt", b"the caption"), ("via.txt", "->cap.txt"),  # a sidecar that is a link
+        ("loopA.jpg", "->loopB.jpg"), ("loopB.jpg", "->loopA.jpg"),
+        ("s3.input.png", third), ("s3.outputs.txt", b"not this sample's sidecar"),
+    ]))
+    result = vitcore.extract([tmp_path / "in"], tmp_path / "t.h5", EXACT, keep="txt")
+    failures = dict(result.failures)
+    assert failures == {"links.tar/loopA.jpg": "OSError: a loop of symbolic links inside the tar",
+                        "links.tar/loopB.jpg": "OSError: a loop of symbolic links inside the tar"}
+    assert result.passed_over == {"txt, not a sidecar": 1}
+    with vitcore.open_tokens(tmp_path / "t.h5") as f:
+        assert f.source_bytes(f"links.tar/h.{ext0}") == first and f.source_bytes(f"links.tar/a.{ext0}") == second
+        assert f.source_bytes("links.tar/via.png") == third
+        assert f.meta("txt", "links.tar/via.png") == "the caption"
+        reference = {k: f[k] for k in f.keys}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "r.png").write_bytes(third)
+    vitcore.extract([tmp_path / "one"], tmp_path / "r.h5", EXACT)
+    with vitcore.open_tokens(tmp_path / "r.h5") as f:
+        np.testing.assert_array_equal(reference["links.tar/via.png"], f["r.png"])
+
+
+def test_a_compressed_tar_cut_short_keeps_whole_images_and_a_damaged_one_trusts_nothing(tmp_path):
+    """Cut short: every image whose bytes came through is a row, even when its sidecar lay past the
+    cut (the text is absent); a stream that fails its integrity check (gzip's CRC) may have given
+    wrong bytes that decoded anyway, so none of its members is a row."""
+    import gzip
+
+    pictures = _pictures(4, seed=12)
+    entries = []
+    for i, (ext, data) in enumerate(pictures):  # each image before its sidecar, as webdataset sorts them
+        entries += [(f"{i:03d}.{ext}", data), (f"{i:03d}.txt", (f"caption {i} " * 2000).encode())]
+    plain = _tar_bytes(entries)
+    end_of_image_2 = plain.index(pictures[2][1]) + len(pictures[2][1])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "cut.tar.gz").write_bytes(gzip.compress(plain[: end_of_image_2 + 2048], mtime=0))
+    damaged = bytearray(gzip.compress(plain, mtime=0))
+    damaged[-8] ^= 0xFF  # the stored CRC: every byte decompresses, the check at the end fails
+    (folder / "crc.tar.gz").write_bytes(bytes(damaged))
+    result = vitcore.extract([folder], tmp_path / "t.h5", EXACT, keep="txt")
+    failures = dict(result.failures)
+    with vitcore.open_tokens(tmp_path / "t.h5") as f:
+        rows = set(f.keys)
+        captions = dict(zip(f.keys, f.meta("txt")))
+    cut = sorted(k for k in rows if k.startswith("cut.tar.gz/"))
+    assert cut == [f"cut.tar.gz/{i:03d}.{pictures[i][0]}" for i in range(3)]  # image 2 whole, its text cut off
+    assert captions[cut[0]].startswith("caption 0") and captions[cut[2]] is None
+    assert "cut short" in failures["cut.tar.gz/"]
+    assert not any(k.startswith("crc.tar.gz/") for k in rows)
+    untrusted = [e for k, e in failures.items() if k.startswith("crc.tar.gz/") and k != "crc.tar.gz/"]
+    assert len(untrusted) == 4 and all("fails its integrity check" in e for e in untrusted)

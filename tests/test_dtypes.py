@@ -174,3 +174,20 @@ def test_bf16_tokens_are_the_float32_tokens_to_bf16s_rounding(encoders, tmp_path
     for key, reference in tokens["float32"].items():
         error = np.linalg.norm(tokens["bfloat16"][key] - reference) / np.linalg.norm(reference)
         assert BF16_UNIT_ROUNDOFF / 10 < error < 4 * BF16_UNIT_ROUNDOFF, (key, error)
+
+
+def test_auto_resuming_a_file_keeps_the_dtype_it_was_made_with(monkeypatch, tmp_path):
+    """A measurement that comes out otherwise on a later day must not make --resume refuse the file."""
+    from vitcore.system import calibrate
+
+    monkeypatch.setenv("VIT_EXTRACT_CACHE_DIR", str(tmp_path / "cache"))
+    spec = "dim=256,depth=1,heads=2,image_size=28"
+    out = tmp_path / "t.h5"
+    monkeypatch.setattr(calibrate, "product_seconds", _fake_products({torch.float32: 1.0, torch.bfloat16: 2.0}, []))
+    first = vitcore.extract([SAMPLES / "rocket.jpg"], out, model=spec, workers=0)
+    assert first.compute_dtype == "float32"
+    (tmp_path / "cache" / "dtype.json").unlink()  # measured again, and now bf16 looks faster
+    monkeypatch.setattr(calibrate, "product_seconds", _fake_products({torch.float32: 1.0, torch.bfloat16: 0.5}, []))
+    resumed = vitcore.extract([SAMPLES], out, model=spec, workers=0, resume=True)
+    assert resumed.compute_dtype == "float32" and resumed.dtype_reason == "float32: as the file being resumed was computed"
+    assert resumed.rows == 8

@@ -2,7 +2,6 @@
 
 import json
 import os
-import time
 
 import h5py
 import numpy as np

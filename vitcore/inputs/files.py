@@ -61,8 +61,9 @@ def walk(root: str, exts: tuple[str, ...], seen_dirs: set[str], is_container: Ca
     out: list[str] = []
     unreadable: list[tuple[str, str]] = []
     stack = [""]
-    while stack:
-        rel_dir = stack.pop()
+    linked: list[str] = []  # folders reached through a symbolic link: walked after every real one,
+    while stack or linked:  # so a folder is keyed by its own name, not by a link's that sorts first
+        rel_dir = stack.pop() if stack else linked.pop(0)
         directory = os.path.join(root, rel_dir) if rel_dir else root
         real = os.path.realpath(directory)
         if real in seen_dirs:  # a symlink loop or a second link to a folder already walked
@@ -85,7 +86,9 @@ def walk(root: str, exts: tuple[str, ...], seen_dirs: set[str], is_container: Ca
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:
                 is_dir = False
-            if is_dir:
+            if is_dir and entry.is_symlink():
+                linked.append(rel)
+            elif is_dir:
                 subfolders.append(rel)
             elif ("." in entry.name and entry.name.rpartition(".")[2].lower() in exts) or is_container(entry.name):
                 out.append(rel)

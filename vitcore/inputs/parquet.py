@@ -12,14 +12,14 @@ UTF-8 text (each image of a row gets the row's text).
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import decimal
 import json
 import math
 import os
 import re
 from dataclasses import dataclass
 from typing import BinaryIO
+
+import numpy as np
 
 from vitcore.errors import UsageError, one_line
 from vitcore.inputs.base import JsonText, NamedBytes, NotTaken, PassedOver, Unlisted, escape_key, open_regular, path_identity
@@ -79,49 +79,78 @@ class ParquetRow:
         out = {}
         for name in names:
             if name in self.columns:
-                out[name] = column_text(batch.column(name)[at].as_py())
+                out[name] = column_text(batch.column(name)[at])
             else:
                 out[name] = None
         return out
 
 
-def column_text(value) -> str | None:
-    """A --columns value as stored: None stays None (the row has none: the absence mask says so),
-    text as it is, bytes as UTF-8, anything else as JSON (numbers, lists, structs; timestamps and
-    dates as ISO 8601 strings; NaN and infinities as null, counted)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    nonfinite = [0]
-    text = json.dumps(_plain_json(value, nonfinite), ensure_ascii=False, allow_nan=False)
-    return JsonText(text, nonfinite[0])
+def column_text(scalar) -> str | None:
+    """A --columns value (a pyarrow scalar) as stored: null stays None (the absence mask says so),
+    text as it is, binary as UTF-8 (invalid bytes replaced), anything else as JSON, by its type:
+    numbers (float32 by its own shortest digits), lists, structs, maps as objects (as [key, value]
+    pairs where a key repeats), timestamps, dates and times as ISO 8601 strings, durations as
+    seconds, decimals as exact strings; NaN and infinities as null, counted. A value Python cannot
+    hold (a nanosecond timestamp, a date past year 9999) is pyarrow's own text of it: a value never
+    costs its image its row."""
+    import pyarrow as pa  # pyarrow: only where a Parquet file is read
 
-
-def _plain_json(value, nonfinite: list[int]):
-    """pyarrow's Python values → what JSON can hold."""
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        nonfinite[0] += 1
+    if not scalar.is_valid:
         return None
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+    kind = scalar.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return scalar.as_py()
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+        return scalar.as_py().decode("utf-8", "replace")
+    nonfinite = [0]
+    try:
+        value = _json_value(scalar, nonfinite)
+    except Exception:  # a type this does not know: pyarrow's own text of it
+        value = str(scalar)
+    return JsonText(json.dumps(value, ensure_ascii=False, allow_nan=False), nonfinite[0])
+
+
+def _json_value(scalar, nonfinite: list[int]):
+    """A pyarrow scalar → what JSON holds, by its type."""
+    import pyarrow as pa
+
+    if not scalar.is_valid:
+        return None
+    kind = scalar.type
+    if pa.types.is_dictionary(kind):
+        return _json_value(scalar.value, nonfinite)
+    if pa.types.is_floating(kind):
+        value = scalar.as_py()
+        if not math.isfinite(value):
+            nonfinite[0] += 1
+            return None
+        return float(str(np.float32(value))) if kind.bit_width < 64 else value  # float32 0.1 is 0.1
+    if pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return scalar.as_py()
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+        return scalar.as_py().decode("utf-8", "replace")
+    if pa.types.is_decimal(kind):
+        return str(scalar.as_py())  # exact, as text (a float would round it)
+    if pa.types.is_duration(kind):  # seconds
+        return scalar.value / {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}[kind.unit]
+    if pa.types.is_temporal(kind):
+        try:
+            value = scalar.as_py()
+        except (ValueError, OverflowError):  # nanoseconds, or a year Python's datetime cannot hold
+            text = scalar.cast(pa.string()).as_py()
+            return text.replace(" ", "T", 1) if pa.types.is_timestamp(kind) else text
         return value.isoformat()
-    if isinstance(value, datetime.timedelta):
-        return value.total_seconds()
-    if isinstance(value, decimal.Decimal):
-        return str(value)  # exact, as text (a float would round it)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, dict):
-        return {str(k): _plain_json(v, nonfinite) for k, v in value.items()}
-    if isinstance(value, list) and value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
-        return {str(k): _plain_json(v, nonfinite) for k, v in value}  # a Parquet map: (key, value) pairs
-    if isinstance(value, (list, tuple)):
-        return [_plain_json(v, nonfinite) for v in value]
-    return str(value)
+    if pa.types.is_map(kind):
+        pairs = [(_json_value(item["key"], nonfinite), _json_value(item["value"], nonfinite)) for item in scalar.values or []]
+        keys = [json.dumps(k) if not isinstance(k, str) else k for k, _ in pairs]
+        if len(set(keys)) < len(keys):  # a key twice: a JSON object would lose one
+            return [[k, v] for k, v in pairs]
+        return {key: v for key, (_, v) in zip(keys, pairs)}
+    if pa.types.is_struct(kind):
+        return {field.name: _json_value(scalar[i], nonfinite) for i, field in enumerate(kind)}
+    if hasattr(scalar, "values"):  # list, large list, fixed-size list, list view
+        return [_json_value(item, nonfinite) for item in (scalar.values or [])]
+    return str(scalar)
 
 
 # Rows decoded at a time inside a row group. One: pyarrow's reader holds a data page and the values

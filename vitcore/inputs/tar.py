@@ -87,9 +87,9 @@ class TarMember:
             return NamedBytes(_read_range(self.path, self.offset, self.size, self.member), self.member)
         # The sample's sidecars are read in the same forward pass (one may lie before the image).
         wanted = [(self.offset, self.size), *((offset, size) for _, offset, size in self.sidecars)]
-        data = _stream_ranges(self.path, self.compression, wanted, self.member)
-        _LAST_SAMPLE.clear()
-        _LAST_SAMPLE.update({(self.path, offset): data[offset] for offset, _ in wanted[1:]})
+        data = _stream_ranges(self.path, self.compression, wanted, self.member, required=self.offset)
+        _LAST_SAMPLE.clear()  # a sidecar the stream could not give (cut short after the image): absent
+        _LAST_SAMPLE.update({(self.path, offset): data.get(offset) for offset, _ in wanted[1:]})
         return NamedBytes(data[self.offset], self.member)
 
     @property
@@ -102,13 +102,16 @@ class TarMember:
         for name in names:
             if name in found:
                 offset, size = found[name]
-                if self.compression is None:
-                    data = _read_range(self.path, offset, size, name)
-                else:
-                    data = _LAST_SAMPLE.get((self.path, offset))
-                    if data is None:
+                try:
+                    if self.compression is None:
+                        data = _read_range(self.path, offset, size, name)
+                    elif (self.path, offset) in _LAST_SAMPLE:
+                        data = _LAST_SAMPLE[(self.path, offset)]
+                    else:
                         data = _stream_ranges(self.path, self.compression, [(offset, size)], name)[offset]
-                out[name] = data.decode("utf-8", "replace")
+                except OSError:  # cut short before the sidecar: the image is kept, its text absent
+                    data = None
+                out[name] = None if data is None else data.decode("utf-8", "replace")
             else:
                 out[name] = None  # the sample has no member of that extension
         return out
@@ -146,15 +149,14 @@ def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options, n
         return [], Unlisted(where, root_index, str(err))
     except OSError as err:
         return [], Unlisted(where, root_index, f"{type(err).__name__}: cannot read this tar ({err.strerror or err})")
-    latest: dict[str, tarfile.TarInfo] = {}
-    for info in members:  # in the tar's order, each name where it was last written
-        latest.pop(member_key(info.name), None)
-        latest[member_key(info.name)] = info
+    tree = _Extracted(members)
+    latest = tree.latest
     samples: dict[str, dict[str, tuple[int, int]]] = {}
-    for name, info in latest.items():
+    for name in latest:
         match = SAMPLE_NAME.match(name)
-        if match and info.isfile():
-            samples.setdefault(match.group(1), {})[match.group(2).lower()] = (info.offset_data, info.size)
+        target, _ = tree.file(name) if match else (None, None)
+        if target is not None:  # a sidecar may be a link too
+            samples.setdefault(match.group(1), {})[match.group(2).lower()] = (target.offset_data, target.size)
     sources = []
     for name, info in latest.items():
         match = SAMPLE_NAME.match(name)
@@ -165,11 +167,16 @@ def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options, n
             elif not info.isfile():
                 not_taken.entry("tar_special")
             elif not (match and match.group(2).lower() in keep):
-                not_taken.extension(ext)
+                # a kept extension that is no sample's sidecar here (a.b.txt beside a.jpg keeps "b.txt")
+                not_taken.extension(ext if ext not in keep else f"{ext}, not a sidecar")
             continue
         kept = samples.get(match.group(1), {})
         sidecars = tuple((ext, *kept[ext]) for ext in keep if ext in kept)
-        target, reason = _linked(name, latest)
+        target, reason = tree.file(name)
+        if compression and problem and "damaged" in problem:
+            # A compressed stream is checked as a whole (gzip's CRC at its end): what was read
+            # before the check failed may be wrong bytes that decoded anyway.
+            reason = f"the {compression} stream fails its integrity check, so no member of it can be trusted"
         sources.append(TarMember(path=path, member=info.name, key=escape_key(os.path.join(key, name)),
                                  root_index=root_index, offset=target.offset_data if target else 0,
                                  size=target.size if target else 0, sidecars=sidecars, problem=reason,
@@ -178,22 +185,55 @@ def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options, n
     return sources, record
 
 
-def _linked(name: str, latest: dict[str, tarfile.TarInfo]) -> tuple[tarfile.TarInfo | None, str | None]:
-    """The file member that ``name`` is, following hard and symbolic links inside the tar as
-    ``tar x`` would make them; or None and why it cannot be read."""
-    info, hops = latest[name], 0
-    while info.islnk() or info.issym():
-        if info.issym() and info.linkname.startswith("/"):
-            return None, f"a symbolic link to {info.linkname}, outside the tar"
-        base = "" if info.islnk() else posixpath.dirname(member_key(info.name))  # hard links name from the top
-        target = member_key(posixpath.join(base, info.linkname))
-        hops += 1
-        if target not in latest or hops > 16:
-            return None, f"a link to {info.linkname}, which is not a file in this tar"
-        info = latest[target]
-    if not info.isfile():
-        return None, "a directory or special entry inside the tar, not a file"
-    return info, None
+class _Extracted:
+    """A tar's members as ``tar x`` leaves them on disk: each name its last entry; a hard link the
+    file its target was when the link was written (a later entry of that name does not change it);
+    a symbolic link followed like a path, through links to folders too, never out of the tar."""
+
+    def __init__(self, members):
+        self.latest: dict[str, tarfile.TarInfo] = {}
+        self.hard: dict[str, tarfile.TarInfo | None] = {}  # hard link → the file it was made to
+        for info in members:  # in the tar's order
+            name = member_key(info.name)
+            if info.islnk():
+                target = member_key(info.linkname)
+                self.hard[name] = self.hard.get(target) if target in self.hard else (
+                    self.latest[target] if target in self.latest and self.latest[target].isfile() else None)
+            else:
+                self.hard.pop(name, None)
+            self.latest.pop(name, None)
+            self.latest[name] = info
+
+    def file(self, name: str) -> tuple[tarfile.TarInfo | None, str | None]:
+        """The file member ``name`` is, or None and why it cannot be read."""
+        path, hops = name, 0
+        while True:
+            parts = path.split("/")
+            for i in range(1, len(parts) + 1):
+                prefix = "/".join(parts[:i])
+                info = self.latest.get(prefix)
+                if info is None:
+                    if i == len(parts):
+                        return None, f"a link to {path}, which is not a file in this tar"
+                    continue  # a folder the tar does not list (tars need not)
+                if info.issym():
+                    hops += 1
+                    if hops > 16:
+                        return None, "a loop of symbolic links inside the tar"
+                    if info.linkname.startswith("/"):
+                        return None, f"a symbolic link to {info.linkname}, outside the tar"
+                    path = member_key(posixpath.join(posixpath.dirname(prefix), info.linkname, *parts[i:]))
+                    break  # resolve the new path from its start
+                if i < len(parts):
+                    continue  # a folder entry on the way
+                if info.islnk():
+                    target = self.hard.get(prefix)
+                    if target is None:
+                        return None, f"a hard link to {info.linkname}, which is not a file in this tar"
+                    return target, None
+                if info.isfile():
+                    return info, None
+                return None, "a directory or special entry inside the tar, not a file"
 
 
 @functools.lru_cache(maxsize=8)
@@ -236,8 +276,11 @@ def close_readers() -> None:
     _LAST_SAMPLE.clear()
 
 
-def _stream_ranges(path: str, compression: str, ranges: list[tuple[int, int]], what: str) -> dict[int, bytes]:
-    """The bytes at (offset, size) of a compressed tar's stream, read in offset order → {offset: bytes}."""
+def _stream_ranges(path: str, compression: str, ranges: list[tuple[int, int]], what: str,
+                   required: int | None = None) -> dict[int, bytes]:
+    """The bytes at (offset, size) of a compressed tar's stream, read in offset order → {offset: bytes}.
+    With ``required``, a range after it that the stream cannot give is left out rather than failing
+    (a sidecar past the point where a shard was cut); without, every range is required."""
     if _STREAMS_OPEN["pid"] != os.getpid():  # inherited through fork: not ours to read from
         _STREAMS_OPEN.update(pid=os.getpid(), streams={})
     streams = _STREAMS_OPEN["streams"]
@@ -251,18 +294,21 @@ def _stream_ranges(path: str, compression: str, ranges: list[tuple[int, int]], w
         handle = open_regular(path)
         streams[key] = (handle, STREAMS[compression](handle))
     stream = streams[key][1]
-    out = {}
-    try:
-        for offset, size in sorted(set(ranges)):
+    out: dict[int, bytes] = {}
+    for offset, size in sorted(set(ranges)):
+        try:
             stream.seek(offset)  # forwards: decompress and skip; backwards: from the start again
-            out[offset] = stream.read(size)
-            if len(out[offset]) != size:
-                raise EOFError(f"{len(out[offset])} of {size} bytes")
-    except STREAM_ERRORS as err:
-        handle, stream = streams.pop(key)
-        stream.close()
-        handle.close()
-        raise OSError(f"the {compression} tar is cut short or damaged at {what}: {err}") from None
+            data = stream.read(size)
+            if len(data) != size:
+                raise EOFError(f"{len(data)} of {size} bytes")
+        except STREAM_ERRORS as err:
+            handle, broken = streams.pop(key)
+            broken.close()
+            handle.close()
+            if required is None or required not in out:
+                raise OSError(f"the {compression} tar is cut short or damaged at {what}: {err}") from None
+            return out  # what came before the break (the image); the rest is absent
+        out[offset] = data
     return out
 
 
@@ -304,9 +350,9 @@ def _tar_members(handle, compression: str | None = None) -> tuple[list[tarfile.T
 def open_inside(container: str, inner: str, options) -> BinaryIO:
     """The bytes of member ``inner`` of a tar (the last of that name, as a run takes it)."""
     members, _, compression = tar_members(container)
-    latest = {member_key(info.name): info for info in members}
-    if inner in latest:
-        target, _ = _linked(inner, latest)
+    tree = _Extracted(members)
+    if inner in tree.latest:
+        target, _ = tree.file(inner)
         if target is not None:
             if compression is None:
                 return NamedBytes(_read_range(container, target.offset_data, target.size, inner), inner)

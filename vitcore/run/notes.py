@@ -11,8 +11,8 @@ def counted_notes(missing_meta: dict[str, int], passed_over: dict[str, int],
     """What was stored empty or passed over, counted, for the summary (--json has the counts too):
     rows without a kept text, files by extension, and entries that are not files by kind."""
     notes = [f"{count} row{' has' if count == 1 else 's have'} no {name} text (stored as \"\", marked in "
-             f"meta_absent/{name}): no such member, file or value beside them "
-             "(a sample's files share its name up to the first dot, as in WebDataset: 'a.b.jpg' goes with 'a.txt')"
+             f"meta_absent/{name}): no such sidecar beside them, or a null value (a tar sample's or loose "
+             "file's sidecars share its name up to the first dot, as in WebDataset: 'a.b.jpg' goes with 'a.txt')"
              for name, count in missing_meta.items()]
     notes += [f"{count} row{'s' * (count != 1)} of --columns {name} held NaN or infinite numbers, stored as JSON null"
               for name, count in (nonfinite_meta or {}).items()]
@@ -20,7 +20,7 @@ def counted_notes(missing_meta: dict[str, int], passed_over: dict[str, int],
         counts = ", ".join(f"{ext} {n}" for ext, n in sorted(passed_over.items(), key=lambda item: (-item[1], item[0])))
         files = sum(passed_over.values())
         notes.append(f"{files} file{'s' * (files != 1)} in the folders (or members of tars) passed over by extension "
-                     f"({counts}); --ext takes other extensions")
+                     f"({counts}); --ext takes other image extensions, --keep stores sidecar text")
     if entries:
         notes.append("passed over, not files: " + "; ".join(f"{ENTRY_KINDS[kind]}: {n}" for kind, n in sorted(entries.items())))
     return notes

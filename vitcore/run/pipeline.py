@@ -40,6 +40,7 @@ from vitcore.run.notes import counted_notes
 from vitcore.inputs.base import Discovery
 from vitcore.inputs.discover import close_readers
 from vitcore.store import Output, Rows
+from vitcore.store.resume import recorded_compute_dtype
 from vitcore.system.workers import init_worker, shut_down, worker_deaths_held
 
 __all__ = ["ExtractOptions", "ExtractResult", "Progress", "StopFlag", "extract"]
@@ -178,7 +179,8 @@ def extract(
     device = resolve_device(compute.device)
     with Output(output, out_opts.resume, out_opts.overwrite) as out:  # one run per output
         record = family.record(encoder_opts, device)  # what the file records: nothing built yet
-        chosen = choose_dtype(compute.dtype, device, record.width)  # auto: measured for this encoder's width
+        resuming = recorded_compute_dtype(output) if out_opts.resume and compute.dtype == "auto" else None
+        chosen = choose_dtype(compute.dtype, device, record.width, resuming)  # auto: measured for this width
         dtype = chosen.dtype
         containers = run.inputs.containers
         meta = containers.meta_names  # --keep / --columns: text stored beside the tokens

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass
 
 import h5py
@@ -20,7 +21,7 @@ import numpy as np
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.inputs.base import identity_of
 from vitcore.store.output import check_output
-from vitcore.store.reader import StoredTokens, allow_open_files
+from vitcore.store.reader import StoredTokens
 from vitcore.store.schema import (
     ATTRIBUTES,
     absent_mask,
@@ -125,114 +126,157 @@ def merge(output: str, shard_paths: list[str], virtual: bool = False, overwrite:
     return MergeResult(output, sum(s.rows for s in shards), sum(s.failed for s in shards), len(shards), virtual)
 
 
-def _big_dataset(out, name, shards, handles, lengths, out_dir: str, copy: bool, flat: bool) -> None:
-    """``name`` over all shards, ``lengths[i]`` leading rows from shard i: a copy or a virtual view."""
-    row_shape = handles[0][name].shape[1:]
-    dtype = handles[0][name].dtype
-    total = int(sum(lengths))
-    if copy:
-        layout = (RAGGED_CHUNK_ROWS, *row_shape) if flat else chunks(row_shape)
-        target = out.create_dataset(name, (total, *row_shape), dtype, maxshape=(None, *row_shape), chunks=layout)
-        offset = 0
-        for length, h5 in zip(lengths, handles):
-            for start in range(0, length, COPY_BLOCK):
-                stop = min(start + COPY_BLOCK, length)
-                target[offset + start : offset + stop] = h5[name][start:stop]
-            offset += length
-        return
-    layout = h5py.VirtualLayout((total, *row_shape), dtype)
-    offset = 0
-    for shard, length in zip(shards, lengths):
-        if length:
-            relative = os.path.relpath(os.path.abspath(shard.path), out_dir)
-            layout[offset : offset + length] = h5py.VirtualSource(relative, name, shape=(length, *row_shape))
-        offset += length
-    out.create_virtual_dataset(name, layout, fillvalue=np.nan)  # a missing shard reads as NaN, not zeros
+@dataclass
+class _Array:
+    """One large per-image array of the shards: tokens, mean, layers/K, features/<name>."""
+
+    name: str
+    row_shape: tuple
+    dtype: np.dtype
+    flat: bool  # (Σ tokens, D), indexed through offset and count datasets
+    lengths: list[int]  # rows (flat: tokens) each shard gives
 
 
 def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool) -> None:
+    """Two passes over the shards, one shard file open at a time (a merge of 1,000 shards needs no
+    more open files than one of 2): how much each gives, then its rows copied into place."""
     roots: list[str] = []
     for shard in shards:
         roots += [r for r in shard.settings["roots"] if r not in roots]
-    allow_open_files(len(shards), f"merging {len(shards)} shard files")  # all are open at once below
-    handles = [h5py.File(s.path, "r") for s in shards]
-    try:
-        failed = _merge_row_info(out, shards, handles, roots)
-        _merge_arrays(out, shards, handles, os.path.dirname(os.path.abspath(output)), copy)
-        attrs = out.attrs
+    with h5py.File(shards[0].path, "r") as first:  # the layout, and the settings kept verbatim
+        arrays = [_Array(name, first[name].shape[1:], first[name].dtype, ragged_index_names(name)[0] in first, [])
+                  for name in array_names(first.attrs, first)]
         for attribute in ATTRIBUTES:
-            if attribute.merge == "first" and attribute.name in handles[0].attrs:
-                attrs[attribute.name] = handles[0].attrs[attribute.name]  # verbatim: resume compares them
-        # The devices of the shards that hold rows (an empty shard made none).
-        made = [h5.attrs.get("device", "") for s, h5 in zip(shards, handles) if s.rows]
-        attrs["device"] = devices_joined(*made) or handles[0].attrs.get("device", "")
-    finally:
-        for h5 in handles:
-            h5.close()
-    _merged_state(out.attrs, output, shards, roots, failed, copy)
+            if attribute.merge == "first" and attribute.name in first.attrs:
+                out.attrs[attribute.name] = first.attrs[attribute.name]  # verbatim: resume compares them
+        meta_names = json.loads(stored_value(first.attrs, BY_NAME["meta"]))
+        grid = "grid_thw" in first
+        first_device = first.attrs.get("device", "")
+    made = []
+    for shard in shards:
+        with h5py.File(shard.path, "r") as h5:
+            for array in arrays:
+                array.lengths.append(_rows_given(h5, array, shard.rows))
+            if shard.rows:  # the devices of the shards that hold rows (an empty shard made none)
+                made.append(h5.attrs.get("device", ""))
+    out.attrs["device"] = devices_joined(*made) or first_device
+    row_info = _RowInfo(out, shards, roots, meta_names, grid)
+    targets = {a.name: _create_array(out, a, copy) for a in arrays}
+    for index, shard in enumerate(shards):
+        with h5py.File(shard.path, "r") as h5:
+            row_info.add(h5, shard)
+            for array in arrays:
+                _copy_array(out, h5, shard, array, index, targets[array.name], row_info.at - shard.rows)
+    if not copy:
+        out_dir = os.path.dirname(os.path.abspath(output))
+        for array in arrays:
+            _virtual_array(out, array, shards, out_dir)
+    _merged_state(out.attrs, output, shards, roots, row_info.failed_at, copy)
 
 
-def _merge_row_info(out: h5py.File, shards: list[_Shard], handles, roots: list[str]) -> int:
+def _rows_given(h5: h5py.File, array: _Array, rows: int) -> int:
+    """Rows of ``array`` a shard of ``rows`` images gives: its images, or a flat array's tokens up
+    to the last image's end."""
+    if not array.flat:
+        return rows
+    if not rows:
+        return 0
+    offsets_name, counts_name = ragged_index_names(array.name)
+    return int(h5[offsets_name][rows - 1]) + int(h5[counts_name][rows - 1])
+
+
+def _create_array(out: h5py.File, array: _Array, copy: bool):
+    """A copy's full-size dataset (None for a virtual view), and a flat array's offsets and counts."""
+    rows = int(sum(array.lengths))
+    if array.flat:
+        offsets_name, counts_name = ragged_index_names(array.name)
+        images = out["paths"].shape[0]
+        out.create_dataset(offsets_name, (images,), np.int64, maxshape=(None,))
+        out.create_dataset(counts_name, (images,), np.int32, maxshape=(None,))
+    if not copy:
+        return None
+    layout = (RAGGED_CHUNK_ROWS, *array.row_shape) if array.flat else chunks(array.row_shape)
+    return out.create_dataset(array.name, (rows, *array.row_shape), array.dtype, maxshape=(None, *array.row_shape),
+                              chunks=layout)
+
+
+def _copy_array(out: h5py.File, h5: h5py.File, shard: _Shard, array: _Array, index: int, target,
+                first_row: int) -> None:
+    """One shard's part of ``array``: a flat array's offsets (moved past the shards before it) and
+    counts, and for a copy (``target``) its rows, block by block."""
+    start_at = int(sum(array.lengths[:index]))
+    if array.flat and shard.rows:
+        offsets_name, counts_name = ragged_index_names(array.name)
+        rows = slice(first_row, first_row + shard.rows)
+        out[offsets_name][rows] = h5[offsets_name][: shard.rows].astype(np.int64) + start_at
+        out[counts_name][rows] = h5[counts_name][: shard.rows]
+    if target is not None:
+        length = array.lengths[index]
+        for start in range(0, length, COPY_BLOCK):
+            stop = min(start + COPY_BLOCK, length)
+            target[start_at + start : start_at + stop] = h5[array.name][start:stop]
+
+
+class _RowInfo:
     """The small per-image datasets and the failures, written for real with root indices remapped,
-    shard by shard and block by block (never every string at once); the number of failures."""
-    rows, failed = sum(s.rows for s in shards), sum(s.failed for s in shards)
-    text = lambda name, n: out.create_dataset(name, (n,), dtype=STRING, maxshape=(None,))  # noqa: E731
-    paths, errors, failed_paths = text("paths", rows), text("failed/errors", failed), text("failed/paths", failed)
-    root_index = out.create_dataset("root_index", (rows,), np.int32, maxshape=(None,))
-    failed_roots = out.create_dataset("failed/root_index", (failed,), np.int32, maxshape=(None,))
-    image_size = out.create_dataset("image_size", (rows, 2), np.int32, maxshape=(None, 2))
-    names = json.loads(stored_value(handles[0].attrs, BY_NAME["meta"]))
-    metas = {name: text(f"meta/{name}", rows) for name in names}
-    masks = {name: out.create_dataset(absent_mask(name), (rows,), np.uint8, maxshape=(None,)) for name in names}
-    grids = out.create_dataset("grid_thw", (rows, 3), np.int32, maxshape=(None, 3)) if "grid_thw" in handles[0] else None
-    seen: set[bytes] = set()
-    at = failed_at = 0
-    for shard, h5 in zip(shards, handles):
-        remap = np.asarray([roots.index(r) for r in shard.settings["roots"]], dtype=np.int32)
+    shard by shard and block by block (never every string at once)."""
+
+    def __init__(self, out: h5py.File, shards: list[_Shard], roots: list[str], meta_names: list[str], grid: bool):
+        rows, failed = sum(s.rows for s in shards), sum(s.failed for s in shards)
+        text = lambda name, n: out.create_dataset(name, (n,), dtype=STRING, maxshape=(None,))  # noqa: E731
+        self.roots = roots
+        self.paths, self.errors, self.failed_paths = text("paths", rows), text("failed/errors", failed), \
+            text("failed/paths", failed)
+        self.root_index = out.create_dataset("root_index", (rows,), np.int32, maxshape=(None,))
+        self.failed_roots = out.create_dataset("failed/root_index", (failed,), np.int32, maxshape=(None,))
+        self.image_size = out.create_dataset("image_size", (rows, 2), np.int32, maxshape=(None, 2))
+        self.metas = {name: text(f"meta/{name}", rows) for name in meta_names}
+        self.masks = {name: out.create_dataset(absent_mask(name), (rows,), np.uint8, maxshape=(None,)) for name in meta_names}
+        self.grids = out.create_dataset("grid_thw", (rows, 3), np.int32, maxshape=(None, 3)) if grid else None
+        self.seen: set[bytes] = set()
+        self.at = self.failed_at = 0  # rows and failures written so far
+
+    def add(self, h5: h5py.File, shard: _Shard) -> None:
+        """One shard's rows and failures, after those of the shards before it."""
+        remap = np.asarray([self.roots.index(r) for r in shard.settings["roots"]], dtype=np.int32)
         for start in range(0, shard.rows, TEXT_BLOCK):
             stop = min(start + TEXT_BLOCK, shard.rows)
             keys, index = h5["paths"].asstr()[start:stop], h5["root_index"][start:stop]
             for key, i in zip(keys, index):
                 identity = identity_of(shard.settings["roots"][i], key)
-                if identity in seen:
+                if identity in self.seen:
                     raise UsageError(f"cannot merge: {key} appears in more than one shard")
-                seen.add(identity)
-            block = slice(at + start, at + stop)
-            paths[block], root_index[block] = keys, remap[index]
-            image_size[block] = h5["image_size"][start:stop]
-            for name, target in metas.items():
+                self.seen.add(identity)
+            block = slice(self.at + start, self.at + stop)
+            self.paths[block], self.root_index[block] = keys, remap[index]
+            self.image_size[block] = h5["image_size"][start:stop]
+            for name, target in self.metas.items():
                 target[block] = texts = h5[f"meta/{name}"].asstr()[start:stop]
                 # shards made before 0.4 have no mask: they stored a missing value as ""
                 mask = h5.get(absent_mask(name))
-                masks[name][block] = mask[start:stop] if mask is not None else [t == "" for t in texts]
-            if grids is not None:
-                grids[block] = h5["grid_thw"][start:stop]
+                self.masks[name][block] = mask[start:stop] if mask is not None else [t == "" for t in texts]
+            if self.grids is not None:
+                self.grids[block] = h5["grid_thw"][start:stop]
         for start in range(0, shard.failed, TEXT_BLOCK):
             stop = min(start + TEXT_BLOCK, shard.failed)
-            block = slice(failed_at + start, failed_at + stop)
-            failed_paths[block] = h5["failed/paths"].asstr()[start:stop]
-            errors[block] = h5["failed/errors"].asstr()[start:stop]
-            failed_roots[block] = remap[h5["failed/root_index"][start:stop]]
-        at, failed_at = at + shard.rows, failed_at + shard.failed
-    return failed
+            block = slice(self.failed_at + start, self.failed_at + stop)
+            self.failed_paths[block] = h5["failed/paths"].asstr()[start:stop]
+            self.errors[block] = h5["failed/errors"].asstr()[start:stop]
+            self.failed_roots[block] = remap[h5["failed/root_index"][start:stop]]
+        self.at += shard.rows
+        self.failed_at += shard.failed
 
 
-def _merge_arrays(out: h5py.File, shards: list[_Shard], handles, out_dir: str, copy: bool) -> None:
-    """The large per-image arrays: copied, or virtual views over the shards."""
-    for name in array_names(handles[0].attrs, handles[0]):
-        offsets_name, counts_name = ragged_index_names(name)
-        flat = offsets_name in handles[0]
-        if flat:  # flat (Σ tokens, D): rows per shard are its tokens, up to the last image's end
-            offsets = [h5[offsets_name][: s.rows] for s, h5 in zip(shards, handles)]
-            counts = [h5[counts_name][: s.rows] for s, h5 in zip(shards, handles)]
-            lengths = [int(o[-1]) + int(c[-1]) if len(o) else 0 for o, c in zip(offsets, counts)]
-            bases = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-            offsets = [o + base for o, base in zip(offsets, bases)]
-            out.create_dataset(offsets_name, data=np.concatenate(offsets).astype(np.int64), maxshape=(None,))
-            out.create_dataset(counts_name, data=np.concatenate(counts).astype(np.int32), maxshape=(None,))
-        else:
-            lengths = [s.rows for s in shards]
-        _big_dataset(out, name, shards, handles, lengths, out_dir, copy, flat)
+def _virtual_array(out: h5py.File, array: _Array, shards: list[_Shard], out_dir: str) -> None:
+    """``array`` as an HDF5 virtual dataset over the shards, named by relative paths."""
+    layout = h5py.VirtualLayout((int(sum(array.lengths)), *array.row_shape), array.dtype)
+    offset = 0
+    for shard, length in zip(shards, array.lengths):
+        if length:
+            relative = os.path.relpath(os.path.abspath(shard.path), out_dir)
+            layout[offset : offset + length] = h5py.VirtualSource(relative, array.name, shape=(length, *array.row_shape))
+        offset += length
+    out.create_virtual_dataset(array.name, layout, fillvalue=np.nan)  # a missing shard reads as NaN, not zeros
 
 
 def _merged_state(attrs, output: str, shards: list[_Shard], roots: list[str], failed: int, copy: bool) -> None:
@@ -240,6 +284,7 @@ def _merged_state(attrs, output: str, shards: list[_Shard], roots: list[str], fa
     out_dir = os.path.dirname(os.path.abspath(output))
     attrs["schema_version"] = SCHEMA_VERSION
     attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    attrs["run_id"] = uuid.uuid4().hex  # this file's own identity (readers check it has not been replaced)
     attrs["roots"] = json.dumps(roots)
     attrs["committed"] = sum(s.rows for s in shards)
     attrs["failed_committed"] = failed

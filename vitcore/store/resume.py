@@ -60,6 +60,17 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
                            failed_committed=failed_committed)
 
 
+def recorded_compute_dtype(path: str) -> str | None:
+    """The compute dtype an existing output was made with (None: no such file, or not ours), so
+    that --dtype auto resuming it keeps it rather than deciding afresh."""
+    try:
+        with open_for_reading(path, "resume") as h5:
+            value = h5.attrs.get("compute_dtype")
+    except Exception:  # unreadable: check_resumable says why, later
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _difference(then, now) -> str:
     """What differs, by key when both are JSON objects (a long record cut short would hide it)."""
     try:

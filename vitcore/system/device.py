@@ -56,10 +56,14 @@ def cpu_has_native_bf16() -> bool:
         return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def choose_dtype(name: str, device: torch.device, width: int | None = None) -> DtypeChoice:
+def choose_dtype(name: str, device: torch.device, width: int | None = None,
+                 resuming: str | None = None) -> DtypeChoice:
     """The compute dtype, and for ``auto`` why (``width``: the encoder's token width, to measure
-    its matrix products on the CPU); an explicit dtype has no reason."""
+    its matrix products on the CPU; ``resuming``: the dtype of the file a run resumes, which auto
+    keeps); an explicit dtype has no reason."""
     name = (name or "auto").strip().lower()
+    if name == "auto" and resuming in DTYPES:
+        return DtypeChoice(DTYPES[resuming], f"{resuming}: as the file being resumed was computed")
     if name == "auto":
         if device.type == "cuda":
             if torch.cuda.is_bf16_supported():
