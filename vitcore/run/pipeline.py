@@ -15,7 +15,6 @@ One direction, no back-and-forth, in named steps (each a function below):
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import dataclasses
 import signal
@@ -143,7 +142,9 @@ def stop_on_signals(stop: StopFlag):
         time.sleep(STOP_GRACE)
         if stop.waiting:
             stop.overdue = True
-            _thread.interrupt_main(signal.SIGINT)  # runs handler above in the main thread
+            # A real signal to the main thread: it ends the wait the main thread is blocked in at once
+            # (interrupt_main only sets a flag, seen when PyTorch's 5 s queue timeout returns).
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # runs handler above
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -347,7 +348,7 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
         with worker_deaths_held():  # cleanup must not be cut short by a dying worker's SIGCHLD
             reporter(None)
             if batches is not None:
-                shut_down(batches)
+                shut_down(batches, urgent=stop.is_set())  # stopped by a signal: no wait for a worker
             del batches
             close_readers()  # what this process kept open to read containers (workers=0)
             writer = out.finish(complete)

@@ -37,14 +37,20 @@ def worker_deaths_held():
         signal.signal(signal.SIGCHLD, previous)
 
 
-def shut_down(batches) -> None:
+def shut_down(batches, urgent: bool = False) -> None:
     """Stop a DataLoader iterator's worker processes now. Dropping the iterator is not enough
     when an exception's traceback still holds a frame that refers to it. PyTorch asks each worker
-    to finish and, after a few seconds, terminates it; a worker that is still alive then (blocked
-    in a read that ignores signals it does not die of) is killed."""
+    to finish and, after a few seconds each, terminates it; a worker that is still alive then
+    (blocked in a read that ignores signals it does not die of) is killed. ``urgent`` (a run
+    stopped by a signal, whose prefetched batches are dropped anyway): every worker is killed first,
+    without PyTorch's wait (5 s, then 5 s more, for a worker stuck in a read)."""
     shutdown = getattr(batches, "_shutdown_workers", None)  # PyTorch's multi-process iterator
     if shutdown is None:
         return
+    if urgent:
+        for worker in getattr(batches, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
     shutdown()
     for worker in getattr(batches, "_workers", ()):
         if worker.is_alive():
