@@ -709,3 +709,17 @@ def test_a_compressed_tar_cut_short_keeps_whole_images_and_a_damaged_one_trusts_
     assert not any(k.startswith("crc.tar.gz/") for k in rows)
     untrusted = [e for k, e in failures.items() if k.startswith("crc.tar.gz/") and k != "crc.tar.gz/"]
     assert len(untrusted) == 4 and all("fails its integrity check" in e for e in untrusted)
+
+
+def test_meta_options_asked_of_inputs_that_cannot_give_them_are_one_line(tmp_path):
+    """--columns of tar shards or loose files, or --keep of Parquet files alone, would store "" in
+    every row; refused in one line, naming the option that fits. Mixed inputs take both."""
+    pictures = _pictures(3, seed=13)
+    shard = write_shards(tmp_path / "d", pictures, per_shard=3)[0]
+    write_parquet(tmp_path / "t.parquet", pictures)
+    with pytest.raises(UsageError, match="--columns caption: none of these inputs is a Parquet file.*--keep"):
+        vitcore.extract([shard], tmp_path / "a.h5", EXACT, columns="caption")
+    with pytest.raises(UsageError, match="--keep txt: these inputs are Parquet files.*--columns"):
+        vitcore.extract([tmp_path / "t.parquet"], tmp_path / "b.h5", EXACT, keep="txt")
+    mixed = vitcore.extract([shard, tmp_path / "t.parquet"], tmp_path / "c.h5", EXACT, keep="txt", columns="caption")
+    assert mixed.rows == 6

@@ -19,8 +19,6 @@ import re
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import numpy as np
-
 from vitcore.errors import UsageError, one_line
 from vitcore.inputs.base import JsonText, NamedBytes, NotTaken, PassedOver, Unlisted, escape_key, open_regular, path_identity
 from vitcore.options import ContainerOptions
@@ -124,7 +122,11 @@ def _json_value(scalar, nonfinite: list[int]):
         if not math.isfinite(value):
             nonfinite[0] += 1
             return None
-        return float(str(np.float32(value))) if kind.bit_width < 64 else value  # float32 0.1 is 0.1
+        if kind.bit_width < 64:  # a float32 by its own shortest digits: 0.1, not 0.10000000149011612
+            import numpy as np
+
+            return float(str(np.float32(value)))
+        return value
     if pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return scalar.as_py()
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):

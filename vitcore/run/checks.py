@@ -15,6 +15,7 @@ from vitcore.options import ComputeOptions, EncoderOptions, ExtractOptions, Inpu
 from vitcore.run.shard import ShardRecord, take_shard
 from vitcore.inputs.base import Discovery
 from vitcore.inputs.discover import discover
+from vitcore.inputs.parquet import ParquetRow
 from vitcore.store.output import check_output
 
 
@@ -57,9 +58,24 @@ def choose_family(encoder: EncoderOptions, compute: ComputeOptions):
     return family
 
 
+def _check_meta_fits(found: Discovery, containers) -> None:
+    """--columns names Parquet columns, --keep a tar sample's or loose file's sidecars: asked of
+    inputs that have none, every row would store "" without a word but a count."""
+    if not found.sources:
+        return
+    parquet = sum(isinstance(s, ParquetRow) for s in found.sources)
+    if containers.columns and not parquet:
+        raise UsageError(f"--columns {','.join(containers.columns)}: none of these inputs is a Parquet file; "
+                         "a tar sample's or a loose file's sidecar text is --keep")
+    if containers.keep and parquet == len(found.sources):
+        raise UsageError(f"--keep {','.join(containers.keep)}: these inputs are Parquet files, which have no "
+                         "sidecar files; their columns are --columns")
+
+
 def find_inputs(paths, inputs: InputOptions, out: OutputOptions, stdin) -> tuple[Discovery, ShardRecord | None]:
     """The run's inputs in their stable order, and with --shard this run's slice of them."""
     found = discover(paths, inputs.files_from, inputs.extensions, stdin=stdin, containers=inputs.containers)
+    _check_meta_fits(found, inputs.containers)
     shard = None
     if out.shard is not None:
         if not found.sources:
