@@ -25,6 +25,7 @@ import torch
 from vitcore.consumers.tokens import TokenFile, rows_of
 from vitcore.encoders import registry
 from vitcore.errors import UsageError
+from vitcore.store.schema import processor_backend
 
 
 def _deepstack_levels(names, prefix: str = "") -> list[str]:
@@ -141,7 +142,7 @@ def vllm_image_embeds(path: str | os.PathLike, keys=None, dtype: torch.dtype | N
     the layout vLLM's Qwen3-VL model splits again (see the README)."""
     outputs, grid = encoder_outputs(path, keys, dtype)
     with TokenFile(path) as f:
-        backend = f.settings["preprocessing"].get("backend", "pil")  # files before the choice: Pillow
+        backend = processor_backend(f.settings["preprocessing"])
     if backend != "torchvision":
         warnings.warn(f"{path} was made with --processor {backend}; vLLM makes its own pixels with transformers' "
                       "torchvision processor, so these tokens are not exactly what it would compute from the "

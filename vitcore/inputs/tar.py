@@ -144,21 +144,24 @@ def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options, n
     where = escape_key(os.path.join(key, ""))
     keep = options.keep
     try:
-        members, problem, compression = tar_members(path)
+        tree, problem, compression = tar_members(path)
     except CompressedTar as err:
         return [], Unlisted(where, root_index, str(err))
     except OSError as err:
         return [], Unlisted(where, root_index, f"{type(err).__name__}: cannot read this tar ({err.strerror or err})")
-    tree = _Extracted(members)
-    latest = tree.latest
+    # Every sample member resolved once: the file it is (a sidecar may be a link too), or why not.
+    resolved = {name: tree.file(name) for name in tree.latest if SAMPLE_NAME.match(name)}
     samples: dict[str, dict[str, tuple[int, int]]] = {}
-    for name in latest:
-        match = SAMPLE_NAME.match(name)
-        target, _ = tree.file(name) if match else (None, None)
-        if target is not None:  # a sidecar may be a link too
+    for name, (target, _) in resolved.items():
+        if target is not None:
+            match = SAMPLE_NAME.match(name)
             samples.setdefault(match.group(1), {})[match.group(2).lower()] = (target.offset_data, target.size)
+    # A compressed stream is checked as a whole (gzip's CRC at its end): what was read before the
+    # check failed may be wrong bytes that decoded anyway.
+    untrusted = (f"the {compression} stream fails its integrity check, so no member of it can be trusted"
+                 if compression and problem and "damaged" in problem else None)
     sources = []
-    for name, info in latest.items():
+    for name, info in tree.latest.items():
         match = SAMPLE_NAME.match(name)
         ext = match.group(2).rpartition(".")[2].lower() if match else "(no extension)"
         if ext not in exts:
@@ -172,14 +175,10 @@ def scan(path: str, key: str, root_index: int, exts: tuple[str, ...], options, n
             continue
         kept = samples.get(match.group(1), {})
         sidecars = tuple((ext, *kept[ext]) for ext in keep if ext in kept)
-        target, reason = tree.file(name)
-        if compression and problem and "damaged" in problem:
-            # A compressed stream is checked as a whole (gzip's CRC at its end): what was read
-            # before the check failed may be wrong bytes that decoded anyway.
-            reason = f"the {compression} stream fails its integrity check, so no member of it can be trusted"
+        target, reason = resolved[name]
         sources.append(TarMember(path=path, member=info.name, key=escape_key(os.path.join(key, name)),
                                  root_index=root_index, offset=target.offset_data if target else 0,
-                                 size=target.size if target else 0, sidecars=sidecars, problem=reason,
+                                 size=target.size if target else 0, sidecars=sidecars, problem=untrusted or reason,
                                  compression=compression))
     record = Unlisted(where, root_index, problem) if problem else None
     return sources, record
@@ -237,7 +236,7 @@ class _Extracted:
 
 
 @functools.lru_cache(maxsize=8)
-def _scan(path: str, size: int, mtime: int) -> tuple[tuple[tarfile.TarInfo, ...], str | None, str | None]:
+def _scan(path: str, size: int, mtime: int) -> tuple[_Extracted, str | None, str | None]:
     with open_regular(path) as handle:
         head = handle.read(6)
         compression = next((kind for magic, kind in COMPRESSION_MAGIC.items() if head.startswith(magic)), None)
@@ -249,12 +248,13 @@ def _scan(path: str, size: int, mtime: int) -> tuple[tuple[tarfile.TarInfo, ...]
         else:
             with STREAMS[compression](handle) as stream:
                 members, problem = _tar_members(stream, compression)
-    return tuple(members), problem, compression
+    return _Extracted(members), problem, compression
 
 
-def tar_members(path: str) -> tuple[tuple[tarfile.TarInfo, ...], str | None, str | None]:
-    """A tar's member headers, what is wrong with it if anything, and its compression (None, or
-    gzip, bzip2, xz: offsets are then in the decompressed stream); one scan per file version."""
+def tar_members(path: str) -> tuple[_Extracted, str | None, str | None]:
+    """A tar's members as ``tar x`` leaves them, what is wrong with it if anything, and its
+    compression (None, or gzip, bzip2, xz: offsets are then in the decompressed stream); one scan
+    per file version."""
     stat = os.stat(path)
     return _scan(path, stat.st_size, stat.st_mtime_ns)
 
@@ -269,11 +269,17 @@ STREAMS_KEPT = 2  # a worker reads one tar at a time; the one before may still h
 
 def close_readers() -> None:
     """Close this process's compressed-tar streams (a run's end; a worker's streams end with it)."""
-    for handle, stream in _STREAMS_OPEN["streams"].values():
-        stream.close()
-        handle.close()
+    for opened in _STREAMS_OPEN["streams"].values():
+        _close(opened)
     _STREAMS_OPEN["streams"] = {}
     _LAST_SAMPLE.clear()
+
+
+def _close(opened: tuple) -> None:
+    """A (file, decompressing stream) pair, closed."""
+    handle, stream = opened
+    stream.close()
+    handle.close()
 
 
 def _stream_ranges(path: str, compression: str, ranges: list[tuple[int, int]], what: str,
@@ -288,9 +294,7 @@ def _stream_ranges(path: str, compression: str, ranges: list[tuple[int, int]], w
     key = (path, stat.st_size, stat.st_mtime_ns)
     if key not in streams:
         while len(streams) >= STREAMS_KEPT:
-            handle, stream = streams.pop(next(iter(streams)))
-            stream.close()
-            handle.close()
+            _close(streams.pop(next(iter(streams))))
         handle = open_regular(path)
         streams[key] = (handle, STREAMS[compression](handle))
     stream = streams[key][1]
@@ -302,9 +306,7 @@ def _stream_ranges(path: str, compression: str, ranges: list[tuple[int, int]], w
             if len(data) != size:
                 raise EOFError(f"{len(data)} of {size} bytes")
         except STREAM_ERRORS as err:
-            handle, broken = streams.pop(key)
-            broken.close()
-            handle.close()
+            _close(streams.pop(key))
             if required is None or required not in out:
                 raise OSError(f"the {compression} tar is cut short or damaged at {what}: {err}") from None
             return out  # what came before the break (the image); the rest is absent
@@ -349,8 +351,7 @@ def _tar_members(handle, compression: str | None = None) -> tuple[list[tarfile.T
 
 def open_inside(container: str, inner: str, options) -> BinaryIO:
     """The bytes of member ``inner`` of a tar (the last of that name, as a run takes it)."""
-    members, _, compression = tar_members(container)
-    tree = _Extracted(members)
+    tree, _, compression = tar_members(container)
     if inner in tree.latest:
         target, _ = tree.file(inner)
         if target is not None:

@@ -61,7 +61,7 @@ def choose_family(encoder: EncoderOptions, compute: ComputeOptions):
 def _check_meta_fits(found: Discovery, containers) -> None:
     """--columns names Parquet columns, --keep a tar sample's or loose file's sidecars: asked of
     inputs that have none, every row would store "" without a word but a count."""
-    if not found.sources:
+    if not found.sources or not (containers.columns or containers.keep):
         return
     parquet = sum(isinstance(s, ParquetRow) for s in found.sources)
     if containers.columns and not parquet:

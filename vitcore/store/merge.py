@@ -24,11 +24,12 @@ from vitcore.store.output import check_output
 from vitcore.store.reader import StoredTokens
 from vitcore.store.schema import (
     ATTRIBUTES,
-    absent_mask,
     BY_NAME,
     RAGGED_CHUNK_ROWS,
     SCHEMA_VERSION,
     STRING,
+    absent_before_masks,
+    absent_mask,
     array_names,
     chunks,
     compared,
@@ -161,7 +162,8 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
                 made.append(h5.attrs.get("device", ""))
     out.attrs["device"] = devices_joined(*made) or first_device
     row_info = _RowInfo(out, shards, roots, meta_names, grid)
-    targets = {a.name: _create_array(out, a, copy) for a in arrays}
+    images = sum(s.rows for s in shards)
+    targets = {a.name: _create_array(out, a, images, copy) for a in arrays}
     for index, shard in enumerate(shards):
         with h5py.File(shard.path, "r") as h5:
             row_info.add(h5, shard)
@@ -185,12 +187,12 @@ def _rows_given(h5: h5py.File, array: _Array, rows: int) -> int:
     return int(h5[offsets_name][rows - 1]) + int(h5[counts_name][rows - 1])
 
 
-def _create_array(out: h5py.File, array: _Array, copy: bool):
-    """A copy's full-size dataset (None for a virtual view), and a flat array's offsets and counts."""
+def _create_array(out: h5py.File, array: _Array, images: int, copy: bool):
+    """A copy's full-size dataset (None for a virtual view), and a flat array's offsets and counts
+    (one per image)."""
     rows = int(sum(array.lengths))
     if array.flat:
         offsets_name, counts_name = ragged_index_names(array.name)
-        images = out["paths"].shape[0]
         out.create_dataset(offsets_name, (images,), np.int64, maxshape=(None,))
         out.create_dataset(counts_name, (images,), np.int32, maxshape=(None,))
     if not copy:
@@ -252,9 +254,8 @@ class _RowInfo:
             self.image_size[block] = h5["image_size"][start:stop]
             for name, target in self.metas.items():
                 target[block] = texts = h5[f"meta/{name}"].asstr()[start:stop]
-                # shards made before 0.4 have no mask: they stored a missing value as ""
-                mask = h5.get(absent_mask(name))
-                self.masks[name][block] = mask[start:stop] if mask is not None else [t == "" for t in texts]
+                mask = h5.get(absent_mask(name))  # shards made before 0.4 have none
+                self.masks[name][block] = mask[start:stop] if mask is not None else absent_before_masks(texts)
             if self.grids is not None:
                 self.grids[block] = h5["grid_thw"][start:stop]
         for start in range(0, shard.failed, TEXT_BLOCK):

@@ -138,9 +138,15 @@ def _preprocessing_key(text: str) -> str:
     record = json.loads(text)
     if record.get("high_bit_depth") == OLD_HIGH_BIT_DEPTH:
         record["high_bit_depth"] = HIGH_BIT_DEPTH
-    if "merge_size" in record and "backend" not in record:
-        record["backend"] = "pil"
+    if "merge_size" in record:  # a Qwen-VL record
+        record["backend"] = processor_backend(record)
     return json.dumps(record, sort_keys=True)
+
+
+def processor_backend(preprocessing: dict) -> str:
+    """The image-processor backend a Qwen-VL file's rows follow: recorded, or for files made before
+    the choice existed (0.3.0 and earlier), the Pillow backend, their only one."""
+    return preprocessing.get("backend", "pil")
 
 
 def weights_identity(text_or_record) -> str:
@@ -311,6 +317,12 @@ def meta_datasets(names) -> list[str]:
 
 def absent_mask(name: str) -> str:
     return f"meta_absent/{name}"
+
+
+def absent_before_masks(texts) -> np.ndarray:
+    """The absence mask of a file made before masks existed (0.3.0): it stored a missing value as
+    "", so "" is read as missing (resume and merge give such files their mask by this rule)."""
+    return np.asarray([t == "" for t in texts], np.uint8)
 
 
 def flat_datasets(settings: StoreSettings) -> list[str]:

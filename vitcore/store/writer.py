@@ -27,6 +27,7 @@ from vitcore.store.schema import (
     PER_ROW_CHUNK,
     Rows,
     StoreSettings,
+    absent_before_masks,
     devices_joined,
     flat_datasets,
     absent_mask,
@@ -73,8 +74,8 @@ def _add_absent_masks(h5: h5py.File, names) -> None:
         if absent_mask(name) not in h5:
             committed = int(h5.attrs["committed"])
             texts = h5[f"meta/{name}"].asstr()[:committed] if committed else []
-            h5.create_dataset(absent_mask(name), data=np.asarray([t == "" for t in texts], np.uint8),
-                              maxshape=(None,), chunks=(PER_ROW_CHUNK,))
+            h5.create_dataset(absent_mask(name), data=absent_before_masks(texts), maxshape=(None,),
+                              chunks=(PER_ROW_CHUNK,))
 
 
 def _append(dataset: h5py.Dataset, start: int, values) -> None:

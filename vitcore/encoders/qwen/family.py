@@ -21,7 +21,7 @@ from vitcore.encoders.qwen.checkpoint import read_tower_config, vision_weights_s
 from vitcore.encoders.qwen.config import Qwen2VLConfig, Qwen3VLConfig, Qwen25VLConfig
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.options import EncoderOptions
-from vitcore.store.schema import ArraySpec
+from vitcore.store.schema import ArraySpec, processor_backend
 
 PROCESSOR_FIELDS = ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size", "mean", "std",
                     "rescale_factor")  # what a checkpoint's processor config decides, recorded in the file
@@ -29,11 +29,6 @@ PROCESSOR_FIELDS = ("min_pixels", "max_pixels", "patch_size", "merge_size", "tem
 
 def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def recorded_backend(preprocessing: dict) -> str:
-    """The processor backend a file's rows follow (files made before the choice existed: pil)."""
-    return preprocessing.get("backend", "pil")
 
 
 def checkpoint_model_type(folder) -> str | None:
@@ -199,7 +194,7 @@ class QwenVLFamily:
         prep = settings["preprocessing"]
         # The weights' hash does not cover the processor's settings: they must still be the file's.
         _, resolved = read_tower_config(folder, self.config.from_hf, self.label)
-        now = QwenVLPreprocess.from_settings(resolved, backend=recorded_backend(prep))
+        now = QwenVLPreprocess.from_settings(resolved, backend=processor_backend(prep))
         changed = [name for name in PROCESSOR_FIELDS if _plain(getattr(now, name)) != _plain(prep.get(name))]
         if now.interpolation != prep.get("interpolation", "bicubic (Pillow)"):
             changed.append("resample")
@@ -209,7 +204,7 @@ class QwenVLFamily:
                 "cannot encode a new image as its rows were"
             )
         return EncoderOptions(model=self.name, weights=folder, decode=prep.get("decode", "full"),
-                              resolution=str(prep.get("resolution", "native")), processor=recorded_backend(prep))
+                              resolution=str(prep.get("resolution", "native")), processor=processor_backend(prep))
 
     def describe(self, settings: dict) -> dict:
         enc, prep = settings["encoder"], settings["preprocessing"]
@@ -221,7 +216,7 @@ class QwenVLFamily:
             "preprocessing": (f"resolution {prep['resolution']} (pixels {prep['min_pixels']}–{prep['max_pixels']})"
                               if prep["resolution"] == "native" else
                               f"resolution {prep['resolution']}×{prep['resolution']} (fixed)")
-                             + f", decode {prep['decode']}, processor {recorded_backend(prep)} ({prep.get('interpolation')})",
+                             + f", decode {prep['decode']}, processor {processor_backend(prep)} ({prep.get('interpolation')})",
         }
 
     def framed(self, picture, preprocessing: dict):
