@@ -22,23 +22,23 @@ QWEN3VL_PROCESSOR = dict(patch_size=16, merge_size=2, temporal_patch_size=2, ima
 BACKENDS = ("pil", "torchvision")
 
 
-def processor_class(backend: str):
-    """transformers' Qwen2VL image processor class of ``backend`` (torchvision's needs torchvision:
+def processor_class(backend: str, name: str = "Qwen2VLImageProcessor"):
+    """transformers' image processor class ``name`` of ``backend`` (torchvision's needs torchvision:
     without it the test is skipped, and .ci/run's second pass, which installs it, runs it)."""
     import pytest
     import transformers
 
     if backend == "torchvision":
         pytest.importorskip("torchvision", reason="transformers' torchvision backend needs torchvision")
-        return transformers.Qwen2VLImageProcessor
-    return transformers.Qwen2VLImageProcessorPil
+        return getattr(transformers, name)
+    return getattr(transformers, name + "Pil")
 
 
-def auto_processor(folder, backend: str):
+def auto_processor(folder, backend: str, name: str = "Qwen2VLImageProcessor"):
     """AutoImageProcessor for a checkpoint folder with ``backend`` (never the silent fallback to the other)."""
     import transformers
 
-    wanted = processor_class(backend)
+    wanted = processor_class(backend, name)
     processor = transformers.AutoImageProcessor.from_pretrained(str(folder), backend=backend)
     assert type(processor) is wanted, type(processor)
     return processor

@@ -5,7 +5,7 @@ against them, so the two cannot drift. Torch-free (no torch, numpy or h5py) so t
 from the CLI keeps ``vit-extract --help`` instant.
 """
 
-POOLING_MODES = ("none", "mean", "max")
+POOLING_MODES = ("none", "mean", "max", "model")  # model: the encoder's own pooled embedding
 RESIZE_MODES = ("squash", "crop", "pad")
 DECODE_MODES = ("draft", "full", "gpu")
 # Qwen-VL: which of transformers' two image-processor backends the pixels follow (its backend= names)

@@ -90,7 +90,8 @@ class EncoderOptions:
     decode: str | None = None  # None: the family's default
     resolution: str = "native"
     features: tuple[str, ...] = ()
-    processor: str | None = None  # Qwen-VL: torchvision or pil; None: the family's default
+    processor: str | None = None  # transformers-processed families: torchvision or pil; None: the family's default
+    drop_prefix: bool = False  # store patch tokens only: without the CLS / register tokens (LLaVA's select_feature=patch)
 
     def __post_init__(self) -> None:
         _one_of("--resize", self.resize, RESIZE_MODES)
@@ -160,14 +161,15 @@ class ExtractOptions:
     model: Any = None  # preset, custom spec or config, or a family name; None: base or the weights' own
     weights: str | None = None  # .safetensors written by save_weights / init-weights, or a checkpoint folder
     seed: int = 0  # initialisation seed when no weights are given
-    pool: str = "none"  # none | mean | max
+    pool: str = "none"  # none | mean | max | model (the encoder's own pooled embedding)
     project_dim: int | None = None  # projector Linear(D → P)
     layers: tuple[int, ...] = ()  # also store hidden states after these blocks (-2: penultimate)
     resize: str = "squash"  # squash | crop | pad (seed encoders)
     decode: str | None = None  # draft | full | gpu; None: the family's default
     resolution: str = "native"  # native-resolution families: native (the processor's rule) or N (N × N)
     features: tuple[str, ...] = ()  # a family's extra outputs (see its --features)
-    processor: str | None = None  # Qwen-VL: torchvision | pil (transformers' backends); None: torchvision
+    processor: str | None = None  # Qwen-VL, SigLIP, CLIP, DINOv2: torchvision | pil (transformers' backends); None: torchvision
+    drop_prefix: bool = False  # SigLIP, CLIP, DINOv2: patch tokens only, without the CLS / register tokens
     batch_size: int | str = "auto"
     workers: int | None = None  # None: min(8, CPUs available)
     device: str = "auto"

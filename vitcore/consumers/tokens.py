@@ -36,6 +36,15 @@ class TokenFile(StoredTokens):
         grid_thw = tuple(int(v) for v in self.h5["grid_thw"][i]) if "grid_thw" in self.h5 else None
         return family.token_grid(encoder, grid_thw)
 
+    def prefix_tokens(self) -> int:
+        """How many tokens (CLS, registers) come before the patch tokens in each row."""
+        family, encoder, _ = self._made_by
+        return family.prefix_tokens(encoder)
+
+    def patch_tokens(self, item: int | str) -> np.ndarray:
+        """A row's patch tokens (T', D), the prefix tokens left out: what token_grid lays out."""
+        return self.tokens(item)[self.prefix_tokens():]
+
     def as_seen(self, picture):
         """An original picture (upright RGB, Pillow) framed as this file's encoder saw it."""
         family, _, preprocessing = self._made_by

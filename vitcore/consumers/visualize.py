@@ -177,7 +177,7 @@ def token_sheet(
         if not len(f):
             raise VitExtractError(f"{path} has no rows to show")
         rows = _choose_rows(f, keys, first)
-        token_sets = [f.tokens(i) for i in rows]
+        token_sets = [f.patch_tokens(i) for i in rows]
         grids = [f.token_grid(i) for i in rows]
         maps = pca_maps(token_sets, grids, joint=joint)
         chosen = [f.shown_key(i) for i in rows]

@@ -12,7 +12,8 @@ A family (an object in its package under vitcore/encoders/, one entry in registr
                                   batch size on that device
     rebuild(settings, file)       → EncoderOptions that build the encoder a file records (`similar`)
     describe(settings)            → (encoder line, preprocessing line) for `vit-extract info`
-    token_grid(encoder, grid_thw) → (rows, cols) the stored tokens of one image lie on
+    token_grid(encoder, grid_thw) → (rows, cols) the stored patch tokens of one image lie on
+    prefix_tokens(encoder)        → how many tokens (CLS, registers) come before them in each stored row
     deepstack_levels(encoder)     → how many DeepStack features its language model takes (0: none)
     framed(picture, preprocessing) → an original picture framed as the encoder saw it (`show`, `similar`)
 
@@ -27,6 +28,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
+from vitcore.errors import UsageError
 from vitcore.store.schema import ArraySpec, describe_weights, weights_identity
 
 
@@ -108,6 +110,7 @@ class RunRecord:
     projector: str = "null"  # JSON: {"dim": P} or null
     grid_thw: bool = False  # store each image's patch grid (t, h, w)
     width: int | None = None  # the blocks' token width D: --dtype auto times products of this width
+    embedding_width: int | None = None  # the model's own pooled embedding (--pool model), when it has one
     notes: list[str] = field(default_factory=list)  # how the run departs from what was asked
     parts: dict = field(default_factory=dict, repr=False)  # the family's own values, for its build()
 
@@ -143,3 +146,16 @@ def checkpoint_config(folder) -> dict | None:
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None
+
+
+def distinct_layers(layers, depth: int) -> tuple[int, ...]:
+    """--layer values checked against a tower of ``depth`` blocks: each distinct K as given (K counts
+    blocks from 0, a negative K from the end; ``-1`` and ``23`` are both stored if both are asked for)."""
+    out: list[int] = []
+    for k in layers:
+        if not -depth <= int(k) < depth:
+            raise UsageError(f"--layer {k} is out of range: this encoder has {depth} blocks (0..{depth - 1}, "
+                             f"or -{depth}..-1)")
+        if int(k) not in out:
+            out.append(int(k))
+    return tuple(out)

@@ -1,7 +1,7 @@
 """The encoder families, and the only place that names them all: which family takes a run's
 --model / --weights, and which made a file.
 
-A family is an object with the interface in base.py, defined in its own package (seed/, qwen/).
+A family is an object with the interface in base.py, defined in its own package (seed/, qwen/, hf/).
 Adding one means writing its package and adding it to FAMILIES; nothing else branches on which
 family a run uses. Family objects are torch-free until they build an encoder.
 """
@@ -12,12 +12,13 @@ import json
 import os
 
 from vitcore.encoders.base import checkpoint_config
+from vitcore.encoders.hf.family import CLIP, DINOV2, SIGLIP, SIGLIP2
 from vitcore.encoders.qwen.family import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 from vitcore.encoders.seed.family import SEED
 from vitcore.errors import UsageError
 
 # The first is the default: files made before records named their family are its.
-FAMILIES = (SEED, QWEN3_VL, QWEN2_5_VL, QWEN2_VL)
+FAMILIES = (SEED, QWEN3_VL, QWEN2_5_VL, QWEN2_VL, SIGLIP, SIGLIP2, CLIP, DINOV2)
 BY_NAME = {family.name: family for family in FAMILIES}
 DEFAULT_FAMILY = FAMILIES[0].name
 
@@ -53,7 +54,8 @@ def _checkpoint_kind(folder: str) -> str:
     config = checkpoint_config(folder)
     if config is None:
         return "no readable config.json"
-    return f"config.json model_type {config.get('model_type')!r}; families here: {', '.join(BY_NAME)}"
+    known = [t for family in FAMILIES for t in getattr(family, "model_types", ())]
+    return f"config.json model_type {config.get('model_type')!r} is none of {', '.join(known)}"
 
 
 def for_record(encoder: dict | str):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from vitcore import __version__
-from vitcore.errors import VitExtractError
+from vitcore.errors import UsageError, VitExtractError
 from vitcore.system.device import dtype_name, is_out_of_memory
 from vitcore.encoders.base import BuiltEncoder, Encoded, RunRecord
 from vitcore.encoders.layers import pool_tokens
@@ -31,8 +31,18 @@ def store_settings(built: RunRecord, pool: str, out_dtype: str, device: torch.de
                    shard: str = "null", meta: tuple[str, ...] = (), image_column: str | None = None,
                    image_columns_used: tuple[str, ...] = ()) -> StoreSettings:
     """What the file records for a run of ``built`` (a RunRecord, or the BuiltEncoder made from it):
-    its records, and each output as stored (pooled outputs are one (W,) vector per image)."""
-    arrays = tuple(spec if pool == "none" else ArraySpec(spec.name, (spec.width,)) for spec in built.outputs)
+    its records, and each output as stored (pooled outputs are one (W,) vector per image; --pool
+    model: the encoder's own embedding in place of the tokens)."""
+    if pool == "model":
+        if built.embedding_width is None:
+            raise UsageError(f"--pool model: the {built.name} encoder has no pooled embedding of its own; "
+                             "use --pool mean or max")
+        if len(built.outputs) > 1:
+            raise UsageError("--pool model stores one embedding per image, and --layer K has none of its own: "
+                             "use --pool none (or mean, max) with --layer")
+        arrays = (ArraySpec("tokens", (built.embedding_width,)),)
+    else:
+        arrays = tuple(spec if pool == "none" else ArraySpec(spec.name, (spec.width,)) for spec in built.outputs)
     return StoreSettings(
         encoder=built.encoder_record, weights=built.weights.to_json(), preprocessing=built.preprocessing,
         pooling=pool, projector=built.projector, compute_dtype=dtype_name(dtype), device=str(device),
@@ -83,6 +93,10 @@ class BatchRunner:
         arrays, counts = {}, {}
         nonfinite = None
         for spec in settings.arrays:
+            if pool == "model":  # the encoder's own pooled embedding, (n, E)
+                arrays["tokens"] = encoded.arrays["embedding"].float().to(store)
+                nonfinite = _nonfinite_images(arrays["tokens"], None)
+                continue
             x = encoded.arrays[spec.name].float()  # pooling and the mean token in float32 (one copy)
             sizes = encoded.counts.get(spec.name)
             per_image = x.split(sizes) if sizes is not None else None

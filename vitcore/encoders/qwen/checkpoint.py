@@ -8,112 +8,33 @@ not safetensors or is cut short.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import struct
 
+from vitcore.encoders.checkpoint_files import processor_record, read_json, tensor_bytes, tensor_digest
 from vitcore.errors import WeightsError
 
 # Where the vision tower's tensors live: transformers ≥ 4.52 saves them under model.visual.; older
 # saves and the bare Qwen*VLModel under visual. (transformers loads both to the same weights).
 VISION_PREFIXES = ("model.visual.", "visual.")
-LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
-
-
-def read_json(path: str) -> dict:
-    """A JSON object from ``path``; one line naming the file when it cannot be read."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(len(LFS_POINTER))
-            if head == LFS_POINTER:
-                raise WeightsError(f"{path} is a git-lfs pointer, not the file itself: run git lfs pull")
-            data = json.loads(head + handle.read())
-    except OSError as err:
-        raise WeightsError(f"cannot read {path}: {err.strerror}") from None
-    except ValueError as err:
-        raise WeightsError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path} does not hold a JSON object")
-    return data
-
-
-def _shards(folder: str) -> dict[str, list[str] | None]:
-    """shard file → the tensor names the index puts there (None: read the names from its header)."""
-    index_path = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index_path):
-        weight_map = read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise WeightsError(f"{index_path} has no weight_map")
-        files: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            if name.startswith(VISION_PREFIXES):
-                files.setdefault(shard, []).append(name)
-        return files
-    if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        return {"model.safetensors": None}
-    raise WeightsError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
-
-
-def _header(handle, path: str) -> tuple[dict, int]:
-    """A safetensors file's header and where its data starts."""
-    start = handle.read(8)
-    if start == LFS_POINTER[:8] and handle.read(len(LFS_POINTER) - 8) == LFS_POINTER[8:]:
-        raise WeightsError(f"{path} is a git-lfs pointer, not the weights: run git lfs pull")
-    if len(start) < 8:
-        raise WeightsError(f"{path} is not a safetensors file (it is {len(start)} bytes long)")
-    (length,) = struct.unpack("<Q", start)
-    size = os.fstat(handle.fileno()).st_size
-    if length > size - 8:
-        raise WeightsError(f"{path} is not a safetensors file, or is cut short (header of {length} bytes)")
-    try:
-        header = json.loads(handle.read(length))
-    except ValueError:
-        raise WeightsError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    return header, 8 + length
 
 
 def _vision_bytes(folder: str):
-    """(name as hashed: model.visual.*, its safetensors entry, its bytes) for each vision tensor,
-    read by byte range from each shard that holds it."""
+    """(shard path, name as hashed: model.visual.*, its safetensors entry, its bytes) for each vision tensor."""
     seen = set()
-    for shard, names in _shards(folder).items():
-        path = os.path.join(folder, shard)
-        if not os.path.isfile(path):
-            raise WeightsError(f"{path} is missing: model.safetensors.index.json names it (download it again)")
-        with open(path, "rb") as handle:
-            header, base = _header(handle, path)
-            wanted = names if names is not None else [n for n in header if n.startswith(VISION_PREFIXES)]
-            for name in wanted:
-                entry = header.get(name)
-                if entry is None:
-                    raise WeightsError(f"{path} lacks tensor {name}, which model.safetensors.index.json puts there")
-                start, stop = entry["data_offsets"]
-                handle.seek(base + start)
-                raw = bytearray(stop - start)  # a tensor made from it shares it: read once, no copies
-                if handle.readinto(raw) != len(raw):
-                    raise WeightsError(f"{path} is truncated: tensor {name} ends past the end of the file")
-                short = _strip(name)
-                if short in seen:
-                    raise WeightsError(f"{folder} holds the vision tensor {short} under both prefixes")
-                seen.add(short)
-                yield path, VISION_PREFIXES[0] + short, entry, raw
+    for path, name, entry, raw in tensor_bytes(folder, lambda n: n.startswith(VISION_PREFIXES)):
+        short = _strip(name)
+        if short in seen:
+            raise WeightsError(f"{folder} holds the vision tensor {short} under both prefixes")
+        seen.add(short)
+        yield path, VISION_PREFIXES[0] + short, entry, raw
     if not seen:
         raise WeightsError(f"{folder} holds no vision tensors ({' or '.join(p + '*' for p in VISION_PREFIXES)})")
-
-
-def _digest(raw_by_name: dict) -> str:
-    """The weights' identity: a sha256 over the vision tensors' names and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(raw_by_name):
-        digest.update(name.encode() + b"\0" + raw_by_name[name])
-    return digest.hexdigest()
 
 
 def vision_weights_sha256(folder: str) -> str:
     """The vision weights' identity (as read_vision_tensors gives it) without making tensors: what a
     resume compares before deciding whether the tower must be built at all."""
-    return _digest({name: raw for _, name, _, raw in _vision_bytes(folder)})
+    return tensor_digest({name: raw for _, name, _, raw in _vision_bytes(folder)})
 
 
 def read_vision_tensors(folder: str) -> tuple[dict[str, object], str]:
@@ -132,7 +53,7 @@ def read_vision_tensors(folder: str) -> tuple[dict[str, object], str]:
         raw_by_name[name] = raw
         tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         tensors[_strip(name)] = tensor.reshape(entry["shape"])
-    return tensors, _digest(raw_by_name)
+    return tensors, tensor_digest(raw_by_name)
 
 
 def _strip(name: str) -> str:
@@ -218,7 +139,7 @@ def image_processor_settings(folder: str, model_type: str | None) -> dict:
     backend): the nested ``image_processor`` of v5's processor_config.json, else the whole of
     preprocessor_config.json, never both; top-level min_pixels / max_pixels over ``size``; a key
     given as null is null (transformers then fails on the first image: so does this, at once)."""
-    record, where = _processor_record(folder)
+    record, where = processor_record(folder)
     kind = record.get("image_processor_type") or (record.get("feature_extractor_type") or "").replace(
         "FeatureExtractor", "ImageProcessor") or None
     if kind is not None and kind.removesuffix("Fast") not in PROCESSOR_CLASSES:
@@ -244,22 +165,6 @@ def image_processor_settings(folder: str, model_type: str | None) -> dict:
         settings[name] = record[name] if name in record else PROCESSOR_DEFAULTS[name]
     _check_processor(settings, where)
     return settings
-
-
-def _processor_record(folder: str) -> tuple[dict, str]:
-    nested = os.path.join(folder, "processor_config.json")
-    if os.path.isfile(nested):
-        record = read_json(nested).get("image_processor")
-        if record is not None:
-            if not isinstance(record, dict):
-                raise WeightsError(f"{nested}: image_processor is not a JSON object")
-            return record, f"{nested} (image_processor)"
-    flat = os.path.join(folder, "preprocessor_config.json")
-    if os.path.isfile(flat):
-        return read_json(flat), flat
-    raise WeightsError(f"{folder} has no preprocessor_config.json (nor a processor_config.json with an image_processor): "
-                       "its image processor is unknown (transformers cannot load it either); copy the file from the "
-                       "checkpoint this folder came from")
 
 
 def _check_processor(s: dict, where: str) -> None:

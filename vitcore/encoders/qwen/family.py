@@ -90,6 +90,9 @@ class QwenVLFamily:
         for flag, value in (("--layer", opts.layers), ("--project-dim", opts.project_dim)):
             if value:
                 raise UsageError(f"{flag} is for the seed encoders; {name} stores its merger output (see --features)")
+        if opts.drop_prefix:
+            raise UsageError(f"--drop-prefix is for towers with prefix tokens (CLIP, DINOv2); {name} stores merged "
+                             "patch tokens only")
         if opts.resize != "squash":
             raise UsageError(f"--resize is for the seed encoders; {name} keeps the aspect ratio (see --resolution)")
         if opts.decode == "gpu":
@@ -101,7 +104,8 @@ class QwenVLFamily:
 
     def record(self, opts, device):
         """From the checkpoint's JSON files and a hash of its vision tensors' bytes (no tower is built)."""
-        from vitcore.encoders.qwen.processor import DEFAULT_BACKEND, TORCH_MODES, QwenVLPreprocess
+        from vitcore.encoders.pixels import DEFAULT_BACKEND, TORCH_MODES
+        from vitcore.encoders.qwen.processor import QwenVLPreprocess
 
         cfg, settings = read_tower_config(opts.weights, self.config.from_hf, self.label)
         prep = QwenVLPreprocess.from_settings(settings, backend=opts.processor or DEFAULT_BACKEND)
@@ -232,6 +236,9 @@ class QwenVLFamily:
         _, h, w = grid_thw
         merge = encoder.get("spatial_merge_size", 1)
         return h // merge, w // merge
+
+    def prefix_tokens(self, encoder: dict) -> int:
+        return 0  # merged patch tokens only
 
 
 # The towers, built only when a run starts (torch is imported there, not when a family is looked up).

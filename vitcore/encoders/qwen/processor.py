@@ -12,15 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
+from vitcore.encoders import pixels as shared
+from vitcore.encoders.pixels import DEFAULT_BACKEND, interpolation_name
 from vitcore.imaging.decode import decode_rgb
 
 
-RESAMPLE_NAMES = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")  # Pillow's (and transformers') codes
-# transformers picks its torchvision class whenever torchvision is installed, and vLLM always has it;
-# a default that depended on what is installed here would make one command differ between machines.
-DEFAULT_BACKEND = "torchvision"
 
 
 @dataclass(frozen=True)
@@ -42,7 +39,7 @@ class QwenVLPreprocess:
     @property
     def interpolation(self) -> str:
         """The resize filter, as the file records it."""
-        return f"{RESAMPLE_NAMES[self.resample]} ({'Pillow' if self.backend == 'pil' else 'torchvision'})"
+        return interpolation_name(self.resample, self.backend)
 
     @property
     def factor(self) -> int:
@@ -86,42 +83,8 @@ def resize_rgb(img, prep: QwenVLPreprocess) -> np.ndarray:
 
 
 def resize_pixels(rgb, size: tuple[int, int], prep: QwenVLPreprocess) -> np.ndarray:
-    """An RGB Pillow image → uint8 (H, W, 3) at ``size`` (width, height).
-
-    pil: Pillow's resize (Qwen2VLImageProcessorPil). torchvision: what Qwen2VLImageProcessor's
-    torchvision resize does on the CPU, done with torch's own kernel (torchvision itself is not
-    needed): the picture as a (1, 3, H, W) uint8 tensor, interpolated with antialiasing in uint8
-    (bicubic, lanczos; bilinear where torch has its vectorised uint8 kernel), else in float32, then
-    rounded back to uint8."""
-    if prep.backend == "pil":
-        return np.array(rgb.resize(size, Image.Resampling(prep.resample)), dtype=np.uint8)
-    pixels = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable (torch warns on Pillow's read-only view)
-    width, height = size
-    if (height, width) == pixels.shape[:2]:
-        return pixels  # torchvision hands an image of the target size back untouched
-    import torch.nn.functional as F
-
-    mode = TORCH_MODES[prep.resample]
-    x = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()[None]  # (1, 3, H, W), as transformers lays it out
-    smooth = mode != "nearest-exact"  # antialiased, corners not aligned; nearest neither
-    kwargs = dict(size=[height, width], mode=mode, antialias=smooth, align_corners=False if smooth else None)
-    if mode != "bilinear" or _native_uint8_bilinear():
-        y = F.interpolate(x, **kwargs)
-    else:  # torchvision's path on CPUs without AVX2: through float32
-        y = F.interpolate(x.float(), **kwargs).round_().to(torch.uint8)
-    return np.ascontiguousarray(y[0].permute(1, 2, 0).numpy())
-
-
-# Pillow's filter codes → torch's interpolation modes, as transformers maps them for torchvision
-# (box and hamming have none: transformers' torchvision backend cannot use them either).
-TORCH_MODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
-
-
-def _native_uint8_bilinear() -> bool:
-    """torchvision resizes uint8 bilinearly in uint8 only where torch vectorises that kernel."""
-    import platform
-
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+    """An RGB Pillow image → uint8 (H, W, 3) at ``size`` (width, height), as the backend resizes."""
+    return shared.resize_pixels(rgb, size, prep.resample, prep.backend)
 
 
 @dataclass(frozen=True)
@@ -141,13 +104,7 @@ class QwenVLImageLoader:
 
 def normalize(pixels: torch.Tensor, prep: QwenVLPreprocess) -> torch.Tensor:
     """uint8 (H, W, C) → float32, rescaled and normalised with each backend's own rounding."""
-    mean = torch.tensor(prep.mean, dtype=torch.float32)
-    std = torch.tensor(prep.std, dtype=torch.float32)
-    if prep.backend == "pil":  # rescale in float64, then normalise in float32
-        return ((pixels.double() * prep.rescale_factor).float() - mean.to(pixels.device)) / std.to(pixels.device)
-    # torchvision: one step, with mean and std scaled by 1 / rescale_factor in float32
-    scale = 1.0 / prep.rescale_factor
-    return (pixels.float() - (mean * scale).to(pixels.device)) / (std * scale).to(pixels.device)
+    return shared.normalize(pixels, prep.mean, prep.std, prep.rescale_factor, prep.backend)
 
 
 def patchify_torch(pixels: torch.Tensor, prep: QwenVLPreprocess) -> tuple[torch.Tensor, tuple[int, int, int]]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 
-from vitcore.encoders.base import BuiltEncoder, Encoded, RunRecord
-from vitcore.encoders.seed.config import PRESETS, EncoderConfig, parameter_count, resolve_layer
+from vitcore.encoders.base import BuiltEncoder, Encoded, RunRecord, distinct_layers
+from vitcore.encoders.seed.config import PRESETS, EncoderConfig, parameter_count
 from vitcore.encoders.seed.processor import ImageLoader, PreprocessConfig, framed, normalize_on_device
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.options import EncoderOptions
@@ -38,8 +38,11 @@ class SeedFamily:
             raise UsageError("--resolution is not taken by the seed encoders: their input size is part of "
                              "the model (image_size in a custom spec); see --resize")
         if opts.processor is not None:
-            raise UsageError(f"--processor {opts.processor} is for the Qwen-VL families (which of transformers' "
+            raise UsageError(f"--processor {opts.processor} is for the families preprocessed by transformers (which of its "
                              "image-processor backends to follow); the seed encoders have their own preprocessing")
+        if opts.drop_prefix:
+            raise UsageError("--drop-prefix is for towers with prefix tokens (CLIP, DINOv2); the seed encoders store "
+                             "patch tokens only")
 
     def record(self, opts, device):
         """The config from --model / --weights (a weights file is read for its config and hashed,
@@ -48,7 +51,7 @@ class SeedFamily:
         from vitcore.encoders.seed.weights import resolve_config, weights_info
 
         cfg = resolve_config(opts.model, opts.weights, opts.project_dim)
-        layers = _distinct_layers(opts.layers, cfg.depth)
+        layers = distinct_layers(opts.layers, cfg.depth)
         prep = PreprocessConfig(image_size=cfg.image_size, resize=opts.resize, decode=opts.decode or "draft")
         notes = []
         if prep.decode == "gpu":
@@ -148,20 +151,8 @@ class SeedFamily:
         side = encoder["image_size"] // encoder["patch"]
         return side, side
 
-
-def _distinct_layers(layers, depth: int) -> tuple[int, ...]:
-    """Each distinct K as given (``-1`` and ``23`` are both stored if both are asked for)."""
-    out: list[int] = []
-    for k in layers:
-        try:
-            resolve_layer(int(k), depth)
-        except IndexError:
-            raise UsageError(
-                f"--layer {k} is out of range: this encoder has {depth} blocks (0..{depth - 1}, or -{depth}..-1)"
-            ) from None
-        if int(k) not in out:
-            out.append(int(k))
-    return tuple(out)
+    def prefix_tokens(self, encoder: dict) -> int:
+        return 0  # patch tokens only
 
 
 def auto_batch_size(cfg, device, dtype) -> int:

@@ -1,0 +1,149 @@
+"""Reading a Hugging Face checkpoint folder's files without the library that made them: its JSON
+files, and the bytes of chosen tensors from its safetensors files (by byte range, so a language
+model's tensors beside a vision tower's are never read). The families that read such folders
+(Qwen-VL, the transformers-defined towers) identify their weights with ``tensor_digest``.
+
+Every problem is a one-line WeightsError that names the file: JSON that does not parse, a shard
+the index names but the folder lacks, a git-lfs pointer in place of the weights, a file that is
+not safetensors or is cut short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from typing import Callable, Iterator
+
+from vitcore.errors import WeightsError
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def read_json(path: str) -> dict:
+    """A JSON object from ``path``; one line naming the file when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(LFS_POINTER))
+            if head == LFS_POINTER:
+                raise WeightsError(f"{path} is a git-lfs pointer, not the file itself: run git lfs pull")
+            data = json.loads(head + handle.read())
+    except OSError as err:
+        raise WeightsError(f"cannot read {path}: {err.strerror}") from None
+    except ValueError as err:
+        raise WeightsError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} does not hold a JSON object")
+    return data
+
+
+def processor_record(folder: str) -> tuple[dict, str]:
+    """A folder's image processor settings as transformers reads them: the nested ``image_processor`` of
+    v5's processor_config.json, else the whole of preprocessor_config.json, never both; and where."""
+    nested = os.path.join(folder, "processor_config.json")
+    if os.path.isfile(nested):
+        record = read_json(nested).get("image_processor")
+        if record is not None:
+            if not isinstance(record, dict):
+                raise WeightsError(f"{nested}: image_processor is not a JSON object")
+            return record, f"{nested} (image_processor)"
+    flat = os.path.join(folder, "preprocessor_config.json")
+    if os.path.isfile(flat):
+        return read_json(flat), flat
+    raise WeightsError(f"{folder} has no preprocessor_config.json (nor a processor_config.json with an image_processor): "
+                       "its image processor is unknown (transformers cannot load it either); copy the file from the "
+                       "checkpoint this folder came from")
+
+
+def has_safetensors(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, INDEX)) or os.path.isfile(os.path.join(folder, SINGLE))
+
+
+def shards(folder: str, wanted: Callable[[str], bool]) -> dict[str, list[str] | None]:
+    """shard file → the wanted tensor names the index puts there (None: read the names from its header)."""
+    index_path = os.path.join(folder, INDEX)
+    if os.path.isfile(index_path):
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index_path} has no weight_map")
+        files: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            if wanted(name):
+                files.setdefault(shard, []).append(name)
+        return files
+    if os.path.isfile(os.path.join(folder, SINGLE)):
+        return {SINGLE: None}
+    raise WeightsError(f"{folder} has neither {SINGLE} nor {INDEX}")
+
+
+def header(handle, path: str) -> tuple[dict, int]:
+    """A safetensors file's header and where its data starts."""
+    start = handle.read(8)
+    if start == LFS_POINTER[:8] and handle.read(len(LFS_POINTER) - 8) == LFS_POINTER[8:]:
+        raise WeightsError(f"{path} is a git-lfs pointer, not the weights: run git lfs pull")
+    if len(start) < 8:
+        raise WeightsError(f"{path} is not a safetensors file (it is {len(start)} bytes long)")
+    (length,) = struct.unpack("<Q", start)
+    size = os.fstat(handle.fileno()).st_size
+    if length > size - 8:
+        raise WeightsError(f"{path} is not a safetensors file, or is cut short (header of {length} bytes)")
+    try:
+        parsed = json.loads(handle.read(length))
+    except ValueError:
+        raise WeightsError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    return parsed, 8 + length
+
+
+def tensor_names(folder: str) -> list[str]:
+    """Every tensor name in a folder's safetensors files (their headers only)."""
+    names = []
+    for shard, listed in shards(folder, lambda name: True).items():
+        if listed is not None:
+            names += listed
+            continue
+        path = os.path.join(folder, shard)
+        with open(path, "rb") as handle:
+            names += [n for n in header(handle, path)[0] if n != "__metadata__"]
+    return names
+
+
+def tensor_bytes(folder: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, dict, bytearray]]:
+    """(shard path, tensor name, its safetensors entry, its bytes) for each wanted tensor, read by
+    byte range from each shard that holds it."""
+    for shard, names in shards(folder, wanted).items():
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
+            raise WeightsError(f"{path} is missing: {INDEX} names it (download it again)")
+        with open(path, "rb") as handle:
+            entries, base = header(handle, path)
+            listed = names if names is not None else [n for n in entries if n != "__metadata__" and wanted(n)]
+            for name in listed:
+                entry = entries.get(name)
+                if entry is None:
+                    raise WeightsError(f"{path} lacks tensor {name}, which {INDEX} puts there")
+                start, stop = entry["data_offsets"]
+                handle.seek(base + start)
+                raw = bytearray(stop - start)  # a tensor made from it shares it: read once, no copies
+                if handle.readinto(raw) != len(raw):
+                    raise WeightsError(f"{path} is truncated: tensor {name} ends past the end of the file")
+                yield path, name, entry, raw
+
+
+def tensor_digest(raw_by_name: dict) -> str:
+    """Weights' identity: a sha256 over the tensors' names and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(raw_by_name):
+        digest.update(name.encode() + b"\0" + raw_by_name[name])
+    return digest.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    """The sha256 of a whole file (a weights format that cannot be read tensor by tensor)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
