@@ -110,3 +110,86 @@ def resave_single_file(folder: Path, target: Path) -> Path:
         if json_file.name != "model.safetensors.index.json":
             (target / json_file.name).write_bytes(json_file.read_bytes())
     return target
+
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+
+
+def _visible_hf(model, seed: int):
+    """Biases and norms made visible (random init leaves many at 0 or 1), so each parameter matters."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    return model.eval()
+
+
+def _save(folder, model, processor):
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+# Tiny random checkpoints of the towers transformers defines, saved by transformers itself (with the
+# Pillow class of their image processor, which saves the same JSON as the torchvision one).
+def _clip(folder):
+    import transformers as t
+
+    config = t.CLIPConfig(text_config=TEXT, vision_config=dict(VISION, image_size=56, patch_size=14), projection_dim=24)
+    return _save(folder, _visible_hf(t.CLIPModel(config), 1),
+                 t.CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}))
+
+
+def _clip_vision(folder):
+    """A bare CLIPVisionModel (no projection): pooled is the normalised CLS."""
+    import transformers as t
+
+    config = t.CLIPVisionConfig(**VISION, image_size=42, patch_size=14)
+    return _save(folder, _visible_hf(t.CLIPVisionModel(config), 2), t.CLIPImageProcessorPil(
+        size={"shortest_edge": 48}, crop_size={"height": 42, "width": 42}, resample=2))
+
+
+def _siglip(folder):
+    import transformers as t
+
+    config = t.SiglipConfig(text_config=TEXT, vision_config=dict(VISION, image_size=64, patch_size=16))
+    return _save(folder, _visible_hf(t.SiglipModel(config), 3), t.SiglipImageProcessorPil(size={"height": 64, "width": 64}))
+
+
+def _siglip2(folder):
+    import transformers as t
+
+    config = t.Siglip2Config(text_config=TEXT, vision_config=dict(VISION, num_patches=16, patch_size=16))
+    return _save(folder, _visible_hf(t.Siglip2Model(config), 4), t.Siglip2ImageProcessorPil(patch_size=16, max_num_patches=24))
+
+
+def _dinov2(folder):
+    import transformers as t
+
+    config = t.Dinov2Config(**VISION, image_size=56, patch_size=14)
+    return _save(folder, _visible_hf(t.Dinov2Model(config), 5), t.BitImageProcessorPil(
+        size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]))
+
+
+def _dinov2_registers(folder):
+    import transformers as t
+
+    config = t.Dinov2WithRegistersConfig(**VISION, image_size=56, patch_size=14, num_register_tokens=3)
+    return _save(folder, _visible_hf(t.Dinov2WithRegistersModel(config), 6), t.BitImageProcessorPil(
+        size={"shortest_edge": 70}, crop_size={"height": 42, "width": 56}))
+
+
+HF_CHECKPOINTS = {  # name → (saver(folder) → folder, family, processor class, prefix tokens)
+    "clip": (_clip, "clip", "CLIPImageProcessor", 1),
+    "clip_vision_model": (_clip_vision, "clip", "CLIPImageProcessor", 1),
+    "siglip": (_siglip, "siglip", "SiglipImageProcessor", 0),
+    "siglip2": (_siglip2, "siglip2", "Siglip2ImageProcessor", 0),
+    "dinov2": (_dinov2, "dinov2", "BitImageProcessor", 1),
+    "dinov2_with_registers": (_dinov2_registers, "dinov2", "BitImageProcessor", 4),
+}
+
+

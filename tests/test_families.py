@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import vitcore
-from tests.helpers import SAMPLES, TINY, save_tiny_qwen2vl, save_tiny_qwen3vl
+from tests.helpers import HF_CHECKPOINTS, SAMPLES, TINY, save_tiny_qwen2vl, save_tiny_qwen3vl
 from vitcore.encoders import registry as families
 from vitcore.errors import VitExtractError
 
@@ -53,8 +53,53 @@ def qwen2vl_run(version):
     return run
 
 
+def transformers_run(checkpoint: str, tower: str):
+    def run(tmp_path_factory):
+        import transformers
+
+        saver = HF_CHECKPOINTS[checkpoint][0]
+        folder = saver(tmp_path_factory.mktemp(checkpoint) / "ckpt")
+        return dict(weights=str(folder)), getattr(transformers, tower), "forward"
+
+    return run
+
+
+def timm_run(tmp_path_factory):
+    timm = pytest.importorskip("timm", reason="timm (and the torchvision it needs) is not installed")
+    from safetensors.torch import save_file
+
+    name = "vit_tiny_patch16_224"
+    path = tmp_path_factory.mktemp("timm") / f"{name}.safetensors"
+    save_file(timm.create_model(name, pretrained=False).state_dict(), str(path))
+    return dict(model=f"timm:{name}", weights=str(path)), type(timm.create_model(name)), "forward_features"
+
+
 # family → a function giving (options, the module class whose forward a fake device error replaces, its name)
-RUNS = {"seed": seed_run, "qwen3-vl": qwen3vl_run, "qwen2.5-vl": qwen2vl_run("2.5"), "qwen2-vl": qwen2vl_run("2")}
+RUNS = {"seed": seed_run, "qwen3-vl": qwen3vl_run, "qwen2.5-vl": qwen2vl_run("2.5"), "qwen2-vl": qwen2vl_run("2"),
+        "siglip": transformers_run("siglip", "SiglipVisionModel"),
+        "siglip2": transformers_run("siglip2", "Siglip2VisionModel"),
+        "clip": transformers_run("clip", "CLIPVisionModelWithProjection"),
+        "dinov2": transformers_run("dinov2_with_registers", "Dinov2WithRegistersModel"), "timm": timm_run}
+
+
+def _images(name: str, args, kwargs) -> int:
+    """How many images a forward pass was given: the packed families pass each image's grid."""
+    if name.startswith("qwen"):
+        return len(args[1])  # (patches, grids)
+    return (args[0] if args else kwargs["pixel_values"]).shape[0]
+
+
+def _inflated(name: str, out, factor: float):
+    """A forward's output with its tokens multiplied (each family's forward returns its own kind)."""
+    if name == "seed":
+        return out[0] * factor, out[1]
+    if name.startswith("qwen"):
+        out.tokens = out.tokens * factor
+        return out
+    if isinstance(out, torch.Tensor):  # timm's forward_features
+        return out * factor
+    out.last_hidden_state = out.last_hidden_state * factor  # transformers' model output
+    return out
 
 
 def test_every_registered_family_is_tested():
@@ -73,7 +118,8 @@ def test_the_family_answers_its_interface_and_is_found_by_its_options(family_run
     name, options, *_ = family_run
     family = families.get(name)
     assert family.name == name and family.summary and isinstance(family.compilable, bool)
-    for method in ("claims", "check", "record", "build", "rebuild", "describe", "token_grid"):
+    for method in ("claims", "check", "record", "build", "rebuild", "describe", "token_grid", "prefix_tokens",
+                   "deepstack_levels", "framed"):
         assert callable(getattr(family, method))
     assert families.for_run(options.get("model"), options.get("weights")) is family
     assert families.for_run(name, options.get("weights")) is family
@@ -89,12 +135,12 @@ def test_out_of_memory_splits_the_batch_for_every_family(family_run, tmp_path, m
     real = getattr(module, forward)
     passes = []
 
-    def small_memory(self, x, *args):
-        images = len(args[0]) if name != "seed" else x.shape[0]  # packed families: one grid per image
+    def small_memory(self, *args, **kwargs):
+        images = _images(name, args, kwargs)
         passes.append(images)
         if images > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (a fake device error)")
-        return real(self, x, *args)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(module, forward, small_memory)
     out = tmp_path / "out.h5"
@@ -108,7 +154,7 @@ def test_out_of_memory_splits_the_batch_for_every_family(family_run, tmp_path, m
         for key in f.keys:
             np.testing.assert_allclose(f[key], g[key], rtol=1e-5, atol=1e-5)
 
-    def no_memory(self, x, *args):
+    def no_memory(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (a fake device error)")
 
     monkeypatch.setattr(module, forward, no_memory)
@@ -120,12 +166,8 @@ def test_non_finite_tokens_are_counted_for_every_family(family_run, tmp_path, mo
     name, options, module, forward, folder = family_run
     real = getattr(module, forward)
 
-    def overflowing(self, x, *args):  # values far past float16's 65504 on every image
-        out = real(self, x, *args)
-        if name == "seed":
-            return out[0] * 1e9, out[1]
-        out.tokens = out.tokens * 1e9
-        return out
+    def overflowing(self, *args, **kwargs):  # values far past float16's 65504 on every image
+        return _inflated(name, real(self, *args, **kwargs), 1e9)
 
     monkeypatch.setattr(module, forward, overflowing)
     result = vitcore.extract([folder], tmp_path / "half.h5", **{**options, "out_dtype": "float16"})
@@ -144,7 +186,7 @@ def test_a_new_image_is_encoded_as_the_file_was(family_run, tmp_path):
         summary = f.describe()["summary"]
         assert summary["encoder"] and summary["preprocessing"]
         rows, cols = f.token_grid("chelsea.jpg")
-        assert rows * cols == len(f["chelsea.jpg"])
+        assert rows * cols + f.prefix_tokens() == len(f["chelsea.jpg"]) and len(f.patch_tokens("chelsea.jpg")) == rows * cols
 
 
 def test_what_the_record_says_is_what_the_build_does(family_run):

@@ -14,85 +14,9 @@ import torch
 from PIL import Image
 
 import vitcore
-from tests.helpers import BACKENDS, processor_class
+from tests.helpers import BACKENDS, HF_CHECKPOINTS as CHECKPOINTS, processor_class
 
-TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100)
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
 SIZES = [(90, 60), (47, 120), (200, 200), (33, 250), (64, 64)]  # (width, height): wide, tall, square, thin, exact
-
-
-def _visible(model, seed: int):
-    """Biases and norms made visible (random init leaves many at 0 or 1), so each parameter matters."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape) * 0.05)
-    return model.eval()
-
-
-def _save(folder, model, processor):
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-# name → (family, the library's model for the folder, its processor class name, builder(folder, backend class))
-def _clip(folder):
-    import transformers as t
-
-    config = t.CLIPConfig(text_config=TEXT, vision_config=dict(VISION, image_size=56, patch_size=14), projection_dim=24)
-    return _save(folder, _visible(t.CLIPModel(config), 1),
-                 t.CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}))
-
-
-def _clip_vision(folder):
-    """A bare CLIPVisionModel (no projection): pooled is the normalised CLS."""
-    import transformers as t
-
-    config = t.CLIPVisionConfig(**VISION, image_size=42, patch_size=14)
-    return _save(folder, _visible(t.CLIPVisionModel(config), 2), t.CLIPImageProcessorPil(
-        size={"shortest_edge": 48}, crop_size={"height": 42, "width": 42}, resample=2))
-
-
-def _siglip(folder):
-    import transformers as t
-
-    config = t.SiglipConfig(text_config=TEXT, vision_config=dict(VISION, image_size=64, patch_size=16))
-    return _save(folder, _visible(t.SiglipModel(config), 3), t.SiglipImageProcessorPil(size={"height": 64, "width": 64}))
-
-
-def _siglip2(folder):
-    import transformers as t
-
-    config = t.Siglip2Config(text_config=TEXT, vision_config=dict(VISION, num_patches=16, patch_size=16))
-    return _save(folder, _visible(t.Siglip2Model(config), 4), t.Siglip2ImageProcessorPil(patch_size=16, max_num_patches=24))
-
-
-def _dinov2(folder):
-    import transformers as t
-
-    config = t.Dinov2Config(**VISION, image_size=56, patch_size=14)
-    return _save(folder, _visible(t.Dinov2Model(config), 5), t.BitImageProcessorPil(
-        size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]))
-
-
-def _dinov2_registers(folder):
-    import transformers as t
-
-    config = t.Dinov2WithRegistersConfig(**VISION, image_size=56, patch_size=14, num_register_tokens=3)
-    return _save(folder, _visible(t.Dinov2WithRegistersModel(config), 6), t.BitImageProcessorPil(
-        size={"shortest_edge": 70}, crop_size={"height": 42, "width": 56}))
-
-
-CHECKPOINTS = {  # name → (saver, family, processor class, prefix tokens)
-    "clip": (_clip, "clip", "CLIPImageProcessor", 1),
-    "clip_vision_model": (_clip_vision, "clip", "CLIPImageProcessor", 1),
-    "siglip": (_siglip, "siglip", "SiglipImageProcessor", 0),
-    "siglip2": (_siglip2, "siglip2", "Siglip2ImageProcessor", 0),
-    "dinov2": (_dinov2, "dinov2", "BitImageProcessor", 1),
-    "dinov2_with_registers": (_dinov2_registers, "dinov2", "BitImageProcessor", 4),
-}
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +164,55 @@ def test_an_unknown_model_type_is_refused_naming_the_supported_ones(tmp_path, pi
     assert "model_type 'vit' is none of" in result.output
     for supported in ("siglip", "siglip2", "clip", "dinov2", "dinov2_with_registers", "qwen3_vl"):
         assert supported in result.output
+
+
+def test_resume_shards_tar_and_token_dataset_over_a_clip_checkpoint(checkpoints, pictures, tmp_path, cli):
+    """The rest of the tool over one of these families: tokens from a tar equal those from the folder,
+    a resumed run and merged shards equal one uninterrupted run, TokenDataset gives the same rows, and
+    a resume with another prefix choice is refused naming it."""
+    import tarfile
+
+    from vitcore.store.merge import merge
+
+    folder = str(checkpoints["clip"])
+    common = dict(weights=folder, dtype="float32", out_dtype="float32", workers=0, layers=(-2,), drop_prefix=True)
+    whole = tmp_path / "whole.h5"
+    vitcore.extract([str(pictures)], str(whole), **common)
+    names = sorted(p.name for p in pictures.glob("*.png"))
+
+    shard_tar = tmp_path / "pictures.tar"
+    with tarfile.open(shard_tar, "w") as tar:
+        for name in names:
+            tar.add(pictures / name, arcname=name)
+    vitcore.extract([str(shard_tar)], str(tmp_path / "tar.h5"), **common)
+
+    listed = tmp_path / "first.txt"
+    listed.write_text("".join(f"{pictures / n}\n" for n in names[:2]))
+    resumed = tmp_path / "resumed.h5"
+    vitcore.extract([], str(resumed), files_from=str(listed), **common)
+    vitcore.extract([str(pictures)], str(resumed), resume=True, **common)
+
+    parts = [str(tmp_path / f"s.shard0000{i}-of-00002.h5") for i in range(2)]
+    for i, part in enumerate(parts):
+        vitcore.extract([str(pictures)], part, shard=(i, 2), **common)
+    merge(str(tmp_path / "merged.h5"), parts)
+
+    with vitcore.open_tokens(whole) as f:
+        expected = {f.keys[i]: (f[i], f.read("layers/-2", i)) for i in range(len(f))}
+        assert all(t.shape == (16, 32) for t, _ in expected.values())  # 4 × 4 patches, CLS dropped
+    for made in ("tar.h5", "resumed.h5", "merged.h5"):
+        with vitcore.open_tokens(tmp_path / made) as f:
+            keys = [key.rpartition("/")[2] for key in f.keys]  # a tar's members are keyed pictures.tar/NAME
+            assert sorted(keys) == names, made
+            for i, key in enumerate(keys):
+                np.testing.assert_array_equal(f[i], expected[key][0], err_msg=made)
+                np.testing.assert_array_equal(f.read("layers/-2", i), expected[key][1], err_msg=made)
+    items = vitcore.TokenDataset(str(whole))
+    assert [items[i]["key"] for i in range(len(items))] == names
+    for i in range(len(items)):
+        np.testing.assert_array_equal(items[i]["tokens"].numpy(), expected[names[i]][0])
+        np.testing.assert_array_equal(items[i]["features"]["layers/-2"].numpy(), expected[names[i]][1])
+
+    refused = cli("run", str(pictures), "-o", str(resumed), "--weights", folder, "--layer", "-2", "--resume",
+                  "--dtype", "float32", "--out-dtype", "float32")
+    assert refused.exit_code == 2 and "encoder" in refused.output, refused.output

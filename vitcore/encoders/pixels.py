@@ -10,7 +10,6 @@ from __future__ import annotations
 import platform
 
 import numpy as np
-import torch
 from PIL import Image
 
 RESAMPLE_NAMES = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")  # Pillow's (and transformers') codes
@@ -40,6 +39,7 @@ def resize_pixels(rgb, size: tuple[int, int], resample: int, backend: str) -> np
     width, height = size
     if (height, width) == pixels.shape[:2]:
         return pixels  # torchvision hands an image of the target size back untouched
+    import torch  # torch: the registry imports this module's callers, torch-free until a run
     import torch.nn.functional as F
 
     mode = TORCH_MODES[resample]
@@ -55,6 +55,8 @@ def resize_pixels(rgb, size: tuple[int, int], resample: int, backend: str) -> np
 
 def _native_uint8_bilinear() -> bool:
     """torchvision resizes uint8 bilinearly in uint8 only where torch vectorises that kernel."""
+    import torch
+
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
 
 
@@ -72,8 +74,10 @@ def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     return pixels[top:top + height, left:left + width]
 
 
-def normalize(pixels: torch.Tensor, mean, std, rescale_factor: float, backend: str) -> torch.Tensor:
-    """uint8 (…, C) → float32 (…, C), rescaled and normalised with each backend's own rounding."""
+def normalize(pixels, mean, std, rescale_factor: float, backend: str):
+    """uint8 (…, C) tensor → float32 (…, C), rescaled and normalised with each backend's own rounding."""
+    import torch
+
     mean = torch.tensor(mean, dtype=torch.float32, device=pixels.device)
     std = torch.tensor(std, dtype=torch.float32, device=pixels.device)
     if backend == "pil":  # rescale in float64, then normalise in float32

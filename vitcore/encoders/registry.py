@@ -15,10 +15,11 @@ from vitcore.encoders.base import checkpoint_config
 from vitcore.encoders.hf.family import CLIP, DINOV2, SIGLIP, SIGLIP2
 from vitcore.encoders.qwen.family import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 from vitcore.encoders.seed.family import SEED
+from vitcore.encoders.timm_vit.family import TIMM
 from vitcore.errors import UsageError
 
 # The first is the default: files made before records named their family are its.
-FAMILIES = (SEED, QWEN3_VL, QWEN2_5_VL, QWEN2_VL, SIGLIP, SIGLIP2, CLIP, DINOV2)
+FAMILIES = (SEED, QWEN3_VL, QWEN2_5_VL, QWEN2_VL, SIGLIP, SIGLIP2, CLIP, DINOV2, TIMM)
 BY_NAME = {family.name: family for family in FAMILIES}
 DEFAULT_FAMILY = FAMILIES[0].name
 
@@ -35,7 +36,7 @@ def for_run(model, weights: str | None):
     the one that recognises the weights (a checkpoint is told by what it is), else the default."""
     if isinstance(model, str) and model.strip().lower() in BY_NAME:
         return get(model.strip().lower())
-    for family in FAMILIES:
+    for family in FAMILIES[1:] + FAMILIES[:1]:  # the default family, which takes the most, is asked last
         if family.claims(model, weights):
             return family
     if weights is not None and model is not None:

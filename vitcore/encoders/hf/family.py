@@ -15,6 +15,7 @@ Torch (and transformers) are imported only inside record(), build() and rebuild(
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ class TransformersTowerFamily:
         if opts.decode == "gpu":
             raise UsageError(f"--decode gpu works with the seed encoders; {name} decodes on the CPU exactly as its "
                              "processor does (--decode full)")
+        if importlib.util.find_spec("transformers") is None:
+            raise UsageError(f"{opts.weights} is a {self.label} checkpoint, whose tower transformers defines, and "
+                             "transformers is not installed: pip install 'vit-extract[transformers]'")
 
     def record(self, opts, device):
         """From the checkpoint's JSON files (read by transformers' config class) and a hash of its
