@@ -136,6 +136,8 @@ def test_out_of_memory_splits_the_batch_for_every_family(family_run, tmp_path, m
     passes = []
 
     def small_memory(self, *args, **kwargs):
+        if (args[0] if args else kwargs["pixel_values"]).is_meta:  # a record's shape probe: no memory used
+            return real(self, *args, **kwargs)
         images = _images(name, args, kwargs)
         passes.append(images)
         if images > 1:
@@ -155,6 +157,8 @@ def test_out_of_memory_splits_the_batch_for_every_family(family_run, tmp_path, m
             np.testing.assert_allclose(f[key], g[key], rtol=1e-5, atol=1e-5)
 
     def no_memory(self, *args, **kwargs):
+        if (args[0] if args else kwargs["pixel_values"]).is_meta:
+            return real(self, *args, **kwargs)
         raise torch.OutOfMemoryError("CUDA out of memory (a fake device error)")
 
     monkeypatch.setattr(module, forward, no_memory)
