@@ -216,3 +216,34 @@ def test_resume_shards_tar_and_token_dataset_over_a_clip_checkpoint(checkpoints,
     refused = cli("run", str(pictures), "-o", str(resumed), "--weights", folder, "--layer", "-2", "--resume",
                   "--dtype", "float32", "--out-dtype", "float32")
     assert refused.exit_code == 2 and "encoder" in refused.output, refused.output
+
+
+def test_a_hub_cache_folder_is_read_at_its_current_snapshot(checkpoints, pictures, tmp_path, cli):
+    """The hub cache's layout: models--ORG--NAME/snapshots/<rev>/ of symlinks into blobs/, refs/main
+    naming the current revision. The repo folder, or the snapshot itself, gives the same tokens."""
+    import os
+    import shutil
+
+    repo = tmp_path / "hub" / "models--org--tiny-dinov2"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    for rev in ("0ld", "c0ffee"):
+        (repo / "snapshots" / rev).mkdir(parents=True)
+    for source in checkpoints["dinov2"].iterdir():
+        blob = repo / "blobs" / f"blob-{source.name}"
+        shutil.copy(source, blob)
+        for rev in ("0ld", "c0ffee"):
+            os.symlink(os.path.relpath(blob, repo / "snapshots" / rev), repo / "snapshots" / rev / source.name)
+    (repo / "refs" / "main").write_text("c0ffee")
+    common = ["--workers", "0", "--dtype", "float32", "--out-dtype", "float32"]
+    by_repo = cli("run", str(pictures), "-o", str(tmp_path / "repo.h5"), "--weights", str(repo), *common)
+    direct = cli("run", str(pictures), "-o", str(tmp_path / "direct.h5"), "--weights", str(checkpoints["dinov2"]), *common)
+    assert by_repo.exit_code == 0 and direct.exit_code == 0, by_repo.output + direct.output
+    with vitcore.open_tokens(tmp_path / "repo.h5") as f, vitcore.open_tokens(tmp_path / "direct.h5") as g:
+        assert f.settings["weights"]["path"] == str(repo / "snapshots" / "c0ffee")
+        assert f.settings["weights"]["sha256"] == g.settings["weights"]["sha256"]
+        for i in range(len(g)):
+            np.testing.assert_array_equal(f[i], g[i])
+    (repo / "refs" / "main").unlink()
+    refused = cli("run", str(pictures), "-o", str(tmp_path / "x.h5"), "--weights", str(repo))
+    assert refused.exit_code == 2 and "2 snapshots and no refs/main" in refused.output

@@ -587,7 +587,7 @@ def test_processor_choice_is_recorded_checked_on_resume_and_followed_by_similar(
     with pytest.raises(UsageError, match="resamples with box, which transformers' torchvision backend cannot do"):
         vitcore.extract(folder_of_images, tmp_path / "box.h5", **{**opts, "weights": str(boxed)})
     vitcore.extract(folder_of_images, tmp_path / "box.h5", processor="pil", **{**opts, "weights": str(boxed)})
-    with pytest.raises(UsageError, match="--processor pil is for the Qwen-VL families"):
+    with pytest.raises(UsageError, match="--processor pil is for the families preprocessed by transformers"):
         vitcore.extract(folder_of_images, tmp_path / "seed.h5", model="small", processor="pil")
     with pytest.raises(UsageError, match="--processor"):
         vitcore.extract(folder_of_images, tmp_path / "x.h5", processor="fast", **opts)

@@ -16,7 +16,7 @@ import os
 import struct
 from typing import Callable, Iterator
 
-from vitcore.errors import WeightsError
+from vitcore.errors import UsageError, WeightsError
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 INDEX = "model.safetensors.index.json"
@@ -147,3 +147,22 @@ def file_digest(path: str) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def hub_snapshot(folder: str) -> str:
+    """A Hugging Face hub cache folder (models--ORG--NAME, holding snapshots/ and refs/) → the snapshot
+    that refs/main names, or the only one; any other folder as it is."""
+    snapshots = os.path.join(folder, "snapshots")
+    if os.path.isfile(os.path.join(folder, "config.json")) or not os.path.isdir(snapshots):
+        return folder
+    main = os.path.join(folder, "refs", "main")
+    if os.path.isfile(main):
+        with open(main) as handle:
+            chosen = os.path.join(snapshots, handle.read().strip())
+        if os.path.isdir(chosen):
+            return chosen
+    found = sorted(os.listdir(snapshots))
+    if len(found) == 1:
+        return os.path.join(snapshots, found[0])
+    raise UsageError(f"--weights {folder} is a hub cache folder with {len(found)} snapshots and no refs/main naming "
+                     f"one: give the snapshot folder itself ({os.path.join(snapshots, found[0]) if found else 'none'} …)")

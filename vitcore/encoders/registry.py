@@ -12,6 +12,7 @@ import json
 import os
 
 from vitcore.encoders.base import checkpoint_config
+from vitcore.encoders.checkpoint_files import hub_snapshot
 from vitcore.encoders.hf.family import CLIP, DINOV2, SIGLIP, SIGLIP2
 from vitcore.encoders.qwen.family import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 from vitcore.encoders.seed.family import SEED
@@ -48,6 +49,12 @@ def for_run(model, weights: str | None):
         raise UsageError(f"--weights {weights} is a folder but not a checkpoint any encoder family reads "
                          f"({_checkpoint_kind(weights)}); the seed encoders take a .safetensors file")
     return FAMILIES[0]
+
+
+def checkpoint_folder(folder: str) -> str:
+    """--weights DIR as the families read it: a Hugging Face hub cache folder (models--ORG--NAME) is
+    its current snapshot (refs/main), as transformers resolves a model id from the cache."""
+    return hub_snapshot(folder)
 
 
 def _checkpoint_kind(folder: str) -> str:

@@ -41,6 +41,8 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
         # A shard file is an intermediate product of one launch: a rerun continues it.
         opts = dataclasses.replace(opts, resume=not opts.overwrite)
     encoder, inputs, compute, out = opts.parts()
+    if encoder.weights is not None and os.path.isdir(encoder.weights):  # a hub cache folder: its snapshot
+        encoder = dataclasses.replace(encoder, weights=registry.checkpoint_folder(encoder.weights))
     family = choose_family(encoder, compute)
     output = str(output)
     check_output(output, out.resume, out.overwrite)

@@ -49,8 +49,9 @@ class TransformersTowerFamily:
     def __init__(self, name: str, label: str, towers: dict[str, Tower], naflex: bool = False):
         self.name, self.label, self.towers, self.naflex = name, label, towers, naflex
         self.model_types = tuple(towers)
-        self.summary = (f"the vision tower of a local transformers {label} checkpoint folder (--weights DIR, told by "
-                        f"config.json model_type {' or '.join(towers)})")
+        self.summary = (f"the vision tower of a local transformers {label} checkpoint folder or hub cache folder "
+                        f"(--weights DIR, told by config.json model_type {' or '.join(towers)}; needs transformers: "
+                        "pip install 'vit-extract[transformers]')")
 
     # -- what a run takes ------------------------------------------------------------------
     def claims(self, model, weights) -> bool:
