@@ -148,6 +148,13 @@ def checkpoint_config(folder) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
+def describe_prefix(encoder: dict) -> str:
+    """`info`'s words for an encoder record's prefix tokens (CLS, registers) and any dropped."""
+    kept, dropped = encoder.get("prefix_tokens", 0), encoder.get("prefix_tokens_dropped", 0)
+    words = f"{kept} prefix token(s) first" if kept else "no prefix tokens"
+    return words + (f" ({dropped} dropped)" if dropped else "")
+
+
 def distinct_layers(layers, depth: int) -> tuple[int, ...]:
     """--layer values checked against a tower of ``depth`` blocks: each distinct K as given (K counts
     blocks from 0, a negative K from the end; ``-1`` and ``23`` are both stored if both are asked for)."""

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from vitcore.encoders.base import BuiltEncoder, Encoded, RunRecord, WeightsInfo, distinct_layers
+from vitcore.encoders.base import BuiltEncoder, Encoded, RunRecord, WeightsInfo, describe_prefix, distinct_layers
 from vitcore.encoders.hf.checkpoint import model_type
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.options import EncoderOptions
@@ -160,9 +160,7 @@ class TransformersTowerFamily:
     def describe(self, settings: dict) -> dict:
         enc, prep = settings["encoder"], settings["preprocessing"]
         cfg = enc["config"]
-        prefix = f"{enc['prefix_tokens']} prefix token(s) first" if enc["prefix_tokens"] else "no prefix tokens"
-        if enc.get("prefix_tokens_dropped"):
-            prefix += f" ({enc['prefix_tokens_dropped']} dropped)"
+        prefix = describe_prefix(enc)
         pooled = enc.get("embedding")
         if prep["resize"] == "max_patches":
             size = f"NaFlex: at most {prep['max_num_patches']} patches of {prep['patch_size']}, aspect ratio kept"

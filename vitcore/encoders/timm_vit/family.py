@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from vitcore.encoders.base import BuiltEncoder, Encoded, RunRecord, WeightsInfo, distinct_layers
+from vitcore.encoders.base import BuiltEncoder, Encoded, RunRecord, WeightsInfo, describe_prefix, distinct_layers
 from vitcore.errors import UsageError, VitExtractError, WeightsError
 from vitcore.imaging.decode import decode_rgb
 from vitcore.options import EncoderOptions
@@ -189,9 +189,7 @@ class TimmFamily:
     def describe(self, settings: dict) -> dict:
         enc, prep = settings["encoder"], settings["preprocessing"]
         config = prep["data_config"]
-        prefix = f"{enc['prefix_tokens']} prefix token(s) first" if enc["prefix_tokens"] else "no prefix tokens"
-        if enc.get("prefix_tokens_dropped"):
-            prefix += f" ({enc['prefix_tokens_dropped']} dropped)"
+        prefix = describe_prefix(enc)
         return {
             "encoder": f"timm {enc['model']} ({enc['class']}): dim {enc['embed_dim']}, depth {enc['depth']}, {prefix}, "
                        f"pooled embedding {enc['global_pool'] or 'head'} ({enc['embedding']['width']})",
