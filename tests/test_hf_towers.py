@@ -137,7 +137,7 @@ def test_records_refusals_and_info(checkpoints, pictures, tmp_path, cli):
         grids = [tuple(f.h5["grid_thw"][i]) for i in range(len(f))]
         assert all(t == 1 and h * w <= 24 for t, h, w in grids)  # NaFlex: at most max_num_patches each
         assert len({(h, w) for _, h, w in grids}) > 1  # aspect ratios kept
-        assert json.loads(f.h5.attrs["preprocessing"])["resize"] == "max_patches"
+        assert json.loads(f.h5.attrs["preprocessing"])["resize_rule"] == "max_patches"
     info = cli("info", str(out))
     assert "SigLIP2 Siglip2VisionModel" in info.output and "NaFlex" in info.output
     # what each family refuses, in one line
@@ -247,3 +247,63 @@ def test_a_hub_cache_folder_is_read_at_its_current_snapshot(checkpoints, picture
     (repo / "refs" / "main").unlink()
     refused = cli("run", str(pictures), "-o", str(tmp_path / "x.h5"), "--weights", str(repo))
     assert refused.exit_code == 2 and "2 snapshots and no refs/main" in refused.output
+
+
+def test_what_users_hand_it_is_read_or_refused_in_one_line(checkpoints, pictures, tmp_path, cli):
+    """Cases from the field: a bare CLIP tower saved as pytorch_model.bin; a config.json transformers'
+    validation rejects; a hub snapshot whose weights link to a missing blob; a resume with another
+    family, or a tower config that differs in one nested key; pooled files asked for patch tokens."""
+    import os
+    import shutil
+
+    import transformers as t
+
+    bare = tmp_path / "bare"  # the older format: weights in pytorch_model.bin (architectures says the class)
+    tower = t.CLIPVisionModel(t.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=2, image_size=56, patch_size=14))
+    tower.save_pretrained(bare)
+    torch.save(tower.state_dict(), bare / "pytorch_model.bin")
+    (bare / "model.safetensors").unlink()
+    t.CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(bare)
+    assert (bare / "pytorch_model.bin").exists() and not (bare / "model.safetensors").exists()
+    run = cli("run", str(pictures), "-o", str(tmp_path / "bare.h5"), "--weights", str(bare), "--workers", "0")
+    assert run.exit_code == 0, run.output
+    with vitcore.open_tokens(tmp_path / "bare.h5") as f:
+        assert f.settings["encoder"]["class"] == "CLIPVisionModel"
+
+    invalid = tmp_path / "invalid"
+    shutil.copytree(checkpoints["clip"], invalid)
+    config = json.loads((invalid / "config.json").read_text())
+    config["vision_config"]["image_size"] = 56.5
+    (invalid / "config.json").write_text(json.dumps(config))
+    broken = tmp_path / "snapshot"
+    broken.mkdir()
+    for source in checkpoints["clip"].iterdir():
+        (broken / source.name).symlink_to(tmp_path / "blobs" / source.name if source.suffix == ".safetensors" else source)
+    for folder, words in ((invalid, "config.json cannot be read by transformers"), (broken, "an incomplete download?")):
+        result = cli("run", str(pictures), "-o", str(tmp_path / "x.h5"), "--weights", str(folder), "--workers", "0")
+        assert result.exit_code != 0 and words in result.output and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+    made = tmp_path / "made.h5"
+    assert cli("run", str(pictures), "-o", str(made), "--weights", str(checkpoints["siglip"]), "--workers", "0").exit_code == 0
+    other = cli("run", str(pictures), "-o", str(made), "--resume")
+    assert other.exit_code == 2 and "made by the siglip encoder family, this run uses seed" in other.output
+    wider = tmp_path / "wider"
+    shutil.copytree(checkpoints["siglip"], wider)
+    config = json.loads((wider / "config.json").read_text())
+    config["vision_config"]["layer_norm_eps"] = 1e-3
+    (wider / "config.json").write_text(json.dumps(config))
+    nested = cli("run", str(pictures), "-o", str(made), "--resume", "--weights", str(wider))
+    assert nested.exit_code == 2 and "config.layer_norm_eps: file 1e-06, this run 0.001" in nested.output, nested.output
+
+    pooled = tmp_path / "pooled.h5"
+    assert cli("run", str(pictures), "-o", str(pooled), "--weights", str(checkpoints["dinov2_with_registers"]),
+               "--pool", "model", "--workers", "0").exit_code == 0
+    with vitcore.open_tokens(pooled) as f:
+        for ask in (f.patch_tokens, f.token_grid):
+            with pytest.raises(vitcore.VitExtractError, match="holds pooled vectors"):
+                ask(0)
+        with pytest.raises(vitcore.VitExtractError, match="holds no layers/5; it holds tokens"):
+            f.read("layers/5", 0)
+    os.remove(pooled)

@@ -105,3 +105,19 @@ def test_timm_refusals(tmp_path, pictures, cli):
                  "--weights", str(weights))
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_file_of_another_model_or_missing_tensors_is_refused(tmp_path, pictures, cli):
+    """timm loads loosely once the classifier is dropped (missing tensors stay random, only logged):
+    vit-extract refuses, naming them, and writes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    whole = _weights(tmp_path, "vit_tiny_patch16_224")
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in load_file(str(whole)).items() if not k.startswith("blocks.11.")}, str(partial))
+    other = _weights(tmp_path, "eva02_tiny_patch14_224")
+    for weights, words in ((partial, "missing ['blocks.11."), (other, "does not hold a whole timm:vit_tiny_patch16_224")):
+        result = cli("run", str(pictures), "-o", str(tmp_path / "x.h5"), "--model", "timm:vit_tiny_patch16_224",
+                     "--weights", str(weights), "--workers", "0")
+        assert result.exit_code == 1 and words in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x.h5").exists()

@@ -29,8 +29,14 @@ class TokenFile(StoredTokens):
         encoder = json.loads(self.h5.attrs["encoder"])
         return registry.for_record(encoder), encoder, json.loads(self.h5.attrs["preprocessing"])
 
+    def _patch_rows(self, what: str) -> None:
+        if self.settings.get("pooling", "none") != "none":
+            raise UsageError(f"{self.path} holds pooled vectors (pooling {self.settings['pooling']}), one per image: "
+                             f"it has no patch tokens for {what}; extract with --pool none")
+
     def token_grid(self, item: int | str) -> tuple[int, int]:
-        """(rows, cols) of the grid a row's tokens lie on, in raster order."""
+        """(rows, cols) of the grid a row's patch tokens lie on, in raster order."""
+        self._patch_rows("token_grid")
         i = self.row_number(item)
         family, encoder, _ = self._made_by
         grid_thw = tuple(int(v) for v in self.h5["grid_thw"][i]) if "grid_thw" in self.h5 else None
@@ -43,6 +49,7 @@ class TokenFile(StoredTokens):
 
     def patch_tokens(self, item: int | str) -> np.ndarray:
         """A row's patch tokens (T', D), the prefix tokens left out: what token_grid lays out."""
+        self._patch_rows("patch_tokens")
         return self.tokens(item)[self.prefix_tokens():]
 
     def as_seen(self, picture):

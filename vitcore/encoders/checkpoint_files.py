@@ -59,12 +59,22 @@ def processor_record(folder: str) -> tuple[dict, str]:
 
 
 def has_safetensors(folder: str) -> bool:
+    for name in (INDEX, SINGLE, "pytorch_model.bin"):
+        refuse_broken_link(os.path.join(folder, name))
     return os.path.isfile(os.path.join(folder, INDEX)) or os.path.isfile(os.path.join(folder, SINGLE))
+
+
+def refuse_broken_link(path: str) -> None:
+    """A hub cache snapshot links each file to a blob; a link to nothing is an unfinished download."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise WeightsError(f"{path} is a link to {os.readlink(path)}, which is missing: an incomplete download? "
+                           "(download the checkpoint again)")
 
 
 def shards(folder: str, wanted: Callable[[str], bool]) -> dict[str, list[str] | None]:
     """shard file → the wanted tensor names the index puts there (None: read the names from its header)."""
     index_path = os.path.join(folder, INDEX)
+    has_safetensors(folder)  # a link to nothing is said as such
     if os.path.isfile(index_path):
         weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -115,6 +125,7 @@ def tensor_bytes(folder: str, wanted: Callable[[str], bool]) -> Iterator[tuple[s
     byte range from each shard that holds it."""
     for shard, names in shards(folder, wanted).items():
         path = os.path.join(folder, shard)
+        refuse_broken_link(path)
         if not os.path.isfile(path):
             raise WeightsError(f"{path} is missing: {INDEX} names it (download it again)")
         with open(path, "rb") as handle:

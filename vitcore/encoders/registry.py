@@ -62,6 +62,9 @@ def _checkpoint_kind(folder: str) -> str:
     config = checkpoint_config(folder)
     if config is None:
         return "no readable config.json"
+    if "architecture" in config and "model_type" not in config:  # timm's hub folders: config.json names it so
+        return (f"it looks like a timm model folder (architecture {config['architecture']!r}): use "
+                f"--model timm:{config['architecture']} --weights {os.path.join(folder, 'model.safetensors')}")
     known = [t for family in FAMILIES for t in getattr(family, "model_types", ())]
     return f"config.json model_type {config.get('model_type')!r} is none of {', '.join(known)}"
 

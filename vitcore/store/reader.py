@@ -222,6 +222,10 @@ class StoredTokens:
     def read(self, name: str, item: int | str) -> np.ndarray:
         """One image's rows of ``name``: a row, or its slice of a flat (Σ tokens, D) dataset."""
         i = self.row_number(item)
+        if name not in self.h5:
+            held = ["tokens", *(f"layers/{k}" for k in self.layers),
+                    *(f"features/{f[0]}" for f in self.settings.get("features") or [])]
+            raise UsageError(f"{self.path} holds no {name}; it holds {', '.join(held)}")
         offsets, counts = ragged_index_names(name)
         if offsets in self.h5:
             start = int(self.h5[offsets][i])

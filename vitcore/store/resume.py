@@ -78,10 +78,24 @@ def _difference(then, now) -> str:
     except (TypeError, ValueError):
         before = after = None
     if isinstance(before, dict) and isinstance(after, dict):
-        keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        return "; ".join(f"{k}: file {_short(before.get(k))}{_option_for(k, before)}, this run {_short(after.get(k))}"
-                         for k in keys[:4])
+        if before.get("family", after.get("family")) != after.get("family", before.get("family")):
+            return (f"the file was made by the {before.get('family')} encoder family, this run uses {after.get('family')}: "
+                    "give the file's --model / --weights")
+        return "; ".join(_differences(before, after)[:4])
     return f"file: {_short(then)}; this run: {_short(now)}"
+
+
+def _differences(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """'key: file A, this run B' for each key whose values differ; nested objects key by key."""
+    out = []
+    for k in sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)):
+        then, now = before.get(k), after.get(k)
+        if isinstance(then, dict) and isinstance(now, dict):
+            out += _differences(then, now, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}: file {_short(then)}{_option_for(k, before) if not prefix else ''}, "
+                       f"this run {_short(now)}")
+    return out
 
 
 # Preprocessing keys a user sets with an option of the same run (the rest come from the weights).

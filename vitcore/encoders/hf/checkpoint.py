@@ -70,7 +70,7 @@ def image_processor(folder: str, model_type: str, default_class: str, backend: s
         raise UsageError(f"--processor torchvision: {where} resamples with {RESAMPLE_NAMES[common['resample']]}, which "
                          "transformers' torchvision backend cannot do; use --processor pil")
     if kind == "Siglip2ImageProcessor":
-        return HFPreprocess(resize="max_patches", patch_size=_whole(get("patch_size"), "patch_size", where),
+        return HFPreprocess(resize_rule="max_patches", patch_size=_whole(get("patch_size"), "patch_size", where),
                             max_num_patches=_whole(get("max_num_patches"), "max_num_patches", where), **common)
     size = _size(get("size"), defaults["default_to_square"], where)
     crop = _size(get("crop_size"), True, where) if get("do_center_crop") else None
@@ -81,10 +81,10 @@ def image_processor(folder: str, model_type: str, default_class: str, backend: s
             raise WeightsError(f"{where}: the shortest edge is resized to {size['shortest_edge']} without a centre crop, "
                                "so pictures differ in size; vit-extract needs a fixed input here (a crop_size, or size "
                                "with height and width)")
-        prep = HFPreprocess(resize="shortest_edge", shortest_edge=size["shortest_edge"], **common)
+        prep = HFPreprocess(resize_rule="shortest_edge", shortest_edge=size["shortest_edge"], **common)
         room = (size["shortest_edge"], size["shortest_edge"])
     else:
-        prep = HFPreprocess(resize="fixed", height=size["height"], width=size["width"], **common)
+        prep = HFPreprocess(resize_rule="fixed", height=size["height"], width=size["width"], **common)
         room = (size["height"], size["width"])
     if crop is not None:
         if crop["height"] > room[0] or crop["width"] > room[1]:

@@ -27,7 +27,7 @@ from vitcore.errors import UsageError, VitExtractError
 from vitcore.options import EncoderOptions
 from vitcore.store.schema import ArraySpec, processor_backend
 
-PREPROCESSING_KEYS = ("processor", "resize", "mean", "std", "rescale_factor", "height", "width", "shortest_edge",
+PREPROCESSING_KEYS = ("processor", "resize_rule", "mean", "std", "rescale_factor", "height", "width", "shortest_edge",
                       "crop_height", "crop_width", "patch_size", "max_num_patches", "interpolation")
 
 
@@ -98,6 +98,8 @@ class TransformersTowerFamily:
         layers = distinct_layers(opts.layers, config.num_hidden_layers)
         prefix = spec.prefix(config)
         kept = 0 if opts.drop_prefix else prefix
+        notes = [f"--drop-prefix: {self.label}'s tokens have no prefix tokens; nothing was dropped"] \
+            if opts.drop_prefix and not prefix else []
         embedding = spec.embedding(config, class_name)
         grid = None
         if self.naflex:
@@ -124,7 +126,7 @@ class TransformersTowerFamily:
                               sha256=checkpoint.weights_sha256(folder, spec.two_tower))
         return RunRecord(name=self.name, encoder_record=json.dumps(encoder_record, sort_keys=True),
                          preprocessing=json.dumps({**prep.to_record(), "decode": decode}, sort_keys=True),
-                         weights=weights, outputs=tuple(outputs), grid_thw=self.naflex, width=width,
+                         weights=weights, outputs=tuple(outputs), grid_thw=self.naflex, width=width, notes=notes,
                          embedding_width=embedding and embedding[1],
                          parts={"config": config, "class": class_name, "preprocess": prep, "decode": decode,
                                 "layers": layers, "drop": prefix - kept, "embedding": embedding and embedding[0]})
@@ -162,9 +164,9 @@ class TransformersTowerFamily:
         cfg = enc["config"]
         prefix = describe_prefix(enc)
         pooled = enc.get("embedding")
-        if prep["resize"] == "max_patches":
+        if prep["resize_rule"] == "max_patches":
             size = f"NaFlex: at most {prep['max_num_patches']} patches of {prep['patch_size']}, aspect ratio kept"
-        elif prep["resize"] == "shortest_edge":
+        elif prep["resize_rule"] == "shortest_edge":
             size = f"shortest edge to {prep['shortest_edge']}"
         else:
             size = f"resize to {prep['height']}×{prep['width']}"
@@ -186,7 +188,7 @@ class TransformersTowerFamily:
 
         prep = HFPreprocess(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in preprocessing.items()
                                if k in HFPreprocess.__dataclass_fields__}, resample=3)
-        if prep.resize == "max_patches":
+        if prep.resize_rule == "max_patches":
             return picture
         height, width = prep.resized_size(picture.height, picture.width)
         shown = picture.resize((width, height), Image.Resampling.BICUBIC)
@@ -274,12 +276,18 @@ def _naflex_forward(model, parts: dict, dtype):
 
 # -- each family's own values -------------------------------------------------------------------
 def _clip_class(folder: str) -> str:
-    """CLIPModel and CLIPVisionModelWithProjection folders have the projection to the shared space."""
+    """CLIPModel and CLIPVisionModelWithProjection folders have the projection to the shared space:
+    told by the tensors' names, or for a pytorch_model.bin by the class config.json names."""
+    from vitcore.encoders.base import checkpoint_config
     from vitcore.encoders.checkpoint_files import has_safetensors, tensor_names
 
-    if model_type(folder) == "clip" or not has_safetensors(folder):
+    if model_type(folder) == "clip":
         return "CLIPVisionModelWithProjection"
-    return "CLIPVisionModelWithProjection" if "visual_projection.weight" in tensor_names(folder) else "CLIPVisionModel"
+    if has_safetensors(folder):
+        projected = "visual_projection.weight" in tensor_names(folder)
+    else:
+        projected = "CLIPVisionModelWithProjection" in ((checkpoint_config(folder) or {}).get("architectures") or [])
+    return "CLIPVisionModelWithProjection" if projected else "CLIPVisionModel"
 
 
 def _clip_embedding(config, class_name: str):

@@ -41,7 +41,7 @@ class HFPreprocess:
     """What a checkpoint's image processor does to a picture, resolved from its JSON and class defaults."""
 
     processor: str  # the transformers class, without a backend suffix
-    resize: str  # "fixed": to height × width; "shortest_edge": that side to ``shortest_edge``; "max_patches": NaFlex
+    resize_rule: str  # "fixed": to height × width; "shortest_edge": that side to ``shortest_edge``; "max_patches": NaFlex
     resample: int  # Pillow's filter code
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -64,15 +64,15 @@ class HFPreprocess:
         """(height, width) of every processed picture, or None when it varies (NaFlex)."""
         if self.crop_height is not None:
             return self.crop_height, self.crop_width
-        if self.resize == "fixed":
+        if self.resize_rule == "fixed":
             return self.height, self.width
         return None
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) a picture is resized to, before any crop."""
-        if self.resize == "fixed":
+        if self.resize_rule == "fixed":
             return self.height, self.width
-        if self.resize == "shortest_edge":  # transformers' get_resize_output_image_size, default_to_square False
+        if self.resize_rule == "shortest_edge":  # transformers' get_resize_output_image_size, default_to_square False
             short, long = (width, height) if width <= height else (height, width)
             new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
             return (new_long, new_short) if width <= height else (new_short, new_long)

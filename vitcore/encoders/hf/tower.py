@@ -44,11 +44,14 @@ def vision_config(folder: str, two_tower: bool):
     try:
         with quiet():
             config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise WeightsError(f"{folder}/config.json cannot be read by transformers: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # transformers' own kinds too (its strict config validation)
+        first = (str(err).splitlines() or [""])[0][:300]
+        raise WeightsError(f"{folder}/config.json cannot be read by transformers: {type(err).__name__}: {first}") from None
     if not two_tower:
         return config
-    vision = config.vision_config
+    vision = getattr(config, "vision_config", None)
+    if vision is None or not hasattr(vision, "hidden_size"):
+        raise WeightsError(f"{folder}/config.json has no readable vision_config")
     if hasattr(config, "projection_dim") and hasattr(vision, "projection_dim"):
         vision.projection_dim = config.projection_dim
     return vision

@@ -13,7 +13,9 @@ timm (and torch) are imported only inside check(), record(), build() and rebuild
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -149,11 +151,16 @@ class TimmFamily:
         overlay = {"file": os.path.abspath(opts.weights)}
         if not opts.weights.endswith(".npz"):
             overlay["custom_load"] = False  # a .npz is read by the model's own loader; other files as state dicts
+        report = _LoadReport()
         try:
-            model = timm.create_model(p["name"], pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0)
+            with report.listening():
+                model = timm.create_model(p["name"], pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0)
         except Exception as err:  # timm's loader and the readers it calls raise their own kinds
             first = (str(err).splitlines() or [""])[0][:300]
             raise WeightsError(f"timm cannot load {opts.weights} into {p['name']}: {type(err).__name__}: {first}") from None
+        if report.missing or report.unexpected:  # timm loads loosely once the head is dropped: we do not
+            raise WeightsError(f"{opts.weights} does not hold a whole timm:{p['name']}: missing {report.missing[:4]}, "
+                               f"unexpected {report.unexpected[:4]} (a file for another model?)")
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         layers, drop, prefix = p["layers"], p["drop"], p["prefix"]
         mean = torch.tensor(p["mean"], dtype=torch.float32, device=device)[:, None, None]
@@ -221,6 +228,40 @@ class TimmFamily:
 
     def deepstack_levels(self, encoder: dict) -> int:
         return 0
+
+
+class _LoadReport(logging.Handler):
+    """What timm's pretrained loader reports (it loads without strictness when the classifier is
+    dropped, and lists the tensors it could not place in its log): collected, not printed."""
+
+    LOGGER = "timm.models._builder"
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        keys = text[text.find("(") + 1:text.find(")")].split(", ") if "(" in text else []
+        if text.startswith("Missing keys"):
+            self.missing += keys
+        elif text.startswith("Unexpected keys"):
+            self.unexpected += keys
+
+    @contextlib.contextmanager
+    def listening(self):
+        logger = logging.getLogger(self.LOGGER)
+        level, propagate = logger.level, logger.propagate
+        logger.addHandler(self)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # the report is ours to give, in one line
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def _split(transforms, name: str):
