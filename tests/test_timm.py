@@ -116,7 +116,7 @@ def test_a_file_of_another_model_or_missing_tensors_is_refused(tmp_path, picture
     partial = tmp_path / "partial.safetensors"
     save_file({k: v for k, v in load_file(str(whole)).items() if not k.startswith("blocks.11.")}, str(partial))
     other = _weights(tmp_path, "eva02_tiny_patch14_224")
-    for weights, words in ((partial, "missing ['blocks.11."), (other, "does not hold a whole timm:vit_tiny_patch16_224")):
+    for weights, words in ((partial, "missing ['blocks.11."), (other, "into vit_tiny_patch16_224: size mismatch")):
         result = cli("run", str(pictures), "-o", str(tmp_path / "x.h5"), "--model", "timm:vit_tiny_patch16_224",
                      "--weights", str(weights), "--workers", "0")
         assert result.exit_code == 1 and words in result.output, result.output

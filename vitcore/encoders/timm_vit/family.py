@@ -156,8 +156,10 @@ class TimmFamily:
             with report.listening():
                 model = timm.create_model(p["name"], pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0)
         except Exception as err:  # timm's loader and the readers it calls raise their own kinds
-            first = (str(err).splitlines() or [""])[0][:300]
-            raise WeightsError(f"timm cannot load {opts.weights} into {p['name']}: {type(err).__name__}: {first}") from None
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            detail = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                          lines[0])
+            raise WeightsError(f"timm cannot load {opts.weights} into {p['name']}: {detail[:300]}") from None
         if report.missing or report.unexpected:  # timm loads loosely once the head is dropped: we do not
             raise WeightsError(f"{opts.weights} does not hold a whole timm:{p['name']}: missing {report.missing[:4]}, "
                                f"unexpected {report.unexpected[:4]} (a file for another model?)")
