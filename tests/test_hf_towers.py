@@ -307,3 +307,21 @@ def test_what_users_hand_it_is_read_or_refused_in_one_line(checkpoints, pictures
         with pytest.raises(vitcore.VitExtractError, match="holds no layers/5; it holds tokens"):
             f.read("layers/5", 0)
     os.remove(pooled)
+
+
+def test_without_the_library_a_run_names_the_extra_to_install(checkpoints, pictures, tmp_path, monkeypatch, cli):
+    """The Quick start installs no transformers and no timm: these families say what to install."""
+    import importlib.util
+    import sys
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    result = cli("run", str(pictures), "-o", str(tmp_path / "x.h5"), "--weights", str(checkpoints["clip"]))
+    assert result.exit_code == 2 and "pip install 'vit-extract[transformers]'" in result.output, result.output
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    result = cli("run", str(pictures), "-o", str(tmp_path / "x.h5"), "--model", "timm:vit_tiny_patch16_224",
+                 "--weights", str(weights))
+    assert result.exit_code == 2 and "pip install 'vit-extract[timm]'" in result.output, result.output
+    assert not (tmp_path / "x.h5").exists()
