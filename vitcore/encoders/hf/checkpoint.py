@@ -5,6 +5,7 @@ over the vision tensors' bytes; a text tower beside them is neither read nor has
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from vitcore.encoders.checkpoint_files import (
@@ -90,7 +91,7 @@ def image_processor(folder: str, model_type: str, default_class: str, backend: s
         if crop["height"] > room[0] or crop["width"] > room[1]:
             raise WeightsError(f"{where}: crop_size {crop['height']}×{crop['width']} is larger than the resized picture "
                                f"can be ({room[0]}×{room[1]} at least); the backends pad it differently")
-        prep = HFPreprocess(**{**prep.__dict__, "crop_height": crop["height"], "crop_width": crop["width"]})
+        prep = dataclasses.replace(prep, crop_height=crop["height"], crop_width=crop["width"])
     return prep
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from vitcore.encoders.base import BuiltEncoder, Encoded, RunRecord, WeightsInfo, describe_prefix, distinct_layers
@@ -323,12 +323,12 @@ _DINOV2_REGISTERS = Tower(two_tower=False, processor="BitImageProcessor", tower_
 # SigLIP (and SigLIP2's fixed-resolution checkpoints, which are model_type siglip): tokens without a
 # prefix, pooled by the attention-pool head.
 SIGLIP = TransformersTowerFamily("siglip", "SigLIP", {"siglip": _SIGLIP, "siglip_vision_model":
-                                                      Tower(**{**_SIGLIP.__dict__, "two_tower": False})})
+                                                      replace(_SIGLIP, two_tower=False)})
 # SigLIP2 NaFlex: each picture keeps its aspect ratio within max_num_patches; tokens stored ragged.
 SIGLIP2 = TransformersTowerFamily("siglip2", "SigLIP2", {"siglip2": _SIGLIP2, "siglip2_vision_model":
-                                                         Tower(**{**_SIGLIP2.__dict__, "two_tower": False})}, naflex=True)
+                                                         replace(_SIGLIP2, two_tower=False)}, naflex=True)
 # CLIP: CLS first, then the patches; pooled: the projected image embedding (or the normalised CLS).
 CLIP = TransformersTowerFamily("clip", "CLIP", {"clip": _CLIP, "clip_vision_model":
-                                                Tower(**{**_CLIP.__dict__, "two_tower": False})})
+                                                replace(_CLIP, two_tower=False)})
 # DINOv2: CLS (and registers) first; pooled: the normalised CLS token.
 DINOV2 = TransformersTowerFamily("dinov2", "DINOv2", {"dinov2": _DINOV2, "dinov2_with_registers": _DINOV2_REGISTERS})
