@@ -297,6 +297,14 @@ def test_what_users_hand_it_is_read_or_refused_in_one_line(checkpoints, pictures
     nested = cli("run", str(pictures), "-o", str(made), "--resume", "--weights", str(wider))
     assert nested.exit_code == 2 and "config.layer_norm_eps: file 1e-06, this run 0.001" in nested.output, nested.output
 
+    headless = tmp_path / "headless"
+    shutil.copytree(checkpoints["siglip"], headless)
+    config = json.loads((headless / "config.json").read_text())
+    config["vision_config"]["vision_use_head"] = False
+    (headless / "config.json").write_text(json.dumps(config))
+    result = cli("run", str(pictures), "-o", str(tmp_path / "x.h5"), "--weights", str(headless), "--pool", "model")
+    assert result.exit_code == 2 and "(its vision config has vision_use_head false" in result.output, result.output
+
     pooled = tmp_path / "pooled.h5"
     assert cli("run", str(pictures), "-o", str(pooled), "--weights", str(checkpoints["dinov2_with_registers"]),
                "--pool", "model", "--workers", "0").exit_code == 0

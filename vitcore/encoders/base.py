@@ -111,6 +111,7 @@ class RunRecord:
     grid_thw: bool = False  # store each image's patch grid (t, h, w)
     width: int | None = None  # the blocks' token width D: --dtype auto times products of this width
     embedding_width: int | None = None  # the model's own pooled embedding (--pool model), when it has one
+    no_embedding: str = ""  # why a model of a family that has such embeddings has none (the setting that says so)
     notes: list[str] = field(default_factory=list)  # how the run departs from what was asked
     parts: dict = field(default_factory=dict, repr=False)  # the family's own values, for its build()
 

@@ -35,7 +35,8 @@ def store_settings(built: RunRecord, pool: str, out_dtype: str, device: torch.de
     model: the encoder's own embedding in place of the tokens)."""
     if pool == "model":
         if built.embedding_width is None:
-            raise UsageError(f"--pool model: the {built.name} encoder has no pooled embedding of its own; "
+            why = f" ({built.no_embedding})" if built.no_embedding else ""
+            raise UsageError(f"--pool model: the {built.name} encoder has no pooled embedding of its own{why}; "
                              "use --pool mean or max")
         if len(built.outputs) > 1:
             raise UsageError("--pool model stores one embedding per image, and --layer K has none of its own: "

@@ -128,6 +128,7 @@ class TransformersTowerFamily:
                          preprocessing=json.dumps({**prep.to_record(), "decode": decode}, sort_keys=True),
                          weights=weights, outputs=tuple(outputs), grid_thw=self.naflex, width=width, notes=notes,
                          embedding_width=embedding and embedding[1],
+                         no_embedding="" if embedding else "its vision config has vision_use_head false: no pooling head",
                          parts={"config": config, "class": class_name, "preprocess": prep, "decode": decode,
                                 "layers": layers, "drop": prefix - kept, "embedding": embedding and embedding[0]})
 
