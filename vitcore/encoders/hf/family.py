@@ -40,6 +40,7 @@ class Tower:
     tower_class: Callable[[str], str]  # folder → the transformers class that holds its vision tower
     prefix: Callable[[object], int]  # vision config → prefix tokens (CLS, registers) before the patch tokens
     embedding: Callable[[object, str], tuple[str, int] | None]  # (config, class) → (output field, width) or None
+    any_size: bool = False  # the tower interpolates its position table to any input (DINOv2); else image_size only
 
 
 class TransformersTowerFamily:
@@ -112,7 +113,7 @@ class TransformersTowerFamily:
             height, width_px = prep.output_size
             grid = (height // patch, width_px // patch)
             expected = getattr(config, "image_size", None)
-            if self.name != "dinov2" and expected is not None and (height, width_px) != (expected, expected):
+            if not spec.any_size and expected is not None and (height, width_px) != (expected, expected):
                 raise VitExtractError(f"{folder}: the image processor makes {height}×{width_px} pictures but the "
                                       f"{class_name} takes {expected}×{expected} (transformers refuses them too)")
             tokens = kept + grid[0] * grid[1]
@@ -317,9 +318,9 @@ _SIGLIP = Tower(two_tower=True, processor="SiglipImageProcessor", tower_class=_f
 _SIGLIP2 = Tower(two_tower=True, processor="Siglip2ImageProcessor", tower_class=_fixed("Siglip2VisionModel"),
                  prefix=lambda c: 0, embedding=_head_embedding)
 _DINOV2 = Tower(two_tower=False, processor="BitImageProcessor", tower_class=_fixed("Dinov2Model"),
-                prefix=lambda c: 1, embedding=_cls_embedding)
-_DINOV2_REGISTERS = Tower(two_tower=False, processor="BitImageProcessor", tower_class=_fixed("Dinov2WithRegistersModel"),
-                          prefix=lambda c: 1 + c.num_register_tokens, embedding=_cls_embedding)
+                prefix=lambda c: 1, embedding=_cls_embedding, any_size=True)
+_DINOV2_REGISTERS = replace(_DINOV2, tower_class=_fixed("Dinov2WithRegistersModel"),
+                            prefix=lambda c: 1 + c.num_register_tokens)
 
 # SigLIP (and SigLIP2's fixed-resolution checkpoints, which are model_type siglip): tokens without a
 # prefix, pooled by the attention-pool head.
