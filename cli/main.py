@@ -23,7 +23,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from . import render
 from vitcore import __version__
-from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, PROCESSOR_BACKENDS, RESIZE_MODES
+from vitcore.choices import COMPRESSIONS, DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, PROCESSOR_BACKENDS, RESIZE_MODES
 from vitcore.errors import UsageError, VitExtractError, one_line
 from vitcore.options import ExtractOptions, comma_list
 from vitcore.run.shard import parse_shard, shard_path
@@ -92,6 +92,7 @@ Decode = _choice_enum("Decode", DECODE_MODES)
 Processor = _choice_enum("Processor", PROCESSOR_BACKENDS)
 Dtype = _choice_enum("Dtype", DTYPE_CHOICES)
 OutDtype = _choice_enum("OutDtype", OUT_DTYPES)
+Compression = _choice_enum("Compression", COMPRESSIONS)
 ProgressMode = _choice_enum("ProgressMode", render.PROGRESS_MODES)
 
 # An existing output of `run`, as info and similar take it.
@@ -166,7 +167,8 @@ def run(
     dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto: on a GPU bfloat16 where the card computes it, on a CPU whichever of float32 and bfloat16 this machine multiplies faster (measured once per machine, torch and encoder width; the summary says why).", rich_help_panel=COMPUTE)] = Dtype.auto,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder: faster batches after a one-off compilation (its time is in the summary); worth it for large runs.", rich_help_panel=COMPUTE)] = False,
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The HDF5 file to write.", dir_okay=False, rich_help_panel=OUTPUT)] = Path("tokens.h5"),
-    out_dtype: Annotated[OutDtype, typer.Option(help="Stored dtype.", rich_help_panel=OUTPUT)] = OutDtype.float16,
+    out_dtype: Annotated[OutDtype, typer.Option(help="Stored dtype. float16: half the size of float32, exact to ~3 digits (overflows above 65504); bfloat16: the same size with float32's range, ~2 digits (h5py reads it as float32; vit-extract's readers as ml_dtypes.bfloat16).", rich_help_panel=OUTPUT)] = OutDtype.float16,
+    compression: Annotated[Compression, typer.Option(help="Compress the stored tokens (after HDF5's byte shuffle). gzip: built into HDF5, every reader has it; lz4 (fast) and zstd (smaller) need hdf5plugin to write and to read (pip install 'vit-extract[compression]'; `import hdf5plugin` before h5py reads the file).", rich_help_panel=OUTPUT)] = Compression.none,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run into the same file.", rich_help_panel=OUTPUT)] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the images the file records as failed again (those that fail again are recorded again).", rich_help_panel=OUTPUT)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.", rich_help_panel=OUTPUT)] = False,
@@ -192,7 +194,7 @@ def run(
         processor=processor.value if processor else None, drop_prefix=drop_prefix,
         features=tuple(comma_list(features)),
         batch_size=batch_size, workers=workers, device=device, dtype=dtype.value,
-        out_dtype=out_dtype.value, files_from=files_from, extensions=ext, keep=keep, columns=columns,
+        out_dtype=out_dtype.value, compression=compression.value, files_from=files_from, extensions=ext, keep=keep, columns=columns,
         image_column=image_column, resume=resume,
         retry_failed=retry_failed, overwrite=overwrite, compile=compile,
     )

@@ -195,7 +195,8 @@ def info_table(console: Console, s: dict) -> None:
     table.add_row("rows", f"{s['rows']}{state}")
     shape = s["token_shape"]
     shape_text = f"varying × {shape[-1]} (num_tokens)" if shape[0] == -1 else "×".join(map(str, shape))
-    table.add_row("tokens", f"{shape_text} per image, {s['out_dtype']}, pooling {s['pooling']}")
+    compressed = "" if s.get("compression", "none") == "none" else f", {s['compression']}-compressed"
+    table.add_row("tokens", f"{shape_text} per image, {s['out_dtype']}{compressed}, pooling {s['pooling']}")
     for name, feature_shape, ragged in s.get("features") or ():
         table.add_row("feature", f"features/{name}: " + (f"varying × {feature_shape[-1]}" if ragged else "×".join(map(str, feature_shape))))
     if s.get("meta"):

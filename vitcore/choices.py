@@ -11,4 +11,5 @@ DECODE_MODES = ("draft", "full", "gpu")
 # Qwen-VL: which of transformers' two image-processor backends the pixels follow (its backend= names)
 PROCESSOR_BACKENDS = ("torchvision", "pil")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # compute dtype; auto picks per device
-OUT_DTYPES = ("float16", "float32")  # stored dtype
+OUT_DTYPES = ("float16", "float32", "bfloat16")  # stored dtype (bfloat16: read as ml_dtypes.bfloat16)
+COMPRESSIONS = ("none", "gzip", "lz4", "zstd")  # of the stored arrays (lz4, zstd: hdf5plugin)

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from vitcore.choices import DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, PROCESSOR_BACKENDS, RESIZE_MODES
+from vitcore.choices import COMPRESSIONS, DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, PROCESSOR_BACKENDS, RESIZE_MODES
 from vitcore.errors import UsageError
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -140,6 +140,7 @@ class ComputeOptions:
 class OutputOptions:
     pool: str = "none"
     out_dtype: str = "float16"
+    compression: str = "none"
     resume: bool = False
     retry_failed: bool = False
     overwrite: bool = False
@@ -148,6 +149,7 @@ class OutputOptions:
     def __post_init__(self) -> None:
         _one_of("--pool", self.pool, POOLING_MODES)
         _one_of("--out-dtype", self.out_dtype, OUT_DTYPES)
+        _one_of("--compression", self.compression, COMPRESSIONS)
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite contradict each other; choose one")
         if self.retry_failed and not self.resume:
@@ -174,7 +176,8 @@ class ExtractOptions:
     workers: int | None = None  # None: min(8, CPUs available)
     device: str = "auto"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    out_dtype: str = "float16"  # stored dtype
+    out_dtype: str = "float16"  # stored dtype: float16 | float32 | bfloat16
+    compression: str = "none"  # none | gzip | lz4 | zstd (lz4, zstd: the [compression] extra)
     files_from: str | None = None  # a file of paths, or "-" for stdin
     extensions: str | tuple[str, ...] | None = None  # None: jpg jpeg png webp bmp gif tif tiff
     keep: str | tuple[str, ...] | None = None  # tar shards (and loose files): sidecar extensions kept as meta/<ext>

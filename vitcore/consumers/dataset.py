@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from vitcore.errors import VitExtractError
+from vitcore.consumers.tensors import as_tensor
 from vitcore.consumers.tokens import TokenFile, rows_of
 
 
@@ -72,10 +73,10 @@ class TokenDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         f = self._open()
         row = self.rows[index]
-        item = {"key": self.keys[index], "tokens": torch.from_numpy(np.ascontiguousarray(f.tokens(row)))}
+        item = {"key": self.keys[index], "tokens": as_tensor(f.tokens(row))}
         if self.has_grid:
             item["grid_thw"] = torch.from_numpy(f.h5["grid_thw"][row].astype(np.int64))
-        item["features"] = {name: torch.from_numpy(np.ascontiguousarray(f.read(name, row))) for name in self.features}
+        item["features"] = {name: as_tensor(f.read(name, row)) for name in self.features}
         item["meta"] = {name: f.meta(name, row) for name in self.meta_names}
         return item
 

@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 import torch
 
+from vitcore.consumers.tensors import as_tensor
 from vitcore.consumers.tokens import TokenFile, rows_of
 from vitcore.encoders import registry
 from vitcore.errors import UsageError
@@ -58,7 +59,7 @@ def encoder_outputs(path: str | os.PathLike, keys=None, dtype: torch.dtype | Non
         rows = rows_of(f, keys)
 
         def tensor(a: np.ndarray) -> torch.Tensor:
-            t = torch.from_numpy(np.ascontiguousarray(a))
+            t = as_tensor(a)
             return t.to(device=device, dtype=dtype or t.dtype)
 
         tokens = tuple(tensor(f.tokens(r)) for r in rows)  # (T_i, D) each

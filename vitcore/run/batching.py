@@ -25,11 +25,12 @@ from vitcore.encoders.layers import pool_tokens
 from vitcore.imaging.loader import Batch
 from vitcore.run.transfer import HostCopier
 from vitcore.store import ArraySpec, Rows, StoreSettings
+from vitcore.store.encoding import numpy_dtype
 
 
 def store_settings(built: RunRecord, pool: str, out_dtype: str, device: torch.device, dtype: torch.dtype,
                    shard: str = "null", meta: tuple[str, ...] = (), image_column: str | None = None,
-                   image_columns_used: tuple[str, ...] = ()) -> StoreSettings:
+                   image_columns_used: tuple[str, ...] = (), compression: str = "none") -> StoreSettings:
     """What the file records for a run of ``built`` (a RunRecord, or the BuiltEncoder made from it):
     its records, and each output as stored (pooled outputs are one (W,) vector per image; --pool
     model: the encoder's own embedding in place of the tokens)."""
@@ -49,7 +50,7 @@ def store_settings(built: RunRecord, pool: str, out_dtype: str, device: torch.de
         pooling=pool, projector=built.projector, compute_dtype=dtype_name(dtype), device=str(device),
         out_dtype=out_dtype, arrays=arrays, mean=pool == "none", grid_thw=built.grid_thw, version=__version__,
         shard=shard, meta=tuple(meta), image_column=json.dumps(image_column),
-        image_columns_used=json.dumps(sorted(image_columns_used)),
+        image_columns_used=json.dumps(sorted(image_columns_used)), compression=compression,
     )
 
 
@@ -118,7 +119,7 @@ class BatchRunner:
         return arrays, counts, nonfinite
 
     def _empty(self):
-        dtype = self.settings.out_dtype
+        dtype = numpy_dtype(self.settings.out_dtype)
         arrays = {spec.name: np.empty((0, *spec.shape), dtype) for spec in self.settings.arrays}
         counts = {spec.name: np.empty(0, np.int32) for spec in self.settings.arrays if spec.ragged}
         if self.settings.mean:

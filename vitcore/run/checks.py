@@ -16,6 +16,7 @@ from vitcore.run.shard import ShardRecord, take_shard
 from vitcore.inputs.base import Discovery
 from vitcore.inputs.discover import discover
 from vitcore.inputs.parquet import ParquetRow
+from vitcore.store.encoding import PLUGIN_FILTERS, load_plugins
 from vitcore.store.output import check_output
 
 
@@ -44,6 +45,8 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
     if encoder.weights is not None and os.path.isdir(encoder.weights):  # a hub cache folder: its snapshot
         encoder = dataclasses.replace(encoder, weights=registry.checkpoint_folder(encoder.weights))
     family = choose_family(encoder, compute)
+    if out.compression in PLUGIN_FILTERS:
+        load_plugins(out.compression)  # the extra is installed, or one line saying which
     output = str(output)
     check_output(output, out.resume, out.overwrite)
     found, shard = find_inputs(paths, inputs, out, stdin)

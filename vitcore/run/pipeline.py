@@ -187,7 +187,7 @@ def extract(
         meta = containers.meta_names  # --keep / --columns: text stored beside the tokens
         settings = store_settings(record, out_opts.pool, out_opts.out_dtype, device, dtype,
                                   shard.to_json() if shard is not None else "null", meta, containers.image_column,
-                                  found.image_columns)
+                                  found.image_columns, out_opts.compression)
         plan = plan_resume(out, found, settings, out_opts.retry_failed)
         if plan.sources:
             built = family.build(encoder_opts, device, dtype, compile=compute.compile, record=record)

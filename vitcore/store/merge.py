@@ -21,6 +21,7 @@ import numpy as np
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.inputs.base import identity_of
 from vitcore.store.output import check_output
+from vitcore.store.encoding import Rows, creation_options, numpy_dtype, readable, same_type, write_rows
 from vitcore.store.reader import StoredTokens
 from vitcore.store.schema import (
     ATTRIBUTES,
@@ -39,6 +40,7 @@ from vitcore.store.schema import (
 )
 from vitcore.store.writer import BUILDING_SUFFIX
 
+BFLOAT16 = numpy_dtype("bfloat16")
 COPY_BLOCK = 256  # rows per read/write when copying tokens
 TEXT_BLOCK = 65536  # strings per read/write (paths, errors, meta/<name>)
 
@@ -133,7 +135,7 @@ class _Array:
 
     name: str
     row_shape: tuple
-    dtype: np.dtype
+    dtype: object  # a numpy dtype, or the bfloat16 HDF5 type (encoding.py)
     flat: bool  # (Σ tokens, D), indexed through offset and count datasets
     lengths: list[int]  # rows (flat: tokens) each shard gives
 
@@ -145,8 +147,10 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
     for shard in shards:
         roots += [r for r in shard.settings["roots"] if r not in roots]
     with h5py.File(shards[0].path, "r") as first:  # the layout, and the settings kept verbatim
-        arrays = [_Array(name, first[name].shape[1:], first[name].dtype, ragged_index_names(name)[0] in first, [])
+        arrays = [_Array(name, first[name].shape[1:], same_type(first[name]), ragged_index_names(name)[0] in first, [])
                   for name in array_names(first.attrs, first)]
+        compression = str(stored_value(first.attrs, BY_NAME["compression"]))
+        readable(compression, shards[0].path)  # the shards' filter registered before their rows are read
         for attribute in ATTRIBUTES:
             if attribute.merge == "first" and attribute.name in first.attrs:
                 out.attrs[attribute.name] = first.attrs[attribute.name]  # verbatim: resume compares them
@@ -163,7 +167,7 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
     out.attrs["device"] = devices_joined(*made) or first_device
     row_info = _RowInfo(out, shards, roots, meta_names, grid)
     images = sum(s.rows for s in shards)
-    targets = {a.name: _create_array(out, a, images, copy) for a in arrays}
+    targets = {a.name: _create_array(out, a, images, copy, compression) for a in arrays}
     for index, shard in enumerate(shards):
         with h5py.File(shard.path, "r") as h5:
             row_info.add(h5, shard)
@@ -187,7 +191,7 @@ def _rows_given(h5: h5py.File, array: _Array, rows: int) -> int:
     return int(h5[offsets_name][rows - 1]) + int(h5[counts_name][rows - 1])
 
 
-def _create_array(out: h5py.File, array: _Array, images: int, copy: bool):
+def _create_array(out: h5py.File, array: _Array, images: int, copy: bool, compression: str):
     """A copy's full-size dataset (None for a virtual view), and a flat array's offsets and counts
     (one per image)."""
     rows = int(sum(array.lengths))
@@ -199,7 +203,7 @@ def _create_array(out: h5py.File, array: _Array, images: int, copy: bool):
         return None
     layout = (RAGGED_CHUNK_ROWS, *array.row_shape) if array.flat else chunks(array.row_shape)
     return out.create_dataset(array.name, (rows, *array.row_shape), array.dtype, maxshape=(None, *array.row_shape),
-                              chunks=layout)
+                              chunks=layout, **creation_options(compression))
 
 
 def _copy_array(out: h5py.File, h5: h5py.File, shard: _Shard, array: _Array, index: int, target,
@@ -216,7 +220,11 @@ def _copy_array(out: h5py.File, h5: h5py.File, shard: _Shard, array: _Array, ind
         length = array.lengths[index]
         for start in range(0, length, COPY_BLOCK):
             stop = min(start + COPY_BLOCK, length)
-            target[start_at + start : start_at + stop] = h5[array.name][start:stop]
+            block = Rows(h5[array.name])[start:stop]  # as stored (bfloat16 bits unconverted)
+            if block.dtype == BFLOAT16:
+                write_rows(target, start_at + start, block)
+            else:
+                target[start_at + start : start_at + stop] = block
 
 
 class _RowInfo:
@@ -270,7 +278,8 @@ class _RowInfo:
 
 def _virtual_array(out: h5py.File, array: _Array, shards: list[_Shard], out_dir: str) -> None:
     """``array`` as an HDF5 virtual dataset over the shards, named by relative paths."""
-    layout = h5py.VirtualLayout((int(sum(array.lengths)), *array.row_shape), array.dtype)
+    dtype = h5py.Datatype(array.dtype) if isinstance(array.dtype, h5py.h5t.TypeID) else array.dtype  # bfloat16
+    layout = h5py.VirtualLayout((int(sum(array.lengths)), *array.row_shape), dtype)
     offset = 0
     for shard, length in zip(shards, array.lengths):
         if length:

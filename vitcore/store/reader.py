@@ -12,6 +12,7 @@ import numpy as np
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.inputs.base import escape_key, source_path
 from vitcore.inputs.discover import open_original
+from vitcore.store.encoding import Rows, readable, stored_dtype
 from vitcore.store.schema import absent_mask, decoded, ragged_index_names
 
 
@@ -91,6 +92,11 @@ class StoredTokens:
             raise VitExtractError(
                 f"{self.path} is not a vit-extract output file (missing {', '.join(missing) or 'datasets'})"
             )
+        try:
+            readable(self.h5.attrs.get("compression", "none"), self.path)  # its filter registered
+        except VitExtractError:
+            self.h5.close()
+            raise
         self._keys: list[str] | None = None
         self._roots: list[str] | None = None
         self._index: dict[str, int] | None = None
@@ -229,8 +235,13 @@ class StoredTokens:
         offsets, counts = ragged_index_names(name)
         if offsets in self.h5:
             start = int(self.h5[offsets][i])
-            return self.h5[name][start : start + int(self.h5[counts][i])]
-        return self.h5[name][i]
+            return self.array(name)[start : start + int(self.h5[counts][i])]
+        return self.array(name)[i]
+
+    def array(self, name: str) -> Rows:
+        """A large dataset (tokens, mean, layers/K, features/<name>) for reading rows as stored:
+        bfloat16 ones as ml_dtypes.bfloat16 (h5py alone would convert them to float32)."""
+        return Rows(self.h5[name])
 
     def tokens(self, item: int | str) -> np.ndarray:
         """(T, D) tokens (T may differ per image when ragged), or (D,) when pooled."""
@@ -242,12 +253,12 @@ class StoredTokens:
 
     def mean(self, item: int | str) -> np.ndarray:
         """The image's mean token (the pooled vector itself for pooled files)."""
-        return self.h5[self.vectors_dataset()][self.row_number(item)]
+        return self.array(self.vectors_dataset())[self.row_number(item)]
 
     def iter_batches(self, batch_size: int = 256, dataset: str = "tokens") -> Iterator[tuple[list[str], np.ndarray]]:
         """(keys, array) for consecutive committed rows of ``dataset`` (tokens, mean, layers/K);
         for a ragged dataset the array is a list of per-image (T_i, D) arrays."""
-        data, n = self.h5[dataset], len(self)
+        data, n = self.array(dataset), len(self)
         offsets, counts = ragged_index_names(dataset)
         ragged = offsets in self.h5
         for start in range(0, n, batch_size):
@@ -331,7 +342,7 @@ class StoredTokens:
         failures = self.failures
         datasets = {}
         self.h5.visititems(
-            lambda name, obj: datasets.__setitem__(name, {"shape": list(obj.shape), "dtype": str(obj.dtype)})
+            lambda name, obj: datasets.__setitem__(name, {"shape": list(obj.shape), "dtype": stored_dtype(obj)})
             if isinstance(obj, h5py.Dataset) else None
         )
         return {
@@ -341,6 +352,7 @@ class StoredTokens:
             "being_written": self.being_written,
             "token_shape": list(self.token_shape),
             "out_dtype": settings.get("out_dtype"),
+            "compression": settings.get("compression", "none"),
             "pooling": settings.get("pooling"),
             "layers": settings.get("layers"),
             "encoder": settings.get("encoder"),

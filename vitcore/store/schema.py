@@ -2,7 +2,8 @@
 
 Layout (schema_version 1; the README documents it):
 
-    tokens        (N, T, D) or pooled (N, D)   out dtype; chunk = one image (pooled: 128 rows)
+    tokens        (N, T, D) or pooled (N, D)   out dtype (float16, float32, bfloat16: encoding.py);
+                                               chunk = one image (pooled: 128 rows); --compression
                   ragged (Σ T_i, D) + token_offset (N,) int64 + num_tokens (N,) int32
     mean          (N, D)                       each image's mean token (only when tokens are unpooled)
     layers/<K>, features/<name>                extra per-image arrays, laid out like tokens
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,6 +32,7 @@ import h5py
 import numpy as np
 
 from vitcore.imaging import HIGH_BIT_DEPTH
+from vitcore.store.encoding import creation_options, file_type, numpy_dtype
 
 SCHEMA_VERSION = 1
 STRING = h5py.string_dtype("utf-8")
@@ -68,7 +71,7 @@ class StoreSettings:
     projector: str  # JSON: {"dim": P} or null
     compute_dtype: str
     device: str
-    out_dtype: str  # "float16" | "float32"
+    out_dtype: str  # "float16" | "float32" | "bfloat16"
     arrays: tuple[ArraySpec, ...]  # as stored (after pooling): "tokens" first, then layers/K, features/<name>
     mean: bool = True  # store each image's mean token (tokens unpooled)
     grid_thw: bool = False  # store each image's patch grid (t, h, w)
@@ -77,6 +80,7 @@ class StoreSettings:
     meta: tuple[str, ...] = ()  # text datasets meta/<name>, one string per row (--keep, --columns)
     image_column: str = "null"  # JSON: the Parquet column the images were read from (--image-column), or null: auto
     image_columns_used: str = "[]"  # JSON: the columns the Parquet inputs' images were read from, as chosen
+    compression: str = "none"  # of the large arrays (tokens, mean, layers, features): none | gzip | lz4 | zstd
 
     @property
     def token_shape(self) -> tuple[int, ...]:
@@ -187,6 +191,9 @@ ATTRIBUTES = (
               required=True),
     Attribute("device", "setting", lambda s: s.device, merge="joined"),  # every device that made rows
     Attribute("out_dtype", "setting", lambda s: s.out_dtype, compare="output dtype", merge="first", required=True),
+    # Compared so that one file is encoded one way throughout (a merge keeps it; readers need one filter).
+    Attribute("compression", "setting", lambda s: s.compression, compare="--compression", default="none",
+              merge="first"),
     Attribute("layers", "setting", lambda s: json.dumps(s.layers), json=True, compare="--layer list", merge="first",
               required=True),
     Attribute("features", "setting", lambda s: json.dumps(s.features), json=True, compare="--features list",
@@ -264,16 +271,17 @@ def lay_out(h5: h5py.File, settings: StoreSettings, roots: list[str], stamp: dic
                  complete=False, **stamp)
     for name, value in state.items():
         attrs[name] = value
-    dtype = np.dtype(settings.out_dtype)
+    dtype = file_type(settings.out_dtype)
+    encoded = creation_options(settings.compression)
     for spec in settings.arrays:
         if spec.ragged:
-            create_ragged(h5, spec.name, spec.width, dtype)
+            create_ragged(h5, spec.name, spec.width, dtype, encoded)
         else:
             h5.create_dataset(spec.name, (0, *spec.shape), dtype, maxshape=(None, *spec.shape),
-                              chunks=chunks(spec.shape))
+                              chunks=chunks(spec.shape), **encoded)
     if settings.mean:
         width = (settings.arrays[0].width,)
-        h5.create_dataset("mean", (0, *width), dtype, maxshape=(None, *width), chunks=chunks(width))
+        h5.create_dataset("mean", (0, *width), dtype, maxshape=(None, *width), chunks=chunks(width), **encoded)
     if settings.grid_thw:
         h5.create_dataset("grid_thw", (0, 3), np.int32, maxshape=(None, 3), chunks=(PER_ROW_CHUNK, 3))
     h5.create_dataset("paths", (0,), STRING, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
@@ -287,8 +295,9 @@ def lay_out(h5: h5py.File, settings: StoreSettings, roots: list[str], stamp: dic
     h5.create_dataset("failed/root_index", (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
 
 
-def create_ragged(h5: h5py.File, name: str, width: int, dtype) -> None:
-    h5.create_dataset(name, (0, width), dtype, maxshape=(None, width), chunks=(RAGGED_CHUNK_ROWS, width))
+def create_ragged(h5: h5py.File, name: str, width: int, dtype, encoded: dict | None = None) -> None:
+    h5.create_dataset(name, (0, width), dtype, maxshape=(None, width), chunks=(RAGGED_CHUNK_ROWS, width),
+                      **(encoded or {}))
     offsets, counts = ragged_index_names(name)
     h5.create_dataset(offsets, (0,), np.int64, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
     h5.create_dataset(counts, (0,), np.int32, maxshape=(None,), chunks=(PER_ROW_CHUNK,))
@@ -363,7 +372,7 @@ class Rows:
     def to_host(self) -> "Rows":
         """The same rows with every array in host memory (the encoder may hand over device tensors)."""
         def host(a):
-            return a.cpu().numpy() if _is_tensor(a) else a
+            return _tensor_to_numpy(a) if _is_tensor(a) else a
 
         return dataclasses.replace(self, arrays={k: host(v) for k, v in self.arrays.items()},
                                    nonfinite=host(self.nonfinite))
@@ -373,6 +382,15 @@ class Rows:
         texts = self.keys + self.failed_keys + self.failed_errors + [t or "" for v in self.meta.values() for t in v]
         strings = sum(len(k) + 16 for k in texts)
         return sum(a.nbytes for a in arrays) + strings
+
+
+def _tensor_to_numpy(tensor) -> np.ndarray:
+    """A torch tensor's values in host memory; bfloat16 (which numpy lacks) as ml_dtypes.bfloat16, bit for bit."""
+    tensor = tensor.cpu()
+    if str(tensor.dtype) != "torch.bfloat16":
+        return tensor.numpy()
+    int16 = sys.modules["torch"].int16  # torch is loaded: this is one of its tensors
+    return tensor.view(int16).numpy().view(numpy_dtype("bfloat16"))
 
 
 def _is_tensor(value) -> bool:

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from vitcore.errors import VitExtractError, one_line
+from vitcore.store.encoding import numpy_dtype, write_rows
 from vitcore.store.schema import (
     FAILED_DATASETS,
     PER_ROW_CHUNK,
@@ -36,6 +37,7 @@ from vitcore.store.schema import (
     row_datasets,
 )
 
+BFLOAT16 = numpy_dtype("bfloat16")
 SPACE_MARGIN = 4 << 20  # bytes kept free beyond a batch's size, for HDF5 metadata
 
 BUILDING_SUFFIX = ".creating"  # a new output (or a merge) is built under this name, then renamed
@@ -81,7 +83,11 @@ def _add_absent_masks(h5: h5py.File, names) -> None:
 def _append(dataset: h5py.Dataset, start: int, values) -> None:
     count = len(values)
     dataset.resize(start + count, axis=0)
-    if count:
+    if not count:
+        return
+    if getattr(values, "dtype", None) == BFLOAT16:
+        write_rows(dataset, start, values)  # the bits as they are: h5py cannot convert numpy's bfloat16
+    else:
         dataset[start : start + count] = values
 
 
