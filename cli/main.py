@@ -178,6 +178,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary.", rich_help_panel=DISPLAY)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout (and nothing else).", rich_help_panel=DISPLAY)] = False,
     strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_STRICT_FAILURES} when any image failed.", rich_help_panel=DISPLAY)] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing: say what would be read (and passed over, and why), the tokens and bytes per image, the projected file size, and a time estimate from one short calibration batch on this machine.", rich_help_panel=DISPLAY)] = False,
 ) -> None:
     """Extract visual tokens for every image under PATHS into an HDF5 file."""
     from vitcore.run.distributed import launched_by_torchrun, rank  # h5py: not for --help
@@ -199,6 +200,8 @@ def run(
         retry_failed=retry_failed, overwrite=overwrite, compile=compile,
     )
     inputs = [str(p) for p in paths or ()]
+    if dry_run:
+        return _dry_run(inputs, output, options, shard, as_json)
     try:
         if launched_by_torchrun():
             result, merged = _run_launched(inputs, output, options, shard, shown)
@@ -253,6 +256,26 @@ def _run_launched(inputs: list[str], output: Path, options, shard: str | None, s
     with shown.display(also=rank() == 0) as display:
         outcome = extract_distributed(inputs, str(output), options, progress=display.update)
     return outcome.summary, outcome.merged
+
+
+def _dry_run(inputs: list[str], output: Path, options, shard: str | None, as_json: bool) -> None:
+    """--dry-run: the plan, the projected size and a time estimate; nothing written."""
+    from vitcore.run.checks import check_run  # h5py, numpy: not for --help
+
+    try:
+        if shard:
+            options.shard = parse_shard(shard)
+            output = Path(shard_path(str(output), *options.shard))
+        checked = check_run(inputs, str(output), options)
+        from vitcore.run.dry_run import dry_run  # torch: only once the run is known to be possible
+
+        report = dry_run(inputs, str(output), options, checked=checked)
+    except VitExtractError as error:
+        raise _fail(error, as_json)
+    if as_json:
+        out.print_json(json.dumps(report.to_json()))
+    else:
+        render.dry_run(out, report)
 
 
 def _run_here(inputs: list[str], output: Path, options, shard: str | None, shown: _Shown):

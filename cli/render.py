@@ -245,3 +245,40 @@ def hits_table(console: Console, hits, query: str) -> None:
     for hit in hits:
         table.add_row(str(hit.rank), escape(hit.key), f"{hit.score:.4f}")
     _print(console, table)
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
+
+
+def dry_run(console: Console, r) -> None:
+    """--dry-run: what the run would read and store, and what it would cost."""
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    table.add_row("dry run", f"nothing written; {escape(r.output)} as a run would make it")
+    kinds = ", ".join(f"{n} {kind}" for kind, n in r.inputs.items()) or "nothing"
+    table.add_row("would read", f"{r.to_read} inputs ({kinds})")
+    if r.already_done:
+        table.add_row("already done", f"{r.already_done} inputs the file holds (skipped)")
+    if r.duplicates_dropped:
+        table.add_row("duplicates", f"{r.duplicates_dropped} paths given twice, read once")
+    for note in r.passed_over:
+        table.add_row("passed over", escape(note))
+    tokens = ", ".join(f"{name} {count:g}" for name, count in r.tokens_per_image.items())
+    counted = "" if r.tokens_counted_from == "fixed" else f" (mean of {r.tokens_counted_from})"
+    table.add_row("tokens/image", f"{tokens}{counted}")
+    table.add_row("encoder", f"{r.encoder}, {r.compute_dtype} on {r.device}; stored {r.out_dtype}, "
+                  f"compression {r.compression}")
+    table.add_row("bytes/image", _bytes(r.bytes_per_image))
+    table.add_row("output size", f"{_bytes(r.projected_bytes)} projected")
+    if r.calibration_images:
+        table.add_row("calibration", f"{r.calibration_images} images: decode {r.decode_seconds_per_image * 1000:.0f} ms/image "
+                      f"(one worker), encode {r.encode_seconds_per_image * 1000:.0f} ms/image "
+                      f"(batch size {r.batch_size}, {r.workers} decoding worker{'s' * (r.workers != 1)})")
+        table.add_row("time", f"about {_duration(r.estimated_seconds)} on this machine")
+    for note in r.notes:
+        table.add_row("note", escape(note))
+    _print(console, table)

@@ -114,6 +114,9 @@ class RunRecord:
     no_embedding: str = ""  # why a model of a family that has such embeddings has none (the setting that says so)
     notes: list[str] = field(default_factory=list)  # how the run departs from what was asked
     parts: dict = field(default_factory=dict, repr=False)  # the family's own values, for its build()
+    # Ragged outputs: (width, height) of an upright picture → tokens per ragged array (a dry run
+    # counts a run's tokens from image headers alone). None: every output has a fixed count.
+    token_counts: Callable[[int, int], dict[str, int]] | None = field(default=None, repr=False)
 
 
 @dataclass(kw_only=True)

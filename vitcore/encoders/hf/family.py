@@ -131,7 +131,16 @@ class TransformersTowerFamily:
                          embedding_width=embedding and embedding[1],
                          no_embedding="" if embedding else "its vision config has vision_use_head false: no pooling head",
                          parts={"config": config, "class": class_name, "preprocess": prep, "decode": decode,
-                                "layers": layers, "drop": prefix - kept, "embedding": embedding and embedding[0]})
+                                "layers": layers, "drop": prefix - kept, "embedding": embedding and embedding[0]},
+                         token_counts=self._token_counts(prep, patch, outputs) if self.naflex else None)
+
+    @staticmethod
+    def _token_counts(prep, patch: int, outputs):
+        """NaFlex: a picture's patches at the size it is resized to (no prefix tokens)."""
+        def counts(width: int, height: int) -> dict[str, int]:
+            h, w = prep.resized_size(height, width)
+            return {o.name: (h // patch) * (w // patch) for o in outputs}
+        return counts
 
     def build(self, opts, device, dtype, compile: bool = False, record=None):
         from vitcore.encoders.hf import tower

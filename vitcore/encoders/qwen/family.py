@@ -142,9 +142,14 @@ class QwenVLFamily:
                                     "interpolation": prep.interpolation}, sort_keys=True)
         weights = WeightsInfo(source="file", path=os.path.abspath(opts.weights),
                               sha256=vision_weights_sha256(opts.weights))
+        def token_counts(width: int, height: int) -> dict[str, int]:  # native resolution: per picture
+            h, w = prep.target_size(height, width)
+            patches = (h // prep.patch_size) * (w // prep.patch_size)
+            return {o.name: patches if o.name == "features/last_hidden" else patches // merge for o in outputs}
+
         return RunRecord(name=self.name, encoder_record=cfg.to_json(), preprocessing=preprocessing, weights=weights,
                          outputs=tuple(outputs), grid_thw=True, parts={"preprocess": prep, "decode": decode},
-                         width=cfg.width)
+                         width=cfg.width, token_counts=None if fixed else token_counts)
 
     def build(self, opts, device, dtype, compile: bool = False, record=None):
         import torch  # torch: only once a run is under way

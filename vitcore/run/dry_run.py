@@ -1,0 +1,256 @@
+"""``vit-extract run … --dry-run``: what a run would read, store and cost, from the inputs' listing,
+their image headers and one short calibration batch; the output is never touched.
+
+The projected size comes from a real file: the calibration batch is written with the run's own
+writer, schema, dtype and compression to a temporary file (deleted after), whose datasets give the
+bytes of a stored chunk (compressed as these images compress) and the fixed overhead; the rest
+of the run's rows are added chunk by chunk, as HDF5 allocates them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import h5py
+import torch
+from PIL import Image
+
+from vitcore.errors import VitExtractError
+from vitcore.imaging.loader import ImageDataset, collate
+from vitcore.inputs.base import Discovery
+from vitcore.run.batching import BatchRunner, store_settings
+from vitcore.run.checks import CheckedRun, check_run
+from vitcore.run.notes import counted_notes
+from vitcore.run.pipeline import choose_batching, plan_resume
+from vitcore.store import Output, StoreWriter, ragged_index_names
+from vitcore.store.resume import recorded_compute_dtype
+from vitcore.system.device import choose_dtype, dtype_name, resolve_device
+
+HEADER_SAMPLE = 2000  # image headers read to count a native-resolution run's tokens (evenly spaced)
+CALIBRATION_IMAGES = 8  # decoded and encoded to time the run and measure its stored bytes
+INDEX_BYTES_PER_CHUNK = 48  # HDF5's chunk index (v1 B-tree) per allocated chunk, measured
+STRING_BYTES = 16  # a variable-length string's global-heap object header, beyond its text
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
+KINDS = {"Source": "image files", "TarMember": "tar members", "ParquetRow": "Parquet rows"}
+
+
+@dataclass
+class DryRun:
+    output: str
+    inputs: dict[str, int]  # kind (image files, tar members, Parquet rows) → inputs this run would read
+    to_read: int  # all of them: a real run's rows + failures
+    already_done: int  # --resume: inputs the file holds already (rows or failures)
+    duplicates_dropped: int
+    videos_passed_over: dict[str, int]  # extension → video files not read (images only)
+    passed_over: list[str]  # what is passed over and why, counted (the run's summary says the same)
+    encoder: str
+    device: str
+    compute_dtype: str
+    out_dtype: str
+    compression: str
+    tokens_per_image: dict[str, float]  # stored array → tokens per image (a mean where they vary)
+    tokens_counted_from: str  # "fixed", or how many image headers were read
+    unreadable_headers: int  # of those read: images a run will likely record as failures
+    bytes_per_image: float
+    projected_bytes: int  # the output file at the end of the run
+    calibration_images: int
+    decode_seconds_per_image: float  # one worker
+    encode_seconds_per_image: float  # the batch on the device, per image
+    batch_size: int
+    workers: int
+    estimated_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, checked: CheckedRun | None = None,
+            **overrides) -> DryRun:
+    """What ``extract(paths, output, options)`` would do, without doing it (see the module)."""
+    run = checked or check_run(paths, output, options, stdin=stdin, **overrides)
+    encoder_opts, compute, out_opts, found = run.encoder, run.compute, run.output_options, run.found
+    device = resolve_device(compute.device)
+    record = run.family.record(encoder_opts, device)
+    resuming = recorded_compute_dtype(run.output) if out_opts.resume and compute.dtype == "auto" else None
+    chosen = choose_dtype(compute.dtype, device, record.width, resuming)
+    containers = run.inputs.containers
+    settings = store_settings(record, out_opts.pool, out_opts.out_dtype, device, chosen.dtype,
+                              run.shard.to_json() if run.shard is not None else "null", containers.meta_names,
+                              containers.image_column, found.image_columns, out_opts.compression)
+    plan = plan_resume(Output(run.output, out_opts.resume, out_opts.overwrite), found, settings,
+                       out_opts.retry_failed)  # reads an existing file; locks and writes nothing
+    sources = plan.sources
+    counts, counted_from, unreadable = _token_counts(record, settings, sources)
+    report = DryRun(
+        output=run.output, inputs=_by_kind(sources), to_read=len(sources) + len(plan.unlisted),
+        already_done=plan.skipped, duplicates_dropped=found.skipped_duplicates,
+        videos_passed_over={e: n for e, n in found.passed_over.items() if e in VIDEO_EXTENSIONS},
+        passed_over=_passed_over(found), encoder=record.name, device=str(device),
+        compute_dtype=dtype_name(chosen.dtype), out_dtype=out_opts.out_dtype, compression=out_opts.compression,
+        tokens_per_image=counts, tokens_counted_from=counted_from, unreadable_headers=unreadable,
+        bytes_per_image=0.0, projected_bytes=0, calibration_images=0, decode_seconds_per_image=0.0,
+        encode_seconds_per_image=0.0, batch_size=0, workers=0, estimated_seconds=0.0,
+        notes=list(record.notes),
+    )
+    if not sources:
+        report.projected_bytes = os.path.getsize(run.output) if os.path.exists(run.output) else 0
+        report.notes.append("nothing left to read: the file holds every input already")
+        return report
+    built = run.family.build(encoder_opts, device, chosen.dtype, compile=False, record=record)
+    report.batch_size, report.workers = choose_batching(compute, built, len(sources))
+    rows, decode_s, encode_s, calibrated = _calibrate(built, settings, device, sources, containers.meta_names)
+    report.calibration_images = calibrated
+    report.decode_seconds_per_image, report.encode_seconds_per_image = decode_s, encode_s
+    decode_wall = decode_s / max(1, report.workers)  # workers decode side by side
+    # A CPU shares its cores between decoding and encoding (work-conserving: the times add); a GPU
+    # encodes while the workers decode, so the slower of the two sets the pace.
+    per_image = max(encode_s, decode_wall) if device.type == "cuda" else encode_s + decode_wall
+    report.estimated_seconds = per_image * len(sources)
+    report.projected_bytes, report.bytes_per_image = _projected_size(
+        settings, plan, rows, counts, sources, run.output if plan.skipped else None)
+    if unreadable:
+        report.notes.append(f"{unreadable} of the image headers read could not be read: a run will likely "
+                            "record those images as failures")
+    return report
+
+
+def _by_kind(sources: list) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for source in sources:
+        name = KINDS.get(type(source).__name__, type(source).__name__)
+        kinds[name] = kinds.get(name, 0) + 1
+    return kinds
+
+
+def _passed_over(found: Discovery) -> list[str]:
+    notes = counted_notes({}, found.passed_over, found.entries_passed_over)
+    notes += [f"{len(found.unlisted)} folder{'s' * (len(found.unlisted) != 1)} could not be listed "
+              f"({found.unlisted[0].reason}); a run records each as a failure"] if found.unlisted else []
+    notes += list(found.empty)
+    videos = sum(n for e, n in found.passed_over.items() if e in VIDEO_EXTENSIONS)
+    if videos:
+        notes.append(f"{videos} video file{'s' * (videos != 1)} passed over: vit-extract reads images only")
+    return notes
+
+
+def _token_counts(record, settings, sources) -> tuple[dict[str, float], str, int]:
+    """Tokens per image of each stored array: fixed, or (ragged) the mean over image headers read
+    evenly across the inputs, from the family's own resize rule."""
+    fixed = {spec.name: (spec.shape[0] if len(spec.shape) == 2 else 1) for spec in settings.arrays}
+    if not settings.ragged or record.token_counts is None or not sources:
+        return {k: float(v) for k, v in fixed.items()}, "fixed", 0
+    step = max(1, len(sources) // HEADER_SAMPLE)
+    sample = sources[::step][:HEADER_SAMPLE]
+    totals: dict[str, int] = {}
+    read = unreadable = 0
+    for source in sample:
+        try:
+            with source.open() as handle, Image.open(handle) as picture:
+                width, height = picture.size  # the header alone; orientation does not change the count
+            counts = record.token_counts(width, height)
+        except Exception:  # a broken file, or a size the processor refuses: a failure in a run
+            unreadable += 1
+            continue
+        read += 1
+        for name, count in counts.items():
+            totals[name] = totals.get(name, 0) + count
+    means = {**{k: float(v) for k, v in fixed.items()}, **{k: v / max(read, 1) for k, v in totals.items()}}
+    return means, f"{len(sample)} image headers" + (" (all)" if len(sample) == len(sources) else " (evenly spaced)"), unreadable
+
+
+def _calibrate(built, settings, device, sources, meta) -> tuple:
+    """Decode and encode the first few inputs as a run would: (their rows, decode s/image, encode s/image, count)."""
+    images = sources[:CALIBRATION_IMAGES]
+    dataset = ImageDataset(images, built.loader, meta)
+    tick = time.perf_counter()
+    items = [dataset[i] for i in range(len(images))]
+    decode_s = (time.perf_counter() - tick) / len(images)
+    batch = collate(items)
+    runner = BatchRunner(built, settings, device)
+    with torch.inference_mode():
+        warm = [item for item in items if item[3] is None][:1]
+        if warm:
+            runner(collate(warm), images)  # first call: kernels chosen, caches warmed
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tick = time.perf_counter()
+        rows = runner(batch, images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        encode_s = (time.perf_counter() - tick) / max(1, len(batch.indices))
+    if not batch.indices:
+        raise VitExtractError(f"none of the first {len(images)} images could be decoded "
+                              f"({batch.failures[0].error}); nothing to calibrate on")
+    return rows, decode_s, encode_s, len(images)
+
+
+def _projected_size(settings, plan, rows, counts: dict[str, float], sources: list, existing: str | None):
+    """(bytes of the output at the end of the run, bytes per image) from a calibration file."""
+    with tempfile.TemporaryDirectory(prefix="vit-extract-dry-run-") as folder:
+        path = os.path.join(folder, "calibration.h5")
+        StoreWriter.prepare(path, settings, plan.roots, resuming=False)
+        writer = StoreWriter.reopen(path, settings)
+        writer.append(rows)
+        writer.close(True)
+        with h5py.File(path, "r") as calibration:
+            if existing is None:  # a new file: the calibration file, and the rows after its own
+                done = len(rows.keys)
+                start = os.path.getsize(path)
+                grown = _added_bytes(calibration, calibration, settings, counts, len(sources) - done)
+            else:  # --resume: the file as it is, and this run's rows after its own
+                done = 0
+                start = os.path.getsize(existing)
+                with h5py.File(existing, "r", locking=False) as h5:
+                    grown = _added_bytes(h5, calibration, settings, counts, len(sources))
+    text = sum(len(s.key.encode()) + STRING_BYTES for s in sources[done:])  # keys in HDF5's global heap
+    total = start + grown + text
+    return int(total), float((grown + text) / max(1, len(sources) - done))
+
+
+def _added_bytes(h5: h5py.File, calibration: h5py.File, settings, counts: dict[str, float], more: int) -> float:
+    """Bytes the chunked datasets of ``h5`` grow by when ``more`` images follow the rows it holds:
+    each chunk HDF5 allocates past those already there, at the size a stored chunk has in the
+    calibration file (compressed as its rows compressed)."""
+    if more <= 0:
+        return 0.0
+    flat = {spec.name for spec in settings.arrays if spec.ragged}
+    committed = int(h5.attrs["committed"])
+    grown = 0.0
+
+    def visit(name, dataset):
+        nonlocal grown
+        if not isinstance(dataset, h5py.Dataset) or dataset.chunks is None or name.startswith("failed/"):
+            return
+        if name in flat:  # (Σ tokens, W): grows by the tokens of the images to come
+            offsets, sizes = ragged_index_names(name)
+            rows_now = int(h5[offsets][committed - 1] + h5[sizes][committed - 1]) if committed else 0
+            rows_then = rows_now + counts[name] * more
+        else:
+            rows_now = committed
+            rows_then = rows_now + more
+        chunk_rows = dataset.chunks[0]
+        new_chunks = math.ceil(rows_then / chunk_rows) - math.ceil(rows_now / chunk_rows)
+        if new_chunks > 0 and name in calibration:
+            grown += new_chunks * (_chunk_bytes(calibration[name]) + INDEX_BYTES_PER_CHUNK)
+    h5.visititems(visit)
+    return grown
+
+
+def _chunk_bytes(dataset: h5py.Dataset) -> float:
+    """The bytes a full chunk of ``dataset`` takes on disk: its size, or compressed, the mean bytes
+    per stored row times the rows of a chunk (a partly filled chunk compresses its fill, not rows)."""
+    chunk_rows = dataset.chunks[0]
+    full = chunk_rows * dataset.id.get_type().get_size() * math.prod(dataset.chunks[1:])  # bfloat16: 2, not 4
+    if dataset.id.get_create_plist().get_nfilters() == 0:
+        return float(full)
+    stored = rows = 0
+    for i in range(dataset.id.get_num_chunks()):
+        info = dataset.id.get_chunk_info(i)
+        stored += info.size
+        rows += min(chunk_rows, dataset.shape[0] - info.chunk_offset[0])
+    return stored / rows * chunk_rows if rows else float(full)
