@@ -1,4 +1,5 @@
-"""Nearest neighbours by cosine similarity over a file's pooled vectors, exact, in blocks.
+"""Nearest neighbours by cosine similarity over a file's pooled vectors, exact, in blocks, or
+through a faiss index built from the file (consumers/index.py) when one is given or lies beside it.
 
 The vectors are ``mean`` for unpooled files and ``tokens`` for pooled ones (N, D). They are read
 ``block`` rows at a time, so millions of rows never have to fit in memory at once.
@@ -97,18 +98,76 @@ def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
     return rows.arrays["mean" if pooling == "none" else "tokens"][0]
 
 
-def similar(path: str, query: str, k: int = 10, block: int = 65536) -> tuple[list[Hit], str]:
-    """The k rows of ``path`` most similar to ``query``, best first, and how the query was read."""
+@dataclass
+class Searched:
+    """How `similar` searched: through an index (``index``: its path) or exactly; ``note`` says why an
+    index found beside the file was not used."""
+
+    method: str  # "index" or "exact"
+    index: str | None = None
+    described: str = ""  # the index in one line: kind, tuned parameter, measured recall
+    note: str = ""
+
+    def describe(self) -> str:
+        shown = f"through the {self.described}" if self.method == "index" else "exact search"
+        return f"{shown} ({self.note})" if self.note else shown
+
+
+class Found(tuple):
+    """(hits, kind) as `similar` always returned, unpacked as two, with ``searched`` added:
+    ``hits, kind = similar(...)`` keeps working; ``similar(...).searched`` says how."""
+
+    def __new__(cls, hits: list[Hit], kind: str, searched: Searched):
+        found = super().__new__(cls, (hits, kind))
+        found.hits, found.kind, found.searched = hits, kind, searched
+        return found
+
+
+def similar(path: str, query: str, k: int = 10, block: int = 65536, index=None) -> Found:
+    """The k rows of ``path`` most similar to ``query``, best first, and how the query was read.
+
+    ``index``: a faiss index built from this file (vit-extract index), refused if the file changed
+    since; None: the one beside the file (out.h5 → out.faiss) if there is one that still matches,
+    else exact search; False: exact search."""
     if k < 1:
         raise UsageError("-k must be at least 1")
     with TokenFile(path) as f:
         if not len(f):
             raise VitExtractError(f"{path} has no rows to search")
         vector, kind = query_vector(f, query)
-        dataset = f.vectors_dataset()
-        ranked = top_k_cosine((batch for _, batch in f.iter_batches(block, dataset)), vector, k)
-        # A key stored under several roots is shown with its root, so the hits can be told apart.
-        return [Hit(rank=r + 1, key=f.shown_key(row), score=score, row=row) for r, (row, score) in enumerate(ranked)], kind
+        loaded, searched = _chosen_index(f, path, index)
+        if loaded is not None:
+            ranked = loaded.search(f, vector, k)[0]
+            key = loaded.key  # the keys recorded with the index (the same file: checked)
+        else:
+            dataset = f.vectors_dataset()
+            ranked = top_k_cosine((batch for _, batch in f.iter_batches(block, dataset)), vector, k)
+            key = f.shown_key  # a key stored under several roots is shown with its root
+        hits = [Hit(rank=r + 1, key=key(row), score=score, row=row) for r, (row, score) in enumerate(ranked)]
+        return Found(hits, kind, searched)
+
+
+def _chosen_index(f: TokenFile, path: str, index):
+    """(the LoadedIndex to search through or None, how the search goes). A given index must match
+    the file; one found beside it that does not is passed over, with a note."""
+    if index is False:
+        return None, Searched("exact")
+    from vitcore.consumers.index import IndexMismatch, index_beside, load_index, sidecar_path
+
+    if index is not None:
+        loaded = load_index(os.fspath(index), f)  # a mismatch is refused
+        return loaded, Searched("index", loaded.path, loaded.describe())
+    beside = index_beside(path)
+    if not (os.path.isfile(beside) and os.path.isfile(sidecar_path(beside))):
+        return None, Searched("exact")
+    try:
+        loaded = load_index(beside, f)
+    except IndexMismatch:
+        return None, Searched("exact", note=f"{beside} was built from another version of {path}, so it was not used; "
+                                            f"rebuild it with vit-extract index {path} -o {beside} --overwrite")
+    except VitExtractError as error:  # faiss missing, an unreadable index: exact search still answers
+        return None, Searched("exact", note=f"{beside} was not used: {error}")
+    return loaded, Searched("index", loaded.path, loaded.describe())
 
 
 def hits_sheet(path: str, hits: list[Hit], query: str, kind: str, columns: int = 4):

@@ -121,7 +121,7 @@ def write_rows(dataset: h5py.Dataset, start: int, values: np.ndarray) -> None:
     dataset.id.write(mspace, fspace, bits, mtype=dataset.id.get_type())
 
 
-class Rows:
+class StoredArray:
     """``dataset[...]`` for the reader: bfloat16 bits as they are, other types through h5py."""
 
     def __init__(self, dataset: h5py.Dataset):

@@ -21,7 +21,7 @@ import numpy as np
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.inputs.base import identity_of
 from vitcore.store.output import check_output
-from vitcore.store.encoding import Rows, creation_options, numpy_dtype, readable, same_type, write_rows
+from vitcore.store.encoding import StoredArray, creation_options, numpy_dtype, readable, same_type, write_rows
 from vitcore.store.reader import StoredTokens
 from vitcore.store.schema import (
     ATTRIBUTES,
@@ -220,7 +220,7 @@ def _copy_array(out: h5py.File, h5: h5py.File, shard: _Shard, array: _Array, ind
         length = array.lengths[index]
         for start in range(0, length, COPY_BLOCK):
             stop = min(start + COPY_BLOCK, length)
-            block = Rows(h5[array.name])[start:stop]  # as stored (bfloat16 bits unconverted)
+            block = StoredArray(h5[array.name])[start:stop]  # as stored (bfloat16 bits unconverted)
             if block.dtype == BFLOAT16:
                 write_rows(target, start_at + start, block)
             else:

@@ -12,7 +12,7 @@ import numpy as np
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.inputs.base import escape_key, source_path
 from vitcore.inputs.discover import open_original
-from vitcore.store.encoding import Rows, readable, stored_dtype
+from vitcore.store.encoding import StoredArray, readable, stored_dtype
 from vitcore.store.schema import absent_mask, decoded, ragged_index_names
 
 
@@ -238,10 +238,10 @@ class StoredTokens:
             return self.array(name)[start : start + int(self.h5[counts][i])]
         return self.array(name)[i]
 
-    def array(self, name: str) -> Rows:
+    def array(self, name: str) -> StoredArray:
         """A large dataset (tokens, mean, layers/K, features/<name>) for reading rows as stored:
         bfloat16 ones as ml_dtypes.bfloat16 (h5py alone would convert them to float32)."""
-        return Rows(self.h5[name])
+        return StoredArray(self.h5[name])
 
     def tokens(self, item: int | str) -> np.ndarray:
         """(T, D) tokens (T may differ per image when ragged), or (D,) when pooled."""
