@@ -167,8 +167,8 @@ def run(
     dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto: on a GPU bfloat16 where the card computes it, on a CPU whichever of float32 and bfloat16 this machine multiplies faster (measured once per machine, torch and encoder width; the summary says why).", rich_help_panel=COMPUTE)] = Dtype.auto,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder: faster batches after a one-off compilation (its time is in the summary); worth it for large runs.", rich_help_panel=COMPUTE)] = False,
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The HDF5 file to write.", dir_okay=False, rich_help_panel=OUTPUT)] = Path("tokens.h5"),
-    out_dtype: Annotated[OutDtype, typer.Option(help="Stored dtype. float16: half the size of float32, exact to ~3 digits (overflows above 65504); bfloat16: the same size with float32's range, ~2 digits (h5py reads it as float32; vit-extract's readers as ml_dtypes.bfloat16).", rich_help_panel=OUTPUT)] = OutDtype.float16,
-    compression: Annotated[Compression, typer.Option(help="Compress the stored tokens (after HDF5's byte shuffle). gzip: built into HDF5, every reader has it; lz4 (fast) and zstd (smaller) need hdf5plugin to write and to read (pip install 'vit-extract[compression]'; `import hdf5plugin` before h5py reads the file).", rich_help_panel=OUTPUT)] = Compression.none,
+    out_dtype: Annotated[OutDtype, typer.Option(metavar="DTYPE", help="Stored dtype: float16, bfloat16 or float32. float16: half the size of float32, exact to ~3 digits (overflows above 65504); bfloat16: the same size with float32's range, ~2 digits (h5py reads it as float32; vit-extract's readers as ml_dtypes.bfloat16).", rich_help_panel=OUTPUT)] = OutDtype.float16,
+    compression: Annotated[Compression, typer.Option(metavar="CODEC", help="none, gzip, lz4 or zstd: compress the stored tokens (after HDF5's byte shuffle). gzip: built into HDF5, every reader has it; lz4 (fast) and zstd (smaller) need hdf5plugin to write and to read (pip install 'vit-extract[compression]'; `import hdf5plugin` before h5py reads the file).", rich_help_panel=OUTPUT)] = Compression.none,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run into the same file.", rich_help_panel=OUTPUT)] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the images the file records as failed again (those that fail again are recorded again).", rich_help_panel=OUTPUT)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.", rich_help_panel=OUTPUT)] = False,
@@ -377,27 +377,71 @@ def show(
     out.print(f"wrote {output}: {len(chosen)} images, {image.width}×{image.height} px")
 
 
+# The kinds of vitcore.consumers.index.KINDS (named here: importing it would load h5py and numpy for --help).
+IndexKind = _choice_enum("IndexKind", ("auto", "flat", "hnsw", "ivf", "ivfpq"))
+
+
+def _size(value: str) -> int:
+    """--max-index-memory: 2GB (10^9), 512MiB (2^20), 1.5G (2^30), or bytes."""
+    from vitcore.consumers.index import parse_size  # numpy, h5py: not for --help
+
+    try:
+        return parse_size(value)
+    except UsageError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+@app.command("index", cls=_Command)
+def index_command(
+    file: RunOutput,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="PATH", help="The faiss index to write; its sidecar (the file's identity, the tuned parameters, each row's key) goes beside it as PATH.json. Name it after the file (out.h5 → out.faiss) and `similar` uses it by itself.", dir_okay=False)],
+    kind: Annotated[IndexKind, typer.Option(help="flat: exact; hnsw: a graph over the vectors; ivf: inverted lists of the vectors; ivfpq: inverted lists of compressed (product-quantised) codes. auto: flat up to 100,000 rows, else hnsw, ivf or ivfpq, whichever fits --max-index-memory.")] = IndexKind.auto,
+    max_index_memory: Annotated[Optional[str], typer.Option(metavar="SIZE", help="The most memory the index may take, e.g. 2GB or 512MiB: auto chooses the kind by it, and sizes ivfpq's codes to it. Default: no limit.", parser=_size, show_default=False)] = None,
+    k: Annotated[int, typer.Option("-k", metavar="K", help="The neighbours the recall is measured and tuned for (recall@K).", min=1)] = 10,
+    target_recall: Annotated[float, typer.Option(metavar="R", help="Raise the search parameter (nprobe, efSearch) until recall@K on a sample of the file's own rows, against exact search, reaches R (or the parameter's ceiling).", min=0.0, max=1.0)] = 0.95,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index (and its sidecar).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Build a vector index (faiss) of the pooled vectors, for fast `similar` on large files."""
+    from vitcore.consumers.index import build_index  # faiss, h5py, numpy: not for --help
+
+    try:
+        report = build_index(str(file), str(output), kind=kind.value, max_memory=max_index_memory, k=k,
+                             target_recall=target_recall, overwrite=overwrite,
+                             progress=None if as_json else (lambda line: err.print(escape(line))))
+    except VitExtractError as error:
+        raise _fail(error, as_json)
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+    else:
+        render.index_summary(out, report)
+
+
 @app.command(cls=_Command)
 def similar(
     file: RunOutput,
     query: Annotated[str, typer.Argument(metavar="QUERY", help="A key in the file, or an image file (encoded with the file's settings).")],
     k: Annotated[int, typer.Option("-k", metavar="K", help="How many neighbours.", min=1)] = 10,
+    index: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Search through this index (vit-extract index), refused if the file changed since it was built. Default: FILE's own index beside it (out.h5 → out.faiss) when there is one that still matches, else exact search.", exists=True, dir_okay=False, show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON on stdout.")] = False,
     sheet: Annotated[Optional[Path], typer.Option(metavar="PNG", help="Also write a contact sheet of the hits to this PNG.", dir_okay=False, show_default=False)] = None,
 ) -> None:
-    """The images whose pooled vectors are closest to QUERY (cosine similarity, exact)."""
+    """The images whose pooled vectors are closest to QUERY (cosine similarity: exact, or through an index)."""
     from vitcore.consumers.search import hits_sheet, similar as find_similar  # h5py, numpy: not for --help
 
     try:
-        hits, kind = find_similar(str(file), query, k)
+        found = find_similar(str(file), query, k, index=str(index) if index else None)
+        hits, kind = found
         if sheet is not None:
             _save_png(hits_sheet(str(file), hits, query, kind), sheet)
     except VitExtractError as error:
         raise _fail(error, as_json)
-    if as_json:
+    if as_json:  # the hits as before (a list); how they were searched goes to stderr
         out.print_json(json.dumps([{"rank": h.rank, "key": h.key, "score": h.score} for h in hits]))
+        err.print(escape(found.searched.describe()))
     else:
         render.hits_table(out, hits, f"{query} (read as {'a key in the file' if kind == 'key' else 'an image file'})")
+        out.print(escape(found.searched.describe()))
 
 
 @app.command("merge", cls=_Command)

@@ -282,3 +282,21 @@ def dry_run(console: Console, r) -> None:
     for note in r.notes:
         table.add_row("note", escape(note))
     _print(console, table)
+
+
+def index_summary(console: Console, report) -> None:
+    """What `vit-extract index` built: the kind and why, its size, the tuned parameter and the measured recall."""
+    console.print(f"wrote {escape(report.output)} ({_bytes(report.index_bytes)}) and {escape(report.sidecar)}: "
+                  f"{report.kind} index of {report.rows:,} × {report.dim} ({report.dataset}) in {_duration(report.build_seconds)}")
+    console.print(f"  chosen: {escape(report.reason)}")
+    tuned = ", ".join(f"{name} {value}" for name, value in report.params.items())
+    if report.kind == "flat":
+        console.print("  search: exact (inner product of the normalised vectors)")
+    else:
+        console.print(f"  search: {escape(tuned)}; recall@{report.k} {report.recall:.3f} measured on "
+                      f"{report.queries:,} of the file's rows (target {report.target_recall})")
+        if report.recall < report.target_recall:
+            console.print("  [yellow]the target was not reached at the parameter's ceiling[/]: choose another --kind "
+                          "or a larger --max-index-memory")
+    if report.excluded:
+        console.print(f"  left out: {report.excluded:,} rows that are not finite (inf or NaN)")

@@ -408,7 +408,7 @@ def test_piped_summaries_have_no_trailing_padding(cli, photos, tmp_path):
         assert text.strip() and [line for line in text.splitlines() if line != line.rstrip()] == [], text
 
 
-@pytest.mark.parametrize("command", ["", "run", "info", "models", "init-weights", "show", "similar", "merge"])
+@pytest.mark.parametrize("command", ["", "run", "info", "models", "init-weights", "show", "similar", "index", "merge"])
 def test_help_reads_as_a_person_writes_it(cli, command):
     """No Python types in the help: flags stand alone, values are named (FILE, N, K, LIST)."""
     result = cli(*([command] if command else []), "--help")

@@ -109,7 +109,8 @@ class Searched:
     note: str = ""
 
     def describe(self) -> str:
-        shown = f"through the {self.described}" if self.method == "index" else "exact search"
+        """One line for the CLI: "searched exactly" or "searched through the hnsw index out.faiss (…)"."""
+        shown = f"searched through the {self.described}" if self.method == "index" else "searched exactly"
         return f"{shown} ({self.note})" if self.note else shown
 
 
