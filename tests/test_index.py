@@ -302,3 +302,16 @@ def test_without_faiss_one_line_names_the_extra(base, tmp_path, monkeypatch):
     found = similar(out, "img00001.png", k=2)  # the index beside it cannot be read: exact, with a note
     assert found.searched.method == "exact" and "vit-extract[index]" in found.searched.note
     assert found.hits[0].row == 1
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_duplicates_tie_and_count_as_found_in_the_measured_recall(base, tmp_path, kind):
+    """A corpus of 40 pictures each stored 25 times (one vector, 25 rows): whichever copies the
+    index returns are true neighbours, so the measured recall is the real one, not 10/25 of it."""
+    vectors = np.repeat(random_vectors(40, 32, seed=3), 25, axis=0)  # (1000, 32)
+    out = with_vectors(base, tmp_path / "dup.h5", vectors)
+    report = build_index(out, str(tmp_path / "dup.faiss"), kind=kind)
+    assert report.recall >= 0.95, report
+    found = searched_rows(out, str(tmp_path / "dup.faiss"), vectors[::25], 10)
+    for picture, rows in enumerate(found):  # every hit is a copy of the query picture
+        assert set(rows // 25) == {picture}, rows

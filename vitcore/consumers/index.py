@@ -44,6 +44,7 @@ RERANK_FACTORS = (4, 8, 16, 32, 64)  # ivfpq: candidates per wanted hit, re-scor
 TRAIN_MAX_ROWS = 100_000  # k-means training sample (ivf, ivfpq), also kept under TRAIN_MAX_BYTES
 TRAIN_MAX_BYTES = 1 << 30
 READ_BLOCK = 16384  # rows read from the file at a time: (16384, D) float32 and its normalised copy
+TIE = 1e-6  # scores this close to the k-th best tie with it (float32 rounding of equal vectors)
 SCORE_BLOCK = 8192  # rows scored against the sample queries at a time: (queries, 8192) float32
 
 
@@ -155,7 +156,7 @@ def choose(kind: str, rows: int, dim: int, max_memory: int | None) -> _Plan:
     """The kind to build (auto: by rows and the budget) and, for ivfpq, its code size; one line of why."""
     if kind not in KINDS:
         raise UsageError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
-    budget = "no memory budget" if max_memory is None else f"the budget {_shown_size(max_memory)}"
+    budget = "memory (no --max-index-memory given)" if max_memory is None else f"the budget {_shown_size(max_memory)}"
     fits = lambda size: max_memory is None or size <= max_memory  # noqa: E731
     flat, hnsw = _estimate("flat", rows, dim), _estimate("hnsw", rows, dim)
     if kind == "auto":
@@ -175,7 +176,7 @@ def choose(kind: str, rows: int, dim: int, max_memory: int | None) -> _Plan:
         choices = _pq_m_choices(dim)
         sized = [m for m in choices if fits(_estimate("ivfpq", rows, dim, m))]
         if not sized:
-            raise UsageError(f"{budget} is too small for {rows:,} rows even with 1-byte codes "
+            raise UsageError(f"{budget} is too small for {rows:,} rows even with 1-byte PQ codes "
                              f"({_shown_size(_estimate('ivfpq', rows, dim, 1))}); raise it")
         # Without a budget: 4 values a byte (16× smaller than float32), a usual trade-off.
         m = sized[0] if max_memory is not None else next((c for c in choices if c <= max(1, dim // 4)), choices[-1])
@@ -235,6 +236,14 @@ class _ExactTopK:
                 both_scores = np.take_along_axis(both_scores, keep, 1)
                 both_rows = np.take_along_axis(both_rows, keep, 1)
             self.scores, self.rows = both_scores, both_rows
+
+
+def _recall_by_score(scores: np.ndarray, kth: np.ndarray, k: int) -> float:
+    """recall@k from the exact scores of each query's k results (Q, k) and its k-th best exact score
+    (Q,): a result counts when it scores at least the k-th best. Rows that tie (duplicate pictures:
+    many rows, one vector) are then all true neighbours, whichever of them the index returns."""
+    hits = np.minimum(k, (scores >= kth[:, None] - TIE).sum(axis=1))
+    return float(hits.sum()) / (len(kth) * k)
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -352,13 +361,13 @@ def _build_flat_or_hnsw(faiss, f, dataset, plan, n, dim, k, target, sample, rng,
     # Queries and truth from the very vectors the graph links (exact search over them; positions → rows).
     storage = faiss.downcast_index(inner.storage)
     queries = storage.reconstruct_batch(_draw(rng, len(rows), sample))  # (Q, D), normalised
-    _, positions = storage.search(queries, kk)
-    truth = rows[positions]
+    best, _ = storage.search(queries, kk)
+    kth = best[:, -1]  # each query's k-th best exact score
     say(f"tuning efSearch for recall@{kk} ≥ {target} on {len(queries):,} rows of the file")
 
     def measure(ef: int) -> float:
         inner.hnsw.efSearch = ef
-        return _recall(index.search(queries, kk)[1], truth)
+        return _recall_by_score(index.search(queries, kk)[0], kth, kk)  # the graph's scores are exact
 
     ceiling = max(kk, 16, min(EF_SEARCH_MAX, len(rows)))
     ef, recall = _tune(measure, max(kk, 16), ceiling, _aim(target, len(queries), kk))
@@ -407,7 +416,10 @@ def _build_ivf(faiss, f, dataset, plan, n, dim, k, target, sample, rng, block, s
     def measure_with(factor: int):
         def measure(nprobe: int) -> float:
             index.nprobe = nprobe
-            return _recall(index.search(queries, min(factor * kk, len(rows)))[1], truth.rows)
+            scores, found = index.search(queries, min(factor * kk, len(rows)))
+            if plan.kind == "ivf":  # exact scores of the stored vectors: ties count (see _recall_by_score)
+                return _recall_by_score(scores, truth.scores.min(axis=1), kk)
+            return _recall(found, truth.rows)  # PQ scores are approximate: the true rows themselves
         return measure
 
     # ivf scores exactly: k candidates. ivfpq: more candidates (re-scored from the file) may spare
