@@ -21,7 +21,7 @@ import numpy as np
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.inputs.base import identity_of
 from vitcore.store.output import check_output
-from vitcore.store.encoding import StoredArray, creation_options, numpy_dtype, readable, same_type, write_rows
+from vitcore.store.encoding import StoredArray, creation_options, is_bfloat16_array, readable, same_type, write_rows
 from vitcore.store.reader import StoredTokens
 from vitcore.store.schema import (
     ATTRIBUTES,
@@ -40,7 +40,6 @@ from vitcore.store.schema import (
 )
 from vitcore.store.writer import BUILDING_SUFFIX
 
-BFLOAT16 = numpy_dtype("bfloat16")
 COPY_BLOCK = 256  # rows per read/write when copying tokens
 TEXT_BLOCK = 65536  # strings per read/write (paths, errors, meta/<name>)
 
@@ -221,7 +220,7 @@ def _copy_array(out: h5py.File, h5: h5py.File, shard: _Shard, array: _Array, ind
         for start in range(0, length, COPY_BLOCK):
             stop = min(start + COPY_BLOCK, length)
             block = StoredArray(h5[array.name])[start:stop]  # as stored (bfloat16 bits unconverted)
-            if block.dtype == BFLOAT16:
+            if is_bfloat16_array(block):
                 write_rows(target, start_at + start, block)
             else:
                 target[start_at + start : start_at + stop] = block

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from vitcore.errors import VitExtractError, one_line
-from vitcore.store.encoding import numpy_dtype, write_rows
+from vitcore.store.encoding import is_bfloat16_array, write_rows
 from vitcore.store.schema import (
     FAILED_DATASETS,
     PER_ROW_CHUNK,
@@ -37,7 +37,6 @@ from vitcore.store.schema import (
     row_datasets,
 )
 
-BFLOAT16 = numpy_dtype("bfloat16")
 SPACE_MARGIN = 4 << 20  # bytes kept free beyond a batch's size, for HDF5 metadata
 
 BUILDING_SUFFIX = ".creating"  # a new output (or a merge) is built under this name, then renamed
@@ -85,7 +84,7 @@ def _append(dataset: h5py.Dataset, start: int, values) -> None:
     dataset.resize(start + count, axis=0)
     if not count:
         return
-    if getattr(values, "dtype", None) == BFLOAT16:
+    if is_bfloat16_array(values):
         write_rows(dataset, start, values)  # the bits as they are: h5py cannot convert numpy's bfloat16
     else:
         dataset[start : start + count] = values
