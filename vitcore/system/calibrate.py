@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 
-CACHE_ENV = "VIT_EXTRACT_CACHE_DIR"  # overrides where the measurements are kept
+from vitcore.system.cache import cache_dir
+
 CACHE_FILE = "dtype.json"
 FLOPS = 5e7  # the product timed: about this many operations (rows × D @ D × D; rows from 64 to 4,096)
 GROUP_SECONDS = 0.01  # a timing repeats the product until it lasts about this long (small shapes are quick)
@@ -32,14 +33,6 @@ FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma", "neon"
 class DtypeChoice:
     dtype: torch.dtype
     reason: str | None  # for the summary (None: asked for by name): "float32: bf16 ran at 0.57× …"
-
-
-def cache_dir() -> str:
-    """Where the measurements live: $VIT_EXTRACT_CACHE_DIR, else $XDG_CACHE_HOME/vit-extract, else ~/.cache/vit-extract."""
-    if os.environ.get(CACHE_ENV):
-        return os.environ[CACHE_ENV]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "vit-extract")
 
 
 def machine_key() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from vitcore.system.cache import cached_digest, weights_files
 from vitcore.encoders.checkpoint_files import (
     file_digest, has_safetensors, processor_record, read_json, tensor_bytes, tensor_digest,
 )
@@ -33,7 +34,12 @@ def model_type(folder: str) -> str | None:
 
 def weights_sha256(folder: str, two_tower: bool) -> str:
     """The vision weights' identity: their tensors' names and bytes (every tensor of a vision-only
-    checkpoint), or the whole file for a pytorch_model.bin."""
+    checkpoint), or the whole file for a pytorch_model.bin; remembered while the files are unchanged."""
+    return cached_digest(f"transformers tower (two towers: {two_tower})", weights_files(folder),
+                         lambda: _weights_sha256(folder, two_tower))
+
+
+def _weights_sha256(folder: str, two_tower: bool) -> str:
     if has_safetensors(folder):
         wanted = (lambda name: name.startswith(VISION_PREFIXES)) if two_tower else (lambda name: True)
         raw = {name: data for _, name, _, data in tensor_bytes(folder, wanted)}

@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 from vitcore.encoders.checkpoint_files import processor_record, read_json, tensor_bytes, tensor_digest
+from vitcore.system.cache import cached_digest, weights_files
+
+DIGEST_KIND = "qwen-vl vision tensors"  # names (model.visual.*) and bytes, in name order
 from vitcore.errors import WeightsError
 
 # Where the vision tower's tensors live: transformers ≥ 4.52 saves them under model.visual.; older
@@ -34,7 +37,8 @@ def _vision_bytes(folder: str):
 def vision_weights_sha256(folder: str) -> str:
     """The vision weights' identity (as read_vision_tensors gives it) without making tensors: what a
     resume compares before deciding whether the tower must be built at all."""
-    return tensor_digest({name: raw for _, name, _, raw in _vision_bytes(folder)})
+    return cached_digest(DIGEST_KIND, weights_files(folder),
+                         lambda: tensor_digest({name: raw for _, name, _, raw in _vision_bytes(folder)}))
 
 
 def read_vision_tensors(folder: str) -> tuple[dict[str, object], str]:
@@ -53,7 +57,7 @@ def read_vision_tensors(folder: str) -> tuple[dict[str, object], str]:
         raw_by_name[name] = raw
         tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         tensors[_strip(name)] = tensor.reshape(entry["shape"])
-    return tensors, tensor_digest(raw_by_name)
+    return tensors, cached_digest(DIGEST_KIND, weights_files(folder), lambda: tensor_digest(raw_by_name))
 
 
 def _strip(name: str) -> str:

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from vitcore.encoders.seed.config import DEFAULT_PRESET, EncoderConfig, parse_model
 from vitcore.encoders.base import WeightsInfo
+from vitcore.system.cache import cached_digest
 from vitcore.errors import UsageError, WeightsError
 from vitcore.options import check_seed
 from vitcore.system.device import resolve_device
@@ -132,6 +133,11 @@ def _state_dict_problems(expected: dict[str, tuple], found: dict[str, tuple], li
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """The file's sha256, remembered while it is unchanged (system/cache.py)."""
+    return cached_digest("file", [os.fspath(path)], lambda: _hash_file(path))
+
+
+def _hash_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):

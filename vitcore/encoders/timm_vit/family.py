@@ -103,6 +103,7 @@ class TimmFamily:
         import torch
 
         from vitcore.encoders.checkpoint_files import file_digest
+        from vitcore.system.cache import cached_digest
 
         timm = _timm()
         name = _name(opts.model)
@@ -133,7 +134,8 @@ class TimmFamily:
                           "embedding": {"output": "forward_head(pre_logits=True)", "width": int(pooled.shape[-1])}}
         preprocessing = {"data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
                          "transforms": [repr(t) for t in transform.transforms], "decode": opts.decode or "full"}
-        weights = WeightsInfo(source="file", path=os.path.abspath(opts.weights), sha256=file_digest(opts.weights))
+        digest = cached_digest("file", [opts.weights], lambda: file_digest(opts.weights))  # remembered while unchanged
+        weights = WeightsInfo(source="file", path=os.path.abspath(opts.weights), sha256=digest)
         outputs = (ArraySpec("tokens", (tokens, dim)), *(ArraySpec(f"layers/{k}", (tokens, dim)) for k in layers))
         return RunRecord(name=f"timm:{name}", encoder_record=json.dumps(encoder_record, sort_keys=True),
                          preprocessing=json.dumps(preprocessing, sort_keys=True), weights=weights, outputs=outputs,

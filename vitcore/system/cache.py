@@ -1,0 +1,79 @@
+"""The user's cache folder, and weights digests remembered there.
+
+Hashing a checkpoint's vision tensors (a 2B-shape Qwen-VL: over a gigabyte) took 10–12 s at the
+start of every run. A digest is now kept per file identity: the files' real paths, devices, inodes,
+sizes and modification and change times (ctime: set by the kernel on every write or rename, never by
+the user). A file rewritten, replaced, moved or touched has another identity and is hashed again,
+so a resume still refuses other weights; an unchanged file is not read at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Callable, Iterable
+
+CACHE_ENV = "VIT_EXTRACT_CACHE_DIR"  # overrides where the cache is kept
+DIGESTS = "digests"  # sub-folder: one small JSON file per remembered digest
+
+
+def cache_dir() -> str:
+    """$VIT_EXTRACT_CACHE_DIR, else $XDG_CACHE_HOME/vit-extract, else ~/.cache/vit-extract."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vit-extract")
+
+
+def file_identity(path: str) -> list:
+    stat = os.stat(path)
+    return [os.path.realpath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def weights_files(path: str) -> list[str]:
+    """What a digest of ``path`` depends on: the file, or every regular file directly in the folder
+    (its shards, index and configs; a change to any of them hashes again)."""
+    if os.path.isfile(path):
+        return [path]
+    return sorted(os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+
+
+def cached_digest(kind: str, files: Iterable[str], compute: Callable[[], str]) -> str:
+    """``compute()``, remembered for these files as they are now (see the module's docstring).
+    ``kind`` names what is digested (a family's rule), so two rules over one file never mix."""
+    files = list(files)
+    try:
+        before = [file_identity(f) for f in files]
+    except OSError:
+        return compute()  # a file that cannot be stat'ed: hash (and let compute() say what is wrong)
+    key = hashlib.sha256(json.dumps([kind, *before]).encode()).hexdigest()
+    path = os.path.join(cache_dir(), DIGESTS, key + ".json")
+    try:
+        with open(path) as handle:
+            record = json.load(handle)
+        if record.get("kind") == kind and isinstance(record.get("sha256"), str):
+            return record["sha256"]
+    except (OSError, ValueError):
+        pass
+    digest = compute()
+    try:
+        unchanged = [file_identity(f) for f in files] == before  # not written while it was hashed
+    except OSError:
+        unchanged = False
+    if unchanged:
+        _remember(path, {"kind": kind, "files": [os.path.realpath(f) for f in files], "sha256": digest})
+    return digest
+
+
+def _remember(path: str, record: dict) -> None:
+    """Write the record whole or not at all (a cache that cannot be written is only slower)."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(handle, "w") as out:
+            json.dump(record, out)
+        os.replace(temporary, path)
+    except OSError:
+        pass
