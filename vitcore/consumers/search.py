@@ -76,7 +76,8 @@ def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
 
     from vitcore.imaging.loader import collate, describe_error
     from vitcore.inputs.files import Source
-    from vitcore.run.batching import BatchRunner, store_settings
+    from vitcore.run.batching import BatchRunner
+    from vitcore.run.settings import store_settings
 
     settings = f.settings
     family = registry.for_record(settings["encoder"])

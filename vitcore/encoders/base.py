@@ -1,7 +1,8 @@
 """What every encoder family provides, and what it hands the shared batching path.
 
 A family (an object in its package under vitcore/encoders/, one entry in registry.FAMILIES) has
-``name``, ``label``, ``summary``, ``compilable`` and ``feeds_language_model``, and answers:
+``name``, ``label``, ``summary``, ``compilable``, ``feeds_language_model`` and ``record_without_torch``
+(its record() imports no torch: a --resume of other settings is refused before torch loads), and answers:
 
     claims(model, weights)        does this run's --model / --weights belong to me?
     check(opts)                   refuse options I do not take (one-line UsageError)
@@ -17,7 +18,8 @@ A family (an object in its package under vitcore/encoders/, one entry in registr
     deepstack_levels(encoder)     → how many DeepStack features its language model takes (0: none)
     framed(picture, preprocessing) → an original picture framed as the encoder saw it (`show`, `similar`)
 
-Family modules import torch only inside record(), build() and rebuild(), so `--help`, `models`,
+Family modules import torch only inside record() (not at all where record_without_torch), build() and
+rebuild(), so `--help`, `models`,
 `info` and the readers stay torch-free. Callers ask a family these questions; none compares its name.
 """
 

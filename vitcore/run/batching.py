@@ -11,47 +11,19 @@ A family supplies only ``encode`` (encoders/base.py); everything here is written
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 import torch
 
-from vitcore import __version__
-from vitcore.errors import UsageError, VitExtractError
-from vitcore.system.device import dtype_name, is_out_of_memory
-from vitcore.encoders.base import BuiltEncoder, Encoded, RunRecord
+from vitcore.errors import VitExtractError
+from vitcore.system.device import is_out_of_memory
+from vitcore.encoders.base import BuiltEncoder, Encoded
 from vitcore.encoders.layers import pool_tokens
 from vitcore.imaging.loader import Batch
 from vitcore.run.transfer import HostCopier
-from vitcore.store import ArraySpec, Rows, StoreSettings
+from vitcore.store import Rows, StoreSettings
 from vitcore.store.encoding import numpy_dtype
-
-
-def store_settings(built: RunRecord, pool: str, out_dtype: str, device: torch.device, dtype: torch.dtype,
-                   shard: str = "null", meta: tuple[str, ...] = (), image_column: str | None = None,
-                   image_columns_used: tuple[str, ...] = (), compression: str = "none") -> StoreSettings:
-    """What the file records for a run of ``built`` (a RunRecord, or the BuiltEncoder made from it):
-    its records, and each output as stored (pooled outputs are one (W,) vector per image; --pool
-    model: the encoder's own embedding in place of the tokens)."""
-    if pool == "model":
-        if built.embedding_width is None:
-            why = f" ({built.no_embedding})" if built.no_embedding else ""
-            raise UsageError(f"--pool model: the {built.name} encoder has no pooled embedding of its own{why}; "
-                             "use --pool mean or max")
-        if len(built.outputs) > 1:
-            raise UsageError("--pool model stores one embedding per image, and --layer K has none of its own: "
-                             "use --pool none (or mean, max) with --layer")
-        arrays = (ArraySpec("tokens", (built.embedding_width,)),)
-    else:
-        arrays = tuple(spec if pool == "none" else ArraySpec(spec.name, (spec.width,)) for spec in built.outputs)
-    return StoreSettings(
-        encoder=built.encoder_record, weights=built.weights.to_json(), preprocessing=built.preprocessing,
-        pooling=pool, projector=built.projector, compute_dtype=dtype_name(dtype), device=str(device),
-        out_dtype=out_dtype, arrays=arrays, mean=pool == "none", grid_thw=built.grid_thw, version=__version__,
-        shard=shard, meta=tuple(meta), image_column=json.dumps(image_column),
-        image_columns_used=json.dumps(sorted(image_columns_used)), compression=compression,
-    )
 
 
 class BatchRunner:

@@ -18,6 +18,8 @@ from vitcore.inputs.discover import discover
 from vitcore.inputs.parquet import ParquetRow
 from vitcore.store.encoding import PLUGIN_FILTERS, load_plugins
 from vitcore.store.output import check_output
+from vitcore.store.resume import check_resumable, recorded_compute_dtype
+from vitcore.run.settings import store_settings
 
 
 @dataclass
@@ -50,7 +52,30 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
     output = str(output)
     check_output(output, out.resume, out.overwrite)
     found, shard = find_inputs(paths, inputs, out, stdin)
-    return CheckedRun(encoder, inputs, compute, out, family, output, found, shard)
+    checked = CheckedRun(encoder, inputs, compute, out, family, output, found, shard)
+    check_resume_settings(checked)
+    return checked
+
+
+def check_resume_settings(run: CheckedRun) -> None:
+    """--resume of a file made with other settings: refused here, before torch is imported, where
+    the family records a run without torch (run() compares again, with the device known). The
+    device only decides what --dtype auto and --decode gpu become: a resume with --dtype auto keeps
+    the file's compute dtype, and --decode gpu waits for the device."""
+    out, compute = run.output_options, run.compute
+    if not (out.resume and os.path.isfile(run.output)) or not run.family.record_without_torch:
+        return
+    if run.encoder.decode == "gpu":
+        return
+    dtype = recorded_compute_dtype(run.output) if compute.dtype == "auto" else compute.dtype
+    if dtype is None:
+        return  # not a file of ours: run() says why
+    record = run.family.record(run.encoder, "cpu")
+    containers = run.inputs.containers
+    settings = store_settings(record, out.pool, out.out_dtype, "cpu", dtype,
+                              run.shard.to_json() if run.shard is not None else "null", containers.meta_names,
+                              containers.image_column, run.found.image_columns, out.compression)
+    check_resumable(run.output, settings)
 
 
 def choose_family(encoder: EncoderOptions, compute: ComputeOptions):

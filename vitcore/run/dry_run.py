@@ -22,7 +22,8 @@ from PIL import Image
 from vitcore.errors import VitExtractError
 from vitcore.imaging.loader import ImageDataset, collate
 from vitcore.inputs.base import Discovery
-from vitcore.run.batching import BatchRunner, store_settings
+from vitcore.run.batching import BatchRunner
+from vitcore.run.settings import store_settings
 from vitcore.run.checks import CheckedRun, check_run
 from vitcore.run.notes import counted_notes
 from vitcore.run.pipeline import choose_batching, plan_resume

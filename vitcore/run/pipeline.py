@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vitcore.run.batching import BatchRunner, store_settings
+from vitcore.run.batching import BatchRunner
+from vitcore.run.settings import store_settings
 from vitcore.system.host_memory import HeapWatch
 from vitcore.system.device import choose_dtype, dtype_name, resolve_device
 from vitcore.errors import Interrupted, VitExtractError, one_line

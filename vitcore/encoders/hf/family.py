@@ -46,6 +46,7 @@ class Tower:
 class TransformersTowerFamily:
     compilable = False
     feeds_language_model = False  # tokens for retrieval and probing; a VLM's projector is not part of these towers
+    record_without_torch = False  # transformers' config classes read the checkpoint
 
     def __init__(self, name: str, label: str, towers: dict[str, Tower], naflex: bool = False):
         self.name, self.label, self.towers, self.naflex = name, label, towers, naflex

@@ -63,6 +63,7 @@ def pack_groups(packed: list, limit: int | None) -> list[list]:
 class QwenVLFamily:
     compilable = False  # image sizes vary batch to batch
     feeds_language_model = True  # encoder_outputs gives its tokens to transformers' language model
+    record_without_torch = True  # the checkpoint's JSON files and its vision tensors' hash: no tensors
 
     def __init__(self, name: str, label: str, model_types: tuple[str, ...], config, load,
                  features: tuple[str, ...]):

@@ -10,12 +10,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from vitcore.encoders import pixels as shared
 from vitcore.encoders.pixels import DEFAULT_BACKEND, interpolation_name
 from vitcore.imaging.decode import decode_rgb
+
+if TYPE_CHECKING:  # the settings and the workers' side need no torch (a run's settings are checked before it)
+    import torch
 
 
 

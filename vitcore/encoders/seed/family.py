@@ -25,6 +25,7 @@ class SeedFamily:
     label = "seed"
     compilable = True  # fixed-shape batches: torch.compile specialises on the batch size
     feeds_language_model = False  # its tokens go to a language model through place_image_tokens, by hand
+    record_without_torch = True  # the config and the weights file's metadata and hash: no tensors
 
     def claims(self, model, weights) -> bool:
         """Presets, custom specs and configs, untrained or with a weights file (not a folder)."""
@@ -47,14 +48,15 @@ class SeedFamily:
     def record(self, opts, device):
         """The config from --model / --weights (a weights file is read for its config and hashed,
         not loaded), the layers asked for, and the decode this device will really do."""
-        from vitcore.encoders.seed import gpu_decode  # torch: only once a run is under way
-        from vitcore.encoders.seed.weights import resolve_config, weights_info
+        from vitcore.encoders.seed.weights_file import resolve_config, weights_info  # torch-free
 
         cfg = resolve_config(opts.model, opts.weights, opts.project_dim)
         layers = distinct_layers(opts.layers, cfg.depth)
         prep = PreprocessConfig(image_size=cfg.image_size, resize=opts.resize, decode=opts.decode or "draft")
         notes = []
         if prep.decode == "gpu":
+            from vitcore.encoders.seed import gpu_decode  # torch: only where JPEGs may go to the GPU
+
             reason = gpu_decode.unavailable_reason(device)
             if reason is not None:  # the file records the decode actually used
                 notes.append(f"--decode gpu {reason}: JPEGs were decoded on the CPU (draft) instead")

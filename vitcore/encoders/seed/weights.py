@@ -6,25 +6,25 @@ A weights file carries its architecture in the safetensors metadata (key
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
-from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from vitcore.encoders.seed.config import DEFAULT_PRESET, EncoderConfig, parse_model
+from vitcore.encoders.seed.config import EncoderConfig
 from vitcore.encoders.base import WeightsInfo
-from vitcore.system.cache import cached_digest
-from vitcore.errors import UsageError, WeightsError
+from vitcore.encoders.seed.weights_file import (
+    CONFIG_METADATA_KEY, UNTRAINED_METADATA_KEY, file_sha256, read_weights_config, resolve_config, weights_info,
+)
+from vitcore.errors import WeightsError
 from vitcore.options import check_seed
 from vitcore.system.device import resolve_device
 from vitcore.encoders.seed.model import VisionEncoder
 
-CONFIG_METADATA_KEY = "vit_extract.config"
-UNTRAINED_METADATA_KEY = "vit_extract.untrained_seed"  # present only in files of a random initialisation
+__all__ = ["CONFIG_METADATA_KEY", "UNTRAINED_METADATA_KEY", "build_encoder", "encoder_for", "file_sha256",
+           "init_weights", "load_weights", "read_weights_config", "resolve_config", "save_weights",
+           "seeded_encoder", "weights_info"]
 INIT_STD = 0.02  # normal, clipped at ±2 std, for every Linear and the patch Conv2d
 
 
@@ -71,30 +71,6 @@ def save_weights(model: VisionEncoder, path: str | os.PathLike, *, untrained_see
     os.chmod(path, 0o666 & ~umask)  # as any file the user writes (safetensors makes it 0600)
 
 
-def _metadata(path: str | os.PathLike) -> dict[str, str]:
-    """A weights file's metadata (read once per file version: a run asks for its config and its marks)."""
-    try:
-        stat = os.stat(path)
-    except OSError as err:
-        raise WeightsError(f"cannot read weights file {path}: {err}") from None
-    return dict(_metadata_of(os.fspath(path), stat.st_size, stat.st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=8)
-def _metadata_of(path: str, size: int, mtime: int) -> tuple:
-    try:
-        with safe_open(path, framework="pt") as handle:
-            return tuple((handle.metadata() or {}).items())
-    except (SafetensorError, OSError) as err:
-        raise WeightsError(f"cannot read weights file {path}: {err}") from None
-
-
-def read_weights_config(path: str | os.PathLike) -> EncoderConfig | None:
-    """The architecture stored in a weights file, or None when it has none."""
-    text = _metadata(path).get(CONFIG_METADATA_KEY)
-    return EncoderConfig.from_json(text) if text else None
-
-
 def load_weights(model: VisionEncoder, path: str | os.PathLike) -> None:
     """Strict load: every missing, unexpected or mis-shaped tensor is named in the error."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -130,64 +106,6 @@ def _state_dict_problems(expected: dict[str, tuple], found: dict[str, tuple], li
     if misshaped:
         parts.append(listing("wrong shape:", misshaped))
     return "; ".join(parts)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The file's sha256, remembered while it is unchanged (system/cache.py)."""
-    return cached_digest("file", [os.fspath(path)], lambda: _hash_file(path))
-
-
-def _hash_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def resolve_config(
-    model: str | EncoderConfig | None, weights: str | os.PathLike | None, project_dim: int | None
-) -> EncoderConfig:
-    """The encoder to build from --model, --weights and --project-dim, refusing contradictions."""
-
-    asked = parse_model(model) if isinstance(model, str) else model
-    stored = None
-    if weights is not None:
-        if Path(weights).is_dir():
-            raise UsageError(f"--weights {weights} is a folder; the seed encoders read a .safetensors file")
-        if not Path(weights).is_file():
-            raise WeightsError(f"weights file {weights} does not exist")
-        stored = read_weights_config(weights)
-    if stored is not None:
-        if asked is not None and _architecture(asked) != _architecture(stored):
-            raise UsageError(
-                f"--model {asked.name} does not match the encoder stored in {weights} "
-                f"({stored.name}: dim {stored.dim}, depth {stored.depth}, heads {stored.heads}); "
-                "drop --model to use the file's"
-            )
-        if project_dim is not None and project_dim != stored.project_dim:
-            raise UsageError(
-                f"--project-dim {project_dim} does not match {weights}, whose projector is "
-                f"{stored.project_dim or 'absent'}; drop --project-dim"
-            )
-        return stored
-    cfg = asked or parse_model(DEFAULT_PRESET)
-    return cfg.with_projector(project_dim if project_dim is not None else cfg.project_dim)
-
-
-def _architecture(cfg: EncoderConfig) -> tuple:
-    return (cfg.dim, cfg.depth, cfg.heads, cfg.patch, cfg.image_size, cfg.mlp_ratio)
-
-
-def weights_info(weights: str | os.PathLike | None, seed: int = 0) -> WeightsInfo:
-    """What the file records of the weights: the seed, or the weights file's path and content hash."""
-    if weights is None:
-        return WeightsInfo(source="untrained", seed=seed)
-    untrained_seed = _metadata(weights).get(UNTRAINED_METADATA_KEY)
-    if untrained_seed is not None:  # written by init-weights: a random initialisation, still
-        return WeightsInfo(source="untrained file", seed=int(untrained_seed), path=str(Path(weights).resolve()),
-                           sha256=file_sha256(weights))
-    return WeightsInfo(source="file", path=str(Path(weights).resolve()), sha256=file_sha256(weights))
 
 
 def encoder_for(cfg: EncoderConfig, weights: str | os.PathLike | None, seed: int = 0,

@@ -72,6 +72,7 @@ class TimmFamily:
                f"(.safetensors, .pth or .bin; needs {EXTRA}); timm's own eval preprocessing")
     compilable = False
     feeds_language_model = False
+    record_without_torch = False  # timm makes the model on the meta device for its shapes
 
     def claims(self, model, weights) -> bool:
         return _name(model) is not None
