@@ -128,19 +128,26 @@ def tensor_bytes(folder: str, wanted: Callable[[str], bool]) -> Iterator[tuple[s
         refuse_broken_link(path)
         if not os.path.isfile(path):
             raise WeightsError(f"{path} is missing: {INDEX} names it (download it again)")
-        with open(path, "rb") as handle:
-            entries, base = header(handle, path)
-            listed = names if names is not None else [n for n in entries if n != "__metadata__" and wanted(n)]
-            for name in listed:
-                entry = entries.get(name)
-                if entry is None:
-                    raise WeightsError(f"{path} lacks tensor {name}, which {INDEX} puts there")
-                start, stop = entry["data_offsets"]
-                handle.seek(base + start)
-                raw = bytearray(stop - start)  # a tensor made from it shares it: read once, no copies
-                if handle.readinto(raw) != len(raw):
-                    raise WeightsError(f"{path} is truncated: tensor {name} ends past the end of the file")
-                yield path, name, entry, raw
+        yield from file_tensor_bytes(path, wanted, names)
+
+
+def file_tensor_bytes(path: str, wanted: Callable[[str], bool],
+                      names: list[str] | None = None) -> Iterator[tuple[str, str, dict, bytearray]]:
+    """tensor_bytes of one safetensors file: ``names`` (an index's list), or every wanted tensor it
+    holds. Plain reads, not a memory map: only the tensor being handed out is in memory."""
+    with open(path, "rb") as handle:
+        entries, base = header(handle, path)
+        listed = names if names is not None else [n for n in entries if n != "__metadata__" and wanted(n)]
+        for name in listed:
+            entry = entries.get(name)
+            if entry is None:
+                raise WeightsError(f"{path} lacks tensor {name}, which {INDEX} puts there")
+            start, stop = entry["data_offsets"]
+            handle.seek(base + start)
+            raw = bytearray(stop - start)  # a tensor made from it shares it: read once, no copies
+            if handle.readinto(raw) != len(raw):
+                raise WeightsError(f"{path} is truncated: tensor {name} ends past the end of the file")
+            yield path, name, entry, raw
 
 
 def tensor_digest(raw_by_name: dict) -> str:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vitcore.encoders.seed.config import EncoderConfig
 from vitcore.encoders.base import WeightsInfo
+from vitcore.encoders.checkpoint_files import file_tensor_bytes, header
 from vitcore.encoders.seed.weights_file import (
     CONFIG_METADATA_KEY, UNTRAINED_METADATA_KEY, file_sha256, read_weights_config, resolve_config, weights_info,
 )
@@ -25,14 +25,17 @@ from vitcore.encoders.seed.model import VisionEncoder
 __all__ = ["CONFIG_METADATA_KEY", "UNTRAINED_METADATA_KEY", "build_encoder", "encoder_for", "file_sha256",
            "init_weights", "load_weights", "read_weights_config", "resolve_config", "save_weights",
            "seeded_encoder", "weights_info"]
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 INIT_STD = 0.02  # normal, clipped at ±2 std, for every Linear and the patch Conv2d
 
 
-def _empty_encoder(cfg: EncoderConfig) -> VisionEncoder:
-    # Build on the meta device: no time spent on PyTorch's default init that we overwrite anyway.
+def _empty_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> VisionEncoder:
+    """Built on the meta device (no time spent on PyTorch's default init that we overwrite anyway),
+    then given memory on ``device`` in ``dtype`` directly: a bfloat16 run never holds a float32 copy."""
     with torch.device("meta"):
-        model = VisionEncoder(cfg)
-    return model.to_empty(device="cpu")
+        model = VisionEncoder(cfg).to(dtype=dtype)
+    return model.to_empty(device=device)
 
 
 def init_weights(model: VisionEncoder, seed: int) -> VisionEncoder:
@@ -49,13 +52,20 @@ def init_weights(model: VisionEncoder, seed: int) -> VisionEncoder:
             elif name.endswith("bias"):
                 param.zero_()
             else:
+                # Drawn in float32 on the CPU whatever the parameter's dtype and device (the same
+                # numbers everywhere; another dtype gets them rounded), one tensor at a time.
                 # normal_ + clamp_ rather than trunc_normal_: 8× faster on a 300M-parameter model
-                param.normal_(0.0, INIT_STD, generator=generator).clamp_(-2 * INIT_STD, 2 * INIT_STD)
+                in_place = param.dtype == torch.float32 and param.device.type == "cpu"
+                drawn = param if in_place else torch.empty(param.shape, dtype=torch.float32)
+                drawn.normal_(0.0, INIT_STD, generator=generator).clamp_(-2 * INIT_STD, 2 * INIT_STD)
+                if not in_place:
+                    param.copy_(drawn)
     return model
 
 
-def seeded_encoder(cfg: EncoderConfig, seed: int = 0) -> VisionEncoder:
-    return init_weights(_empty_encoder(cfg.validate()), seed).eval()
+def seeded_encoder(cfg: EncoderConfig, seed: int = 0, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> VisionEncoder:
+    return init_weights(_empty_encoder(cfg.validate(), device, dtype), seed).eval()
 
 
 def save_weights(model: VisionEncoder, path: str | os.PathLike, *, untrained_seed: int | None = None) -> None:
@@ -72,18 +82,30 @@ def save_weights(model: VisionEncoder, path: str | os.PathLike, *, untrained_see
 
 
 def load_weights(model: VisionEncoder, path: str | os.PathLike) -> None:
-    """Strict load: every missing, unexpected or mis-shaped tensor is named in the error."""
+    """Strict load: every missing, unexpected or mis-shaped tensor is named in the error. Tensor by
+    tensor, each read (no memory map) and cast into the model's own dtype and device, so the file is
+    never held whole beside the model (a float32 file for a bfloat16 run peaks at the bfloat16 model)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    path = os.fspath(path)
     try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            found = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-            problems = _state_dict_problems(expected, found)
-            if problems:
-                raise WeightsError(f"weights file {path} does not fit the encoder: {problems}")
-            state = {k: handle.get_tensor(k) for k in found}
-    except (SafetensorError, OSError) as err:
+        with open(path, "rb") as handle:
+            entries = {k: v for k, v in header(handle, path)[0].items() if k != "__metadata__"}
+    except OSError as err:
         raise WeightsError(f"cannot read weights file {path}: {err}") from None
-    model.load_state_dict(state, strict=True)
+    problems = _state_dict_problems(expected, {k: tuple(v["shape"]) for k, v in entries.items()})
+    if problems:
+        raise WeightsError(f"weights file {path} does not fit the encoder: {problems}")
+    params = model.state_dict()  # the model's tensors themselves (shared storage)
+    try:
+        with torch.no_grad():
+            for _, name, entry, raw in file_tensor_bytes(path, lambda _: True):
+                dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise WeightsError(f"weights file {path}: tensor {name} has unsupported dtype {entry['dtype']}")
+                values = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+                params[name].copy_(values.reshape(entry["shape"]))
+    except OSError as err:
+        raise WeightsError(f"cannot read weights file {path}: {err}") from None
 
 
 def _state_dict_problems(expected: dict[str, tuple], found: dict[str, tuple], limit: int = 6) -> str:
@@ -112,11 +134,11 @@ def encoder_for(cfg: EncoderConfig, weights: str | os.PathLike | None, seed: int
                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VisionEncoder:
     """An eval-mode encoder of ``cfg`` (resolve_config) on ``device``: seeded, or loaded strictly."""
     if weights is None:
-        encoder = seeded_encoder(cfg, seed)
+        encoder = seeded_encoder(cfg, seed, device, dtype)
     else:
-        encoder = _empty_encoder(cfg)
+        encoder = _empty_encoder(cfg, device, dtype)
         load_weights(encoder, weights)
-    return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return encoder.eval().requires_grad_(False)
 
 
 def build_encoder(
