@@ -40,6 +40,21 @@ def weights_files(path: str) -> list[str]:
     return sorted(os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
 
 
+def known_digest(kind: str, files: Iterable[str]) -> str | None:
+    """The digest remembered for these files as they are now, or None (then they must be hashed)."""
+    try:
+        key = _key(kind, [file_identity(f) for f in files])
+        with open(os.path.join(cache_dir(), DIGESTS, key + ".json")) as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return record["sha256"] if record.get("kind") == kind and isinstance(record.get("sha256"), str) else None
+
+
+def _key(kind: str, identities: list) -> str:
+    return hashlib.sha256(json.dumps([kind, *identities]).encode()).hexdigest()
+
+
 def cached_digest(kind: str, files: Iterable[str], compute: Callable[[], str]) -> str:
     """``compute()``, remembered for these files as they are now (see the module's docstring).
     ``kind`` names what is digested (a family's rule), so two rules over one file never mix."""
@@ -48,15 +63,10 @@ def cached_digest(kind: str, files: Iterable[str], compute: Callable[[], str]) -
         before = [file_identity(f) for f in files]
     except OSError:
         return compute()  # a file that cannot be stat'ed: hash (and let compute() say what is wrong)
-    key = hashlib.sha256(json.dumps([kind, *before]).encode()).hexdigest()
-    path = os.path.join(cache_dir(), DIGESTS, key + ".json")
-    try:
-        with open(path) as handle:
-            record = json.load(handle)
-        if record.get("kind") == kind and isinstance(record.get("sha256"), str):
-            return record["sha256"]
-    except (OSError, ValueError):
-        pass
+    known = known_digest(kind, files)
+    if known is not None:
+        return known
+    path = os.path.join(cache_dir(), DIGESTS, _key(kind, before) + ".json")
     digest = compute()
     try:
         unchanged = [file_identity(f) for f in files] == before  # not written while it was hashed

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from vitcore.encoders.checkpoint_files import processor_record, read_json, tensor_bytes, tensor_digest
-from vitcore.system.cache import cached_digest, weights_files
+from vitcore.system.cache import cached_digest, known_digest, weights_files
 
 DIGEST_KIND = "qwen-vl vision tensors"  # names (model.visual.*) and bytes, in name order
 from vitcore.errors import WeightsError
@@ -41,23 +41,32 @@ def vision_weights_sha256(folder: str) -> str:
                          lambda: tensor_digest({name: raw for _, name, _, raw in _vision_bytes(folder)}))
 
 
-def read_vision_tensors(folder: str) -> tuple[dict[str, object], str]:
-    """The vision tower's tensors (names without their prefix) and their identity (vision_weights_sha256):
-    the language model's tensors are never read nor hashed. Names are hashed as model.visual.*, so the
-    same weights saved under either prefix have the same identity."""
+def read_vision_tensors(folder: str, dtype=None) -> tuple[dict[str, object], str]:
+    """The vision tower's tensors (names without their prefix), in ``dtype`` when given, and their
+    identity (vision_weights_sha256): the language model's tensors are never read nor hashed. Names
+    are hashed as model.visual.*, so the same weights saved under either prefix have the same
+    identity. Each tensor is cast as it is read, and its file bytes are kept only while the weights
+    must be hashed (their digest is not remembered yet): a float32 checkpoint for a bfloat16 run
+    never sits whole in memory beside the bfloat16 tower."""
     import torch  # torch: a record hashes the bytes without it; only loading makes tensors
 
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    files = weights_files(folder)
+    known = known_digest(DIGEST_KIND, files)
     tensors: dict[str, torch.Tensor] = {}
     raw_by_name: dict[str, bytearray] = {}  # hashed below, before anything can change the tensors
     for path, name, entry, raw in _vision_bytes(folder):
-        dtype = dtypes.get(entry["dtype"])
-        if dtype is None:
+        stored = dtypes.get(entry["dtype"])
+        if stored is None:
             raise WeightsError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        raw_by_name[name] = raw
-        tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-        tensors[_strip(name)] = tensor.reshape(entry["shape"])
-    return tensors, cached_digest(DIGEST_KIND, weights_files(folder), lambda: tensor_digest(raw_by_name))
+        if known is None:
+            raw_by_name[name] = raw
+        tensor = torch.frombuffer(raw, dtype=stored) if raw else torch.empty(0, dtype=stored)
+        tensor = tensor.reshape(entry["shape"])
+        if dtype is not None and dtype != stored:
+            tensor = tensor.to(dtype)  # a copy: the file's bytes can go (unless they are being hashed)
+        tensors[_strip(name)] = tensor
+    return tensors, known or cached_digest(DIGEST_KIND, files, lambda: tensor_digest(raw_by_name))
 
 
 def _strip(name: str) -> str:
@@ -103,7 +112,7 @@ def load_tower(folder: str, parse, tower, label: str, device="cpu", dtype=None):
     cfg, settings = read_tower_config(folder, parse, label)
     with torch.device("meta"):
         model = tower(cfg)
-    state, digest = read_vision_tensors(folder)
+    state, digest = read_vision_tensors(folder, dtype or torch.float32)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     misshaped = [n for n in sorted(set(expected) & set(state)) if tuple(state[n].shape) != expected[n]]
