@@ -168,7 +168,7 @@ def run(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder: faster batches after a one-off compilation (its time is in the summary); worth it for large runs.", rich_help_panel=COMPUTE)] = False,
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The HDF5 file to write.", dir_okay=False, rich_help_panel=OUTPUT)] = Path("tokens.h5"),
     out_dtype: Annotated[OutDtype, typer.Option(metavar="DTYPE", help="Stored dtype: float16, bfloat16 or float32. float16: half the size of float32, exact to ~3 digits (overflows above 65504); bfloat16: the same size with float32's range, ~2 digits (h5py reads it as float32; vit-extract's readers as ml_dtypes.bfloat16).", rich_help_panel=OUTPUT)] = OutDtype.float16,
-    compression: Annotated[Compression, typer.Option(metavar="CODEC", help="none, gzip, lz4 or zstd: compress the stored tokens (after HDF5's byte shuffle). gzip: built into HDF5, every reader has it; lz4 (fast) and zstd (smaller) need hdf5plugin to write and to read (pip install 'vit-extract[compression]'; `import hdf5plugin` before h5py reads the file).", rich_help_panel=OUTPUT)] = Compression.none,
+    compression: Annotated[Compression, typer.Option(metavar="CODEC", help="none, gzip, lz4 or zstd: compress the stored tokens (after HDF5's byte shuffle). gzip: built into HDF5, every reader has it; lz4 (fast) and zstd (smaller) need hdf5plugin to write and to read (pip install 'vit-extract\\[compression]'; `import hdf5plugin` before h5py reads the file).", rich_help_panel=OUTPUT)] = Compression.none,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run into the same file.", rich_help_panel=OUTPUT)] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the images the file records as failed again (those that fail again are recorded again).", rich_help_panel=OUTPUT)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.", rich_help_panel=OUTPUT)] = False,
@@ -374,7 +374,7 @@ def show(
         _save_png(image, output)
     except VitExtractError as error:
         raise _fail(error)
-    out.print(f"wrote {output}: {len(chosen)} images, {image.width}×{image.height} px")
+    out.print(f"wrote {output}: {len(chosen)} image{'s' * (len(chosen) != 1)}, {image.width}×{image.height} px")
 
 
 # The kinds of vitcore.consumers.index.KINDS (named here: importing it would load h5py and numpy for --help).
@@ -398,7 +398,7 @@ def index_command(
     kind: Annotated[IndexKind, typer.Option(help="flat: exact; hnsw: a graph over the vectors; ivf: inverted lists of the vectors; ivfpq: inverted lists of compressed (product-quantised) codes. auto: flat up to 100,000 rows, else hnsw, ivf or ivfpq, whichever fits --max-index-memory.")] = IndexKind.auto,
     max_index_memory: Annotated[Optional[str], typer.Option(metavar="SIZE", help="The most memory the index may take, e.g. 2GB or 512MiB: auto chooses the kind by it, and sizes ivfpq's codes to it. Default: no limit.", parser=_size, show_default=False)] = None,
     k: Annotated[int, typer.Option("-k", metavar="K", help="The neighbours the recall is measured and tuned for (recall@K).", min=1)] = 10,
-    target_recall: Annotated[float, typer.Option(metavar="R", help="Raise the search parameter (nprobe, efSearch) until recall@K on a sample of the file's own rows, against exact search, reaches R (or the parameter's ceiling).", min=0.0, max=1.0)] = 0.95,
+    target_recall: Annotated[float, typer.Option(metavar="R", help="Raise the search parameter (nprobe, efSearch) until recall@K on a sample of the file's own rows, against exact search, reaches R (or the parameter's ceiling).", min=0.01, max=1.0)] = 0.95,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index (and its sidecar).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:

@@ -275,7 +275,9 @@ def dry_run(console: Console, r) -> None:
     table.add_row("bytes/image", _bytes(r.bytes_per_image))
     table.add_row("output size", f"{_bytes(r.projected_bytes)} projected")
     if r.calibration_images:
-        table.add_row("calibration", f"{r.calibration_images} images: decode {r.decode_seconds_per_image * 1000:.0f} ms/image "
+        failed = (f"; {r.calibration_failures} more could not be decoded (a run records them as failures)"
+                  if r.calibration_failures else "")
+        table.add_row("calibration", f"{r.calibration_images} images{failed}: decode {r.decode_seconds_per_image * 1000:.0f} ms/image "
                       f"(one worker), encode {r.encode_seconds_per_image * 1000:.0f} ms/image "
                       f"(batch size {r.batch_size}, {r.workers} decoding worker{'s' * (r.workers != 1)})")
         table.add_row("time", f"about {_duration(r.estimated_seconds)} on this machine")
@@ -296,7 +298,9 @@ def index_summary(console: Console, report) -> None:
         console.print(f"  search: {escape(tuned)}; recall@{report.k} {report.recall:.3f} measured on "
                       f"{report.queries:,} of the file's rows (target {report.target_recall})")
         if report.recall < report.target_recall:
-            console.print("  [yellow]the target was not reached at the parameter's ceiling[/]: choose another --kind "
-                          "or a larger --max-index-memory")
+            advice = "--kind ivf or flat" if report.kind == "hnsw" else "--kind flat, or a larger --max-index-memory"
+            console.print("  [yellow]the target was not reached at the parameter's ceiling[/]"
+                          + (" (many identical vectors, such as duplicate pictures, break HNSW graphs)"
+                             if report.kind == "hnsw" else "") + f": choose {advice}")
     if report.excluded:
         console.print(f"  left out: {report.excluded:,} rows that are not finite (inf or NaN)")

@@ -97,3 +97,23 @@ def test_the_cli_dry_run_refuses_what_a_run_refuses_and_says_the_plan(cli, photo
     refused = cli("run", photos, "-o", out, "--model", TINY, "--dry-run")
     assert refused.exit_code != 0 and "--overwrite" in refused.output
     assert cli("run", tmp_path / "nothing-here", "-o", tmp_path / "x.h5", "--dry-run").exit_code != 0
+
+
+def test_it_calibrates_past_inputs_that_do_not_decode(tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"0{i}.jpg").write_bytes(b"")  # the first eight in order: empty files
+    for picture in sorted(SAMPLES.glob("*.jpg"))[:3]:
+        shutil.copy(picture, folder / picture.name)
+    out = tmp_path / "out.h5"
+    planned = dry_run([folder], out, FAST)
+    real = vitcore.extract([folder], out, FAST)
+    assert planned.to_read == real.rows + len(real.failures) == 11
+    assert planned.calibration_images == 3 and planned.calibration_failures == 8
+    assert _within(planned.projected_bytes, out.stat().st_size), (planned.projected_bytes, out.stat().st_size)
+
+
+def test_bytes_per_image_when_the_calibration_holds_every_input(photos, tmp_path):
+    planned = dry_run([photos], tmp_path / "out.h5", FAST)  # 8 inputs: all in the calibration batch
+    assert planned.calibration_images == 8 and planned.bytes_per_image > 16 * 32 * 2

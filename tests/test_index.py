@@ -315,3 +315,38 @@ def test_duplicates_tie_and_count_as_found_in_the_measured_recall(base, tmp_path
     found = searched_rows(out, str(tmp_path / "dup.faiss"), vectors[::25], 10)
     for picture, rows in enumerate(found):  # every hit is a copy of the query picture
         assert set(rows // 25) == {picture}, rows
+
+
+def test_ivfpq_on_a_single_finite_row_is_refused_in_one_line(base, tmp_path):
+    vectors = random_vectors(5, 16)
+    vectors[1:] = np.nan  # one row left to train on
+    out = with_vectors(base, tmp_path / "one.h5", vectors)
+    with pytest.raises(VitExtractError, match="--kind flat") as refused:
+        build_index(out, str(tmp_path / "one.faiss"), kind="ivfpq")
+    assert "\n" not in str(refused.value) and not (tmp_path / "one.faiss").exists()
+    assert build_index(out, str(tmp_path / "flat.faiss"), kind="flat").rows == 1
+
+
+def test_the_index_of_another_file_is_named_as_such_and_never_to_be_overwritten(base, tmp_path):
+    mine = with_vectors(base, tmp_path / "mine.h5", random_vectors(20, 16, seed=1))
+    theirs = with_vectors(base, tmp_path / "theirs.h5", random_vectors(20, 16, seed=2))
+    build_index(theirs, str(tmp_path / "theirs.faiss"))
+    with pytest.raises(IndexMismatch, match="another file") as refused:
+        similar(mine, "img00000.png", 3, index=str(tmp_path / "theirs.faiss"))
+    assert "--overwrite" not in str(refused.value) and "theirs.h5" in str(refused.value)
+
+
+def test_similar_leaves_non_finite_rows_out_with_or_without_an_index(base, tmp_path, cli):
+    vectors = random_vectors(12, 16, seed=4)
+    vectors[3] = np.nan
+    vectors[7, 0] = np.inf
+    out = with_vectors(base, tmp_path / "nan.h5", vectors)
+    exact, _ = similar(out, "img00000.png", 12, index=False)
+    assert len(exact) == 10 and {h.row for h in exact}.isdisjoint({3, 7})
+    assert all(-1.0 <= h.score <= 1.0 for h in exact) and exact[0].score == 1.0
+    build_index(out, str(tmp_path / "nan.faiss"))
+    indexed, _ = similar(out, "img00000.png", 12, index=str(tmp_path / "nan.faiss"))
+    assert [h.row for h in indexed] == [h.row for h in exact]
+    shown = cli("similar", out, "img00000.png", "-k", "12", "--json", "--index", tmp_path / "nan.faiss")
+    assert shown.exit_code == 0 and "Infinity" not in shown.stdout and "NaN" not in shown.stdout
+    assert len(json.loads(shown.stdout)) == 10

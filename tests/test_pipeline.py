@@ -101,7 +101,7 @@ def test_resume_refuses_different_settings_and_names_the_difference(photos, tmp_
     out = tmp_path / "out.h5"
     vitcore.extract([photos], out, EXACT)
     for change, words in [({"pool": "mean"}, "pooling"), ({"seed": 1}, "weights"),
-                          ({"resize": "crop"}, "preprocessing"), ({"out_dtype": "float16"}, "output dtype"),
+                          ({"resize": "crop"}, "preprocessing"), ({"out_dtype": "float16"}, "--out-dtype"),
                           ({"layers": (-2,)}, "--layer")]:
         with pytest.raises(ResumeMismatchError, match=words):
             vitcore.extract([photos], out, EXACT, resume=True, **change)

@@ -53,7 +53,7 @@ def test_refusals_come_before_torch_in_one_line(files):
         (["run", pictures, "-o", folder / "x.h5", "--batch-size", "0"], "batch-size"),
         (["run", folder / "missing", "-o", folder / "x.h5"], "does not exist"),
         (["run", pictures, "-o", seed_file, "--model", TINY], "--overwrite"),  # exists, no --resume
-        (["run", pictures, "-o", seed_file, "--model", TINY, "--resume", "--out-dtype", "float32"], "output dtype"),
+        (["run", pictures, "-o", seed_file, "--model", TINY, "--resume", "--out-dtype", "float32"], "--out-dtype"),
         (["run", pictures, "-o", seed_file, "--model", "small", "--resume"], "encoder"),
         (["run", pictures, "-o", seed_file, "--model", TINY, "--resume", "--dtype", "bfloat16"], "compute dtype"),
         (["run", pictures, "-o", qwen_file, "--weights", qwen, "--resume", "--pool", "mean"], "pooling"),

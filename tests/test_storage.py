@@ -153,7 +153,7 @@ def test_info_names_the_dtype_and_the_compression(cli, photos, tmp_path):
 def test_missing_hdf5plugin_is_one_line_for_writing_and_for_reading(photos, tmp_path):
     out = tmp_path / "z.h5"
     vitcore.extract([photos], out, REFERENCE, compression="lz4")
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import sys
         sys.modules["hdf5plugin"] = None  # as if it were not installed
         from vitcore.cli.main import main
@@ -165,7 +165,10 @@ def test_missing_hdf5plugin_is_one_line_for_writing_and_for_reading(photos, tmp_
     assert write.returncode == 2, write.stderr
     assert write.stderr.strip().count("\n") == 0 and "pip install 'vit-extract[compression]'" in write.stderr
     assert not (tmp_path / "new.h5").exists()
-    read = subprocess.run([sys.executable, "-c", script, "info", str(out)], capture_output=True, text=True)
+    info = subprocess.run([sys.executable, "-c", script, "info", str(out)], capture_output=True, text=True)
+    assert info.returncode == 0 and "lz4-compressed" in info.stdout  # the layout and settings need no filter
+    read = subprocess.run([sys.executable, "-c", script, "similar", str(out), "coffee.jpg"], capture_output=True,
+                          text=True)
     assert read.returncode != 0
     assert read.stderr.strip().count("\n") == 0 and "compressed with lz4" in read.stderr
     assert "vit-extract[compression]" in read.stderr

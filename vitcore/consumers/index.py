@@ -318,11 +318,23 @@ def build_index(path: str, output: str, kind: str = "auto", max_memory: int | No
         identity = {"run_id": str(f.h5.attrs.get("run_id", "")), "committed": n}
     report = IndexReport(
         kind=plan.kind, reason=plan.reason, rows=len(rows), excluded=excluded, dim=dim, dataset=dataset,
-        params=plan.params, index_bytes=0, recall=recall, k=k, target_recall=target_recall, queries=queries,
+        params=plan.params, index_bytes=0, recall=recall, k=min(k, len(rows)), target_recall=target_recall,
+        queries=queries,
         build_seconds=0.0, source=os.path.abspath(path), output=output, sidecar=sidecar_path(output))
     _save(faiss, index, report, identity, rows, keys)
     report.build_seconds = round(time.monotonic() - began, 3)
     return report
+
+
+def _rows(count: int) -> str:
+    return f"{count:,} row{'s' * (count != 1)}"
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _check_index_output(path: str, output: str, overwrite: bool) -> None:
@@ -363,7 +375,7 @@ def _build_flat_or_hnsw(faiss, f, dataset, plan, n, dim, k, target, sample, rng,
     queries = storage.reconstruct_batch(_draw(rng, len(rows), sample))  # (Q, D), normalised
     best, _ = storage.search(queries, kk)
     kth = best[:, -1]  # each query's k-th best exact score
-    say(f"tuning efSearch for recall@{kk} ≥ {target} on {len(queries):,} rows of the file")
+    say(f"tuning efSearch for recall@{kk} ≥ {target} on {_rows(len(queries))} of the file")
 
     def measure(ef: int) -> float:
         inner.hnsw.efSearch = ef
@@ -393,6 +405,9 @@ def _build_ivf(faiss, f, dataset, plan, n, dim, k, target, sample, rng, block, s
     if plan.kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     else:
+        if len(train) < 2:  # k-means needs a row per centroid, and a code of one bit has two
+            raise VitExtractError(f"{f.path} has {len(train)} finite row to train an ivfpq index on; it needs at "
+                                  "least 2 (use --kind flat: exact, and as small at this size)")
         nbits = min(PQ_NBITS, max(1, int(math.log2(len(train)))))  # k-means needs a row per centroid
         index = faiss.IndexIVFPQ(quantizer, dim, nlist, plan.params["m"], nbits, faiss.METRIC_INNER_PRODUCT)
         index.pq.cp.min_points_per_centroid = 1  # a small file trains on what it has, without warnings
@@ -411,7 +426,7 @@ def _build_ivf(faiss, f, dataset, plan, n, dim, k, target, sample, rng, block, s
     rows = np.concatenate(all_rows)
     kk = min(k, len(rows))
     plan.params["nlist"] = nlist
-    say(f"tuning nprobe for recall@{kk} ≥ {target} on {len(queries):,} rows of the file")
+    say(f"tuning nprobe for recall@{kk} ≥ {target} on {_rows(len(queries))} of the file")
 
     def measure_with(factor: int):
         def measure(nprobe: int) -> float:
@@ -547,6 +562,9 @@ def load_index(index_path: str, f: TokenFile) -> LoadedIndex:
     if record.get("format") != FORMAT or record.get("format_version") != FORMAT_VERSION:
         raise VitExtractError(f"{sidecar} is not a vit-extract index sidecar of format {FORMAT_VERSION}; build it again")
     now = {"run_id": str(f.h5.attrs.get("run_id", "")), "committed": len(f)}
+    if not _same_path(record.get("source", ""), f.path):
+        raise IndexMismatch(f"{index_path} is the index of another file ({record.get('source')}), not of {f.path}; "
+                            f"index this one with vit-extract index {f.path} -o NEW.faiss")
     if (record["run_id"], record["committed"]) != (now["run_id"], now["committed"]):
         raise IndexMismatch(
             f"{index_path} was built from {record['source']} with {record['committed']:,} rows "

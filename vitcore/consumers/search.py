@@ -31,7 +31,8 @@ class Hit:
 def top_k_cosine(blocks, query: np.ndarray, k: int) -> list[tuple[int, float]]:
     """Exact top-k rows by cosine similarity to ``query`` over an iterable of (N_i, D) blocks.
 
-    Returns (row, score) pairs, best first; ties keep the lower row first.
+    Returns (row, score) pairs, best first; ties keep the lower row first. Rows holding inf or NaN
+    are left out (they have no direction to compare), as an index leaves them out.
     """
     q = query.astype(np.float32).ravel()
     q = q / max(float(np.linalg.norm(q)), 1e-12)
@@ -40,9 +41,12 @@ def top_k_cosine(blocks, query: np.ndarray, k: int) -> list[tuple[int, float]]:
     start = 0
     for block in blocks:
         x = np.asarray(block, dtype=np.float32)  # (n, D)
-        norms = np.maximum(np.linalg.norm(x, axis=1), 1e-12)
-        scores = np.nan_to_num((x @ q) / norms, nan=-np.inf)  # (n,); a non-finite row ranks last
-        rows = np.arange(start, start + len(x), dtype=np.int64)
+        finite = np.isfinite(x).all(axis=1)
+        with np.errstate(all="ignore"):  # the non-finite rows, dropped just below
+            norms = np.maximum(np.linalg.norm(x, axis=1), 1e-12)
+            scores = np.clip((x @ q) / norms, -1.0, 1.0)  # (n,); rounding can reach 1 + 1e-7
+        rows = np.arange(start, start + len(x), dtype=np.int64)[finite]
+        scores = scores[finite]
         start += len(x)
         best_rows = np.concatenate([best_rows, rows])
         best_scores = np.concatenate([best_scores, scores.astype(np.float32)])

@@ -19,7 +19,6 @@ import h5py
 import torch
 from PIL import Image
 
-from vitcore.errors import VitExtractError
 from vitcore.imaging.loader import ImageDataset, collate
 from vitcore.inputs.base import Discovery
 from vitcore.run.batching import BatchRunner
@@ -33,6 +32,7 @@ from vitcore.system.device import choose_dtype, dtype_name, resolve_device
 
 HEADER_SAMPLE = 2000  # image headers read to count a native-resolution run's tokens (evenly spaced)
 CALIBRATION_IMAGES = 8  # decoded and encoded to time the run and measure its stored bytes
+CALIBRATION_TRIES = 64  # inputs tried at most to find them (the first ones may not decode)
 INDEX_BYTES_PER_CHUNK = 48  # HDF5's chunk index (v1 B-tree) per allocated chunk, measured
 STRING_BYTES = 16  # a variable-length string's global-heap object header, beyond its text
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
@@ -59,6 +59,7 @@ class DryRun:
     bytes_per_image: float
     projected_bytes: int  # the output file at the end of the run
     calibration_images: int
+    calibration_failures: int  # of the inputs tried for the calibration batch: failures in a run too
     decode_seconds_per_image: float  # one worker
     encode_seconds_per_image: float  # the batch on the device, per image
     batch_size: int
@@ -91,21 +92,34 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
         output=run.output, inputs=_by_kind(sources), to_read=len(sources) + len(plan.unlisted),
         already_done=plan.skipped, duplicates_dropped=found.skipped_duplicates,
         videos_passed_over={e: n for e, n in found.passed_over.items() if e in VIDEO_EXTENSIONS},
-        passed_over=_passed_over(found), encoder=record.name, device=str(device),
+        passed_over=_passed_over(found, len(plan.unlisted)), encoder=record.name, device=str(device),
         compute_dtype=dtype_name(chosen.dtype), out_dtype=out_opts.out_dtype, compression=out_opts.compression,
         tokens_per_image=counts, tokens_counted_from=counted_from, unreadable_headers=unreadable,
-        bytes_per_image=0.0, projected_bytes=0, calibration_images=0, decode_seconds_per_image=0.0,
+        bytes_per_image=0.0, projected_bytes=0, calibration_images=0, calibration_failures=0,
+        decode_seconds_per_image=0.0,
         encode_seconds_per_image=0.0, batch_size=0, workers=0, estimated_seconds=0.0,
         notes=list(record.notes),
     )
+    if plan.unlisted:
+        report.inputs["folders or containers that cannot be read (a failure record each)"] = len(plan.unlisted)
+    if out_opts.overwrite and os.path.exists(run.output):
+        report.notes.append(f"{run.output} exists: the run would replace it (--overwrite)")
+    if compute.compile:
+        report.notes.append("--compile: the time estimate leaves out the one-off compilation (tens of seconds)")
     if not sources:
         report.projected_bytes = os.path.getsize(run.output) if os.path.exists(run.output) else 0
         report.notes.append("nothing left to read: the file holds every input already")
         return report
     built = run.family.build(encoder_opts, device, chosen.dtype, compile=False, record=record)
     report.batch_size, report.workers = choose_batching(compute, built, len(sources))
-    rows, decode_s, encode_s, calibrated = _calibrate(built, settings, device, sources, containers.meta_names)
-    report.calibration_images = calibrated
+    calibration = _calibrate(built, settings, device, sources, containers.meta_names)
+    report.calibration_failures = calibration.failures
+    if calibration.rows is None:
+        report.notes.append(f"none of the first {calibration.failures} inputs could be decoded "
+                            f"({calibration.error}): no size or time estimate; a run records them as failures")
+        return report
+    rows, decode_s, encode_s = calibration.rows, calibration.decode_s, calibration.encode_s
+    report.calibration_images = len(rows.keys)
     report.decode_seconds_per_image, report.encode_seconds_per_image = decode_s, encode_s
     decode_wall = decode_s / max(1, report.workers)  # workers decode side by side
     # A CPU shares its cores between decoding and encoding (work-conserving: the times add); a GPU
@@ -128,11 +142,12 @@ def _by_kind(sources: list) -> dict[str, int]:
     return kinds
 
 
-def _passed_over(found: Discovery) -> list[str]:
-    notes = counted_notes({}, found.passed_over, found.entries_passed_over)
-    notes += [f"{len(found.unlisted)} folder{'s' * (len(found.unlisted) != 1)} could not be listed "
-              f"({found.unlisted[0].reason}); a run records each as a failure"] if found.unlisted else []
-    notes += list(found.empty)
+def _passed_over(found: Discovery, unlisted: int) -> list[str]:
+    """What a run's summary says it passed over (the same words), and the videos among it."""
+    notes = list(found.notes) + counted_notes({}, found.passed_over, found.entries_passed_over)
+    if unlisted:
+        notes.append(f"{unlisted} folder{'s' * (unlisted != 1)} or container file{'s' * (unlisted != 1)} could not "
+                     f"be listed or opened ({found.unlisted[0].reason}); a run records each as a failure")
     videos = sum(n for e, n in found.passed_over.items() if e in VIDEO_EXTENSIONS)
     if videos:
         notes.append(f"{videos} video file{'s' * (videos != 1)} passed over: vit-extract reads images only")
@@ -164,30 +179,49 @@ def _token_counts(record, settings, sources) -> tuple[dict[str, float], str, int
     return means, f"{len(sample)} image headers" + (" (all)" if len(sample) == len(sources) else " (evenly spaced)"), unreadable
 
 
-def _calibrate(built, settings, device, sources, meta) -> tuple:
-    """Decode and encode the first few inputs as a run would: (their rows, decode s/image, encode s/image, count)."""
-    images = sources[:CALIBRATION_IMAGES]
-    dataset = ImageDataset(images, built.loader, meta)
-    tick = time.perf_counter()
-    items = [dataset[i] for i in range(len(images))]
-    decode_s = (time.perf_counter() - tick) / len(images)
-    batch = collate(items)
+@dataclass
+class _Calibration:
+    rows: object  # the decoded images' Rows as a run writes them; None when none decoded
+    decode_s: float = 0.0
+    encode_s: float = 0.0
+    failures: int = 0
+    error: str = ""
+
+
+def _calibrate(built, settings, device, sources, meta) -> _Calibration:
+    """Decode and encode the first inputs that decode (up to CALIBRATION_IMAGES, trying at most
+    CALIBRATION_TRIES) as a run would: their rows, and decode and encode seconds per image."""
+    dataset = ImageDataset(sources, built.loader, meta)
+    items, failed, error, decode_s = [], [], "", 0.0
+    for i in range(min(len(sources), CALIBRATION_TRIES)):
+        tick = time.perf_counter()
+        item = dataset[i]  # (index, pixels, size, error, meta)
+        spent = time.perf_counter() - tick
+        if item[3] is not None:  # written as a failure record, as a run would (its datasets take space)
+            failed.append(item)
+            error = error or item[3]
+            continue
+        if items:  # the first decode warms Pillow and the caches up: not timed
+            decode_s += spent
+        items.append(item)
+        if len(items) == CALIBRATION_IMAGES:
+            break
+    failures = len(failed)
+    if not items:
+        return _Calibration(None, failures=failures, error=error)
+    decode_s /= max(1, len(items) - 1)
+    batch = collate(sorted(items + failed, key=lambda item: item[0]))
     runner = BatchRunner(built, settings, device)
     with torch.inference_mode():
-        warm = [item for item in items if item[3] is None][:1]
-        if warm:
-            runner(collate(warm), images)  # first call: kernels chosen, caches warmed
+        runner(collate(items[:1]), sources)  # first call: kernels chosen, caches warmed
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         tick = time.perf_counter()
-        rows = runner(batch, images)
+        rows = runner(batch, sources)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        encode_s = (time.perf_counter() - tick) / max(1, len(batch.indices))
-    if not batch.indices:
-        raise VitExtractError(f"none of the first {len(images)} images could be decoded "
-                              f"({batch.failures[0].error}); nothing to calibrate on")
-    return rows, decode_s, encode_s, len(images)
+        encode_s = (time.perf_counter() - tick) / len(items)
+    return _Calibration(rows, decode_s, encode_s, failures)
 
 
 def _projected_size(settings, plan, rows, counts: dict[str, float], sources: list, existing: str | None):
@@ -195,22 +229,24 @@ def _projected_size(settings, plan, rows, counts: dict[str, float], sources: lis
     with tempfile.TemporaryDirectory(prefix="vit-extract-dry-run-") as folder:
         path = os.path.join(folder, "calibration.h5")
         StoreWriter.prepare(path, settings, plan.roots, resuming=False)
+        empty = os.path.getsize(path)  # HDF5's own overhead and the attributes: before any row
         writer = StoreWriter.reopen(path, settings)
         writer.append(rows)
         writer.close(True)
         with h5py.File(path, "r") as calibration:
             if existing is None:  # a new file: the calibration file, and the rows after its own
-                done = len(rows.keys)
+                done = len(rows.keys) + len(rows.failed_keys)  # the inputs the calibration tried
                 start = os.path.getsize(path)
+                before_rows = empty
                 grown = _added_bytes(calibration, calibration, settings, counts, len(sources) - done)
             else:  # --resume: the file as it is, and this run's rows after its own
                 done = 0
-                start = os.path.getsize(existing)
+                start = before_rows = os.path.getsize(existing)
                 with h5py.File(existing, "r", locking=False) as h5:
                     grown = _added_bytes(h5, calibration, settings, counts, len(sources))
     text = sum(len(s.key.encode()) + STRING_BYTES for s in sources[done:])  # keys in HDF5's global heap
     total = start + grown + text
-    return int(total), float((grown + text) / max(1, len(sources) - done))
+    return int(total), float((total - before_rows) / max(1, len(sources)))
 
 
 def _added_bytes(h5: h5py.File, calibration: h5py.File, settings, counts: dict[str, float], more: int) -> float:

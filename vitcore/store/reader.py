@@ -92,11 +92,6 @@ class StoredTokens:
             raise VitExtractError(
                 f"{self.path} is not a vit-extract output file (missing {', '.join(missing) or 'datasets'})"
             )
-        try:
-            readable(self.h5.attrs.get("compression", "none"), self.path)  # its filter registered
-        except VitExtractError:
-            self.h5.close()
-            raise
         self._keys: list[str] | None = None
         self._roots: list[str] | None = None
         self._index: dict[str, int] | None = None
@@ -240,7 +235,10 @@ class StoredTokens:
 
     def array(self, name: str) -> StoredArray:
         """A large dataset (tokens, mean, layers/K, features/<name>) for reading rows as stored:
-        bfloat16 ones as ml_dtypes.bfloat16 (h5py alone would convert them to float32)."""
+        bfloat16 ones as ml_dtypes.bfloat16 (h5py alone would convert them to float32). A compressed
+        file's filter is registered first (or one line says which package it needs); what only reads
+        the file's layout and attributes (`info`) needs none."""
+        readable(str(self.h5.attrs.get("compression", "none")), self.path)
         return StoredArray(self.h5[name])
 
     def tokens(self, item: int | str) -> np.ndarray:

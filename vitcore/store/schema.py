@@ -190,7 +190,7 @@ ATTRIBUTES = (
     Attribute("compute_dtype", "setting", lambda s: s.compute_dtype, compare="compute dtype", merge="first",
               required=True),
     Attribute("device", "setting", lambda s: s.device, merge="joined"),  # every device that made rows
-    Attribute("out_dtype", "setting", lambda s: s.out_dtype, compare="output dtype", merge="first", required=True),
+    Attribute("out_dtype", "setting", lambda s: s.out_dtype, compare="--out-dtype", merge="first", required=True),
     # Compared so that one file is encoded one way throughout (a merge keeps it; readers need one filter).
     Attribute("compression", "setting", lambda s: s.compression, compare="--compression", default="none",
               merge="first"),
