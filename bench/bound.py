@@ -1,0 +1,86 @@
+"""A CPU run against its work-conserving bound: decode alone, encode alone, and the whole run, in one go.
+
+    python bench/bound.py [--model small] [--images 96] [--dtypes float32,bfloat16] [--batch 16]
+
+On a CPU the decoding workers and the encoder share the cores, so no overlap can beat the work
+itself: images/s ≤ 1 / (encode s/image + decode s/image ÷ cores), where encode is the batch on all
+cores and decode is one picture on one core (the workers spread it over every core). Measured here:
+  decode   the run's own loader over the pictures in this process (one core), s/image
+  encode   the run's own BatchRunner over the decoded batches, after a warm-up, s/image
+  run      `vit-extract run DIR --model M --dtype D --batch-size B --json`: images/s of its loop
+Prints one Markdown row per dtype with the run's share of the bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vitcore.encoders import registry
+from vitcore.imaging.loader import ImageDataset, collate
+from vitcore.inputs.discover import discover
+from vitcore.options import EncoderOptions
+from vitcore.run.batching import BatchRunner
+from vitcore.run.settings import store_settings
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as work:
+        pictures = Path(work) / "pictures"
+        pictures.mkdir()
+        samples = sorted(p for p in (PROJECT / "sample_images").iterdir() if p.suffix in (".jpg", ".png"))
+        for i in range(args.images):
+            shutil.copy(samples[i % len(samples)], pictures / f"{i:05d}{samples[i % len(samples)].suffix}")
+        sources = discover([str(pictures)], None, None).sources
+        print(f"{args.model}, {len(sources)} pictures (copies of sample_images), batch {args.batch}, {cores} cores, "
+              f"torch {torch.__version__}\n")
+        print("| dtype | decode ms/image (1 core) | encode ms/image | bound images/s | run images/s | run ÷ bound |")
+        print("|---|---|---|---|---|---|")
+        family = registry.for_run(args.model, None)
+        opts = EncoderOptions(model=args.model)
+        for name in args.dtypes.split(","):
+            dtype = getattr(torch, name)
+            built = family.build(opts, torch.device("cpu"), dtype)
+            dataset = ImageDataset(sources, built.loader, ())
+            dataset[0]  # warm-up
+            tick = time.perf_counter()
+            items = [dataset[i] for i in range(len(sources))]
+            decode = (time.perf_counter() - tick) / len(sources)
+            runner = BatchRunner(built, store_settings(built, "none", "float16", "cpu", dtype), torch.device("cpu"))
+            batches = [collate(items[i:i + args.batch]) for i in range(0, len(items), args.batch)]
+            with torch.inference_mode():
+                runner(batches[0], sources)  # warm-up
+                tick = time.perf_counter()
+                for batch in batches:
+                    runner(batch, sources)
+                encode = (time.perf_counter() - tick) / len(sources)
+            bound = 1 / (encode + decode / cores)
+            out = Path(work) / f"{name}.h5"
+            done = subprocess.run([sys.executable, "-m", "vitcore.cli", "run", str(pictures), "-o", str(out),
+                                   "--model", args.model, "--dtype", name, "--batch-size", str(args.batch),
+                                   "--json", "--overwrite"], capture_output=True, text=True, check=True)
+            run = json.loads(done.stdout)["images_per_second"]
+            print(f"| {name} | {decode * 1000:.1f} | {encode * 1000:.1f} | {bound:.2f} | {run:.2f} | {run / bound:.2f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
