@@ -27,6 +27,7 @@ from vitcore.choices import COMPRESSIONS, DECODE_MODES, DTYPE_CHOICES, OUT_DTYPE
 from vitcore.errors import UsageError, VitExtractError, one_line
 from vitcore.options import ExtractOptions, comma_list
 from vitcore.run.shard import parse_shard, shard_path
+from vitcore.system.units import parse_size
 
 EXIT_STRICT_FAILURES = 3
 
@@ -383,8 +384,6 @@ IndexKind = _choice_enum("IndexKind", ("auto", "flat", "hnsw", "ivf", "ivfpq"))
 
 def _size(value: str) -> int:
     """--max-index-memory: 2GB (10^9), 512MiB (2^20), 1.5G (2^30), or bytes."""
-    from vitcore.consumers.index import parse_size  # numpy, h5py: not for --help
-
     try:
         return parse_size(value)
     except UsageError as error:

@@ -19,6 +19,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from vitcore.system.units import shown_size
+
 FAILURES_SHOWN = 10
 
 
@@ -247,14 +249,6 @@ def hits_table(console: Console, hits, query: str) -> None:
     _print(console, table)
 
 
-def _bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return ""
-
-
 def dry_run(console: Console, r) -> None:
     """--dry-run: what the run would read and store, and what it would cost."""
     table = Table(show_header=False, box=None, padding=(0, 2))
@@ -272,8 +266,8 @@ def dry_run(console: Console, r) -> None:
     table.add_row("tokens/image", f"{tokens}{counted}")
     table.add_row("encoder", f"{r.encoder}, {r.compute_dtype} on {r.device}; stored {r.out_dtype}, "
                   f"compression {r.compression}")
-    table.add_row("bytes/image", _bytes(r.bytes_per_image))
-    table.add_row("output size", f"{_bytes(r.projected_bytes)} projected")
+    table.add_row("bytes/image", shown_size(r.bytes_per_image))
+    table.add_row("output size", f"{shown_size(r.projected_bytes)} projected")
     if r.calibration_images:
         failed = (f"; {r.calibration_failures} more could not be decoded (a run records them as failures)"
                   if r.calibration_failures else "")
@@ -288,7 +282,7 @@ def dry_run(console: Console, r) -> None:
 
 def index_summary(console: Console, report) -> None:
     """What `vit-extract index` built: the kind and why, its size, the tuned parameter and the measured recall."""
-    console.print(f"wrote {escape(report.output)} ({_bytes(report.index_bytes)}) and {escape(report.sidecar)}: "
+    console.print(f"wrote {escape(report.output)} ({shown_size(report.index_bytes)}) and {escape(report.sidecar)}: "
                   f"{report.kind} index of {report.rows:,} × {report.dim} ({report.dataset}) in {_duration(report.build_seconds)}")
     console.print(f"  chosen: {escape(report.reason)}")
     tuned = ", ".join(f"{name} {value}" for name, value in report.params.items())

@@ -12,14 +12,14 @@ import pytest
 
 import vitcore
 from tests.helpers import TINY
-from vitcore.consumers.index import (IndexMismatch, build_index, choose, index_beside, load_index, parse_size,
-                                     sidecar_path)
+from vitcore.consumers.index import IndexMismatch, build_index, choose, index_beside, load_index, sidecar_path
 from vitcore.consumers.search import similar
 from vitcore.consumers.tokens import TokenFile
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError
 from vitcore.run.pipeline import ExtractOptions
 from vitcore.run.shard import shard_path
 from vitcore.store.merge import merge
+from vitcore.system.units import parse_size
 
 pytest.importorskip("faiss")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -29,6 +28,7 @@ from vitcore.consumers.search import top_k_cosine
 from vitcore.consumers.tokens import TokenFile
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError
 from vitcore.store.output import check_output
+from vitcore.system.units import shown_size
 
 FORMAT = "vit-extract index"
 FORMAT_VERSION = 1
@@ -69,31 +69,6 @@ def sidecar_path(index_path: str) -> str:
 def index_beside(path: str) -> str:
     """Where `similar` looks for an index of ``path``: out.h5 → out.faiss."""
     return os.path.splitext(os.fspath(path))[0] + ".faiss"
-
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from a size such as 2GB (10^9), 512MiB (2^20), 1.5G (a bare letter: 2^30) or 1000000."""
-    found = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = found and found.group(2).lower()
-    if not found or unit not in _UNITS:
-        raise UsageError(f"{text!r} is not a size: give bytes or a number with a unit, such as 2GB, 512MiB or 1.5G")
-    size = int(float(found.group(1)) * _UNITS[unit])
-    if size < 1:
-        raise UsageError(f"the size {text!r} is not positive")
-    return size
-
-
-def _shown_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 @dataclass
@@ -156,20 +131,20 @@ def choose(kind: str, rows: int, dim: int, max_memory: int | None) -> _Plan:
     """The kind to build (auto: by rows and the budget) and, for ivfpq, its code size; one line of why."""
     if kind not in KINDS:
         raise UsageError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
-    budget = "memory (no --max-index-memory given)" if max_memory is None else f"the budget {_shown_size(max_memory)}"
+    budget = "memory (no --max-index-memory given)" if max_memory is None else f"the budget {shown_size(max_memory)}"
     fits = lambda size: max_memory is None or size <= max_memory  # noqa: E731
     flat, hnsw = _estimate("flat", rows, dim), _estimate("hnsw", rows, dim)
     if kind == "auto":
         if rows <= FLAT_MAX_ROWS and fits(flat):
-            kind, why = "flat", (f"{rows:,} rows ≤ {FLAT_MAX_ROWS:,} and their vectors ({_shown_size(flat)}) "
+            kind, why = "flat", (f"{rows:,} rows ≤ {FLAT_MAX_ROWS:,} and their vectors ({shown_size(flat)}) "
                                  f"fit {budget}: exact search")
         elif fits(hnsw):  # (only past the row limit: the graph is larger than the flat vectors)
             kind, why = "hnsw", (f"{rows:,} rows > {FLAT_MAX_ROWS:,}; the vectors and the HNSW graph "
-                                 f"({_shown_size(hnsw)}) fit {budget}")
+                                 f"({shown_size(hnsw)}) fit {budget}")
         elif fits(_estimate("ivf", rows, dim)):
-            kind, why = "ivf", f"the vectors fit {budget}, but not with the HNSW graph ({_shown_size(hnsw)})"
+            kind, why = "ivf", f"the vectors fit {budget}, but not with the HNSW graph ({shown_size(hnsw)})"
         else:
-            kind, why = "ivfpq", f"the vectors ({_shown_size(flat)}) do not fit {budget}"
+            kind, why = "ivfpq", f"the vectors ({shown_size(flat)}) do not fit {budget}"
     else:
         why = f"asked for (kind {kind})"
     if kind == "ivfpq":
@@ -177,13 +152,13 @@ def choose(kind: str, rows: int, dim: int, max_memory: int | None) -> _Plan:
         sized = [m for m in choices if fits(_estimate("ivfpq", rows, dim, m))]
         if not sized:
             raise UsageError(f"{budget} is too small for {rows:,} rows even with 1-byte PQ codes "
-                             f"({_shown_size(_estimate('ivfpq', rows, dim, 1))}); raise it")
+                             f"({shown_size(_estimate('ivfpq', rows, dim, 1))}); raise it")
         # Without a budget: 4 values a byte (16× smaller than float32), a usual trade-off.
         m = sized[0] if max_memory is not None else next((c for c in choices if c <= max(1, dim // 4)), choices[-1])
-        return _Plan(kind, f"{why}; {m}-byte PQ codes a row ({_shown_size(_estimate('ivfpq', rows, dim, m))})", {"m": m})
+        return _Plan(kind, f"{why}; {m}-byte PQ codes a row ({shown_size(_estimate('ivfpq', rows, dim, m))})", {"m": m})
     size = _estimate(kind, rows, dim)
     if not fits(size):
-        raise UsageError(f"a {kind} index of {rows:,} × {dim} needs about {_shown_size(size)}, over {budget}; "
+        raise UsageError(f"a {kind} index of {rows:,} × {dim} needs about {shown_size(size)}, over {budget}; "
                          "raise it or choose another kind (auto sizes one to the budget)")
     return _Plan(kind, why)
 

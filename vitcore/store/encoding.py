@@ -128,6 +128,15 @@ def write_rows(dataset: h5py.Dataset, start: int, values: np.ndarray) -> None:
     dataset.id.write(mspace, fspace, bits, mtype=dataset.id.get_type())
 
 
+def write_at(dataset: h5py.Dataset, start: int, values) -> None:
+    """Write ``values`` as rows from ``start`` (the dataset is already long enough): bfloat16 bits as
+    they are (h5py cannot convert numpy's bfloat16), any other array through h5py."""
+    if is_bfloat16_array(values):
+        write_rows(dataset, start, values)
+    else:
+        dataset[start : start + len(values)] = values
+
+
 class StoredArray:
     """``dataset[...]`` for the reader: bfloat16 bits as they are, other types through h5py."""
 

@@ -21,7 +21,7 @@ import numpy as np
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.inputs.base import identity_of
 from vitcore.store.output import check_output
-from vitcore.store.encoding import StoredArray, creation_options, is_bfloat16_array, readable, same_type, write_rows
+from vitcore.store.encoding import StoredArray, creation_options, readable, same_type, write_at
 from vitcore.store.reader import StoredTokens
 from vitcore.store.schema import (
     ATTRIBUTES,
@@ -219,11 +219,7 @@ def _copy_array(out: h5py.File, h5: h5py.File, shard: _Shard, array: _Array, ind
         length = array.lengths[index]
         for start in range(0, length, COPY_BLOCK):
             stop = min(start + COPY_BLOCK, length)
-            block = StoredArray(h5[array.name])[start:stop]  # as stored (bfloat16 bits unconverted)
-            if is_bfloat16_array(block):
-                write_rows(target, start_at + start, block)
-            else:
-                target[start_at + start : start_at + stop] = block
+            write_at(target, start_at + start, StoredArray(h5[array.name])[start:stop])  # as stored: bfloat16 bits unconverted
 
 
 class _RowInfo:

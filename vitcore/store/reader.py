@@ -92,6 +92,7 @@ class StoredTokens:
             raise VitExtractError(
                 f"{self.path} is not a vit-extract output file (missing {', '.join(missing) or 'datasets'})"
             )
+        self._filters_ready = False  # a compressed file's filter registered (array())
         self._keys: list[str] | None = None
         self._roots: list[str] | None = None
         self._index: dict[str, int] | None = None
@@ -238,7 +239,9 @@ class StoredTokens:
         bfloat16 ones as ml_dtypes.bfloat16 (h5py alone would convert them to float32). A compressed
         file's filter is registered first (or one line says which package it needs); what only reads
         the file's layout and attributes (`info`) needs none."""
-        readable(str(self.h5.attrs.get("compression", "none")), self.path)
+        if not self._filters_ready:  # once per open file: every row read comes through here
+            readable(str(self.h5.attrs.get("compression", "none")), self.path)
+            self._filters_ready = True
         return StoredArray(self.h5[name])
 
     def tokens(self, item: int | str) -> np.ndarray:

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from vitcore.errors import VitExtractError, one_line
-from vitcore.store.encoding import is_bfloat16_array, write_rows
+from vitcore.store.encoding import write_at
 from vitcore.store.schema import (
     FAILED_DATASETS,
     PER_ROW_CHUNK,
@@ -82,12 +82,8 @@ def _add_absent_masks(h5: h5py.File, names) -> None:
 def _append(dataset: h5py.Dataset, start: int, values) -> None:
     count = len(values)
     dataset.resize(start + count, axis=0)
-    if not count:
-        return
-    if is_bfloat16_array(values):
-        write_rows(dataset, start, values)  # the bits as they are: h5py cannot convert numpy's bfloat16
-    else:
-        dataset[start : start + count] = values
+    if count:
+        write_at(dataset, start, values)
 
 
 class StoreWriter:

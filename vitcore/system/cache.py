@@ -43,16 +43,23 @@ def weights_files(path: str) -> list[str]:
 def known_digest(kind: str, files: Iterable[str]) -> str | None:
     """The digest remembered for these files as they are now, or None (then they must be hashed)."""
     try:
-        key = _key(kind, [file_identity(f) for f in files])
-        with open(os.path.join(cache_dir(), DIGESTS, key + ".json")) as handle:
+        return _remembered(kind, [file_identity(f) for f in files])
+    except OSError:
+        return None
+
+
+def _record_path(kind: str, identities: list) -> str:
+    key = hashlib.sha256(json.dumps([kind, *identities]).encode()).hexdigest()
+    return os.path.join(cache_dir(), DIGESTS, key + ".json")
+
+
+def _remembered(kind: str, identities: list) -> str | None:
+    try:
+        with open(_record_path(kind, identities)) as handle:
             record = json.load(handle)
     except (OSError, ValueError):
         return None
     return record["sha256"] if record.get("kind") == kind and isinstance(record.get("sha256"), str) else None
-
-
-def _key(kind: str, identities: list) -> str:
-    return hashlib.sha256(json.dumps([kind, *identities]).encode()).hexdigest()
 
 
 def cached_digest(kind: str, files: Iterable[str], compute: Callable[[], str]) -> str:
@@ -63,17 +70,16 @@ def cached_digest(kind: str, files: Iterable[str], compute: Callable[[], str]) -
         before = [file_identity(f) for f in files]
     except OSError:
         return compute()  # a file that cannot be stat'ed: hash (and let compute() say what is wrong)
-    known = known_digest(kind, files)
+    known = _remembered(kind, before)
     if known is not None:
         return known
-    path = os.path.join(cache_dir(), DIGESTS, _key(kind, before) + ".json")
     digest = compute()
     try:
         unchanged = [file_identity(f) for f in files] == before  # not written while it was hashed
     except OSError:
         unchanged = False
     if unchanged:
-        _remember(path, {"kind": kind, "files": [os.path.realpath(f) for f in files], "sha256": digest})
+        _remember(_record_path(kind, before), {"kind": kind, "files": [os.path.realpath(f) for f in files], "sha256": digest})
     return digest
 
 

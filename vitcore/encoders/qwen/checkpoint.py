@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 
 from vitcore.encoders.checkpoint_files import processor_record, read_json, tensor_bytes, tensor_digest
+from vitcore.errors import WeightsError
 from vitcore.system.cache import cached_digest, known_digest, weights_files
 
 DIGEST_KIND = "qwen-vl vision tensors"  # names (model.visual.*) and bytes, in name order
-from vitcore.errors import WeightsError
 
 # Where the vision tower's tensors live: transformers ≥ 4.52 saves them under model.visual.; older
 # saves and the bare Qwen*VLModel under visual. (transformers loads both to the same weights).
