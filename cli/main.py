@@ -23,7 +23,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from . import render
 from vitcore import __version__
-from vitcore.choices import COMPRESSIONS, DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, PROCESSOR_BACKENDS, RESIZE_MODES
+from vitcore.choices import COMPILE_MODES, COMPRESSIONS, DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, PROCESSOR_BACKENDS, RESIZE_MODES
 from vitcore.errors import UsageError, VitExtractError, one_line
 from vitcore.options import ExtractOptions, comma_list
 from vitcore.run.shard import parse_shard, shard_path
@@ -166,7 +166,7 @@ def run(
     workers: Annotated[Optional[int], typer.Option(metavar="N", help="Decoding worker processes (0: decode in the main process). Default: min(8, CPUs).", min=0, show_default=False, rich_help_panel=COMPUTE)] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto | cpu | cuda | cuda:N.", rich_help_panel=COMPUTE)] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto: on a GPU bfloat16 where the card computes it, on a CPU whichever of float32 and bfloat16 this machine multiplies faster (measured once per machine, torch and encoder width; the summary says why).", rich_help_panel=COMPUTE)] = Dtype.auto,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder: faster batches after a one-off compilation (its time is in the summary); worth it for large runs.", rich_help_panel=COMPUTE)] = False,
+    compile: Annotated[str, typer.Option("--compile", metavar="auto|on|off", help="torch.compile the seed encoders. auto: where it pays, by measurement (a long run times its own batches eager and compiled and keeps the faster; the times are remembered per machine, torch, encoder, dtype and batch size); on (--compile alone): compile from the first batch (its time is in the summary); off.", rich_help_panel=COMPUTE)] = "auto",
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The HDF5 file to write.", dir_okay=False, rich_help_panel=OUTPUT)] = Path("tokens.h5"),
     out_dtype: Annotated[OutDtype, typer.Option(metavar="DTYPE", help="Stored dtype: float16, bfloat16 or float32. float16: half the size of float32, exact to ~3 digits (overflows above 65504); bfloat16: the same size with float32's range, ~2 digits (h5py reads it as float32; vit-extract's readers as ml_dtypes.bfloat16).", rich_help_panel=OUTPUT)] = OutDtype.float16,
     compression: Annotated[Compression, typer.Option(metavar="CODEC", help="none, gzip, lz4 or zstd: compress the stored tokens (after HDF5's byte shuffle). gzip: built into HDF5, every reader has it; lz4 (fast) and zstd (smaller) need hdf5plugin to write and to read (pip install 'vit-extract\\[compression]'; `import hdf5plugin` before h5py reads the file).", rich_help_panel=OUTPUT)] = Compression.none,
@@ -479,10 +479,17 @@ def _save_png(image, path: Path) -> None:
         raise VitExtractError(f"cannot write {path}: {error.strerror or error}") from None
 
 
+def _bare_compile(args: list[str]) -> list[str]:
+    """``--compile`` alone, as before it took a value, means ``--compile on``: the next word is an
+    input or another option, not the value (only auto, on and off are)."""
+    return [f"{arg}=on" if arg == "--compile" and (i + 1 == len(args) or args[i + 1] not in COMPILE_MODES) else arg
+            for i, arg in enumerate(args)]
+
+
 def main() -> None:
     """The console script. Errors found while parsing the options (a bad choice, an unknown option,
     a missing argument) are one line too, and with --json also a JSON record on stdout."""
-    args = sys.argv[1:]
+    args = _bare_compile(sys.argv[1:])
     try:
         code = app(args=args, standalone_mode=False)
     except Exception as error:

@@ -164,6 +164,8 @@ def run_summary(console: Console, result) -> None:
     table.add_row("compute", compute)
     if result.dtype_reason:
         table.add_row("dtype", f"auto → {escape(result.dtype_reason)} (--dtype overrides)")
+    if result.compile_reason:
+        table.add_row("compile", f"auto → {escape(result.compile_reason)} (--compile on/off overrides)")
     time_text = f"{result.seconds:.1f} s, {result.images_per_second:.1f} images/s"
     if "compile" in result.timings:
         time_text += f" (including {result.timings['compile']:.1f} s of torch.compile)"

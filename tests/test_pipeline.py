@@ -244,7 +244,7 @@ def test_compile_gives_the_eager_tokens_and_reports_its_compilation_time(photos,
     np.testing.assert_allclose(tokens, ref_tokens, rtol=1e-5, atol=1e-5)  # 8 images: batches of 3, 3 and 2
     with h5py.File(compiled) as f, h5py.File(eager) as g:
         np.testing.assert_allclose(f["layers/0"][:], g["layers/0"][:], rtol=1e-5, atol=1e-5)
-    with pytest.raises(UsageError, match="--compile works with the seed encoders"):
+    with pytest.raises(UsageError, match="--compile on works with the seed encoders"):
         vitcore.extract([photos], tmp_path / "q.h5", EXACT, model="qwen3-vl", weights=str(tmp_path), compile=True)
 
 

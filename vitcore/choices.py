@@ -12,4 +12,5 @@ DECODE_MODES = ("draft", "full", "gpu")
 PROCESSOR_BACKENDS = ("torchvision", "pil")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # compute dtype; auto picks per device
 OUT_DTYPES = ("float16", "float32", "bfloat16")  # stored dtype (bfloat16: read as ml_dtypes.bfloat16)
+COMPILE_MODES = ("auto", "on", "off")  # torch.compile: auto = where measured to pay (run/compile_choice.py)
 COMPRESSIONS = ("none", "gzip", "lz4", "zstd")  # of the stored arrays (lz4, zstd: hdf5plugin)

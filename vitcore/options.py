@@ -10,10 +10,19 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from vitcore.choices import COMPRESSIONS, DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, PROCESSOR_BACKENDS, RESIZE_MODES
+from vitcore.choices import COMPILE_MODES, COMPRESSIONS, DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, PROCESSOR_BACKENDS, RESIZE_MODES
 from vitcore.errors import UsageError
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+def compile_mode(value) -> str:
+    """--compile as one of COMPILE_MODES (True / False from the Python API: on / off)."""
+    if value is True:
+        return "on"
+    if value is False or value is None:
+        return "off"
+    return str(value).strip().lower()
 
 
 def _one_of(flag: str, value, choices) -> None:
@@ -126,9 +135,11 @@ class ComputeOptions:
     workers: int | None = None  # None: min(8, CPUs available)
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    compile: str | bool = "auto"  # auto | on | off (True / False: on / off)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "compile", compile_mode(self.compile))
+        _one_of("--compile", self.compile, COMPILE_MODES)
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise UsageError(f"--batch-size must be a positive integer or auto, got {self.batch_size!r}")
         if self.workers is not None and self.workers < 0:
@@ -187,7 +198,7 @@ class ExtractOptions:
     retry_failed: bool = False  # with resume: decode the images the file records as failed again
     overwrite: bool = False
     shard: tuple[int, int] | None = None  # (I, N): only inputs [I·T/N, (I+1)·T/N); resumed automatically
-    compile: bool = False  # torch.compile the encoder where its family allows (compiled on the first batch)
+    compile: str | bool = "auto"  # torch.compile: on, off, or auto (where measured to pay; run/compile_choice.py)
 
     def parts(self) -> tuple[EncoderOptions, InputOptions, ComputeOptions, OutputOptions]:
         """The four validated parts (each raises UsageError for a bad value)."""

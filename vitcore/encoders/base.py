@@ -8,9 +8,9 @@ A family (an object in its package under vitcore/encoders/, one entry in registr
     check(opts)                   refuse options I do not take (one-line UsageError)
     record(opts, device)          → RunRecord: what the file will record, without building anything
                                   (a --resume with nothing left to do stops after comparing it)
-    build(opts, device, dtype, compile, record) → BuiltEncoder: device side, worker side, what the
-                                  file records (``record``, made again when not given), the default
-                                  batch size on that device
+    build(opts, device, dtype, record) → BuiltEncoder: device side (and, when compilable, its
+                                  compiled twin), worker side, what the file records (``record``,
+                                  made again when not given), the default batch size on that device
     rebuild(settings, file)       → EncoderOptions that build the encoder a file records (`similar`)
     describe(settings)            → (encoder line, preprocessing line) for `vit-extract info`
     token_grid(encoder, grid_thw) → (rows, cols) the stored patch tokens of one image lie on
@@ -135,6 +135,9 @@ class BuiltEncoder(RunRecord):
     # Main process, before encode(): finishes a batch the workers left partly undone (GPU JPEG decode).
     finish_batch: Callable | None = None
     default_batch_size: Callable[[], int] = lambda: 8  # --batch-size auto on this device
+    # A compilable family (fixed-shape batches): makes the torch.compile'd twin of encode, the
+    # same numbers to the dtype's rounding; None: this family runs eager only.
+    compiled_encode: Callable[[], Callable[[Any], Encoded]] | None = None
 
     @classmethod
     def of(cls, record: RunRecord, **device_side) -> "BuiltEncoder":

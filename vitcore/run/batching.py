@@ -12,6 +12,7 @@ A family supplies only ``encode`` (encoders/base.py); everything here is written
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from vitcore.system.device import is_out_of_memory
 from vitcore.encoders.base import BuiltEncoder, Encoded
 from vitcore.encoders.layers import pool_tokens
 from vitcore.imaging.loader import Batch
+from vitcore.run.compile_choice import CompileChoice, Measured, use_inductor_cache
 from vitcore.run.transfer import HostCopier
 from vitcore.store import Rows, StoreSettings
 from vitcore.store.encoding import numpy_dtype
@@ -31,17 +33,27 @@ class BatchRunner:
 
     When a batch does not fit in device memory it is split in halves (recursively) and the size
     that fitted is used from then on; one image that does not fit is a clear error. A compiled
-    encoder (a family that is compilable, run with --compile) is traced on the first batch for that batch size
-    only; a later, smaller batch is padded to it with blank images rather than compiled again.
+    encoder (a compilable family, --compile on, or auto where it pays) is traced on its first batch
+    for that batch size only; a later, smaller batch is padded to it with blank images rather than
+    compiled again.
     """
 
-    def __init__(self, built: BuiltEncoder, settings: StoreSettings, device: torch.device, compiled: bool = False):
+    def __init__(self, built: BuiltEncoder, settings: StoreSettings, device: torch.device,
+                 compile: CompileChoice | None = None):
         self.built, self.settings, self.device = built, settings, device
-        self.compile_seconds: float | None = 0.0 if compiled else None
+        self.choice = compile  # --compile: on, off, or auto (compile_choice.py); None: eager
+        self.compiled: Callable | None = None  # built.compiled_encode(), once compiling starts
+        self.compile_seconds: float | None = None  # this run's compilations, all told
         self.compiled_batch: int | None = None
+        self.trial: CompileTrial | None = None  # --compile auto measuring on this run's batches
+        self.images = 0  # encoded so far
         self.max_chunk: int | None = None  # images per forward pass, once memory ran out
         self.warnings: list[str] = []
         self.to_host = HostCopier(device) if device.type == "cuda" else None
+        if compile is not None and compile.compiled:
+            self._start_compiling()
+        elif compile is not None and compile.trial_possible:
+            self.trial = CompileTrial(compile)
 
     def __call__(self, batch: Batch, sources) -> Rows:
         if self.built.finish_batch is not None:
@@ -105,9 +117,14 @@ class BatchRunner:
             size = self.max_chunk  # fixed for this split: a part may lower max_chunk again
             return Encoded.concat([self._encode(pixels[i:i + size]) for i in range(0, n, size)])
         try:
-            if self.compile_seconds is None:
-                return self.built.encode(pixels)
-            return self._encode_compiled(pixels)
+            if self.trial is not None:
+                out = self.trial.step(self, pixels)
+            elif self.compiled is not None:
+                out = self._encode_compiled(pixels)
+            else:
+                out = self.built.encode(pixels)
+            self.images += n
+            return out
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not is_out_of_memory(err):
                 raise
@@ -120,24 +137,85 @@ class BatchRunner:
             ) from None
         self.max_chunk = n // 2
         self.compiled_batch = None  # compiled again for the smaller size (padding would undo the split)
+        self.trial = None  # a trial's times would mix batch sizes: eager unless compiling already
         self.warnings.append(
             f"a batch of {n} did not fit in {self.device} memory; continuing with "
             f"{self.max_chunk} per pass (use --batch-size {self.max_chunk} next time)"
         )
         return self._encode(pixels)
 
+    def _start_compiling(self) -> None:
+        use_inductor_cache()
+        self.compiled = self.built.compiled_encode()
+        self.compile_seconds = self.compile_seconds or 0.0
+
     def _encode_compiled(self, pixels: torch.Tensor) -> Encoded:
         n = pixels.shape[0]
         if self.compiled_batch is None:  # the first call compiles: time it apart from the rest
             tick = time.perf_counter()
-            out = self.built.encode(pixels)
-            self.compile_seconds += time.perf_counter() - tick
+            out = self.compiled(pixels)
+            seconds = time.perf_counter() - tick
+            self.compile_seconds += seconds
             self.compiled_batch = n
+            if self.choice is not None and self.trial is None:
+                self.choice.compiled_again(seconds)
             return out
         if n >= self.compiled_batch:
-            return self.built.encode(pixels)
+            return self.compiled(pixels)
         blank = pixels.new_zeros((self.compiled_batch - n, *pixels.shape[1:]))  # images never mix
-        return self.built.encode(torch.cat([pixels, blank])).head(n)
+        return self.compiled(torch.cat([pixels, blank])).head(n)
+
+
+class CompileTrial:
+    """--compile auto with nothing remembered: eager and compiled timed on this run's own full
+    batches, then the faster kept for the rest of the run (and remembered; compile_choice.py).
+
+    Full batch 1 runs eager (kernels chosen, buffers made, the writer's first flush beside it), 2-3
+    eager and timed, 4 compiles (its time, less an eager batch's, is the compilation), 5-6 compiled
+    and timed; the best of each pair counts (a noisy machine only ever slows a batch down). Other
+    sizes (the last batch) run eager and do not count. Tokens from either agree to the dtype's rounding.
+    """
+
+    TIMED = 2  # full batches timed in each mode
+
+    def __init__(self, choice: CompileChoice):
+        self.choice = choice
+        self.size: int | None = None  # the full batch size: the first batch's
+        self.seen = 0  # full batches so far
+        self.eager = self.compiled = float("inf")  # the best seconds per full batch
+        self.compile_seconds = 0.0
+
+    def step(self, runner: BatchRunner, pixels: torch.Tensor) -> Encoded:
+        n = len(pixels)
+        self.size = self.size or n
+        if n != self.size:
+            return runner.built.encode(pixels)
+        self.seen += 1
+        compiling_at = 2 + self.TIMED
+        if self.seen == 1:
+            return runner.built.encode(pixels)
+        tick = time.perf_counter()
+        if self.seen < compiling_at:
+            out = runner.built.encode(pixels)
+            self.eager = min(self.eager, time.perf_counter() - tick)
+            left = self.choice.images - runner.images - n
+            if self.seen == compiling_at - 1 and not self.choice.may_try(self.eager / n, left):
+                runner.trial = None  # too short a run to pay for a compilation: eager to the end
+            return out
+        if self.seen == compiling_at:
+            runner._start_compiling()
+            out = runner._encode_compiled(pixels)
+            self.compile_seconds = max(0.0, time.perf_counter() - tick - self.eager)
+            return out
+        out = runner._encode_compiled(pixels)
+        self.compiled = min(self.compiled, time.perf_counter() - tick)
+        if self.seen == compiling_at + self.TIMED:
+            measured = Measured(self.eager / n, self.compiled / n, self.compile_seconds)
+            self.choice.measured(measured, keep=measured.faster())
+            if not measured.faster():
+                runner.compiled = None
+            runner.trial = None
+        return out
 
 
 def _to_device(pixels, device: torch.device):

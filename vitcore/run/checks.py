@@ -81,9 +81,10 @@ def check_resume_settings(run: CheckedRun) -> None:
 def choose_family(encoder: EncoderOptions, compute: ComputeOptions):
     """The family that takes --model / --weights; it refuses the options it does not take."""
     family = registry.for_run(encoder.model, encoder.weights)
-    if compute.compile and not family.compilable:
+    if compute.compile == "on" and not family.compilable:
         takers = [f.name for f in registry.FAMILIES if f.compilable]
-        raise UsageError(f"--compile works with the {', '.join(takers)} encoders, not {family.name}")
+        raise UsageError(f"--compile on works with the {', '.join(takers)} encoders, not {family.name} "
+                         "(--compile auto leaves the others eager)")
     family.check(encoder)
     return family
 

@@ -104,13 +104,13 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
         report.inputs["folders or containers that cannot be read (a failure record each)"] = len(plan.unlisted)
     if out_opts.overwrite and os.path.exists(run.output):
         report.notes.append(f"{run.output} exists: the run would replace it (--overwrite)")
-    if compute.compile:
-        report.notes.append("--compile: the time estimate leaves out the one-off compilation (tens of seconds)")
+    if compute.compile == "on":
+        report.notes.append("--compile on: the time estimate leaves out the one-off compilation (tens of seconds)")
     if not sources:
         report.projected_bytes = os.path.getsize(run.output) if os.path.exists(run.output) else 0
         report.notes.append("nothing left to read: the file holds every input already")
         return report
-    built = run.family.build(encoder_opts, device, chosen.dtype, compile=False, record=record)
+    built = run.family.build(encoder_opts, device, chosen.dtype, record=record)
     report.batch_size, report.workers = choose_batching(compute, built, len(sources))
     calibration = _calibrate(built, settings, device, sources, containers.meta_names)
     report.calibration_failures = calibration.failures

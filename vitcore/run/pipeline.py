@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vitcore.run.batching import BatchRunner
+from vitcore.run.compile_choice import choose_compile
 from vitcore.run.settings import store_settings
 from vitcore.system.host_memory import HeapWatch
 from vitcore.system.device import choose_dtype, dtype_name, resolve_device
@@ -81,6 +82,7 @@ class ExtractResult:
     missing_meta: dict[str, int] = field(default_factory=dict)  # --keep / --columns name → rows without that text
     nonfinite_meta: dict[str, int] = field(default_factory=dict)  # --columns name → rows with NaN/inf stored as null
     dtype_reason: str | None = None  # --dtype auto: what it chose and why (None: the dtype was named)
+    compile_reason: str | None = None  # --compile auto: compiled or eager, by what measurement (None: not measured)
     passed_over: dict[str, int] = field(default_factory=dict)  # extension → files in folders not taken (--ext)
     entries_passed_over: dict[str, int] = field(default_factory=dict)  # kind (inputs.base.ENTRY_KINDS) → entries
 
@@ -191,11 +193,14 @@ def extract(
                                   found.image_columns, out_opts.compression)
         plan = plan_resume(out, found, settings, out_opts.retry_failed)
         if plan.sources:
-            built = family.build(encoder_opts, device, dtype, compile=compute.compile, record=record)
+            built = family.build(encoder_opts, device, dtype, record=record)
             batch_size, workers = choose_batching(compute, built, len(plan.sources))
             loader = make_loader(plan.sources, built.loader, batch_size, workers, pin_memory=device.type == "cuda",
                                  worker_init_fn=init_worker, meta=meta)
-            runner = BatchRunner(built, settings, device, compiled=compute.compile)
+            what = f"{record.encoder_record} | outputs {[spec.name for spec in record.outputs]}"
+            compiling = choose_compile(compute.compile, built.compiled_encode is not None, device, what, dtype,
+                                       batch_size, len(plan.sources))
+            runner = BatchRunner(built, settings, device, compile=compiling)
         else:  # a resume with nothing left to do: no encoder is built and no worker started
             built, loader, runner, batch_size, workers = None, None, None, None, None
         out.prepare(settings, plan.roots, plan.keep_failures)  # before the workers fork
@@ -217,6 +222,7 @@ def extract(
         device=str(device),
         compute_dtype=dtype_name(dtype),
         dtype_reason=chosen.reason,
+        compile_reason=runner.choice.reason if runner is not None else None,
         out_dtype=out_opts.out_dtype,
         encoder=record.name,
         token_shape=(-1, *settings.token_shape) if settings.ragged else settings.token_shape,

@@ -79,17 +79,27 @@ def cached_digest(kind: str, files: Iterable[str], compute: Callable[[], str]) -
     except OSError:
         unchanged = False
     if unchanged:
-        _remember(_record_path(kind, before), {"kind": kind, "files": [os.path.realpath(f) for f in files], "sha256": digest})
+        write_json(_record_path(kind, before), {"kind": kind, "files": [os.path.realpath(f) for f in files], "sha256": digest})
     return digest
 
 
-def _remember(path: str, record: dict) -> None:
-    """Write the record whole or not at all (a cache that cannot be written is only slower)."""
+def read_json(path: str) -> dict:
+    """A cache file's measurements (key → entry); {} when there is none yet, or it is unreadable or damaged."""
+    try:
+        with open(path) as handle:
+            known = json.load(handle)
+        return known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        return {}  # measure again
+
+
+def write_json(path: str, known: dict) -> None:
+    """Best effort, replaced whole: a cache folder that cannot be written only means measuring again next time."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        handle, partial = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
         with os.fdopen(handle, "w") as out:
-            json.dump(record, out)
-        os.replace(temporary, path)
+            json.dump(known, out, indent=1, sort_keys=True)
+        os.replace(partial, path)
     except OSError:
         pass

@@ -10,7 +10,6 @@ changed machine or torch measures again. Calibration takes well under a second.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -19,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from vitcore.system.cache import cache_dir
+from vitcore.system.cache import cache_dir, read_json, write_json
 
 CACHE_FILE = "dtype.json"
 FLOPS = 5e7  # the product timed: about this many operations (rows × D @ D × D; rows from 64 to 4,096)
@@ -101,12 +100,12 @@ def choose_cpu_dtype(width: int, measure: Callable[..., float] | None = None) ->
     from the cache where this machine, torch and shape were measured before."""
     key = f"{machine_key()} | torch {torch.__version__} | {'×'.join(map(str, product_shape(width)))}"
     path = os.path.join(cache_dir(), CACHE_FILE)
-    known = _read(path)
+    known = read_json(path)
     if key in known and known[key].get("ratio") is not None:
         ratio = float(known[key]["ratio"])
         return _choice(ratio, "measured earlier on this CPU")
     ratio = speed_ratio(width, measure)
-    _write(path, {**known, key: {"ratio": round(ratio, 4), "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
+    write_json(path, {**known, key: {"ratio": round(ratio, 4), "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
     return _choice(ratio, "measured on this CPU")
 
 
@@ -114,24 +113,3 @@ def _choice(ratio: float, where: str) -> DtypeChoice:
     if ratio >= BF16_MARGIN:
         return DtypeChoice(torch.bfloat16, f"bfloat16: {ratio:.2f}× float32's matrix-product speed, {where}")
     return DtypeChoice(torch.float32, f"float32: bf16 ran at {ratio:.2f}× float32's matrix-product speed, {where}")
-
-
-def _read(path: str) -> dict:
-    try:
-        with open(path) as handle:
-            known = json.load(handle)
-        return known if isinstance(known, dict) else {}
-    except (OSError, ValueError):
-        return {}  # none yet, unreadable or damaged: measure again
-
-
-def _write(path: str, known: dict) -> None:
-    """Best effort: a cache folder that cannot be written only means measuring again next time."""
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.{os.getpid()}.tmp"
-        with open(partial, "w") as handle:
-            json.dump(known, handle, indent=1, sort_keys=True)
-        os.replace(partial, path)
-    except OSError:
-        pass

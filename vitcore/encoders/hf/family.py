@@ -143,7 +143,7 @@ class TransformersTowerFamily:
             return {o.name: (h // patch) * (w // patch) for o in outputs}
         return counts
 
-    def build(self, opts, device, dtype, compile: bool = False, record=None):
+    def build(self, opts, device, dtype, record=None):
         from vitcore.encoders.hf import tower
         from vitcore.encoders.hf.processor import HFImageLoader
 

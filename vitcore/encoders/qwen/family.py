@@ -152,7 +152,7 @@ class QwenVLFamily:
                          outputs=tuple(outputs), grid_thw=True, parts={"preprocess": prep, "decode": decode},
                          width=cfg.width, token_counts=None if fixed else token_counts)
 
-    def build(self, opts, device, dtype, compile: bool = False, record=None):
+    def build(self, opts, device, dtype, record=None):
         import torch  # torch: only once a run is under way
 
         from vitcore.encoders.qwen.layers import choose_attention

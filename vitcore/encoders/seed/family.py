@@ -70,7 +70,7 @@ class SeedFamily:
             parts={"config": cfg, "layers": layers, "preprocess": prep}, width=cfg.dim,
         )
 
-    def build(self, opts, device, dtype, compile: bool = False, record=None):
+    def build(self, opts, device, dtype, record=None):
         import torch  # torch: only once a run is under way
 
         from vitcore.encoders.seed import gpu_decode
@@ -80,19 +80,23 @@ class SeedFamily:
         cfg, layers, prep = (record.parts[k] for k in ("config", "layers", "preprocess"))
         encoder = encoder_for(cfg, opts.weights, opts.seed, device, dtype)
         finish_batch = gpu_decode.GpuJpegDecoder(prep, device) if prep.decode == "gpu" else None
-        # torch.compile traces on the first call, for that batch size only (dynamic=False).
-        forward = torch.compile(encoder.forward_features, dynamic=False) if compile else encoder.forward_features
 
-        def encode(pixels):
-            x = normalize_on_device(pixels, prep.mean, prep.std, dtype)  # (B, S, S, 3) uint8 → (B, 3, S, S)
-            tokens, hidden = forward(x, layers)  # (B, N, P), {K: (B, N, D)}
-            return Encoded({"tokens": tokens, **{f"layers/{k}": h for k, h in hidden.items()}})
+        def encoding(forward):
+            def encode(pixels):
+                x = normalize_on_device(pixels, prep.mean, prep.std, dtype)  # (B, S, S, 3) uint8 → (B, 3, S, S)
+                tokens, hidden = forward(x, layers)  # (B, N, P), {K: (B, N, D)}
+                return Encoded({"tokens": tokens, **{f"layers/{k}": h for k, h in hidden.items()}})
+            return encode
+
+        def compiled_encode():
+            # torch.compile traces on the first call, for that batch size only (dynamic=False).
+            return encoding(torch.compile(encoder.forward_features, dynamic=False))
 
         def default_batch_size() -> int:
             return auto_batch_size(cfg, device, dtype)
 
-        return BuiltEncoder.of(record, encode=encode, loader=ImageLoader(prep), finish_batch=finish_batch,
-                               default_batch_size=default_batch_size)
+        return BuiltEncoder.of(record, encode=encoding(encoder.forward_features), compiled_encode=compiled_encode,
+                               loader=ImageLoader(prep), finish_batch=finish_batch, default_batch_size=default_batch_size)
 
     def rebuild(self, settings: dict, file: str):
         """Options that build the encoder ``settings`` (a file's attributes) record."""

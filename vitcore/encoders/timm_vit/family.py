@@ -145,7 +145,7 @@ class TimmFamily:
                                 "loader": TimmImageLoader(tuple(on_image), (height, width), opts.decode or "full"),
                                 "mean": mean, "std": std})
 
-    def build(self, opts, device, dtype, compile: bool = False, record=None):
+    def build(self, opts, device, dtype, record=None):
         import torch
 
         timm = _timm()
