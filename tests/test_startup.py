@@ -1,5 +1,7 @@
 """Refusals come before torch is imported: a bad option, a missing input, an output that exists,
-and a --resume of a file made with other settings (seed and Qwen-VL files), each in one line."""
+and a --resume of a file made with other settings (seed and Qwen-VL files; for the transformers and
+timm towers, whose record needs torch, every setting known without it: weights, pooling, dtypes,
+compression), each in one line."""
 
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import textwrap
 import pytest
 
 import vitcore
-from tests.helpers import TINY, save_tiny_qwen2vl
+from tests.helpers import HF_CHECKPOINTS, TINY, save_tiny_qwen2vl
 from vitcore.run.pipeline import ExtractOptions
 
 PROBE = textwrap.dedent("""
@@ -71,3 +73,51 @@ def test_a_resume_with_the_same_settings_goes_on(files):
     result = vitcore.extract([pictures], qwen_file, ExtractOptions(weights=str(qwen), dtype="float32", workers=0),
                              resume=True)
     assert result.skipped == 2 and result.written == 0 and result.complete
+
+
+def test_transformers_tower_resume_refusals_come_before_torch(files, tmp_path):
+    pytest.importorskip("transformers")
+    folder, pictures, *_ = files
+    save = HF_CHECKPOINTS["clip"][0]
+    clip, other = save(tmp_path / "clip"), HF_CHECKPOINTS["dinov2"][0](tmp_path / "dinov2")
+    made = tmp_path / "clip.h5"
+    vitcore.extract([pictures], made, ExtractOptions(weights=str(clip), dtype="float32", workers=0))
+    base = ["run", pictures, "-o", made, "--weights", clip, "--resume"]
+    cases = [
+        (base + ["--pool", "mean"], "pooling"),
+        (base + ["--out-dtype", "float32"], "--out-dtype"),
+        (base + ["--compression", "gzip"], "--compression"),
+        (base + ["--dtype", "bfloat16"], "compute dtype"),
+        (["run", pictures, "-o", made, "--weights", other, "--resume"], "weights"),
+    ]
+    for args, words in cases:
+        torch_state, code, stderr = _refused(*args)
+        assert code == 2 and words in stderr and stderr.count("\n") == 0, (args, stderr)
+        assert torch_state == "NO-TORCH", (args, stderr)
+    # What only the record knows is still refused, after torch, in one line; the same settings go on.
+    torch_state, code, stderr = _refused(*base, "--layer", "0")
+    assert code == 2 and "--layer list" in stderr and stderr.count("\n") == 0, stderr
+    again = vitcore.extract([pictures], made, ExtractOptions(weights=str(clip), dtype="float32", workers=0), resume=True)
+    assert again.skipped == 2 and again.written == 0 and again.complete
+
+
+def test_timm_resume_refusals_come_before_torch(files, tmp_path):
+    timm = pytest.importorskip("timm", reason="timm (and the torchvision it needs) is not installed")
+    import torch
+    from safetensors.torch import save_file
+
+    folder, pictures, *_ = files
+    weights = tmp_path / "vit.safetensors"
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    other = tmp_path / "other.safetensors"
+    with torch.no_grad():
+        save_file({k: (v + 0.01).contiguous() for k, v in model.state_dict().items()}, str(other))
+    made = tmp_path / "timm.h5"
+    vitcore.extract([pictures], made, ExtractOptions(model="timm:vit_tiny_patch16_224", weights=str(weights),
+                                                     dtype="float32", workers=0))
+    model_args = ["--model", "timm:vit_tiny_patch16_224", "--resume"]
+    for args, words in [(["--weights", weights, "--pool", "max"], "pooling"), (["--weights", other], "weights")]:
+        torch_state, code, stderr = _refused("run", pictures, "-o", made, *model_args, *args)
+        assert code == 2 and words in stderr and stderr.count("\n") == 0, (args, stderr)
+        assert torch_state == "NO-TORCH", (args, stderr)

@@ -2,7 +2,9 @@
 
 A family (an object in its package under vitcore/encoders/, one entry in registry.FAMILIES) has
 ``name``, ``label``, ``summary``, ``compilable``, ``feeds_language_model`` and ``record_without_torch``
-(its record() imports no torch: a --resume of other settings is refused before torch loads), and answers:
+(its record() imports no torch: a --resume of other settings is refused before torch loads; a family
+whose record needs torch has ``weights_record(opts)`` → WeightsInfo instead, torch-free, so a resume of
+other weights, pooling, dtypes or compression is still refused before torch), and answers:
 
     claims(model, weights)        does this run's --model / --weights belong to me?
     check(opts)                   refuse options I do not take (one-line UsageError)

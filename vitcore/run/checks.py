@@ -6,6 +6,7 @@ that will be refused is reported at once; extract() runs it when not given its r
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from vitcore.inputs.discover import discover
 from vitcore.inputs.parquet import ParquetRow
 from vitcore.store.encoding import PLUGIN_FILTERS, load_plugins
 from vitcore.store.output import check_output
-from vitcore.store.resume import check_resumable, recorded_compute_dtype
+from vitcore.store.resume import check_known_settings, check_resumable, recorded_compute_dtype
 from vitcore.run.settings import store_settings
 
 
@@ -63,15 +64,20 @@ def check_resume_settings(run: CheckedRun) -> None:
     device only decides what --dtype auto and --decode gpu become: a resume with --dtype auto keeps
     the file's compute dtype, and --decode gpu waits for the device."""
     out, compute = run.output_options, run.compute
-    if not (out.resume and os.path.isfile(run.output)) or not run.family.record_without_torch:
-        return
-    if run.encoder.decode == "gpu":
+    if not (out.resume and os.path.isfile(run.output)) or run.encoder.decode == "gpu":
         return
     dtype = recorded_compute_dtype(run.output) if compute.dtype == "auto" else compute.dtype
     if dtype is None:
         return  # not a file of ours: run() says why
-    record = run.family.record(run.encoder, "cpu")
     containers = run.inputs.containers
+    if not run.family.record_without_torch:  # what is known without the record: the rest after torch
+        check_known_settings(run.output, {
+            "weights": run.family.weights_record(run.encoder).to_json(), "pooling": out.pool, "compute_dtype": dtype,
+            "out_dtype": out.out_dtype, "compression": out.compression,
+            "shard": run.shard.to_json() if run.shard is not None else "null", "meta": containers.meta_names,
+            "image_column": json.dumps(containers.image_column)})
+        return
+    record = run.family.record(run.encoder, "cpu")
     settings = store_settings(record, out.pool, out.out_dtype, "cpu", dtype,
                               run.shard.to_json() if run.shard is not None else "null", containers.meta_names,
                               containers.image_column, run.found.image_columns, out.compression)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from vitcore.errors import ResumeMismatchError
 from vitcore.inputs.base import identity_of
@@ -38,13 +39,7 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
                 f"cannot resume {path}: schema version {attrs['schema_version']} "
                 f"(this vit-extract writes {SCHEMA_VERSION}); use --overwrite or a new output"
             )
-        for attribute in compared():
-            then, now = stored_value(attrs, attribute), attribute.value(settings)
-            if attribute.differs(then, now):
-                raise ResumeMismatchError(
-                    f"cannot resume {path}: the {attribute.compare} setting differs ({_difference(attribute.key(then), attribute.key(now))}); "
-                    "rerun with the file's settings or use --overwrite"
-                )
+        _refuse_differences(path, attrs, [(attribute, attribute.value(settings)) for attribute in compared()])
         roots = json.loads(attrs["roots"])
         committed = int(attrs["committed"])
         failed_committed = int(attrs["failed_committed"])
@@ -58,6 +53,30 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
             failed = [identity_of(roots[i], k) for i, k in zip(index, keys)]
         return ResumeState(done=done, failed=failed, roots=roots, committed=committed,
                            failed_committed=failed_committed)
+
+
+def check_known_settings(path: str, known: dict) -> None:
+    """Refuse a resume on the settings known before the encoder's record is (a family that needs
+    torch to make its record; check_resumable compares everything later): ``known`` maps some of
+    StoreSettings' fields, each named as the attribute that records it, to their values. A file
+    that is not a complete output of ours passes here: the full check says why."""
+    with open_for_reading(path, "resume") as h5:
+        attrs = h5.attrs
+        if any(name not in attrs for name in REQUIRED) or int(attrs["schema_version"]) != SCHEMA_VERSION:
+            return
+        settings = SimpleNamespace(**known)
+        _refuse_differences(path, attrs, [(a, a.value(settings)) for a in compared() if a.name in known])
+
+
+def _refuse_differences(path: str, attrs, pairs) -> None:
+    """(attribute, this run's value) pairs against the file's: the first that differs, named."""
+    for attribute, now in pairs:
+        then = stored_value(attrs, attribute)
+        if attribute.differs(then, now):
+            raise ResumeMismatchError(
+                f"cannot resume {path}: the {attribute.compare} setting differs ({_difference(attribute.key(then), attribute.key(now))}); "
+                "rerun with the file's settings or use --overwrite"
+            )
 
 
 def recorded_compute_dtype(path: str) -> str | None:

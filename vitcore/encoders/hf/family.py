@@ -46,7 +46,7 @@ class Tower:
 class TransformersTowerFamily:
     compilable = False
     feeds_language_model = False  # tokens for retrieval and probing; a VLM's projector is not part of these towers
-    record_without_torch = False  # transformers' config classes read the checkpoint
+    record_without_torch = False  # transformers' config classes read the checkpoint (weights_record needs no torch)
 
     def __init__(self, name: str, label: str, towers: dict[str, Tower], naflex: bool = False):
         self.name, self.label, self.towers, self.naflex = name, label, towers, naflex
@@ -83,6 +83,14 @@ class TransformersTowerFamily:
         if importlib.util.find_spec("transformers") is None:
             raise UsageError(f"{opts.weights} is a {self.label} checkpoint, whose tower transformers defines, and "
                              "transformers is not installed: pip install 'vit-extract[transformers]'")
+
+    def weights_record(self, opts) -> WeightsInfo:
+        """The checkpoint's identity, torch-free (a --resume of other weights is refused before torch loads)."""
+        from vitcore.encoders.hf import checkpoint
+
+        spec = self.towers[model_type(opts.weights)]
+        return WeightsInfo(source="file", path=os.path.abspath(opts.weights),
+                           sha256=checkpoint.weights_sha256(opts.weights, spec.two_tower))
 
     def record(self, opts, device):
         """From the checkpoint's JSON files (read by transformers' config class) and a hash of its
@@ -124,8 +132,7 @@ class TransformersTowerFamily:
                           "config": tower.config_record(config), "prefix_tokens": kept,
                           "prefix_tokens_dropped": prefix - kept, "grid": list(grid) if grid else None,
                           "embedding": embedding and {"output": embedding[0], "width": embedding[1]}}
-        weights = WeightsInfo(source="file", path=os.path.abspath(folder),
-                              sha256=checkpoint.weights_sha256(folder, spec.two_tower))
+        weights = self.weights_record(opts)
         return RunRecord(name=self.name, encoder_record=json.dumps(encoder_record, sort_keys=True),
                          preprocessing=json.dumps({**prep.to_record(), "decode": decode}, sort_keys=True),
                          weights=weights, outputs=tuple(outputs), grid_thw=self.naflex, width=width, notes=notes,

@@ -14,6 +14,7 @@ timm (and torch) are imported only inside check(), record(), build() and rebuild
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -38,6 +39,16 @@ def _name(model) -> str | None:
     if isinstance(model, str) and model.strip().lower().startswith(PREFIX):
         return model.strip()[len(PREFIX):].strip()
     return None
+
+
+def _known_to_timm(name: str):
+    """timm itself (imported here: it brings torch), once it is known to have a model of ``name``."""
+    timm = _timm()
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
+        raise UsageError(f"timm has no model {name!r}" + (f"; close: {', '.join(close)}" if close else
+                                                            "; timm.list_models() lists them"))
+    return timm
 
 
 def _timm():
@@ -72,7 +83,7 @@ class TimmFamily:
                f"(.safetensors, .pth or .bin; needs {EXTRA}); timm's own eval preprocessing")
     compilable = False
     feeds_language_model = False
-    record_without_torch = False  # timm makes the model on the meta device for its shapes
+    record_without_torch = False  # timm makes the model on the meta device for its shapes (weights_record needs no torch)
 
     def claims(self, model, weights) -> bool:
         return _name(model) is not None
@@ -92,22 +103,25 @@ class TimmFamily:
                 raise UsageError(f"{flag} is for {whose} (timm:{name} stores forward_features, --layer K its blocks)")
         if opts.decode == "gpu":
             raise UsageError(f"--decode gpu works with the seed encoders; timm:{name} decodes on the CPU as timm does (--decode full)")
-        timm = _timm()
-        if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
-            raise UsageError(f"timm has no model {name!r}" + (f"; close: {', '.join(close)}" if close else
-                                                                "; timm.list_models() lists them"))
+        if importlib.util.find_spec("timm") is None:
+            raise UsageError(f"--model timm:NAME needs timm, which is not installed: {EXTRA}")
+        # Whether timm knows the name is asked in record(): timm imports torch, and a refusal here must not.
+
+    def weights_record(self, opts) -> WeightsInfo:
+        """The weights file's identity, torch-free (a --resume of other weights is refused before torch loads)."""
+        from vitcore.encoders.checkpoint_files import file_digest
+        from vitcore.system.cache import cached_digest
+
+        digest = cached_digest("file", [opts.weights], lambda: file_digest(opts.weights))  # remembered while unchanged
+        return WeightsInfo(source="file", path=os.path.abspath(opts.weights), sha256=digest)
 
     def record(self, opts, device):
         """timm's model made on the meta device (no weights, no memory) for its shapes and data
         config; the weights file hashed."""
         import torch
 
-        from vitcore.encoders.checkpoint_files import file_digest
-        from vitcore.system.cache import cached_digest
-
-        timm = _timm()
         name = _name(opts.model)
+        timm = _known_to_timm(name)
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False, num_classes=0)
         if not hasattr(model, "forward_intermediates") or not hasattr(model, "num_prefix_tokens"):
@@ -135,8 +149,7 @@ class TimmFamily:
                           "embedding": {"output": "forward_head(pre_logits=True)", "width": int(pooled.shape[-1])}}
         preprocessing = {"data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
                          "transforms": [repr(t) for t in transform.transforms], "decode": opts.decode or "full"}
-        digest = cached_digest("file", [opts.weights], lambda: file_digest(opts.weights))  # remembered while unchanged
-        weights = WeightsInfo(source="file", path=os.path.abspath(opts.weights), sha256=digest)
+        weights = self.weights_record(opts)
         outputs = (ArraySpec("tokens", (tokens, dim)), *(ArraySpec(f"layers/{k}", (tokens, dim)) for k in layers))
         return RunRecord(name=f"timm:{name}", encoder_record=json.dumps(encoder_record, sort_keys=True),
                          preprocessing=json.dumps(preprocessing, sort_keys=True), weights=weights, outputs=outputs,
