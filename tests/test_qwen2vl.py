@@ -66,6 +66,19 @@ def test_tower_matches_transformers_in_float32(checkpoint, names, backend):
     assert _rel(ours.last_hidden, hidden) < 1e-4
 
 
+@pytest.mark.parametrize("grid", [[[2, 8, 12]], [[3, 4, 4], [1, 10, 8], [2, 12, 16]]])
+def test_video_grids_attend_within_each_temporal_slice_as_transformers(checkpoint, grid):
+    """t > 1 (a video's temporal patches): each slice is a segment of its own, in full and window attention."""
+    version, folder, visual = checkpoint
+    encoder, _ = VERSIONS[version][1](str(folder))
+    grid = torch.tensor(grid)
+    pixels = torch.randn(int(grid.prod(dim=1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = visual(pixels, grid_thw=grid).pooler_output
+        ours = encoder(pixels, [tuple(g) for g in grid.tolist()]).tokens
+    assert (torch.linalg.norm(ours.double() - ref.double()) / torch.linalg.norm(ref.double())).item() < 1e-4
+
+
 def test_windows_match_transformers_window_index(checkpoint):
     from transformers.vision_utils import get_vision_window_index
 

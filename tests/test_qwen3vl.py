@@ -140,6 +140,21 @@ def test_encoder_alone_on_identical_pixel_values(checkpoint):
     assert _rel(ours.tokens, ref.pooler_output) < 1e-4
 
 
+@pytest.mark.parametrize("grid", [[[2, 6, 10]], [[3, 4, 4], [1, 6, 10], [2, 8, 6]]])
+def test_video_grids_attend_within_each_temporal_slice_as_transformers(checkpoint, grid):
+    """t > 1 (a video's temporal patches): positions repeat per slice and no slice attends to another."""
+    folder, visual = checkpoint
+    encoder, _ = load_qwen3vl(str(folder))
+    grid = torch.tensor(grid)
+    pixels = torch.randn(int(grid.prod(dim=1).sum()), 1536, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = visual(pixels, grid_thw=grid)
+        ours = encoder(pixels, [tuple(g) for g in grid.tolist()])
+    assert _rel(ours.tokens, ref.pooler_output) < 1e-4
+    for a, b in zip(ours.deepstack, ref.deepstack_features):
+        assert _rel(a, b) < 1e-4
+
+
 def test_loading_reads_only_the_vision_tensors(checkpoint, monkeypatch):
     folder, _ = checkpoint
     with open(folder / "model.safetensors.index.json") as handle:

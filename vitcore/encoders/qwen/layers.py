@@ -32,6 +32,12 @@ def merge_order_positions(grid_thw: list[tuple[int, int, int]], merge: int, devi
     return torch.cat(rows), torch.cat(cols)
 
 
+def frame_lengths(grid_thw: list[tuple[int, int, int]]) -> list[int]:
+    """Attention segments of a packed sequence: each temporal slice of each image or video
+    (h·w patches, t of them), as transformers' cu_seqlens; a picture is one slice (t = 1)."""
+    return [h * w for t, h, w in grid_thw for _ in range(t)]
+
+
 def rope_tables(rope, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (N, Dh) in float32 for tokens at (rows, cols): the shared 2-D RoPE (encoders.layers.Rope2D)."""
     angles = rope.angles(rows.float(), cols.float())  # (N, Dh/2)

@@ -24,7 +24,8 @@ from torch import nn
 from vitcore.encoders.layers import Mlp, Rope2D
 from vitcore.encoders.qwen.checkpoint import load_tower
 from vitcore.encoders.qwen.config import Qwen2VLConfig, Qwen25VLConfig
-from vitcore.encoders.qwen.layers import Block, PatchEmbed, TowerOutput, layer_norm, merge_order_positions, rope_tables
+from vitcore.encoders.qwen.layers import (Block, PatchEmbed, TowerOutput, frame_lengths, layer_norm, merge_order_positions,
+                                         rope_tables)
 from vitcore.encoders.qwen.processor import QwenVLPreprocess
 
 ACTIVATIONS = {  # config.ACTIVATIONS, as functions
@@ -102,7 +103,7 @@ class Qwen2VLVisionEncoder(Tower):
         x = self.patch_embed(patches)  # (N, D)
         rows, cols = merge_order_positions(grid_thw, self.cfg.spatial_merge_size, x.device)
         cos, sin = rope_tables(self.rope, rows, cols)  # (N, Dh) float32 each
-        lengths = [t * h * w for t, h, w in grid_thw]  # one attention segment per image
+        lengths = frame_lengths(grid_thw)  # a segment per picture, or per temporal slice of a video
         for block in self.blocks:
             x = block(x, cos, sin, lengths)
         return TowerOutput(tokens=self.merger(x), last_hidden=x)
@@ -125,7 +126,7 @@ class Qwen25VLVisionEncoder(Tower):
         x = by_window(self.patch_embed(patches))  # (N, D)
         rows, cols = merge_order_positions(grid_thw, self.cfg.spatial_merge_size, x.device)
         cos, sin = (by_window(t) for t in rope_tables(self.rope, rows, cols))
-        images = [t * h * w for t, h, w in grid_thw]  # each image stays one run in window order
+        images = frame_lengths(grid_thw)  # each picture (video slice) stays one run in window order
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, images if i in self.cfg.fullatt_block_indexes else windows)
         back = torch.argsort(order)

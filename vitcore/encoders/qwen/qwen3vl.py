@@ -28,7 +28,8 @@ from torch import nn
 from vitcore.encoders.layers import Rope2D
 from vitcore.encoders.qwen.checkpoint import load_tower
 from vitcore.encoders.qwen.config import Qwen3VLConfig
-from vitcore.encoders.qwen.layers import Block, PatchEmbed, TowerOutput, layer_norm, merge_order_positions, rope_tables
+from vitcore.encoders.qwen.layers import (Block, PatchEmbed, TowerOutput, frame_lengths, layer_norm, merge_order_positions,
+                                         rope_tables)
 from vitcore.encoders.qwen.processor import QwenVLPreprocess
 
 
@@ -105,7 +106,7 @@ class Qwen3VLVisionEncoder(nn.Module):
         rows, cols = merge_order_positions(grid_thw, self.cfg.spatial_merge_size, x.device)
         x = x + self.position_embedding(rows, cols, grid_thw, x.dtype)
         cos, sin = rope_tables(self.rope, rows, cols)  # (N, Dh) float32 each
-        lengths = [t * h * w for t, h, w in grid_thw]  # one attention segment per image (t = 1)
+        lengths = frame_lengths(grid_thw)  # a segment per picture, or per temporal slice of a video
         deepstack = []
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, lengths)
