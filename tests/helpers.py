@@ -193,3 +193,21 @@ HF_CHECKPOINTS = {  # name → (saver(folder) → folder, family, processor clas
 }
 
 
+def make_clip(path, frames: int, width: int, height: int, fps: int, codec: str = "libx264", options=None) -> str:
+    """A clip of smooth colour fields with noise (so resizing and sampling both show), written by PyAV."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(frames * 7 + width)
+    with av.open(str(path), "w", options=options or {}) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        ys, xs = np.mgrid[0:height, 0:width]
+        for i in range(frames):
+            base = np.stack([(xs * 3 + i * 9) % 256, (ys * 2 + i * 5) % 256, (xs + ys + i * 13) % 256], -1)
+            picture = np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)

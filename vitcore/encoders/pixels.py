@@ -36,21 +36,27 @@ def resize_pixels(rgb, size: tuple[int, int], resample: int, backend: str) -> np
     if backend == "pil":
         return np.array(rgb.resize(size, Image.Resampling(resample)), dtype=np.uint8)
     pixels = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable (torch warns on Pillow's read-only view)
+    return torchvision_resize(pixels[None], size, resample)[0]
+
+
+def torchvision_resize(frames: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) → (N, height, width, 3) at ``size`` (width, height), as transformers'
+    torchvision classes resize a (N, 3, H, W) uint8 tensor on the CPU (each of the N alike)."""
     width, height = size
-    if (height, width) == pixels.shape[:2]:
-        return pixels  # torchvision hands an image of the target size back untouched
+    if (height, width) == frames.shape[1:3]:
+        return frames  # torchvision hands pictures of the target size back untouched
     import torch  # torch: the registry imports this module's callers, torch-free until a run
     import torch.nn.functional as F
 
     mode = TORCH_MODES[resample]
-    x = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()[None]  # (1, 3, H, W), as transformers lays it out
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W), as transformers lays it out
     smooth = mode != "nearest-exact"  # antialiased, corners not aligned; nearest neither
     kwargs = dict(size=[height, width], mode=mode, antialias=smooth, align_corners=False if smooth else None)
     if mode != "bilinear" or _native_uint8_bilinear():
         y = F.interpolate(x, **kwargs)
     else:  # torchvision's path on CPUs without AVX2: through float32
         y = F.interpolate(x.float(), **kwargs).round_().to(torch.uint8)
-    return np.ascontiguousarray(y[0].permute(1, 2, 0).numpy())
+    return np.ascontiguousarray(y.permute(0, 2, 3, 1).numpy())
 
 
 def _native_uint8_bilinear() -> bool:

@@ -1,0 +1,88 @@
+"""Video clips for the Qwen-VL families against transformers' own video processors (the oracle):
+the frames sampled, their size, the patches bit for bit, the grid, and the timing each language
+model is given. Both sides read the same clip with PyAV."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+av = pytest.importorskip("av")
+pytest.importorskip("torchvision", reason="transformers' torchvision backend needs torchvision")  # video processors
+import transformers  # noqa: E402
+from transformers.video_utils import load_video  # noqa: E402
+
+from tests.helpers import make_clip
+from vitcore.encoders.qwen.video import patchify_video, resize_frames, video_settings  # noqa: E402
+from vitcore.imaging.video import clip_info, open_clip, read_frames  # noqa: E402
+
+KINDS = {"qwen2": ("qwen2_vl", transformers.Qwen2VLVideoProcessor), "qwen3": ("qwen3_vl", transformers.Qwen3VLVideoProcessor)}
+
+
+def checkpoint(folder, kind: str, video: dict | None = None, image: dict | None = None):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": KINDS[kind][0]}))
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Qwen2VLImageProcessor", **(image or {})}))
+    if video is not None:
+        (folder / "video_preprocessor_config.json").write_text(json.dumps(
+            {"video_processor_type": KINDS[kind][1].__name__, **video}))
+    return str(folder)
+
+
+def ours(path, prep):
+    with open(path, "rb") as handle, open_clip(handle) as container:
+        info = clip_info(container)
+        indices = prep.frames(info.frames, info.fps)
+        frames = read_frames(container, indices)
+    size = prep.frame_size(len(indices), info.height, info.width)
+    patches, grid = patchify_video(torch.from_numpy(resize_frames(frames, size, prep)), prep)
+    return patches, grid, indices, prep.timing(indices, info.frames, info.fps)
+
+
+def theirs(path, folder, kind, **call):
+    processor = KINDS[kind][1].from_pretrained(folder)
+    video, metadata = load_video(path, backend="pyav")
+    out = processor(videos=[video], video_metadata=[metadata], return_tensors="pt", return_metadata=True, **call)
+    (meta,) = out["video_metadata"]
+    return out["pixel_values_videos"], tuple(out["video_grid_thw"][0].tolist()), meta
+
+
+CLIPS = [(9, 90, 166, 25), (12, 64, 48, 10), (37, 120, 70, 30), (5, 200, 40, 24)]
+SETTINGS = {  # name → (kind, video_preprocessor_config.json or None, image processor's, call kwargs)
+    "qwen2 defaults (every frame)": ("qwen2", None, dict(min_pixels=3136, max_pixels=40000), {}),
+    "qwen2 sampled at 4 fps": ("qwen2", dict(size={"shortest_edge": 3136, "longest_edge": 30000}, do_sample_frames=True,
+                                             fps=4, min_frames=2), None, {}),
+    "qwen2 capped per frame": ("qwen2", dict(size={"shortest_edge": 1000, "longest_edge": 80000}, cap_pixels_per_frame=True,
+                                             max_video_tokens=600), None, {}),
+    "qwen3 defaults (2 fps)": ("qwen3", dict(size={"shortest_edge": 4096, "longest_edge": 300000}, patch_size=16), None,
+                               {}),
+    "qwen3 at 6 fps, max 10 frames": ("qwen3", dict(size={"shortest_edge": 4096, "longest_edge": 200000}, fps=6,
+                                                    max_frames=10, min_frames=3), None, {}),
+    "qwen3 capped per frame": ("qwen3", dict(size={"shortest_edge": 2048, "longest_edge": 900000},
+                                             cap_pixels_per_frame=True, max_video_tokens=40), None, {}),
+}
+
+
+@pytest.mark.parametrize("clip", CLIPS, ids=lambda c: f"{c[0]}f-{c[2]}x{c[1]}-{c[3]}fps")
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_patches_grid_and_timing_equal_transformers_video_processor(tmp_path, clip, name):
+    kind, video, image, call = SETTINGS[name]
+    frames, height, width, fps = clip
+    path = make_clip(tmp_path / "clip.mp4", frames, width, height, fps)
+    folder = checkpoint(tmp_path / "ckpt", kind, video, image)
+    prep = video_settings(folder, kind)
+    if kind == "qwen3" and len(prep.frames(frames, fps)) < 2:
+        pytest.fail("a clip too short for the test")
+    ref, ref_grid, meta = theirs(path, folder, kind, **call)
+    patches, grid, indices, timing = ours(path, prep)
+    assert list(indices) == [int(i) for i in meta.frames_indices]
+    assert grid == ref_grid
+    assert patches.dtype == ref.dtype and torch.equal(patches, ref)  # bit for bit
+    # Qwen2.5-VL's second_per_grid_ts and Qwen3-VL's prompt timestamps, from transformers' own processors
+    assert timing["second_per_grid_t"] == pytest.approx(prep.temporal_patch_size / meta.sampled_fps, rel=1e-12)
+    sampled = [int(i) for i in meta.frames_indices]
+    stamps = transformers.Qwen3VLProcessor._calculate_timestamps(None, sampled, meta.fps, prep.temporal_patch_size)
+    assert timing["timestamps"] == pytest.approx([float(s) for s in stamps], rel=1e-12)

@@ -1,0 +1,67 @@
+"""Reading video clips (PyAV): what a clip holds, the frames at chosen indices, and a clear error for
+every clip that cannot be one (broken, empty, audio only). Equality with transformers' processors is
+in test_qwen_video.py."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+av = pytest.importorskip("av")
+
+from tests.helpers import make_clip  # noqa: E402
+from vitcore.imaging.video import VideoError, clip_info, is_video_name, open_clip, read_frames  # noqa: E402
+
+
+def _all_frames(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@pytest.mark.parametrize("codec, suffix", [("libx264", "mp4"), ("mpeg4", "mkv"), ("libvpx", "webm")])
+def test_info_and_frames_at_indices(tmp_path, codec, suffix):
+    path = make_clip(tmp_path / f"clip.{suffix}", 11, 64, 48, 12, codec=codec)
+    every = _all_frames(path)
+    with open(path, "rb") as handle, open_clip(handle) as container:
+        info = clip_info(container)  # WebM declares no frame count: counted by decoding
+        frames = read_frames(container, [0, 3, 3, 10])
+    assert (info.frames, info.fps, info.width, info.height) == (11, 12.0, 64, 48)
+    assert info.duration == pytest.approx(11 / 12)
+    assert frames.shape == (4, 48, 64, 3) and frames.dtype == np.uint8
+    np.testing.assert_array_equal(frames, every[[0, 3, 3, 10]])
+
+
+def test_a_clip_is_read_from_bytes_in_memory_as_from_a_file(tmp_path):  # tar members arrive as bytes
+    path = make_clip(tmp_path / "clip.mp4", 6, 32, 32, 8)
+    data = io.BytesIO(open(path, "rb").read())
+    with open_clip(data) as container:
+        np.testing.assert_array_equal(read_frames(container, [1, 5]), _all_frames(path)[[1, 5]])
+
+
+def test_clips_that_cannot_be_read_are_one_line_errors(tmp_path):
+    good = open(make_clip(tmp_path / "clip.mp4", 20, 64, 48, 10), "rb").read()
+    front = make_clip(tmp_path / "front.mp4", 20, 64, 48, 10, options={"movflags": "faststart"})  # index first
+    front = open(front, "rb").read()
+    audio = tmp_path / "audio.m4a"
+    with av.open(str(audio), "w") as out:
+        stream = out.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+    cases = {"empty": b"", "not a video": b"GIF89a" + bytes(100), "cut short": good[: len(good) // 3],
+             "cut short, index first": front[: len(front) // 2],  # opens, declares 20 frames, holds fewer
+             "audio only": audio.read_bytes()}
+    for name, data in cases.items():
+        with pytest.raises(VideoError) as caught:
+            with open_clip(io.BytesIO(data)) as container:
+                info = clip_info(container)
+                read_frames(container, range(info.frames))
+        message = str(caught.value)
+        assert message and "\n" not in message and "Errno" not in message, (name, message)
+
+
+def test_video_names():
+    assert is_video_name("a/b/clip.MP4") and is_video_name("x.webm") and not is_video_name("photo.jpg")

@@ -1,0 +1,114 @@
+"""Video clips, read with PyAV (its wheel bundles FFmpeg; the [video] extra): what a clip holds and
+its frames at chosen indices, as transformers' PyAV video loader reads them, so that the frames
+both sides sample are the same pictures.
+
+    clip_info(container)          → ClipInfo: frames, average rate, size and duration (frames / fps)
+    read_frames(container, idx)   → uint8 (T, H, W, 3): frame idx[k] is the idx[k]-th frame decoded
+                                    from the start; decoding stops after the last one wanted, and
+                                    only the wanted frames are kept (a long clip costs time, not memory)
+
+The container's own frame count is used, as transformers does; a container that declares none
+(WebM and Matroska often do not) has its frames counted by decoding once, in constant memory.
+Rotation metadata is not applied (transformers does not either). Torch-free: this runs in the
+decoding workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
+EXTRA = "pip install 'vit-extract[video]'"
+
+
+class VideoError(ValueError):
+    """A clip that cannot be read as one (no video stream, no frames, broken data): a failure record."""
+
+
+def is_video_name(name) -> bool:
+    """Whether a file or member name has a video extension."""
+    return os.path.splitext(str(name))[1].lower().lstrip(".") in VIDEO_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    frames: int  # frames in the clip (the container's count, or counted by decoding)
+    fps: float  # the stream's average frame rate
+    width: int
+    height: int
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.fps
+
+    def to_record(self) -> dict:
+        return {"frames": self.frames, "fps": self.fps, "width": self.width, "height": self.height,
+                "duration": round(self.duration, 6)}
+
+
+def open_clip(source):
+    """A binary file object → an open PyAV container (close it, or use it in a with-block)."""
+    av = _av()
+    try:
+        return av.open(source, mode="r")
+    except av.FFmpegError as err:
+        raise VideoError(f"not a readable video ({_reason(err)})") from None
+
+
+def clip_info(container) -> ClipInfo:
+    if not container.streams.video:
+        raise VideoError("the file holds no video stream (audio only?)")
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate:
+        raise VideoError("the video stream declares no frame rate")
+    frames = stream.frames or _count_frames(container)
+    if frames <= 0:
+        raise VideoError("the video stream holds no frames")
+    return ClipInfo(frames=int(frames), fps=float(rate), width=stream.codec_context.width,
+                    height=stream.codec_context.height)
+
+
+def read_frames(container, indices) -> np.ndarray:
+    """The frames at ``indices`` (ascending, repeats allowed) → uint8 (T, H, W, 3) RGB."""
+    av = _av()
+    wanted = sorted(set(int(i) for i in indices))
+    found: dict[int, np.ndarray] = {}
+    try:
+        container.seek(0)
+        for i, frame in enumerate(container.decode(video=0)):
+            if i > wanted[-1]:
+                break
+            if i in wanted:
+                found[i] = frame.to_ndarray(format="rgb24")
+    except av.FFmpegError as err:
+        raise VideoError(f"the video stops decoding at frame {len(found)} ({_reason(err)})") from None
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise VideoError(f"the video ends before frame {missing[0]} (it declares more frames than it holds)")
+    return np.stack([found[int(i)] for i in indices])
+
+
+def _count_frames(container) -> int:
+    av = _av()
+    try:
+        container.seek(0)
+        return sum(1 for _ in container.decode(video=0))
+    except av.FFmpegError as err:
+        raise VideoError(f"the video cannot be decoded ({_reason(err)})") from None
+
+
+def _reason(err) -> str:
+    """FFmpeg's own words ("Invalid data found when processing input"), without its error number."""
+    return " ".join(str(getattr(err, "strerror", None) or err).split())[:160]
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise VideoError(f"reading video needs PyAV, which is not installed: {EXTRA}") from None
+    return av
