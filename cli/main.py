@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -366,8 +367,13 @@ def show(
     first: Annotated[int, typer.Option(metavar="N", help="Without KEYS: draw the first N rows.", min=1)] = 8,
     joint: Annotated[bool, typer.Option("--joint", help="One PCA over all chosen images (comparable colours) instead of one per image.")] = False,
     columns: Annotated[int, typer.Option(metavar="N", help="Pictures per sheet row.", min=1)] = 2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing sheet.")] = False,
 ) -> None:
     """Draw each picture beside a PCA colour map of its patch tokens, as one PNG sheet."""
+    try:
+        output = _check_sheet(output, overwrite, [file])
+    except VitExtractError as error:
+        raise _fail(error)
     from vitcore.consumers.visualize import token_sheet  # h5py, numpy, Pillow: not for --help
 
     try:
@@ -424,8 +430,13 @@ def similar(
     index: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Search through this index (vit-extract index), refused if the file changed since it was built. Default: FILE's own index beside it (out.h5 → out.faiss) when there is one that still matches, else exact search.", exists=True, dir_okay=False, show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON on stdout.")] = False,
     sheet: Annotated[Optional[Path], typer.Option(metavar="PNG", help="Also write a contact sheet of the hits to this PNG.", dir_okay=False, show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --sheet.")] = False,
 ) -> None:
     """The images whose pooled vectors are closest to QUERY (cosine similarity: exact, or through an index)."""
+    try:
+        sheet = _check_sheet(sheet, overwrite, [file, Path(query), *([index] if index else [])]) if sheet else None
+    except VitExtractError as error:
+        raise _fail(error, as_json)
     from vitcore.consumers.search import hits_sheet, similar as find_similar  # h5py, numpy: not for --help
 
     try:
@@ -468,6 +479,19 @@ def merge_command(
         kind = "virtual datasets over the shards" if result.virtual else "a self-contained copy"
         out.print(f"merged {result.shards} shards → {escape(result.output)}: {result.rows} rows, "
                   f"{result.failed} failed ({kind})")
+
+
+def _check_sheet(path: Path, overwrite: bool, reading: list[Path]) -> Path:
+    """A sheet's output, checked before any work: never a file this command reads (not even with
+    --overwrite), an existing file only with --overwrite, through a link its target."""
+    from vitcore.store.output import check_output, output_target
+
+    target = Path(output_target(str(path)))
+    for read in reading:
+        if os.path.exists(read) and os.path.exists(target) and os.path.samefile(read, target):
+            raise UsageError(f"the sheet {path} is {read}, which this command reads; choose another file")
+    check_output(str(target), resume=False, overwrite=overwrite, can_resume=False)
+    return target
 
 
 def _save_png(image, path: Path) -> None:

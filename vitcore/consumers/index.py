@@ -27,7 +27,7 @@ from vitcore import __version__
 from vitcore.consumers.search import top_k_cosine
 from vitcore.consumers.tokens import TokenFile
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError
-from vitcore.store.output import check_output
+from vitcore.store.output import check_output, output_target
 from vitcore.system.units import shown_size
 
 FORMAT = "vit-extract index"
@@ -431,7 +431,7 @@ def _build_ivf(faiss, f, dataset, plan, n, dim, k, target, sample, rng, block, s
 def _save(faiss, index, report: IndexReport, identity: dict, rows: np.ndarray, keys: list[str]) -> None:
     """Index and sidecar under temporary names, then renamed into place: a killed build leaves no
     half index under the final names (the old sidecar goes first, so no sidecar ever names a new index)."""
-    output, sidecar = report.output, report.sidecar
+    output, sidecar = output_target(report.output), output_target(report.sidecar)  # through a link: its target
     temporary = [f"{output}.tmp{os.getpid()}", f"{sidecar}.tmp{os.getpid()}"]
     try:
         faiss.write_index(index, temporary[0])

@@ -47,8 +47,9 @@ class Source:
 
 
 def read_file_list(handle: BinaryIO) -> list[str]:
-    """One path per line (bytes, so any file name survives); blank lines ignored."""
-    lines = handle.read().split(b"\n")
+    """One path per line (bytes, so any file name survives); blank lines ignored, a UTF-8 byte-order
+    mark (Windows editors write one) dropped."""
+    lines = handle.read().removeprefix(b"\xef\xbb\xbf").split(b"\n")
     return [os.fsdecode(line.rstrip(b"\r")) for line in lines if line.strip()]
 
 

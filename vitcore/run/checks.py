@@ -14,11 +14,11 @@ from vitcore.encoders import registry
 from vitcore.errors import UsageError
 from vitcore.options import ComputeOptions, EncoderOptions, ExtractOptions, InputOptions, OutputOptions, parse_extensions
 from vitcore.run.shard import ShardRecord, take_shard
-from vitcore.inputs.base import Discovery
+from vitcore.inputs.base import Discovery, path_identity
 from vitcore.inputs.discover import discover
 from vitcore.inputs.parquet import ParquetRow
 from vitcore.store.encoding import PLUGIN_FILTERS, load_plugins
-from vitcore.store.output import check_output
+from vitcore.store.output import check_output, output_target
 from vitcore.store.resume import check_known_settings, check_resumable, recorded_compute_dtype
 from vitcore.run.settings import store_settings
 
@@ -50,12 +50,24 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
     family = choose_family(encoder, compute)
     if out.compression in PLUGIN_FILTERS:
         load_plugins(out.compression)  # the extra is installed, or one line saying which
-    output = str(output)
+    output = output_target(str(output))
     check_output(output, out.resume, out.overwrite)
     found, shard = find_inputs(paths, inputs, out, stdin)
+    refuse_output_among_inputs(output, found)
     checked = CheckedRun(encoder, inputs, compute, out, family, output, found, shard)
     check_resume_settings(checked)
     return checked
+
+
+def refuse_output_among_inputs(output: str, found: Discovery) -> None:
+    """An existing output that is also an input (-o photos/a.jpg --overwrite, or the file being
+    resumed listed as an input): writing it would destroy what is read."""
+    if not os.path.exists(output):
+        return
+    names = {path_identity(output), path_identity(os.path.realpath(output))}
+    if names & found.containers or any(source.identity in names for source in found.sources):
+        raise UsageError(f"the output {output} is one of this run's inputs; writing it would destroy it: choose "
+                         "another -o")
 
 
 def check_resume_settings(run: CheckedRun) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.inputs.base import identity_of
-from vitcore.store.output import check_output
+from vitcore.store.output import check_output, output_target
 from vitcore.store.encoding import StoredArray, creation_options, readable, same_type, write_at
 from vitcore.store.reader import StoredTokens
 from vitcore.store.schema import (
@@ -107,6 +107,7 @@ def merge(output: str, shard_paths: list[str], virtual: bool = False, overwrite:
     gaps, overlaps, duplicates and mismatched settings."""
     if not shard_paths:
         raise UsageError("merge needs at least one shard file")
+    output = output_target(output)  # through a link: its target, not the link replaced
     check_output(output, resume=False, overwrite=overwrite, can_resume=False)
     for shard in shard_paths:  # never write over one of the inputs
         if os.path.exists(output) and os.path.samefile(output, shard):

@@ -109,6 +109,12 @@ def _check_name_length(path: str, folder: str) -> None:
                          f"shorten it by {longest - limit} bytes")
 
 
+def output_target(path: str) -> str:
+    """Where an output named ``path`` is written: through a symbolic link, its target (writing the
+    name itself would replace the link and leave a stale file where the link pointed), else ``path``."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
 def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = True) -> None:
     """Refuse early (before any model is built) an output that cannot or must not be written."""
     if resume and overwrite:
