@@ -1,6 +1,7 @@
 """Looking at what was extracted: PCA token maps, sheets, nearest neighbours."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -144,9 +145,15 @@ def test_sheet_file_problems_are_one_line_errors(tmp_path, photos, cli):
     assert cli("show", out, "--first", "2", "-o", no_extension).exit_code == 0
     with Image.open(no_extension) as img:
         assert img.format == "PNG"
-    bad = cli("similar", out, "coffee.jpg", "--sheet", tmp_path / "missing" / "h.png", "--json")
-    assert bad.exit_code == 1 and "cannot write" in bad.stderr and "Traceback" not in bad.output
-    assert json.loads(bad.stdout)["exit_code"] == 1
+    bad = cli("similar", out, "coffee.jpg", "--sheet", tmp_path / "missing" / "h.png", "--json")  # refused before the search
+    assert bad.exit_code == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.output
+    assert json.loads(bad.stdout)["exit_code"] == 2
+    unwritable = tmp_path / "locked"
+    unwritable.mkdir(mode=0o500)
+    if os.access(unwritable, os.W_OK):  # root writes anywhere: a folder whose files cannot be made instead
+        unwritable = tmp_path / "sheet"  # a file, not a folder
+    bad = cli("show", out, "-o", unwritable / "s.png")
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.output
 
 
 def test_a_new_image_is_encoded_with_the_files_weights_and_refused_when_they_changed(tmp_path, photos):

@@ -86,3 +86,55 @@ def test_patches_grid_and_timing_equal_transformers_video_processor(tmp_path, cl
     sampled = [int(i) for i in meta.frames_indices]
     stamps = transformers.Qwen3VLProcessor._calculate_timestamps(None, sampled, meta.fps, prep.temporal_patch_size)
     assert timing["timestamps"] == pytest.approx([float(s) for s in stamps], rel=1e-12)
+
+
+# -- whole runs: tokens of clips equal transformers' video processor + vision tower -------------------
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    from tests.helpers import save_tiny_qwen2vl, save_tiny_qwen3vl
+
+    root = tmp_path_factory.mktemp("video_towers")
+    made = {"qwen3-vl": (root / "q3", save_tiny_qwen3vl(root / "q3"), "qwen3"),
+            "qwen2-vl": (root / "q2", save_tiny_qwen2vl(root / "q2", "2"), "qwen2"),
+            "qwen2.5-vl": (root / "q25", save_tiny_qwen2vl(root / "q25", "2.5"), "qwen2")}
+    # Qwen3-VL with a video processor of its own, sampling at 6 fps; Qwen2.5-VL's samples at 4 fps
+    (root / "q3" / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "Qwen3VLVideoProcessor", "size": {"shortest_edge": 4096, "longest_edge": 200000},
+         "fps": 6, "min_frames": 3}))
+    (root / "q25" / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "Qwen2VLVideoProcessor", "size": {"shortest_edge": 3136, "longest_edge": 60000},
+         "do_sample_frames": True, "fps": 4, "min_frames": 2}))
+    return made
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "qwen2-vl", "qwen2.5-vl"])
+def test_a_run_stores_clip_tokens_equal_to_transformers(towers, tmp_path, family):
+    import h5py
+
+    import vitcore
+    from vitcore.run.pipeline import ExtractOptions
+
+    folder, visual, kind = towers[family]
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    made = {"even.mp4": make_clip(clips / "even.mp4", 12, 90, 64, 10),
+            "odd.mov": make_clip(clips / "odd.mov", 9, 64, 120, 25, codec="mpeg4")}
+    out = tmp_path / "v.h5"
+    result = vitcore.extract([clips], out, ExtractOptions(weights=str(folder), dtype="float32", out_dtype="float32",
+                                                          workers=0))
+    assert result.complete and result.written == 2 and not result.failures
+    processor = KINDS[kind][1].from_pretrained(str(folder))
+    with h5py.File(out) as f:
+        keys = list(f["paths"].asstr()[:])
+        for row, key in enumerate(keys):
+            video, metadata = load_video(made[key], backend="pyav")
+            ref = processor(videos=[video], video_metadata=[metadata], return_tensors="pt", return_metadata=True)
+            with torch.no_grad():
+                tokens = visual(ref["pixel_values_videos"], grid_thw=ref["video_grid_thw"]).pooler_output
+            start, count = int(f["token_offset"][row]), int(f["num_tokens"][row])
+            ours = torch.from_numpy(f["tokens"][start:start + count])
+            assert f["grid_thw"][row].tolist() == ref["video_grid_thw"][0].tolist()
+            assert (torch.linalg.norm(ours.double() - tokens.double()) / torch.linalg.norm(tokens.double())) < 1e-4
+            record = json.loads(f["meta/video"].asstr()[row])
+            assert record["frames"] == [int(i) for i in ref["video_metadata"][0].frames_indices]
+        assert f["grid_thw"][:, 0].max() > 1  # temporal patches: a clip of several

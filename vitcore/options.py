@@ -101,6 +101,9 @@ class EncoderOptions:
     features: tuple[str, ...] = ()
     processor: str | None = None  # transformers-processed families: torchvision or pil; None: the family's default
     drop_prefix: bool = False  # store patch tokens only: without the CLS / register tokens (LLaVA's select_feature=patch)
+    fps: float | None = None  # video clips: frames sampled per second (the video processor's fps)
+    max_frames: int | None = None  # video clips: at most this many frames (the video processor's max_frames)
+    videos: bool = False  # set by the run's checks: video clips are among the inputs (their settings are recorded)
 
     def __post_init__(self) -> None:
         _one_of("--resize", self.resize, RESIZE_MODES)
@@ -183,6 +186,8 @@ class ExtractOptions:
     features: tuple[str, ...] = ()  # a family's extra outputs (see its --features)
     processor: str | None = None  # Qwen-VL, SigLIP, CLIP, DINOv2: torchvision | pil (transformers' backends); None: torchvision
     drop_prefix: bool = False  # SigLIP, CLIP, DINOv2: patch tokens only, without the CLS / register tokens
+    fps: float | None = None  # Qwen-VL video clips: frames sampled per second; None: the checkpoint's video processor
+    max_frames: int | None = None  # Qwen-VL video clips: at most this many frames; None: the checkpoint's
     batch_size: int | str = "auto"
     workers: int | None = None  # None: min(8, CPUs available)
     device: str = "auto"
@@ -207,4 +212,4 @@ class ExtractOptions:
 
 
 def _take(part, opts: ExtractOptions):
-    return part(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(part)})
+    return part(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(part) if hasattr(opts, f.name)})

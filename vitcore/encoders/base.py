@@ -1,7 +1,7 @@
 """What every encoder family provides, and what it hands the shared batching path.
 
 A family (an object in its package under vitcore/encoders/, one entry in registry.FAMILIES) has
-``name``, ``label``, ``summary``, ``compilable``, ``feeds_language_model`` and ``record_without_torch``
+``name``, ``label``, ``summary``, ``compilable``, ``takes_video``, ``feeds_language_model`` and ``record_without_torch``
 (its record() imports no torch: a --resume of other settings is refused before torch loads; a family
 whose record needs torch has ``weights_record(opts)`` → WeightsInfo instead, torch-free, so a resume of
 other weights, pooling, dtypes or compression is still refused before torch), and answers:
@@ -121,6 +121,9 @@ class RunRecord:
     # Ragged outputs: (width, height) of an upright picture → tokens per ragged array (a dry run
     # counts a run's tokens from image headers alone). None: every output has a fixed count.
     token_counts: Callable[[int, int], dict[str, int]] | None = field(default=None, repr=False)
+    # Text the worker side makes for each input, stored row-aligned as meta/<name> (the Qwen-VL
+    # families' "video": a clip's frames and timing as JSON, "" for a picture).
+    loader_meta: tuple[str, ...] = ()
 
 
 @dataclass(kw_only=True)

@@ -86,8 +86,9 @@ class ImageDataset(Dataset):
     """Items are (index, pixels or None, size, error or None, meta); holds no open files (fork-safe).
 
     ``loader`` is a family's worker side: ``loader.load(file object)`` → (uint8 (H, W, 3) pixels,
-    or a JpegFile left for the GPU decoder; original upright (width, height)). ``meta``: the
-    names of the text kept beside each image (a source's ``extras``), read with it.
+    (T, H, W, 3) frames of a clip, or a JpegFile left for the GPU decoder; original upright
+    (width, height)[, the loader's own text: name → text]). ``meta``: the names of the text kept
+    beside each image (a source's ``extras``), read with it.
     """
 
     def __init__(self, sources: list, loader, meta: tuple[str, ...] = ()):
@@ -102,8 +103,8 @@ class ImageDataset(Dataset):
         source = self.sources[index]
         try:
             with source.open() as handle:
-                pixels, size = self.loader.load(handle)
-            return index, pixels, size, None, source.extras(self.meta) if self.meta else {}
+                pixels, size, *own = self.loader.load(handle)  # own: the loader's text for this input, if any
+            return index, pixels, size, None, {**(source.extras(self.meta) if self.meta else {}), **(own[0] if own else {})}
         except Exception as err:  # any failure of one image is that image's record
             return index, None, None, describe_error(err), {}
 

@@ -6,13 +6,15 @@ that will be refused is reported at once; extract() runs it when not given its r
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
 
 from vitcore.encoders import registry
 from vitcore.errors import UsageError
-from vitcore.options import ComputeOptions, EncoderOptions, ExtractOptions, InputOptions, OutputOptions, parse_extensions
+from vitcore.imaging.video import EXTRA as VIDEO_EXTRA, VIDEO_EXTENSIONS, is_video_name
+from vitcore.options import DEFAULT_EXTENSIONS, ComputeOptions, EncoderOptions, ExtractOptions, InputOptions, OutputOptions, parse_extensions
 from vitcore.run.shard import ShardRecord, take_shard
 from vitcore.inputs.base import Discovery, path_identity
 from vitcore.inputs.discover import discover
@@ -52,8 +54,15 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
         load_plugins(out.compression)  # the extra is installed, or one line saying which
     output = output_target(str(output))
     check_output(output, out.resume, out.overwrite)
-    found, shard = find_inputs(paths, inputs, out, stdin)
+    if family.takes_video and inputs.extensions is None:  # clips are picked up beside the pictures
+        inputs = dataclasses.replace(inputs, extensions=DEFAULT_EXTENSIONS + VIDEO_EXTENSIONS)
+    found, shard, videos = find_inputs(paths, inputs, out, stdin)
     refuse_output_among_inputs(output, found)
+    if videos and family.takes_video:
+        if importlib.util.find_spec("av") is None:
+            raise UsageError(f"{videos} video clip{'s' * (videos != 1)} among the inputs: reading them needs PyAV, "
+                             f"which is not installed: {VIDEO_EXTRA} (or --ext to leave them out)")
+        encoder = dataclasses.replace(encoder, videos=True)  # the clips' settings go into the file's record
     checked = CheckedRun(encoder, inputs, compute, out, family, output, found, shard)
     check_resume_settings(checked)
     return checked
@@ -103,6 +112,10 @@ def choose_family(encoder: EncoderOptions, compute: ComputeOptions):
         takers = [f.name for f in registry.FAMILIES if f.compilable]
         raise UsageError(f"--compile on works with the {', '.join(takers)} encoders, not {family.name} "
                          "(--compile auto leaves the others eager)")
+    if (encoder.fps is not None or encoder.max_frames is not None) and not family.takes_video:
+        takers = [f.name for f in registry.FAMILIES if f.takes_video]
+        raise UsageError(f"--fps and --max-frames are for video clips, which the {', '.join(takers)} families read; "
+                         f"{family.name} reads pictures only")
     family.check(encoder)
     return family
 
@@ -121,10 +134,12 @@ def _check_meta_fits(found: Discovery, containers) -> None:
                          "sidecar files; their columns are --columns")
 
 
-def find_inputs(paths, inputs: InputOptions, out: OutputOptions, stdin) -> tuple[Discovery, ShardRecord | None]:
-    """The run's inputs in their stable order, and with --shard this run's slice of them."""
+def find_inputs(paths, inputs: InputOptions, out: OutputOptions, stdin) -> tuple[Discovery, ShardRecord | None, int]:
+    """The run's inputs in their stable order, with --shard this run's slice of them, and how many
+    of all the inputs (every shard's) are video clips: one decision for every shard's record."""
     found = discover(paths, inputs.files_from, inputs.extensions, stdin=stdin, containers=inputs.containers)
     _check_meta_fits(found, inputs.containers)
+    videos = sum(1 for source in found.sources if is_video_name(source.key))
     shard = None
     if out.shard is not None:
         if not found.sources:
@@ -142,4 +157,4 @@ def find_inputs(paths, inputs: InputOptions, out: OutputOptions, stdin) -> tuple
             f"no images found in {', '.join(found.roots) or 'the inputs'} "
             f"(looked for {', '.join(parse_extensions(inputs.extensions))}; --ext changes that)"
         )
-    return found, shard
+    return found, shard, videos

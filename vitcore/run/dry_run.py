@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from vitcore.imaging.loader import ImageDataset, collate
+from vitcore.imaging.video import VIDEO_EXTENSIONS, is_video_name
 from vitcore.inputs.base import Discovery
 from vitcore.run.batching import BatchRunner
 from vitcore.run.settings import store_settings
@@ -35,7 +36,6 @@ CALIBRATION_IMAGES = 8  # decoded and encoded to time the run and measure its st
 CALIBRATION_TRIES = 64  # inputs tried at most to find them (the first ones may not decode)
 INDEX_BYTES_PER_CHUNK = 48  # HDF5's chunk index (v1 B-tree) per allocated chunk, measured
 STRING_BYTES = 16  # a variable-length string's global-heap object header, beyond its text
-VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
 KINDS = {"Source": "image files", "TarMember": "tar members", "ParquetRow": "Parquet rows"}
 
 
@@ -131,13 +131,18 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
     if unreadable:
         report.notes.append(f"{unreadable} of the image headers read could not be read: a run will likely "
                             "record those images as failures")
+    clips = report.inputs.get("video clips", 0)
+    if clips:
+        report.notes.append(f"{clips} video clip{'s' * (clips != 1)}: tokens/image and the projected size count "
+                            "pictures only (a clip's tokens grow with the frames its processor samples); the "
+                            "calibration decodes clips as a run does")
     return report
 
 
 def _by_kind(sources: list) -> dict[str, int]:
     kinds: dict[str, int] = {}
     for source in sources:
-        name = KINDS.get(type(source).__name__, type(source).__name__)
+        name = "video clips" if is_video_name(source.key) else KINDS.get(type(source).__name__, type(source).__name__)
         kinds[name] = kinds.get(name, 0) + 1
     return kinds
 
@@ -150,7 +155,8 @@ def _passed_over(found: Discovery, unlisted: int) -> list[str]:
                      f"be listed or opened ({found.unlisted[0].reason}); a run records each as a failure")
     videos = sum(n for e, n in found.passed_over.items() if e in VIDEO_EXTENSIONS)
     if videos:
-        notes.append(f"{videos} video file{'s' * (videos != 1)} passed over: vit-extract reads images only")
+        notes.append(f"{videos} video file{'s' * (videos != 1)} passed over: clips are read by the Qwen-VL families "
+                     "only (--weights a Qwen-VL checkpoint)")
     return notes
 
 
@@ -158,6 +164,7 @@ def _token_counts(record, settings, sources) -> tuple[dict[str, float], str, int
     """Tokens per image of each stored array: fixed, or (ragged) the mean over image headers read
     evenly across the inputs, from the family's own resize rule."""
     fixed = {spec.name: (spec.shape[0] if len(spec.shape) == 2 else 1) for spec in settings.arrays}
+    sources = [s for s in sources if not is_video_name(s.key)]  # a clip's tokens depend on its length, not a header
     if not settings.ragged or record.token_counts is None or not sources:
         return {k: float(v) for k, v in fixed.items()}, "fixed", 0
     step = max(1, len(sources) // HEADER_SAMPLE)

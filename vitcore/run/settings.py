@@ -34,6 +34,6 @@ def store_settings(built: RunRecord, pool: str, out_dtype: str, device, dtype,
         encoder=built.encoder_record, weights=built.weights.to_json(), preprocessing=built.preprocessing,
         pooling=pool, projector=built.projector, compute_dtype=compute_dtype, device=str(device),
         out_dtype=out_dtype, arrays=arrays, mean=pool == "none", grid_thw=built.grid_thw, version=__version__,
-        shard=shard, meta=tuple(meta), image_column=json.dumps(image_column),
+        shard=shard, meta=tuple(meta) + tuple(built.loader_meta), image_column=json.dumps(image_column),
         image_columns_used=json.dumps(sorted(image_columns_used)), compression=compression,
     )

@@ -45,6 +45,7 @@ class Tower:
 
 class TransformersTowerFamily:
     compilable = False
+    takes_video = False
     feeds_language_model = False  # tokens for retrieval and probing; a VLM's projector is not part of these towers
     record_without_torch = False  # transformers' config classes read the checkpoint (weights_record needs no torch)
 

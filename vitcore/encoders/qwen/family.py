@@ -62,12 +62,14 @@ def pack_groups(packed: list, limit: int | None) -> list[list]:
 
 class QwenVLFamily:
     compilable = False  # image sizes vary batch to batch
+    takes_video = True  # video clips beside pictures: temporal patches, t > 1 (encoders/qwen/video.py)
     feeds_language_model = True  # encoder_outputs gives its tokens to transformers' language model
     record_without_torch = True  # the checkpoint's JSON files and its vision tensors' hash: no tensors
 
     def __init__(self, name: str, label: str, model_types: tuple[str, ...], config, load,
-                 features: tuple[str, ...]):
+                 features: tuple[str, ...], video: str):
         self.name, self.label, self.model_types = name, label, model_types
+        self.video = video  # whose video processor: "qwen2" (Qwen2VLVideoProcessor) or "qwen3"
         self.config = config  # the tower's config class (config.py)
         self.load = load  # (folder, device, dtype) → (the tower, its QwenVLPreprocess)
         self.features = features  # what --features may ask for
@@ -139,6 +141,11 @@ class QwenVLFamily:
             outputs += [spec(f"features/deepstack_{j}", cfg.out_width) for j in range(cfg.deepstack_levels)]
         recorded = dataclasses.asdict(prep)
         recorded.pop("resample")  # recorded by name: "bicubic (torchvision)", "bicubic (Pillow)"
+        video, notes = self._video(opts), []
+        if video is not None:  # recorded only when clips are among the inputs: picture files stay as they were
+            recorded["video"] = video.to_record()
+        elif opts.fps is not None or opts.max_frames is not None:
+            notes = ["--fps / --max-frames: no video clips among the inputs; they changed nothing"]
         preprocessing = json.dumps({**recorded, "decode": decode, "resolution": opts.resolution,
                                     "interpolation": prep.interpolation}, sort_keys=True)
         weights = WeightsInfo(source="file", path=os.path.abspath(opts.weights),
@@ -149,17 +156,27 @@ class QwenVLFamily:
             return {o.name: patches if o.name == "features/last_hidden" else patches // merge for o in outputs}
 
         return RunRecord(name=self.name, encoder_record=cfg.to_json(), preprocessing=preprocessing, weights=weights,
-                         outputs=tuple(outputs), grid_thw=True, parts={"preprocess": prep, "decode": decode},
-                         width=cfg.width, token_counts=None if fixed else token_counts)
+                         outputs=tuple(outputs), grid_thw=True, parts={"preprocess": prep, "decode": decode, "video": video},
+                         width=cfg.width, token_counts=None if fixed else token_counts, notes=notes,
+                         loader_meta=("video",) if video is not None else ())
+
+    def _video(self, opts):
+        """The checkpoint's video processor with --fps / --max-frames, when clips are among the inputs."""
+        if not opts.videos:
+            return None
+        from vitcore.encoders.qwen.video import video_settings
+
+        return video_settings(opts.weights, self.video).overridden(opts.fps, opts.max_frames)
 
     def build(self, opts, device, dtype, record=None):
         import torch  # torch: only once a run is under way
 
         from vitcore.encoders.qwen.layers import choose_attention
         from vitcore.encoders.qwen.processor import QwenVLImageLoader, patchify_torch
+        from vitcore.encoders.qwen.video import patchify_video
 
         record = record or self.record(opts, device)
-        prep = record.parts["preprocess"]
+        prep, video = record.parts["preprocess"], record.parts["video"]
         encoder, _ = self.load(opts.weights, device=device, dtype=dtype)
         if encoder.weights_sha256 != record.weights.sha256 or encoder.cfg.to_json() != record.encoder_record:
             raise VitExtractError(f"{opts.weights} changed while the run started; run it again")
@@ -171,8 +188,9 @@ class QwenVLFamily:
         limit = CPU_PACK_PATCHES if device.type == "cpu" else None
 
         def encode(pictures):
-            """uint8 pictures (H_i, W_i, 3) → packed sequences → merged tokens per image."""
-            packed = [patchify_torch(p, prep) for p in pictures]  # (h·w, 3·T·p·p) each, merge-block order
+            """uint8 pictures (H_i, W_i, 3) and clips (T_i, H_i, W_i, 3) → packed sequences → merged tokens per input."""
+            packed = [patchify_video(p, video) if p.ndim == 4 else patchify_torch(p, prep)
+                      for p in pictures]  # (t·h·w, 3·T·p·p) each, merge-block order
             return Encoded.concat([encode_packed(group) for group in pack_groups(packed, limit)])
 
         def encode_packed(packed):
@@ -190,7 +208,7 @@ class QwenVLFamily:
             return Encoded(arrays, sizes, grids)
 
         return BuiltEncoder.of(
-            record, encode=encode, loader=QwenVLImageLoader(prep, decode=record.parts["decode"]), notes=notes,
+            record, encode=encode, loader=QwenVLImageLoader(prep, decode=record.parts["decode"], video=video), notes=notes,
             # native-resolution images vary widely in size
             default_batch_size=lambda: 4 if device.type == "cpu" else 32,
         )
@@ -268,10 +286,10 @@ def _load_qwen2vl(folder, device, dtype):
 
 # Qwen3-VL: merger tokens, and on request the tower's last hidden states and the DeepStack features.
 QWEN3_VL = QwenVLFamily(name="qwen3-vl", label="Qwen3-VL", model_types=("qwen3_vl", "qwen3_vl_moe"),
-                        config=Qwen3VLConfig, load=_load_qwen3vl, features=("last_hidden", "deepstack"))
+                        config=Qwen3VLConfig, load=_load_qwen3vl, features=("last_hidden", "deepstack"), video="qwen3")
 # Qwen2.5-VL: RMSNorm blocks, SwiGLU MLP, window attention with full attention in fullatt_block_indexes, patch 14.
 QWEN2_5_VL = QwenVLFamily(name="qwen2.5-vl", label="Qwen2.5-VL", model_types=("qwen2_5_vl",),
-                          config=Qwen25VLConfig, load=_load_qwen25vl, features=("last_hidden",))
+                          config=Qwen25VLConfig, load=_load_qwen25vl, features=("last_hidden",), video="qwen2")
 # Qwen2-VL: LayerNorm blocks, QuickGELU MLP, patch 14.
 QWEN2_VL = QwenVLFamily(name="qwen2-vl", label="Qwen2-VL", model_types=("qwen2_vl",),
-                        config=Qwen2VLConfig, load=_load_qwen2vl, features=("last_hidden",))
+                        config=Qwen2VLConfig, load=_load_qwen2vl, features=("last_hidden",), video="qwen2")

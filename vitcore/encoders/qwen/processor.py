@@ -7,6 +7,7 @@ is checked against its own transformers class in the tests."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -17,9 +18,13 @@ import numpy as np
 from vitcore.encoders import pixels as shared
 from vitcore.encoders.pixels import DEFAULT_BACKEND, interpolation_name
 from vitcore.imaging.decode import decode_rgb
+from vitcore.encoders.qwen.video import load_clip
+from vitcore.imaging.video import is_video_name
 
 if TYPE_CHECKING:  # the settings and the workers' side need no torch (a run's settings are checked before it)
     import torch
+
+    from vitcore.encoders.qwen.video import VideoPreprocess
 
 
 
@@ -97,9 +102,19 @@ class QwenVLImageLoader:
 
     prep: QwenVLPreprocess
     decode: str = "full"
+    video: "VideoPreprocess | None" = None  # clips among the inputs: their video processor (video.py)
 
-    def load(self, source) -> tuple[np.ndarray, tuple[int, int]]:
-        """An image (a binary file object or a path) → the processor's pixels and its original size."""
+    def load(self, source):
+        """An image (a binary file object or a path) → the processor's pixels and its original size;
+        with clips among the inputs, also the "video" text of each (a clip's frames and timing, JSON)."""
+        if self.video is not None:
+            if is_video_name(getattr(source, "name", "")):
+                frames, size, record = load_clip(source, self.video)
+                return frames, size, {"video": json.dumps(record)}
+            return (*self._picture(source), {"video": ""})
+        return self._picture(source)
+
+    def _picture(self, source) -> tuple[np.ndarray, tuple[int, int]]:
         target = lambda w, h: self.prep.target_size(h, w)[::-1]  # noqa: E731  (w, h) → (w', h')
         rgb, (width, height) = decode_rgb(source, self.decode, target)
         # The size comes from the original picture (a draft decode is smaller), as the processor's would.

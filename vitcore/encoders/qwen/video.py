@@ -237,3 +237,17 @@ def patchify_video(frames, prep: VideoPreprocess):
     t, h, w = T // tps, H // p, W // p
     x = x.reshape(t, tps, C, h // m, m, p, w // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     return x.reshape(t * h * w, C * tps * p * p), (t, h, w)
+
+
+def load_clip(source, prep: VideoPreprocess) -> tuple[np.ndarray, tuple[int, int], dict]:
+    """Worker side: a clip (binary file object) → its sampled frames resized, uint8 (T, H', W', 3); its
+    original (width, height); and what the file records of it (frames, rate, duration, timing)."""
+    from vitcore.imaging.video import clip_info, open_clip, read_frames
+
+    with open_clip(source) as container:
+        info = clip_info(container)
+        indices = prep.frames(info.frames, info.fps)
+        frames = read_frames(container, indices)
+    size = prep.frame_size(len(indices), info.height, info.width)
+    record = {**info.to_record(), **prep.timing(indices, info.frames, info.fps)}
+    return resize_frames(frames, size, prep), (info.width, info.height), record

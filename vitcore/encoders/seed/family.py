@@ -24,6 +24,7 @@ class SeedFamily:
                "untrained (seeded) or --weights FILE.safetensors")
     label = "seed"
     compilable = True  # fixed-shape batches: torch.compile specialises on the batch size
+    takes_video = False
     feeds_language_model = False  # its tokens go to a language model through place_image_tokens, by hand
     record_without_torch = True  # the config and the weights file's metadata and hash: no tensors
 

@@ -82,6 +82,7 @@ class TimmFamily:
     summary = ("a ViT-family model defined by timm (DINOv2, EVA, SigLIP, plain ViT): --model timm:NAME --weights FILE "
                f"(.safetensors, .pth or .bin; needs {EXTRA}); timm's own eval preprocessing")
     compilable = False
+    takes_video = False
     feeds_language_model = False
     record_without_torch = False  # timm makes the model on the meta device for its shapes (weights_record needs no torch)
 

@@ -1,0 +1,160 @@
+"""Runs over folders with video clips, Qwen-VL families: clips beside pictures, their grids and
+recorded timing, failures, resume, shards + merge, --fps / --max-frames, and what other families do
+with clips. (Tokens equal to transformers' video processor + tower: test_qwen_video.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+av = pytest.importorskip("av")
+
+import vitcore  # noqa: E402
+from tests.helpers import SAMPLES, TINY, make_clip, save_tiny_qwen2vl, save_tiny_qwen3vl  # noqa: E402
+from vitcore.errors import ResumeMismatchError, UsageError  # noqa: E402
+from vitcore.run.pipeline import ExtractOptions  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("q3") / "ckpt"
+    save_tiny_qwen3vl(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("q2") / "ckpt"
+    save_tiny_qwen2vl(folder, "2")
+    return folder
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """Two clips, a picture, a broken clip and an audio-only file named .mp4."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    make_clip(folder / "a.mp4", 12, 90, 64, 10)
+    make_clip(folder / "b.webm", 7, 64, 48, 8, codec="libvpx")
+    shutil.copy(SAMPLES / "coffee.jpg", folder / "c.jpg")
+    (folder / "d.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(40))
+    with av.open(str(folder / "e.mp4"), "w") as out:
+        stream = out.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+    return folder
+
+
+def _opts(folder, **more):
+    return ExtractOptions(weights=str(folder), dtype="float32", out_dtype="float32", workers=0, batch_size=2, **more)
+
+
+def _rows(path) -> dict:
+    with h5py.File(path) as f:
+        keys = list(f["paths"].asstr()[:])
+        grids, videos = f["grid_thw"][:], list(f["meta/video"].asstr()[:])
+        offsets, counts, tokens = f["token_offset"][:], f["num_tokens"][:], f["tokens"][:]
+        failed = dict(zip(f["failed/paths"].asstr()[:], f["failed/errors"].asstr()[:]))
+    rows = {k: (tuple(g), json.loads(v) if v else None, tokens[o:o + c]) for k, g, v, o, c in
+            zip(keys, grids, videos, offsets, counts)}
+    return {"rows": rows, "failed": failed}
+
+
+def test_clips_beside_pictures_with_their_grids_timing_and_failures(qwen3, mixed, tmp_path):
+    result = vitcore.extract([mixed], tmp_path / "v.h5", _opts(qwen3))
+    assert result.complete and result.written == 3
+    got = _rows(result.output)
+    assert set(got["rows"]) == {"a.mp4", "b.webm", "c.jpg"}
+    grid, video, tokens = got["rows"]["a.mp4"]
+    # Qwen3-VL's processor: 2 fps over 12 frames at 10 fps → 2 frames, raised to min_frames 4 → t = 2
+    assert grid[0] == 2 and video["frames"] == [0, 4, 7, 11] and video["fps"] == 10.0 and video["frames"]
+    assert video["timestamps"] == pytest.approx([0.2, 0.9]) and video["duration"] == pytest.approx(1.2)
+    assert tokens.shape[0] == grid[0] * grid[1] * grid[2] // 4
+    assert got["rows"]["b.webm"][1]["frames"] == [0, 2, 4, 6]  # WebM: frames counted by decoding
+    assert got["rows"]["c.jpg"][0][0] == 1 and got["rows"]["c.jpg"][1] is None  # a picture: t = 1, no video record
+    assert set(got["failed"]) == {"d.mp4", "e.mp4"}
+    assert "VideoError" in got["failed"]["d.mp4"] and "no video stream" in got["failed"]["e.mp4"]
+    with h5py.File(result.output) as f:
+        assert json.loads(f.attrs["preprocessing"])["video"]["fps"] == 2.0
+
+
+def test_resume_and_shards_give_the_single_run(qwen3, mixed, tmp_path):
+    whole = _rows(vitcore.extract([mixed], tmp_path / "whole.h5", _opts(qwen3)).output)
+    growing = tmp_path / "growing"
+    growing.mkdir()
+    for name in ("a.mp4", "c.jpg"):
+        shutil.copy(mixed / name, growing / name)
+    out = tmp_path / "resumed.h5"
+    vitcore.extract([growing], out, _opts(qwen3))
+    for name in ("b.webm", "d.mp4", "e.mp4"):  # more clips arrive; the run goes on
+        shutil.copy(mixed / name, growing / name)
+    again = vitcore.extract([growing], out, _opts(qwen3), resume=True)
+    assert again.skipped == 2 and again.written == 1
+    shards = [vitcore.extract([mixed], tmp_path / f"s{i}.h5", _opts(qwen3), shard=(i, 2)).output for i in range(2)]
+    merged = tmp_path / "merged.h5"
+    from vitcore.store.merge import merge
+
+    merge(str(merged), shards)
+    for path in (out, merged):
+        got = _rows(path)
+        assert set(got["rows"]) == set(whole["rows"]) and set(got["failed"]) == set(whole["failed"])
+        for key, (grid, video, tokens) in whole["rows"].items():
+            assert got["rows"][key][0] == grid and got["rows"][key][1] == video
+            np.testing.assert_array_equal(got["rows"][key][2], tokens)
+
+
+def test_a_pictures_only_file_does_not_take_clips_on_resume(qwen3, mixed, tmp_path):
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    shutil.copy(mixed / "c.jpg", pictures / "c.jpg")
+    out = vitcore.extract([pictures], tmp_path / "p.h5", _opts(qwen3)).output
+    with h5py.File(out) as f:
+        assert "video" not in json.loads(f.attrs["preprocessing"])  # as files made before clips were read
+    shutil.copy(mixed / "a.mp4", pictures / "a.mp4")
+    with pytest.raises(ResumeMismatchError, match="preprocessing"):
+        vitcore.extract([pictures], out, _opts(qwen3), resume=True)
+
+
+def test_fps_and_max_frames_as_the_processor_takes_them(qwen2, tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    make_clip(clips / "a.mp4", 30, 56, 56, 10)
+    every = _rows(vitcore.extract([clips], tmp_path / "every.h5", _opts(qwen2)).output)["rows"]["a.mp4"]
+    assert every[1]["frames"] == list(range(30)) and every[0][0] == 15  # Qwen2-VL's default: every frame
+    sampled = _rows(vitcore.extract([clips], tmp_path / "fps.h5", _opts(qwen2, fps=2.0)).output)["rows"]["a.mp4"]
+    assert sampled[1]["frames"] == [0, 5, 10, 15, 20, 25]  # 3 s at 2 fps: arange(0, 30, 5)
+    capped = _rows(vitcore.extract([clips], tmp_path / "max.h5", _opts(qwen2, fps=5.0, max_frames=4)).output)
+    assert capped["rows"]["a.mp4"][1]["frames"] == [0, 7, 15, 22]
+    with pytest.raises(ResumeMismatchError, match="preprocessing"):  # another sampling is another file
+        vitcore.extract([clips], tmp_path / "fps.h5", _opts(qwen2, fps=1.0), resume=True)
+
+
+def test_a_clip_too_long_to_take_every_frame_is_a_record(qwen2, tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    make_clip(clips / "long.mp4", 800, 16, 16, 25, codec="mpeg4")
+    result = vitcore.extract([clips], tmp_path / "v.h5", _opts(qwen2))
+    (key, error), = result.failures
+    assert key == "long.mp4" and "800 frames" in error and "--fps" in error
+
+
+def test_other_families_pass_clips_over_and_refuse_fps(mixed, tmp_path):
+    result = vitcore.extract([mixed], tmp_path / "s.h5", ExtractOptions(model=TINY, workers=0))
+    assert result.written == 1 and result.passed_over.get("mp4") == 3 and result.passed_over.get("webm") == 1
+    with pytest.raises(UsageError, match="--fps and --max-frames are for video clips"):
+        vitcore.extract([mixed], tmp_path / "f.h5", ExtractOptions(model=TINY, workers=0, fps=2.0))
+
+
+def test_a_dry_run_counts_clips_as_inputs_of_their_own_kind(qwen3, mixed, tmp_path):
+    from vitcore.run.dry_run import dry_run
+
+    report = dry_run([mixed], str(tmp_path / "v.h5"), _opts(qwen3))
+    assert report.inputs == {"video clips": 4, "image files": 1}
+    assert any("4 video clips" in note for note in report.notes)
+    assert not any("headers read could not be read" in note for note in report.notes)  # clips are not pictures
