@@ -138,3 +138,67 @@ def test_a_run_stores_clip_tokens_equal_to_transformers(towers, tmp_path, family
             record = json.loads(f["meta/video"].asstr()[row])
             assert record["frames"] == [int(i) for i in ref["video_metadata"][0].frames_indices]
         assert f["grid_thw"][:, 0].max() > 1  # temporal patches: a clip of several
+
+
+# -- the language model on cached clip tokens ---------------------------------------------------------
+SPECIAL = dict(image_token_id=4000, video_token_id=4001, vision_start_token_id=4002, vision_end_token_id=4003)
+
+
+def _video_prompt(grid, per_slice: bool):
+    """Text, then the clip: Qwen3-VL writes each temporal patch as its own <start> pads <end> after a
+    timestamp (text tokens here); Qwen2.5-VL the whole clip at once. mm_token_type_ids: 2 for video."""
+    t, h, w = grid.tolist()[0]
+    sequence = [5, 6, 7]
+    for _ in range(t) if per_slice else [0]:
+        pads = h * w // 4 * (1 if per_slice else t)
+        sequence += ([11, 12] if per_slice else []) + [SPECIAL["vision_start_token_id"]]
+        sequence += [SPECIAL["video_token_id"]] * pads + [SPECIAL["vision_end_token_id"]]
+    sequence += [8, 9]
+    ids = torch.tensor([sequence])
+    return ids, (ids == SPECIAL["video_token_id"]).long() * 2
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "qwen2.5-vl"])
+def test_logits_from_cached_clip_tokens_equal_logits_from_the_clip(towers, tmp_path, family):
+    import vitcore
+
+    folder, _, kind = towers[family]
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    path = make_clip(clips / "c.mp4", 14, 90, 64, 10)
+    features = ("deepstack",) if family == "qwen3-vl" else ()
+    out = vitcore.extract([clips], tmp_path / "v.h5", weights=str(folder), features=features, dtype="float32",
+                          out_dtype="float32", workers=0).output
+    model_class = (transformers.Qwen3VLForConditionalGeneration if family == "qwen3-vl"
+                   else transformers.Qwen2_5_VLForConditionalGeneration)
+    model = model_class.from_pretrained(folder, **SPECIAL).eval()
+    video, metadata = load_video(path, backend="pyav")
+    pixels = KINDS[kind][1].from_pretrained(str(folder))(videos=[video], video_metadata=[metadata],
+                                                         return_tensors="pt", return_metadata=True)
+    grid = pixels["video_grid_thw"]
+    ids, types = _video_prompt(grid, per_slice=family == "qwen3-vl")
+    spg = torch.tensor([2 / pixels["video_metadata"][0].sampled_fps])
+    extra = {} if family == "qwen3-vl" else {"second_per_grid_ts": spg}
+    with torch.no_grad():
+        reference = model(input_ids=ids, pixel_values_videos=pixels["pixel_values_videos"], video_grid_thw=grid,
+                          mm_token_type_ids=types, **extra).logits
+    outputs, cached_grid = vitcore.encoder_outputs(out, "c.mp4")
+    timing = vitcore.video_timing(out, "c.mp4")
+    assert torch.equal(cached_grid, grid) and grid[0, 0] > 1
+    assert timing["second_per_grid_ts"].tolist() == pytest.approx(spg.tolist())
+
+    def cached(**timing_args):
+        with torch.no_grad():
+            return model(input_ids=ids, video_grid_thw=cached_grid, mm_encoder_outputs={"video": outputs},
+                         mm_token_type_ids=types, **timing_args).logits
+
+    relative = lambda a, b: float((a - b).abs().max() / a.abs().max())  # noqa: E731
+    if family == "qwen2.5-vl":
+        assert relative(reference, cached(second_per_grid_ts=timing["second_per_grid_ts"])) < 1e-4
+        # the check can fail: the clip's timing matters to Qwen2.5-VL's positions
+        assert relative(reference, cached(second_per_grid_ts=timing["second_per_grid_ts"] * 3)) > 1e-3
+    else:
+        assert relative(reference, cached()) < 1e-4
+        assert len(timing["timestamps"][0]) == grid[0, 0]
+    outputs.pooler_output = (outputs.pooler_output[0].flip(0),)  # the tokens out of order: other logits
+    assert relative(reference, cached(**({} if family == "qwen3-vl" else {"second_per_grid_ts": spg}))) > 1e-2

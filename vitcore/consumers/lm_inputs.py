@@ -11,11 +11,14 @@ image-pad positions exactly as those forwards do (a masked scatter in sequence o
 encoders' projected tokens (``--project-dim``) are placed the same way.
 
 ``vllm_image_embeds`` gives vLLM's precomputed-embedding input for the Qwen-VL families (see the
-README, "Training and serving on cached tokens").
+README, "Training and serving on cached tokens"). Clips' rows feed the model the same way, as
+``mm_encoder_outputs={"video": outputs}`` with ``video_grid_thw``; ``video_timing`` gives what
+goes beside them (Qwen2.5-VL's second_per_grid_ts, Qwen3-VL's prompt timestamps).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -67,6 +70,31 @@ def encoder_outputs(path: str | os.PathLike, keys=None, dtype: torch.dtype | Non
         grids = f.h5["grid_thw"]
         grid = torch.from_numpy(np.asarray([grids[r] for r in rows], np.int64).reshape(-1, 3))
     return _output_record(tokens, deepstack if wanted else None), grid
+
+
+def video_timing(path: str | os.PathLike, keys=None) -> dict:
+    """What a language model takes beside the tokens of the clips ``keys`` (all rows by default):
+    ``second_per_grid_ts`` (N,) float32, Qwen2.5-VL's forward argument, and ``timestamps``, per clip
+    the seconds of each temporal patch that Qwen3-VL's prompt writes before it ("<0.9 seconds>").
+
+        outputs, grid = vitcore.encoder_outputs("v.h5", keys)
+        timing = vitcore.video_timing("v.h5", keys)
+        model(input_ids, video_grid_thw=grid, mm_encoder_outputs={"video": outputs},
+              second_per_grid_ts=timing["second_per_grid_ts"], ...)
+    """
+    with TokenFile(path) as f:
+        if "meta/video" not in f.h5:
+            raise UsageError(f"{path} holds no video clips (made from pictures alone)")
+        texts = f.h5["meta/video"]
+        records = []
+        for row in rows_of(f, keys):
+            text = texts[row]
+            text = text.decode() if isinstance(text, bytes) else str(text)
+            if not text:
+                raise UsageError(f"row {row} of {path} is a picture, not a clip: it has no video timing")
+            records.append(json.loads(text))
+    return {"second_per_grid_ts": torch.tensor([r["second_per_grid_t"] for r in records], dtype=torch.float32),
+            "timestamps": [r["timestamps"] for r in records]}
 
 
 def _output_record(tokens, deepstack):
