@@ -158,3 +158,41 @@ def test_a_dry_run_counts_clips_as_inputs_of_their_own_kind(qwen3, mixed, tmp_pa
     assert report.inputs == {"video clips": 4, "image files": 1}
     assert any("4 video clips" in note for note in report.notes)
     assert not any("headers read could not be read" in note for note in report.notes)  # clips are not pictures
+
+
+def test_clips_in_tar_shards_equal_the_same_clips_on_disk_and_read_back_as_a_dataset(qwen3, mixed, tmp_path):
+    import tarfile
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:  # WebDataset samples: key.mp4, key.txt
+        for key, name in (("s000", "a.mp4"), ("s001", "b.webm")):
+            shutil.copy(mixed / name, loose / f"{key}.{name.split('.')[1]}")
+            tar.add(mixed / name, arcname=f"{key}.{name.split('.')[1]}")
+    from_tar = _rows(vitcore.extract([shard], tmp_path / "t.h5", _opts(qwen3)).output)["rows"]
+    from_disk = _rows(vitcore.extract([loose], tmp_path / "d.h5", _opts(qwen3)).output)["rows"]
+    assert sorted(k.split("/")[-1] for k in from_tar) == sorted(from_disk) == ["s000.mp4", "s001.webm"]
+    for key, (grid, video, tokens) in from_tar.items():
+        disk = from_disk[key.split("/")[-1]]
+        assert grid == disk[0] and video == disk[1]
+        np.testing.assert_array_equal(tokens, disk[2])
+    dataset = vitcore.TokenDataset(tmp_path / "d.h5")
+    item = dataset[0]
+    assert item["key"] == "s000.mp4" and tuple(item["grid_thw"].tolist()) == from_disk["s000.mp4"][0]
+    assert json.loads(item["meta"]["video"])["frames"] == from_disk["s000.mp4"][1]["frames"]
+
+
+def test_show_draws_a_clips_first_temporal_patches_beside_their_maps(qwen3, mixed, tmp_path, cli):
+    from PIL import Image
+
+    out = vitcore.extract([mixed], tmp_path / "v.h5", _opts(qwen3)).output
+    result = cli("show", out, "a.mp4", "c.jpg", "-o", tmp_path / "s.png", "--columns", "1")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "s.png") as sheet:
+        wide = sheet.width  # a clip's cell: 2 temporal patches × (frame, map)
+    pictures = cli("show", out, "c.jpg", "-o", tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as sheet:
+        assert pictures.exit_code == 0 and wide > 1.8 * sheet.width
+    (mixed / "a.mp4").unlink()  # the original is gone: placeholders, not a failure
+    assert cli("show", out, "a.mp4", "-o", tmp_path / "gone.png").exit_code == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -179,10 +180,19 @@ def token_sheet(
         rows = _choose_rows(f, keys, first)
         token_sets = [f.patch_tokens(i) for i in rows]
         grids = [f.token_grid(i) for i in rows]
-        maps = pca_maps(token_sets, grids, joint=joint)
+        clips = {i: clip for i in rows if (clip := _clip_record(f, i)) is not None}
+        # A clip's tokens are t temporal patches of one grid each: as t pictures of that grid.
+        slices = [(t.reshape(-1, g[0] * g[1], t.shape[-1]) if i in clips else t[None]) for i, t, g in
+                  zip(rows, token_sets, grids)]
+        projection = PcaProjection(np.concatenate([t.reshape(-1, t.shape[-1]) for t in token_sets])) if joint else None
         chosen = [f.shown_key(i) for i in rows]
         cells = []
-        for i, tokens, grid, colours in zip(rows, token_sets, grids, maps):
+        for i, tokens, grid, parts in zip(rows, token_sets, grids, slices):
+            fitted_on = projection or PcaProjection(tokens)  # one PCA per row: a clip's patches share colours
+            if i in clips:
+                cells.append(_clip_cell(f, i, clips[i], [fitted_on.rgb(p, grid) for p in parts], grid, chosen[len(cells)]))
+                continue
+            colours = fitted_on.rgb(tokens, grid)
             picture = as_encoder_saw_it(lambda: f.open_original(i), f.as_seen)  # noqa: B023 (called at once)
             if picture is None:
                 picture = placeholder("original not found")
@@ -194,6 +204,40 @@ def token_sheet(
             shape = "x".join(str(n) for n in tokens.shape)  # "x": the default font has no "×"
             cells.append(([picture, token_map], f"{chosen[len(cells)]}  ({shape}, grid {grid[0]}x{grid[1]})"))
     return sheet(cells, columns), chosen
+
+
+CLIP_SLICES = 3  # temporal patches of a clip drawn (frame beside map), the first ones
+
+
+def _clip_record(f: TokenFile, row: int) -> dict | None:
+    """A clip's recorded frames and timing (meta/video), or None for a picture."""
+    if "meta/video" not in f.h5:
+        return None
+    text = f.h5["meta/video"][row]
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    return json.loads(text) if text else None
+
+
+def _clip_cell(f: TokenFile, row: int, clip: dict, maps: list[np.ndarray], grid, key: str):
+    """A clip's cell: for each of its first temporal patches, the first frame it holds beside the
+    colour map of its tokens (placeholders when the clip can no longer be read)."""
+    per_patch = -(-len(clip["frames"]) // len(maps))  # frames per temporal patch (the last one padded)
+    shown = list(range(min(len(maps), CLIP_SLICES)))
+    wanted = [clip["frames"][min(j * per_patch, len(clip["frames"]) - 1)] for j in shown]
+    try:
+        from vitcore.imaging.video import open_clip, read_frames
+
+        with f.open_original(row) as handle, open_clip(handle) as container:
+            frames = [Image.fromarray(frame) for frame in read_frames(container, wanted)]
+    except Exception:  # moved, deleted, unreadable or PyAV missing: placeholders
+        frames = [None] * len(shown)
+    images = []
+    for j, frame in zip(shown, frames):
+        picture = fit(frame) if frame is not None else placeholder("original not found")
+        images += [picture, Image.fromarray(maps[j]).resize(picture.size, Image.Resampling.NEAREST)]
+    seconds = ", ".join(f"{s:.1f}" for s in clip["timestamps"][:len(shown)])
+    more = f" of {len(maps)}" if len(maps) > len(shown) else ""
+    return images, f"{key}  ({len(maps)} temporal patches, grid {grid[0]}x{grid[1]}; shown at {seconds} s{more})"
 
 
 def _choose_rows(f: TokenFile, keys: list[str] | None, first: int | None) -> list[int]:
