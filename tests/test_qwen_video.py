@@ -43,7 +43,7 @@ def ours(path, prep):
 
 
 def theirs(path, folder, kind, **call):
-    processor = KINDS[kind][1].from_pretrained(folder)
+    processor = transformers.AutoVideoProcessor.from_pretrained(folder)  # the class as transformers resolves it
     video, metadata = load_video(path, backend="pyav")
     out = processor(videos=[video], video_metadata=[metadata], return_tensors="pt", return_metadata=True, **call)
     (meta,) = out["video_metadata"]
@@ -53,6 +53,10 @@ def theirs(path, folder, kind, **call):
 CLIPS = [(9, 90, 166, 25), (12, 64, 48, 10), (37, 120, 70, 30), (5, 200, 40, 24)]
 SETTINGS = {  # name → (kind, video_preprocessor_config.json or None, image processor's, call kwargs)
     "qwen2 defaults (every frame)": ("qwen2", None, dict(min_pixels=3136, max_pixels=40000), {}),
+    # a Qwen3-VL checkpoint without a video processor file: transformers infers Qwen2VLVideoProcessor
+    # from its image processor's type (Qwen2VLImageProcessor), so every frame, Qwen2-VL's resize
+    "qwen3 checkpoint, no video file": ("qwen3", None, dict(patch_size=16, size={"shortest_edge": 4096,
+                                                                                 "longest_edge": 90000}), {}),
     "qwen2 sampled at 4 fps": ("qwen2", dict(size={"shortest_edge": 3136, "longest_edge": 30000}, do_sample_frames=True,
                                              fps=4, min_frames=2), None, {}),
     "qwen2 capped per frame": ("qwen2", dict(size={"shortest_edge": 1000, "longest_edge": 80000}, cap_pixels_per_frame=True,
@@ -78,6 +82,7 @@ def test_patches_grid_and_timing_equal_transformers_video_processor(tmp_path, cl
         pytest.fail("a clip too short for the test")
     ref, ref_grid, meta = theirs(path, folder, kind, **call)
     patches, grid, indices, timing = ours(path, prep)
+    assert prep.kind == ("qwen2" if video is None else kind)
     assert list(indices) == [int(i) for i in meta.frames_indices]
     assert grid == ref_grid
     assert patches.dtype == ref.dtype and torch.equal(patches, ref)  # bit for bit

@@ -23,6 +23,8 @@ from vitcore.run.pipeline import ExtractOptions  # noqa: E402
 def qwen3(tmp_path_factory):
     folder = tmp_path_factory.mktemp("q3") / "ckpt"
     save_tiny_qwen3vl(folder)
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(  # as released Qwen3-VL checkpoints have
+        {"video_processor_type": "Qwen3VLVideoProcessor", "size": {"shortest_edge": 4096, "longest_edge": 200000}}))
     return folder
 
 

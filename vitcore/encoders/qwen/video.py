@@ -174,11 +174,18 @@ def qwen3_video_resize(frames: int, height: int, width: int, temporal_factor: in
     return h_bar, w_bar
 
 
+VIDEO_CLASSES = {"Qwen2VLVideoProcessor": "qwen2", "Qwen3VLVideoProcessor": "qwen3"}
+
+
 def video_settings(folder: str, kind: str) -> VideoPreprocess:
-    """The checkpoint's video processor as transformers resolves it: processor_config.json's nested
-    video_processor, else video_preprocessor_config.json, else preprocessor_config.json (the image
-    processor's, whose min/max pixels it then takes), over the class's defaults."""
+    """The checkpoint's video processor as transformers' AutoVideoProcessor resolves it: the settings
+    from processor_config.json's nested video_processor, else video_preprocessor_config.json, else
+    preprocessor_config.json (the image processor's, whose min/max pixels it then takes); the class
+    from their video_processor_type, else from the image processor's type (Qwen2VLImageProcessor →
+    Qwen2VLVideoProcessor, even in a Qwen3-VL checkpoint without a video processor file of its own),
+    else from the model type (``kind``); over that class's defaults."""
     record, where = _video_record(folder)
+    kind = _video_class(record, kind, where)
     values = {**SHARED_DEFAULTS, **CLASS_DEFAULTS[kind]}
     size = record.get("size")
     if isinstance(size, dict):
@@ -201,6 +208,18 @@ def video_settings(folder: str, kind: str) -> VideoPreprocess:
     values["fps"] = None if values["fps"] is None else float(values["fps"])
     values["cap_pixels_per_frame"] = bool(values["cap_pixels_per_frame"])
     return VideoPreprocess(kind=kind, **values)
+
+
+def _video_class(record: dict, kind: str, where: str) -> str:
+    name = record.get("video_processor_type")
+    if name is None and isinstance(record.get("image_processor_type"), str):
+        inferred = record["image_processor_type"].replace("ImageProcessor", "VideoProcessor")
+        name = inferred if inferred in VIDEO_CLASSES else None  # (a …Fast name has no video twin: the model type)
+    if name is None:
+        return kind
+    if name not in VIDEO_CLASSES:
+        raise WeightsError(f"{where} names video processor {name}, not {' or '.join(VIDEO_CLASSES)}")
+    return VIDEO_CLASSES[name]
 
 
 def _video_record(folder: str) -> tuple[dict, str]:
