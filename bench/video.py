@@ -68,6 +68,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="video-bench-") as work:
         folder = Path(work) / "ckpt"
         make_checkpoint(folder, args.shape)
+        if args.shape.startswith("qwen3"):  # a video processor file of its own, as released Qwen3-VL checkpoints have
+            (folder / "video_preprocessor_config.json").write_text(json.dumps(
+                {"video_processor_type": "Qwen3VLVideoProcessor", "size": {"shortest_edge": 4096, "longest_edge": 25165824},
+                 "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3,
+                 "image_std": [0.5] * 3, "fps": 2, "min_frames": 4, "max_frames": 768}))
         clips = Path(work) / "clips"
         clips.mkdir()
         paths = [make_clip(clips / f"c{i}.mp4", int(args.seconds * 25), 320, 240, 25) for i in range(args.clips)]

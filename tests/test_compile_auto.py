@@ -14,7 +14,7 @@ from vitcore.errors import UsageError
 from vitcore.run import compile_choice
 from vitcore.run.pipeline import ExtractOptions
 
-# batch 1 over 8 pictures: the trial takes full batches 1-6, the chosen mode runs 7-8
+# batch 1 over 8 pictures: the trial takes full batches 1-7, the chosen mode runs the 8th
 AUTO = ExtractOptions(model=TINY, out_dtype="float32", dtype="float32", device="cpu", workers=0, batch_size=1)
 
 
@@ -48,7 +48,7 @@ def test_a_long_run_measures_keeps_the_faster_and_remembers(photos, tmp_path, fr
     result = vitcore.extract([photos], tmp_path / "auto.h5", AUTO)
     assert result.complete and result.compile_reason.startswith(f"{kept}: ")
     assert "measured in this run" in result.compile_reason
-    assert 0 < result.timings["compile"] <= result.timings["compute"]  # the 4th batch compiled either way
+    assert 0 < result.timings["compile"] <= result.timings["compute"]  # the 5th batch compiled either way
     (entry,) = _remembered().values()
     assert entry["eager"] > 0 and entry["compiled"] > 0 and entry["compile_seconds"] >= 0
     keys, tokens = _tokens(result.output)

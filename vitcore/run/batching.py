@@ -170,12 +170,14 @@ class CompileTrial:
     """--compile auto with nothing remembered: eager and compiled timed on this run's own full
     batches, then the faster kept for the rest of the run (and remembered; compile_choice.py).
 
-    Full batch 1 runs eager (kernels chosen, buffers made, the writer's first flush beside it), 2-3
-    eager and timed, 4 compiles (its time, less an eager batch's, is the compilation), 5-6 compiled
-    and timed; the best of each pair counts (a noisy machine only ever slows a batch down). Other
-    sizes (the last batch) run eager and do not count. Tokens from either agree to the dtype's rounding.
+    Full batches 1-2 run eager untimed (kernels chosen, weights reordered, buffers made: a bf16
+    encoder's second batch was still 5-8 % slower than its later ones), 3-4 eager and timed, 5
+    compiles (its time, less an eager batch's, is the compilation), 6-7 compiled and timed; the best
+    of each pair counts (a noisy machine only ever slows a batch down). Other sizes (the last batch)
+    run eager and do not count. Tokens from either agree to the dtype's rounding.
     """
 
+    WARM = 2  # full eager batches before any is timed
     TIMED = 2  # full batches timed in each mode
 
     def __init__(self, choice: CompileChoice):
@@ -191,8 +193,8 @@ class CompileTrial:
         if n != self.size:
             return runner.built.encode(pixels)
         self.seen += 1
-        compiling_at = 2 + self.TIMED
-        if self.seen == 1:
+        compiling_at = self.WARM + self.TIMED + 1
+        if self.seen <= self.WARM:
             return runner.built.encode(pixels)
         tick = time.perf_counter()
         if self.seen < compiling_at:

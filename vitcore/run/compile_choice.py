@@ -9,7 +9,7 @@ So, for a compilable family:
   compile when the compiled batches were faster and this run's images save more time than the
   last compilation took; otherwise stay eager;
 - not remembered, and the run long enough that a 10 % gain would repay a typical compilation:
-  measure on the run's own full batches (batching.CompileTrial: 2 eager, one compiling, 2 compiled),
+  measure on the run's own full batches (batching.CompileTrial: 2 warm, 2 eager, one compiling, 2 compiled),
   keep the faster for the rest of the run and remember both times;
 - otherwise (a short run): eager, silently.
 
