@@ -121,3 +121,32 @@ def test_timm_resume_refusals_come_before_torch(files, tmp_path):
         torch_state, code, stderr = _refused("run", pictures, "-o", made, *model_args, *args)
         assert code == 2 and words in stderr and stderr.count("\n") == 0, (args, stderr)
         assert torch_state == "NO-TORCH", (args, stderr)
+
+
+def test_unresumable_files_and_a_held_output_are_refused_before_torch(files, tmp_path):
+    folder, pictures, seed_file, *_ = files
+    empty, foreign = tmp_path / "empty.h5", tmp_path / "foreign.h5"
+    empty.write_bytes(b"")
+    import h5py
+
+    with h5py.File(foreign, "w") as f:
+        f["x"] = [1, 2, 3]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from vitcore.store.lock import OutputLock\n"
+         f"with OutputLock({str(seed_file)!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cases = [
+            (["run", pictures, "-o", empty, "--model", TINY, "--resume"], "not a readable HDF5 file"),
+            (["run", pictures, "-o", foreign, "--model", TINY, "--resume"], "not a complete vit-extract output"),
+            (["run", pictures, "-o", seed_file, "--model", TINY, "--resume"], f"another vit-extract run (pid {holder.pid}"),
+            (["run", pictures, "-o", seed_file, "--model", TINY, "--overwrite"], "another vit-extract run"),
+        ]
+        for args, words in cases:
+            torch_state, code, stderr = _refused(*args)
+            assert code != 0 and words in stderr and stderr.count("\n") == 0, (args, stderr)
+            assert torch_state == "NO-TORCH", (args, stderr)
+    finally:
+        holder.kill()
+        holder.wait()

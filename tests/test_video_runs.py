@@ -198,3 +198,15 @@ def test_show_draws_a_clips_first_temporal_patches_beside_their_maps(qwen3, mixe
         assert pictures.exit_code == 0 and wide > 1.8 * sheet.width
     (mixed / "a.mp4").unlink()  # the original is gone: placeholders, not a failure
     assert cli("show", out, "a.mp4", "-o", tmp_path / "gone.png").exit_code == 0
+
+
+def test_similar_encodes_a_new_clip_as_the_files_clips_were(qwen3, mixed, tmp_path):
+    from vitcore.consumers.search import similar
+
+    out = vitcore.extract([mixed], tmp_path / "p.h5", _opts(qwen3, pool="mean")).output
+    query = tmp_path / "query.mp4"
+    shutil.copy(mixed / "a.mp4", query)  # outside the file's root: encoded afresh, sampled as a.mp4 was
+    hits, kind = similar(str(out), str(query), k=2)
+    assert kind == "image" and hits[0].key == "a.mp4" and hits[0].score > 0.9999
+    picture, _ = similar(str(out), str(SAMPLES / "coffee.jpg"), k=1)
+    assert picture[0].key == "c.jpg" and picture[0].score > 0.9999  # a picture still reads as a picture

@@ -73,6 +73,23 @@ def query_vector(f: TokenFile, query: str) -> tuple[np.ndarray, str]:
     return vector, kind
 
 
+def _readable_query(image_path: str) -> None:
+    """A query picture's header read (clips are read whole later): an empty, broken or foreign file
+    refused in one line before any model is built."""
+    from PIL import Image
+
+    from vitcore.imaging.loader import describe_error
+    from vitcore.imaging.video import is_video_name
+
+    if is_video_name(image_path):
+        return
+    try:
+        with open(image_path, "rb") as handle, Image.open(handle):
+            pass
+    except Exception as err:
+        raise VitExtractError(f"cannot read {image_path}: {describe_error(err)}") from None
+
+
 def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
     """Encode one image with the encoder, weights and preprocessing recorded in the file → (D,),
     through the same batching path as a run (on the CPU, in float32)."""
@@ -83,6 +100,7 @@ def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
     from vitcore.run.batching import BatchRunner
     from vitcore.run.settings import store_settings
 
+    _readable_query(image_path)  # before the encoder is built: a bad query is said at once
     settings = f.settings
     family = registry.for_record(settings["encoder"])
     device = torch.device("cpu")
@@ -93,7 +111,7 @@ def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
     source = Source(path=image_path, key=os.path.basename(image_path), root_index=0)
     try:
         with source.open() as handle:
-            pixels, size = built.loader.load(handle)
+            pixels, size, *_ = built.loader.load(handle)  # (a loader may add its own text: not needed here)
     except Exception as err:
         raise VitExtractError(f"cannot read {image_path}: {describe_error(err)}") from None
     pooling = settings.get("pooling", "none")

@@ -20,8 +20,9 @@ from vitcore.inputs.base import Discovery, path_identity
 from vitcore.inputs.discover import discover
 from vitcore.inputs.parquet import ParquetRow
 from vitcore.store.encoding import PLUGIN_FILTERS, load_plugins
+from vitcore.store.lock import check_unlocked
 from vitcore.store.output import check_output, output_target
-from vitcore.store.resume import check_known_settings, check_resumable, recorded_compute_dtype
+from vitcore.store.resume import check_known_settings, check_resumable, check_resumable_file, recorded_compute_dtype
 from vitcore.run.settings import store_settings
 
 
@@ -54,6 +55,7 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
         load_plugins(out.compression)  # the extra is installed, or one line saying which
     output = output_target(str(output))
     check_output(output, out.resume, out.overwrite)
+    check_unlocked(output)  # another run writing it: said now, not after the model is built
     if family.takes_video and inputs.extensions is None:  # clips are picked up beside the pictures
         inputs = dataclasses.replace(inputs, extensions=DEFAULT_EXTENSIONS + VIDEO_EXTENSIONS)
     found, shard, videos = find_inputs(paths, inputs, out, stdin)
@@ -85,7 +87,10 @@ def check_resume_settings(run: CheckedRun) -> None:
     device only decides what --dtype auto and --decode gpu become: a resume with --dtype auto keeps
     the file's compute dtype, and --decode gpu waits for the device."""
     out, compute = run.output_options, run.compute
-    if not (out.resume and os.path.isfile(run.output)) or run.encoder.decode == "gpu":
+    if not (out.resume and os.path.isfile(run.output)):
+        return
+    check_resumable_file(run.output)  # not HDF5, not ours, a virtual merge: whatever the settings
+    if run.encoder.decode == "gpu":
         return
     dtype = recorded_compute_dtype(run.output) if compute.dtype == "auto" else compute.dtype
     if dtype is None:

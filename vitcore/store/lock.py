@@ -42,12 +42,9 @@ class OutputLock:
                 if err.errno not in (errno.EACCES, errno.EAGAIN):
                     os.close(fd)
                     raise VitExtractError(f"cannot lock {self.path}: {err.strerror}") from None
-                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+                refusal = _held(self.output, fd)
                 os.close(fd)
-                raise OutputLockedError(
-                    f"{self.output} is being written by another vit-extract run ({holder}); "
-                    "wait for it to finish or stop it, then try again"
-                ) from None
+                raise refusal from None
             # A finishing run unlinks the lock file: make sure ours is still the one at the path.
             try:
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
@@ -76,3 +73,28 @@ class OutputLock:
             pass
         os.close(self.fd)
         self.fd = None
+
+
+def check_unlocked(output: str) -> None:
+    """Refuse at once (before a model is built) an output another live run holds; the run takes the
+    lock itself later (OutputLock), so this only makes the usual refusal quick. Leaves no trace."""
+    path = output + LOCK_SUFFIX
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return  # no lock file (or none we may open): no run holds it, or OutputLock will say why
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EAGAIN):
+            raise _held(output, fd) from None
+    finally:
+        os.close(fd)
+
+
+def _held(output: str, fd: int) -> OutputLockedError:
+    """The refusal for an output whose lock (open as ``fd``) another process holds, naming it."""
+    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+    return OutputLockedError(f"{output} is being written by another vit-extract run ({holder}); "
+                             "wait for it to finish or stop it, then try again")

@@ -25,20 +25,7 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
     """Read an existing output and refuse, naming the difference, when its settings differ."""
     with open_for_reading(path, "resume") as h5:
         attrs = h5.attrs
-        if any(name not in attrs for name in REQUIRED):
-            raise ResumeMismatchError(
-                f"cannot resume {path}: it is not a complete vit-extract output file; use --overwrite"
-            )
-        if attrs.get("merged") == "virtual":
-            raise ResumeMismatchError(
-                f"cannot resume {path}: it is a virtual view over shard files; rerun the launch that made "
-                "the shards (they resume) and merge again, or merge without --virtual into a file that can grow"
-            )
-        if int(attrs["schema_version"]) != SCHEMA_VERSION:
-            raise ResumeMismatchError(
-                f"cannot resume {path}: schema version {attrs['schema_version']} "
-                f"(this vit-extract writes {SCHEMA_VERSION}); use --overwrite or a new output"
-            )
+        _refuse_unresumable(path, attrs)
         _refuse_differences(path, attrs, [(attribute, attribute.value(settings)) for attribute in compared()])
         roots = json.loads(attrs["roots"])
         committed = int(attrs["committed"])
@@ -53,6 +40,28 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
             failed = [identity_of(roots[i], k) for i, k in zip(index, keys)]
         return ResumeState(done=done, failed=failed, roots=roots, committed=committed,
                            failed_committed=failed_committed)
+
+
+def check_resumable_file(path: str) -> None:
+    """A file --resume cannot continue whatever the settings (not HDF5, not ours, a virtual merge,
+    another schema): refused torch-free, before the run's settings are known."""
+    with open_for_reading(path, "resume") as h5:
+        _refuse_unresumable(path, h5.attrs)
+
+
+def _refuse_unresumable(path: str, attrs) -> None:
+    if any(name not in attrs for name in REQUIRED):
+        raise ResumeMismatchError(f"cannot resume {path}: it is not a complete vit-extract output file; use --overwrite")
+    if attrs.get("merged") == "virtual":
+        raise ResumeMismatchError(
+            f"cannot resume {path}: it is a virtual view over shard files; rerun the launch that made "
+            "the shards (they resume) and merge again, or merge without --virtual into a file that can grow"
+        )
+    if int(attrs["schema_version"]) != SCHEMA_VERSION:
+        raise ResumeMismatchError(
+            f"cannot resume {path}: schema version {attrs['schema_version']} "
+            f"(this vit-extract writes {SCHEMA_VERSION}); use --overwrite or a new output"
+        )
 
 
 def check_known_settings(path: str, known: dict) -> None:

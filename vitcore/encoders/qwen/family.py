@@ -231,8 +231,19 @@ class QwenVLFamily:
                 f"the image processor of {folder} has changed since {file} was made ({', '.join(changed)}); "
                 "cannot encode a new image as its rows were"
             )
-        return EncoderOptions(model=self.name, weights=folder, decode=prep.get("decode", "full"),
-                              resolution=str(prep.get("resolution", "native")), processor=processor_backend(prep))
+        options = EncoderOptions(model=self.name, weights=folder, decode=prep.get("decode", "full"),
+                                 resolution=str(prep.get("resolution", "native")), processor=processor_backend(prep))
+        recorded = prep.get("video")
+        if recorded is None:
+            return options
+        # A file with clips: a new clip is sampled as its clips were (the same --fps / --max-frames).
+        sampled = recorded["do_sample_frames"] and recorded["fps"] is not None
+        options = dataclasses.replace(options, videos=True, fps=recorded["fps"] if sampled else None,
+                                      max_frames=recorded["max_frames"])
+        if self._video(options).to_record() != recorded:
+            raise VitExtractError(f"the video processor of {folder} has changed since {file} was made; "
+                                  "cannot encode a new clip as its clips were")
+        return options
 
     def describe(self, settings: dict) -> dict:
         enc, prep = settings["encoder"], settings["preprocessing"]
