@@ -350,3 +350,32 @@ def test_similar_leaves_non_finite_rows_out_with_or_without_an_index(base, tmp_p
     shown = cli("similar", out, "img00000.png", "-k", "12", "--json", "--index", tmp_path / "nan.faiss")
     assert shown.exit_code == 0 and "Infinity" not in shown.stdout and "NaN" not in shown.stdout
     assert len(json.loads(shown.stdout)) == 10
+
+
+def test_a_file_moved_with_its_index_still_uses_it(base, tmp_path):
+    vectors = random_vectors(300, 16, seed=5)
+    out = with_vectors(base, tmp_path / "here.h5", vectors)
+    build_index(out, index_beside(out), kind="hnsw")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("here.h5", "here.faiss", "here.faiss.json"):  # as rsync or cp -r carries them
+        shutil.copy(tmp_path / name, moved / name)
+    found = similar(str(moved / "here.h5"), "img00007.png", k=5)
+    assert found.searched.method == "index" and found.hits[0].row == 7
+    found = similar(str(moved / "here.h5"), "img00007.png", k=5, index=str(moved / "here.faiss"))
+    assert found.searched.method == "index"
+
+
+def test_an_index_that_answers_short_gives_way_to_exact_search(base, tmp_path, monkeypatch):
+    """HNSW on many identical vectors can return fewer than k: the hits are then searched exactly."""
+    vectors = np.concatenate([np.repeat(random_vectors(1, 16, seed=6), 200, axis=0), random_vectors(100, 16, seed=7)])
+    out = with_vectors(base, tmp_path / "same.h5", vectors)
+    build_index(out, index_beside(out), kind="hnsw")
+    from vitcore.consumers.index import LoadedIndex
+
+    real = LoadedIndex.search
+    monkeypatch.setattr(LoadedIndex, "search", lambda self, f, q, k: [hits[: k // 2] for hits in real(self, f, q, k)])
+    found = similar(out, "img00000.png", k=150)
+    assert len(found.hits) == 150 and found.searched.method == "exact"
+    assert "gave 75 of the 150 hits asked for" in found.searched.note
+    assert all(hit.score > 0.9999 and hit.row < 200 for hit in found.hits)  # 150 of the 200 copies of the query

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -537,15 +538,16 @@ def load_index(index_path: str, f: TokenFile) -> LoadedIndex:
     if record.get("format") != FORMAT or record.get("format_version") != FORMAT_VERSION:
         raise VitExtractError(f"{sidecar} is not a vit-extract index sidecar of format {FORMAT_VERSION}; build it again")
     now = {"run_id": str(f.h5.attrs.get("run_id", "")), "committed": len(f)}
-    if not _same_path(record.get("source", ""), f.path):
-        raise IndexMismatch(f"{index_path} is the index of another file ({record.get('source')}), not of {f.path}; "
-                            f"index this one with vit-extract index {f.path} -o NEW.faiss")
+    # The same run's rows, however the file is named now (moved or copied with its index): the same data.
     if (record["run_id"], record["committed"]) != (now["run_id"], now["committed"]):
+        if not _same_path(record.get("source", ""), f.path):
+            raise IndexMismatch(f"{index_path} is the index of another file ({record.get('source')}), not of {f.path}; "
+                                f"index this one with vit-extract index {shlex.quote(f.path)} -o NEW.faiss")
+        run = "the same run" if record["run_id"] == now["run_id"] else f"run {now['run_id'][:8]}, not {record['run_id'][:8]}"
         raise IndexMismatch(
-            f"{index_path} was built from {record['source']} with {record['committed']:,} rows "
-            f"(run {record['run_id'][:8]}); {f.path} has changed since "
-            f"({now['committed']:,} rows, run {now['run_id'][:8]}): "
-            f"build the index again (vit-extract index {f.path} -o {index_path} --overwrite)")
+            f"{index_path} was built from {record['committed']:,} rows of {f.path}, which has changed since "
+            f"({now['committed']:,} rows, {run}): build the index again "
+            f"(vit-extract index {shlex.quote(f.path)} -o {shlex.quote(index_path)} --overwrite)")
     if record["dataset"] != f.vectors_dataset() or record["dim"] != f.h5[record["dataset"]].shape[1]:
         raise IndexMismatch(f"{index_path} indexes {record['dataset']} of width {record['dim']}, "
                             f"which {f.path} does not hold; build the index again")

@@ -163,7 +163,11 @@ def similar(path: str, query: str, k: int = 10, block: int = 65536, index=None) 
         if loaded is not None:
             ranked = loaded.search(f, vector, k)[0]
             key = loaded.key  # the keys recorded with the index (the same file: checked)
-        else:
+            if len(ranked) < min(k, len(loaded.rows)):  # HNSW or IVF can come back short (e.g. on many equal vectors)
+                searched = Searched("exact", note=f"the {loaded.kind} index {loaded.path} gave {len(ranked)} of the "
+                                                  f"{min(k, len(loaded.rows))} hits asked for, so the search was exact")
+                loaded = None
+        if loaded is None:
             dataset = f.vectors_dataset()
             ranked = top_k_cosine((batch for _, batch in f.iter_batches(block, dataset)), vector, k)
             key = f.shown_key  # a key stored under several roots is shown with its root
@@ -186,9 +190,8 @@ def _chosen_index(f: TokenFile, path: str, index):
         return None, Searched("exact")
     try:
         loaded = load_index(beside, f)
-    except IndexMismatch:
-        return None, Searched("exact", note=f"{beside} was built from another version of {path}, so it was not used; "
-                                            f"rebuild it with vit-extract index {path} -o {beside} --overwrite")
+    except IndexMismatch as error:
+        return None, Searched("exact", note=f"{beside} was not used: {error}")
     except VitExtractError as error:  # faiss missing, an unreadable index: exact search still answers
         return None, Searched("exact", note=f"{beside} was not used: {error}")
     return loaded, Searched("index", loaded.path, loaded.describe())
