@@ -191,3 +191,16 @@ def test_auto_resuming_a_file_keeps_the_dtype_it_was_made_with(monkeypatch, tmp_
     resumed = vitcore.extract([SAMPLES], out, model=spec, workers=0, resume=True)
     assert resumed.compute_dtype == "float32" and resumed.dtype_reason == "float32: as the file being resumed was computed"
     assert resumed.rows == 8
+
+
+def test_float16_named_on_a_cpu_that_emulates_it_is_said_with_what_is_faster():
+    from vitcore.system.calibrate import slow_half_note
+
+    def timed(seconds):
+        return lambda dtype, rows, width: seconds[dtype]
+
+    emulated = {torch.float32: 1.0, torch.float16: 5.0, torch.bfloat16: 0.5}
+    note = slow_half_note(384, timed(emulated))
+    assert "0.20× float32's speed" in note and "bfloat16" in note
+    assert "float32 is faster" in slow_half_note(384, timed({**emulated, torch.bfloat16: 2.0}))
+    assert slow_half_note(384, timed({**emulated, torch.float16: 1.1})) is None  # native float16: no note

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from vitcore.run.batching import BatchRunner
 from vitcore.run.compile_choice import choose_compile
+from vitcore.system.calibrate import slow_half_note
 from vitcore.run.settings import store_settings
 from vitcore.system.host_memory import HeapWatch
 from vitcore.system.device import choose_dtype, dtype_name, resolve_device
@@ -206,6 +207,8 @@ def extract(
         out.prepare(settings, plan.roots, plan.keep_failures)  # before the workers fork
         ran = run_batches(out, loader, plan, runner, progress, stop or StopFlag())
     notes = list(record.notes) if built is None else list(built.notes)
+    if built is not None and device.type == "cpu" and dtype == torch.float16 and record.width:
+        notes += filter(None, [slow_half_note(record.width)])
     if built is not None and built.finish_batch is not None:
         notes += built.finish_batch.notes()
     if runner is not None and runner.compile_seconds:

@@ -113,3 +113,18 @@ def _choice(ratio: float, where: str) -> DtypeChoice:
     if ratio >= BF16_MARGIN:
         return DtypeChoice(torch.bfloat16, f"bfloat16: {ratio:.2f}× float32's matrix-product speed, {where}")
     return DtypeChoice(torch.float32, f"float32: bf16 ran at {ratio:.2f}× float32's matrix-product speed, {where}")
+
+
+def slow_half_note(width: int, measure: Callable[..., float] | None = None) -> str | None:
+    """--dtype float16 named on a CPU: a note when this CPU multiplies float16 clearly slower than
+    float32 (most emulate it: 5× slower on a 2-core EPYC), naming what is faster here; else None."""
+    measure = measure or product_seconds
+    rows, width = product_shape(width)
+    float32 = min(measure(torch.float32, rows, width) for _ in range(2))
+    half = measure(torch.float16, rows, width)
+    if half <= 1.25 * float32:
+        return None
+    bfloat16 = measure(torch.bfloat16, rows, width)
+    faster = "bfloat16 (same size, float32's range)" if bfloat16 < float32 / BF16_MARGIN else "float32"
+    return (f"--dtype float16: this CPU multiplied float16 at {float32 / half:.2f}× float32's speed; "
+            f"{faster} is faster here (or --dtype auto)")
