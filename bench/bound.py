@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,8 +30,8 @@ from vitcore.inputs.discover import discover
 from vitcore.options import EncoderOptions
 from vitcore.run.batching import BatchRunner
 from vitcore.run.settings import store_settings
+from sample_copies import sample_copies
 
-PROJECT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -44,11 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as work:
-        pictures = Path(work) / "pictures"
-        pictures.mkdir()
-        samples = sorted(p for p in (PROJECT / "sample_images").iterdir() if p.suffix in (".jpg", ".png"))
-        for i in range(args.images):
-            shutil.copy(samples[i % len(samples)], pictures / f"{i:05d}{samples[i % len(samples)].suffix}")
+        pictures = sample_copies(Path(work) / "pictures", args.images)
         sources = discover([str(pictures)], None, None).sources
         print(f"{args.model}, {len(sources)} pictures (copies of sample_images), batch {args.batch}, {cores} cores, "
               f"torch {torch.__version__}\n")

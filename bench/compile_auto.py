@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from sample_copies import sample_copies
 
-PROJECT = Path(__file__).resolve().parent.parent
 # The CLI with the trial rule lifted: any run may try (a bench run is short).
 TRYING = ("import sys; import vitcore.run.compile_choice as c; c.TRIAL_COMPILE_SECONDS = 0.0; "
           "from vitcore.cli.main import main; sys.argv[0] = 'vit-extract'; main()")
@@ -50,11 +49,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        pictures = Path(work) / "pictures"
-        pictures.mkdir()
-        samples = sorted(p for p in (PROJECT / "sample_images").iterdir() if p.suffix in (".jpg", ".png"))
-        for i in range(args.images):
-            shutil.copy(samples[i % len(samples)], pictures / f"{i:05d}{samples[i % len(samples)].suffix}")
+        pictures = sample_copies(Path(work) / "pictures", args.images)
         print(f"{args.model}, {args.images} pictures, batch {args.batch}\n")
         print("| dtype | run | images/s | compile s | auto's reason |")
         print("|---|---|---|---|---|")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +26,8 @@ from vitcore.store.encoding import numpy_dtype
 from vitcore.store.reader import StoredTokens
 from vitcore.store.schema import Rows, StoreSettings
 from vitcore.run.pipeline import ExtractOptions
+from sample_copies import sample_copies
 
-PROJECT = Path(__file__).resolve().parent.parent
 CASES = [(d, c) for d in ("float16", "bfloat16", "float32") for c in ("none", "gzip", "lz4", "zstd")]
 
 
@@ -39,12 +38,7 @@ def main() -> None:
     parser.add_argument("--weights", default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        pictures = Path(work) / "pictures"
-        pictures.mkdir()
-        samples = sorted(p for p in (PROJECT / "sample_images").iterdir() if p.suffix in (".jpg", ".png"))
-        for i in range(args.images):
-            source = samples[i % len(samples)]
-            shutil.copy(source, pictures / f"{i:05d}{source.suffix}")
+        pictures = sample_copies(Path(work) / "pictures", args.images)
         reference = os.path.join(work, "float32.h5")
         vitcore.extract([pictures], reference, ExtractOptions(model=args.model if not args.weights else None,
                                                               weights=args.weights, out_dtype="float32",

@@ -40,16 +40,26 @@ def read_json(path: str) -> dict:
     return data
 
 
+def nested_processor(folder: str, key: str) -> tuple[dict, str] | None:
+    """v5's processor_config.json's nested ``key`` ("image_processor", "video_processor") and where,
+    or None when there is no such file or entry."""
+    nested = os.path.join(folder, "processor_config.json")
+    if not os.path.isfile(nested):
+        return None
+    record = read_json(nested).get(key)
+    if record is None:
+        return None
+    if not isinstance(record, dict):
+        raise WeightsError(f"{nested}: {key} is not a JSON object")
+    return record, f"{nested} ({key})"
+
+
 def processor_record(folder: str) -> tuple[dict, str]:
     """A folder's image processor settings as transformers reads them: the nested ``image_processor`` of
     v5's processor_config.json, else the whole of preprocessor_config.json, never both; and where."""
-    nested = os.path.join(folder, "processor_config.json")
-    if os.path.isfile(nested):
-        record = read_json(nested).get("image_processor")
-        if record is not None:
-            if not isinstance(record, dict):
-                raise WeightsError(f"{nested}: image_processor is not a JSON object")
-            return record, f"{nested} (image_processor)"
+    found = nested_processor(folder, "image_processor")
+    if found is not None:
+        return found
     flat = os.path.join(folder, "preprocessor_config.json")
     if os.path.isfile(flat):
         return read_json(flat), flat

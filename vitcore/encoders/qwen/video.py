@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from vitcore.encoders.checkpoint_files import processor_record, read_json
+from vitcore.encoders.checkpoint_files import nested_processor, processor_record, read_json
 from vitcore.encoders.pixels import normalize, torchvision_resize
 from vitcore.errors import UsageError, WeightsError
 
@@ -223,13 +223,9 @@ def _video_class(record: dict, kind: str, where: str) -> str:
 
 
 def _video_record(folder: str) -> tuple[dict, str]:
-    nested = os.path.join(folder, "processor_config.json")
-    if os.path.isfile(nested):
-        record = read_json(nested).get("video_processor")
-        if record is not None:
-            if not isinstance(record, dict):
-                raise WeightsError(f"{nested}: video_processor is not a JSON object")
-            return record, f"{nested} (video_processor)"
+    found = nested_processor(folder, "video_processor")
+    if found is not None:
+        return found
     path = os.path.join(folder, "video_preprocessor_config.json")
     if os.path.isfile(path):
         return read_json(path), path
