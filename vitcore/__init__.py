@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.6.0"  # 0.6.0: --out-dtype bfloat16, --compression, run --dry-run, vit-extract index; 0.5.0: SigLIP, SigLIP2, CLIP, DINOv2 and timm towers, --pool model, --drop-prefix; 0.4.0: --processor, meta_absent masks, merge copies, compressed tars; 0.3.0: packages by concern, cli installed as vitcore.cli; 0.2.0: every encoder record names its family
+__version__ = "0.7.0"  # 0.7.0: video clips for the Qwen-VL families (--fps, --max-frames, meta/video, video_timing), --compile auto|on|off; 0.6.0: --out-dtype bfloat16, --compression, run --dry-run, vit-extract index; 0.5.0: SigLIP, SigLIP2, CLIP, DINOv2 and timm towers, --pool model, --drop-prefix; 0.4.0: --processor, meta_absent masks, merge copies, compressed tars; 0.3.0: packages by concern, cli installed as vitcore.cli; 0.2.0: every encoder record names its family
 
 _EXPORTS = {  # name → the module that defines it
     "extract": "vitcore.run.pipeline",
