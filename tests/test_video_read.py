@@ -65,3 +65,26 @@ def test_clips_that_cannot_be_read_are_one_line_errors(tmp_path):
 
 def test_video_names():
     assert is_video_name("a/b/clip.MP4") and is_video_name("x.webm") and not is_video_name("photo.jpg")
+
+
+def test_a_variable_rate_clip_without_a_frame_count_keeps_its_real_length(tmp_path):
+    """Matroska declares no frame count and, for a variable-rate clip, the rate of its first frames:
+    20 frames over 10.3 s must not become 20 frames at 30 fps (0.67 s)."""
+    from fractions import Fraction
+
+    path = tmp_path / "vfr.mkv"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        times = [i / 30 for i in range(10)] + [0.3 + i for i in range(1, 11)]  # 10 quick frames, then 1 a second
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 12, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = int(t * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    with open(path, "rb") as handle, open_clip(handle) as container:
+        info = clip_info(container)
+    assert info.frames == 20 and 9.5 < info.duration < 11.5, info

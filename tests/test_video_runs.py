@@ -44,6 +44,7 @@ def mixed(tmp_path):
     make_clip(folder / "b.webm", 7, 64, 48, 8, codec="libvpx")
     shutil.copy(SAMPLES / "coffee.jpg", folder / "c.jpg")
     (folder / "d.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(40))
+    (folder / "f.mp4").write_bytes(b"")  # zero bytes
     with av.open(str(folder / "e.mp4"), "w") as out:
         stream = out.add_stream("aac", rate=8000)
         frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
@@ -80,8 +81,9 @@ def test_clips_beside_pictures_with_their_grids_timing_and_failures(qwen3, mixed
     assert tokens.shape[0] == grid[0] * grid[1] * grid[2] // 4
     assert got["rows"]["b.webm"][1]["frames"] == [0, 2, 4, 6]  # WebM: frames counted by decoding
     assert got["rows"]["c.jpg"][0][0] == 1 and got["rows"]["c.jpg"][1] is None  # a picture: t = 1, no video record
-    assert set(got["failed"]) == {"d.mp4", "e.mp4"}
+    assert set(got["failed"]) == {"d.mp4", "e.mp4", "f.mp4"}
     assert "VideoError" in got["failed"]["d.mp4"] and "no video stream" in got["failed"]["e.mp4"]
+    assert "not a readable video" in got["failed"]["f.mp4"]
     with h5py.File(result.output) as f:
         assert json.loads(f.attrs["preprocessing"])["video"]["fps"] == 2.0
 
@@ -94,7 +96,7 @@ def test_resume_and_shards_give_the_single_run(qwen3, mixed, tmp_path):
         shutil.copy(mixed / name, growing / name)
     out = tmp_path / "resumed.h5"
     vitcore.extract([growing], out, _opts(qwen3))
-    for name in ("b.webm", "d.mp4", "e.mp4"):  # more clips arrive; the run goes on
+    for name in ("b.webm", "d.mp4", "e.mp4", "f.mp4"):  # more clips arrive; the run goes on
         shutil.copy(mixed / name, growing / name)
     again = vitcore.extract([growing], out, _opts(qwen3), resume=True)
     assert again.skipped == 2 and again.written == 1
@@ -119,8 +121,39 @@ def test_a_pictures_only_file_does_not_take_clips_on_resume(qwen3, mixed, tmp_pa
     with h5py.File(out) as f:
         assert "video" not in json.loads(f.attrs["preprocessing"])  # as files made before clips were read
     shutil.copy(mixed / "a.mp4", pictures / "a.mp4")
-    with pytest.raises(ResumeMismatchError, match="preprocessing"):
+    with pytest.raises(UsageError, match="made from pictures alone, so clips cannot join it"):
         vitcore.extract([pictures], out, _opts(qwen3), resume=True)
+
+
+def test_a_file_with_clips_goes_on_with_pictures_alone(qwen3, mixed, tmp_path):
+    out = vitcore.extract([mixed], tmp_path / "v.h5", _opts(qwen3)).output
+    more = tmp_path / "more"
+    more.mkdir()
+    shutil.copy(SAMPLES / "rocket.jpg", more / "rocket.jpg")
+    again = vitcore.extract([more], out, _opts(qwen3), resume=True)  # no clips among these inputs
+    assert again.written == 1 and _rows(out)["rows"]["rocket.jpg"][1] is None
+
+
+def test_what_clips_cannot_take_is_refused_before_any_work(qwen2, qwen3, mixed, tmp_path):
+    out = tmp_path / "never.h5"
+    refused = [
+        (_opts(qwen3, resolution="64"), "--resolution 64 sizes pictures"),
+        (_opts(qwen2, max_frames=8), "give --fps too"),
+        (_opts(qwen2, fps=float("nan")), "--fps must be a number above 0"),
+        (_opts(qwen2, fps=float("inf")), "--fps must be a number above 0"),
+        (ExtractOptions(model=TINY, workers=0, extensions="mp4,jpg"), "clips are read by the Qwen-VL families only"),
+    ]
+    for options, words in refused:
+        with pytest.raises(UsageError, match=words.replace("(", r"\(")):
+            vitcore.extract([mixed], out, options)
+        assert not out.exists()
+    with pytest.raises(UsageError, match="clips are read by the Qwen-VL families only"):  # named one by one
+        vitcore.extract([mixed / "a.mp4"], out, ExtractOptions(model=TINY, workers=0))
+    only_clips = tmp_path / "only"
+    only_clips.mkdir()
+    shutil.copy(mixed / "a.mp4", only_clips / "a.mp4")
+    with pytest.raises(UsageError, match="no images found.*1 video clip passed over"):
+        vitcore.extract([only_clips], out, ExtractOptions(model=TINY, workers=0))
 
 
 def test_fps_and_max_frames_as_the_processor_takes_them(qwen2, tmp_path):
@@ -148,7 +181,7 @@ def test_a_clip_too_long_to_take_every_frame_is_a_record(qwen2, tmp_path):
 
 def test_other_families_pass_clips_over_and_refuse_fps(mixed, tmp_path):
     result = vitcore.extract([mixed], tmp_path / "s.h5", ExtractOptions(model=TINY, workers=0))
-    assert result.written == 1 and result.passed_over.get("mp4") == 3 and result.passed_over.get("webm") == 1
+    assert result.written == 1 and result.passed_over.get("mp4") == 4 and result.passed_over.get("webm") == 1
     with pytest.raises(UsageError, match="--fps and --max-frames are for video clips"):
         vitcore.extract([mixed], tmp_path / "f.h5", ExtractOptions(model=TINY, workers=0, fps=2.0))
 
@@ -157,8 +190,8 @@ def test_a_dry_run_counts_clips_as_inputs_of_their_own_kind(qwen3, mixed, tmp_pa
     from vitcore.run.dry_run import dry_run
 
     report = dry_run([mixed], str(tmp_path / "v.h5"), _opts(qwen3))
-    assert report.inputs == {"video clips": 4, "image files": 1}
-    assert any("4 video clips" in note for note in report.notes)
+    assert report.inputs == {"video clips": 5, "image files": 1}
+    assert any("5 video clips" in note for note in report.notes)
     assert not any("headers read could not be read" in note for note in report.notes)  # clips are not pictures
 
 

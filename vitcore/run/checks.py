@@ -60,6 +60,15 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
         inputs = dataclasses.replace(inputs, extensions=DEFAULT_EXTENSIONS + VIDEO_EXTENSIONS)
     found, shard, videos = find_inputs(paths, inputs, out, stdin)
     refuse_output_among_inputs(output, found)
+    if videos and not family.takes_video:
+        raise UsageError(f"{videos} video clip{'s' * (videos != 1)} among the inputs: clips are read by the Qwen-VL "
+                         f"families only (--weights a Qwen-VL checkpoint); {family.name} reads pictures")
+    recorded = _recorded_video(output) if out.resume and family.takes_video else None
+    if recorded is False and videos:
+        raise UsageError(f"{output} was made from pictures alone, so clips cannot join it (their video settings are "
+                         "not in it): write the clips to another file")
+    if recorded:  # a file with clips goes on with its clips' settings, whatever this run's inputs are
+        encoder = dataclasses.replace(encoder, videos=True)
     if videos and family.takes_video:
         if importlib.util.find_spec("av") is None:
             raise UsageError(f"{videos} video clip{'s' * (videos != 1)} among the inputs: reading them needs PyAV, "
@@ -68,6 +77,17 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
     checked = CheckedRun(encoder, inputs, compute, out, family, output, found, shard)
     check_resume_settings(checked)
     return checked
+
+
+def _recorded_video(output: str) -> bool | None:
+    """Whether an existing output records clips' settings (None: no such file, or not ours)."""
+    import h5py
+
+    try:
+        with h5py.File(output, "r") as h5:
+            return "video" in json.loads(h5.attrs["preprocessing"])
+    except Exception:  # not a file of ours: the resume checks say why
+        return None
 
 
 def refuse_output_among_inputs(output: str, found: Discovery) -> None:
@@ -158,8 +178,11 @@ def find_inputs(paths, inputs: InputOptions, out: OutputOptions, stdin) -> tuple
     if not found.sources and not out.resume and shard is None and found.empty:
         raise UsageError(f"no images found: {found.empty[0]}")
     if not found.sources and not out.resume and shard is None:  # a shard may be empty (N > inputs)
+        clips = sum(n for ext, n in found.passed_over.items() if ext in VIDEO_EXTENSIONS)
         raise UsageError(
             f"no images found in {', '.join(found.roots) or 'the inputs'} "
             f"(looked for {', '.join(parse_extensions(inputs.extensions))}; --ext changes that)"
+            + (f"; {clips} video clip{'s' * (clips != 1)} passed over: clips are read by the Qwen-VL families only"
+               if clips else "")
         )
     return found, shard, videos

@@ -142,6 +142,10 @@ class QwenVLFamily:
         recorded = dataclasses.asdict(prep)
         recorded.pop("resample")  # recorded by name: "bicubic (torchvision)", "bicubic (Pillow)"
         video, notes = self._video(opts), []
+        if video is not None and prep.fixed is not None:
+            raise UsageError(f"--resolution {opts.resolution} sizes pictures; clips keep their video processor's size "
+                             "(their tokens could not share a fixed shape): use --resolution native with clips, or "
+                             "--ext to leave them out")
         if video is not None:  # recorded only when clips are among the inputs: picture files stay as they were
             recorded["video"] = video.to_record()
         elif opts.fps is not None or opts.max_frames is not None:

@@ -73,12 +73,16 @@ class VideoPreprocess:
         """--fps / --max-frames, as passing fps= / max_frames= to the processor does (an fps samples)."""
         prep = self
         if fps is not None:
-            if fps <= 0:
-                raise UsageError(f"--fps must be above 0, got {fps}")
+            if not (0 < fps < math.inf):
+                raise UsageError(f"--fps must be a number above 0, got {fps}")
             prep = replace(prep, fps=float(fps), num_frames=None, do_sample_frames=True)
         if max_frames is not None:
             if max_frames < prep.temporal_patch_size:
                 raise UsageError(f"--max-frames must be at least {prep.temporal_patch_size}, got {max_frames}")
+            if not prep.do_sample_frames or (prep.fps is None and prep.num_frames is None):
+                raise UsageError("--max-frames bounds the frames a sampling processor takes, and this checkpoint's "
+                                 "video processor takes every frame: give --fps too (e.g. --fps 2 --max-frames "
+                                 f"{max_frames})")
             prep = replace(prep, max_frames=int(max_frames))
         return prep
 
@@ -262,7 +266,7 @@ def load_clip(source, prep: VideoPreprocess) -> tuple[np.ndarray, tuple[int, int
     with open_clip(source) as container:
         info = clip_info(container)
         indices = prep.frames(info.frames, info.fps)
-        frames = read_frames(container, indices)
-    size = prep.frame_size(len(indices), info.height, info.width)
+        size = prep.frame_size(len(indices), info.height, info.width)  # known before decoding: frames
+        frames = read_frames(container, indices, each=lambda frame: resize_frames(frame[None], size, prep)[0])
     record = {**info.to_record(), **prep.timing(indices, info.frames, info.fps)}
-    return resize_frames(frames, size, prep), (info.width, info.height), record
+    return frames, (info.width, info.height), record
