@@ -243,3 +243,14 @@ def test_similar_encodes_a_new_clip_as_the_files_clips_were(qwen3, mixed, tmp_pa
     assert kind == "image" and hits[0].key == "a.mp4" and hits[0].score > 0.9999
     picture, _ = similar(str(out), str(SAMPLES / "coffee.jpg"), k=1)
     assert picture[0].key == "c.jpg" and picture[0].score > 0.9999  # a picture still reads as a picture
+
+
+def test_info_names_the_video_processor_the_clips_went_through(qwen2, qwen3, mixed, tmp_path, cli):
+    sampled = vitcore.extract([mixed], tmp_path / "q3.h5", _opts(qwen3)).output
+    every = vitcore.extract([mixed], tmp_path / "q2.h5", _opts(qwen2)).output
+    assert "clips: Qwen3VLVideoProcessor, 2 fps, 4–768 frames" in cli("info", sampled).output
+    assert "clips: Qwen2VLVideoProcessor, every frame" in cli("info", every).output
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    shutil.copy(mixed / "c.jpg", pictures / "c.jpg")
+    assert "clips:" not in cli("info", vitcore.extract([pictures], tmp_path / "p.h5", _opts(qwen3)).output).output

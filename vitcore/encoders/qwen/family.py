@@ -259,7 +259,8 @@ class QwenVLFamily:
             "preprocessing": (f"resolution {prep['resolution']} (pixels {prep['min_pixels']}–{prep['max_pixels']})"
                               if prep["resolution"] == "native" else
                               f"resolution {prep['resolution']}×{prep['resolution']} (fixed)")
-                             + f", decode {prep['decode']}, processor {processor_backend(prep)} ({prep.get('interpolation')})",
+                             + f", decode {prep['decode']}, processor {processor_backend(prep)} ({prep.get('interpolation')})"
+                             + (_clips_described(prep["video"]) if prep.get("video") else ""),
         }
 
     def framed(self, picture, preprocessing: dict):
@@ -278,6 +279,16 @@ class QwenVLFamily:
 
     def prefix_tokens(self, encoder: dict) -> int:
         return 0  # merged patch tokens only
+
+
+def _clips_described(video: dict) -> str:
+    """`info`'s words for the video processor a file's clips went through."""
+    name = {"qwen2": "Qwen2VLVideoProcessor", "qwen3": "Qwen3VLVideoProcessor"}.get(video.get("kind"), video.get("kind"))
+    if video.get("do_sample_frames") and video.get("fps") is not None:
+        frames = f"{video['fps']:g} fps, {video['min_frames']}–{video['max_frames']} frames"
+    else:
+        frames = "every frame"
+    return f"; clips: {name}, {frames}, pixels {video['min_pixels']}–{video['max_pixels']}"
 
 
 # The towers, built only when a run starts (torch is imported there, not when a family is looked up).
