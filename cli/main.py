@@ -507,9 +507,17 @@ def _save_png(image, path: Path) -> None:
 
 def _bare_compile(args: list[str]) -> list[str]:
     """``--compile`` alone, as before it took a value, means ``--compile on``: the next word is an
-    input or another option, not the value (only auto, on and off are)."""
-    return [f"{arg}=on" if arg == "--compile" and (i + 1 == len(args) or args[i + 1] not in COMPILE_MODES) else arg
-            for i, arg in enumerate(args)]
+    input or another option, not the value. A next word that is no path (no such file, no / or .)
+    is taken as a value, so ``--compile yes`` is refused as one, not looked for as an input."""
+    def bare(i: int) -> bool:
+        if i + 1 == len(args):
+            return True
+        word = args[i + 1]
+        value_like = word not in COMPILE_MODES and not word.startswith("-") and not os.path.exists(word) \
+            and "/" not in word and "." not in word
+        return word not in COMPILE_MODES and not value_like
+
+    return [f"{arg}=on" if arg == "--compile" and bare(i) else arg for i, arg in enumerate(args)]
 
 
 def main() -> None:

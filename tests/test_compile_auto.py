@@ -90,9 +90,12 @@ def test_other_families_run_eager_under_auto_and_refuse_on(photos, tmp_path):
         vitcore.extract([photos], tmp_path / "q.h5", AUTO, compile="sometimes")
 
 
-def test_compile_alone_on_the_command_line_means_on():
+def test_compile_alone_on_the_command_line_means_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()  # an input that is there: not the value
     assert _bare_compile(["run", "--compile", "photos"]) == ["run", "--compile=on", "photos"]
     assert _bare_compile(["run", "photos", "--compile"]) == ["run", "photos", "--compile=on"]
     assert _bare_compile(["run", "--compile", "--json"]) == ["run", "--compile=on", "--json"]
     for mode in ("auto", "on", "off"):
         assert _bare_compile(["run", "--compile", mode, "x"]) == ["run", "--compile", mode, "x"]
+    assert _bare_compile(["run", "--compile", "yes", "a/b"]) == ["run", "--compile", "yes", "a/b"]  # a value: refused
