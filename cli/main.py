@@ -486,12 +486,12 @@ def merge_command(
 def _check_sheet(path: Path, overwrite: bool, reading: list[Path]) -> Path:
     """A sheet's output, checked before any work: never a file this command reads (not even with
     --overwrite), an existing file only with --overwrite, through a link its target."""
-    from vitcore.store.output import check_output, output_target
+    from vitcore.store.output import check_output, output_target, read_as_output
 
     target = Path(output_target(str(path)))
-    for read in reading:
-        if os.path.exists(read) and os.path.exists(target) and os.path.samefile(read, target):
-            raise UsageError(f"the sheet {path} is {read}, which this command reads; choose another file")
+    read = read_as_output(str(target), reading)
+    if read is not None:
+        raise UsageError(f"the sheet {path} is {read}, which this command reads; choose another file")
     check_output(str(target), resume=False, overwrite=overwrite, can_resume=False)
     return target
 
@@ -513,9 +513,9 @@ def _bare_compile(args: list[str]) -> list[str]:
         if i + 1 == len(args):
             return True
         word = args[i + 1]
-        value_like = word not in COMPILE_MODES and not word.startswith("-") and not os.path.exists(word) \
-            and "/" not in word and "." not in word
-        return word not in COMPILE_MODES and not value_like
+        if word in COMPILE_MODES:
+            return False
+        return word.startswith("-") or os.path.exists(word) or "/" in word or "." in word
 
     return [f"{arg}=on" if arg == "--compile" and bare(i) else arg for i, arg in enumerate(args)]
 

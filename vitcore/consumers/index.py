@@ -28,7 +28,7 @@ from vitcore import __version__
 from vitcore.consumers.search import top_k_cosine
 from vitcore.consumers.tokens import TokenFile
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError
-from vitcore.store.output import check_output, output_target
+from vitcore.store.output import check_output, output_target, read_as_output
 from vitcore.system.units import shown_size
 
 FORMAT = "vit-extract index"
@@ -314,7 +314,7 @@ def _same_path(a: str, b: str) -> bool:
 
 
 def _check_index_output(path: str, output: str, overwrite: bool) -> None:
-    if os.path.exists(output) and os.path.exists(path) and os.path.samefile(path, output):
+    if read_as_output(output, [path]) is not None:
         raise UsageError(f"the index output {output} is the file to index itself; give another name such as "
                          f"{index_beside(path)}")
     check_output(output, resume=False, overwrite=overwrite, can_resume=False)

@@ -22,7 +22,8 @@ from vitcore.inputs.parquet import ParquetRow
 from vitcore.store.encoding import PLUGIN_FILTERS, load_plugins
 from vitcore.store.lock import check_unlocked
 from vitcore.store.output import check_output, output_target
-from vitcore.store.resume import check_known_settings, check_resumable, check_resumable_file, recorded_compute_dtype
+from vitcore.store.resume import (check_known_settings, check_resumable, check_resumable_file, recorded_clips,
+                                  recorded_compute_dtype)
 from vitcore.run.settings import store_settings
 
 
@@ -63,7 +64,7 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
     if videos and not family.takes_video:
         raise UsageError(f"{videos} video clip{'s' * (videos != 1)} among the inputs: clips are read by the Qwen-VL "
                          f"families only (--weights a Qwen-VL checkpoint); {family.name} reads pictures")
-    recorded = _recorded_video(output) if out.resume and family.takes_video else None
+    recorded = recorded_clips(output) if out.resume and family.takes_video else None
     if recorded is False and videos:
         raise UsageError(f"{output} was made from pictures alone, so clips cannot join it (their video settings are "
                          "not in it): write the clips to another file")
@@ -77,17 +78,6 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
     checked = CheckedRun(encoder, inputs, compute, out, family, output, found, shard)
     check_resume_settings(checked)
     return checked
-
-
-def _recorded_video(output: str) -> bool | None:
-    """Whether an existing output records clips' settings (None: no such file, or not ours)."""
-    import h5py
-
-    try:
-        with h5py.File(output, "r") as h5:
-            return "video" in json.loads(h5.attrs["preprocessing"])
-    except Exception:  # not a file of ours: the resume checks say why
-        return None
 
 
 def refuse_output_among_inputs(output: str, found: Discovery) -> None:

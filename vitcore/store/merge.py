@@ -20,7 +20,7 @@ import numpy as np
 
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.inputs.base import identity_of
-from vitcore.store.output import check_output, output_target
+from vitcore.store.output import check_output, output_target, read_as_output
 from vitcore.store.encoding import StoredArray, creation_options, readable, same_type, write_at
 from vitcore.store.reader import StoredTokens
 from vitcore.store.schema import (
@@ -109,9 +109,8 @@ def merge(output: str, shard_paths: list[str], virtual: bool = False, overwrite:
         raise UsageError("merge needs at least one shard file")
     output = output_target(output)  # through a link: its target, not the link replaced
     check_output(output, resume=False, overwrite=overwrite, can_resume=False)
-    for shard in shard_paths:  # never write over one of the inputs
-        if os.path.exists(output) and os.path.samefile(output, shard):
-            raise UsageError(f"cannot merge into {output}: it is one of the shards being merged")
+    if read_as_output(output, shard_paths) is not None:  # never write over one of the inputs
+        raise UsageError(f"cannot merge into {output}: it is one of the shards being merged")
     shards = sorted((_read_shard(p) for p in dict.fromkeys(map(str, shard_paths))), key=lambda s: s.record["start"])
     if len(shards) != len(shard_paths):
         raise UsageError("cannot merge: the same shard file is named twice")

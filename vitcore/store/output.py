@@ -115,6 +115,14 @@ def output_target(path: str) -> str:
     return os.path.realpath(path) if os.path.islink(path) else path
 
 
+def read_as_output(output: str, reading) -> str | None:
+    """The first of the files a command reads (``reading``) that is the very file ``output`` names
+    (however either is spelled or linked): it must never be written. None when there is none."""
+    if not os.path.exists(output):
+        return None
+    return next((str(path) for path in reading if os.path.exists(path) and os.path.samefile(path, output)), None)
+
+
 def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = True) -> None:
     """Refuse early (before any model is built) an output that cannot or must not be written."""
     if resume and overwrite:

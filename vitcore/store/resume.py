@@ -67,12 +67,10 @@ def _refuse_unresumable(path: str, attrs) -> None:
 def check_known_settings(path: str, known: dict) -> None:
     """Refuse a resume on the settings known before the encoder's record is (a family that needs
     torch to make its record; check_resumable compares everything later): ``known`` maps some of
-    StoreSettings' fields, each named as the attribute that records it, to their values. A file
-    that is not a complete output of ours passes here: the full check says why."""
+    StoreSettings' fields, each named as the attribute that records it, to their values."""
     with open_for_reading(path, "resume") as h5:
         attrs = h5.attrs
-        if any(name not in attrs for name in REQUIRED) or int(attrs["schema_version"]) != SCHEMA_VERSION:
-            return
+        _refuse_unresumable(path, attrs)
         settings = SimpleNamespace(**known)
         _refuse_differences(path, attrs, [(a, a.value(settings)) for a in compared() if a.name in known])
 
@@ -91,9 +89,21 @@ def _refuse_differences(path: str, attrs, pairs) -> None:
 def recorded_compute_dtype(path: str) -> str | None:
     """The compute dtype an existing output was made with (None: no such file, or not ours), so
     that --dtype auto resuming it keeps it rather than deciding afresh."""
+    return _recorded(path, "compute_dtype")
+
+
+def recorded_clips(path: str) -> bool | None:
+    """Whether an existing output records clips' video settings (None: no such file, or not ours),
+    so that a resume goes on with them whatever its inputs are."""
+    preprocessing = _recorded(path, "preprocessing")
+    return None if preprocessing is None else "video" in json.loads(preprocessing)
+
+
+def _recorded(path: str, name: str) -> str | None:
+    """An existing output's attribute ``name`` as text, or None (no such file, not ours, no such attribute)."""
     try:
         with open_for_reading(path, "resume") as h5:
-            value = h5.attrs.get("compute_dtype")
+            value = h5.attrs.get(name)
     except Exception:  # unreadable: check_resumable says why, later
         return None
     return value.decode() if isinstance(value, bytes) else value

@@ -54,11 +54,7 @@ def _record_path(kind: str, identities: list) -> str:
 
 
 def _remembered(kind: str, identities: list) -> str | None:
-    try:
-        with open(_record_path(kind, identities)) as handle:
-            record = json.load(handle)
-    except (OSError, ValueError):
-        return None
+    record = read_json(_record_path(kind, identities))
     return record["sha256"] if record.get("kind") == kind and isinstance(record.get("sha256"), str) else None
 
 

@@ -68,18 +68,22 @@ class QwenVLPreprocess:
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Nearest sides that are multiples of ``factor``, with the area kept within [min, max] pixels."""
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int, frames: int = 1,
+                 temporal_factor: int = 1) -> tuple[int, int]:
+    """Nearest sides that are multiples of ``factor``, with the area kept within [min, max] pixels.
+    Qwen3-VL's video resize counts the clip's ``frames`` in the area: rounded to ``temporal_factor``
+    to test the bounds, as they are in the scale (a picture: one frame)."""
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over 200")
     h_bar = round(height / factor) * factor  # Python's round: half to even, as the processor does
     w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
+    t_bar = round(frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt(frames * height * width / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
         w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (frames * height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
