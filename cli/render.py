@@ -63,7 +63,7 @@ class ProgressLines:
         rate = p.done / p.elapsed if p.elapsed > 0 else 0.0
         eta = f", ETA {_duration((p.total - p.done) / rate)}" if rate > 0 and p.done < p.total else ""
         share = f" ({100 * p.done / p.total:.0f} %)" if p.total else ""
-        self.console.print(f"progress: {p.done}/{p.total} images{share}, {rate:.1f} images/s, "
+        self.console.print(f"progress: {p.done}/{p.total} {p.noun}{share}, {rate:.1f} {p.noun}/s, "
                            f"elapsed {_duration(p.elapsed)}{eta}, {p.failed} failed", markup=False, highlight=False)
         self.latest = None
 
@@ -114,7 +114,8 @@ class ProgressDisplay:
             )
             self.bar.start()
             self.task = self.bar.add_task("extract", total=p.total, rate="", failed="")
-        rate = f"{p.done / p.elapsed:.1f} img/s" if p.elapsed > 0 and p.done else ""
+        unit = "img" if p.noun == "images" else p.noun
+        rate = f"{p.done / p.elapsed:.1f} {unit}/s" if p.elapsed > 0 and p.done else ""
         failed = f"{p.failed} failed" if p.failed else ""
         self.bar.update(self.task, completed=p.done, total=p.total, rate=rate, failed=failed)
 
@@ -141,13 +142,22 @@ def _inputs(shard: dict) -> str:
     return f"inputs {start} to {stop - 1}" if stop > start else "no inputs"
 
 
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def run_summary(console: Console, result) -> None:
     """One screen after a run: what was written, with what, how fast, and what failed."""
     shape = "×".join("varying" if n == -1 else str(n) for n in result.token_shape)
     head = "done" if result.complete else "stopped"
+    what, each = _counted(result.written - result.clips, "image"), "image"
+    if result.clips:  # a run that read video clips says so
+        pictures = result.written - result.clips
+        what = f"{_counted(pictures, 'image')} and " * bool(pictures) + _counted(result.clips, "clip")
+        each = "image or clip"
     console.print(
-        f"[bold]{head}:[/] {result.written} image{'' if result.written == 1 else 's'} → {escape(result.output)} "
-        f"({result.rows} row{'' if result.rows == 1 else 's'}, tokens {shape} {result.out_dtype} per image)"
+        f"[bold]{head}:[/] {what} → {escape(result.output)} "
+        f"({_counted(result.rows, 'row')}, tokens {shape} {result.out_dtype} per {each})"
     )
     table = Table.grid(padding=(0, 2))
     table.add_row("encoder", f"{result.encoder}")
@@ -166,7 +176,7 @@ def run_summary(console: Console, result) -> None:
         table.add_row("dtype", f"auto → {escape(result.dtype_reason)} (--dtype overrides)")
     if result.compile_reason:
         table.add_row("compile", f"auto → {escape(result.compile_reason)} (--compile on/off overrides)")
-    time_text = f"{result.seconds:.1f} s, {result.images_per_second:.1f} images/s"
+    time_text = f"{result.seconds:.1f} s, {result.images_per_second:.1f} {'inputs' if result.clips else 'images'}/s"
     if "compile" in result.timings:
         time_text += f" (including {result.timings['compile']:.1f} s of torch.compile)"
     table.add_row("time", time_text)
@@ -196,11 +206,13 @@ def info_table(console: Console, s: dict) -> None:
         state = "  [yellow](a run is writing it now: the rows committed so far)[/]"
     else:
         state = "" if s["complete"] else "  [yellow](incomplete: finish with run … --resume)[/]"
-    table.add_row("rows", f"{s['rows']}{state}")
+    clips = f" ({s['clips']} of them video clips)" if s.get("clips") else ""
+    table.add_row("rows", f"{s['rows']}{clips}{state}")
     shape = s["token_shape"]
     shape_text = f"varying × {shape[-1]} (num_tokens)" if shape[0] == -1 else "×".join(map(str, shape))
     compressed = "" if s.get("compression", "none") == "none" else f", {s['compression']}-compressed"
-    table.add_row("tokens", f"{shape_text} per image, {s['out_dtype']}{compressed}, pooling {s['pooling']}")
+    each = "image or clip" if s.get("clips") else "image"
+    table.add_row("tokens", f"{shape_text} per {each}, {s['out_dtype']}{compressed}, pooling {s['pooling']}")
     for name, feature_shape, ragged in s.get("features") or ():
         table.add_row("feature", f"features/{name}: " + (f"varying × {feature_shape[-1]}" if ragged else "×".join(map(str, feature_shape))))
     if s.get("meta"):

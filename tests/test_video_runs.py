@@ -5,6 +5,7 @@ with clips. (Tokens equal to transformers' video processor + tower: test_qwen_vi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import h5py
@@ -86,6 +87,23 @@ def test_clips_beside_pictures_with_their_grids_timing_and_failures(qwen3, mixed
     assert "not a readable video" in got["failed"]["f.mp4"]
     with h5py.File(result.output) as f:
         assert json.loads(f.attrs["preprocessing"])["video"]["fps"] == 2.0
+
+
+def test_the_summary_and_info_count_clips_apart_from_pictures(cli, qwen3, mixed, tmp_path):
+    out = tmp_path / "v.h5"
+    result = cli("run", mixed, "-o", out, "--weights", qwen3, "--dtype", "float32", "--workers", "0", "--progress", "lines")
+    assert result.exit_code == 0, result.output
+    assert "progress: 6/6 inputs (100 %)" in result.output and "inputs/s" in result.output
+    assert "done: 1 image and 2 clips → " in result.output and "per image or clip" in result.output
+    shown = cli("info", out)
+    assert "3 (2 of them video clips)" in shown.output
+    assert json.loads(cli("info", out, "--json").output)["clips"] == 2
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    shutil.copy(mixed / "c.jpg", pictures / "c.jpg")
+    alone = cli("run", pictures, "-o", tmp_path / "p.h5", "--weights", qwen3, "--workers", "0", "--progress", "lines")
+    assert "done: 1 image → " in alone.output and "clip" not in alone.output  # a picture-only run as before
+    assert json.loads(cli("info", tmp_path / "p.h5", "--json").output)["clips"] == 0
 
 
 def test_resume_and_shards_give_the_single_run(qwen3, mixed, tmp_path):
@@ -191,8 +209,19 @@ def test_a_dry_run_counts_clips_as_inputs_of_their_own_kind(qwen3, mixed, tmp_pa
 
     report = dry_run([mixed], str(tmp_path / "v.h5"), _opts(qwen3))
     assert report.inputs == {"video clips": 5, "image files": 1}
-    assert any("5 video clips" in note for note in report.notes)
-    assert not any("headers read could not be read" in note for note in report.notes)  # clips are not pictures
+    assert report.tokens_counted_from == "1 image headers (all) and 5 clip headers (all)"
+    assert any("3 of the headers read could not be read" in note for note in report.notes)  # the broken clips
+    # The mean tokens per input, from headers alone, is what the run stores (its 3 failures hold none).
+    ran = vitcore.extract([mixed], tmp_path / "v.h5", _opts(qwen3))
+    with h5py.File(ran.output) as f:
+        assert report.tokens_per_image["tokens"] == pytest.approx(f["num_tokens"][:].mean())
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    shutil.copy(mixed / "a.mp4", clips / "a.mp4")
+    alone = dry_run([clips], str(tmp_path / "c.h5"), _opts(qwen3))  # clips alone: no picture to count from
+    with h5py.File(vitcore.extract([clips], tmp_path / "c.h5", _opts(qwen3)).output) as f:
+        assert alone.tokens_per_image["tokens"] == f["num_tokens"][0] > 1
+        assert alone.projected_bytes == pytest.approx(os.path.getsize(tmp_path / "c.h5"), rel=0.05)
 
 
 def test_clips_in_tar_shards_equal_the_same_clips_on_disk_and_read_back_as_a_dataset(qwen3, mixed, tmp_path):

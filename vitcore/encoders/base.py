@@ -121,6 +121,8 @@ class RunRecord:
     # Ragged outputs: (width, height) of an upright picture → tokens per ragged array (a dry run
     # counts a run's tokens from image headers alone). None: every output has a fixed count.
     token_counts: Callable[[int, int], dict[str, int]] | None = field(default=None, repr=False)
+    # The same for a video clip, from its header (imaging.video.ClipInfo); None: the family reads no clips.
+    clip_token_counts: Callable[[object], dict[str, int]] | None = field(default=None, repr=False)
     # Text the worker side makes for each input, stored row-aligned as meta/<name> (the Qwen-VL
     # families' "video": a clip's frames and timing as JSON, "" for a picture).
     loader_meta: tuple[str, ...] = ()

@@ -115,6 +115,7 @@ def _combined(results: list, merged):
         found=sum(r.found for r in results),
         skipped=sum(r.skipped for r in results),
         written=written,
+        clips=sum(r.clips for r in results),
         rows=merged.rows,
         failures=[f for r in results for f in r.failures],
         seconds=seconds,

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from vitcore.imaging.loader import ImageDataset, collate
-from vitcore.imaging.video import VIDEO_EXTENSIONS, is_video_name
+from vitcore.imaging.video import VIDEO_EXTENSIONS, clip_info, is_video_name, open_clip
 from vitcore.inputs.base import Discovery
 from vitcore.run.batching import BatchRunner
 from vitcore.run.settings import store_settings
@@ -32,6 +32,7 @@ from vitcore.store.resume import recorded_compute_dtype
 from vitcore.system.device import choose_dtype, dtype_name, resolve_device
 
 HEADER_SAMPLE = 2000  # image headers read to count a native-resolution run's tokens (evenly spaced)
+CLIP_SAMPLE = 200  # clip headers read likewise (fewer: a WebM or Matroska clip is decoded to count its frames)
 CALIBRATION_IMAGES = 8  # decoded and encoded to time the run and measure its stored bytes
 CALIBRATION_TRIES = 64  # inputs tried at most to find them (the first ones may not decode)
 INDEX_BYTES_PER_CHUNK = 48  # HDF5's chunk index (v1 B-tree) per allocated chunk, measured
@@ -129,13 +130,8 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
     report.projected_bytes, report.bytes_per_image = _projected_size(
         settings, plan, rows, counts, sources, run.output if plan.skipped else None)
     if unreadable:
-        report.notes.append(f"{unreadable} of the image headers read could not be read: a run will likely "
-                            "record those images as failures")
-    clips = report.inputs.get("video clips", 0)
-    if clips:
-        report.notes.append(f"{clips} video clip{'s' * (clips != 1)}: tokens/image and the projected size count "
-                            "pictures only (a clip's tokens grow with the frames its processor samples); the "
-                            "calibration decodes clips as a run does")
+        report.notes.append(f"{unreadable} of the headers read could not be read: a run will likely "
+                            "record those inputs as failures")
     return report
 
 
@@ -161,29 +157,60 @@ def _passed_over(found: Discovery, unlisted: int) -> list[str]:
 
 
 def _token_counts(record, settings, sources) -> tuple[dict[str, float], str, int]:
-    """Tokens per image of each stored array: fixed, or (ragged) the mean over image headers read
-    evenly across the inputs, from the family's own resize rule."""
-    fixed = {spec.name: (spec.shape[0] if len(spec.shape) == 2 else 1) for spec in settings.arrays}
-    sources = [s for s in sources if not is_video_name(s.key)]  # a clip's tokens depend on its length, not a header
-    if not settings.ragged or record.token_counts is None or not sources:
-        return {k: float(v) for k, v in fixed.items()}, "fixed", 0
-    step = max(1, len(sources) // HEADER_SAMPLE)
-    sample = sources[::step][:HEADER_SAMPLE]
+    """Tokens per input of each stored array: fixed, or (ragged) the mean over headers read evenly
+    across the inputs, from the family's own resize rule (pictures) and frame sampling (clips)."""
+    fixed = {spec.name: float(spec.shape[0] if len(spec.shape) == 2 else 1) for spec in settings.arrays}
+    pictures = [s for s in sources if not is_video_name(s.key)]
+    clips = [s for s in sources if is_video_name(s.key)]
+    kinds = []  # (inputs of the kind, their mean counts, what was read)
+    if settings.ragged and record.token_counts is not None and pictures:
+        kinds.append((len(pictures), *_sampled_means(pictures, HEADER_SAMPLE, _picture_counts(record), "image headers")))
+    if settings.ragged and record.clip_token_counts is not None and clips:
+        kinds.append((len(clips), *_sampled_means(clips, CLIP_SAMPLE, _clip_counts(record), "clip headers")))
+    if not kinds:
+        return fixed, "fixed", 0
+    # Each kind weighs as the rows it will give (its inputs whose headers read), so the mean is a stored row's.
+    weights = [n * share for n, _, _, _, share in kinds]
+    means = {name: sum(w * kind[1].get(name, fixed[name]) for w, kind in zip(weights, kinds)) / max(sum(weights), 1e-9)
+             for name in fixed}
+    return means, " and ".join(kind[2] for kind in kinds), sum(kind[3] for kind in kinds)
+
+
+def _sampled_means(sources, limit: int, count, noun: str) -> tuple[dict[str, float], str, int, float]:
+    """The mean of ``count(binary file)`` over up to ``limit`` of ``sources``, evenly spaced: (means,
+    what was read, how many could not be read — a broken file, or a size the processor refuses —,
+    and the share that could)."""
+    step = max(1, len(sources) // limit)
+    sample = sources[::step][:limit]
     totals: dict[str, int] = {}
     read = unreadable = 0
     for source in sample:
         try:
-            with source.open() as handle, Image.open(handle) as picture:
-                width, height = picture.size  # the header alone; orientation does not change the count
-            counts = record.token_counts(width, height)
-        except Exception:  # a broken file, or a size the processor refuses: a failure in a run
+            with source.open() as handle:
+                counts = count(handle)
+        except Exception:  # a failure in a run too
             unreadable += 1
             continue
         read += 1
-        for name, count in counts.items():
-            totals[name] = totals.get(name, 0) + count
-    means = {**{k: float(v) for k, v in fixed.items()}, **{k: v / max(read, 1) for k, v in totals.items()}}
-    return means, f"{len(sample)} image headers" + (" (all)" if len(sample) == len(sources) else " (evenly spaced)"), unreadable
+        for name, n in counts.items():
+            totals[name] = totals.get(name, 0) + n
+    words = f"{len(sample)} {noun}" + (" (all)" if len(sample) == len(sources) else " (evenly spaced)")
+    return {k: v / max(read, 1) for k, v in totals.items()}, words, unreadable, read / len(sample)
+
+
+def _picture_counts(record):
+    def count(handle) -> dict[str, int]:
+        with Image.open(handle) as picture:
+            width, height = picture.size  # the header alone; orientation does not change the count
+        return record.token_counts(width, height)
+    return count
+
+
+def _clip_counts(record):
+    def count(handle) -> dict[str, int]:
+        with open_clip(handle) as container:  # the header (a WebM or Matroska clip: its frames counted)
+            return record.clip_token_counts(clip_info(container))
+    return count
 
 
 @dataclass

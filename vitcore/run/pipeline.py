@@ -36,6 +36,7 @@ from vitcore.system.host_memory import HeapWatch
 from vitcore.system.device import choose_dtype, dtype_name, resolve_device
 from vitcore.errors import Interrupted, VitExtractError, one_line
 from vitcore.imaging.loader import Batch, default_workers, make_loader
+from vitcore.imaging.video import is_video_name
 from vitcore.options import ComputeOptions, ExtractOptions
 from vitcore.run.checks import CheckedRun, check_run
 from vitcore.run.notes import counted_notes
@@ -54,6 +55,7 @@ class Progress:
     total: int  # inputs this run has to handle
     failed: int
     elapsed: float  # seconds since the first batch was requested
+    noun: str = "images"  # what is counted: "inputs" when clips are among them
 
 
 @dataclass
@@ -86,6 +88,7 @@ class ExtractResult:
     compile_reason: str | None = None  # --compile auto: compiled or eager, by what measurement (None: not measured)
     passed_over: dict[str, int] = field(default_factory=dict)  # extension → files in folders not taken (--ext)
     entries_passed_over: dict[str, int] = field(default_factory=dict)  # kind (inputs.base.ENTRY_KINDS) → entries
+    clips: int = 0  # of the rows written, those that are video clips (the rest are pictures)
 
     def to_dict(self) -> dict:
         record = dataclasses.asdict(self)
@@ -218,6 +221,7 @@ def extract(
         found=len(found.sources),
         skipped=plan.skipped,
         written=ran.written,
+        clips=ran.clips,
         rows=ran.committed,
         failures=ran.failures,
         seconds=ran.seconds,
@@ -288,6 +292,7 @@ def choose_batching(compute: ComputeOptions, built, inputs: int) -> tuple[int, i
 @dataclass
 class LoopOutcome:
     written: int
+    clips: int  # of those written, video clips
     failures: list[tuple[str, str]]
     committed: int
     nonfinite_rows: int
@@ -303,7 +308,8 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
     sources = plan.sources
     started = time.perf_counter()
     timings = {"decode_wait": 0.0, "compute": 0.0, "writer_wait": 0.0}
-    done = written = 0
+    done = written = clips = 0
+    noun = "inputs" if any(is_video_name(s.key) for s in sources) else "images"
     missing_meta: dict[str, int] = {}
     nonfinite_meta: dict[str, int] = {}
     failures: list[tuple[str, str]] = [(u.key, u.reason) for u in plan.unlisted]
@@ -313,7 +319,7 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
     complete = False
     writer = None
     try:
-        reporter(Progress(0, len(sources), 0, 0.0))
+        reporter(Progress(0, len(sources), 0, 0.0, noun))
         batches = iter(loader) if sources else iter(())  # the workers fork here, before the file opens for writing
         async_writer = out.open_writer()  # (a failure here shuts the workers down below)
         if plan.unlisted:  # first: the folders whose contents were not looked at
@@ -339,11 +345,12 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
                 del rows  # the writer thread holds the batch now; its buffers go when it is written
                 timings["writer_wait"] += time.perf_counter() - tick
                 written += len(batch.indices)
+                clips += sum(is_video_name(sources[i].key) for i in batch.indices)
                 _count_missing(batch, missing_meta, nonfinite_meta)
                 failures += [(sources[f.index].key, f.error) for f in batch.failures]
                 done += len(batch.indices) + len(batch.failures)
                 heap.after_batch()  # memory flat in the number of images
-                reporter(Progress(done, len(sources), len(failures), time.perf_counter() - started))
+                reporter(Progress(done, len(sources), len(failures), time.perf_counter() - started, noun))
         complete = not stop.is_set()
     except RuntimeError as err:
         # PyTorch raises a dead worker (say, killed by the OOM killer) from its SIGCHLD handler,
@@ -369,7 +376,7 @@ def run_batches(out: Output, loader, plan: ResumePlan, runner: BatchRunner, prog
             f"continue with the same command plus --resume",
             stop.signal_number,
         )
-    return LoopOutcome(written, failures, writer.committed, writer.nonfinite_rows, complete,
+    return LoopOutcome(written, clips, failures, writer.committed, writer.nonfinite_rows, complete,
                        time.perf_counter() - started, timings, missing_meta, nonfinite_meta)
 
 

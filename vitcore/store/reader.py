@@ -378,8 +378,17 @@ class StoredTokens:
             "shards": self._shard_states(settings.get("shards")),
             "features": settings.get("features") or [],
             "meta": settings.get("meta") or [],
+            "clips": self._clip_rows(settings.get("meta") or []),
             "image_columns_used": settings.get("image_columns_used") or [],
         }
+
+    def _clip_rows(self, meta: list[str]) -> int:
+        """Rows that are video clips: those with a recorded clip timing (meta/video is "" for a picture)."""
+        if "video" not in meta:
+            return 0
+        texts = self.h5["meta/video"]
+        step = 1 << 16  # read in slices: a file can hold millions of rows
+        return sum(int(np.count_nonzero(texts[i:i + step].astype(bool))) for i in range(0, len(self), step))
 
     def _shard_states(self, shards: list[dict] | None) -> list[dict] | None:
         """For a merged file: each shard with its state now (a virtual file reads through them)."""

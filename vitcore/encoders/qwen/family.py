@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 from vitcore.encoders.base import BuiltEncoder, Encoded, RunRecord, WeightsInfo, checkpoint_config
@@ -154,14 +155,20 @@ class QwenVLFamily:
                                     "interpolation": prep.interpolation}, sort_keys=True)
         weights = WeightsInfo(source="file", path=os.path.abspath(opts.weights),
                               sha256=vision_weights_sha256(opts.weights))
+        def per_output(patches: int) -> dict[str, int]:
+            return {o.name: patches if o.name == "features/last_hidden" else patches // merge for o in outputs}
+
         def token_counts(width: int, height: int) -> dict[str, int]:  # native resolution: per picture
             h, w = prep.target_size(height, width)
-            patches = (h // prep.patch_size) * (w // prep.patch_size)
-            return {o.name: patches if o.name == "features/last_hidden" else patches // merge for o in outputs}
+            return per_output((h // prep.patch_size) * (w // prep.patch_size))
+
+        def clip_token_counts(info) -> dict[str, int]:  # a clip, from its header (ClipInfo)
+            return per_output(math.prod(video.grid(info.frames, info.fps, info.height, info.width)))
 
         return RunRecord(name=self.name, encoder_record=cfg.to_json(), preprocessing=preprocessing, weights=weights,
                          outputs=tuple(outputs), grid_thw=True, parts={"preprocess": prep, "decode": decode, "video": video},
                          width=cfg.width, token_counts=None if fixed else token_counts, notes=notes,
+                         clip_token_counts=clip_token_counts if video is not None else None,
                          loader_meta=("video",) if video is not None else ())
 
     def _video(self, opts):

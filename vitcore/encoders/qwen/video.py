@@ -142,6 +142,14 @@ class VideoPreprocess:
             top = max(min(top, total_pixels * tps // frames), int(self.min_pixels * 1.05))
         return smart_resize(height, width, f, self.min_pixels, top)
 
+    def grid(self, frames: int, fps: float, height: int, width: int) -> tuple[int, int, int]:
+        """The patch grid (t, h, w) of a clip of ``frames`` frames at ``fps``, (height, width) pixels,
+        from its header alone (what a dry run counts): the frames kept, padded up to a whole temporal
+        patch, at their resized size."""
+        kept = len(self.frames(frames, fps))
+        h, w = self.frame_size(kept, height, width)
+        return math.ceil(kept / self.temporal_patch_size), h // self.patch_size, w // self.patch_size
+
     # -- the timing a language model is given ------------------------------------------------
     def timing(self, indices: list[int], total: int, fps: float) -> dict:
         """second_per_grid_t (Qwen2.5-VL: temporal patch ÷ the sampled rate) and the seconds of each
