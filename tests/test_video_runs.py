@@ -11,6 +11,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import torch
 
 av = pytest.importorskip("av")
 
@@ -283,3 +284,26 @@ def test_info_names_the_video_processor_the_clips_went_through(qwen2, qwen3, mix
     pictures.mkdir()
     shutil.copy(mixed / "c.jpg", pictures / "c.jpg")
     assert "clips:" not in cli("info", vitcore.extract([pictures], tmp_path / "p.h5", _opts(qwen3)).output).output
+
+
+def test_vllm_video_embeds_hold_each_clip_then_its_deepstack_and_timing(qwen2, qwen3, mixed, tmp_path):
+    out = vitcore.extract([mixed], tmp_path / "v.h5", _opts(qwen3, features=("deepstack",))).output
+    embeds = vitcore.vllm_video_embeds(out, ["b.webm", "a.mp4"])
+    outputs, grid = vitcore.encoder_outputs(out, ["b.webm", "a.mp4"])
+    assert set(embeds) == {"video_embeds", "video_grid_thw", "timestamps"}
+    assert torch.equal(embeds["video_grid_thw"], grid) and grid[:, 0].tolist() == [2, 2]
+    levels = [torch.cat(level) for level in outputs.deepstack_features]
+    assert torch.equal(embeds["video_embeds"], torch.cat([torch.cat(outputs.pooler_output), *levels], dim=-1))
+    assert embeds["timestamps"] == vitcore.video_timing(out, ["b.webm", "a.mp4"])["timestamps"]
+    assert all(len(stamps) == t for stamps, t in zip(embeds["timestamps"], grid[:, 0].tolist()))
+    with pytest.raises(UsageError, match="'c.jpg' in .* is a picture, not a clip"):
+        vitcore.vllm_video_embeds(out, ["a.mp4", "c.jpg"])
+    with pytest.raises(UsageError, match="'a.mp4' is a video clip: vLLM takes clips as videos"):
+        vitcore.vllm_image_embeds(out)
+    assert vitcore.vllm_image_embeds(out, ["c.jpg"])["image_grid_thw"].tolist()[0][0] == 1
+    twofive = tmp_path / "q25"
+    save_tiny_qwen2vl(twofive, "2.5")
+    out = vitcore.extract([mixed], tmp_path / "q25.h5", _opts(twofive, fps=2.0)).output
+    embeds = vitcore.vllm_video_embeds(out, ["a.mp4"])
+    assert set(embeds) == {"video_embeds", "video_grid_thw", "second_per_grid_ts"}
+    assert embeds["second_per_grid_ts"].tolist() == vitcore.video_timing(out, ["a.mp4"])["second_per_grid_ts"].tolist()

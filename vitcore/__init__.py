@@ -37,6 +37,7 @@ _EXPORTS = {  # name → the module that defines it
     "encoder_outputs_from_batch": "vitcore.consumers.lm_inputs",
     "place_image_tokens": "vitcore.consumers.lm_inputs",
     "vllm_image_embeds": "vitcore.consumers.lm_inputs",
+    "vllm_video_embeds": "vitcore.consumers.lm_inputs",
     "video_timing": "vitcore.consumers.lm_inputs",
 }
 

@@ -91,7 +91,8 @@ def video_timing(path: str | os.PathLike, keys=None) -> dict:
             text = texts[row]
             text = text.decode() if isinstance(text, bytes) else str(text)
             if not text:
-                raise UsageError(f"row {row} of {path} is a picture, not a clip: it has no video timing")
+                raise UsageError(f"{_text(f.h5['paths'][row])!r} in {path} is a picture, not a clip: it has no video "
+                                 "timing (for vLLM: vitcore.vllm_image_embeds)")
             records.append(json.loads(text))
     return {"second_per_grid_ts": torch.tensor([r["second_per_grid_t"] for r in records], dtype=torch.float32),
             "timestamps": [r["timestamps"] for r in records]}
@@ -168,15 +169,57 @@ def vllm_image_embeds(path: str | os.PathLike, keys=None, dtype: torch.dtype | N
     ``{"image_embeds": (Σ T_i, D'), "image_grid_thw": (N, 3) int64}``, to pass as
     ``multi_modal_data={"image": …}``. For Qwen3-VL, D' is the merger's width times
     (1 + DeepStack levels): each token's merged output followed by its DeepStack features,
-    the layout vLLM's Qwen3-VL model splits again (see the README)."""
+    the layout vLLM's Qwen3-VL model splits again (see the README). Clips: vllm_video_embeds."""
+    clips = _clip_rows(path, keys)
+    if clips:
+        raise UsageError(f"{clips[0]!r} is a video clip: vLLM takes clips as videos (vitcore.vllm_video_embeds), "
+                         "not as images")
+    tokens, grid = _vllm_embeds(path, keys, dtype)
+    return {"image_embeds": tokens, "image_grid_thw": grid}
+
+
+def vllm_video_embeds(path: str | os.PathLike, keys=None, dtype: torch.dtype | None = None) -> dict:
+    """vLLM's precomputed-embedding input for the clips ``keys`` of a Qwen-VL file, to pass as
+    ``multi_modal_data={"video": …}``: ``{"video_embeds": (Σ T_i, D'), "video_grid_thw": (N, 3)
+    int64}`` laid out as vllm_image_embeds lays out images; for Qwen3-VL also ``"timestamps"``, per
+    clip the seconds of each temporal patch (its prompt writes them, so vLLM needs them to size the
+    placeholders); for Qwen2.5-VL also ``"second_per_grid_ts"`` (N,) float32, for vLLM versions that
+    take it with embeddings (see the README: 0.32 places the clip at 1 s per temporal patch)."""
+    with TokenFile(path) as f:
+        family = registry.for_record(f.settings["encoder"]).name
+    timing = video_timing(path, keys)  # refuses a picture among the keys
+    tokens, grid = _vllm_embeds(path, keys, dtype)
+    embeds = {"video_embeds": tokens, "video_grid_thw": grid}
+    if family == "qwen3-vl":
+        embeds["timestamps"] = timing["timestamps"]
+    elif family == "qwen2.5-vl":
+        embeds["second_per_grid_ts"] = timing["second_per_grid_ts"]
+    return embeds
+
+
+def _vllm_embeds(path, keys, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the rows' tokens, each followed by its DeepStack features, concatenated; their grids)."""
     outputs, grid = encoder_outputs(path, keys, dtype)
     with TokenFile(path) as f:
         backend = processor_backend(f.settings["preprocessing"])
     if backend != "torchvision":
         warnings.warn(f"{path} was made with --processor {backend}; vLLM makes its own pixels with transformers' "
                       "torchvision processor, so these tokens are not exactly what it would compute from the "
-                      "images (extract with --processor torchvision to match)", stacklevel=2)
+                      "images (extract with --processor torchvision to match)", stacklevel=3)
     tokens = torch.cat(list(outputs.pooler_output))
     if getattr(outputs, "deepstack_features", None):
         tokens = torch.cat([tokens, *[torch.cat(list(level)) for level in outputs.deepstack_features]], dim=-1)
-    return {"image_embeds": tokens, "image_grid_thw": grid}
+    return tokens, grid
+
+
+def _clip_rows(path, keys) -> list[str]:
+    """The keys among ``keys`` (all rows by default) whose rows are video clips."""
+    with TokenFile(path) as f:
+        if "meta/video" not in f.h5:
+            return []
+        texts, names = f.h5["meta/video"], f.h5["paths"]
+        return [_text(names[r]) for r in rows_of(f, keys) if texts[r]]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
