@@ -307,3 +307,24 @@ def test_vllm_video_embeds_hold_each_clip_then_its_deepstack_and_timing(qwen2, q
     embeds = vitcore.vllm_video_embeds(out, ["a.mp4"])
     assert set(embeds) == {"video_embeds", "video_grid_thw", "second_per_grid_ts"}
     assert embeds["second_per_grid_ts"].tolist() == vitcore.video_timing(out, ["a.mp4"])["second_per_grid_ts"].tolist()
+
+
+def test_a_picture_named_as_a_clip_and_a_clip_named_as_a_picture_say_so(qwen3, mixed, tmp_path):
+    from vitcore.imaging.sniff import content_kind
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy(mixed / "c.jpg", odd / "photo.mp4")  # a phone's JPEG saved under a clip's name
+    shutil.copy(mixed / "a.mp4", odd / "clip.jpg")
+    shutil.copy(mixed / "b.webm", odd / "clip.png")
+    shutil.copy(mixed / "a.mp4", odd / "fine.mp4")
+    (odd / "junk.mp4").write_bytes(b"\x00" * 64)  # neither: its record says nothing more
+    failed = _rows(vitcore.extract([odd], tmp_path / "o.h5", _opts(qwen3)).output)["failed"]
+    assert set(failed) == {"photo.mp4", "clip.jpg", "clip.png", "junk.mp4"}
+    assert failed["photo.mp4"].endswith("(its content is a picture (JPEG), not a video clip: rename it)")
+    assert failed["clip.jpg"].endswith("(its content is a video clip (MP4), not a picture: rename it)")
+    assert failed["clip.png"].endswith("(its content is a video clip (Matroska/WebM), not a picture: rename it)")
+    assert "its content" not in failed["junk.mp4"]
+    # An AVIF or HEIC picture opens with the same ftyp box as an MP4 clip: its brand tells them apart.
+    assert content_kind(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00") == ("picture", "AVIF")
+    assert content_kind(b"\x00\x00\x00\x1cftypisom\x00\x00\x00\x00") == ("video", "MP4")

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitcore.errors import one_line
 from vitcore.imaging.decode import JpegFile
+from vitcore.imaging.sniff import misnamed_note
 
 
 @dataclass
@@ -82,6 +83,15 @@ def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"[:500]
 
 
+def _misnamed(source) -> str:
+    """A failed input named for one kind that holds the other (a JPEG named .mp4): the word for its record."""
+    try:
+        with source.open() as handle:
+            return misnamed_note(source.key, handle)
+    except Exception:  # unreadable: its record already says why
+        return ""
+
+
 class ImageDataset(Dataset):
     """Items are (index, pixels or None, size, error or None, meta); holds no open files (fork-safe).
 
@@ -106,7 +116,7 @@ class ImageDataset(Dataset):
                 pixels, size, *own = self.loader.load(handle)  # own: the loader's text for this input, if any
             return index, pixels, size, None, {**(source.extras(self.meta) if self.meta else {}), **(own[0] if own else {})}
         except Exception as err:  # any failure of one image is that image's record
-            return index, None, None, describe_error(err), {}
+            return index, None, None, describe_error(err) + _misnamed(source), {}
 
 
 def collate(items) -> Batch:
