@@ -145,7 +145,7 @@ def _batch_size(value: str) -> int | str:
 
 @app.command(cls=_Command)
 def run(
-    paths: Annotated[Optional[list[Path]], typer.Argument(metavar="PATHS", help="Image files, folders (searched recursively), WebDataset .tar shards and Parquet files; shard ranges like data/{00000..00099}.tar are expanded.", show_default=False)] = None,
+    paths: Annotated[Optional[list[str]], typer.Argument(metavar="PATHS", help="Image files, folders (searched recursively), WebDataset .tar shards and Parquet files, or their URLs (s3://…, gs://…, hf://…: see Beyond one machine in the README); shard ranges like data/{00000..00099}.tar are expanded.", show_default=False)] = None,
     files_from: Annotated[Optional[str], typer.Option(metavar="FILE", help="Read paths from FILE, one per line (- for stdin).", show_default=False, rich_help_panel=INPUTS)] = None,
     ext: Annotated[Optional[list[str]], typer.Option(metavar="LIST", help="Extensions to pick up in folders, comma-separated or repeated. Default: jpg,jpeg,png,webp,bmp,gif,tif,tiff.", show_default=False, rich_help_panel=INPUTS)] = None,
     keep: Annotated[Optional[list[str]], typer.Option(metavar="LIST", help="Tar shards (WebDataset samples) and loose files: also store the sample's files of these extensions (e.g. txt,json, or --keep repeated) as text datasets meta/<ext>, row-aligned.", show_default=False, rich_help_panel=INPUTS)] = None,

@@ -16,19 +16,52 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import re
 import stat
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from vitcore.errors import UsageError
+from vitcore.inputs.remote import is_url, open_url, public_url, url_exists, url_is_dir, url_version
 
 
 def path_identity(path: str, inside: str | None = None) -> bytes:
     """A file's normalised absolute path (equal however it was spelled: ./a, a, /abs/a); with
-    ``inside``, that of an input inside the file (a tar member, a Parquet row) below it."""
+    ``inside``, that of an input inside the file (a tar member, a Parquet row) below it. An object
+    in storage: its public URL (no credentials, no query), normalised the same way."""
+    if is_url(path):
+        scheme, _, rest = public_url(path).partition("://")
+        rest = posixpath.join(rest, inside) if inside is not None else rest
+        return f"{scheme}://{posixpath.normpath(rest)}".encode()
     identity = os.path.abspath(os.fsencode(path))
     return os.path.normpath(os.path.join(identity, os.fsencode(inside)) if inside is not None else identity)
+
+
+def open_input(path: str) -> BinaryIO:
+    """An input file's bytes: a local regular file (open_regular) or an object in storage (remote.open_url)."""
+    return open_url(path) if is_url(path) else open_regular(path)
+
+
+def file_version(path: str) -> tuple[int, object]:
+    """(size, what changes when the file changes: its modification time, an object's ETag)."""
+    if is_url(path):
+        return url_version(path)
+    stat_result = os.stat(path)
+    return stat_result.st_size, stat_result.st_mtime_ns
+
+
+def input_exists(path: str) -> bool:
+    return url_exists(path) if is_url(path) else os.path.lexists(path)
+
+
+def input_is_dir(path: str) -> bool:
+    """A folder, or a prefix in storage with objects under it."""
+    return url_is_dir(path) if is_url(path) else os.path.isdir(path)
+
+
+def input_is_file(path: str) -> bool:
+    return url_exists(path) and not url_is_dir(path) if is_url(path) else os.path.isfile(path)
 
 
 def open_regular(path: str) -> BinaryIO:
@@ -165,7 +198,9 @@ def source_path(root: str, key: str) -> bytes:
 
 def identity_of(root: str, key: str) -> bytes:
     """The input a stored (root, key) pair names, as Source.identity gives it: for files the
-    normalised absolute path, equal however it was spelled (./a, a, /abs/a)."""
+    normalised absolute path, equal however it was spelled (./a, a, /abs/a); for objects the URL."""
+    if is_url(root):
+        return path_identity(os.fsdecode(source_path(root, key)))
     return os.path.normpath(source_path(root, key))
 
 

@@ -25,8 +25,10 @@ from typing import BinaryIO, Iterable
 
 from vitcore.errors import UsageError
 from vitcore.inputs import parquet, tar
-from vitcore.inputs.base import Discovery, NotTaken, PassedOver, Unlisted, escape_key, open_regular, path_identity, source_path, unescape_key
-from vitcore.inputs.files import Source, read_file_list, walk
+from vitcore.inputs.base import (Discovery, NotTaken, PassedOver, Unlisted, escape_key, input_exists, input_is_dir, input_is_file,
+                                 open_input, path_identity, source_path, unescape_key)
+from vitcore.inputs.files import Source, read_file_list, walk, walk_prefix
+from vitcore.inputs.remote import is_url, public_url
 from vitcore.options import ContainerOptions, parse_extensions
 
 CONTAINERS = (tar, parquet)
@@ -56,7 +58,15 @@ def discover(
     found = _Found(parse_extensions(extensions), containers or ContainerOptions())
     seen_dirs: set[str] = set()
     for given, listed in named_inputs(paths, files_from, stdin):
-        if os.path.isdir(given):
+        if is_url(given) and input_is_dir(given):  # a prefix in storage: listed as a folder is walked
+            root = public_url(given).rstrip("/")
+            index = found.root_index(root)
+            for rel in walk_prefix(given, found.exts, lambda name: container_for(name) is not None, found.not_taken):
+                found.take(index, rel, f"{given.rstrip('/')}/{rel}", named=False)
+        elif is_url(given):  # an object, or (from a list) a missing one: its own failure record
+            found.take(found.root_index(public_url(given).rpartition("/")[0]), given.rpartition("/")[2], given,
+                       named=True)
+        elif os.path.isdir(given):
             root = os.path.abspath(given)
             index = found.root_index(root)
             files, unreadable = walk(root, found.exts, seen_dirs, lambda name: container_for(name) is not None,
@@ -115,7 +125,7 @@ class _Found:
     def take(self, index: int, key: str, path: str, named: bool) -> None:
         """One file: an image, or a container whose images are taken in its order."""
         kind = container_for(path)
-        if kind is None or os.path.isdir(path) or not os.path.lexists(path):  # a listed file that is gone:
+        if kind is None or input_is_dir(path) or not input_exists(path):  # a listed file that is gone:
             self.items.append((index, os.fsencode(key), 0, Source(path=path, key=escape_key(key), root_index=index)))
             return                                                                 # its own failure record
         self.containers.add(path_identity(path))
@@ -159,7 +169,7 @@ def close_readers() -> None:
 def expand_braces(given: str) -> list[str]:
     """``data/{00000..00099}.tar`` → the 100 names, as WebDataset expands shard lists (the braceexpand
     package); a name that exists as written, or has no braces, is taken as it is."""
-    if "{" not in given or os.path.lexists(given):
+    if "{" not in given or (not is_url(given) and os.path.lexists(given)):
         return [given]
     from braceexpand import braceexpand  # only for names with braces
 
@@ -175,13 +185,13 @@ def open_original(root: str, key: str, image_column: str | None = None) -> Binar
     container (the key's first part that is a container file says which; ``image_column`` the
     file's --image-column). OSError when it is gone."""
     path = source_path(root, key)
-    if os.path.isfile(path):
-        return open_regular(os.fsdecode(path))
+    if input_is_file(os.fsdecode(path)):
+        return open_input(os.fsdecode(path))
     parts = unescape_key(key).split(b"/")
     for cut in range(1, len(parts)):
         container = os.path.join(os.fsencode(root), b"/".join(parts[:cut]))
         kind = container_for(os.fsdecode(container))
-        if kind is not None and os.path.isfile(container):
+        if kind is not None and input_is_file(os.fsdecode(container)):
             inner = os.fsdecode(b"/".join(parts[cut:]))
             return kind.open_inside(os.fsdecode(container), inner, ContainerOptions(image_column=image_column))
     raise FileNotFoundError(f"{os.fsdecode(path)} is gone")

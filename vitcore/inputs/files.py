@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
-from vitcore.inputs.base import NotTaken, open_regular, path_identity
+from vitcore.inputs.base import NotTaken, open_input, path_identity
+from vitcore.inputs.remote import list_prefix
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,8 @@ class Source:
     root_index: int  # index into Discovery.roots
 
     def open(self) -> BinaryIO:
-        """The input's bytes (open_regular): a failure here is that input's failure record."""
-        return open_regular(self.path)
+        """The input's bytes (a local file or an object in storage): a failure here is that input's failure record."""
+        return open_input(self.path)
 
     @property
     def identity(self) -> bytes:
@@ -39,7 +40,7 @@ class Source:
         out = {}
         for name in names:
             try:
-                with open_regular(os.path.join(folder, f"{stem}.{name}")) as handle:
+                with open_input(os.path.join(folder, f"{stem}.{name}")) as handle:
                     out[name] = handle.read().decode("utf-8", "replace")
             except OSError:
                 out[name] = None  # no such file beside it
@@ -51,6 +52,19 @@ def read_file_list(handle: BinaryIO) -> list[str]:
     mark (Windows editors write one) dropped."""
     lines = handle.read().removeprefix(b"\xef\xbb\xbf").split(b"\n")
     return [os.fsdecode(line.rstrip(b"\r")) for line in lines if line.strip()]
+
+
+def walk_prefix(url: str, exts: tuple[str, ...], is_container: Callable[[str], bool], not_taken: NotTaken) -> list[str]:
+    """A prefix in storage as walk() takes a folder: the objects under it with one of ``exts`` or that
+    ``is_container`` takes (relative, sorted); the others counted by extension in ``not_taken``."""
+    out = []
+    for rel in list_prefix(url):
+        name = rel.rpartition("/")[2]
+        if ("." in name and name.rpartition(".")[2].lower() in exts) or is_container(name):
+            out.append(rel)
+        else:
+            not_taken.extension(name.rpartition(".")[2].lower() if "." in name else "(no extension)")
+    return out
 
 
 def walk(root: str, exts: tuple[str, ...], seen_dirs: set[str], is_container: Callable[[str], bool],

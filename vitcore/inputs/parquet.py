@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from vitcore.errors import UsageError, one_line
-from vitcore.inputs.base import JsonText, NamedBytes, NotTaken, PassedOver, Unlisted, escape_key, open_regular, path_identity
+from vitcore.inputs.base import JsonText, NamedBytes, NotTaken, PassedOver, Unlisted, escape_key, open_input, path_identity
 from vitcore.options import ContainerOptions
 
 SUFFIXES = (".parquet",)
@@ -171,7 +171,7 @@ class _Cursor:
         import pyarrow.parquet as pq  # pyarrow: only where a Parquet file is read
 
         self.key, self.pid = (path, group, columns), os.getpid()
-        self.handle = open_regular(path)
+        self.handle = open_input(path)
         reader = pq.ParquetFile(self.handle, pre_buffer=False, buffer_size=1 << 20)
         self.batches = reader.iter_batches(batch_size=PARQUET_READ_ROWS, row_groups=[group], columns=list(columns),
                                            use_threads=False)
@@ -270,7 +270,7 @@ def _images_per_row(path: str, column: str, group_rows: list[int]) -> list[int] 
     import pyarrow.parquet as pq
 
     try:
-        with open_regular(path) as handle:
+        with open_input(path) as handle:
             reader = pq.ParquetFile(handle)
             kind = reader.schema_arrow.field(column).type
             if not _is_list(kind):
@@ -297,7 +297,7 @@ def parquet_layout(path: str, options: ContainerOptions) -> tuple[str, list[int]
     import pyarrow.parquet as pq
 
     try:
-        with open_regular(path) as handle:
+        with open_input(path) as handle:
             metadata = pq.ParquetFile(handle).metadata
             schema = metadata.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as err:

@@ -36,7 +36,7 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from vitcore.inputs.base import NamedBytes, NotTaken, Unlisted, escape_key, open_regular, path_identity
+from vitcore.inputs.base import NamedBytes, NotTaken, Unlisted, escape_key, file_version, open_input, path_identity
 
 SUFFIXES = (".tar",)
 # Names taken as tars (what they hold is told by their first bytes, COMPRESSION_MAGIC).
@@ -125,7 +125,7 @@ def member_key(name: str) -> str:
 
 
 def _read_range(path: str, offset: int, size: int, what: str) -> bytes:
-    with open_regular(path) as handle:
+    with open_input(path) as handle:
         handle.seek(offset)
         data = handle.read(size)
     if len(data) != size:
@@ -236,8 +236,8 @@ class _Extracted:
 
 
 @functools.lru_cache(maxsize=8)
-def _scan(path: str, size: int, mtime: int) -> tuple[_Extracted, str | None, str | None]:
-    with open_regular(path) as handle:
+def _scan(path: str, size: int, version) -> tuple[_Extracted, str | None, str | None]:
+    with open_input(path) as handle:
         head = handle.read(6)
         compression = next((kind for magic, kind in COMPRESSION_MAGIC.items() if head.startswith(magic)), None)
         handle.seek(0)
@@ -255,8 +255,7 @@ def tar_members(path: str) -> tuple[_Extracted, str | None, str | None]:
     """A tar's members as ``tar x`` leaves them, what is wrong with it if anything, and its
     compression (None, or gzip, bzip2, xz: offsets are then in the decompressed stream); one scan
     per file version."""
-    stat = os.stat(path)
-    return _scan(path, stat.st_size, stat.st_mtime_ns)
+    return _scan(path, *file_version(path))
 
 
 # -- compressed tars, read forwards --------------------------------------------------------------
@@ -290,12 +289,11 @@ def _stream_ranges(path: str, compression: str, ranges: list[tuple[int, int]], w
     if _STREAMS_OPEN["pid"] != os.getpid():  # inherited through fork: not ours to read from
         _STREAMS_OPEN.update(pid=os.getpid(), streams={})
     streams = _STREAMS_OPEN["streams"]
-    stat = os.stat(path)
-    key = (path, stat.st_size, stat.st_mtime_ns)
+    key = (path, *file_version(path))
     if key not in streams:
         while len(streams) >= STREAMS_KEPT:
             _close(streams.pop(next(iter(streams))))
-        handle = open_regular(path)
+        handle = open_input(path)
         streams[key] = (handle, STREAMS[compression](handle))
     stream = streams[key][1]
     out: dict[int, bytes] = {}

@@ -1,0 +1,166 @@
+"""Inputs in object storage: a local S3 endpoint (moto's server, on 127.0.0.1 only, started here and
+stopped after) holding pictures, tar shards and Parquet. Tokens read from s3:// equal tokens read
+from the same files on disk, bit for bit in float32; listing, brace ranges, lists of URLs, a missing
+object, a broken member and resume behave as they do for local files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+import vitcore  # noqa: E402
+from tests.helpers import SAMPLES  # noqa: E402
+from vitcore.errors import UsageError  # noqa: E402
+from vitcore.inputs.remote import public_url  # noqa: E402
+
+BUCKET = "tokens-test"
+EXACT = dict(model="small", dtype="float32", out_dtype="float32", workers=0, batch_size=4)
+PICTURES = ("astronaut.jpg", "coffee.jpg", "greyscale_camera.png")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(the local folder, the bucket's URL): the same files on disk and in the local S3 endpoint."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(100):  # the server is up when it answers
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        local = tmp_path_factory.mktemp("local")
+        _make_files(local)
+        import boto3
+
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=BUCKET)
+        for path in sorted(local.rglob("*")):
+            if path.is_file():
+                s3.upload_file(str(path), BUCKET, path.relative_to(local).as_posix())
+        yield local, f"s3://{BUCKET}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _make_files(local):
+    (local / "imgs" / "sub").mkdir(parents=True)
+    for i, name in enumerate(PICTURES):
+        shutil.copy(SAMPLES / name, local / "imgs" / ("sub" if i == 2 else "") / name)
+    (local / "imgs" / "notes.md").write_text("not a picture")
+    (local / "shards").mkdir()
+    for n, names in enumerate((PICTURES[:2], PICTURES[2:])):
+        with tarfile.open(local / "shards" / f"{n:05d}.tar", "w") as tar:
+            for i, name in enumerate(names):
+                tar.add(SAMPLES / name, arcname=f"s{n}{i}.{name.rsplit('.', 1)[1]}")
+            broken = b"\xff\xd8\xff\xe0 not really a jpeg"
+            info = tarfile.TarInfo(f"s{n}9.jpg")
+            info.size = len(broken)
+            tar.addfile(info, io.BytesIO(broken))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (local / "pq").mkdir()
+    table = pa.table({"image": [(SAMPLES / name).read_bytes() for name in PICTURES], "caption": ["a", "b", "c"]})
+    pq.write_table(table, local / "pq" / "part.parquet", row_group_size=2)
+
+
+def _read(path) -> dict:
+    with h5py.File(path) as f:
+        keys = list(f["paths"].asstr()[:])
+        tokens = f["tokens"][:]
+        failed = dict(zip(f["failed/paths"].asstr()[:], f["failed/errors"].asstr()[:]))
+    return {"rows": dict(zip(keys, tokens)), "failed": failed}
+
+
+def _same_rows(a: dict, b: dict) -> None:
+    assert list(a["rows"]) == list(b["rows"]) and a["rows"]
+    for key in a["rows"]:
+        assert np.array_equal(a["rows"][key], b["rows"][key]), key  # bit for bit
+
+
+def test_a_prefix_is_read_as_a_folder_is(store, tmp_path):
+    local, bucket = store
+    remote = _read(vitcore.extract([f"{bucket}/imgs"], tmp_path / "s3.h5", **EXACT).output)
+    here = _read(vitcore.extract([local / "imgs"], tmp_path / "disk.h5", **EXACT).output)
+    _same_rows(remote, here)
+    assert list(remote["rows"]) == ["astronaut.jpg", "coffee.jpg", "sub/greyscale_camera.png"]
+    with h5py.File(tmp_path / "s3.h5") as f:
+        assert json.loads(f.attrs["roots"]) == [f"{bucket}/imgs"]  # the prefix, as a folder's path
+    with vitcore.open_tokens(tmp_path / "s3.h5") as f, f.open_original("coffee.jpg") as handle:
+        assert handle.read() == (SAMPLES / "coffee.jpg").read_bytes()  # show and similar read it back
+
+
+def test_tar_shards_by_a_brace_range_with_a_broken_member(store, tmp_path):
+    local, bucket = store
+    remote = _read(vitcore.extract([f"{bucket}/shards/{{00000..00001}}.tar"], tmp_path / "s3.h5", **EXACT).output)
+    here = _read(vitcore.extract([local / "shards"], tmp_path / "disk.h5", **EXACT).output)
+    _same_rows(remote, here)
+    assert set(remote["failed"]) == set(here["failed"]) == {"00000.tar/s09.jpg", "00001.tar/s19.jpg"}
+    assert remote["failed"]["00000.tar/s09.jpg"] == here["failed"]["00000.tar/s09.jpg"]
+
+
+def test_parquet_row_groups_read_from_the_store(store, tmp_path):
+    local, bucket = store
+    remote = _read(vitcore.extract([f"{bucket}/pq/part.parquet"], tmp_path / "s3.h5", **EXACT).output)
+    here = _read(vitcore.extract([local / "pq"], tmp_path / "disk.h5", **EXACT).output)
+    _same_rows(remote, here)
+    assert len(remote["rows"]) == 3
+
+
+def test_a_list_of_urls_with_a_missing_object_and_resume(store, tmp_path):
+    local, bucket = store
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{bucket}/imgs/astronaut.jpg\n{bucket}/imgs/gone.jpg\n")
+    first = vitcore.extract(files_from=listed, output=tmp_path / "l.h5", **EXACT)
+    assert first.written == 1 and [key for key, _ in first.failures] == ["gone.jpg"]
+    assert "FileNotFoundError" in first.failures[0][1]
+    listed.write_text(listed.read_text() + f"{bucket}/imgs/coffee.jpg\n")  # more arrive; the run goes on
+    again = vitcore.extract(files_from=listed, output=tmp_path / "l.h5", resume=True, **EXACT)
+    assert again.skipped == 2 and again.written == 1
+    whole = _read(vitcore.extract([f"{bucket}/imgs/astronaut.jpg", f"{bucket}/imgs/coffee.jpg"], tmp_path / "w.h5",
+                                  **EXACT).output)
+    _same_rows(_read(tmp_path / "l.h5"), whole)
+
+
+def test_what_is_recorded_of_a_url_holds_no_secret():
+    assert public_url("s3://AKIA:SECRET@bucket/a/b.tar?versionId=3#x") == "s3://bucket/a/b.tar"
+    assert public_url("https://host.example/a.jpg?X-Amz-Signature=abc") == "https://host.example/a.jpg"
+
+
+def test_a_missing_backend_names_its_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if not installed
+    with pytest.raises(UsageError, match=r"needs the gcs extra: pip install 'vit-extract\[gcs\]'"):
+        vitcore.extract(["gs://bucket/images"], tmp_path / "g.h5", **EXACT)

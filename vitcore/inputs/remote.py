@@ -1,0 +1,133 @@
+"""Inputs in object storage (``s3://``, ``gs://``, ``az://``, ``hf://``, ``https://``…) through fsspec
+and each backend's own package, installed as extras (``pip install 'vit-extract[s3]'``).
+
+    is_url(name)              a URL of a backend (not a local path, not file://)
+    public_url(url)           the URL as it is recorded: no credentials, no query string
+    open_url(url)             its bytes as a seekable binary file (range requests), retried when the
+                              store fails for a moment; OSError when it is missing or keeps failing
+    url_version(url)          (size, version tag): a cache of what was read from it is keyed by these
+    url_is_dir / url_exists   a prefix with objects under it / an object or a prefix
+    list_prefix(url)          the objects under a prefix, relative to it, sorted
+
+Credentials come from each backend's standard sources (environment, profiles, instance roles);
+none is printed or stored. fsspec is imported only when a URL is met, so a local run keeps its
+start-up time. A custom S3 endpoint (MinIO, a test server) is set as for any AWS tool
+(AWS_ENDPOINT_URL) or as fsspec's FSSPEC_S3_ENDPOINT_URL.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import BinaryIO
+from urllib.parse import urlsplit, urlunsplit
+
+from vitcore.errors import UsageError
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+# scheme → the extra that installs its backend
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
+          "adl": "azure", "hf": "hf", "http": "http", "https": "http"}
+TRIES = 4  # a transient failure is tried again after 0.5, 1, 2 s, then becomes the input's failure record
+BACKOFF = 0.5
+
+
+def scheme_of(name: str) -> str | None:
+    match = _SCHEME.match(name)
+    return match.group(1).lower() if match else None
+
+
+def is_url(name) -> bool:
+    return isinstance(name, str) and scheme_of(name) not in (None, "file")
+
+
+def public_url(url: str) -> str:
+    """``s3://KEY:SECRET@bucket/a?versionId=3`` → ``s3://bucket/a``: what a file may record and print."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def filesystem(url: str):
+    """(fsspec file system, path inside it) for ``url``; a one-line error naming the extra to install
+    when the backend is missing."""
+    scheme = scheme_of(url)
+    extra = EXTRAS.get(scheme)
+    try:
+        import fsspec  # an extra: only where a URL is met
+    except ImportError:
+        raise UsageError(_missing(url, extra)) from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError:
+        raise UsageError(_missing(url, extra)) from None
+    except ValueError as err:  # fsspec knows no such protocol
+        raise UsageError(f"{public_url(url)}: {scheme}:// is not a storage vit-extract can read ({err})") from None
+
+
+def _missing(url: str, extra: str | None) -> str:
+    if extra is None:
+        return f"{public_url(url)}: reading {scheme_of(url)}:// needs fsspec and that protocol's package"
+    return f"{public_url(url)}: reading {scheme_of(url)}:// needs the {extra} extra: pip install 'vit-extract[{extra}]'"
+
+
+def _transient(err: BaseException) -> bool:
+    """A failure worth another try: not a missing object or a refusal, which stay as they are."""
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UsageError)):
+        return False
+    return isinstance(err, (OSError, TimeoutError, ConnectionError)) or "Timeout" in type(err).__name__
+
+
+def _retried(what, url: str):
+    for attempt in range(TRIES):
+        try:
+            return what()
+        except Exception as err:
+            if not _transient(err) or attempt == TRIES - 1:
+                if isinstance(err, (OSError, UsageError)):
+                    raise
+                raise OSError(f"{public_url(url)}: {type(err).__name__}: {err}") from None
+            time.sleep(BACKOFF * 2 ** attempt)
+
+
+def open_url(url: str) -> BinaryIO:
+    """The object's bytes, read by range requests as they are asked for; ``.name`` is its public URL
+    (decoders name a file by it). FileNotFoundError when it is missing."""
+    fs, path = filesystem(url)
+
+    def opened():
+        if fs.isdir(path):
+            raise IsADirectoryError(f"{public_url(url)} is a prefix (a folder), not an object")
+        handle = fs.open(path, "rb")
+        handle.name = public_url(url)  # (some backends name a file by its bare path)
+        return handle
+
+    return _retried(opened, url)
+
+
+def url_version(url: str) -> tuple[int, str]:
+    """(size, version tag: ETag, generation or modification time) of an object."""
+    fs, path = filesystem(url)
+    info = _retried(lambda: fs.info(path), url)
+    tag = next((str(info[k]) for k in ("ETag", "etag", "generation", "md5Hash", "LastModified", "mtime", "last_modified")
+                if info.get(k) is not None), "")
+    return int(info.get("size") or 0), tag
+
+
+def url_exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return bool(_retried(lambda: fs.exists(path), url))
+
+
+def url_is_dir(url: str) -> bool:
+    fs, path = filesystem(url)
+    return bool(_retried(lambda: fs.isdir(path), url))
+
+
+def list_prefix(url: str) -> list[str]:
+    """The objects under a prefix (recursively), as paths relative to it, sorted bytewise."""
+    fs, path = filesystem(url)
+    base = path.rstrip("/") + "/"
+    found = _retried(lambda: fs.find(base, withdirs=False), url)
+    return sorted((p[len(base):] for p in found if p.startswith(base) and not p.endswith("/")),
+                  key=lambda rel: rel.encode())
