@@ -54,7 +54,8 @@ TEXT_BEFORE, TEXT_AFTER = [21, 7, 300, 42], [17, 5, 999]
 # Text model: head_dim 32 (vLLM's CPU attention takes 32, 64, 80, ...), 3 layers (Qwen3-VL adds its
 # three DeepStack levels to the first three). M-RoPE sections add up to head_dim / 2.
 TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=32, vocab_size=VOCAB, tie_word_embeddings=False, eos_token_id=EOS_ID)
+            head_dim=32, vocab_size=VOCAB, tie_word_embeddings=False, bos_token_id=EOS_ID, eos_token_id=EOS_ID,
+            pad_token_id=EOS_ID)
 VISION = {  # the tests' tiny towers (tests/helpers.py), their output width that of the text model
     "qwen2-vl": dict(depth=3, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
                      spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu"),

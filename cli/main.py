@@ -170,7 +170,7 @@ def run(
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto | cpu | cuda | cuda:N.", rich_help_panel=COMPUTE)] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto: on a GPU bfloat16 where the card computes it, on a CPU whichever of float32 and bfloat16 this machine multiplies faster (measured once per machine, torch and encoder width; the summary says why).", rich_help_panel=COMPUTE)] = Dtype.auto,
     compile: Annotated[str, typer.Option("--compile", metavar="auto|on|off", help="torch.compile the seed encoders. auto: where it pays, by measurement (a long run times its own batches eager and compiled and keeps the faster; the times are remembered per machine, torch, encoder, dtype and batch size); on (--compile alone): compile from the first batch (its time is in the summary); off.", rich_help_panel=COMPUTE)] = "auto",
-    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The HDF5 file to write.", dir_okay=False, rich_help_panel=OUTPUT)] = Path("tokens.h5"),
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="The HDF5 file to write, or an object URL (s3://bucket/out/tokens.h5: written locally, uploaded whole when the run ends).", rich_help_panel=OUTPUT)] = "tokens.h5",
     out_dtype: Annotated[OutDtype, typer.Option(metavar="DTYPE", help="Stored dtype: float16, bfloat16 or float32. float16: half the size of float32, exact to ~3 digits (overflows above 65504); bfloat16: the same size with float32's range, ~2 digits (h5py reads it as float32; vit-extract's readers as ml_dtypes.bfloat16).", rich_help_panel=OUTPUT)] = OutDtype.float16,
     compression: Annotated[Compression, typer.Option(metavar="CODEC", help="none, gzip, lz4 or zstd: compress the stored tokens (after HDF5's byte shuffle). gzip: built into HDF5, every reader has it; lz4 (fast) and zstd (smaller) need hdf5plugin to write and to read (pip install 'vit-extract\\[compression]'; `import hdf5plugin` before h5py reads the file).", rich_help_panel=OUTPUT)] = Compression.none,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run into the same file.", rich_help_panel=OUTPUT)] = False,
@@ -251,7 +251,7 @@ class _Shown:
         return render.progress_display(err, self.mode, self.every, shown=self.enabled and also)
 
 
-def _run_launched(inputs: list[str], output: Path, options, shard: str | None, shown: _Shown):
+def _run_launched(inputs: list[str], output: str, options, shard: str | None, shown: _Shown):
     """Under torchrun: this rank's shard, merged by rank 0. (rank 0's summary, the MergeResult or None)."""
     from vitcore.run.distributed import extract_distributed, rank  # torch: not for --help
 
@@ -262,14 +262,14 @@ def _run_launched(inputs: list[str], output: Path, options, shard: str | None, s
     return outcome.summary, outcome.merged
 
 
-def _dry_run(inputs: list[str], output: Path, options, shard: str | None, as_json: bool) -> None:
+def _dry_run(inputs: list[str], output: str, options, shard: str | None, as_json: bool) -> None:
     """--dry-run: the plan, the projected size and a time estimate; nothing written."""
     from vitcore.run.checks import check_run  # h5py, numpy: not for --help
 
     try:
         if shard:
             options.shard = parse_shard(shard)
-            output = Path(shard_path(str(output), *options.shard))
+            output = shard_path(str(output), *options.shard)
         checked = check_run(inputs, str(output), options)
         from vitcore.run.dry_run import dry_run  # torch: only once the run is known to be possible
 
@@ -282,13 +282,13 @@ def _dry_run(inputs: list[str], output: Path, options, shard: str | None, as_jso
         render.dry_run(out, report)
 
 
-def _run_here(inputs: list[str], output: Path, options, shard: str | None, shown: _Shown):
+def _run_here(inputs: list[str], output: str, options, shard: str | None, shown: _Shown):
     """One process: the whole run, or shard I/N of it into its own file."""
     from vitcore.run.checks import check_run  # h5py, numpy: not for --help
 
     if shard:
         options.shard = parse_shard(shard)
-        output = Path(shard_path(str(output), *options.shard))
+        output = shard_path(str(output), *options.shard)
     with shown.display() as display:
         # Options, output and inputs are checked before torch is loaded: refusals come at once.
         checked = check_run(inputs, str(output), options)

@@ -164,3 +164,43 @@ def test_a_missing_backend_names_its_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if not installed
     with pytest.raises(UsageError, match=r"needs the gcs extra: pip install 'vit-extract\[gcs\]'"):
         vitcore.extract(["gs://bucket/images"], tmp_path / "g.h5", **EXACT)
+
+
+def test_an_output_in_the_store_is_uploaded_whole_and_resumes_after_a_stop(store, tmp_path, monkeypatch):
+    from vitcore.errors import Interrupted, OutputExistsError
+    from vitcore.run.pipeline import StopFlag
+
+    monkeypatch.setenv("VIT_EXTRACT_CACHE_DIR", str(tmp_path / "cache"))
+    local, bucket = store
+    url = f"{bucket}/out/tokens.h5"
+    stop = StopFlag()
+
+    def stop_after_first_batch(progress):
+        if progress.done:
+            stop.set()
+
+    with pytest.raises(Interrupted):  # stopped by a signal: the committed rows are uploaded
+        vitcore.extract([f"{bucket}/imgs"], url, progress=stop_after_first_batch, stop=stop,
+                        **{**EXACT, "batch_size": 2})
+    fs, path = _s3()
+    partial = tmp_path / "partial.h5"
+    fs.get_file(path(url), str(partial))
+    assert len(_read(partial)["rows"]) == 2
+    with pytest.raises(OutputExistsError, match="already exists; add --resume"):
+        vitcore.extract([f"{bucket}/imgs"], url, **EXACT)
+    done = vitcore.extract([f"{bucket}/imgs"], url, resume=True, **{**EXACT, "batch_size": 2})
+    assert done.output == url and done.skipped == 2 and done.written == 1
+    fs.get_file(path(url), str(tmp_path / "whole.h5"))
+    _same_rows(_read(tmp_path / "whole.h5"),
+               _read(vitcore.extract([local / "imgs"], tmp_path / "disk.h5", **EXACT).output))
+    assert not list((tmp_path / "cache" / "staging").rglob("*.h5"))  # a finished run's staging copy is gone
+    with pytest.raises(UsageError, match="the bucket .* does not exist"):
+        vitcore.extract([f"{bucket}/imgs"], "s3://no-such-bucket-here/t.h5", **EXACT)
+    with pytest.raises(UsageError, match="is a prefix"):
+        vitcore.extract([f"{bucket}/imgs"], f"{bucket}/imgs/", **EXACT)
+
+
+def _s3():
+    import s3fs
+
+    return s3fs.S3FileSystem(), lambda url: url.removeprefix("s3://")

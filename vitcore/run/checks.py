@@ -21,7 +21,9 @@ from vitcore.inputs.discover import discover
 from vitcore.inputs.parquet import ParquetRow
 from vitcore.store.encoding import PLUGIN_FILTERS, load_plugins
 from vitcore.store.lock import check_unlocked
+from vitcore.inputs.remote import is_url
 from vitcore.store.output import check_output, output_target
+from vitcore.store.remote_output import stage
 from vitcore.store.resume import (check_known_settings, check_resumable, check_resumable_file, recorded_clips,
                                   recorded_compute_dtype)
 from vitcore.run.settings import store_settings
@@ -37,6 +39,7 @@ class CheckedRun:
     output: str
     found: Discovery  # this run's inputs (its shard of them)
     shard: ShardRecord | None
+    upload_to: str | None = None  # -o URL: ``output`` is its local staging copy, uploaded when the run ends
 
 
 def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | None = None, *, stdin=None,
@@ -54,8 +57,16 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
     family = choose_family(encoder, compute)
     if out.compression in PLUGIN_FILTERS:
         load_plugins(out.compression)  # the extra is installed, or one line saying which
-    output = output_target(str(output))
-    check_output(output, out.resume, out.overwrite)
+    upload_to = None
+    if is_url(str(output)):  # written to a local staging copy, uploaded whole at the end
+        if opts.shard is not None:
+            raise UsageError("--shard (and torchrun) writes part files beside the output: give a local -o, then merge and upload "
+                             "the merged file (or use one run per machine with its own object)")
+        upload_to = str(output)
+        output = stage(upload_to, out.resume, out.overwrite)
+    else:
+        output = output_target(str(output))
+        check_output(output, out.resume, out.overwrite)
     check_unlocked(output)  # another run writing it: said now, not after the model is built
     if family.takes_video and inputs.extensions is None:  # clips are picked up beside the pictures
         inputs = dataclasses.replace(inputs, extensions=DEFAULT_EXTENSIONS + VIDEO_EXTENSIONS)
@@ -75,7 +86,7 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
             raise UsageError(f"{videos} video clip{'s' * (videos != 1)} among the inputs: reading them needs PyAV, "
                              f"which is not installed: {VIDEO_EXTRA} (or --ext to leave them out)")
         encoder = dataclasses.replace(encoder, videos=True)  # the clips' settings go into the file's record
-    checked = CheckedRun(encoder, inputs, compute, out, family, output, found, shard)
+    checked = CheckedRun(encoder, inputs, compute, out, family, output, found, shard, upload_to)
     check_resume_settings(checked)
     return checked
 

@@ -43,7 +43,9 @@ from vitcore.run.notes import counted_notes
 from vitcore.inputs.base import Discovery
 from vitcore.inputs.discover import close_readers
 from vitcore.store import Output, Rows
+from vitcore.store.remote_output import upload
 from vitcore.store.resume import recorded_compute_dtype
+from vitcore.inputs.remote import public_url
 from vitcore.system.workers import init_worker, shut_down, worker_deaths_held
 
 __all__ = ["ExtractOptions", "ExtractResult", "Progress", "StopFlag", "extract"]
@@ -182,6 +184,18 @@ def extract(
     before it loads torch, so a usage error is reported at once).
     """
     run = checked or check_run(paths, output, options, stdin=stdin, **overrides)  # before torch is needed
+    if run.upload_to is None:
+        return _extract(run, progress, stop)
+    try:  # -o URL: the staged file is uploaded whole, done or stopped by a signal (its committed rows)
+        result = _extract(run, progress, stop)
+    except Interrupted:
+        upload(run.output, run.upload_to, complete=False)
+        raise
+    upload(run.output, run.upload_to, complete=result.complete)
+    return dataclasses.replace(result, output=public_url(run.upload_to))
+
+
+def _extract(run: CheckedRun, progress, stop: StopFlag | None) -> ExtractResult:
     encoder_opts, compute, out_opts = run.encoder, run.compute, run.output_options
     family, found, shard, output = run.family, run.found, run.shard, run.output
     device = resolve_device(compute.device)
