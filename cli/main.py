@@ -96,13 +96,14 @@ Dtype = _choice_enum("Dtype", DTYPE_CHOICES)
 OutDtype = _choice_enum("OutDtype", OUT_DTYPES)
 Compression = _choice_enum("Compression", COMPRESSIONS)
 ProgressMode = _choice_enum("ProgressMode", render.PROGRESS_MODES)
+Engine = _choice_enum("Engine", ("local", "ray"))
 
 # An existing output of `run`, as info and similar take it.
 RunOutput = Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run.", exists=True,
                                            dir_okay=False)]
 
 # run's help panels
-ENCODER, INPUTS, COMPUTE, OUTPUT, DISPLAY = "Encoder", "Inputs", "Compute", "Output", "Display"
+ENCODER, INPUTS, COMPUTE, OUTPUT, SCALE, DISPLAY = "Encoder", "Inputs", "Compute", "Output", "Scale out", "Display"
 
 
 def _fail(error: Exception, as_json: bool = False) -> typer.Exit:
@@ -177,6 +178,10 @@ def run(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the images the file records as failed again (those that fail again are recorded again).", rich_help_panel=OUTPUT)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.", rich_help_panel=OUTPUT)] = False,
     shard: Annotated[Optional[str], typer.Option(metavar="I/N", help="I/N: process only shard I (0..N-1) of the sorted inputs into its own file (-o tokens.h5 --shard 3/8 writes tokens.shard00003-of-00008.h5; combine with merge). Under torchrun each rank takes its own shard automatically.", show_default=False, rich_help_panel=OUTPUT)] = None,
+    engine: Annotated[Engine, typer.Option(metavar="ENGINE", help="local: this process (and its decoding workers); ray: units of --unit-size inputs on a Ray cluster, an actor per GPU (or --actors on CPUs) holding the encoder, each unit into a part file beside -o, then merged (pip install 'vit-extract\\[ray]'; see Beyond one machine in the README).", rich_help_panel=SCALE)] = Engine.local,
+    ray_address: Annotated[Optional[str], typer.Option(metavar="ADDRESS", help="--engine ray: the cluster to join (as ray.init's address, e.g. auto or HOST:6379). Default: the RAY_ADDRESS variable, else a local Ray instance started for the run.", show_default=False, rich_help_panel=SCALE)] = None,
+    actors: Annotated[Optional[int], typer.Option(metavar="N", help="--engine ray: encoder actors. Default: one per GPU of the cluster, else 1.", min=1, show_default=False, rich_help_panel=SCALE)] = None,
+    unit_size: Annotated[int, typer.Option(metavar="N", help="--engine ray: inputs per unit (a part file each; a unit lost with its worker is done again).", min=1, rich_help_panel=SCALE)] = 1024,
     progress: Annotated[ProgressMode, typer.Option(help="bar: a live bar; lines: a plain line every --progress-every seconds and at the end (for logs); auto: bar on a terminal, lines elsewhere; none.", rich_help_panel=DISPLAY)] = ProgressMode.auto,
     progress_every: Annotated[float, typer.Option(metavar="SECONDS", help="Seconds between progress lines (--progress lines).", min=0.0, rich_help_panel=DISPLAY)] = 30.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no summary.", rich_help_panel=DISPLAY)] = False,
@@ -207,7 +212,11 @@ def run(
     if dry_run:
         return _dry_run(inputs, output, options, shard, as_json)
     try:
-        if launched_by_torchrun():
+        if engine is Engine.ray:
+            if shard or launched_by_torchrun():
+                raise UsageError("--engine ray cuts the run into units itself: drop --shard (and torchrun)")
+            result, merged = _run_on_ray(inputs, output, options, shown, ray_address, actors, unit_size)
+        elif launched_by_torchrun():
             result, merged = _run_launched(inputs, output, options, shard, shown)
             if merged is None:  # ranks other than 0 stay silent
                 return
@@ -228,7 +237,8 @@ def run(
     elif not quiet:
         render.run_summary(out, result)
         if merged is not None:
-            out.print(f"merged {merged.shards} shards (one per rank) into {escape(merged.output)}")
+            parts = "parts (one per unit)" if engine is Engine.ray else "shards (one per rank)"
+            out.print(f"merged {merged.shards} {parts} into {escape(merged.output)}")
     if strict and result.failures:
         raise typer.Exit(EXIT_STRICT_FAILURES)
 
@@ -259,6 +269,16 @@ def _run_launched(inputs: list[str], output: str, options, shard: str | None, sh
         raise typer.BadParameter("--shard is chosen by torchrun (one shard per rank); drop it")
     with shown.display(also=rank() == 0) as display:
         outcome = extract_distributed(inputs, str(output), options, progress=display.update)
+    return outcome.summary, outcome.merged
+
+
+def _run_on_ray(inputs: list[str], output: str, options, shown: _Shown, address, actors, unit_size):
+    """--engine ray: the units on Ray, merged. (the run's summary, the MergeResult)."""
+    from vitcore.run.ray_engine import extract_on_ray  # Ray and torch: only for such a run
+
+    with shown.display() as display:
+        outcome = extract_on_ray(inputs, output, options, address=address, actors=actors, unit_size=unit_size,
+                                 progress=display.update)
     return outcome.summary, outcome.merged
 
 

@@ -63,7 +63,8 @@ class ProgressLines:
         rate = p.done / p.elapsed if p.elapsed > 0 else 0.0
         eta = f", ETA {_duration((p.total - p.done) / rate)}" if rate > 0 and p.done < p.total else ""
         share = f" ({100 * p.done / p.total:.0f} %)" if p.total else ""
-        self.console.print(f"progress: {p.done}/{p.total} {p.noun}{share}, {rate:.1f} {p.noun}/s, "
+        units = f", units {p.units_done}/{p.units}" if hasattr(p, "units") else ""  # --engine ray
+        self.console.print(f"progress: {p.done}/{p.total} {p.noun}{share}{units}, {rate:.1f} {p.noun}/s, "
                            f"elapsed {_duration(p.elapsed)}{eta}, {p.failed} failed", markup=False, highlight=False)
         self.latest = None
 

@@ -42,9 +42,20 @@ class CheckedRun:
     upload_to: str | None = None  # -o URL: ``output`` is its local staging copy, uploaded when the run ends
 
 
+@dataclass
+class UnitInputs:
+    """One unit of a run cut up by its driver (--engine ray): its slice of the inputs the driver
+    listed once, its shard record, and how many of all the inputs are clips (as find_inputs gives)."""
+
+    found: Discovery
+    shard: ShardRecord
+    videos: int
+
+
 def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | None = None, *, stdin=None,
-              **overrides) -> CheckedRun:
-    """Refuse, in one line, what would make the run fail before any work; what the run will do."""
+              unit: UnitInputs | None = None, **overrides) -> CheckedRun:
+    """Refuse, in one line, what would make the run fail before any work; what the run will do.
+    ``unit``: the inputs are that unit's, not listed again (``options.shard`` names the unit)."""
     opts = dataclasses.replace(options or ExtractOptions(), **overrides)
     if opts.shard is not None:
         if opts.resume and opts.overwrite:
@@ -70,7 +81,7 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
     check_unlocked(output)  # another run writing it: said now, not after the model is built
     if family.takes_video and inputs.extensions is None:  # clips are picked up beside the pictures
         inputs = dataclasses.replace(inputs, extensions=DEFAULT_EXTENSIONS + VIDEO_EXTENSIONS)
-    found, shard, videos = find_inputs(paths, inputs, out, stdin)
+    found, shard, videos = (unit.found, unit.shard, unit.videos) if unit else find_inputs(paths, inputs, out, stdin)
     refuse_output_among_inputs(output, found)
     if videos and not family.takes_video:
         raise UsageError(f"{videos} video clip{'s' * (videos != 1)} among the inputs: clips are read by the Qwen-VL "

@@ -172,6 +172,7 @@ def extract(
     stop: StopFlag | None = None,
     stdin=None,
     checked: CheckedRun | None = None,
+    encoders: dict | None = None,
     **overrides,
 ) -> ExtractResult:
     """Extract visual tokens for every image under ``paths`` into the HDF5 file ``output``.
@@ -181,13 +182,14 @@ def extract(
     receives a Progress after every batch. Raises VitExtractError subclasses for problems a
     person can fix; image failures are not errors (they are in the result and the file).
     ``checked``: what checks.check_run already found for these arguments (the CLI checks them
-    before it loads torch, so a usage error is reported at once).
+    before it loads torch, so a usage error is reported at once). ``encoders``: a dict the caller
+    keeps to reuse an encoder built by an earlier call with the same settings (a Ray actor's units).
     """
     run = checked or check_run(paths, output, options, stdin=stdin, **overrides)  # before torch is needed
     if run.upload_to is None:
-        return _extract(run, progress, stop)
+        return _extract(run, progress, stop, encoders)
     try:  # -o URL: the staged file is uploaded whole, done or stopped by a signal (its committed rows)
-        result = _extract(run, progress, stop)
+        result = _extract(run, progress, stop, encoders)
     except Interrupted:
         upload(run.output, run.upload_to, complete=False)
         raise
@@ -195,7 +197,7 @@ def extract(
     return dataclasses.replace(result, output=public_url(run.upload_to))
 
 
-def _extract(run: CheckedRun, progress, stop: StopFlag | None) -> ExtractResult:
+def _extract(run: CheckedRun, progress, stop: StopFlag | None, encoders: dict | None = None) -> ExtractResult:
     encoder_opts, compute, out_opts = run.encoder, run.compute, run.output_options
     family, found, shard, output = run.family, run.found, run.shard, run.output
     device = resolve_device(compute.device)
@@ -211,7 +213,7 @@ def _extract(run: CheckedRun, progress, stop: StopFlag | None) -> ExtractResult:
                                   found.image_columns, out_opts.compression)
         plan = plan_resume(out, found, settings, out_opts.retry_failed)
         if plan.sources:
-            built = family.build(encoder_opts, device, dtype, record=record)
+            built = _build(family, encoder_opts, device, dtype, record, encoders)
             batch_size, workers = choose_batching(compute, built, len(plan.sources))
             loader = make_loader(plan.sources, built.loader, batch_size, workers, pin_memory=device.type == "cuda",
                                  worker_init_fn=init_worker, meta=meta)
@@ -301,6 +303,18 @@ def choose_batching(compute: ComputeOptions, built, inputs: int) -> tuple[int, i
     batch_size = built.default_batch_size() if compute.batch_size == "auto" else compute.batch_size
     workers = default_workers() if compute.workers is None else compute.workers
     return batch_size, min(workers, max(1, inputs // batch_size + 1)) if workers else 0
+
+
+def _build(family, encoder_opts, device, dtype, record, encoders: dict | None):
+    """The family's encoder for this run; with ``encoders``, the one built before for the same record,
+    device and dtype (one kept: a new one replaces it)."""
+    if encoders is None:
+        return family.build(encoder_opts, device, dtype, record=record)
+    key = (repr(record), str(device), str(dtype))
+    if key not in encoders:
+        encoders.clear()  # its memory first
+        encoders[key] = family.build(encoder_opts, device, dtype, record=record)
+    return encoders[key]
 
 
 @dataclass

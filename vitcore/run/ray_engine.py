@@ -1,0 +1,213 @@
+"""``--engine ray``: a run as units of work on a Ray cluster, in Ray Data's batch-inference pattern
+(a pool of actors that each hold the encoder, fed the units as a stream).
+
+The driver lists the inputs once and cuts the sorted list into units: contiguous, count-balanced
+ranges, the shards of ``--shard`` with a count set by ``--unit-size``. Each actor builds the encoder
+once and runs the units it is given as a local run would (decoding in its own worker processes),
+each into its part file beside the output (``out.shard00003-of-00100.h5``); the driver then merges
+the parts into the one output.
+
+A part is a shard file, with all a shard records (its range, the hash of the whole input list, its
+committed counter), so "every row exactly once" is what shards already guarantee:
+- an actor (or its node) that dies mid-unit is restarted by Ray and the unit tried again; the part
+  resumes from its committed rows, so no row is written twice and none is lost;
+- merge refuses a gap, an overlap or an input twice, and mismatched settings;
+- a driver killed outright leaves its parts: the same command with ``--resume`` skips the complete
+  ones, resumes the others and merges, giving the uninterrupted run's file.
+
+Ray is an extra (``pip install 'vit-extract[ray]'``), imported only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pickle
+import time
+
+from vitcore.errors import UsageError, VitExtractError
+from vitcore.run.checks import UnitInputs, check_run
+from vitcore.run.distributed import _combined
+from vitcore.run.shard import ShardRecord, shard_path, take_shard
+
+DEFAULT_UNIT_SIZE = 1024  # inputs per unit: large enough that a unit's start (a part file, workers) is noise
+
+
+@dataclasses.dataclass
+class RayOutcome:
+    summary: object  # an ExtractResult for the whole run (output = the merged file)
+    merged: object  # the MergeResult
+    units: int
+    units_done_before: int  # complete parts found and kept (--resume after a stop)
+
+
+@dataclasses.dataclass
+class UnitsProgress:
+    """What the driver knows after each unit: passed to the progress callback."""
+
+    units_done: int
+    units: int
+    done: int  # inputs of the finished units
+    total: int
+    failed: int
+    elapsed: float
+    noun: str = "images"
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the batch-inference pattern)
+    except ImportError:
+        raise UsageError("--engine ray needs Ray: pip install 'vit-extract[ray]'") from None
+    return ray
+
+
+def extract_on_ray(paths, output: str, options, *, address: str | None = None, actors: int | None = None,
+                   unit_size: int = DEFAULT_UNIT_SIZE, progress=None, stdin=None) -> RayOutcome:
+    """Run ``extract(paths, output, options)`` as units on Ray (see the module), then merge."""
+    from vitcore.store.merge import merge
+
+    if unit_size < 1:
+        raise UsageError(f"--unit-size must be at least 1, got {unit_size}")
+    if options.shard is not None:
+        raise UsageError("--shard cuts a run by hand; --engine ray cuts it into units itself: drop --shard")
+    whole = check_run(paths, output, options, stdin=stdin)  # refusals before Ray starts; the inputs listed once
+    if whole.upload_to is not None:
+        raise UsageError("--engine ray writes its parts beside the output: give a local (shared) -o for now")
+    total = len(whole.found.sources)
+    count = max(1, math.ceil(total / unit_size))
+    videos = sum(1 for s in whole.found.sources if _is_clip(s.key))
+    units, kept = [], 0
+    for index in range(count):
+        found, record = take_shard(whole.found, index, count)
+        if index:  # folders that could not be listed are recorded once, by the first unit
+            found = dataclasses.replace(found, unlisted=[])
+        part = shard_path(output, index, count)
+        if not options.overwrite and _complete_part(part, record):
+            kept += 1
+            continue
+        units.append({"unit": index, "part": part, "work": pickle.dumps(UnitInputs(found, record, videos))})
+    ray = _ray()
+    started = time.perf_counter()
+    results, dtype = _run_units(ray, units, options, address, actors, progress, count, kept, total, started)
+    parts = [shard_path(output, index, count) for index in range(count)]
+    merged = merge(output, parts, overwrite=options.overwrite or options.resume)
+    summary = _combined(results, merged) if results else _nothing_to_do(whole, output, merged, total)
+    summary = dataclasses.replace(summary, seconds=time.perf_counter() - started)
+    if options.dtype == "auto" and dtype is not None:
+        summary.dtype_reason = f"{dtype}: decided once, on a Ray worker, for every unit"
+    summary.images_per_second = summary.written / summary.seconds if summary.seconds > 0 else 0.0
+    return RayOutcome(summary, merged, count, kept)
+
+
+def _is_clip(key: str) -> bool:
+    from vitcore.imaging.video import is_video_name
+
+    return is_video_name(key)
+
+
+def _complete_part(path: str, record: ShardRecord) -> bool:
+    """A part file from an earlier run of the same units, finished: kept as it is."""
+    import json
+
+    import h5py
+
+    if not os.path.exists(path):
+        return False
+    try:
+        with h5py.File(path, "r", locking=False) as h5:
+            return bool(h5.attrs.get("complete")) and json.loads(h5.attrs.get("shard", "null")) == json.loads(record.to_json())
+    except (OSError, ValueError):
+        return False
+
+
+def _run_units(ray, units: list[dict], options, address, actors, progress, count, kept, total, started):
+    """The units through Ray Data's actor pool: (each unit's ExtractResult, as the units finish; the
+    compute dtype they ran in)."""
+    if not units:
+        return [], None
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the run's own progress instead
+    context.print_on_execution_start = False
+    cpus = max(1.0, float(ray.available_resources().get("CPU", 1)))
+    gpus = float(ray.available_resources().get("GPU", 0))
+    wants_gpu = gpus >= 1 and options.device in ("auto", "cuda")
+    pool = actors or (int(gpus) if wants_gpu else 1)
+    # One actor per GPU; on CPUs each actor takes the cores it decodes and encodes with.
+    per_actor = {"num_gpus": 1} if wants_gpu else {"num_cpus": max(1.0, cpus // pool)}
+    # Ray Data's actor pools restart an actor that dies and try its unit again (max_restarts and
+    # max_task_retries are -1 by default): the unit's part resumes from its committed rows.
+    options = _pinned_dtype(ray, options, per_actor, units)
+    dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        UnitEncoder, fn_constructor_kwargs={"options": options}, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=pool), **per_actor)
+    results, done, failed = [], 0, 0
+    for row in dataset.iter_rows():
+        result = pickle.loads(row["result"])
+        results.append(result)
+        done += result.found
+        failed += len(result.failures)
+        if progress:
+            progress(UnitsProgress(len(results) + kept, count, done, total, failed, time.perf_counter() - started))
+    return results, options.dtype
+
+
+def _pinned_dtype(ray, options, per_actor: dict, units: list[dict]):
+    """--dtype auto decided once, on an actor's kind of machine, for every unit: parts computed in
+    different dtypes (nodes that differ) could not be merged. A part being resumed keeps its own."""
+    if options.dtype != "auto":
+        return options
+    from vitcore.store.resume import recorded_compute_dtype
+
+    recorded = next(filter(None, (recorded_compute_dtype(u["part"]) for u in units if os.path.exists(u["part"]))), None)
+    decided = ray.get(ray.remote(**per_actor)(_auto_dtype).remote(options, recorded))
+    return dataclasses.replace(options, dtype=decided)
+
+
+def _auto_dtype(options, recorded: str | None) -> str:
+    """On a worker: the dtype --dtype auto chooses there for this run's encoder."""
+    from vitcore.run.checks import choose_family
+    from vitcore.system.device import choose_dtype, dtype_name, resolve_device
+
+    encoder, _, compute, _ = options.parts()
+    device = resolve_device(compute.device)
+    width = choose_family(encoder, compute).record(encoder, device).width
+    return dtype_name(choose_dtype("auto", device, width, recorded).dtype)
+
+
+class UnitEncoder:
+    """A Ray actor: holds the encoder (built by its first unit) and runs unit after unit."""
+
+    def __init__(self, options):
+        self.options = options
+        self.encoders: dict = {}  # the built encoder, kept for the next unit
+
+    def __call__(self, batch: dict) -> dict:
+        from vitcore.run.pipeline import extract
+
+        out = []
+        for index, part, work in zip(batch["unit"], batch["part"], batch["work"]):
+            unit: UnitInputs = pickle.loads(work)
+            options = dataclasses.replace(self.options, shard=(unit.shard.index, unit.shard.count))
+            try:
+                checked = check_run((), str(part), options, unit=unit)
+                out.append(pickle.dumps(extract(checked=checked, encoders=self.encoders)))
+            except VitExtractError as err:  # a usage problem is the same on every try: the run stops
+                raise RuntimeError(f"unit {index}: {err}") from None
+        return {"result": out}
+
+
+def _nothing_to_do(whole, output: str, merged, total: int):
+    """The summary when every part was complete already (a --resume after a stop at the merge)."""
+    from vitcore.run.pipeline import ExtractResult
+
+    return ExtractResult(output=merged.output, found=total, skipped=total, written=0, rows=merged.rows, failures=[],
+                         seconds=0.0, images_per_second=0.0, device="ray", compute_dtype="-",
+                         out_dtype=whole.output_options.out_dtype, encoder=whole.family.name, token_shape=(),
+                         weights="-", untrained=False, complete=True)
