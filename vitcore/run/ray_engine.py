@@ -21,6 +21,7 @@ Ray is an extra (``pip install 'vit-extract[ray]'``), imported only here.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import pickle
@@ -130,8 +131,9 @@ def _run_units(ray, units: list[dict], options, address, actors, progress, count
         return [], None
     import ray.data
 
+    logging.getLogger("ray").setLevel(logging.ERROR)  # the run's own progress and summary say what matters
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the run's own progress instead
     context.print_on_execution_start = False
