@@ -137,6 +137,8 @@ def _json_value(scalar, nonfinite: list[int]):
         return scalar.value / {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}[kind.unit]
     if pa.types.is_temporal(kind):
         try:
+            if pa.types.is_timestamp(kind) and kind.unit == "ns":  # past a datetime's microseconds: pyarrow's
+                raise ValueError  # own text (as_py gives a pandas Timestamp where pandas is installed)
             value = scalar.as_py()
         except (ValueError, OverflowError):  # nanoseconds, or a year Python's datetime cannot hold
             text = scalar.cast(pa.string()).as_py()
