@@ -97,6 +97,7 @@ OutDtype = _choice_enum("OutDtype", OUT_DTYPES)
 Compression = _choice_enum("Compression", COMPRESSIONS)
 ProgressMode = _choice_enum("ProgressMode", render.PROGRESS_MODES)
 Engine = _choice_enum("Engine", ("local", "ray"))
+CacheDtype = _choice_enum("CacheDtype", ("float32", "bfloat16", "float16"))
 
 # An existing output of `run`, as info and similar take it.
 RunOutput = Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run.", exists=True,
@@ -474,6 +475,30 @@ def similar(
     else:
         render.hits_table(out, hits, f"{query} (read as {'a key in the file' if kind == 'key' else 'an image file'})")
         out.print(escape(found.searched.describe()))
+
+
+@app.command("vllm-cache", cls=_Command)
+def vllm_cache_command(
+    file: RunOutput,
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="The cache folder a vLLM server reads (ECExampleConnector's shared_storage_path): DIR/UUID/encoder_cache.safetensors per row, and DIR/manifest.jsonl.", file_okay=False)],
+    dtype: Annotated[Optional[CacheDtype], typer.Option(metavar="DTYPE", help="The dtype the server runs: float32, bfloat16 or float16. Default: the file's stored dtype.", show_default=False)] = None,
+    key: Annotated[Optional[list[str]], typer.Option("--key", metavar="KEY", help="Only these rows (repeatable). Default: every row.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Write vLLM's encoder cache from a Qwen-VL file: a vLLM server configured as an encoder-cache consumer then serves prompts about these images and clips without running the vision tower."""
+    from vitcore.consumers.vllm_cache import write_vllm_cache  # torch, h5py: not for --help
+
+    try:
+        result = write_vllm_cache(str(file), str(folder), dtype=dtype.value if dtype else None, keys=key or None)
+    except VitExtractError as error:
+        raise _fail(error, as_json)
+    record = {"folder": result.folder, "written": result.written, "kept": result.kept, "dtype": result.dtype,
+              "manifest": result.manifest, "rows": len(result.entries)}
+    if as_json:
+        out.print_json(json.dumps(record))
+    else:
+        out.print(f"{len(result.entries)} rows → {escape(result.folder)}: {result.written} cache files written, "
+                  f"{result.kept} already there and kept ({result.dtype}); manifest {escape(result.manifest)}")
 
 
 @app.command("merge", cls=_Command)

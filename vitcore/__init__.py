@@ -38,6 +38,8 @@ _EXPORTS = {  # name → the module that defines it
     "place_image_tokens": "vitcore.consumers.lm_inputs",
     "vllm_image_embeds": "vitcore.consumers.lm_inputs",
     "vllm_video_embeds": "vitcore.consumers.lm_inputs",
+    "write_vllm_cache": "vitcore.consumers.vllm_cache",
+    "vllm_requests": "vitcore.consumers.vllm_cache",
     "video_timing": "vitcore.consumers.lm_inputs",
 }
 
