@@ -82,6 +82,9 @@ def test_requests_carry_grids_timing_and_uuids_but_no_pixels(made, tmp_path):
         vllm_requests(tmp_path / "c", [("x", ["wide.png", "clip.mp4"])])
     with pytest.raises(UsageError, match="'gone.png' is not in"):
         vllm_requests(tmp_path / "c", [("x", ["gone.png"])])
+    shutil.rmtree(tmp_path / "c" / manifest["tall.png"]["uuid"])  # vLLM's engine would die on it
+    with pytest.raises(UsageError, match="'tall.png': its cache file .* is missing"):
+        vllm_requests(tmp_path / "c", [("x", ["tall.png"])])
 
 
 def test_the_uuid_is_stable_and_changes_with_bytes_settings_weights_and_dtype(made, tmp_path):

@@ -240,7 +240,8 @@ def vllm_requests(folder: str | os.PathLike, prompts) -> list[dict]:
     """vLLM request dicts for ``prompts``: (prompt, keys) pairs, a prompt being text or a dict vLLM
     takes (``{"prompt_token_ids": …}``) with one placeholder per key, in order, and keys those of the
     manifest (pictures and clips may not be mixed in one prompt by this helper). Each request carries
-    the grids (and a clip's timing) and ``multi_modal_uuids``: no pixels, no embeddings."""
+    the grids (and a clip's timing) and ``multi_modal_uuids``: no pixels, no embeddings. A key whose
+    cache file is missing is refused here: vLLM 0.32's engine dies on a uuid it finds no file for."""
     import torch
 
     manifest = read_manifest(folder)
@@ -251,6 +252,10 @@ def vllm_requests(folder: str | os.PathLike, prompts) -> list[dict]:
         if missing:
             raise UsageError(f"{missing[0]!r} is not in {os.path.join(os.fspath(folder), MANIFEST)}")
         entries = [manifest[k] for k in keys]
+        for entry in entries:  # a uuid vLLM finds no file for takes its whole engine down
+            if not os.path.exists(os.path.join(os.fspath(folder), entry["uuid"], CACHE_FILE)):
+                raise UsageError(f"{entry['key']!r}: its cache file {entry['uuid']}/{CACHE_FILE} is missing from "
+                                 f"{os.fspath(folder)}: write it again with vit-extract vllm-cache")
         kinds = {e["modality"] for e in entries}
         if len(kinds) != 1:
             raise UsageError("one prompt's keys must all be pictures or all clips")
