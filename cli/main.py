@@ -497,8 +497,10 @@ def vllm_cache_command(
     if as_json:
         out.print_json(json.dumps(record))
     else:
-        out.print(f"{len(result.entries)} rows → {escape(result.folder)}: {result.written} cache files written, "
-                  f"{result.kept} already there and kept ({result.dtype}); manifest {escape(result.manifest)}")
+        rows = len(result.entries)
+        out.print(f"{rows} row{'s' * (rows != 1)} → {escape(result.folder)}: {result.written} cache "
+                  f"file{'s' * (result.written != 1)} written, {result.kept} already there and kept ({result.dtype}); "
+                  f"manifest {escape(result.manifest)}")
 
 
 @app.command("merge", cls=_Command)

@@ -166,3 +166,15 @@ def test_what_vllm_cannot_take_is_refused(made, tmp_path):
         write_vllm_cache(made["qwen3-vl"][1], tmp_path / "c", keys=["gone.png"])
     with pytest.raises(UsageError, match="the cache is written as"):
         write_vllm_cache(made["qwen3-vl"][1], tmp_path / "c", dtype="int8")
+
+
+def test_the_command_writes_the_cache_and_says_what_it_did(made, cli, tmp_path):
+    _, h5, _ = made["qwen2-vl"]
+    first = cli("vllm-cache", h5, tmp_path / "c", "--dtype", "bfloat16", "--json")
+    assert first.exit_code == 0 and json.loads(first.output) == {
+        "folder": str(tmp_path / "c"), "written": 3, "kept": 0, "dtype": "bfloat16",
+        "manifest": str(tmp_path / "c" / "manifest.jsonl"), "rows": 3}
+    again = cli("vllm-cache", h5, tmp_path / "c", "--dtype", "bfloat16", "--key", "wide.png")
+    assert again.exit_code == 0 and "1 row → " in again.output and "0 cache files written, 1 already there" in again.output
+    refused = cli("vllm-cache", h5, tmp_path / "c", "--key", "gone.png")
+    assert refused.exit_code != 0 and "error: 'gone.png' is not a row of" in refused.output
