@@ -182,7 +182,8 @@ def run_summary(console: Console, result) -> None:
         time_text += f" (including {result.timings['compile']:.1f} s of torch.compile)"
     table.add_row("time", time_text)
     if result.skipped:
-        table.add_row("resumed", f"{result.skipped} inputs already in the file (as rows or failures) were skipped")
+        table.add_row("resumed", f"{_counted(result.skipped, 'input')} already in the file (as rows or failures) "
+                      f"{'was' if result.skipped == 1 else 'were'} skipped")
     if result.duplicates_dropped:
         table.add_row("duplicates", f"{result.duplicates_dropped} inputs named twice were taken once")
     failed = f"[red]{len(result.failures)}[/]" if result.failures else "0"

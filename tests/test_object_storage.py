@@ -204,3 +204,48 @@ def _s3():
     import s3fs
 
     return s3fs.S3FileSystem(), lambda url: url.removeprefix("s3://")
+
+
+def test_names_that_are_two_things_at_once_are_read_as_written(store, tmp_path):
+    import boto3
+
+    local, bucket = store
+    s3 = boto3.client("s3")
+    picture = (SAMPLES / "coffee.jpg").read_bytes()
+    for key in ("odd/both.jpg", "odd/both.jpg/inner.jpg", "odd/{a,b}.jpg"):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=picture)
+    # An object that is also a prefix (other keys start with its name and a slash): the object.
+    both = vitcore.extract([f"{bucket}/odd/both.jpg"], tmp_path / "both.h5", **EXACT)
+    assert both.written == 1 and list(_read(both.output)["rows"]) == ["both.jpg"]
+    # A name with braces that exists as written is not a range (as on disk).
+    literal = vitcore.extract([f"{bucket}/odd/{{a,b}}.jpg"], tmp_path / "braces.h5", **EXACT)
+    assert literal.written == 1 and list(_read(literal.output)["rows"]) == ["{a,b}.jpg"]
+
+
+def test_what_cannot_be_read_is_said_in_one_line_without_secrets(store, tmp_path, monkeypatch):
+    local, bucket = store
+    with pytest.raises(UsageError, match=r"^input s3://no-such-bucket-here/x/ does not exist"):
+        vitcore.extract(["s3://no-such-bucket-here/x/"], tmp_path / "typo.h5", **EXACT)
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"s3://user:SECRET1@{BUCKET}/imgs/astronaut.jpg\n"  # credentials in the URL itself
+                      f"{bucket}/imgs/gone.jpg?token=SECRET2\n")
+    result = vitcore.extract(files_from=listed, output=tmp_path / "l.h5", **EXACT)
+    assert [key for key, _ in result.failures] == ["astronaut.jpg", "gone.jpg"]  # (s3fs takes no user in a URL)
+    with h5py.File(result.output) as f:
+        stored = json.dumps({k: f[k].asstr()[:].tolist() for k in ("paths", "failed/paths", "failed/errors")})
+        stored += f.attrs["roots"]
+    assert "SECRET" not in stored and "astronaut.jpg" in stored
+    assert not any("SECRET" in error for _, error in result.failures)
+    import s3fs
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no look for an instance role off this machine
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(UsageError, match=r"cannot read s3://.*credentials.*\(credentials come from"):
+            vitcore.extract([f"{bucket}/imgs"], tmp_path / "anon.h5", **EXACT)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()

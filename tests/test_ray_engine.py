@@ -120,19 +120,33 @@ def test_an_actor_killed_mid_run_is_restarted_and_its_unit_done_again(images, pl
     _same(_rows(tmp_path / "killed.h5"), plain)  # every row once, none lost
 
 
-def test_a_driver_killed_outright_resumes_to_the_uninterrupted_file(images, plain, tmp_path):
+def test_a_driver_stopped_or_killed_outright_resumes_to_the_uninterrupted_file(images, plain, tmp_path):
     run = " ".join([*CLI, str(images), "-o", "resumed.h5", *EXACT, "--engine", "ray", "--unit-size", "2", "--quiet"])
     script = textwrap.dedent(f"""
-        {run} &
+        {run} 2> stopped.txt &
         driver=$!
         until [ -e resumed.shard00001-of-00004.h5 ]; do sleep 0.05; done
+        kill -TERM $driver
+        code=0; wait $driver || code=$?
+        echo "TERM exit $code"
+        {run} &
+        driver=$!
+        until [ -e resumed.shard00002-of-00004.h5 ]; do sleep 0.05; done
         kill -9 $driver
         wait $driver || true
         {sys.executable} -m ray.scripts.scripts stop --force >/dev/null 2>&1
         test ! -e resumed.h5
+        code=0; {run} --pool mean 2> other.txt || code=$?
+        echo "OTHER SETTINGS exit $code"
         {run} --resume
     """)
-    in_loopback_namespace(script, tmp_path)
+    done = in_loopback_namespace(script, tmp_path)
+    assert "TERM exit 143" in done.stdout  # a clean stop, as a local run's
+    stopped = (tmp_path / "stopped.txt").read_text()
+    assert "error: stopped by SIGTERM after" in stopped and "rerun the same command with --resume" in stopped
+    assert "Traceback" not in stopped
+    assert "OTHER SETTINGS exit 2" in done.stdout  # leftover parts are never taken for another run's
+    assert "the pooling setting differs (file: none; this run: mean)" in (tmp_path / "other.txt").read_text()
     _same(_rows(tmp_path / "resumed.h5"), plain)
     with h5py.File(tmp_path / "resumed.h5") as f:
         assert f.attrs["complete"] and int(f.attrs["committed"]) == 8

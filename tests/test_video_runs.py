@@ -85,7 +85,7 @@ def test_clips_beside_pictures_with_their_grids_timing_and_failures(qwen3, mixed
     assert got["rows"]["c.jpg"][0][0] == 1 and got["rows"]["c.jpg"][1] is None  # a picture: t = 1, no video record
     assert set(got["failed"]) == {"d.mp4", "e.mp4", "f.mp4"}
     assert "VideoError" in got["failed"]["d.mp4"] and "no video stream" in got["failed"]["e.mp4"]
-    assert "not a readable video" in got["failed"]["f.mp4"]
+    assert "VideoError: the file is empty (0 bytes)" in got["failed"]["f.mp4"]  # as a picture says
     with h5py.File(result.output) as f:
         assert json.loads(f.attrs["preprocessing"])["video"]["fps"] == 2.0
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from vitcore.errors import one_line
 from vitcore.imaging.decode import JpegFile
 from vitcore.imaging.sniff import misnamed_note
+from vitcore.inputs.remote import scrub
 
 
 @dataclass
@@ -70,12 +71,14 @@ class EncodedJpegs:
 
 
 _FILE_OBJECT = re.compile(r"<_io\.Buffered\w+ name=('.*?'|\".*?\"|\d+)>")
+_STORE_FILE = re.compile(r"<File-like object \w+, ([^>]*)>")  # fsspec's name for an object it reads
 
 
 def describe_error(err: BaseException) -> str:
     """An exception → one line a person can read ("OSError: image file is truncated")."""
     text = one_line(err, None) or "no details"
     text = _FILE_OBJECT.sub(lambda m: m.group(1), text)  # Pillow names a file object by its repr
+    text = scrub(_STORE_FILE.sub(lambda m: m.group(1), text))  # and no URL's credentials or query in a record
     if isinstance(err, OSError) and err.strerror and err.filename is not None:
         text = err.strerror
     if isinstance(err, MemoryError):

@@ -52,6 +52,10 @@ class ClipInfo:
 def open_clip(source):
     """A binary file object → an open PyAV container (close it, or use it in a with-block)."""
     av = _av()
+    if hasattr(source, "read") and hasattr(source, "seek"):
+        if not source.read(1):  # said as a picture's is, not as FFmpeg's "Invalid argument" (or a seek error)
+            raise VideoError("the file is empty (0 bytes)")
+        source.seek(0)
     try:
         return av.open(source, mode="r")
     except (av.FFmpegError, OSError) as err:  # (an empty file is an OSError from the file object)

@@ -28,7 +28,7 @@ from vitcore.inputs import parquet, tar
 from vitcore.inputs.base import (Discovery, NotTaken, PassedOver, Unlisted, escape_key, input_exists, input_is_dir, input_is_file,
                                  open_input, path_identity, source_path, unescape_key)
 from vitcore.inputs.files import Source, read_file_list, walk, walk_prefix
-from vitcore.inputs.remote import is_url, public_url
+from vitcore.inputs.remote import is_url, public_url, url_exists, url_is_dir, url_is_file
 from vitcore.options import ContainerOptions, parse_extensions
 
 CONTAINERS = (tar, parquet)
@@ -58,14 +58,8 @@ def discover(
     found = _Found(parse_extensions(extensions), containers or ContainerOptions())
     seen_dirs: set[str] = set()
     for given, listed in named_inputs(paths, files_from, stdin):
-        if is_url(given) and input_is_dir(given):  # a prefix in storage: listed as a folder is walked
-            root = public_url(given).rstrip("/")
-            index = found.root_index(root)
-            for rel in walk_prefix(given, found.exts, lambda name: container_for(name) is not None, found.not_taken):
-                found.take(index, rel, f"{given.rstrip('/')}/{rel}", named=False)
-        elif is_url(given):  # an object, or (from a list) a missing one: its own failure record
-            found.take(found.root_index(public_url(given).rpartition("/")[0]), given.rpartition("/")[2], given,
-                       named=True)
+        if is_url(given):
+            _take_url(found, given, listed)
         elif os.path.isdir(given):
             root = os.path.abspath(given)
             index = found.root_index(root)
@@ -81,6 +75,31 @@ def discover(
         else:
             raise UsageError(f"input {given} does not exist")
     return found.discovery()
+
+
+def _take_url(found: "_Found", given: str, listed: bool) -> None:
+    """A URL: an object (even where other keys also start with its name and a slash), else a prefix,
+    walked as a folder is. An object named in a list is taken without a request (a list may name
+    millions; a missing one becomes its failure record); one named on the command line must exist."""
+    public = public_url(given)
+    folder, _, name = public.rstrip("/").rpartition("/")
+
+    def take_object() -> None:
+        found.take(found.root_index(folder), name, given, named=True)
+
+    if listed and container_for(name) is None:
+        take_object()
+    elif not given.endswith("/") and url_is_file(given):
+        take_object()
+    elif url_is_dir(given):
+        root = public.rstrip("/")
+        index = found.root_index(root)
+        for rel in walk_prefix(given, found.exts, lambda n: container_for(n) is not None, found.not_taken):
+            found.take(index, rel, f"{given.rstrip('/')}/{rel}", named=False)
+    elif listed:
+        take_object()
+    else:
+        raise UsageError(f"input {public} does not exist (no object and no prefix of that name)")
 
 
 def named_inputs(paths, files_from, stdin) -> list[tuple[str, bool]]:
@@ -125,7 +144,7 @@ class _Found:
     def take(self, index: int, key: str, path: str, named: bool) -> None:
         """One file: an image, or a container whose images are taken in its order."""
         kind = container_for(path)
-        if kind is None or input_is_dir(path) or not input_exists(path):  # a listed file that is gone:
+        if kind is None or (input_is_dir(path) and not input_is_file(path)) or not input_exists(path):  # gone:
             self.items.append((index, os.fsencode(key), 0, Source(path=path, key=escape_key(key), root_index=index)))
             return                                                                 # its own failure record
         self.containers.add(path_identity(path))
@@ -169,7 +188,7 @@ def close_readers() -> None:
 def expand_braces(given: str) -> list[str]:
     """``data/{00000..00099}.tar`` → the 100 names, as WebDataset expands shard lists (the braceexpand
     package); a name that exists as written, or has no braces, is taken as it is."""
-    if "{" not in given or (not is_url(given) and os.path.lexists(given)):
+    if "{" not in given or (url_exists(given) if is_url(given) else os.path.lexists(given)):
         return [given]
     from braceexpand import braceexpand  # only for names with braces
 

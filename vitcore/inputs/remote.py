@@ -6,7 +6,10 @@ and each backend's own package, installed as extras (``pip install 'vit-extract[
     open_url(url)             its bytes as a seekable binary file (range requests), retried when the
                               store fails for a moment; OSError when it is missing or keeps failing
     url_version(url)          (size, version tag): a cache of what was read from it is keyed by these
-    url_is_dir / url_exists   a prefix with objects under it / an object or a prefix
+    url_is_dir / url_is_file / url_exists
+                              a prefix with objects under it / an object / either (a failure
+                              other than a missing object: a one-line usage error)
+    scrub(text)               the URLs in a message without credentials or query strings
     list_prefix(url)          the objects under a prefix, relative to it, sorted
 
 Credentials come from each backend's standard sources (environment, profiles, instance roles);
@@ -78,16 +81,56 @@ def _transient(err: BaseException) -> bool:
     return isinstance(err, (OSError, TimeoutError, ConnectionError)) or "Timeout" in type(err).__name__
 
 
+_URL_IN_TEXT = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)([^\s/@'\"<>]*@)?([^\s?#'\"<>]*)([?#][^\s'\"<>]*)?")
+
+
+def scrub(text: str) -> str:
+    """``text`` with every URL in it as public_url gives it: no user, password or query string (a
+    signed URL's signature, a token) — what a message or a failure record may hold."""
+    return _URL_IN_TEXT.sub(lambda m: m.group(1) + m.group(3), text)
+
+
+def _without_secrets(text: str, url: str) -> str:
+    """``text`` without the user, password, query and fragment of ``url`` wherever they stand (a
+    backend may quote them outside any URL: 'Invalid bucket name "user:secret@bucket"')."""
+    parts = urlsplit(url)
+    for secret in (parts.netloc.rpartition("@")[0], parts.query, parts.fragment):
+        if secret:
+            text = text.replace(secret, "…")
+    return text
+
+
 def _retried(what, url: str):
+    """``what()``, tried again after a transient failure; the last failure in one line without secrets:
+    FileNotFoundError, PermissionError, IsADirectoryError as they are, anything else an OSError."""
     for attempt in range(TRIES):
         try:
             return what()
+        except UsageError:
+            raise
         except Exception as err:
-            if not _transient(err) or attempt == TRIES - 1:
-                if isinstance(err, (OSError, UsageError)):
-                    raise
-                raise OSError(f"{public_url(url)}: {type(err).__name__}: {err}") from None
-            time.sleep(BACKOFF * 2 ** attempt)
+            if _transient(err) and attempt < TRIES - 1:
+                time.sleep(BACKOFF * 2 ** attempt)
+                continue
+            kind = type(err) if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)) else OSError
+            text = scrub(_without_secrets(" ".join(str(err).split()), url))[:300] or type(err).__name__
+            prefix = "" if kind is not OSError or isinstance(err, OSError) else f"{type(err).__name__}: "
+            raise kind(f"{public_url(url)}: {prefix}{text}") from None
+
+
+def _listed(what, url: str):
+    """``what()`` for discovery (is it a prefix, an object, what is under it): a failure other than a
+    missing object is a usage error in one line — credentials, a refusal, a store that does not answer
+    — since nothing of the run could be read."""
+    try:
+        return _retried(what, url)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        hint = ""
+        if "credential" in str(err).lower() or isinstance(err, PermissionError) or "AccessDenied" in str(err):
+            hint = " (credentials come from the store's usual sources: environment variables, profiles, instance roles)"
+        raise UsageError(f"cannot read {err}{hint}") from None
 
 
 def open_url(url: str) -> BinaryIO:
@@ -96,9 +139,12 @@ def open_url(url: str) -> BinaryIO:
     fs, path = filesystem(url)
 
     def opened():
-        if fs.isdir(path):
-            raise IsADirectoryError(f"{public_url(url)} is a prefix (a folder), not an object")
-        handle = fs.open(path, "rb")
+        try:
+            handle = fs.open(path, "rb")
+        except FileNotFoundError:
+            if fs.isdir(path):
+                raise IsADirectoryError(f"{public_url(url)} is a prefix (a folder), not an object") from None
+            raise
         handle.name = public_url(url)  # (some backends name a file by its bare path)
         return handle
 
@@ -116,18 +162,25 @@ def url_version(url: str) -> tuple[int, str]:
 
 def url_exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return bool(_retried(lambda: fs.exists(path), url))
+    return bool(_listed(lambda: fs.exists(path), url))
 
 
 def url_is_dir(url: str) -> bool:
+    """A prefix with objects under it (an object of the same name may exist too: url_is_file)."""
     fs, path = filesystem(url)
-    return bool(_retried(lambda: fs.isdir(path), url))
+    return bool(_listed(lambda: fs.isdir(path), url))
+
+
+def url_is_file(url: str) -> bool:
+    """An object (a key), whether or not other keys also start with its name and a slash."""
+    fs, path = filesystem(url)
+    return bool(_listed(lambda: fs.isfile(path), url))
 
 
 def list_prefix(url: str) -> list[str]:
     """The objects under a prefix (recursively), as paths relative to it, sorted bytewise."""
     fs, path = filesystem(url)
     base = path.rstrip("/") + "/"
-    found = _retried(lambda: fs.find(base, withdirs=False), url)
+    found = _listed(lambda: fs.find(base, withdirs=False), url) or []
     return sorted((p[len(base):] for p in found if p.startswith(base) and not p.endswith("/")),
                   key=lambda rel: rel.encode())

@@ -5,6 +5,7 @@ that will be refused is reported at once; extract() runs it when not given its r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -12,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 from vitcore.encoders import registry
-from vitcore.errors import UsageError
+from vitcore.errors import UsageError, VitExtractError
 from vitcore.imaging.video import EXTRA as VIDEO_EXTRA, VIDEO_EXTENSIONS, is_video_name
 from vitcore.options import DEFAULT_EXTENSIONS, ComputeOptions, EncoderOptions, ExtractOptions, InputOptions, OutputOptions, parse_extensions
 from vitcore.run.shard import ShardRecord, take_shard
@@ -21,7 +22,7 @@ from vitcore.inputs.discover import discover
 from vitcore.inputs.parquet import ParquetRow
 from vitcore.store.encoding import PLUGIN_FILTERS, load_plugins
 from vitcore.store.lock import check_unlocked
-from vitcore.inputs.remote import is_url
+from vitcore.inputs.remote import is_url, public_url
 from vitcore.store.output import check_output, output_target
 from vitcore.store.remote_output import stage
 from vitcore.store.resume import (check_known_settings, check_resumable, check_resumable_file, recorded_clips,
@@ -98,8 +99,20 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
                              f"which is not installed: {VIDEO_EXTRA} (or --ext to leave them out)")
         encoder = dataclasses.replace(encoder, videos=True)  # the clips' settings go into the file's record
     checked = CheckedRun(encoder, inputs, compute, out, family, output, found, shard, upload_to)
-    check_resume_settings(checked)
+    with output_named(checked):
+        check_resume_settings(checked)
     return checked
+
+
+@contextlib.contextmanager
+def output_named(run: CheckedRun):
+    """A refusal about an output in object storage names its URL, not the local staging copy."""
+    try:
+        yield
+    except VitExtractError as err:
+        if run.upload_to is not None and err.args and isinstance(err.args[0], str):
+            err.args = (err.args[0].replace(run.output, public_url(run.upload_to)), *err.args[1:])
+        raise
 
 
 def refuse_output_among_inputs(output: str, found: Discovery) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 from vitcore.imaging.loader import ImageDataset, collate
 from vitcore.imaging.video import VIDEO_EXTENSIONS, clip_info, is_video_name, open_clip
 from vitcore.inputs.base import Discovery
+from vitcore.inputs.remote import public_url
 from vitcore.run.batching import BatchRunner
 from vitcore.run.settings import store_settings
 from vitcore.run.checks import CheckedRun, check_run
@@ -90,7 +91,7 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
     sources = plan.sources
     counts, counted_from, unreadable = _token_counts(record, settings, sources)
     report = DryRun(
-        output=run.output, inputs=_by_kind(sources), to_read=len(sources) + len(plan.unlisted),
+        output=public_url(run.upload_to) if run.upload_to else run.output, inputs=_by_kind(sources), to_read=len(sources) + len(plan.unlisted),
         already_done=plan.skipped, duplicates_dropped=found.skipped_duplicates,
         videos_passed_over={e: n for e, n in found.passed_over.items() if e in VIDEO_EXTENSIONS},
         passed_over=_passed_over(found, len(plan.unlisted)), encoder=record.name, device=str(device),

@@ -38,7 +38,7 @@ from vitcore.errors import Interrupted, VitExtractError, one_line
 from vitcore.imaging.loader import Batch, default_workers, make_loader
 from vitcore.imaging.video import is_video_name
 from vitcore.options import ComputeOptions, ExtractOptions
-from vitcore.run.checks import CheckedRun, check_run
+from vitcore.run.checks import CheckedRun, check_run, output_named
 from vitcore.run.notes import counted_notes
 from vitcore.inputs.base import Discovery
 from vitcore.inputs.discover import close_readers
@@ -189,7 +189,8 @@ def extract(
     if run.upload_to is None:
         return _extract(run, progress, stop, encoders)
     try:  # -o URL: the staged file is uploaded whole, done or stopped by a signal (its committed rows)
-        result = _extract(run, progress, stop, encoders)
+        with output_named(run):
+            result = _extract(run, progress, stop, encoders)
     except Interrupted:
         upload(run.output, run.upload_to, complete=False)
         raise

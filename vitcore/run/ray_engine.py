@@ -20,14 +20,16 @@ Ray is an extra (``pip install 'vit-extract[ray]'``), imported only here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import pickle
+import signal
 import time
 
-from vitcore.errors import UsageError, VitExtractError
+from vitcore.errors import Interrupted, UsageError, VitExtractError
 from vitcore.run.checks import UnitInputs, check_run
 from vitcore.run.distributed import _combined
 from vitcore.run.shard import ShardRecord, shard_path, take_shard
@@ -86,16 +88,19 @@ def extract_on_ray(paths, output: str, options, *, address: str | None = None, a
         if index:  # folders that could not be listed are recorded once, by the first unit
             found = dataclasses.replace(found, unlisted=[])
         part = shard_path(output, index, count)
-        if not options.overwrite and _complete_part(part, record):
-            kept += 1
-            continue
-        units.append({"unit": index, "part": part, "work": pickle.dumps(UnitInputs(found, record, videos))})
+        unit = UnitInputs(found, record, videos)
+        if os.path.exists(part) and not options.overwrite:  # an earlier run's part: resumed only if it fits
+            check_run((), part, dataclasses.replace(options, shard=(index, count)), unit=unit)
+            if _complete_part(part, record):
+                kept += 1
+                continue
+        units.append({"unit": index, "part": part, "work": pickle.dumps(unit)})
     ray = _ray()
     started = time.perf_counter()
     results, dtype = _run_units(ray, units, options, address, actors, progress, count, kept, total, started)
     parts = [shard_path(output, index, count) for index in range(count)]
     merged = merge(output, parts, overwrite=options.overwrite or options.resume)
-    summary = _combined(results, merged) if results else _nothing_to_do(whole, output, merged, total)
+    summary = _combined(results, merged) if results else _nothing_to_do(whole, merged, total)
     summary = dataclasses.replace(summary, seconds=time.perf_counter() - started)
     if options.dtype == "auto" and dtype is not None:
         summary.dtype_reason = f"{dtype}: decided once, on a Ray worker, for every unit"
@@ -132,6 +137,7 @@ def _run_units(ray, units: list[dict], options, address, actors, progress, count
     import ray.data
 
     logging.getLogger("ray").setLevel(logging.ERROR)  # the run's own progress and summary say what matters
+    wanted = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     context = ray.data.DataContext.get_current()
@@ -150,14 +156,44 @@ def _run_units(ray, units: list[dict], options, address, actors, progress, count
         UnitEncoder, fn_constructor_kwargs={"options": options}, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=pool), **per_actor)
     results, done, failed = [], 0, 0
-    for row in dataset.iter_rows():
-        result = pickle.loads(row["result"])
-        results.append(result)
-        done += result.found
-        failed += len(result.failures)
-        if progress:
-            progress(UnitsProgress(len(results) + kept, count, done, total, failed, time.perf_counter() - started))
+    with _stop_on_signals(wanted):  # Ray's own SIGTERM handler aborts the driver with a stack dump
+        try:
+            for row in dataset.iter_rows():
+                result = pickle.loads(row["result"])
+                results.append(result)
+                done += result.found
+                failed += len(result.failures)
+                if progress:
+                    progress(UnitsProgress(len(results) + kept, count, done, total, failed,
+                                           time.perf_counter() - started))
+        except _Stopped as stopped:
+            ray.shutdown()  # the actors end; a unit in flight keeps its committed rows in its part
+            name = signal.Signals(stopped.signal_number).name
+            raise Interrupted(f"stopped by {name} after {len(results) + kept} of {count} units; their parts and the "
+                              "committed rows of the others are kept: rerun the same command with --resume",
+                              stopped.signal_number) from None
     return results, options.dtype
+
+
+class _Stopped(BaseException):  # not an Exception: Ray Data logs those as its own internal errors
+    def __init__(self, signal_number: int):
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+@contextlib.contextmanager
+def _stop_on_signals(signals: list):
+    """SIGINT / SIGTERM end the wait for the next unit (not ignored ones: a job started in the
+    background of a script ignores SIGINT, and keeps doing so)."""
+    def handler(number, frame):
+        raise _Stopped(number)
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _pinned_dtype(ray, options, per_actor: dict, units: list[dict]):
@@ -205,11 +241,17 @@ class UnitEncoder:
         return {"result": out}
 
 
-def _nothing_to_do(whole, output: str, merged, total: int):
-    """The summary when every part was complete already (a --resume after a stop at the merge)."""
+def _nothing_to_do(whole, merged, total: int):
+    """The summary when every part was complete already (a --resume after a stop at the merge): what
+    the merged file says of itself."""
+    from vitcore.consumers.tokens import TokenFile
     from vitcore.run.pipeline import ExtractResult
+    from vitcore.store.schema import describe_weights
 
+    with TokenFile(merged.output) as f:
+        s = f.describe()
     return ExtractResult(output=merged.output, found=total, skipped=total, written=0, rows=merged.rows, failures=[],
-                         seconds=0.0, images_per_second=0.0, device="ray", compute_dtype="-",
-                         out_dtype=whole.output_options.out_dtype, encoder=whole.family.name, token_shape=(),
-                         weights="-", untrained=False, complete=True)
+                         seconds=0.0, images_per_second=0.0, device="ray", compute_dtype=s["compute_dtype"],
+                         out_dtype=s["out_dtype"], encoder=s["summary"]["encoder"].split(":")[0],
+                         token_shape=tuple(s["token_shape"]), weights=describe_weights(s["weights"]),
+                         untrained=bool(s["untrained"]), complete=True, failed_earlier=s["failed"])
