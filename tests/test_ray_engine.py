@@ -11,6 +11,7 @@ script in such a namespace and compares the files it wrote with a plain run made
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,9 @@ def in_loopback_namespace(script: str, cwd: Path, timeout: float = 300) -> subpr
     """``script`` (bash) in a new network namespace with only loopback up; Ray stopped at its end."""
     body = f"set -e\nip link set lo up\n{script}\n"
     wrapped = f"trap '{sys.executable} -m ray.scripts.scripts stop --force >/dev/null 2>&1' EXIT\n{body}"
-    done = subprocess.run(["unshare", "--net", "bash", "-c", wrapped], cwd=cwd, capture_output=True, text=True,
+    # As root a network namespace alone; otherwise inside a user namespace that maps this user to root.
+    unshare = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
+    done = subprocess.run([*unshare, "bash", "-c", wrapped], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
