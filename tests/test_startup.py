@@ -150,3 +150,13 @@ def test_unresumable_files_and_a_held_output_are_refused_before_torch(files, tmp
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_local_run_imports_neither_object_storage_nor_ray(files, tmp_path):
+    folder, pictures, *_ = files
+    probe = PROBE.replace('print("TORCH"', 'print(*[m for m in ("fsspec", "s3fs", "botocore", "ray") if m in sys.modules], '
+                                            'file=sys.stderr); print("TORCH"')
+    ran = subprocess.run([sys.executable, "-c", probe, "run", str(pictures), "-o", str(tmp_path / "t.h5"),
+                          "--model", TINY, "--workers", "0", "--quiet"], capture_output=True, text=True)
+    assert ran.stdout.split()[-1] == "0"  # the run went through
+    assert ran.stderr.strip() == ""  # none of the extras' modules was imported
