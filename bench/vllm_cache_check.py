@@ -510,21 +510,9 @@ def main() -> None:
             part.write_text(json.dumps(found, indent=1, default=str))
         sys.stdout.flush()
         os._exit(0)  # an engine that died in an observation may not shut down cleanly
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-               TOKENIZERS_PARALLELISM="false", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
     results = []
-    for family in args.families.split(","):
-        log = work / f"{family}.log"
-        print(f"== {family} (log: {log})", file=sys.stderr, flush=True)
-        (work / f"{family}.json").unlink(missing_ok=True)
-        with open(log, "w") as handle:
-            try:
-                subprocess.run([sys.executable, __file__, "--one", family, "--work", str(work)], env=env,
-                               stdout=handle, stderr=subprocess.STDOUT, timeout=args.timeout, check=False)
-            except subprocess.TimeoutExpired:
-                pass
-        part = work / f"{family}.json"
-        found = json.loads(part.read_text()) if part.exists() else {"family": family, "error": f"no result ({log})"}
+    for family, log, found in vc.run_each_family(__file__, args.families, work, vc.vllm_env(), args.timeout):
+        found = found if found is not None else {"family": family, "error": f"no result ({log})"}
         causes = root_causes(log)
         for o in found.get("observations", []):
             if o["case"] in causes:

@@ -454,6 +454,31 @@ def environment(inproc: bool) -> dict:
             "vit-extract": version("vit-extract"), "cores": os.cpu_count()}
 
 
+def vllm_env() -> dict:
+    """The environment each family's child runs in."""
+    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                TOKENIZERS_PARALLELISM="false",
+                # LLM.apply_model ships the probe's functions to the engine process by pickle
+                VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+
+
+def run_each_family(script: str, families: str, work: Path, env: dict, timeout: float):
+    """``script --one FAMILY`` in a child process of its own per family (an engine that dies takes
+    only its family down): (family, its log, the JSON it wrote, or None)."""
+    for family in families.split(","):
+        log = work / f"{family}.log"
+        print(f"== {family} (log: {log})", file=sys.stderr, flush=True)
+        (work / f"{family}.json").unlink(missing_ok=True)
+        with open(log, "w") as handle:
+            try:
+                subprocess.run([sys.executable, script, "--one", family, "--work", str(work)], env=env,
+                               stdout=handle, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+            except subprocess.TimeoutExpired:
+                pass
+        part = work / f"{family}.json"
+        yield family, log, json.loads(part.read_text()) if part.exists() else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(FAMILIES))
@@ -474,26 +499,11 @@ def main() -> None:
             found = {"family": args.one, "error": f"{type(error).__name__}: {error}"}
         (work / f"{args.one}.json").write_text(json.dumps(found, indent=1))
         return
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-               TOKENIZERS_PARALLELISM="false",
-               # LLM.apply_model ships the probe's functions to the engine process by pickle
-               VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+    env = vllm_env()
     if args.inproc:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in the family's process
-    results = []
-    for family in args.families.split(","):
-        log = work / f"{family}.log"
-        print(f"== {family} (log: {log})", file=sys.stderr, flush=True)
-        (work / f"{family}.json").unlink(missing_ok=True)
-        with open(log, "w") as handle:
-            try:
-                subprocess.run([sys.executable, __file__, "--one", family, "--work", str(work)], env=env,
-                               stdout=handle, stderr=subprocess.STDOUT, timeout=args.timeout, check=False)
-            except subprocess.TimeoutExpired:
-                pass
-        part = work / f"{family}.json"
-        results.append(json.loads(part.read_text()) if part.exists()
-                       else {"family": family, "error": f"no result (see {log})"})
+    results = [found if found is not None else {"family": family, "error": f"no result (see {log})"}
+               for family, log, found in run_each_family(__file__, args.families, work, env, args.timeout)]
     print(table(results))
     problems = verdict(results)
     compact = [{k: row[k] for k in ("family", "kind", "item", "grid_stored", "frames_equal", "tokens_equal",

@@ -142,6 +142,7 @@ def test_a_driver_stopped_or_killed_outright_resumes_to_the_uninterrupted_file(i
         code=0; {run} --pool mean 2> other.txt || code=$?
         echo "OTHER SETTINGS exit $code"
         {run} --resume
+        {run} --resume --json > again.json
     """)
     done = in_loopback_namespace(script, tmp_path)
     assert "TERM exit 143" in done.stdout  # a clean stop, as a local run's
@@ -153,3 +154,6 @@ def test_a_driver_stopped_or_killed_outright_resumes_to_the_uninterrupted_file(i
     _same(_rows(tmp_path / "resumed.h5"), plain)
     with h5py.File(tmp_path / "resumed.h5") as f:
         assert f.attrs["complete"] and int(f.attrs["committed"]) == 8
+    again = json.loads((tmp_path / "again.json").read_text())  # every part complete: nothing to do, said truly
+    assert again["written"] == 0 and again["skipped"] == 8 and again["rows"] == 8
+    assert again["encoder"] == "small" and again["untrained"] is True and again["token_shape"] == [256, 512]

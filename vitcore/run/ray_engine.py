@@ -244,14 +244,14 @@ class UnitEncoder:
 def _nothing_to_do(whole, merged, total: int):
     """The summary when every part was complete already (a --resume after a stop at the merge): what
     the merged file says of itself."""
-    from vitcore.consumers.tokens import TokenFile
     from vitcore.run.pipeline import ExtractResult
+    from vitcore.store.reader import StoredTokens
     from vitcore.store.schema import describe_weights
 
-    with TokenFile(merged.output) as f:
+    with StoredTokens(merged.output) as f:
         s = f.describe()
     return ExtractResult(output=merged.output, found=total, skipped=total, written=0, rows=merged.rows, failures=[],
                          seconds=0.0, images_per_second=0.0, device="ray", compute_dtype=s["compute_dtype"],
-                         out_dtype=s["out_dtype"], encoder=s["summary"]["encoder"].split(":")[0],
+                         out_dtype=s["out_dtype"], encoder=whole.family.record(whole.encoder, "cpu").name,
                          token_shape=tuple(s["token_shape"]), weights=describe_weights(s["weights"]),
                          untrained=bool(s["untrained"]), complete=True, failed_earlier=s["failed"])
