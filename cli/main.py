@@ -97,7 +97,6 @@ OutDtype = _choice_enum("OutDtype", OUT_DTYPES)
 Compression = _choice_enum("Compression", COMPRESSIONS)
 ProgressMode = _choice_enum("ProgressMode", render.PROGRESS_MODES)
 Engine = _choice_enum("Engine", ("local", "ray"))
-CacheDtype = _choice_enum("CacheDtype", ("float32", "bfloat16", "float16"))
 
 # An existing output of `run`, as info and similar take it.
 RunOutput = Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run.", exists=True,
@@ -481,7 +480,7 @@ def similar(
 def vllm_cache_command(
     file: RunOutput,
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="The cache folder a vLLM server reads (ECExampleConnector's shared_storage_path): DIR/UUID/encoder_cache.safetensors per row, and DIR/manifest.jsonl.", file_okay=False)],
-    dtype: Annotated[Optional[CacheDtype], typer.Option(metavar="DTYPE", help="The dtype the server runs: float32, bfloat16 or float16. Default: the file's stored dtype.", show_default=False)] = None,
+    dtype: Annotated[Optional[OutDtype], typer.Option(metavar="DTYPE", help="The dtype the server runs: float32, bfloat16 or float16. Default: the file's stored dtype.", show_default=False)] = None,
     key: Annotated[Optional[list[str]], typer.Option("--key", metavar="KEY", help="Only these rows (repeatable). Default: every row.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:

@@ -151,11 +151,10 @@ def run_summary(console: Console, result) -> None:
     """One screen after a run: what was written, with what, how fast, and what failed."""
     shape = "×".join("varying" if n == -1 else str(n) for n in result.token_shape)
     head = "done" if result.complete else "stopped"
-    what, each = _counted(result.written - result.clips, "image"), "image"
+    pictures = result.written - result.clips
+    what, each = _counted(pictures, "image"), "image"
     if result.clips:  # a run that read video clips says so
-        pictures = result.written - result.clips
-        what = f"{_counted(pictures, 'image')} and " * bool(pictures) + _counted(result.clips, "clip")
-        each = "image or clip"
+        what, each = f"{what} and " * bool(pictures) + _counted(result.clips, "clip"), "image or clip"
     console.print(
         f"[bold]{head}:[/] {what} → {escape(result.output)} "
         f"({_counted(result.rows, 'row')}, tokens {shape} {result.out_dtype} per {each})"

@@ -200,17 +200,22 @@ def vllm_video_embeds(path: str | os.PathLike, keys=None, dtype: torch.dtype | N
 
 def _vllm_embeds(path, keys, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(the rows' tokens, each followed by its DeepStack features, concatenated; their grids)."""
+    rows, grid = vllm_rows(path, keys, dtype, stacklevel=4)
+    return torch.cat(rows), grid
+
+
+def vllm_rows(path, keys, dtype, stacklevel: int = 3) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(each row's tokens followed by its DeepStack features, (T_i, D'); their grids (N, 3))."""
     outputs, grid = encoder_outputs(path, keys, dtype)
     with TokenFile(path) as f:
         backend = processor_backend(f.settings["preprocessing"])
     if backend != "torchvision":
         warnings.warn(f"{path} was made with --processor {backend}; vLLM makes its own pixels with transformers' "
                       "torchvision processor, so these tokens are not exactly what it would compute from the "
-                      "images (extract with --processor torchvision to match)", stacklevel=3)
-    tokens = torch.cat(list(outputs.pooler_output))
-    if getattr(outputs, "deepstack_features", None):
-        tokens = torch.cat([tokens, *[torch.cat(list(level)) for level in outputs.deepstack_features]], dim=-1)
-    return tokens, grid
+                      "images (extract with --processor torchvision to match)", stacklevel=stacklevel)
+    levels = getattr(outputs, "deepstack_features", None) or []
+    return [torch.cat([tokens, *[level[i] for level in levels]], dim=-1)
+            for i, tokens in enumerate(outputs.pooler_output)], grid
 
 
 def _clip_rows(path, keys) -> list[str]:

@@ -26,15 +26,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vitcore.consumers.lm_inputs import _vllm_embeds, video_timing
+from vitcore.consumers.lm_inputs import video_timing, vllm_rows
 from vitcore.consumers.tokens import TokenFile, rows_of
 from vitcore.encoders import registry
+from vitcore.choices import OUT_DTYPES
 from vitcore.errors import UsageError
 
 MANIFEST = "manifest.jsonl"
 CACHE_FILE = "encoder_cache.safetensors"
 TENSOR = "ec_cache"  # the name ECExampleConnector loads
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = OUT_DTYPES  # what a file stores is what a cache may hold
+ROWS_READ = 256  # rows read from the token file at a time
 UUID_PREFIX = "vx"  # (a uuid of vit-extract's; vLLM treats it as an opaque name)
 
 
@@ -78,24 +80,27 @@ def write_vllm_cache(path: str | os.PathLike, folder: str | os.PathLike, dtype: 
     common = _common_identity(settings, dtype)
     os.makedirs(folder, exist_ok=True)
     result = CacheResult(folder=folder, written=0, kept=0, manifest=os.path.join(folder, MANIFEST), dtype=dtype)
+    missing = []  # the entries whose file is to be written
     for row, key, clip, digest in zip(rows, shown, clips, digests):
         grid = [int(n) for n in grids[row]]
         uuid = _uuid(common, digest, grid, clip)
-        target = os.path.join(folder, uuid, CACHE_FILE)
-        count = int(np.prod(grid)) // merge
-        if _complete(target, (count, width), dtype):
-            result.kept += 1
-        else:
-            tokens, _ = _vllm_embeds(path, [row], getattr(torch, dtype))
-            if tuple(tokens.shape) != (count, width):  # what vLLM would not check (extra rows pass, too few fail late)
-                raise UsageError(f"{key}: {tuple(tokens.shape)} tokens for grid {grid}, but vLLM takes "
-                                 f"{count} rows (t·h·w ÷ {merge}) of width {width}")
-            _write_atomically(target, tokens.contiguous())
-            result.written += 1
         entry = {"key": key, "row": row, "uuid": uuid, "modality": "video" if clip else "image", "grid_thw": grid,
-                 "tokens": count, "width": width, "dtype": dtype, "family": family.name,
+                 "tokens": int(np.prod(grid)) // merge, "width": width, "dtype": dtype, "family": family.name,
                  "weights_sha256": (settings.get("weights") or {}).get("sha256"), "file": os.path.abspath(path)}
         result.entries.append(entry)
+        if _complete(os.path.join(folder, uuid, CACHE_FILE), (entry["tokens"], width), dtype):
+            result.kept += 1
+        else:
+            missing.append(entry)
+    for start in range(0, len(missing), ROWS_READ):  # the file read a slice of rows at a time, not a row
+        chunk = missing[start:start + ROWS_READ]
+        tensors, _ = vllm_rows(path, [entry["row"] for entry in chunk], getattr(torch, dtype))
+        for entry, tokens in zip(chunk, tensors):
+            if tuple(tokens.shape) != (entry["tokens"], width):  # what vLLM does not check (extra rows pass, too few kill it)
+                raise UsageError(f"{entry['key']}: {tuple(tokens.shape)} tokens for grid {entry['grid_thw']}, but vLLM "
+                                 f"takes {entry['tokens']} rows (t·h·w ÷ {merge}) of width {width}")
+            _write_atomically(os.path.join(folder, entry["uuid"], CACHE_FILE), tokens.contiguous())
+            result.written += 1
     _add_timing(path, result.entries)
     _write_manifest(result.manifest, result.entries)
     return result

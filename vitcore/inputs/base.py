@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from vitcore.errors import UsageError
-from vitcore.inputs.remote import is_url, open_url, public_url, url_exists, url_is_dir, url_version
+from vitcore.inputs.remote import is_url, open_url, public_url, url_exists, url_is_dir, url_is_file, url_version
 
 
 def path_identity(path: str, inside: str | None = None) -> bytes:
@@ -61,7 +61,7 @@ def input_is_dir(path: str) -> bool:
 
 
 def input_is_file(path: str) -> bool:
-    return url_exists(path) and not url_is_dir(path) if is_url(path) else os.path.isfile(path)
+    return url_is_file(path) if is_url(path) else os.path.isfile(path)
 
 
 def open_regular(path: str) -> BinaryIO:

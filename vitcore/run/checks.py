@@ -41,6 +41,7 @@ class CheckedRun:
     found: Discovery  # this run's inputs (its shard of them)
     shard: ShardRecord | None
     upload_to: str | None = None  # -o URL: ``output`` is its local staging copy, uploaded when the run ends
+    videos: int = 0  # video clips among all the inputs (every shard's)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
             raise UsageError(f"{videos} video clip{'s' * (videos != 1)} among the inputs: reading them needs PyAV, "
                              f"which is not installed: {VIDEO_EXTRA} (or --ext to leave them out)")
         encoder = dataclasses.replace(encoder, videos=True)  # the clips' settings go into the file's record
-    checked = CheckedRun(encoder, inputs, compute, out, family, output, found, shard, upload_to)
+    checked = CheckedRun(encoder, inputs, compute, out, family, output, found, shard, upload_to, videos)
     with output_named(checked):
         check_resume_settings(checked)
     return checked
@@ -195,8 +196,6 @@ def find_inputs(paths, inputs: InputOptions, out: OutputOptions, stdin) -> tuple
         if not found.sources:
             raise UsageError(f"no images found in {', '.join(found.roots) or 'the inputs'}")
         found, shard = take_shard(found, *out.shard)
-        if shard.index:  # folders that could not be listed are recorded once, by shard 0
-            found = dataclasses.replace(found, unlisted=[])
     if not found.sources and not out.resume and shard is None and found.unlisted:
         first = found.unlisted[0]
         raise UsageError(f"no images found: {os.path.join(found.roots[first.root_index], first.key)}: {first.reason}")

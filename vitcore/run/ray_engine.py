@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -32,7 +33,8 @@ import time
 from vitcore.errors import Interrupted, UsageError, VitExtractError
 from vitcore.run.checks import UnitInputs, check_run
 from vitcore.run.distributed import _combined
-from vitcore.run.shard import ShardRecord, shard_path, take_shard
+from vitcore.run.shard import shard_path, take_shard
+from vitcore.store.resume import finished_shard
 
 DEFAULT_UNIT_SIZE = 1024  # inputs per unit: large enough that a unit's start (a part file, workers) is noise
 
@@ -81,17 +83,13 @@ def extract_on_ray(paths, output: str, options, *, address: str | None = None, a
         raise UsageError("--engine ray writes its parts beside the output: give a local (shared) -o for now")
     total = len(whole.found.sources)
     count = max(1, math.ceil(total / unit_size))
-    videos = sum(1 for s in whole.found.sources if _is_clip(s.key))
     units, kept = [], 0
     for index in range(count):
-        found, record = take_shard(whole.found, index, count)
-        if index:  # folders that could not be listed are recorded once, by the first unit
-            found = dataclasses.replace(found, unlisted=[])
+        unit = UnitInputs(*take_shard(whole.found, index, count), whole.videos)
         part = shard_path(output, index, count)
-        unit = UnitInputs(found, record, videos)
         if os.path.exists(part) and not options.overwrite:  # an earlier run's part: resumed only if it fits
             check_run((), part, dataclasses.replace(options, shard=(index, count)), unit=unit)
-            if _complete_part(part, record):
+            if finished_shard(part) == json.loads(unit.shard.to_json()):
                 kept += 1
                 continue
         units.append({"unit": index, "part": part, "work": pickle.dumps(unit)})
@@ -106,27 +104,6 @@ def extract_on_ray(paths, output: str, options, *, address: str | None = None, a
         summary.dtype_reason = f"{dtype}: decided once, on a Ray worker, for every unit"
     summary.images_per_second = summary.written / summary.seconds if summary.seconds > 0 else 0.0
     return RayOutcome(summary, merged, count, kept)
-
-
-def _is_clip(key: str) -> bool:
-    from vitcore.imaging.video import is_video_name
-
-    return is_video_name(key)
-
-
-def _complete_part(path: str, record: ShardRecord) -> bool:
-    """A part file from an earlier run of the same units, finished: kept as it is."""
-    import json
-
-    import h5py
-
-    if not os.path.exists(path):
-        return False
-    try:
-        with h5py.File(path, "r", locking=False) as h5:
-            return bool(h5.attrs.get("complete")) and json.loads(h5.attrs.get("shard", "null")) == json.loads(record.to_json())
-    except (OSError, ValueError):
-        return False
 
 
 def _run_units(ray, units: list[dict], options, address, actors, progress, count, kept, total, started):

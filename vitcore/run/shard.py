@@ -57,8 +57,10 @@ def inputs_hash(found: Discovery) -> str:
 
 
 def take_shard(found: Discovery, index: int, count: int) -> tuple[Discovery, ShardRecord]:
-    """The inputs of shard ``index`` of ``count`` and the record its file keeps."""
+    """The inputs of shard ``index`` of ``count`` and the record its file keeps. Folders and
+    containers that could not be listed are recorded once, by shard 0."""
     total = len(found.sources)
     start, stop = index * total // count, (index + 1) * total // count
     record = ShardRecord(index, count, start, stop, total, inputs_hash(found))
-    return dataclasses.replace(found, sources=found.sources[start:stop]), record
+    return dataclasses.replace(found, sources=found.sources[start:stop],
+                               unlisted=found.unlisted if index == 0 else []), record

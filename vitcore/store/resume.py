@@ -99,6 +99,13 @@ def recorded_clips(path: str) -> bool | None:
     return None if preprocessing is None else "video" in json.loads(preprocessing)
 
 
+def finished_shard(path: str) -> dict | None:
+    """The shard record of a finished shard file (None: unfinished, not a shard, not ours): a part an
+    earlier run completed is kept as it is."""
+    shard = _recorded(path, "shard")
+    return json.loads(shard) if shard and _recorded(path, "complete") else None
+
+
 def _recorded(path: str, name: str) -> str | None:
     """An existing output's attribute ``name`` as text, or None (no such file, not ours, no such attribute)."""
     try:
