@@ -170,7 +170,8 @@ def run_summary(console: Console, result) -> None:
     table.add_row("weights", weights)
     compute = f"{result.compute_dtype} on {result.device}"
     if result.batch_size is not None:
-        compute += f", batch {result.batch_size}, {result.workers} decoding worker{'s' * (result.workers != 1)}"
+        compute += f", batch {result.batch_size}, " + (
+            result.decoding or f"{result.workers} decoding worker{'s' * (result.workers != 1)}")
     table.add_row("compute", compute)
     if result.dtype_reason:
         table.add_row("dtype", f"auto → {escape(result.dtype_reason)} (--dtype overrides)")

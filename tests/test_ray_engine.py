@@ -3,8 +3,9 @@
 loopback interface (``unshare --net``): no traffic can leave it. Each test runs its Ray part as a
 script in such a namespace and compares the files it wrote with a plain run made here.
 
-- the units on Ray equal a plain run, bit for bit in float32;
+- the units on Ray equal a plain run, bit for bit in float32, decoded in Ray tasks or in the actors;
 - an encoder actor killed mid-run is restarted and its unit done again: every row exactly once;
+- a decoding task's worker process killed mid-task: the task is tried again, every row exactly once;
 - a driver killed outright, then the same command with --resume: the uninterrupted run's file.
 """
 
@@ -27,7 +28,8 @@ pytest.importorskip("ray")
 import vitcore  # noqa: E402
 from tests.helpers import SAMPLES  # noqa: E402
 
-EXACT = ["--model", "small", "--dtype", "float32", "--out-dtype", "float32", "--batch-size", "2", "--workers", "0"]
+EXACT = ["--model", "small", "--dtype", "float32", "--out-dtype", "float32", "--batch-size", "2"]
+IN_ACTORS = ["--workers", "0"]  # each actor decodes its own inputs (no Ray tasks)
 CLI = [sys.executable, "-m", "vitcore.cli", "run"]
 
 
@@ -72,12 +74,44 @@ def _same(a: dict, b: dict) -> None:
 
 
 def test_units_on_ray_equal_a_plain_run(images, plain, tmp_path):
-    args = " ".join([*CLI, str(images), "-o", "ray.h5", *EXACT, "--engine", "ray", "--unit-size", "3", "--json"])
-    done = in_loopback_namespace(args, tmp_path)
+    tasks = " ".join([*CLI, str(images), "-o", "ray.h5", *EXACT, "--engine", "ray", "--unit-size", "3", "--json"])
+    actors = " ".join([*CLI, str(images), "-o", "actors.h5", *EXACT, *IN_ACTORS, "--engine", "ray", "--unit-size", "5",
+                       "--actors", "2"])
+    done = in_loopback_namespace(f"{tasks} 2> tasks.txt\n{actors} --quiet", tmp_path)
     summary = json.loads(done.stdout)  # --json: nothing else on stdout, Ray's words included
     assert summary["written"] == 8 and summary["rows"] == 8 and summary["failures"] == []
+    assert summary["decoding"] == "1 encoder actor, each fed by 2 Ray decoding tasks at a time"
+    said = (tmp_path / "tasks.txt").read_text().splitlines()  # no Ray log lines: they stay in Ray's log files
+    assert said and all(line.startswith("progress: ") for line in said), said
     _same(_rows(tmp_path / "ray.h5"), plain)
+    _same(_rows(tmp_path / "actors.h5"), plain)
     assert len(list(tmp_path.glob("ray.shard*-of-00003.h5"))) == 3  # a part per unit, merged
+
+
+def test_a_decoding_worker_killed_mid_task_is_tried_again(images, plain, tmp_path):
+    # Ray names a worker process after the task it runs (ray::decode_range): the first one seen is
+    # killed; Ray runs that batch's task again in another worker.
+    watcher = textwrap.dedent("""
+        import os, signal, sys, time
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if f.read().startswith(b"ray::decode_range"):
+                            os.kill(int(pid), signal.SIGKILL)
+                            print("KILLED", flush=True)
+                            sys.exit(0)
+                except OSError:
+                    pass
+            time.sleep(0.005)
+    """)
+    (tmp_path / "watch.py").write_text(watcher)
+    run = " ".join([*CLI, str(images), "-o", "tasks.h5", *EXACT, "--batch-size", "1", "--workers", "1",
+                    "--engine", "ray", "--unit-size", "4", "--quiet"])
+    done = in_loopback_namespace(f"{sys.executable} watch.py > killed.txt &\n{run}\nwait", tmp_path)
+    assert (tmp_path / "killed.txt").read_text().strip() == "KILLED", done.stderr[-2000:]
+    _same(_rows(tmp_path / "tasks.h5"), plain)  # every row once, none lost
 
 
 def test_an_actor_killed_mid_run_is_restarted_and_its_unit_done_again(images, plain, tmp_path):
@@ -111,7 +145,7 @@ def test_an_actor_killed_mid_run_is_restarted_and_its_unit_done_again(images, pl
                 time.sleep(0.05)
 
         threading.Thread(target=kill_when_the_second_part_starts, daemon=True).start()
-        options = ExtractOptions(model="small", dtype="float32", out_dtype="float32", batch_size=1, workers=0)
+        options = ExtractOptions(model="small", dtype="float32", out_dtype="float32", batch_size=1)
         outcome = extract_on_ray([{str(images)!r}], "killed.h5", options, unit_size=2)
         print("KILLED", len(killed), "ACTORS", len(seen), "ROWS", outcome.merged.rows)
     """)

@@ -91,6 +91,7 @@ class ExtractResult:
     passed_over: dict[str, int] = field(default_factory=dict)  # extension → files in folders not taken (--ext)
     entries_passed_over: dict[str, int] = field(default_factory=dict)  # kind (inputs.base.ENTRY_KINDS) → entries
     clips: int = 0  # of the rows written, those that are video clips (the rest are pictures)
+    decoding: str | None = None  # where decoding ran when not in this process's workers (--engine ray)
 
     def to_dict(self) -> dict:
         record = dataclasses.asdict(self)
@@ -173,6 +174,7 @@ def extract(
     stdin=None,
     checked: CheckedRun | None = None,
     encoders: dict | None = None,
+    make_batches: Callable | None = None,
     **overrides,
 ) -> ExtractResult:
     """Extract visual tokens for every image under ``paths`` into the HDF5 file ``output``.
@@ -184,13 +186,15 @@ def extract(
     ``checked``: what checks.check_run already found for these arguments (the CLI checks them
     before it loads torch, so a usage error is reported at once). ``encoders``: a dict the caller
     keeps to reuse an encoder built by an earlier call with the same settings (a Ray actor's units).
+    ``make_batches(sources, image_loader, batch_size, workers, pin_memory, meta)``: where the decoded
+    batches come from instead of this process's DataLoader workers (a Ray actor's decoding tasks).
     """
     run = checked or check_run(paths, output, options, stdin=stdin, **overrides)  # before torch is needed
     if run.upload_to is None:
-        return _extract(run, progress, stop, encoders)
+        return _extract(run, progress, stop, encoders, make_batches)
     try:  # -o URL: the staged file is uploaded whole, done or stopped by a signal (its committed rows)
         with output_named(run):
-            result = _extract(run, progress, stop, encoders)
+            result = _extract(run, progress, stop, encoders, make_batches)
     except Interrupted:
         upload(run.output, run.upload_to, complete=False)
         raise
@@ -198,7 +202,8 @@ def extract(
     return dataclasses.replace(result, output=public_url(run.upload_to))
 
 
-def _extract(run: CheckedRun, progress, stop: StopFlag | None, encoders: dict | None = None) -> ExtractResult:
+def _extract(run: CheckedRun, progress, stop: StopFlag | None, encoders: dict | None = None,
+             make_batches: Callable | None = None) -> ExtractResult:
     encoder_opts, compute, out_opts = run.encoder, run.compute, run.output_options
     family, found, shard, output = run.family, run.found, run.shard, run.output
     device = resolve_device(compute.device)
@@ -216,8 +221,11 @@ def _extract(run: CheckedRun, progress, stop: StopFlag | None, encoders: dict | 
         if plan.sources:
             built = _build(family, encoder_opts, device, dtype, record, encoders)
             batch_size, workers = choose_batching(compute, built, len(plan.sources))
-            loader = make_loader(plan.sources, built.loader, batch_size, workers, pin_memory=device.type == "cuda",
-                                 worker_init_fn=init_worker, meta=meta)
+            if make_batches is None:
+                loader = make_loader(plan.sources, built.loader, batch_size, workers, pin_memory=device.type == "cuda",
+                                     worker_init_fn=init_worker, meta=meta)
+            else:
+                loader = make_batches(plan.sources, built.loader, batch_size, workers, device.type == "cuda", meta)
             what = f"{record.encoder_record} | outputs {[spec.name for spec in record.outputs]}"
             compiling = choose_compile(compute.compile, built.compiled_encode is not None, device, what, dtype,
                                        batch_size, len(plan.sources))

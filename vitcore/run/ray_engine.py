@@ -28,6 +28,7 @@ import math
 import os
 import pickle
 import signal
+import sys
 import time
 
 from vitcore.errors import Interrupted, UsageError, VitExtractError
@@ -61,6 +62,9 @@ class UnitsProgress:
 
 
 def _ray():
+    # Ray's own C++ warnings (no route to 8.8.8.8 on a cluster without internet, a note on how actors
+    # restart) would drown the run's progress; they stay in Ray's log files (/tmp/ray/session_*/logs).
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
         import ray
         import ray.data  # noqa: F401  (the batch-inference pattern)
@@ -95,7 +99,7 @@ def extract_on_ray(paths, output: str, options, *, address: str | None = None, a
         units.append({"unit": index, "part": part, "work": pickle.dumps(unit)})
     ray = _ray()
     started = time.perf_counter()
-    results, dtype = _run_units(ray, units, options, address, actors, progress, count, kept, total, started)
+    results, dtype, shape = _run_units(ray, units, options, address, actors, progress, count, kept, total, started)
     parts = [shard_path(output, index, count) for index in range(count)]
     merged = merge(output, parts, overwrite=options.overwrite or options.resume)
     summary = _combined(results, merged) if results else _nothing_to_do(whole, merged, total)
@@ -103,6 +107,8 @@ def extract_on_ray(paths, output: str, options, *, address: str | None = None, a
     if options.dtype == "auto" and dtype is not None:
         summary.dtype_reason = f"{dtype}: decided once, on a Ray worker, for every unit"
     summary.images_per_second = summary.written / summary.seconds if summary.seconds > 0 else 0.0
+    if shape is not None:
+        summary.decoding = shape.describe(summary.workers)
     return RayOutcome(summary, merged, count, kept)
 
 
@@ -110,13 +116,15 @@ def _run_units(ray, units: list[dict], options, address, actors, progress, count
     """The units through Ray Data's actor pool: (each unit's ExtractResult, as the units finish; the
     compute dtype they ran in)."""
     if not units:
-        return [], None
+        return [], None, None
     import ray.data
 
-    logging.getLogger("ray").setLevel(logging.ERROR)  # the run's own progress and summary say what matters
+    for name in ("ray", "ray.data"):  # the run's own progress and summary say what matters
+        logging.getLogger(name).setLevel(logging.ERROR)
     wanted = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        with _stderr_kept_back():
+            ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the run's own progress instead
     context.print_on_execution_start = False
@@ -124,14 +132,13 @@ def _run_units(ray, units: list[dict], options, address, actors, progress, count
     gpus = float(ray.available_resources().get("GPU", 0))
     wants_gpu = gpus >= 1 and options.device in ("auto", "cuda")
     pool = actors or (int(gpus) if wants_gpu else 1)
-    # One actor per GPU; on CPUs each actor takes the cores it decodes and encodes with.
-    per_actor = {"num_gpus": 1} if wants_gpu else {"num_cpus": max(1.0, cpus // pool)}
+    shape = _pool_shape(cpus, pool, wants_gpu, decode_in_tasks=options.workers != 0)
     # Ray Data's actor pools restart an actor that dies and try its unit again (max_restarts and
     # max_task_retries are -1 by default): the unit's part resumes from its committed rows.
-    options = _pinned_dtype(ray, options, per_actor, units)
+    options = _pinned_dtype(ray, options, shape.actor, units)
     dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        UnitEncoder, fn_constructor_kwargs={"options": options}, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=pool), **per_actor)
+        UnitEncoder, fn_constructor_kwargs={"options": options, "shape": shape}, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=pool), **shape.actor)
     results, done, failed = [], 0, 0
     with _stop_on_signals(wanted):  # Ray's own SIGTERM handler aborts the driver with a stack dump
         try:
@@ -149,7 +156,61 @@ def _run_units(ray, units: list[dict], options, address, actors, progress, count
             raise Interrupted(f"stopped by {name} after {len(results) + kept} of {count} units; their parts and the "
                               "committed rows of the others are kept: rerun the same command with --resume",
                               stopped.signal_number) from None
-    return results, options.dtype
+    return results, options.dtype, shape
+
+
+@dataclasses.dataclass
+class PoolShape:
+    """What each encoder actor asks Ray for, the threads its encoder computes with, and the CPUs of
+    each decoding task (``task_cpus`` None: the actor decodes in its own worker processes)."""
+
+    actors: int
+    actor: dict
+    threads: int | None  # None: as the device has it (a GPU actor)
+    task_cpus: float | None
+
+    def describe(self, workers: int | None) -> str:
+        actors = f"{self.actors} encoder actor{'s' * (self.actors != 1)}"
+        if not self.task_cpus:
+            return f"{actors}, each decoding its own inputs (--workers 0)"
+        return f"{actors}, each fed by {workers} Ray decoding task{'s' * (workers != 1)} at a time"
+
+
+def _pool_shape(cpus: float, pool: int, wants_gpu: bool, decode_in_tasks: bool) -> PoolShape:
+    """One actor per GPU, decoding in CPU tasks beside them. On CPUs only, the actors and the decoding
+    tasks share the cores (as a local run's encoder and decoding workers do): an actor asks for at
+    most one CPU and half its share, so that decoding tasks can always be scheduled, and computes
+    with its share of the cores."""
+    share = cpus / pool
+    if wants_gpu:
+        return PoolShape(pool, {"num_gpus": 1}, None, 1.0 if decode_in_tasks else None)
+    if not decode_in_tasks:  # --workers 0: each actor decodes itself, on all of its share
+        return PoolShape(pool, {"num_cpus": max(1.0, float(int(share)))}, max(1, int(share)), None)
+    actor_cpus = min(1.0, share / 2)
+    return PoolShape(pool, {"num_cpus": actor_cpus}, max(1, int(share)), min(1.0, cpus - pool * actor_cpus))
+
+
+@contextlib.contextmanager
+def _stderr_kept_back():
+    """Ray's start-up writes C++ log lines straight to the process's stderr (a machine without a route
+    to the internet gets a warning that it falls back to the host name); kept back unless it fails,
+    when they are the failure's words."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            caught.seek(0)
+            sys.stderr.write(caught.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class _Stopped(BaseException):  # not an Exception: Ray Data logs those as its own internal errors
@@ -199,9 +260,16 @@ def _auto_dtype(options, recorded: str | None) -> str:
 class UnitEncoder:
     """A Ray actor: holds the encoder (built by its first unit) and runs unit after unit."""
 
-    def __init__(self, options):
+    def __init__(self, options, shape: PoolShape):
+        from vitcore.run.ray_decode import RayBatches
+
         self.options = options
         self.encoders: dict = {}  # the built encoder, kept for the next unit
+        self.make_batches = RayBatches(shape.task_cpus) if shape.task_cpus else None
+        if shape.threads:  # Ray sets the thread count from the CPUs the actor asked for, not its share
+            import torch
+
+            torch.set_num_threads(min(shape.threads, len(os.sched_getaffinity(0))))
 
     def __call__(self, batch: dict) -> dict:
         from vitcore.run.pipeline import extract
@@ -212,7 +280,7 @@ class UnitEncoder:
             options = dataclasses.replace(self.options, shard=(unit.shard.index, unit.shard.count))
             try:
                 checked = check_run((), str(part), options, unit=unit)
-                out.append(pickle.dumps(extract(checked=checked, encoders=self.encoders)))
+                out.append(pickle.dumps(extract(checked=checked, encoders=self.encoders, make_batches=self.make_batches)))
             except VitExtractError as err:  # a usage problem is the same on every try: the run stops
                 raise RuntimeError(f"unit {index}: {err}") from None
         return {"result": out}

@@ -46,6 +46,7 @@ def shut_down(batches, urgent: bool = False) -> None:
     without PyTorch's wait (5 s, then 5 s more, for a worker stuck in a read)."""
     shutdown = getattr(batches, "_shutdown_workers", None)  # PyTorch's multi-process iterator
     if shutdown is None:
+        getattr(batches, "close", lambda: None)()  # a generator of batches (Ray's decoding tasks): its cleanup
         return
     if urgent:
         for worker in getattr(batches, "_workers", ()):
