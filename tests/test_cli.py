@@ -204,6 +204,37 @@ def test_one_signal_stops_cleanly_and_leaves_a_resumable_file(tmp_path, sig, cod
         assert f.attrs["complete"] and keys == sorted(os.listdir(folder))
 
 
+def test_a_run_that_inherited_sigint_ignored_keeps_ignoring_it(tmp_path):
+    # `vit-extract run … &` from a script: the shell starts it with SIGINT ignored, so a Ctrl-C meant
+    # for the script's foreground job must not stop it. SIGTERM still stops it.
+    folder = tmp_path / "many"
+    folder.mkdir()
+    source = (SAMPLES / "chelsea.jpg").read_bytes()
+    for i in range(40):
+        (folder / f"img{i:04d}.jpg").write_bytes(source)
+    out = tmp_path / "t.h5"
+    cmd = [sys.executable, "-m", "vitcore.cli", "run", str(folder), "-o", str(out), "--model", TINY,
+           "--batch-size", "2", "--workers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 60
+    while time.time() < deadline:  # some rows committed: the run is in its loop
+        time.sleep(0.1)
+        try:
+            with h5py.File(out, "r", locking=False) as f:
+                if f.attrs["committed"] >= 2:
+                    break
+        except (OSError, KeyError):
+            pass
+    for _ in range(3):
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.2)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["complete"] and int(f.attrs["committed"]) == 40
+
+
 def test_messages_are_printed_literally_and_json_mode_reports_errors_as_json(cli, photos, tmp_path):
     result = cli("run", "no[red]pe[/]", "-o", tmp_path / "x.h5", "--json")
     assert result.exit_code == 2 and "no[red]pe[/]" in result.stderr

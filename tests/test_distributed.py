@@ -377,3 +377,51 @@ sys.argv = ["vit-extract", *sys.argv[2:]]
 main()
 """
 
+
+
+def test_ray_units_are_cut_at_tar_and_row_group_boundaries(tmp_path):
+    # --engine ray's units: a tar's members, or a Parquet row group's rows, stay in one unit when
+    # they fit; a container larger than a unit is cut in pieces; loose files fill units up.
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vitcore.inputs.discover import discover
+    from vitcore.run.shard import take_range, unit_ranges
+
+    def png() -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (9, 99, 199)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    def tar(name: str, members: int) -> None:
+        with tarfile.open(tmp_path / name, "w") as t:
+            for i in range(members):
+                data = png()
+                info = tarfile.TarInfo(f"m{i}.png")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+
+    tar("a.tar", 3)
+    tar("b.tar", 5)
+    (tmp_path / "c.png").write_bytes(png())
+    (tmp_path / "d.png").write_bytes(png())
+    tar("e.tar", 2)
+    table = pa.table({"image": [{"bytes": png(), "path": None}] * 4})
+    pq.write_table(table, tmp_path / "f.parquet", row_group_size=2)
+
+    found = discover([tmp_path])
+    assert len(found.sources) == 16
+    ranges = unit_ranges(found, 4)
+    # a.tar | b.tar in two pieces | c, d and e.tar together | f.parquet's two row groups together
+    assert ranges == [(0, 3), (3, 5), (5, 8), (8, 12), (12, 16)]
+    assert unit_ranges(found, 100) == [(0, 16)] and len(unit_ranges(found, 1)) == 16
+    for size in range(1, 18):  # whatever the size: contiguous, covering every input once, none too large
+        cut = unit_ranges(found, size)
+        assert cut[0][0] == 0 and cut[-1][1] == 16 and all(a[1] == b[0] for a, b in zip(cut, cut[1:]))
+        assert all(0 < stop - start <= size for start, stop in cut)
+    part, record = take_range(found, 1, 5, 3, 5)
+    assert [s.key for s in part.sources] == ["b.tar/m0.png", "b.tar/m1.png"] and (record.start, record.stop) == (3, 5)
+    assert unit_ranges(discover([tmp_path / "c.png"]), 4) == [(0, 1)]

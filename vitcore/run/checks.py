@@ -72,7 +72,7 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
         load_plugins(out.compression)  # the extra is installed, or one line saying which
     upload_to = None
     if is_url(str(output)):  # written to a local staging copy, uploaded whole at the end
-        if opts.shard is not None:
+        if opts.shard is not None and unit is None:  # (a Ray unit's part is an object beside the output)
             raise UsageError("--shard (and torchrun) writes part files beside the output: give a local -o, then merge and upload "
                              "the merged file (or use one run per machine with its own object)")
         upload_to = str(output)

@@ -134,11 +134,17 @@ def stop_on_signals(stop: StopFlag):
         yield
         return
 
+    # A run started in the background of a script (cmd &) inherits SIGINT ignored: it keeps ignoring
+    # the user's, and takes only the watchdog's own (sent to end a wait).
+    ignored = {s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.SIG_IGN}
+
     def handler(signum, frame):
         if stop.overdue:  # from the watchdog below, not from the user
             stop.overdue = False
             if stop.waiting:
                 raise StopWhileWaiting
+            return
+        if signum in ignored:
             return
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt

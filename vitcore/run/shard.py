@@ -57,10 +57,55 @@ def inputs_hash(found: Discovery) -> str:
 
 
 def take_shard(found: Discovery, index: int, count: int) -> tuple[Discovery, ShardRecord]:
-    """The inputs of shard ``index`` of ``count`` and the record its file keeps. Folders and
-    containers that could not be listed are recorded once, by shard 0."""
+    """The inputs of shard ``index`` of ``count`` and the record its file keeps."""
     total = len(found.sources)
-    start, stop = index * total // count, (index + 1) * total // count
-    record = ShardRecord(index, count, start, stop, total, inputs_hash(found))
+    return take_range(found, index, count, index * total // count, (index + 1) * total // count)
+
+
+def take_range(found: Discovery, index: int, count: int, start: int, stop: int) -> tuple[Discovery, ShardRecord]:
+    """Inputs [start, stop) as part ``index`` of ``count`` and the record its file keeps. Folders and
+    containers that could not be listed are recorded once, by part 0."""
+    record = ShardRecord(index, count, start, stop, len(found.sources), inputs_hash(found))
     return dataclasses.replace(found, sources=found.sources[start:stop],
                                unlisted=found.unlisted if index == 0 else []), record
+
+
+def unit_ranges(found: Discovery, size: int) -> list[tuple[int, int]]:
+    """The sorted inputs cut into units of at most ``size`` (--engine ray), at container boundaries:
+    a tar file's members, or a Parquet row group's rows, stay in one unit when they fit in one, so
+    each is read by one worker, front to back. A container larger than ``size`` is cut into
+    count-balanced pieces; files on their own fill units up to ``size``."""
+    groups: list[int] = []  # lengths of runs of inputs that belong together, in order
+    previous = object()
+    for source in found.sources:
+        together = _container_of(source)
+        if together is not None and together == previous:
+            groups[-1] += 1
+        else:
+            groups.append(1)
+        previous = together
+    ranges: list[tuple[int, int]] = []
+    start = stop = 0
+    for length in groups:
+        if stop - start + length > size and stop > start:  # this group would not fit: the unit ends before it
+            ranges.append((start, stop))
+            start = stop
+        if length > size:  # a container larger than a unit: pieces of it, each a unit
+            pieces = -(-length // size)
+            ranges += [(stop + i * length // pieces, stop + (i + 1) * length // pieces) for i in range(pieces)]
+            start = stop = stop + length
+            continue
+        stop += length
+    if stop > start:
+        ranges.append((start, stop))
+    return ranges or [(0, 0)]
+
+
+def _container_of(source):
+    """What an input is read from together with its neighbours: (tar file) or (Parquet file, row
+    group); None for a file of its own."""
+    if hasattr(source, "member") and hasattr(source, "offset"):
+        return ("tar", source.path)
+    if hasattr(source, "row_group"):
+        return ("parquet", source.path, source.row_group)
+    return None

@@ -8,6 +8,7 @@ file resumes like a local one).
                                     else the object downloaded; refusals as for a local output
     upload(local, url, complete)    the staged file → the object (one PUT, or a multipart upload
                                     the store completes at once); a complete run's copy removed
+    fetched(url)                    a finished object (a Ray unit's part) → a local copy to read
 
 Staging copies live under the cache folder (VIT_EXTRACT_CACHE_DIR), one folder per output URL. A
 run killed outright (SIGKILL, power) uploads nothing: its staged copy is where ``--resume`` on
@@ -21,7 +22,7 @@ import json
 import os
 
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError
-from vitcore.inputs.remote import filesystem, public_url, scheme_of, url_version
+from vitcore.inputs.remote import filesystem, public_url, scheme_of, scrub, url_version
 from vitcore.system.cache import cache_dir
 
 UPLOADED = ".uploaded.json"  # beside the staged copy: the object's version after this machine's last upload
@@ -60,6 +61,18 @@ def stage(url: str, resume: bool, overwrite: bool) -> str:
     if exists and not _staged_is_current(local, url):
         _remove(local)
         fs.get_file(path, local)  # the store's copy: what the last upload (from anywhere) holds
+    return local
+
+
+def fetched(url: str) -> str:
+    """A finished object (a Ray unit's part) → a local copy in the staging folder, to read."""
+    local = staging_path(url)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    fs, path = filesystem(url)
+    try:
+        fs.get_file(path, local)
+    except Exception as err:
+        raise VitExtractError(f"could not download {public_url(url)} ({type(err).__name__}: {scrub(str(err))})") from None
     return local
 
 
