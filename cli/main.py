@@ -99,8 +99,31 @@ ProgressMode = _choice_enum("ProgressMode", render.PROGRESS_MODES)
 Engine = _choice_enum("Engine", ("local", "ray"))
 
 # An existing output of `run`, as info and similar take it.
-RunOutput = Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run.", exists=True,
-                                           dir_okay=False)]
+def _local_file(value: str) -> Path:
+    """A FILE argument read from this machine: an existing file; a URL refused in one line."""
+    if "://" in value and not value.startswith("file://"):
+        raise typer.BadParameter(f"{_public(value)} is a URL: this command reads a local file; download it first "
+                                 "(`vit-extract info` reads a URL as it is)")
+    path = Path(value)
+    if not path.exists():
+        raise typer.BadParameter(f"file '{value}' does not exist.")
+    if path.is_dir():
+        raise typer.BadParameter(f"file '{value}' is a directory.")
+    return path
+
+
+def _file_or_url(value: str) -> str:
+    """info's FILE: a local file (checked as _local_file does), or a URL read in place (object storage)."""
+    return value if "://" in value and not value.startswith("file://") else str(_local_file(value))
+
+
+def _public(value: str) -> str:
+    from vitcore.inputs.remote import public_url  # (no fsspec import: a URL's text only)
+
+    return public_url(value)
+
+
+RunOutput = Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run.", parser=_local_file)]
 
 # run's help panels
 ENCODER, INPUTS, COMPUTE, OUTPUT, SCALE, DISPLAY = "Encoder", "Inputs", "Compute", "Output", "Scale out", "Display"
@@ -319,7 +342,7 @@ def _run_here(inputs: list[str], output: str, options, shard: str | None, shown:
 
 @app.command(cls=_Command)
 def info(
-    file: RunOutput,
+    file: Annotated[str, typer.Argument(metavar="FILE", help="An output file of vit-extract run, or its URL (s3://…, gs://…: read in place, by range requests).", parser=_file_or_url)],
     as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON on stdout.")] = False,
     failures: Annotated[int, typer.Option(metavar="N", help="How many failed images to list.", min=0)] = 20,
 ) -> None:
@@ -383,7 +406,7 @@ def init_weights(
 
 @app.command(cls=_Command)
 def show(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run (unpooled).", exists=True, dir_okay=False)],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="An output file of vit-extract run (unpooled).", parser=_local_file)],
     keys: Annotated[Optional[list[str]], typer.Argument(metavar="KEYS", help="Keys (stored paths) to draw; default: the first rows.", show_default=False)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The PNG sheet to write.", dir_okay=False)] = Path("sheet.png"),
     first: Annotated[int, typer.Option(metavar="N", help="Without KEYS: draw the first N rows.", min=1)] = 8,

@@ -200,6 +200,31 @@ def test_an_output_in_the_store_is_uploaded_whole_and_resumes_after_a_stop(store
         vitcore.extract([f"{bucket}/imgs"], f"{bucket}/imgs/", **EXACT)
 
 
+def test_info_reads_a_file_in_the_store_in_place(store, tmp_path):
+    # `info s3://…` reads the file where it is (range requests), and says what `info` of a local
+    # copy says; the other readers refuse a URL in one line; a missing object is said as missing.
+    local, bucket = store
+    disk = vitcore.extract([local / "imgs"], tmp_path / "disk.h5", **EXACT).output
+    fs, path = _s3()
+    fs.put_file(str(disk), path(f"{bucket}/info/tokens.h5"))
+    cli = [sys.executable, "-m", "vitcore.cli"]
+    remote = subprocess.run([*cli, "info", f"{bucket}/info/tokens.h5", "--json"], capture_output=True, text=True)
+    assert remote.returncode == 0, remote.stderr
+    here = subprocess.run([*cli, "info", str(disk), "--json"], capture_output=True, text=True)
+    got, want = json.loads(remote.stdout), json.loads(here.stdout)
+    assert got.pop("file") == f"{bucket}/info/tokens.h5" and want.pop("file") == str(disk)
+    assert got == want and got["rows"] == 3
+    missing = subprocess.run([*cli, "info", f"{bucket}/info/none.h5"], capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.strip() == f"error: {bucket}/info/none.h5 does not exist"
+    shown = subprocess.run([*cli, "show", f"{bucket}/info/tokens.h5"], capture_output=True, text=True)
+    assert shown.returncode == 2 and "is a URL: this command reads a local file; download it first" in shown.stderr
+    secret = subprocess.run([*cli, "info", f"s3://KEY:SECRET@{BUCKET}/info/tokens.h5?versionId=SIGNED"],
+                            capture_output=True, text=True)
+    assert secret.returncode != 0 and secret.stderr.startswith("error: ")
+    assert "SECRET" not in secret.stderr + secret.stdout and "SIGNED" not in secret.stderr + secret.stdout
+    assert "Traceback" not in missing.stderr + shown.stderr + secret.stderr
+
+
 def _s3():
     import s3fs
 

@@ -34,9 +34,12 @@ CLI = [sys.executable, "-m", "vitcore.cli", "run"]
 
 
 def in_loopback_namespace(script: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``script`` (bash) in a new network namespace with only loopback up; Ray stopped at its end."""
+    """``script`` (bash) in a new network namespace with only loopback up; Ray and the script's
+    background jobs stopped at its end."""
     body = f"set -e\nip link set lo up\n{script}\n"
-    wrapped = f"trap '{sys.executable} -m ray.scripts.scripts stop --force >/dev/null 2>&1' EXIT\n{body}"
+    # At its end, whatever way it ends: the script's background jobs (a local S3 endpoint) and Ray stopped.
+    wrapped = (f"trap 'kill $(jobs -p) 2>/dev/null; {sys.executable} -m ray.scripts.scripts stop --force >/dev/null 2>&1' "
+               f"EXIT\n{body}")
     # As root a network namespace alone; otherwise inside a user namespace that maps this user to root.
     unshare = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
     done = subprocess.run([*unshare, "bash", "-c", wrapped], cwd=cwd, capture_output=True, text=True,

@@ -100,6 +100,11 @@ def _without_secrets(text: str, url: str) -> str:
     return text
 
 
+def secret_free(text: str, url: str) -> str:
+    """A message about ``url`` as it may be shown: no URL's credentials or query, nor ``url``'s anywhere."""
+    return scrub(_without_secrets(text, url))
+
+
 def _retried(what, url: str):
     """``what()``, tried again after a transient failure; the last failure in one line without secrets:
     FileNotFoundError, PermissionError, IsADirectoryError as they are, anything else an OSError."""

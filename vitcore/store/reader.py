@@ -9,8 +9,9 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from vitcore.errors import UsageError, VitExtractError
+from vitcore.errors import UsageError, VitExtractError, one_line
 from vitcore.inputs.base import escape_key, source_path
+from vitcore.inputs.remote import is_url, public_url
 from vitcore.inputs.discover import open_original
 from vitcore.store.encoding import StoredArray, readable, stored_dtype
 from vitcore.store.schema import absent_mask, decoded, ragged_index_names
@@ -46,6 +47,8 @@ class BeingWritten(VitExtractError):
 
 
 def open_for_reading(path: str, verb: str) -> h5py.File:
+    if is_url(path):
+        return _open_url(path, verb)
     try:
         return h5py.File(path, "r")
     except BlockingIOError:
@@ -55,6 +58,27 @@ def open_for_reading(path: str, verb: str) -> h5py.File:
         ) from None
     except OSError as err:
         raise VitExtractError(f"cannot {verb} {path}: not a readable HDF5 file ({err})") from None
+
+
+def _open_url(url: str, verb: str) -> h5py.File:
+    """A file in object storage read in place: h5py reads through fsspec's file object, which fetches
+    the byte ranges HDF5 asks for (a summary of a large file reads its metadata, not its tokens)."""
+    from vitcore.inputs.remote import filesystem, secret_free
+
+    fs, path = filesystem(url)
+    try:
+        handle = fs.open(path, "rb", block_size=1 << 20)
+    except FileNotFoundError:
+        raise UsageError(f"{public_url(url)} does not exist") from None
+    except Exception as err:
+        raise VitExtractError(f"cannot {verb} {public_url(url)} ({type(err).__name__}: "
+                              f"{one_line(secret_free(str(err), url), 200)})") from None
+    try:
+        return h5py.File(handle, "r")
+    except OSError as err:
+        handle.close()
+        raise VitExtractError(f"cannot {verb} {public_url(url)}: not a readable HDF5 file "
+                              f"({secret_free(str(err), url)})") from None
 
 
 class AmbiguousKey(UsageError, KeyError):
@@ -90,7 +114,7 @@ class StoredTokens:
         if missing or "tokens" not in self.h5 or "paths" not in self.h5:
             self.h5.close()
             raise VitExtractError(
-                f"{self.path} is not a vit-extract output file (missing {', '.join(missing) or 'datasets'})"
+                f"{public_url(self.path) if is_url(self.path) else self.path} is not a vit-extract output file (missing {', '.join(missing) or 'datasets'})"
             )
         self._filters_ready = False  # a compressed file's filter registered (array())
         self._keys: list[str] | None = None
@@ -347,7 +371,7 @@ class StoredTokens:
             if isinstance(obj, h5py.Dataset) else None
         )
         return {
-            "file": self.path,
+            "file": public_url(self.path) if is_url(self.path) else self.path,
             "rows": len(self),
             "complete": bool(settings.get("complete")),
             "being_written": self.being_written,

@@ -22,7 +22,7 @@ import json
 import os
 
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError
-from vitcore.inputs.remote import filesystem, public_url, scheme_of, scrub, url_version
+from vitcore.inputs.remote import filesystem, public_url, scheme_of, secret_free, url_version
 from vitcore.system.cache import cache_dir
 
 UPLOADED = ".uploaded.json"  # beside the staged copy: the object's version after this machine's last upload
@@ -72,7 +72,7 @@ def fetched(url: str) -> str:
     try:
         fs.get_file(path, local)
     except Exception as err:
-        raise VitExtractError(f"could not download {public_url(url)} ({type(err).__name__}: {scrub(str(err))})") from None
+        raise VitExtractError(f"could not download {public_url(url)} ({type(err).__name__}: {secret_free(str(err), url)})") from None
     return local
 
 
