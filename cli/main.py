@@ -25,7 +25,7 @@ from typer.core import TyperCommand, TyperGroup
 from . import render
 from vitcore import __version__
 from vitcore.choices import COMPILE_MODES, COMPRESSIONS, DECODE_MODES, DTYPE_CHOICES, OUT_DTYPES, POOLING_MODES, PROCESSOR_BACKENDS, RESIZE_MODES
-from vitcore.errors import UsageError, VitExtractError, one_line
+from vitcore.errors import Interrupted, UsageError, VitExtractError, one_line
 from vitcore.options import ExtractOptions, comma_list
 from vitcore.run.shard import parse_shard, shard_path
 from vitcore.system.units import parse_size
@@ -131,13 +131,15 @@ ENCODER, INPUTS, COMPUTE, OUTPUT, SCALE, DISPLAY = "Encoder", "Inputs", "Compute
 
 def _fail(error: Exception, as_json: bool = False) -> typer.Exit:
     """Report an expected problem in one line (and as JSON on stdout with --json); the exit code."""
-    return _report(str(error), getattr(error, "exit_code", 1), as_json)
+    return _report(str(error), getattr(error, "exit_code", 1), as_json, asked=isinstance(error, Interrupted))
 
 
-def _report(message: str, code: int, as_json: bool, hint: str = "") -> typer.Exit:
-    """``message`` as one line on stderr (``hint`` after it there), and as JSON on stdout with --json."""
+def _report(message: str, code: int, as_json: bool, hint: str = "", asked: bool = False) -> typer.Exit:
+    """``message`` as one line on stderr (``hint`` after it there), and as JSON on stdout with --json.
+    ``asked``: a stop the user asked for (Ctrl-C, SIGTERM) is said plainly, not as an error."""
     message = one_line(message, None)
-    err.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}")
+    label = "[bold yellow]" if asked else "[bold red]error:[/] "
+    err.print(f"{label}{escape(message)}{escape(hint)}" + ("[/]" if asked else ""))
     if as_json:
         out.print_json(json.dumps({"error": message, "exit_code": code}))
     return typer.Exit(code)
@@ -561,15 +563,25 @@ def _check_sheet(path: Path, overwrite: bool, reading: list[Path]) -> Path:
     read = read_as_output(str(target), reading)
     if read is not None:
         raise UsageError(f"the sheet {path} is {read}, which this command reads; choose another file")
+    if _sheet_format(target) is None:
+        raise UsageError(f"the sheet {path} would be a picture: name it .png (or .jpg, .webp)")
     check_output(str(target), resume=False, overwrite=overwrite, can_resume=False)
     return target
 
 
-def _save_png(image, path: Path) -> None:
-    """Write a sheet as PNG whatever the file name says; a write problem is a one-line error."""
+SHEET_FORMATS = {"": "PNG", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
+
+def _sheet_format(path: Path) -> str | None:
+    """The picture format a sheet's name asks for (none: PNG); None for a name that is no picture's."""
+    return SHEET_FORMATS.get(path.suffix.lower())
+
+
+def _save_png(image, path: Path) -> None:
+    """Write a sheet in the format its name says (PNG unless .jpg/.webp); a write problem is one line."""
+    kind = _sheet_format(path) or "PNG"
     try:
-        image.save(path, format="PNG")
+        image.save(path, format=kind, **({"quality": 92} if kind in ("JPEG", "WEBP") else {}))
     except OSError as error:
         raise VitExtractError(f"cannot write {path}: {error.strerror or error}") from None
 

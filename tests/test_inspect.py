@@ -69,6 +69,13 @@ def test_show_writes_a_png_sheet_of_the_expected_size(tmp_path, photos, cli):
         assert img.format == "PNG"
         cell_w = 2 * THUMB + GAP
         assert img.size == (GAP + 2 * (cell_w + GAP), GAP + 2 * (THUMB + CAPTION + GAP))
+    # The sheet is written in the format its name says; a name that is no picture's is refused first.
+    assert cli("show", out, "coffee.jpg", "-o", tmp_path / "s.jpg").exit_code == 0
+    with Image.open(tmp_path / "s.jpg") as img:
+        assert img.format == "JPEG"
+    refused = cli("show", out, "coffee.jpg", "-o", tmp_path / "s.h5")
+    assert refused.exit_code == 2 and "would be a picture: name it .png" in refused.stderr
+    assert not (tmp_path / "s.h5").exists()
     image, chosen = token_sheet(str(out), first=3, joint=True, columns=3)
     assert chosen == ["alpha_cutout.png", "astronaut.jpg", "chelsea.jpg"]
     assert image.size == (GAP + 3 * (2 * THUMB + GAP + GAP), GAP + THUMB + CAPTION + GAP)
