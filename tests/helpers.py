@@ -3,6 +3,7 @@ spec, and a tiny random Qwen3-VL checkpoint saved by transformers itself."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
@@ -211,3 +212,28 @@ def make_clip(path, frames: int, width: int, height: int, fps: int, codec: str =
         for packet in stream.encode():
             out.mux(packet)
     return str(path)
+
+
+def folder_of_copies(folder: Path, count: int, picture: str = "chelsea.jpg") -> Path:
+    """``count`` copies of a sample picture in a new folder (img0000.jpg …): a run long enough to stop."""
+    folder.mkdir()
+    data = (SAMPLES / picture).read_bytes()
+    for i in range(count):
+        (folder / f"img{i:04d}.jpg").write_bytes(data)
+    return folder
+
+
+def wait_for_committed(out: Path, rows: int, timeout: float = 60, every: float = 0.1) -> None:
+    """Until a run writing ``out`` has committed ``rows`` rows (or the timeout): read without HDF5's
+    file lock, which the writer holds."""
+    import h5py
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(every)
+        try:
+            with h5py.File(out, "r", locking=False) as f:
+                if f.attrs["committed"] >= rows:
+                    return
+        except (OSError, KeyError):
+            pass

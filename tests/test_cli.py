@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import vitcore
-from tests.helpers import SAMPLES, TINY
+from tests.helpers import SAMPLES, TINY, folder_of_copies, wait_for_committed
 from vitcore.errors import VitExtractError
 
 ROOT_ATTRS = {
@@ -169,26 +169,14 @@ def test_help_does_not_import_torch(args):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_one_signal_stops_cleanly_and_leaves_a_resumable_file(tmp_path, sig, code):
-    folder = tmp_path / "many"
-    folder.mkdir()
-    source = (SAMPLES / "chelsea.jpg").read_bytes()
-    for i in range(150):
-        (folder / f"img{i:04d}.jpg").write_bytes(source)
+    folder = folder_of_copies(tmp_path / "many", 150)
     out = tmp_path / "t.h5"
     cmd = [sys.executable, "-m", "vitcore.cli", "run", str(folder), "-o", str(out), "--model", TINY,
            "--batch-size", "2", "--workers", "1", "--quiet"]
     # Its own process group, signalled as a whole, as timeout, Slurm and a terminal's Ctrl-C do.
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
                             start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:  # wait until some rows are committed
-        time.sleep(0.2)
-        try:
-            with h5py.File(out, "r", locking=False) as f:  # the writer holds HDF5's file lock
-                if f.attrs["committed"] >= 3:
-                    break
-        except (OSError, KeyError):
-            pass
+    wait_for_committed(out, 3)
     os.killpg(proc.pid, sig)
     _, stderr = proc.communicate(timeout=60)  # a hang guard; how fast it stops is bench/ (stop_latency.py)
     assert proc.returncode == code, stderr
@@ -208,25 +196,13 @@ def test_one_signal_stops_cleanly_and_leaves_a_resumable_file(tmp_path, sig, cod
 def test_a_run_that_inherited_sigint_ignored_keeps_ignoring_it(tmp_path):
     # `vit-extract run … &` from a script: the shell starts it with SIGINT ignored, so a Ctrl-C meant
     # for the script's foreground job must not stop it. SIGTERM still stops it.
-    folder = tmp_path / "many"
-    folder.mkdir()
-    source = (SAMPLES / "chelsea.jpg").read_bytes()
-    for i in range(40):
-        (folder / f"img{i:04d}.jpg").write_bytes(source)
+    folder = folder_of_copies(tmp_path / "many", 40)
     out = tmp_path / "t.h5"
     cmd = [sys.executable, "-m", "vitcore.cli", "run", str(folder), "-o", str(out), "--model", TINY,
            "--batch-size", "2", "--workers", "1", "--quiet"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    deadline = time.time() + 60
-    while time.time() < deadline:  # some rows committed: the run is in its loop
-        time.sleep(0.1)
-        try:
-            with h5py.File(out, "r", locking=False) as f:
-                if f.attrs["committed"] >= 2:
-                    break
-        except (OSError, KeyError):
-            pass
+    wait_for_committed(out, 2)  # the run is in its loop
     for _ in range(3):
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(0.2)

@@ -25,7 +25,7 @@ from PIL import Image
 
 import vitcore
 import vitcore.run.checks
-from tests.helpers import TINY
+from tests.helpers import TINY, wait_for_committed
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError, WeightsError
 from vitcore.store.lock import OutputLockedError
 from vitcore.run.pipeline import ExtractOptions
@@ -546,15 +546,7 @@ def test_a_killed_run_with_live_worker_processes_does_not_block_the_resume(tmp_p
     cmd = [sys.executable, "-m", "vitcore.cli", "run", str(folder), "-o", str(out), "--model", TINY,
            "--batch-size", "2", "--workers", "2", "--quiet", "--dtype", "float32", "--out-dtype", "float32"]
     proc = subprocess.Popen(cmd, cwd=PROJECT, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        time.sleep(0.1)
-        try:
-            with h5py.File(out, "r", locking=False) as f:
-                if f.attrs["committed"] >= 2:
-                    break
-        except (OSError, KeyError):
-            pass
+    wait_for_committed(out, 2)
     proc.kill()  # SIGKILL to the main process only: its decoding workers outlive it for a moment
     proc.wait()
     result = vitcore.extract([folder], out, EXACT, resume=True)  # immediately: no lock left behind
