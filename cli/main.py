@@ -235,7 +235,7 @@ def run(
     )
     inputs = [str(p) for p in paths or ()]
     if dry_run:
-        return _dry_run(inputs, output, options, shard, as_json)
+        return _dry_run(inputs, output, options, shard, as_json, unit_size if engine is Engine.ray else None)
     try:
         if engine is Engine.ray:
             if shard or launched_by_torchrun():
@@ -307,8 +307,9 @@ def _run_on_ray(inputs: list[str], output: str, options, shown: _Shown, address,
     return outcome.summary, outcome.merged
 
 
-def _dry_run(inputs: list[str], output: str, options, shard: str | None, as_json: bool) -> None:
-    """--dry-run: the plan, the projected size and a time estimate; nothing written."""
+def _dry_run(inputs: list[str], output: str, options, shard: str | None, as_json: bool, unit_size: int | None) -> None:
+    """--dry-run: the plan, the projected size and a time estimate; nothing written. ``unit_size``:
+    --engine ray's, whose units are counted (the estimate stays this machine's)."""
     from vitcore.run.checks import check_run  # h5py, numpy: not for --help
 
     try:
@@ -319,6 +320,13 @@ def _dry_run(inputs: list[str], output: str, options, shard: str | None, as_json
         from vitcore.run.dry_run import dry_run  # torch: only once the run is known to be possible
 
         report = dry_run(inputs, str(output), options, checked=checked)
+        if unit_size is not None:
+            from vitcore.run.shard import unit_ranges
+
+            units = len(unit_ranges(checked.found, unit_size))
+            report.notes.append(f"--engine ray: {units} unit{'s' * (units != 1)} of at most {unit_size} inputs, each a part "
+                                "file beside the output; the time is this machine's alone (a Ray run adds its start-up, "
+                                "about 15 s, and runs units on every actor at once)")
     except VitExtractError as error:
         raise _fail(error, as_json)
     if as_json:

@@ -93,6 +93,10 @@ def test_the_cli_dry_run_refuses_what_a_run_refuses_and_says_the_plan(cli, photo
     assert "projected" in shown.output and not out.exists()
     as_json = json.loads(cli("run", photos, "-o", out, "--model", TINY, "--dry-run", "--json").output)
     assert as_json["to_read"] == 8 and as_json["projected_bytes"] > 0 and not out.exists()
+    on_ray = json.loads(cli("run", photos, "-o", out, "--model", TINY, "--dry-run", "--json", "--engine", "ray",
+                            "--unit-size", "3").output)  # the units counted; Ray itself not needed to say so
+    assert "--engine ray: 3 units of at most 3 inputs" in " ".join(on_ray["notes"]) and not out.exists()
+    assert not list(tmp_path.glob("out.shard*"))
     out.write_bytes(b"")  # an existing output: the run would refuse it, and so does the dry run
     refused = cli("run", photos, "-o", out, "--model", TINY, "--dry-run")
     assert refused.exit_code != 0 and "--overwrite" in refused.output
