@@ -38,7 +38,7 @@ def in_loopback_namespace(script: str, cwd: Path, timeout: float = 300) -> subpr
     background jobs stopped at its end."""
     body = f"set -e\nip link set lo up\n{script}\n"
     # At its end, whatever way it ends: the script's background jobs (a local S3 endpoint) and Ray stopped.
-    wrapped = (f"trap 'kill $(jobs -p) 2>/dev/null; {sys.executable} -m ray.scripts.scripts stop --force >/dev/null 2>&1' "
+    wrapped = (f"trap 'kill $(jobs -p) 2>/dev/null || true; {sys.executable} -m ray.scripts.scripts stop --force >/dev/null 2>&1' "
                f"EXIT\n{body}")
     # As root a network namespace alone; otherwise inside a user namespace that maps this user to root.
     unshare = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
@@ -184,12 +184,20 @@ def test_a_driver_stopped_or_killed_outright_resumes_to_the_uninterrupted_file(i
         echo "OTHER SETTINGS exit $code"
         {run} --resume
         {run} --resume --json > again.json
+        code=0; {run.replace("--unit-size 2", "--unit-size 3")} --resume 2> cut.txt || code=$?
+        echo "OTHER CUT exit $code"
     """)
     done = in_loopback_namespace(script, tmp_path)
     assert "TERM exit 143" in done.stdout  # a clean stop, as a local run's
     stopped = (tmp_path / "stopped.txt").read_text()
     assert "stopped by SIGTERM after" in stopped and "error:" not in stopped and "rerun the same command with --resume" in stopped
     assert "Traceback" not in stopped, stopped
+    # Said once, in one line: no second Ray instance started on the way out, none of Ray's lines.
+    assert stopped.strip().count("\n") == 0 and "Ray" not in stopped, stopped
+    # Parts cut by another --unit-size: --resume refuses, naming the unit size that resumes them.
+    assert "OTHER CUT exit 2" in done.stdout
+    assert "were cut into 4 units by an earlier run" in (tmp_path / "cut.txt").read_text()
+    assert "rerun with --unit-size 2 to resume them" in (tmp_path / "cut.txt").read_text()
     assert "OTHER SETTINGS exit 2" in done.stdout  # leftover parts are never taken for another run's
     assert "the pooling setting differs (file: none; this run: mean)" in (tmp_path / "other.txt").read_text()
     _same(_rows(tmp_path / "resumed.h5"), plain)
@@ -240,6 +248,9 @@ def test_inputs_and_parts_in_object_storage(images, plain, tmp_path):
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert resumed["written"] == 3 and resumed["skipped"] == 5 and resumed["rows"] == 8  # only the lost part
     _same(_rows(tmp_path / "got.h5"), plain)
+    with h5py.File(tmp_path / "got.h5") as f:  # the merged file names its parts where they are
+        assert [s["file"] for s in json.loads(f.attrs["shards"])] == [
+            f"s3://work/out/tokens.shard0000{i}-of-00003.h5" for i in range(3)]
     assert "['out/tokens.h5', 'out/tokens.shard00000-of-00003.h5', 'out/tokens.shard00001-of-00003.h5', " \
            "'out/tokens.shard00002-of-00003.h5']" in done.stdout
     assert ".h5" not in done.stdout.split("]")[-1]  # no staged copy left behind once uploaded

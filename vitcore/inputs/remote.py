@@ -2,14 +2,15 @@
 and each backend's own package, installed as extras (``pip install 'vit-extract[s3]'``).
 
     is_url(name)              a URL of a backend (not a local path, not file://)
-    public_url(url)           the URL as it is recorded: no credentials, no query string
+    public_url(url)           the URL as it is recorded: no credentials (nor an http(s) query string;
+                              in an object store's URL, ? and # are characters of the key)
     open_url(url)             its bytes as a seekable binary file (range requests), retried when the
                               store fails for a moment; OSError when it is missing or keeps failing
     url_version(url)          (size, version tag): a cache of what was read from it is keyed by these
     url_is_dir / url_is_file / url_exists
                               a prefix with objects under it / an object / either (a failure
                               other than a missing object: a one-line usage error)
-    scrub(text)               the URLs in a message without credentials or query strings
+    scrub(text)               the URLs in a message as public_url writes them
     list_prefix(url)          the objects under a prefix, relative to it, sorted
 
 Credentials come from each backend's standard sources (environment, profiles, instance roles);
@@ -44,11 +45,26 @@ def is_url(name) -> bool:
     return isinstance(name, str) and scheme_of(name) not in (None, "file")
 
 
+# Where ``?`` and ``#`` are URL syntax (a query, perhaps a signature; a fragment). In an object
+# store's URL they are characters of the key (``s3://bucket/a#1.jpg`` is the object ``a#1.jpg``).
+QUERY_SCHEMES = ("http", "https")
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@]*@)?(.*)$", re.S)
+
+
 def public_url(url: str) -> str:
-    """``s3://KEY:SECRET@bucket/a?versionId=3`` → ``s3://bucket/a``: what a file may record and print."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    """What a file may record and print of a URL: ``s3://KEY:SECRET@bucket/a#1.jpg`` →
+    ``s3://bucket/a#1.jpg``; ``https://u:p@host/a.jpg?X-Amz-Signature=…`` → ``https://host/a.jpg``."""
+    if scheme_of(url) in QUERY_SCHEMES:
+        parts = urlsplit(url)
+        return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    match = _USERINFO.match(url)
+    return match.group(1) + match.group(3) if match else url
+
+
+def userinfo_of(url: str) -> str:
+    """The ``user:password`` written into a URL ("" when none)."""
+    match = _USERINFO.match(url)
+    return (match.group(2) or "")[:-1] if match else ""
 
 
 def filesystem(url: str):
@@ -56,6 +72,9 @@ def filesystem(url: str):
     when the backend is missing."""
     scheme = scheme_of(url)
     extra = EXTRAS.get(scheme)
+    if userinfo_of(url) and scheme not in QUERY_SCHEMES:  # s3fs would take "KEY:SECRET@bucket" as the bucket's name
+        raise UsageError(f"{public_url(url)}: a user or password written into an {scheme}:// URL is not used; give "
+                         "credentials as the store's own settings (environment variables, a profile, a login)")
     try:
         import fsspec  # an extra: only where a URL is met
     except ImportError:
@@ -87,14 +106,19 @@ _URL_IN_TEXT = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)([^\s/@'\"<>]*@)?([^\s?#
 def scrub(text: str) -> str:
     """``text`` with every URL in it as public_url gives it: no user, password or query string (a
     signed URL's signature, a token) — what a message or a failure record may hold."""
-    return _URL_IN_TEXT.sub(lambda m: m.group(1) + m.group(3), text)
+    def public(m) -> str:
+        keyed = m.group(1)[:-3].lower() not in QUERY_SCHEMES  # an object store's ? and #: part of the key
+        return m.group(1) + m.group(3) + (m.group(4) or "" if keyed else "")
+
+    return _URL_IN_TEXT.sub(public, text)
 
 
 def _without_secrets(text: str, url: str) -> str:
     """``text`` without the user, password, query and fragment of ``url`` wherever they stand (a
     backend may quote them outside any URL: 'Invalid bucket name "user:secret@bucket"')."""
     parts = urlsplit(url)
-    for secret in (parts.netloc.rpartition("@")[0], parts.query, parts.fragment):
+    secrets = (userinfo_of(url), parts.query, parts.fragment) if scheme_of(url) in QUERY_SCHEMES else (userinfo_of(url),)
+    for secret in secrets:
         if secret:
             text = text.replace(secret, "…")
     return text

@@ -72,6 +72,9 @@ def _ray():
     # Ray's own C++ warnings (no route to 8.8.8.8 on a cluster without internet, a note on how actors
     # restart) would drown the run's progress; they stay in Ray's log files (/tmp/ray/session_*/logs).
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    # Ray starts a local instance when one of its calls finds none: after a stop has shut Ray down,
+    # Ray Data's threads would start a second one (and wait on it) on their way out.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     try:
         import ray
         import ray.data  # noqa: F401  (the batch-inference pattern)
@@ -91,7 +94,7 @@ def extract_on_ray(paths, output: str, options, *, address: str | None = None, a
     total = len(whole.found.sources)
     ranges = unit_ranges(whole.found, unit_size)  # at tar and row-group boundaries where they fit
     count = len(ranges)
-    earlier = _earlier_cuts(str(output), count, unit_size, options.resume)
+    earlier = _earlier_cuts(str(output), count, unit_size, options.resume, whole.found)
     units, kept, kept_inputs = [], 0, 0
     for index, (start, stop) in enumerate(ranges):
         unit = UnitInputs(*take_range(whole.found, index, count, start, stop), whole.videos)
@@ -112,8 +115,9 @@ def extract_on_ray(paths, output: str, options, *, address: str | None = None, a
     with output_named(whole):
         merged, summary = _merged(whole, parts, options, lambda merged: _combined(results, merged) if results
                                   else _nothing_to_do(whole, merged, total))
-    if results:  # the complete parts kept count as inputs skipped, as a resumed local run counts them
-        summary = dataclasses.replace(summary, found=total, skipped=summary.skipped + kept_inputs)
+    if results:  # the complete parts kept count as inputs skipped, their failures as earlier ones
+        summary = dataclasses.replace(summary, found=total, skipped=summary.skipped + kept_inputs,
+                                      failed_earlier=max(0, merged.failed - len(summary.failures)))
     summary = dataclasses.replace(summary, seconds=time.perf_counter() - started)
     if options.dtype == "auto" and dtype is not None:
         summary.dtype_reason = f"{dtype}: decided once, on a Ray worker, for every unit"
@@ -124,7 +128,7 @@ def extract_on_ray(paths, output: str, options, *, address: str | None = None, a
     return RayOutcome(summary, merged, count, kept)
 
 
-def _earlier_cuts(output: str, count: int, unit_size: int, resume: bool) -> list[str]:
+def _earlier_cuts(output: str, count: int, unit_size: int, resume: bool, found) -> list[str]:
     """Parts beside the output from a run cut into another number of units (another --unit-size):
     never merged with this run's. --resume with only those refuses (it would do everything again); other
     runs leave them and say so."""
@@ -132,22 +136,38 @@ def _earlier_cuts(output: str, count: int, unit_size: int, resume: bool) -> list
     pattern = f"{stem}.shard[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]{ext or '.h5'}"
     if is_url(output):
         fs, path = filesystem(output)
-        found = [output[: len(output) - len(path)] + name for name in fs.glob(path.rsplit("/", 1)[0] + "/" + pattern.rsplit("/", 1)[1])]
+        parts = [output[: len(output) - len(path)] + name
+                 for name in fs.glob(path.rsplit("/", 1)[0] + "/" + pattern.rsplit("/", 1)[1])]
     else:
-        found = glob.glob(glob.escape(stem) + pattern[len(stem):])
+        parts = glob.glob(glob.escape(stem) + pattern[len(stem):])
     cuts: dict[int, int] = {}
-    for name in found:
+    for name in parts:
         cut = int(name[-len("00000" + (ext or ".h5")):-len(ext or ".h5")])
         cuts[cut] = cuts.get(cut, 0) + 1
     if not set(cuts) - {count}:
         return []
     other = max(set(cuts) - {count}, key=cuts.get)
     if resume and count not in cuts:
+        earlier = _unit_size_of([name for name in parts if name.endswith(f"-of-{other:05d}{ext or '.h5'}")], found)
+        again = f"--unit-size {earlier}" if earlier else "that run's --unit-size"
         raise UsageError(f"the parts beside {public_url(output)} were cut into {other} units by an earlier run; this run "
-                         f"cuts {count} units of at most {unit_size} inputs: rerun with that run's --unit-size to resume "
-                         "them, or --overwrite to start again")
+                         f"cuts {count} units of at most {unit_size} inputs: rerun with {again} to resume them, or "
+                         "--overwrite to start again")
     return [f"{sum(n for c, n in cuts.items() if c != count)} part files of an earlier run cut into other units (such as "
             f"-of-{other:05d}) are beside the output; this run did not use them: remove them when no longer wanted"]
+
+
+def _unit_size_of(parts: list[str], found) -> int | None:
+    """The --unit-size that cuts these inputs into the ranges these parts record (None: none found):
+    the longest part's length, when it gives them all."""
+    from vitcore.store.resume import recorded_shard
+
+    records = [r for r in map(recorded_shard, sorted(parts)[:64]) if r]
+    if not records:
+        return None
+    size = max(r["stop"] - r["start"] for r in records)
+    cut = set(unit_ranges(found, size))
+    return size if all((r["start"], r["stop"]) in cut for r in records) else None
 
 
 def _merged(whole, parts: list[str], options, summarize):
@@ -162,7 +182,8 @@ def _merged(whole, parts: list[str], options, summarize):
         return merged, summarize(merged)
     local = [fetched(part) for part in parts]
     try:
-        merged = merge(whole.output, local, overwrite=True)  # the staged copy: the object is checked already
+        merged = merge(whole.output, local, overwrite=True,  # the staged copy: the object is checked already
+                       recorded_as={copy: public_url(part) for copy, part in zip(local, parts)})
         summary = summarize(merged)
         upload(whole.output, whole.upload_to, complete=True)
     finally:

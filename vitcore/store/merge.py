@@ -102,9 +102,11 @@ def _check_compatible(shards: list[_Shard]) -> None:
         raise UsageError(f"cannot merge: no shard covers inputs {expected_start}–{first.record['total']}")
 
 
-def merge(output: str, shard_paths: list[str], virtual: bool = False, overwrite: bool = False) -> MergeResult:
+def merge(output: str, shard_paths: list[str], virtual: bool = False, overwrite: bool = False,
+          recorded_as: dict[str, str] | None = None) -> MergeResult:
     """Check the shards and write OUT, a copy (or with ``virtual``, views over the shards); refuses
-    gaps, overlaps, duplicates and mismatched settings."""
+    gaps, overlaps, duplicates and mismatched settings. ``recorded_as``: the name the merged file
+    records for a shard read from a local copy (its URL in object storage)."""
     if not shard_paths:
         raise UsageError("merge needs at least one shard file")
     output = output_target(output)  # through a link: its target, not the link replaced
@@ -118,7 +120,7 @@ def merge(output: str, shard_paths: list[str], virtual: bool = False, overwrite:
     building = output + BUILDING_SUFFIX
     try:
         with h5py.File(building, "w") as out:
-            _write_merged(out, output, shards, not virtual)
+            _write_merged(out, output, shards, not virtual, recorded_as or {})
         os.replace(building, output)
     except OSError as err:
         raise VitExtractError(f"cannot write {output}: {err}") from None
@@ -139,7 +141,7 @@ class _Array:
     lengths: list[int]  # rows (flat: tokens) each shard gives
 
 
-def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool) -> None:
+def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool, recorded_as: dict[str, str]) -> None:
     """Two passes over the shards, one shard file open at a time (a merge of 1,000 shards needs no
     more open files than one of 2): how much each gives, then its rows copied into place."""
     roots: list[str] = []
@@ -176,7 +178,7 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool)
         out_dir = os.path.dirname(os.path.abspath(output))
         for array in arrays:
             _virtual_array(out, array, shards, out_dir)
-    _merged_state(out.attrs, output, shards, roots, row_info.failed_at, copy)
+    _merged_state(out.attrs, output, shards, roots, row_info.failed_at, copy, recorded_as)
 
 
 def _rows_given(h5: h5py.File, array: _Array, rows: int) -> int:
@@ -284,7 +286,8 @@ def _virtual_array(out: h5py.File, array: _Array, shards: list[_Shard], out_dir:
     out.create_virtual_dataset(array.name, layout, fillvalue=np.nan)  # a missing shard reads as NaN, not zeros
 
 
-def _merged_state(attrs, output: str, shards: list[_Shard], roots: list[str], failed: int, copy: bool) -> None:
+def _merged_state(attrs, output: str, shards: list[_Shard], roots: list[str], failed: int, copy: bool,
+                  recorded_as: dict[str, str]) -> None:
     """What a merged file records of itself and of its shards."""
     out_dir = os.path.dirname(os.path.abspath(output))
     attrs["schema_version"] = SCHEMA_VERSION
@@ -297,7 +300,7 @@ def _merged_state(attrs, output: str, shards: list[_Shard], roots: list[str], fa
     attrs["shard"] = "null"
     attrs["merged"] = "copy" if copy else "virtual"
     attrs["shards"] = json.dumps([
-        {"file": os.path.relpath(os.path.abspath(s.path), out_dir), "rows": s.rows, "run_id": s.settings.get("run_id"),
+        {"file": recorded_as.get(s.path) or os.path.relpath(os.path.abspath(s.path), out_dir), "rows": s.rows, "run_id": s.settings.get("run_id"),
          "start": s.record["start"], "stop": s.record["stop"], "index": s.record["index"]}
         for s in shards
     ])

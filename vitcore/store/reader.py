@@ -67,7 +67,11 @@ def _open_url(url: str, verb: str) -> h5py.File:
 
     fs, path = filesystem(url)
     try:
+        if url.endswith("/") or fs.isdir(path):
+            raise UsageError(f"{public_url(url)} is a prefix (a folder): name the file in it")
         handle = fs.open(path, "rb", block_size=1 << 20)
+    except UsageError:
+        raise
     except FileNotFoundError:
         raise UsageError(f"{public_url(url)} does not exist") from None
     except Exception as err:

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 
-from vitcore.errors import OutputExistsError, UsageError, VitExtractError
+from vitcore.errors import OutputExistsError, UsageError, VitExtractError, one_line
 from vitcore.inputs.remote import filesystem, public_url, scheme_of, secret_free, url_version
 from vitcore.system.cache import cache_dir
 
@@ -35,11 +35,23 @@ def staging_path(url: str) -> str:
 
 
 def stage(url: str, resume: bool, overwrite: bool) -> str:
+    try:
+        return _stage(url, resume, overwrite)
+    except VitExtractError:
+        raise
+    except Exception as err:  # the store refused or failed: one line, no secret
+        raise VitExtractError(f"cannot write {public_url(url)} ({type(err).__name__}: "
+                              f"{one_line(secret_free(str(err), url), 200)})") from None
+
+
+def _stage(url: str, resume: bool, overwrite: bool) -> str:
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; choose one")
     if scheme_of(url) in ("http", "https"):
         raise UsageError(f"cannot write {public_url(url)}: http(s) is read-only here; write to s3://, gs://, az:// "
                          "or a local file")
+    if scheme_of(url) in ("s3", "s3a") and "?versionId=" in url:  # s3fs reads it as a version, not a name
+        raise UsageError(f"the output {public_url(url)} names a version of an object: give the object's name alone")
     fs, path = filesystem(url)
     bucket = path.split("/")[0]
     if not fs.exists(bucket):

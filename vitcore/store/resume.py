@@ -106,6 +106,15 @@ def finished_shard(path: str) -> dict | None:
     return json.loads(shard) if shard and _recorded(path, "complete") else None
 
 
+def recorded_shard(path: str) -> dict | None:
+    """The shard record of a shard file, finished or not (None: not a shard, not ours, unreadable)."""
+    shard = _recorded(path, "shard")
+    try:
+        return json.loads(shard) if shard else None
+    except ValueError:
+        return None
+
+
 def _recorded(path: str, name: str) -> str | None:
     """An existing output's attribute ``name`` as text, or None (no such file, not ours, no such attribute)."""
     try:
