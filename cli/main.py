@@ -129,6 +129,9 @@ RunOutput = Annotated[Path, typer.Argument(metavar="FILE", help="An output file 
 ENCODER, INPUTS, COMPUTE, OUTPUT, SCALE, DISPLAY = "Encoder", "Inputs", "Compute", "Output", "Scale out", "Display"
 
 
+SECOND_CTRL_C = "interrupted at once by a second Ctrl-C; the committed rows are safe: rerun with --resume"
+
+
 def _fail(error: Exception, as_json: bool = False) -> typer.Exit:
     """Report an expected problem in one line (and as JSON on stdout with --json); the exit code."""
     return _report(str(error), getattr(error, "exit_code", 1), as_json, asked=isinstance(error, Interrupted))
@@ -248,8 +251,7 @@ def run(
         else:
             result, merged = _run_here(inputs, output, options, shard, shown), None
     except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a clean stop, this one does not wait
-        err.print("interrupted at once by a second Ctrl-C; the committed rows are safe: rerun with --resume")
-        raise typer.Exit(130) from None
+        raise _report(SECOND_CTRL_C, 130, as_json, asked=True) from None
     except VitExtractError as error:
         if launched_by_torchrun() and rank() != 0:
             raise typer.Exit(getattr(error, "exit_code", 1))  # rank 0 reports for the launch
@@ -617,14 +619,16 @@ def main() -> None:
         code = app(args=args, standalone_mode=False)
     except Exception as error:
         if _is_click(error, "Abort"):  # a second Ctrl-C: stopped at once
-            err.print("interrupted at once by a second Ctrl-C; the committed rows are safe: rerun with --resume")
-            sys.exit(130)
+            sys.exit(_report(SECOND_CTRL_C, 130, "--json" in args, asked=True).exit_code)
         if _missing_dependency(error):  # installed without torch (or another dependency): one line, no traceback
             package = error.name.partition(".")[0]
             hint = " (the build for your machine; see the README's Quick start)" if package == "torch" else ""
             sys.exit(_report(f"{package} is not installed in this environment and this command needs it: "
                              f"install it{hint}", 1, "--json" in args).exit_code)
         if not _is_click(error, "ClickException"):
+            if "--json" in args:  # a fault of vit-extract's own: the traceback below for a report, and a record
+                out.print_json(json.dumps({"error": f"internal error: {type(error).__name__}: {one_line(error, 300)}",
+                                           "exit_code": 1}))
             raise
         if _is_click(error, "NoArgsIsHelpError"):  # a command alone: its help
             error.show()

@@ -318,13 +318,21 @@ def test_small_things_said_right(photos, tmp_path, cli):
     again = cli("run", photos, "-o", out, "--model", TINY, "--workers", "0", "--resume")
     assert "0 this run; 1 recorded by earlier runs" in again.stdout
     assert describe_error(MemoryError()) == "MemoryError: not enough memory to decode and resize this picture"
-    interrupted = subprocess.run(
-        [sys.executable, "-c", "import vitcore.run.pipeline as p\n"
-         "def stop(*a, **k): raise KeyboardInterrupt\n"
-         "p.extract = stop\nimport sys\nfrom vitcore.cli.main import main\n"
-         f"sys.argv = ['vit-extract', 'run', {str(photos)!r}, '-o', {str(tmp_path / 'x.h5')!r}]\nmain()"],
-        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    def run_failing(failure: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", "import vitcore.run.pipeline as p\n"
+             f"def stop(*a, **k): raise {failure}\n"
+             "p.extract = stop\nimport sys\nfrom vitcore.cli.main import main\n"
+             f"sys.argv = ['vit-extract', 'run', {str(photos)!r}, '-o', {str(tmp_path / 'x.h5')!r}, *{extra!r}]\nmain()"],
+            capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+
+    interrupted = run_failing("KeyboardInterrupt")
     assert interrupted.returncode == 130 and "interrupted at once" in interrupted.stderr, interrupted.stderr[-500:]
+    as_json = run_failing("KeyboardInterrupt", "--json")  # --json: a record on stdout, whatever the stop
+    assert json.loads(as_json.stdout)["exit_code"] == 130
+    fault = run_failing("ZeroDivisionError('a fault of ours')", "--json")  # a bug: its traceback, and a record
+    assert fault.returncode == 1 and "Traceback" in fault.stderr
+    assert json.loads(fault.stdout) == {"error": "internal error: ZeroDivisionError: a fault of ours", "exit_code": 1}
 
 
 @pytest.mark.parametrize("args", [["/no/such/folder"], ["sample_images", "-o", "EXISTS"], ["sample_images", "--shard", "5/2"],
