@@ -341,16 +341,18 @@ class PoolShape:
 
 def _pool_shape(cpus: float, pool: int, wants_gpu: bool, decode_in_tasks: bool) -> PoolShape:
     """One actor per GPU, decoding in CPU tasks beside them. On CPUs only, the actors and the decoding
-    tasks share the cores (as a local run's encoder and decoding workers do): an actor asks for at
-    most one CPU and half its share, so that decoding tasks can always be scheduled, and computes
-    with its share of the cores."""
+    tasks share the cores (as a local run's encoder and decoding workers do): an actor, and a task,
+    asks for at most one CPU and half the actor's share, so that decoding tasks can always be
+    scheduled, and the actor computes with its whole share of the cores."""
     share = cpus / pool
     if wants_gpu:
         return PoolShape(pool, {"num_gpus": 1}, None, 1.0 if decode_in_tasks else None)
     if not decode_in_tasks:  # --workers 0: each actor decodes itself, on all of its share
         return PoolShape(pool, {"num_cpus": max(1.0, float(int(share)))}, max(1, int(share)), None)
+    # Tasks ask for what an actor asks: a node that holds an actor has room for a task beside it
+    # (two nodes of one CPU, an actor each: a task of one CPU would fit on neither).
     actor_cpus = min(1.0, share / 2)
-    return PoolShape(pool, {"num_cpus": actor_cpus}, max(1, int(share)), min(1.0, cpus - pool * actor_cpus))
+    return PoolShape(pool, {"num_cpus": actor_cpus}, max(1, int(share)), actor_cpus)
 
 
 @contextlib.contextmanager
