@@ -425,3 +425,8 @@ def test_ray_units_are_cut_at_tar_and_row_group_boundaries(tmp_path):
     part, record = take_range(found, 1, 5, 3, 5)
     assert [s.key for s in part.sources] == ["b.tar/m0.png", "b.tar/m1.png"] and (record.start, record.stop) == (3, 5)
     assert unit_ranges(discover([tmp_path / "c.png"]), 4) == [(0, 1)]
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i in range(10):
+        (loose / f"{i}.png").write_bytes(png())
+    assert unit_ranges(discover([loose]), 8) == [(0, 5), (5, 10)]  # shared out evenly, not 8 then 2

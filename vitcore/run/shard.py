@@ -74,7 +74,8 @@ def unit_ranges(found: Discovery, size: int) -> list[tuple[int, int]]:
     """The sorted inputs cut into units of at most ``size`` (--engine ray), at container boundaries:
     a tar file's members, or a Parquet row group's rows, stay in one unit when they fit in one, so
     each is read by one worker, front to back. A container larger than ``size`` is cut into
-    count-balanced pieces; files on their own fill units up to ``size``."""
+    count-balanced pieces; files on their own fill units evenly (as many units as ``size`` needs,
+    the inputs shared out among them: no small last unit leaves an actor idle while another works)."""
     groups: list[int] = []  # lengths of runs of inputs that belong together, in order
     previous = object()
     for source in found.sources:
@@ -84,13 +85,15 @@ def unit_ranges(found: Discovery, size: int) -> list[tuple[int, int]]:
         else:
             groups.append(1)
         previous = together
+    total = len(found.sources)
+    target = -(-total // max(1, -(-total // size)))  # units filled evenly: 1,152 at 1,024 → two of 576
     ranges: list[tuple[int, int]] = []
     start = stop = 0
     for length in groups:
-        if stop - start + length > size and stop > start:  # this group would not fit: the unit ends before it
+        if stop - start + length > target and stop > start:  # this group would not fit: the unit ends before it
             ranges.append((start, stop))
             start = stop
-        if length > size:  # a container larger than a unit: pieces of it, each a unit
+        if length > target:  # a container larger than a unit's fill: a unit of its own, in pieces if over size
             pieces = -(-length // size)
             ranges += [(stop + i * length // pieces, stop + (i + 1) * length // pieces) for i in range(pieces)]
             start = stop = stop + length
