@@ -221,11 +221,15 @@ def _run_units(ray, units: list[dict], options, address, actors, progress, count
     options = _pinned_dtype(ray, options, shape.actor, units)
     dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         UnitEncoder, fn_constructor_kwargs={"options": options, "shape": shape}, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=pool), **shape.actor)
+        # One unit at a time per actor: else the first actor up takes the next units too (Ray Data lets
+        # an actor hold several) while the others are still starting, and runs them one after another.
+        compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=1), **shape.actor)
     board = ray.remote(ProgressBoard).options(num_cpus=0).remote() if progress else None
     dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         UnitEncoder, fn_constructor_kwargs={"options": options, "shape": shape, "board": board}, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=pool), **shape.actor)
+        # One unit at a time per actor: else the first actor up takes the next units too (Ray Data lets
+        # an actor hold several) while the others are still starting, and runs them one after another.
+        compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=1), **shape.actor)
     stream = _UnitStream(dataset)
     with _stop_on_signals(wanted):  # Ray's own SIGTERM handler aborts the driver with a stack dump
         try:
