@@ -21,21 +21,7 @@ exact=(--model small --dtype float32 --out-dtype float32 --batch-size 1)
 .venv/bin/vit-extract run "$images" -o "$out/plain.h5" "${exact[@]}" --quiet  # the same inputs without Ray
 # While it runs, the first decoding task's worker seen is killed (Ray names it ray::decode_range):
 # Ray runs that batch again elsewhere.
-.venv/bin/python - > "$out/killed.txt" <<'PY' &
-import os, signal, time
-deadline = time.time() + 120
-while time.time() < deadline:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::decode_range"):
-                    os.kill(int(pid), signal.SIGKILL)
-                    print("killed a decoding worker", pid)
-                    raise SystemExit
-        except OSError:
-            pass
-    time.sleep(0.005)
-PY
+.venv/bin/python bench/kill_first_decoding_worker.py > "$out/killed.txt" &
 time .venv/bin/vit-extract run "$images" -o "$out/t.h5" "${exact[@]}" --engine ray --ray-address 127.0.0.1:6379 \
     --actors 2 --unit-size 2 --progress lines --progress-every 0
 wait

@@ -94,26 +94,11 @@ def test_units_on_ray_equal_a_plain_run(images, plain, tmp_path):
 def test_a_decoding_worker_killed_mid_task_is_tried_again(images, plain, tmp_path):
     # Ray names a worker process after the task it runs (ray::decode_range): the first one seen is
     # killed; Ray runs that batch's task again in another worker.
-    watcher = textwrap.dedent("""
-        import os, signal, sys, time
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        if f.read().startswith(b"ray::decode_range"):
-                            os.kill(int(pid), signal.SIGKILL)
-                            print("KILLED", flush=True)
-                            sys.exit(0)
-                except OSError:
-                    pass
-            time.sleep(0.005)
-    """)
-    (tmp_path / "watch.py").write_text(watcher)
     run = " ".join([*CLI, str(images), "-o", "tasks.h5", *EXACT, "--batch-size", "1", "--workers", "1",
                     "--engine", "ray", "--unit-size", "4", "--progress", "lines", "--progress-every", "0"])
-    done = in_loopback_namespace(f"{sys.executable} watch.py > killed.txt &\n{run} 2> progress.txt\nwait", tmp_path)
-    assert (tmp_path / "killed.txt").read_text().strip() == "KILLED", done.stderr[-2000:]
+    watch = Path(__file__).resolve().parent.parent / "bench" / "kill_first_decoding_worker.py"
+    done = in_loopback_namespace(f"{sys.executable} {watch} > killed.txt &\n{run} 2> progress.txt\nwait", tmp_path)
+    assert (tmp_path / "killed.txt").read_text().startswith("KILLED"), done.stderr[-2000:]
     _same(_rows(tmp_path / "tasks.h5"), plain)  # every row once, none lost
     # Progress moves inside a unit (its batches are reported), not only when a unit ends:
     lines = (tmp_path / "progress.txt").read_text().splitlines()
