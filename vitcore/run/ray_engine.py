@@ -175,7 +175,7 @@ def _merged(whole, parts: list[str], options, summarize):
     storage are fetched to the staging folder first (removed from it after), the merged file read for
     the summary, then uploaded whole."""
     from vitcore.store.merge import merge
-    from vitcore.store.remote_output import fetched, upload
+    from vitcore.store.remote_output import discard, fetched, upload
 
     if whole.upload_to is None:
         merged = merge(whole.output, parts, overwrite=options.overwrite or options.resume)
@@ -188,7 +188,7 @@ def _merged(whole, parts: list[str], options, summarize):
         upload(whole.output, whole.upload_to, complete=True)
     finally:
         for path in local:
-            os.remove(path)
+            discard(path)
     url = public_url(whole.upload_to)
     return dataclasses.replace(merged, output=url), dataclasses.replace(summary, output=url)
 
@@ -219,11 +219,6 @@ def _run_units(ray, units: list[dict], options, address, actors, progress, count
     # Ray Data's actor pools restart an actor that dies and try its unit again (max_restarts and
     # max_task_retries are -1 by default): the unit's part resumes from its committed rows.
     options = _pinned_dtype(ray, options, shape.actor, units)
-    dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        UnitEncoder, fn_constructor_kwargs={"options": options, "shape": shape}, batch_size=1,
-        # One unit at a time per actor: else the first actor up takes the next units too (Ray Data lets
-        # an actor hold several) while the others are still starting, and runs them one after another.
-        compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=1), **shape.actor)
     board = ray.remote(ProgressBoard).options(num_cpus=0).remote() if progress else None
     dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         UnitEncoder, fn_constructor_kwargs={"options": options, "shape": shape, "board": board}, batch_size=1,

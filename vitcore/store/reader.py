@@ -118,7 +118,7 @@ class StoredTokens:
         if missing or "tokens" not in self.h5 or "paths" not in self.h5:
             self.h5.close()
             raise VitExtractError(
-                f"{public_url(self.path) if is_url(self.path) else self.path} is not a vit-extract output file (missing {', '.join(missing) or 'datasets'})"
+                f"{public_url(self.path)} is not a vit-extract output file (missing {', '.join(missing) or 'datasets'})"
             )
         self._filters_ready = False  # a compressed file's filter registered (array())
         self._keys: list[str] | None = None
@@ -375,7 +375,7 @@ class StoredTokens:
             if isinstance(obj, h5py.Dataset) else None
         )
         return {
-            "file": public_url(self.path) if is_url(self.path) else self.path,
+            "file": public_url(self.path),  # (a local path as it is)
             "rows": len(self),
             "complete": bool(settings.get("complete")),
             "being_written": self.being_written,

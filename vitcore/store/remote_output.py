@@ -9,6 +9,7 @@ file resumes like a local one).
     upload(local, url, complete)    the staged file → the object (one PUT, or a multipart upload
                                     the store completes at once); a complete run's copy removed
     fetched(url)                    a finished object (a Ray unit's part) → a local copy to read
+    discard(local)                  a staged copy no longer wanted
 
 Staging copies live under the cache folder (VIT_EXTRACT_CACHE_DIR), one folder per output URL. A
 run killed outright (SIGKILL, power) uploads nothing: its staged copy is where ``--resume`` on
@@ -25,7 +26,7 @@ from vitcore.errors import OutputExistsError, UsageError, VitExtractError, one_l
 from vitcore.inputs.remote import filesystem, public_url, scheme_of, secret_free, url_version
 from vitcore.system.cache import cache_dir
 
-UPLOADED = ".uploaded.json"  # beside the staged copy: the object's version after this machine's last upload
+UPLOADED = ".uploaded.json"  # beside the staged copy: the object's version when this machine last uploaded or downloaded it
 
 
 def staging_path(url: str) -> str:
@@ -73,12 +74,16 @@ def _stage(url: str, resume: bool, overwrite: bool) -> str:
     if exists and not _staged_is_current(local, url):
         _remove(local)
         fs.get_file(path, local)  # the store's copy: what the last upload (from anywhere) holds
+        _mark_current(local, url)
     return local
 
 
 def fetched(url: str) -> str:
-    """A finished object (a Ray unit's part) → a local copy in the staging folder, to read."""
+    """A finished object (a Ray unit's part) → a local copy in the staging folder, to read: the staged
+    copy when it is the object's current one (a part the driver checked, kept), else downloaded."""
     local = staging_path(url)
+    if _staged_is_current(local, url):
+        return local
     os.makedirs(os.path.dirname(local), exist_ok=True)
     fs, path = filesystem(url)
     try:
@@ -111,8 +116,18 @@ def upload(local: str, url: str, complete: bool) -> None:
     if complete:
         _remove(local)
         return
+    _mark_current(local, url)
+
+
+def _mark_current(local: str, url: str) -> None:
+    """The staged copy holds what the object holds now (just uploaded, or just downloaded)."""
     with open(local + UPLOADED, "w") as handle:
         json.dump(list(url_version(url)), handle)
+
+
+def discard(local: str) -> None:
+    """A staged copy no longer wanted (a part read for a merge), with its mark."""
+    _remove(local)
 
 
 def _remove(local: str) -> None:

@@ -102,8 +102,7 @@ def recorded_clips(path: str) -> bool | None:
 def finished_shard(path: str) -> dict | None:
     """The shard record of a finished shard file (None: unfinished, not a shard, not ours): a part an
     earlier run completed is kept as it is."""
-    shard = _recorded(path, "shard")
-    return json.loads(shard) if shard and _recorded(path, "complete") else None
+    return recorded_shard(path) if _recorded(path, "complete") else None
 
 
 def recorded_shard(path: str) -> dict | None:
