@@ -83,6 +83,10 @@ def test_auto_on_the_cpu_times_the_encoders_products_and_keeps_the_result(monkey
     devices.choose_dtype("auto", torch.device("cpu"), width=768)
     assert calls
     calls.clear()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the same CPU held to other kernels: again
+    devices.choose_dtype("auto", torch.device("cpu"), width=768)
+    assert calls
+    calls.clear()
     monkeypatch.setattr(calibrate, "machine_key", lambda: "another CPU | avx2 | 8 cpus")  # another machine: again
     devices.choose_dtype("auto", torch.device("cpu"), width=768)
     assert calls

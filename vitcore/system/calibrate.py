@@ -36,7 +36,9 @@ class DtypeChoice:
 
 def machine_key() -> str:
     """This CPU as a measurement's key: its model name, the flags that decide matrix-product speed,
-    and how many logical CPUs the process may use."""
+    how many logical CPUs the process may use, and the kernels torch and oneDNN were told to use
+    (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA can hold them below what the flags offer: then the
+    same CPU multiplies at another speed)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -50,7 +52,11 @@ def machine_key() -> str:
     except OSError:
         pass
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model} | {' '.join(f for f in FLAGS if f in flags)} | {cpus} cpus | torch threads {torch.get_num_threads()}"
+    kernels = torch.backends.cpu.get_cpu_capability()
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        kernels += f" oneDNN {os.environ['ONEDNN_MAX_CPU_ISA']}"
+    return (f"{model} | {' '.join(f for f in FLAGS if f in flags)} | {cpus} cpus | torch threads {torch.get_num_threads()}"
+            f" | {kernels}")
 
 
 def product_shape(width: int) -> tuple[int, int]:

@@ -68,7 +68,10 @@ class Qwen3VLVisionEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg, bias=True)
-        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
+        table = torch.empty(cfg.num_position_embeddings, cfg.hidden_size)
+        if table.device.type != "meta":  # on the meta device (loading a checkpoint) there is nothing to draw, and
+            nn.init.normal_(table)  # normal_ there imports torch's Python decompositions first: 1.4 s of start-up
+        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size, _weight=table)
         self.rope = Rope2D(cfg.head_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg.hidden_size, cfg.num_heads, layer_norm, Mlp(cfg)) for _ in range(cfg.depth))
         self.merger = Merger(cfg, norm_after_concat=False)
