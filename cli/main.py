@@ -218,7 +218,7 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing: say what would be read (and passed over, and why), the tokens and bytes per image, the projected file size, and a time estimate from one short calibration batch on this machine.", rich_help_panel=DISPLAY)] = False,
 ) -> None:
     """Extract visual tokens for every image under PATHS into an HDF5 file."""
-    from vitcore.run.distributed import launched_by_torchrun, rank  # h5py: not for --help
+    from vitcore.run.launch import launched_by_torchrun, rank
 
     try:
         layers = _block_numbers(layer)

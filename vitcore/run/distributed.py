@@ -13,18 +13,13 @@ import dataclasses
 import os
 
 from vitcore.errors import VitExtractError
+from vitcore.run.launch import launched_by_torchrun, rank
 from vitcore.run.notes import counted_notes
 from vitcore.run.shard import shard_path
 from vitcore.store import check_output, devices_joined
 from vitcore.store.merge import merge
 
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+__all__ = ["DistributedResult", "LaunchFailed", "extract_distributed", "launched_by_torchrun", "rank"]
 
 
 @dataclasses.dataclass
