@@ -92,6 +92,21 @@ def test_show_refuses_pooled_files_and_unknown_keys(tmp_path, photos, cli):
         token_sheet(str(unpooled), ["nope.jpg"])
 
 
+def test_a_key_that_failed_is_named_as_failed_with_its_reason_not_as_missing(tmp_path, photos, cli, monkeypatch):
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    out = tmp_path / "t.h5"
+    reason = dict(vitcore.extract([photos], out, OPTS).failures)["broken.jpg"]
+    monkeypatch.chdir(tmp_path)  # so the query is taken as a key, not as the picture on disk
+    for args in (("show", out, "broken.jpg", "-o", tmp_path / "s.png"), ("similar", out, "broken.jpg")):
+        result = cli(*args)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert "'broken.jpg' failed when" in result.stderr and "so it has no row: " in result.stderr
+        assert result.stderr.rstrip().endswith(f"so it has no row: {reason}") and " is not in " not in result.stderr
+    both = cli("show", out, "broken.jpg", "nope.jpg", "-o", tmp_path / "s.png")
+    assert both.exit_code == 2 and "broken.jpg, nope.jpg" in both.stderr and "1 of them failed" in both.stderr
+    assert "'nope.jpg' is not in" in cli("show", out, "nope.jpg", "-o", tmp_path / "s.png").stderr
+
+
 def test_blockwise_search_equals_brute_force():
     rng = np.random.default_rng(2)
     vectors = rng.normal(size=(1000, 24)).astype(np.float32)

@@ -67,6 +67,8 @@ def query_vector(f: TokenFile, query: str) -> tuple[np.ndarray, str]:
     elif query in f:
         vector, kind = f.mean(query).astype(np.float32), "key"
     else:
+        if f.failure_reason(query) is not None:
+            raise UsageError(f.absent(query))
         raise UsageError(f"{query!r} is neither a key of {f.path} nor an image file")
     if not np.isfinite(vector).all():
         raise VitExtractError(f"the vector of {query!r} is not finite (inf or NaN); see `vit-extract info {f.path}`")

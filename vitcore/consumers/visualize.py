@@ -243,7 +243,12 @@ def _clip_cell(f: TokenFile, row: int, clip: dict, maps: list[np.ndarray], grid,
 def _choose_rows(f: TokenFile, keys: list[str] | None, first: int | None) -> list[int]:
     if keys:
         missing = [k for k in keys if k not in f]
+        if len(missing) == 1:
+            raise UsageError(f.absent(missing[0]))
         if missing:
-            raise UsageError(f"not in {f.path}: {', '.join(missing[:5])}" + (" …" if len(missing) > 5 else ""))
+            failed = [k for k in missing if f.failure_reason(k) is not None]
+            raise UsageError(f"not in {f.path}: {', '.join(missing[:5])}" + (" …" if len(missing) > 5 else "")
+                             + (f" ({len(failed)} of them failed when it was made: `vit-extract info {f.path}` "
+                                "lists why)" if failed else ""))
         return [f.index(k) for k in keys]
     return list(range(min(first or 8, len(f))))

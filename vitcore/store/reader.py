@@ -351,6 +351,17 @@ class StoredTokens:
             return []
         return list(zip(self.h5["failed/paths"].asstr()[:n], self.h5["failed/errors"].asstr()[:n]))
 
+    def failure_reason(self, key: str) -> str | None:
+        """The recorded reason ``key`` failed when the file was made (it has no row), or None."""
+        return next((error for path, error in self.failures if path == key), None)
+
+    def absent(self, key: str) -> str:
+        """Why ``key`` has no row, in words: it failed (and why), or it is not in the file."""
+        reason = self.failure_reason(key)
+        if reason is None:
+            return f"{key!r} is not in {self.path}"
+        return f"{key!r} failed when {self.path} was made, so it has no row: {reason}"
+
     @property
     def token_shape(self) -> tuple[int, ...]:
         """Per image; for ragged tokens (-1, D): the count varies (num_tokens)."""
