@@ -63,6 +63,21 @@ def test_clips_that_cannot_be_read_are_one_line_errors(tmp_path):
         assert message and "\n" not in message and "Errno" not in message, (name, message)
 
 
+@pytest.mark.parametrize("suffix,codec", [(".webm", "libvpx"), (".mkv", "mpeg4")])
+def test_a_clip_without_a_frame_count_cut_short_is_refused_not_stored_as_a_slower_clip(tmp_path, suffix, codec):
+    """WebM and Matroska declare no frame count; their length, in the header, survives a cut: a
+    clip cut in half must not read as the whole length at half the frame rate."""
+    whole = open(make_clip(tmp_path / f"clip{suffix}", 50, 64, 48, 10, codec=codec), "rb").read()
+    with open_clip(io.BytesIO(whole)) as container:
+        info = clip_info(container)
+    assert info.frames == 50 and info.fps == pytest.approx(10, rel=0.02)
+    for share in (0.5, 0.7):
+        with pytest.raises(VideoError, match=r"the video stops at \d+\.\d s of the 5\.0 s its container declares "
+                                             r"\(the file is cut short\)"):
+            with open_clip(io.BytesIO(whole[: int(len(whole) * share)])) as container:
+                clip_info(container)
+
+
 def test_video_names():
     assert is_video_name("a/b/clip.MP4") and is_video_name("x.webm") and not is_video_name("photo.jpg")
 

@@ -51,10 +51,15 @@ class ClipInfo:
 
 def open_clip(source):
     """A binary file object → an open PyAV container (close it, or use it in a with-block)."""
+    from vitcore.imaging.sniff import HEAD_BYTES, content_kind  # (sniff names clips by this module's rule)
+
     av = _av()
     if hasattr(source, "read") and hasattr(source, "seek"):
-        if not source.read(1):  # said as a picture's is, not as FFmpeg's "Invalid argument" (or a seek error)
+        head = source.read(HEAD_BYTES)
+        if not head:  # said as a picture's is, not as FFmpeg's "Invalid argument" (or a seek error)
             raise VideoError("the file is empty (0 bytes)")
+        if (content_kind(head) or ("",))[0] == "picture":  # FFmpeg reads a JPEG as a one-frame clip
+            raise VideoError("a still picture, not a clip")  # (the record adds what it is: rename it)
         source.seek(0)
     try:
         return av.open(source, mode="r")
@@ -72,8 +77,12 @@ def clip_info(container) -> ClipInfo:
     fps = float(rate)
     frames = stream.frames
     if not frames:  # WebM, Matroska: counted; and the rate from the container's duration where it has one
-        frames = _count_frames(container)  # (their declared rate is often the first frames', wrong for a
+        frames, last = _count_frames(container)  # (their declared rate is often the first frames', wrong for a
         seconds = _duration(container, stream)  # variable-rate clip: 10 s recorded as 0.7 s)
+        if frames > 0 and seconds > 0 and last is not None and seconds - last > max(0.25 * seconds, 2 / fps):
+            # A file cut short keeps the length its header declares (written first): its frames stop early.
+            raise VideoError(f"the video stops at {last:.1f} s of the {seconds:.1f} s its container declares "
+                             "(the file is cut short)")
         if frames > 0 and seconds > 0 and abs(frames / seconds - fps) > 0.02 * fps:  # (a constant rate: kept
             fps = frames / seconds  # exact; the container's millisecond clock rounds frames ÷ seconds)
     if frames <= 0:
@@ -117,13 +126,17 @@ def _duration(container, stream) -> float:
     return container.duration / 1_000_000 if container.duration else 0.0  # (AV_TIME_BASE)
 
 
-def _count_frames(container) -> int:
+def _count_frames(container) -> tuple[int, float | None]:
+    """(the frames the clip holds, decoded one by one; the last one's time in seconds, or None)."""
     av = _av()
+    count, last = 0, None
     try:
         container.seek(0)
-        return sum(1 for _ in container.decode(video=0))
+        for frame in container.decode(video=0):
+            count, last = count + 1, frame.time if frame.time is not None else last
     except av.FFmpegError as err:
         raise VideoError(f"the video cannot be decoded ({_reason(err)})") from None
+    return count, last
 
 
 def _reason(err) -> str:
