@@ -193,9 +193,16 @@ def test_a_clip_too_long_to_take_every_frame_is_a_record(qwen2, tmp_path):
     clips = tmp_path / "clips"
     clips.mkdir()
     make_clip(clips / "long.mp4", 800, 16, 16, 25, codec="mpeg4")
+    make_clip(clips / "short.mp4", 6, 16, 16, 25, codec="mpeg4")
     result = vitcore.extract([clips], tmp_path / "v.h5", _opts(qwen2))
     (key, error), = result.failures
-    assert key == "long.mp4" and "800 frames" in error and "--fps" in error
+    assert key == "long.mp4" and "800 frames" in error and "`vit-extract run --fps 2`" in error
+    # similar has no --fps: the advice names the command that samples, not an option it lacks
+    from vitcore.consumers.search import similar
+    from vitcore.errors import VitExtractError
+
+    with pytest.raises(VitExtractError, match="800 frames.*`vit-extract run --fps 2` samples"):
+        similar(str(tmp_path / "v.h5"), str(clips / "long.mp4"), k=1)
 
 
 def test_other_families_pass_clips_over_and_refuse_fps(mixed, tmp_path):
@@ -263,10 +270,11 @@ def test_show_draws_a_clips_first_temporal_patches_beside_their_maps(qwen3, mixe
     assert cli("show", out, "a.mp4", "-o", tmp_path / "gone.png").exit_code == 0
 
 
-def test_similar_encodes_a_new_clip_as_the_files_clips_were(qwen3, mixed, tmp_path):
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])  # Qwen2-VL without --fps: its clips were not sampled
+def test_similar_encodes_a_new_clip_as_the_files_clips_were(family, request, mixed, tmp_path):
     from vitcore.consumers.search import similar
 
-    out = vitcore.extract([mixed], tmp_path / "p.h5", _opts(qwen3, pool="mean")).output
+    out = vitcore.extract([mixed], tmp_path / "p.h5", _opts(request.getfixturevalue(family), pool="mean")).output
     query = tmp_path / "query.mp4"
     shutil.copy(mixed / "a.mp4", query)  # outside the file's root: encoded afresh, sampled as a.mp4 was
     hits, kind = similar(str(out), str(query), k=2)
@@ -309,7 +317,8 @@ def test_vllm_video_embeds_hold_each_clip_then_its_deepstack_and_timing(qwen2, q
     assert embeds["second_per_grid_ts"].tolist() == vitcore.video_timing(out, ["a.mp4"])["second_per_grid_ts"].tolist()
 
 
-def test_a_picture_named_as_a_clip_and_a_clip_named_as_a_picture_say_so(qwen3, mixed, tmp_path):
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])  # Qwen2-VL took a JPEG named .mp4 as a one-frame clip
+def test_a_picture_named_as_a_clip_and_a_clip_named_as_a_picture_say_so(family, request, mixed, tmp_path):
     from vitcore.imaging.sniff import content_kind
 
     odd = tmp_path / "odd"
@@ -319,7 +328,7 @@ def test_a_picture_named_as_a_clip_and_a_clip_named_as_a_picture_say_so(qwen3, m
     shutil.copy(mixed / "b.webm", odd / "clip.png")
     shutil.copy(mixed / "a.mp4", odd / "fine.mp4")
     (odd / "junk.mp4").write_bytes(b"\x00" * 64)  # neither: its record says nothing more
-    failed = _rows(vitcore.extract([odd], tmp_path / "o.h5", _opts(qwen3)).output)["failed"]
+    failed = _rows(vitcore.extract([odd], tmp_path / "o.h5", _opts(request.getfixturevalue(family))).output)["failed"]
     assert set(failed) == {"photo.mp4", "clip.jpg", "clip.png", "junk.mp4"}
     assert failed["photo.mp4"].endswith("(its content is a picture (JPEG), not a video clip: rename it)")
     assert failed["clip.jpg"].endswith("(its content is a video clip (MP4), not a picture: rename it)")

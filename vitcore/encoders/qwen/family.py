@@ -250,7 +250,7 @@ class QwenVLFamily:
         # A file with clips: a new clip is sampled as its clips were (the same --fps / --max-frames).
         sampled = recorded["do_sample_frames"] and recorded["fps"] is not None
         options = dataclasses.replace(options, videos=True, fps=recorded["fps"] if sampled else None,
-                                      max_frames=recorded["max_frames"])
+                                      max_frames=recorded["max_frames"] if sampled else None)  # (as the run had them)
         if self._video(options).to_record() != recorded:
             raise VitExtractError(f"the video processor of {folder} has changed since {file} was made; "
                                   "cannot encode a new clip as its clips were")

@@ -110,7 +110,8 @@ class VideoPreprocess:
         if not self.do_sample_frames or (self.num_frames is None and self.fps is None):
             if total > UNSAMPLED_LIMIT:
                 raise ValueError(f"the clip has {total} frames and this checkpoint's video processor samples none "
-                                 f"(every frame would be encoded); give --fps (e.g. --fps 2) to sample")
+                                 f"(every frame would be encoded): a file made with `vit-extract run --fps 2` samples 2 frames "
+                                 "a second")
             return list(range(total))
         tps = self.temporal_patch_size
         if self.num_frames is not None:
