@@ -48,7 +48,12 @@ def test_counts_are_a_real_runs_rows_and_failures_and_the_size_is_within_5_perce
     real = vitcore.extract([mixed, mixed / "shard.tar"], out, FAST, **overrides)
     assert planned.to_read == real.rows + len(real.failures) == 44
     assert planned.inputs == {"image files": 41, "tar members": 3}
-    assert planned.videos_passed_over == {"mp4": 1} and any("video" in n for n in planned.passed_over)
+    assert planned.videos_passed_over == {"mp4": 1}
+    # the clip is said once, as a clip, in the dry run and in the run's summary alike
+    for notes in (planned.passed_over, real.warnings):
+        assert [n for n in notes if "mp4" in n or "clip" in n] == [
+            "1 video clip passed over (mp4 1): clips are read by the Qwen-VL families only (--weights a Qwen-VL "
+            "checkpoint)"], notes
     assert planned.tokens_per_image["tokens"] == (16 if overrides.get("pool", "none") == "none" else 1)
     assert _within(planned.projected_bytes, out.stat().st_size), (planned.projected_bytes, out.stat().st_size)
     assert planned.estimated_seconds > 0 and planned.calibration_images == 8
@@ -83,6 +88,19 @@ def test_with_resume_it_counts_what_is_left_and_leaves_the_file_as_it_was(photos
     result = vitcore.extract([photos], out, FAST, resume=True)
     assert result.written == planned.to_read
     assert _within(planned.projected_bytes, out.stat().st_size), (planned.projected_bytes, out.stat().st_size)
+
+
+def test_it_says_when_the_disk_has_less_room_than_the_file_would_still_take(photos, tmp_path, monkeypatch):
+    import vitcore.run.dry_run as module
+
+    roomy = dry_run([photos], tmp_path / "t.h5", FAST)
+    assert not [n for n in roomy.notes if "free" in n]
+    left = roomy.projected_bytes // 2
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**12, 10**12 - left, left))
+    tight = dry_run([photos], tmp_path / "t.h5", FAST)
+    (note,) = [n for n in tight.notes if "free" in n]
+    assert note.startswith(f"the file would take {module.shown_size(tight.projected_bytes)} more but {tmp_path} has "
+                           f"{module.shown_size(left)} free") and "--resume" in note
 
 
 def test_the_cli_dry_run_refuses_what_a_run_refuses_and_says_the_plan(cli, photos, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ import h5py
 import torch
 from PIL import Image
 
+from vitcore.imaging.decode import pixel_limit
 from vitcore.imaging.loader import ImageDataset, collate
 from vitcore.imaging.video import VIDEO_EXTENSIONS, clip_info, is_video_name, open_clip
 from vitcore.inputs.base import Discovery
@@ -31,6 +33,7 @@ from vitcore.run.pipeline import choose_batching, plan_resume
 from vitcore.store import Output, StoreWriter, ragged_index_names
 from vitcore.store.resume import recorded_compute_dtype
 from vitcore.system.device import choose_dtype, dtype_name, resolve_device
+from vitcore.system.units import shown_size
 
 HEADER_SAMPLE = 2000  # image headers read to count a native-resolution run's tokens (evenly spaced)
 CLIP_SAMPLE = 200  # clip headers read likewise (fewer: a WebM or Matroska clip is decoded to count its frames)
@@ -89,7 +92,8 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
     plan = plan_resume(Output(run.output, out_opts.resume, out_opts.overwrite), found, settings,
                        out_opts.retry_failed)  # reads an existing file; locks and writes nothing
     sources = plan.sources
-    counts, counted_from, unreadable = _token_counts(record, settings, sources)
+    with pixel_limit(run.inputs.max_pixels):  # a header over the limit is a failure in a run too
+        counts, counted_from, unreadable = _token_counts(record, settings, sources)
     report = DryRun(
         output=public_url(run.upload_to) if run.upload_to else run.output, inputs=_by_kind(sources), to_read=len(sources) + len(plan.unlisted),
         already_done=plan.skipped, duplicates_dropped=found.skipped_duplicates,
@@ -114,7 +118,7 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
         return report
     built = run.family.build(encoder_opts, device, chosen.dtype, record=record)
     report.batch_size, report.workers = choose_batching(compute, built, len(sources))
-    calibration = _calibrate(built, settings, device, sources, containers.meta_names)
+    calibration = _calibrate(built, settings, device, sources, containers.meta_names, run.inputs.max_pixels)
     report.calibration_failures = calibration.failures
     if calibration.rows is None:
         report.notes.append(f"none of the first {calibration.failures} inputs could be decoded "
@@ -133,7 +137,24 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
     if unreadable:
         report.notes.append(f"{unreadable} of the headers read could not be read: a run will likely "
                             "record those inputs as failures")
+    report.notes += filter(None, [_room_note(run.output, report.projected_bytes, run.upload_to is not None)])
     return report
+
+
+def _room_note(output: str, projected: int, staged: bool) -> str | None:
+    """A note when the output's disk has less room than the file would still take (None otherwise):
+    a run there stops when the disk fills (its committed rows kept, --resume goes on)."""
+    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    growth = projected - (os.path.getsize(output) if os.path.exists(output) else 0)
+    if growth <= free:
+        return None
+    where = f"the local staging folder {folder}" if staged else folder
+    return (f"the file would take {shown_size(growth)} more but {where} has {shown_size(free)} free: a run would "
+            "stop when the disk fills (the rows committed until then are kept; make room, then --resume)")
 
 
 def _by_kind(sources: list) -> dict[str, int]:
@@ -145,15 +166,11 @@ def _by_kind(sources: list) -> dict[str, int]:
 
 
 def _passed_over(found: Discovery, unlisted: int) -> list[str]:
-    """What a run's summary says it passed over (the same words), and the videos among it."""
+    """What a run's summary says it passed over (the same words)."""
     notes = list(found.notes) + counted_notes({}, found.passed_over, found.entries_passed_over)
     if unlisted:
         notes.append(f"{unlisted} folder{'s' * (unlisted != 1)} or container file{'s' * (unlisted != 1)} could not "
                      f"be listed or opened ({found.unlisted[0].reason}); a run records each as a failure")
-    videos = sum(n for e, n in found.passed_over.items() if e in VIDEO_EXTENSIONS)
-    if videos:
-        notes.append(f"{videos} video file{'s' * (videos != 1)} passed over: clips are read by the Qwen-VL families "
-                     "only (--weights a Qwen-VL checkpoint)")
     return notes
 
 
@@ -223,10 +240,10 @@ class _Calibration:
     error: str = ""
 
 
-def _calibrate(built, settings, device, sources, meta) -> _Calibration:
+def _calibrate(built, settings, device, sources, meta, max_pixels: int | None) -> _Calibration:
     """Decode and encode the first inputs that decode (up to CALIBRATION_IMAGES, trying at most
     CALIBRATION_TRIES) as a run would: their rows, and decode and encode seconds per image."""
-    dataset = ImageDataset(sources, built.loader, meta)
+    dataset = ImageDataset(sources, built.loader, meta, max_pixels)
     items, failed, error, decode_s = [], [], "", 0.0
     for i in range(min(len(sources), CALIBRATION_TRIES)):
         tick = time.perf_counter()

@@ -3,6 +3,7 @@ launch can add up its ranks' counts and say them once)."""
 
 from __future__ import annotations
 
+from vitcore.imaging.video import VIDEO_EXTENSIONS
 from vitcore.inputs.base import ENTRY_KINDS
 
 
@@ -16,11 +17,22 @@ def counted_notes(missing_meta: dict[str, int], passed_over: dict[str, int],
              for name, count in missing_meta.items()]
     notes += [f"{count} row{'s' * (count != 1)} of --columns {name} held NaN or infinite numbers, stored as JSON null"
               for name, count in (nonfinite_meta or {}).items()]
-    if passed_over:
-        counts = ", ".join(f"{ext} {n}" for ext, n in sorted(passed_over.items(), key=lambda item: (-item[1], item[0])))
-        files = sum(passed_over.values())
+    # Clips once, as clips: --ext would not take them for a family that reads pictures only.
+    clips = {ext: n for ext, n in passed_over.items() if ext in VIDEO_EXTENSIONS}
+    others = {ext: n for ext, n in passed_over.items() if ext not in VIDEO_EXTENSIONS}
+    if others:
+        files = sum(others.values())
         notes.append(f"{files} file{'s' * (files != 1)} in the folders (or members of tars) passed over by extension "
-                     f"({counts}); --ext takes other image extensions, --keep stores sidecar text")
+                     f"({_by_count(others)}); --ext takes other image extensions, --keep stores sidecar text")
+    if clips:
+        files = sum(clips.values())
+        notes.append(f"{files} video clip{'s' * (files != 1)} passed over ({_by_count(clips)}): clips are read by the "
+                     "Qwen-VL families only (--weights a Qwen-VL checkpoint)")
     if entries:
         notes.append("passed over, not files: " + "; ".join(f"{ENTRY_KINDS[kind]}: {n}" for kind, n in sorted(entries.items())))
     return notes
+
+
+def _by_count(counts: dict[str, int]) -> str:
+    """'avif 3, heic 1': most first, then by name."""
+    return ", ".join(f"{ext} {n}" for ext, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
