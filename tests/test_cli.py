@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -545,3 +546,46 @@ def test_info_gives_each_failure_its_root(cli, tmp_path):
     assert summary["untrained"] is True
     table = cli("info", out).stdout
     assert str(tmp_path / "a" / "broken.jpg") in table and str(tmp_path / "b" / "broken.jpg") in table
+
+
+def test_a_file_that_is_not_an_output_is_a_usage_refusal_for_every_reading_command(cli, tmp_path):
+    folder, picture, foreign = tmp_path / "folder", tmp_path / "picture.h5", tmp_path / "foreign.h5"
+    folder.mkdir()
+    shutil.copy(SAMPLES / "coffee.jpg", picture)  # a JPEG named .h5
+    with h5py.File(foreign, "w") as f:
+        f["x"] = [1, 2, 3]
+    for wrong, words in ((folder, "directory"), (picture, "not a readable HDF5 file"),
+                         (foreign, "not a vit-extract output file")):
+        for args in (["info", wrong], ["show", wrong, "-o", tmp_path / "s.png"], ["similar", wrong, "coffee.jpg"],
+                     ["index", wrong, "-o", tmp_path / "i.faiss"], ["vllm-cache", wrong, tmp_path / "cache"],
+                     ["merge", wrong, "-o", tmp_path / "m.h5"]):
+            result = cli(*args)
+            assert result.exit_code == 2 and words in result.stderr, (args, result.output)
+            # (a folder is refused by the argument's parser, which the test runner draws in a box)
+            assert wrong is folder or result.stderr.count("\n") == 1, (args, result.stderr)
+
+
+def test_max_pixels_sets_the_decompression_bomb_limit_in_the_workers_and_the_dry_run(cli, tmp_path):
+    from PIL import Image
+
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    Image.new("RGB", (3000, 1000), (200, 40, 40)).save(pictures / "panorama.png")  # 3 megapixels
+    shutil.copy(SAMPLES / "coffee.jpg", pictures / "coffee.jpg")
+    limit = Image.MAX_IMAGE_PIXELS
+    for max_pixels, rows in (("1000000", ["coffee.jpg"]), ("0", ["coffee.jpg", "panorama.png"]),
+                             (None, ["coffee.jpg", "panorama.png"])):
+        out = tmp_path / f"{max_pixels}.h5"
+        more = ["--max-pixels", max_pixels] if max_pixels else []
+        planned = json.loads(cli("run", pictures, "-o", out, "--model", TINY, "--dry-run", "--json", *more).stdout)
+        assert planned["to_read"] == 2 and planned["calibration_failures"] == 2 - len(rows)  # decoded as a run would
+        result = cli("run", pictures, "-o", out, "--model", TINY, "--workers", "2", "--json", *more)
+        summary = json.loads(result.stdout)
+        with h5py.File(out) as f:
+            assert sorted(f["paths"].asstr()[:]) == rows
+        if len(rows) == 1:
+            (failure,) = summary["failures"]
+            assert failure["path"] == "panorama.png" and "DecompressionBomb" in failure["error"]
+            assert failure["error"].endswith("(--max-pixels N raises the limit, 0 lifts it)")
+        assert Image.MAX_IMAGE_PIXELS == limit  # Pillow's own limit is left as it was
+    assert cli("run", pictures, "-o", tmp_path / "x.h5", "--max-pixels", "-1").exit_code == 2

@@ -187,6 +187,26 @@ def _unidentified(source) -> str | None:
 
 
 @contextlib.contextmanager
+def pixel_limit(limit: int | None):
+    """Pillow's decompression-bomb limit for the pictures opened inside (--max-pixels): None keeps
+    Pillow's own (PIL.Image.MAX_IMAGE_PIXELS, about 89 megapixels), 0 lifts it. Pillow reads the
+    limit when a file is opened, from its module; it is put back after, for a Python caller."""
+    if limit is None:
+        yield
+        return
+    kept = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit or None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = kept
+
+
+def is_over_pixel_limit(err: BaseException) -> bool:
+    return isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning))
+
+
+@contextlib.contextmanager
 def _pillow_checks():
     with warnings.catch_warnings():
         # Pillow's other warnings (odd EXIF or TIFF tags) would only clutter the user's terminal

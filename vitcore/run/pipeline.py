@@ -229,9 +229,10 @@ def _extract(run: CheckedRun, progress, stop: StopFlag | None, encoders: dict | 
             batch_size, workers = choose_batching(compute, built, len(plan.sources))
             if make_batches is None:
                 loader = make_loader(plan.sources, built.loader, batch_size, workers, pin_memory=device.type == "cuda",
-                                     worker_init_fn=init_worker, meta=meta)
+                                     worker_init_fn=init_worker, meta=meta, max_pixels=run.inputs.max_pixels)
             else:
-                loader = make_batches(plan.sources, built.loader, batch_size, workers, device.type == "cuda", meta)
+                loader = make_batches(plan.sources, built.loader, batch_size, workers, device.type == "cuda", meta,
+                                      run.inputs.max_pixels)
             what = f"{record.encoder_record} | outputs {[spec.name for spec in record.outputs]}"
             compiling = choose_compile(compute.compile, built.compiled_encode is not None, device, what, dtype,
                                        batch_size, len(plan.sources))

@@ -33,8 +33,10 @@ class RayBatches:
 
     task_cpus: float = 1.0
 
-    def __call__(self, sources: list, image_loader, batch_size: int, workers: int, pin_memory: bool, meta=()):
-        return self._batches(ImageDataset(sources, image_loader, meta), batch_size, max(1, workers), pin_memory)
+    def __call__(self, sources: list, image_loader, batch_size: int, workers: int, pin_memory: bool, meta=(),
+                 max_pixels: int | None = None):
+        return self._batches(ImageDataset(sources, image_loader, meta, max_pixels), batch_size, max(1, workers),
+                             pin_memory)
 
     def _batches(self, dataset: ImageDataset, batch_size: int, in_flight: int, pin_memory: bool):
         import ray

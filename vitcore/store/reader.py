@@ -56,8 +56,10 @@ def open_for_reading(path: str, verb: str) -> h5py.File:
             f"cannot {verb} {path}: a vit-extract run is writing it (HDF5 file lock); "
             "try again when that run has finished"
         ) from None
-    except OSError as err:
-        raise VitExtractError(f"cannot {verb} {path}: not a readable HDF5 file ({err})") from None
+    except PermissionError as err:
+        raise VitExtractError(f"cannot {verb} {path}: {err.strerror or err}") from None
+    except OSError as err:  # the user named a file that is not ours to read: a usage refusal, as a folder is
+        raise UsageError(f"cannot {verb} {path}: not a readable HDF5 file ({err})") from None
 
 
 def _open_url(url: str, verb: str) -> h5py.File:
@@ -81,7 +83,7 @@ def _open_url(url: str, verb: str) -> h5py.File:
         return h5py.File(handle, "r")
     except OSError as err:
         handle.close()
-        raise VitExtractError(f"cannot {verb} {public_url(url)}: not a readable HDF5 file "
+        raise UsageError(f"cannot {verb} {public_url(url)}: not a readable HDF5 file "
                               f"({secret_free(str(err), url)})") from None
 
 
@@ -117,7 +119,7 @@ class StoredTokens:
         missing = [a for a in ("schema_version", "committed", "roots", "encoder") if a not in self.h5.attrs]
         if missing or "tokens" not in self.h5 or "paths" not in self.h5:
             self.h5.close()
-            raise VitExtractError(
+            raise UsageError(
                 f"{public_url(self.path)} is not a vit-extract output file (missing {', '.join(missing) or 'datasets'})"
             )
         self._filters_ready = False  # a compressed file's filter registered (array())
