@@ -1,6 +1,7 @@
 """The seed encoders against this CPU's matrix-product ceiling, float32 and bfloat16, eager and compiled.
 
-    python bench/cpu_ceiling.py [--presets small,base] [--batch 16] [--compile small] [--seconds 6]
+    python bench/cpu_ceiling.py [--presets small,base] [--dtypes float32,bfloat16] [--batch 16] [--compile small]
+                                [--seconds 6]
 
 Ceiling: a 4096³ matrix product in each dtype (median of repeats), in GFLOP/s. Encoder: images/s of
 forward_features on random pixels at --batch, after a warm-up, median of 3 timed runs of --seconds;
@@ -60,6 +61,8 @@ def images_per_second(model, pixels, seconds: float, runs: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="small,base")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="bfloat16 can be left out where it is emulated "
+                        "(a CPU without AVX-512-BF16 or AMX multiplies it 50-100× slower)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--compile", default="small", help="presets also timed compiled (comma-separated, or none)")
     parser.add_argument("--seconds", type=float, default=6.0)
@@ -68,16 +71,17 @@ def main() -> None:
                     for f in line.split(":")[1].split() if f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2")})
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"flags: {' '.join(flags)}")
-    ceilings = {dtype: ceiling(dtype) for dtype in (torch.float32, torch.bfloat16)}
-    print(f"\nceiling (4096³ product): float32 {ceilings[torch.float32]:.0f} GFLOP/s, "
-          f"bfloat16 {ceilings[torch.bfloat16]:.0f} GFLOP/s\n")
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    ceilings = {dtype: ceiling(dtype) for dtype in dtypes}
+    print("\nceiling (4096³ product): " + ", ".join(f"{str(d).removeprefix('torch.')} {c:.0f} GFLOP/s"
+                                                   for d, c in ceilings.items()) + "\n")
     print("| preset | dtype | mode | images/s | GFLOP/image | % of that dtype's ceiling |")
     print("|---|---|---|---|---|---|")
     compiled = set(args.compile.split(",")) if args.compile != "none" else set()
     for name in args.presets.split(","):
         cfg = parse_model(name)
         gflop = flops_per_image(cfg) / 1e9
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             model = seeded_encoder(cfg, 0, dtype=dtype).eval()
             pixels = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size, dtype=dtype)
             for mode in ("eager", "compiled") if name in compiled else ("eager",):
