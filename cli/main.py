@@ -180,7 +180,7 @@ def run(
     keep: Annotated[Optional[list[str]], typer.Option(metavar="LIST", help="Tar shards (WebDataset samples) and loose files: also store the sample's files of these extensions (e.g. txt,json, or --keep repeated) as text datasets meta/<ext>, row-aligned.", show_default=False, rich_help_panel=INPUTS)] = None,
     columns: Annotated[Optional[list[str]], typer.Option(metavar="LIST", help="Parquet: also store these columns (e.g. caption,url, or --columns repeated) as text datasets meta/<column>, row-aligned.", show_default=False, rich_help_panel=INPUTS)] = None,
     image_column: Annotated[Optional[str], typer.Option(metavar="NAME", help="Parquet: the column holding the images. Default: the first holding image bytes (a Hugging Face datasets Image, or binary).", show_default=False, rich_help_panel=INPUTS)] = None,
-    max_pixels: Annotated[Optional[int], typer.Option(metavar="N", help="Pictures over N pixels are failures (Pillow's guard against decompression bombs). Default: Pillow's limit, 89,478,485 (about 89 megapixels); 0: no limit (a 1-gigapixel scan then takes about 3 GB per decoding worker).", min=0, show_default=False, rich_help_panel=INPUTS)] = None,
+    max_image_pixels: Annotated[Optional[int], typer.Option(metavar="N", help="Pictures over N pixels are failures (Pillow's guard against decompression bombs). Default: Pillow's limit, 89,478,485 (about 89 megapixels); 0: no limit (a 1-gigapixel scan then takes about 3 GB per decoding worker).", min=0, show_default=False, rich_help_panel=INPUTS)] = None,
     decode: Annotated[Optional[Decode], typer.Option(help="draft: decode large JPEGs at a reduced scale (fast); full: exact decode; gpu: JPEGs decoded and resized on the GPU (nvJPEG through torchvision; elsewhere falls back to draft and says so). Default: draft for the seed encoders, full for the checkpoint families (Qwen-VL, SigLIP, CLIP, DINOv2).", show_default=False, rich_help_panel=INPUTS)] = None,
     model: Annotated[Optional[str], typer.Option(metavar="NAME", help="small | base | large, a custom spec like dim=256,depth=4,heads=4, or a checkpoint family (qwen3-vl, qwen2.5-vl, qwen2-vl, siglip, siglip2, clip, dinov2; found from --weights CHECKPOINT_DIR anyway; `vit-extract models` lists them). Default: base, or the encoder stored in --weights.", show_default=False, rich_help_panel=ENCODER)] = None,
     weights: Annotated[Optional[Path], typer.Option(metavar="PATH", help=".safetensors weights (written by init-weights or save_weights), or a transformers checkpoint folder of Qwen2-VL / Qwen2.5-VL / Qwen3-VL, SigLIP / SigLIP2, CLIP or DINOv2 (told by its config.json; the hub cache's snapshot folders work); without it a seed encoder is UNTRAINED (seeded random init).", exists=True, rich_help_panel=ENCODER)] = None,
@@ -234,7 +234,7 @@ def run(
         features=tuple(comma_list(features)), fps=fps, max_frames=max_frames,
         batch_size=batch_size, workers=workers, device=device, dtype=dtype.value,
         out_dtype=out_dtype.value, compression=compression.value, files_from=files_from, extensions=ext, keep=keep, columns=columns,
-        image_column=image_column, max_pixels=max_pixels, resume=resume,
+        image_column=image_column, max_image_pixels=max_image_pixels, resume=resume,
         retry_failed=retry_failed, overwrite=overwrite, compile=compile,
     )
     inputs = [str(p) for p in paths or ()]

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import vitcore
+from vitcore.run.pipeline import ExtractOptions
 from tests.helpers import SAMPLES, TINY, folder_of_copies, wait_for_committed
 from vitcore.errors import VitExtractError
 
@@ -563,29 +564,37 @@ def test_a_file_that_is_not_an_output_is_a_usage_refusal_for_every_reading_comma
             assert result.exit_code == 2 and words in result.stderr, (args, result.output)
             # (a folder is refused by the argument's parser, which the test runner draws in a box)
             assert wrong is folder or result.stderr.count("\n") == 1, (args, result.stderr)
+    # An output of ours cut short (a crash during a copy) is damage, not a usage mistake: exit 1
+    whole = tmp_path / "whole.h5"
+    vitcore.extract([SAMPLES], whole, ExtractOptions(model=TINY, dtype="float32", workers=0))
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    for args in (["info", cut], ["show", cut, "-o", tmp_path / "s.png"], ["merge", cut, "-o", tmp_path / "m.h5"]):
+        result = cli(*args)
+        assert result.exit_code == 1 and "a damaged HDF5 file" in result.stderr, (args, result.output)
 
 
-def test_max_pixels_sets_the_decompression_bomb_limit_in_the_workers_and_the_dry_run(cli, tmp_path):
+def test_max_image_pixels_sets_the_decompression_bomb_limit_in_the_workers_and_the_dry_run(cli, tmp_path, monkeypatch):
     from PIL import Image
 
     pictures = tmp_path / "pictures"
     pictures.mkdir()
     Image.new("RGB", (3000, 1000), (200, 40, 40)).save(pictures / "panorama.png")  # 3 megapixels
     shutil.copy(SAMPLES / "coffee.jpg", pictures / "coffee.jpg")
-    limit = Image.MAX_IMAGE_PIXELS
-    for max_pixels, rows in (("1000000", ["coffee.jpg"]), ("0", ["coffee.jpg", "panorama.png"]),
-                             (None, ["coffee.jpg", "panorama.png"])):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000_000)  # Pillow's own limit, lowered (forked workers inherit it)
+    both = ["coffee.jpg", "panorama.png"]
+    for max_pixels, rows in (("1000000", ["coffee.jpg"]), (None, ["coffee.jpg"]), ("0", both), ("5000000", both)):
         out = tmp_path / f"{max_pixels}.h5"
-        more = ["--max-pixels", max_pixels] if max_pixels else []
+        more = ["--max-image-pixels", max_pixels] if max_pixels else []
         planned = json.loads(cli("run", pictures, "-o", out, "--model", TINY, "--dry-run", "--json", *more).stdout)
         assert planned["to_read"] == 2 and planned["calibration_failures"] == 2 - len(rows)  # decoded as a run would
         result = cli("run", pictures, "-o", out, "--model", TINY, "--workers", "2", "--json", *more)
         summary = json.loads(result.stdout)
         with h5py.File(out) as f:
-            assert sorted(f["paths"].asstr()[:]) == rows
+            assert sorted(f["paths"].asstr()[:]) == rows, max_pixels
         if len(rows) == 1:
             (failure,) = summary["failures"]
             assert failure["path"] == "panorama.png" and "DecompressionBomb" in failure["error"]
-            assert failure["error"].endswith("(--max-pixels N raises the limit, 0 lifts it)")
-        assert Image.MAX_IMAGE_PIXELS == limit  # Pillow's own limit is left as it was
-    assert cli("run", pictures, "-o", tmp_path / "x.h5", "--max-pixels", "-1").exit_code == 2
+            assert failure["error"].endswith("(`vit-extract run --max-image-pixels N` raises the limit, 0 lifts it)")
+        assert Image.MAX_IMAGE_PIXELS == 2_000_000  # the process's own limit is put back
+    assert cli("run", pictures, "-o", tmp_path / "x.h5", "--max-image-pixels", "-1").exit_code == 2

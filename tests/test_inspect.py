@@ -97,10 +97,12 @@ def test_a_key_that_failed_is_named_as_failed_with_its_reason_not_as_missing(tmp
     out = tmp_path / "t.h5"
     reason = dict(vitcore.extract([photos], out, OPTS).failures)["broken.jpg"]
     monkeypatch.chdir(tmp_path)  # so the query is taken as a key, not as the picture on disk
-    for args in (("show", out, "broken.jpg", "-o", tmp_path / "s.png"), ("similar", out, "broken.jpg")):
+    qualified = str(photos.resolve() / "broken.jpg")  # ROOT/KEY, as info lists a failure's root
+    for args in (("show", out, "broken.jpg", "-o", tmp_path / "s.png"), ("similar", out, "broken.jpg"),
+                 ("show", out, qualified, "-o", tmp_path / "s.png")):
         result = cli(*args)
         assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
-        assert "'broken.jpg' failed when" in result.stderr and "so it has no row: " in result.stderr
+        assert f"{args[2]!r} failed when" in result.stderr and "so it has no row: " in result.stderr
         assert result.stderr.rstrip().endswith(f"so it has no row: {reason}") and " is not in " not in result.stderr
     both = cli("show", out, "broken.jpg", "nope.jpg", "-o", tmp_path / "s.png")
     assert both.exit_code == 2 and "broken.jpg, nope.jpg" in both.stderr and "1 of them failed" in both.stderr

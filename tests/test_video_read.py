@@ -72,10 +72,36 @@ def test_a_clip_without_a_frame_count_cut_short_is_refused_not_stored_as_a_slowe
         info = clip_info(container)
     assert info.frames == 50 and info.fps == pytest.approx(10, rel=0.02)
     for share in (0.5, 0.7):
-        with pytest.raises(VideoError, match=r"the video stops at \d+\.\d s of the 5\.0 s its container declares "
-                                             r"\(the file is cut short\)"):
+        with pytest.raises(VideoError, match=r"the file stops at \d+\.\d s of the 5\.0 s its container declares "
+                                             r"\(it is cut short\)"):
             with open_clip(io.BytesIO(whole[: int(len(whole) * share)])) as container:
                 clip_info(container)
+
+
+def test_a_clip_whose_audio_runs_on_past_its_video_is_whole(tmp_path):
+    """The container's length covers every stream: 1 s of video over 5 s of sound is not cut short."""
+    path = tmp_path / "talk.mkv"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        sound = out.add_stream("aac", rate=8000)
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 20, np.uint8), format="rgb24")
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode():
+            out.mux(packet)
+        for i in range(40):  # 40 × 1,024 samples at 8 kHz: 5.1 s
+            samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            samples.sample_rate, samples.pts = 8000, i * 1024
+            for packet in sound.encode(samples):
+                out.mux(packet)
+        for packet in sound.encode():
+            out.mux(packet)
+    with open(path, "rb") as handle, open_clip(handle) as container:
+        info = clip_info(container)
+        assert container.duration / 1e6 > 4.5  # the container's length is the sound's
+    assert info.frames == 10
 
 
 def test_video_names():

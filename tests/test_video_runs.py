@@ -337,3 +337,10 @@ def test_a_picture_named_as_a_clip_and_a_clip_named_as_a_picture_say_so(family, 
     # An AVIF or HEIC picture opens with the same ftyp box as an MP4 clip: its brand tells them apart.
     assert content_kind(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00") == ("picture", "AVIF")
     assert content_kind(b"\x00\x00\x00\x1cftypisom\x00\x00\x00\x00") == ("video", "MP4")
+
+
+def test_clips_left_out_by_ext_for_a_family_that_reads_them_are_said_as_extensions(qwen3, mixed, tmp_path):
+    result = vitcore.extract([mixed], tmp_path / "p.h5", _opts(qwen3, extensions="jpg"))
+    notes = [w for w in result.warnings if "passed over" in w]
+    assert any("passed over by extension (mp4 4, webm 1)" in w for w in notes), notes
+    assert not any("Qwen-VL families only" in w for w in notes), notes

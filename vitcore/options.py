@@ -121,15 +121,15 @@ class InputOptions:
     keep: Any = None  # "txt,json": WebDataset sidecars stored as meta/<ext>
     columns: Any = None  # "caption,url": Parquet columns stored as meta/<column>
     image_column: str | None = None  # Parquet: None: the first column holding image bytes
-    max_pixels: int | None = None  # Pillow's decompression-bomb limit; None: Pillow's own (~89 MP), 0: none
+    max_image_pixels: int | None = None  # Pillow's decompression-bomb limit; None: Pillow's own (~89 MP), 0: none
 
     def __post_init__(self) -> None:
         parse_extensions(self.extensions)  # refuses an empty list
         check_meta_names(self.containers)
-        if self.max_pixels is not None and (isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int)
-                                            or self.max_pixels < 0):
-            raise UsageError(f"--max-pixels must be a whole number of pixels, 0 or more (0: no limit), "
-                             f"got {self.max_pixels!r}")
+        if self.max_image_pixels is not None and (isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int)
+                                            or self.max_image_pixels < 0):
+            raise UsageError(f"--max-image-pixels must be a whole number of pixels, 0 or more (0: no limit), "
+                             f"got {self.max_image_pixels!r}")
 
     @property
     def containers(self) -> ContainerOptions:
@@ -204,7 +204,7 @@ class ExtractOptions:
     keep: str | tuple[str, ...] | None = None  # tar shards (and loose files): sidecar extensions kept as meta/<ext>
     columns: str | tuple[str, ...] | None = None  # Parquet: columns kept as meta/<column>
     image_column: str | None = None  # Parquet: the image column; None: the first holding image bytes
-    max_pixels: int | None = None  # pictures over this many pixels are failures; None: Pillow's limit (~89 MP), 0: none
+    max_image_pixels: int | None = None  # pictures over this many pixels are failures; None: Pillow's limit (~89 MP), 0: none
     resume: bool = False
     retry_failed: bool = False  # with resume: decode the images the file records as failed again
     overwrite: bool = False

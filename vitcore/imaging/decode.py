@@ -188,16 +188,19 @@ def _unidentified(source) -> str | None:
 
 @contextlib.contextmanager
 def pixel_limit(limit: int | None):
-    """Pillow's decompression-bomb limit for the pictures opened inside (--max-pixels): None keeps
-    Pillow's own (PIL.Image.MAX_IMAGE_PIXELS, about 89 megapixels), 0 lifts it. Pillow reads the
-    limit when a file is opened, from its module; it is put back after, for a Python caller."""
-    if limit is None:
-        yield
-        return
+    """Pillow's decompression-bomb limit for the pictures opened inside (--max-image-pixels): None
+    keeps the one Pillow has (PIL.Image.MAX_IMAGE_PIXELS, 89,478,485 unless changed), 0 lifts it.
+    Over the limit is an error inside, as in a run's decoding (Pillow itself only warns up to twice
+    the limit). Pillow reads the limit from its module when a file is opened, so it is set for the
+    whole process while inside (a worker decodes one picture at a time; a Python caller's other
+    threads would see it too) and put back after."""
     kept = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = limit or None
+    if limit is not None:
+        Image.MAX_IMAGE_PIXELS = limit or None
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
     finally:
         Image.MAX_IMAGE_PIXELS = kept
 

@@ -84,7 +84,7 @@ def describe_error(err: BaseException) -> str:
     if isinstance(err, MemoryError):
         text = "not enough memory to decode and resize this picture" + ("" if text == "no details" else f" ({text})")
     if is_over_pixel_limit(err):
-        text += " (--max-pixels N raises the limit, 0 lifts it)"
+        text += " (`vit-extract run --max-image-pixels N` raises the limit, 0 lifts it)"
     return f"{type(err).__name__}: {text}"[:500]
 
 
@@ -103,15 +103,15 @@ class ImageDataset(Dataset):
     ``loader`` is a family's worker side: ``loader.load(file object)`` → (uint8 (H, W, 3) pixels,
     (T, H, W, 3) frames of a clip, or a JpegFile left for the GPU decoder; original upright
     (width, height)[, the loader's own text: name → text]). ``meta``: the names of the text kept
-    beside each image (a source's ``extras``), read with it. ``max_pixels``: Pillow's
+    beside each image (a source's ``extras``), read with it. ``max_image_pixels``: Pillow's
     decompression-bomb limit while decoding (None: Pillow's own; 0: none).
     """
 
-    def __init__(self, sources: list, loader, meta: tuple[str, ...] = (), max_pixels: int | None = None):
+    def __init__(self, sources: list, loader, meta: tuple[str, ...] = (), max_image_pixels: int | None = None):
         self.sources = sources
         self.loader = loader
         self.meta = meta
-        self.max_pixels = max_pixels
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -119,7 +119,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         source = self.sources[index]
         try:
-            with source.open() as handle, pixel_limit(self.max_pixels):
+            with source.open() as handle, pixel_limit(self.max_image_pixels):
                 pixels, size, *own = self.loader.load(handle)  # own: the loader's text for this input, if any
             return index, pixels, size, None, {**(source.extras(self.meta) if self.meta else {}), **(own[0] if own else {})}
         except Exception as err:  # any failure of one image is that image's record
@@ -153,7 +153,7 @@ def default_workers() -> int:
 
 
 def make_loader(sources: list, image_loader, batch_size: int, workers: int, pin_memory: bool,
-                worker_init_fn=None, meta: tuple[str, ...] = (), max_pixels: int | None = None) -> DataLoader:
+                worker_init_fn=None, meta: tuple[str, ...] = (), max_image_pixels: int | None = None) -> DataLoader:
     """A sequential loader; worker processes start when it is first iterated.
 
     Workers are forked (fast start) and must be started before the output HDF5 file is opened
@@ -162,7 +162,7 @@ def make_loader(sources: list, image_loader, batch_size: int, workers: int, pin_
     """
     context = multiprocessing.get_context("fork") if workers > 0 and os.name == "posix" else None
     return DataLoader(
-        ImageDataset(sources, image_loader, meta, max_pixels),
+        ImageDataset(sources, image_loader, meta, max_image_pixels),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

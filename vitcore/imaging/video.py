@@ -77,12 +77,14 @@ def clip_info(container) -> ClipInfo:
     fps = float(rate)
     frames = stream.frames
     if not frames:  # WebM, Matroska: counted; and the rate from the container's duration where it has one
-        frames, last = _count_frames(container)  # (their declared rate is often the first frames', wrong for a
+        frames = _count_frames(container)  # (their declared rate is often the first frames', wrong for a
         seconds = _duration(container, stream)  # variable-rate clip: 10 s recorded as 0.7 s)
-        if frames > 0 and seconds > 0 and last is not None and seconds - last > max(0.25 * seconds, 2 / fps):
-            # A file cut short keeps the length its header declares (written first): its frames stop early.
-            raise VideoError(f"the video stops at {last:.1f} s of the {seconds:.1f} s its container declares "
-                             "(the file is cut short)")
+        reached = _packets_end(container) if frames > 0 and seconds > 0 else None
+        if reached is not None and seconds - reached > max(0.25 * seconds, 2 / fps):
+            # A file cut short keeps the length its header declares (written first): all its streams
+            # stop early (a clip whose audio runs on past its video is whole).
+            raise VideoError(f"the file stops at {reached:.1f} s of the {seconds:.1f} s its container declares "
+                             "(it is cut short)")
         if frames > 0 and seconds > 0 and abs(frames / seconds - fps) > 0.02 * fps:  # (a constant rate: kept
             fps = frames / seconds  # exact; the container's millisecond clock rounds frames ÷ seconds)
     if frames <= 0:
@@ -126,17 +128,31 @@ def _duration(container, stream) -> float:
     return container.duration / 1_000_000 if container.duration else 0.0  # (AV_TIME_BASE)
 
 
-def _count_frames(container) -> tuple[int, float | None]:
-    """(the frames the clip holds, decoded one by one; the last one's time in seconds, or None)."""
+def _count_frames(container) -> int:
     av = _av()
-    count, last = 0, None
     try:
         container.seek(0)
-        for frame in container.decode(video=0):
-            count, last = count + 1, frame.time if frame.time is not None else last
+        return sum(1 for _ in container.decode(video=0))
     except av.FFmpegError as err:
         raise VideoError(f"the video cannot be decoded ({_reason(err)})") from None
-    return count, last
+
+
+def _packets_end(container) -> float | None:
+    """Seconds from the file's start to the end of its last packet, over every stream; None when
+    its packets carry no times. Demuxed only, not decoded."""
+    av = _av()
+    start = container.start_time / 1_000_000 if container.start_time else 0.0  # (AV_TIME_BASE)
+    end = None
+    try:
+        container.seek(0)
+        for packet in container.demux():
+            if packet.pts is None or packet.time_base is None:  # (the flush packet at the end)
+                continue
+            at = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            end = at if end is None else max(end, at)
+    except av.FFmpegError:
+        pass  # a damaged tail: what was reached counts
+    return None if end is None else end - start
 
 
 def _reason(err) -> str:

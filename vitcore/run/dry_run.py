@@ -92,13 +92,13 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
     plan = plan_resume(Output(run.output, out_opts.resume, out_opts.overwrite), found, settings,
                        out_opts.retry_failed)  # reads an existing file; locks and writes nothing
     sources = plan.sources
-    with pixel_limit(run.inputs.max_pixels):  # a header over the limit is a failure in a run too
+    with pixel_limit(run.inputs.max_image_pixels):  # a header over the limit is a failure in a run too
         counts, counted_from, unreadable = _token_counts(record, settings, sources)
     report = DryRun(
         output=public_url(run.upload_to) if run.upload_to else run.output, inputs=_by_kind(sources), to_read=len(sources) + len(plan.unlisted),
         already_done=plan.skipped, duplicates_dropped=found.skipped_duplicates,
         videos_passed_over={e: n for e, n in found.passed_over.items() if e in VIDEO_EXTENSIONS},
-        passed_over=_passed_over(found, len(plan.unlisted)), encoder=record.name, device=str(device),
+        passed_over=_passed_over(found, len(plan.unlisted), run.family.takes_video), encoder=record.name, device=str(device),
         compute_dtype=dtype_name(chosen.dtype), out_dtype=out_opts.out_dtype, compression=out_opts.compression,
         tokens_per_image=counts, tokens_counted_from=counted_from, unreadable_headers=unreadable,
         bytes_per_image=0.0, projected_bytes=0, calibration_images=0, calibration_failures=0,
@@ -118,7 +118,7 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
         return report
     built = run.family.build(encoder_opts, device, chosen.dtype, record=record)
     report.batch_size, report.workers = choose_batching(compute, built, len(sources))
-    calibration = _calibrate(built, settings, device, sources, containers.meta_names, run.inputs.max_pixels)
+    calibration = _calibrate(built, settings, device, sources, containers.meta_names, run.inputs.max_image_pixels)
     report.calibration_failures = calibration.failures
     if calibration.rows is None:
         report.notes.append(f"none of the first {calibration.failures} inputs could be decoded "
@@ -165,9 +165,9 @@ def _by_kind(sources: list) -> dict[str, int]:
     return kinds
 
 
-def _passed_over(found: Discovery, unlisted: int) -> list[str]:
+def _passed_over(found: Discovery, unlisted: int, reads_clips: bool) -> list[str]:
     """What a run's summary says it passed over (the same words)."""
-    notes = list(found.notes) + counted_notes({}, found.passed_over, found.entries_passed_over)
+    notes = list(found.notes) + counted_notes({}, found.passed_over, found.entries_passed_over, reads_clips=reads_clips)
     if unlisted:
         notes.append(f"{unlisted} folder{'s' * (unlisted != 1)} or container file{'s' * (unlisted != 1)} could not "
                      f"be listed or opened ({found.unlisted[0].reason}); a run records each as a failure")
@@ -240,10 +240,10 @@ class _Calibration:
     error: str = ""
 
 
-def _calibrate(built, settings, device, sources, meta, max_pixels: int | None) -> _Calibration:
+def _calibrate(built, settings, device, sources, meta, max_image_pixels: int | None) -> _Calibration:
     """Decode and encode the first inputs that decode (up to CALIBRATION_IMAGES, trying at most
     CALIBRATION_TRIES) as a run would: their rows, and decode and encode seconds per image."""
-    dataset = ImageDataset(sources, built.loader, meta, max_pixels)
+    dataset = ImageDataset(sources, built.loader, meta, max_image_pixels)
     items, failed, error, decode_s = [], [], "", 0.0
     for i in range(min(len(sources), CALIBRATION_TRIES)):
         tick = time.perf_counter()

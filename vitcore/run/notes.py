@@ -8,7 +8,8 @@ from vitcore.inputs.base import ENTRY_KINDS
 
 
 def counted_notes(missing_meta: dict[str, int], passed_over: dict[str, int],
-                  entries: dict[str, int] | None = None, nonfinite_meta: dict[str, int] | None = None) -> list[str]:
+                  entries: dict[str, int] | None = None, nonfinite_meta: dict[str, int] | None = None,
+                  reads_clips: bool = False) -> list[str]:
     """What was stored empty or passed over, counted, for the summary (--json has the counts too):
     rows without a kept text, files by extension, and entries that are not files by kind."""
     notes = [f"{count} row{' has' if count == 1 else 's have'} no {name} text (stored as \"\", marked in "
@@ -17,9 +18,10 @@ def counted_notes(missing_meta: dict[str, int], passed_over: dict[str, int],
              for name, count in missing_meta.items()]
     notes += [f"{count} row{'s' * (count != 1)} of --columns {name} held NaN or infinite numbers, stored as JSON null"
               for name, count in (nonfinite_meta or {}).items()]
-    # Clips once, as clips: --ext would not take them for a family that reads pictures only.
-    clips = {ext: n for ext, n in passed_over.items() if ext in VIDEO_EXTENSIONS}
-    others = {ext: n for ext, n in passed_over.items() if ext not in VIDEO_EXTENSIONS}
+    # Clips once, as clips, for a family that reads pictures only (--ext would not take them); for one
+    # that reads clips (``reads_clips``) they were left out by --ext, like any other extension.
+    clips = {ext: n for ext, n in passed_over.items() if ext in VIDEO_EXTENSIONS and not reads_clips}
+    others = {ext: n for ext, n in passed_over.items() if ext not in clips}
     if others:
         files = sum(others.values())
         notes.append(f"{files} file{'s' * (files != 1)} in the folders (or members of tars) passed over by extension "

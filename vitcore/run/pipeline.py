@@ -192,7 +192,7 @@ def extract(
     ``checked``: what checks.check_run already found for these arguments (the CLI checks them
     before it loads torch, so a usage error is reported at once). ``encoders``: a dict the caller
     keeps to reuse an encoder built by an earlier call with the same settings (a Ray actor's units).
-    ``make_batches(sources, image_loader, batch_size, workers, pin_memory, meta)``: where the decoded
+    ``make_batches(sources, image_loader, batch_size, workers, pin_memory, meta, max_image_pixels)``: where the decoded
     batches come from instead of this process's DataLoader workers (a Ray actor's decoding tasks).
     """
     run = checked or check_run(paths, output, options, stdin=stdin, **overrides)  # before torch is needed
@@ -229,10 +229,10 @@ def _extract(run: CheckedRun, progress, stop: StopFlag | None, encoders: dict | 
             batch_size, workers = choose_batching(compute, built, len(plan.sources))
             if make_batches is None:
                 loader = make_loader(plan.sources, built.loader, batch_size, workers, pin_memory=device.type == "cuda",
-                                     worker_init_fn=init_worker, meta=meta, max_pixels=run.inputs.max_pixels)
+                                     worker_init_fn=init_worker, meta=meta, max_image_pixels=run.inputs.max_image_pixels)
             else:
                 loader = make_batches(plan.sources, built.loader, batch_size, workers, device.type == "cuda", meta,
-                                      run.inputs.max_pixels)
+                                      run.inputs.max_image_pixels)
             what = f"{record.encoder_record} | outputs {[spec.name for spec in record.outputs]}"
             compiling = choose_compile(compute.compile, built.compiled_encode is not None, device, what, dtype,
                                        batch_size, len(plan.sources))
@@ -274,7 +274,8 @@ def _extract(run: CheckedRun, progress, stop: StopFlag | None, encoders: dict | 
         batch_size=batch_size,
         workers=workers,
         warnings=found.notes + notes + (runner.warnings if runner else []) + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype)
-        + counted_notes(ran.missing_meta, found.passed_over, found.entries_passed_over, ran.nonfinite_meta),
+        + counted_notes(ran.missing_meta, found.passed_over, found.entries_passed_over, ran.nonfinite_meta,
+                        family.takes_video),
         missing_meta=ran.missing_meta,
         nonfinite_meta=ran.nonfinite_meta,
         passed_over=found.passed_over,

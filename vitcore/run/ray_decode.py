@@ -34,8 +34,8 @@ class RayBatches:
     task_cpus: float = 1.0
 
     def __call__(self, sources: list, image_loader, batch_size: int, workers: int, pin_memory: bool, meta=(),
-                 max_pixels: int | None = None):
-        return self._batches(ImageDataset(sources, image_loader, meta, max_pixels), batch_size, max(1, workers),
+                 max_image_pixels: int | None = None):
+        return self._batches(ImageDataset(sources, image_loader, meta, max_image_pixels), batch_size, max(1, workers),
                              pin_memory)
 
     def _batches(self, dataset: ImageDataset, batch_size: int, in_flight: int, pin_memory: bool):

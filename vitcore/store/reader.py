@@ -57,9 +57,30 @@ def open_for_reading(path: str, verb: str) -> h5py.File:
             "try again when that run has finished"
         ) from None
     except PermissionError as err:
-        raise VitExtractError(f"cannot {verb} {path}: {err.strerror or err}") from None
-    except OSError as err:  # the user named a file that is not ours to read: a usage refusal, as a folder is
-        raise UsageError(f"cannot {verb} {path}: not a readable HDF5 file ({err})") from None
+        raise VitExtractError(f"cannot {verb} {path}: {os.strerror(err.errno) if err.errno else one_line(err, 200)}") from None
+    except OSError as err:
+        with open(path, "rb") as handle:
+            raise _unreadable(verb, path, err, handle) from None
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _unreadable(verb: str, shown: str, err: OSError, handle) -> VitExtractError:
+    """h5py could not open it. No HDF5 signature where HDF5 puts one (offset 0, 512, 1024, …): the
+    user named a file that is not an HDF5 file (a usage refusal, as a folder is). A signature: an
+    HDF5 file that is damaged (cut short by a crash or a copy): a fault, exit 1."""
+    offset, signed = 0, False
+    while offset < 1 << 20 and not signed:
+        handle.seek(offset)
+        head = handle.read(len(HDF5_SIGNATURE))
+        if len(head) < len(HDF5_SIGNATURE):
+            break
+        signed, offset = head == HDF5_SIGNATURE, max(512, offset * 2)
+    text = one_line(err, 200)
+    if signed:
+        return VitExtractError(f"cannot {verb} {shown}: a damaged HDF5 file ({text})")
+    return UsageError(f"cannot {verb} {shown}: not a readable HDF5 file ({text})")
 
 
 def _open_url(url: str, verb: str) -> h5py.File:
@@ -82,9 +103,10 @@ def _open_url(url: str, verb: str) -> h5py.File:
     try:
         return h5py.File(handle, "r")
     except OSError as err:
-        handle.close()
-        raise UsageError(f"cannot {verb} {public_url(url)}: not a readable HDF5 file "
-                              f"({secret_free(str(err), url)})") from None
+        try:
+            raise _unreadable(verb, public_url(url), OSError(secret_free(str(err), url)), handle) from None
+        finally:
+            handle.close()
 
 
 class AmbiguousKey(UsageError, KeyError):
@@ -126,6 +148,7 @@ class StoredTokens:
         self._keys: list[str] | None = None
         self._roots: list[str] | None = None
         self._index: dict[str, int] | None = None
+        self._failure_reasons: dict[str, str] | None = None  # failed key (and ROOT/KEY) → its reason
         if check_shards and self.h5.attrs.get("merged") == "virtual":
             shards = json.loads(self.h5.attrs["shards"])
             # HDF5 keeps every shard it reads through open, and reads one it cannot open as the
@@ -354,15 +377,24 @@ class StoredTokens:
         return list(zip(self.h5["failed/paths"].asstr()[:n], self.h5["failed/errors"].asstr()[:n]))
 
     def failure_reason(self, key: str) -> str | None:
-        """The recorded reason ``key`` failed when the file was made (it has no row), or None."""
-        return next((error for path, error in self.failures if path == key), None)
+        """The recorded reason ``key`` failed when the file was made (it has no row), or None. The key
+        is taken as rows' keys are: as stored, escaped as stored, or joined to its root (ROOT/KEY)."""
+        if self._failure_reasons is None:
+            reasons: dict[str, str] = {}
+            roots = self.h5["failed/root_index"][: len(self.failures)] if self.failures else []
+            for (path, error), root in zip(self.failures, roots):
+                reasons.setdefault(path, error)
+                reasons.setdefault(os.path.join(self.roots[int(root)], path), error)
+            self._failure_reasons = reasons
+        reasons = self._failure_reasons
+        return reasons.get(key) or reasons.get(escape_key(key)) or reasons.get(os.path.abspath(key))
 
     def absent(self, key: str) -> str:
         """Why ``key`` has no row, in words: it failed (and why), or it is not in the file."""
-        reason = self.failure_reason(key)
+        reason, shown = self.failure_reason(key), public_url(self.path)
         if reason is None:
-            return f"{key!r} is not in {self.path}"
-        return f"{key!r} failed when {self.path} was made, so it has no row: {reason}"
+            return f"{key!r} is not in {shown}"
+        return f"{key!r} failed when {shown} was made, so it has no row: {reason}"
 
     @property
     def token_shape(self) -> tuple[int, ...]:

@@ -249,8 +249,10 @@ class QwenVLFamily:
             return options
         # A file with clips: a new clip is sampled as its clips were (the same --fps / --max-frames).
         sampled = recorded["do_sample_frames"] and recorded["fps"] is not None
+        # --max-frames bounds a sampling processor only (by fps or a frame count): passed back as the run had it
+        bounded = recorded["do_sample_frames"] and (recorded["fps"] is not None or recorded.get("num_frames") is not None)
         options = dataclasses.replace(options, videos=True, fps=recorded["fps"] if sampled else None,
-                                      max_frames=recorded["max_frames"] if sampled else None)  # (as the run had them)
+                                      max_frames=recorded["max_frames"] if bounded else None)
         if self._video(options).to_record() != recorded:
             raise VitExtractError(f"the video processor of {folder} has changed since {file} was made; "
                                   "cannot encode a new clip as its clips were")
