@@ -626,6 +626,9 @@ def main() -> None:
             hint = " (the build for your machine; see the README's Quick start)" if package == "torch" else ""
             sys.exit(_report(f"{package} is not installed in this environment and this command needs it: "
                              f"install it{hint}", 1, "--json" in args).exit_code)
+        if _damaged_hdf5(error):  # HDF5 met damage inside a file (its own words, "Can't synchronously read…")
+            sys.exit(_report(f"an HDF5 file named on the command line is damaged inside: {one_line(error, 200)}", 1,
+                             "--json" in args).exit_code)
         if not _is_click(error, "ClickException"):
             if "--json" in args:  # a fault of vit-extract's own: the traceback below for a report, and a record
                 out.print_json(json.dumps({"error": f"internal error: {type(error).__name__}: {one_line(error, 300)}",
@@ -641,6 +644,19 @@ def main() -> None:
         err.print("interrupted")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _damaged_hdf5(error: BaseException) -> bool:
+    """The HDF5 library could not read a file's insides (a file already checked as an output): h5py
+    raised OSError, KeyError or RuntimeError from its own code ("Can't synchronously read data (bad
+    global heap collection signature)", "Object visitation failed (bad object header version
+    number)"). Damage to a file, not a fault of vit-extract's."""
+    if not isinstance(error, (OSError, KeyError, RuntimeError)):
+        return False
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and "h5py" in frame.tb_frame.f_code.co_filename.replace("\\", "/").split("/")
 
 
 def _missing_dependency(error: BaseException) -> bool:

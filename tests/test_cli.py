@@ -594,7 +594,30 @@ def test_max_image_pixels_sets_the_decompression_bomb_limit_in_the_workers_and_t
             assert sorted(f["paths"].asstr()[:]) == rows, max_pixels
         if len(rows) == 1:
             (failure,) = summary["failures"]
-            assert failure["path"] == "panorama.png" and "DecompressionBomb" in failure["error"]
-            assert failure["error"].endswith("(`vit-extract run --max-image-pixels N` raises the limit, 0 lifts it)")
+            limit = int(max_pixels) if max_pixels else 2_000_000  # the one that applied, not Pillow's twice it
+            assert failure["path"] == "panorama.png" and failure["error"] == (
+                f"DecompressionBombError: 3,000,000 pixels, over the limit of {limit:,} (`vit-extract run "
+                "--max-image-pixels N` raises it, 0 lifts it)")
         assert Image.MAX_IMAGE_PIXELS == 2_000_000  # the process's own limit is put back
     assert cli("run", pictures, "-o", tmp_path / "x.h5", "--max-image-pixels", "-1").exit_code == 2
+
+
+def test_damage_inside_an_output_is_one_line_exit_1(tmp_path):
+    from cli.main import _damaged_hdf5
+
+    whole = tmp_path / "whole.h5"
+    vitcore.extract([SAMPLES], whole, ExtractOptions(model=TINY, dtype="float32", workers=0))
+    data = whole.read_bytes()
+    heap = data.find(b"GCOL")  # the global heap that holds the keys' strings: its signature broken
+    assert heap > 0
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(data[:heap] + b"XXXX" + data[heap + 4:])
+    for command in (["info", str(damaged)], ["show", str(damaged), "-o", str(tmp_path / "s.png")]):
+        done = subprocess.run([sys.executable, "-m", "vitcore.cli", *command], capture_output=True, text=True,
+                              cwd=Path(__file__).parent.parent, timeout=60)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 1 and len(lines) == 1 and "is damaged inside" in lines[0], done.stderr[-1500:]
+    with h5py.File(whole) as f:  # what tells damage: an error raised inside h5py, not one of ours
+        with pytest.raises(KeyError) as inside:
+            f["no such dataset"]
+    assert _damaged_hdf5(inside.value) and not _damaged_hdf5(KeyError("x")) and not _damaged_hdf5(ValueError("x"))

@@ -85,9 +85,11 @@ def _readable_query(image_path: str) -> None:
 
     if is_video_name(image_path):
         return
+    from vitcore.imaging.decode import pixel_limit
+
     try:
-        with open(image_path, "rb") as handle, Image.open(handle):
-            pass
+        with open(image_path, "rb") as handle, pixel_limit(None), Image.open(handle):  # (over it: an error, not
+            pass                                                                        # Pillow's printed warning)
     except Exception as err:
         raise VitExtractError(f"cannot read {image_path}: {describe_error(err)}") from None
 

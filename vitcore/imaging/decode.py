@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -207,6 +208,16 @@ def pixel_limit(limit: int | None):
 
 def is_over_pixel_limit(err: BaseException) -> bool:
     return isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning))
+
+
+def over_pixel_limit(err: BaseException, limit: int | None) -> str:
+    """A picture over the pixel limit, in words: its pixels and the limit that applied (``limit``, or
+    Pillow's own for None). Pillow's text names twice the limit past it (its error, not its warning)."""
+    limit = Image.MAX_IMAGE_PIXELS if limit is None else limit
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    return f"DecompressionBombError: {size}, over the limit of {limit:,} (`vit-extract run --max-image-pixels N` " \
+           "raises it, 0 lifts it)"
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitcore.errors import one_line
-from vitcore.imaging.decode import JpegFile, is_over_pixel_limit, pixel_limit
+from vitcore.imaging.decode import JpegFile, is_over_pixel_limit, over_pixel_limit, pixel_limit
 from vitcore.imaging.sniff import misnamed_note
 from vitcore.inputs.remote import scrub
 
@@ -74,8 +74,11 @@ _FILE_OBJECT = re.compile(r"<_io\.Buffered\w+ name=('.*?'|\".*?\"|\d+)>")
 _STORE_FILE = re.compile(r"<File-like object \w+, ([^>]*)>")  # fsspec's name for an object it reads
 
 
-def describe_error(err: BaseException) -> str:
-    """An exception → one line a person can read ("OSError: image file is truncated")."""
+def describe_error(err: BaseException, pixel_limit_applied: int | None = None) -> str:
+    """An exception → one line a person can read ("OSError: image file is truncated");
+    ``pixel_limit_applied``: the --max-image-pixels the picture was read under (None: Pillow's own)."""
+    if is_over_pixel_limit(err):
+        return over_pixel_limit(err, pixel_limit_applied)
     text = one_line(err, None) or "no details"
     text = _FILE_OBJECT.sub(lambda m: m.group(1), text)  # Pillow names a file object by its repr
     text = scrub(_STORE_FILE.sub(lambda m: m.group(1), text))  # and no URL's credentials or query in a record
@@ -83,8 +86,6 @@ def describe_error(err: BaseException) -> str:
         text = err.strerror
     if isinstance(err, MemoryError):
         text = "not enough memory to decode and resize this picture" + ("" if text == "no details" else f" ({text})")
-    if is_over_pixel_limit(err):
-        text += " (`vit-extract run --max-image-pixels N` raises the limit, 0 lifts it)"
     return f"{type(err).__name__}: {text}"[:500]
 
 
@@ -123,7 +124,7 @@ class ImageDataset(Dataset):
                 pixels, size, *own = self.loader.load(handle)  # own: the loader's text for this input, if any
             return index, pixels, size, None, {**(source.extras(self.meta) if self.meta else {}), **(own[0] if own else {})}
         except Exception as err:  # any failure of one image is that image's record
-            return index, None, None, describe_error(err) + _misnamed(source), {}
+            return index, None, None, describe_error(err, self.max_image_pixels) + _misnamed(source), {}
 
 
 def collate(items) -> Batch:

@@ -76,17 +76,21 @@ def clip_info(container) -> ClipInfo:
         raise VideoError("the video stream declares no frame rate")
     fps = float(rate)
     frames = stream.frames
-    if not frames:  # WebM, Matroska: counted; and the rate from the container's duration where it has one
-        frames = _count_frames(container)  # (their declared rate is often the first frames', wrong for a
-        seconds = _duration(container, stream)  # variable-rate clip: 10 s recorded as 0.7 s)
+    if not frames:  # WebM, Matroska: counted, and their rate taken from the frames' own times
+        frames, first, last = _count_frames(container)
+        seconds = _duration(container, stream)
         reached = _packets_end(container) if frames > 0 and seconds > 0 else None
-        if reached is not None and seconds - reached > max(0.25 * seconds, 2 / fps):
+        if reached is not None and seconds - reached > 0.01 * seconds + 1 / fps:
             # A file cut short keeps the length its header declares (written first): all its streams
-            # stop early (a clip whose audio runs on past its video is whole).
+            # stop early. (A whole file's last packet ends at that length, within a frame.)
             raise VideoError(f"the file stops at {reached:.1f} s of the {seconds:.1f} s its container declares "
                              "(it is cut short)")
-        if frames > 0 and seconds > 0 and abs(frames / seconds - fps) > 0.02 * fps:  # (a constant rate: kept
-            fps = frames / seconds  # exact; the container's millisecond clock rounds frames ÷ seconds)
+        if frames > 1 and first is not None and last is not None and last > first:
+            # Their declared rate is often the first frames' only, wrong for a variable-rate clip (10 s
+            # recorded as 0.7 s); the container's length is no measure either (its sound may run on).
+            timed = (frames - 1) / (last - first)
+            if abs(timed - fps) > 0.02 * fps:  # (a constant rate: the declared one kept exact)
+                fps = timed
     if frames <= 0:
         raise VideoError("the video stream holds no frames")
     return ClipInfo(frames=int(frames), fps=fps, width=stream.codec_context.width,
@@ -100,10 +104,11 @@ def read_frames(container, indices, each=None) -> np.ndarray:
     av = _av()
     wanted = sorted(set(int(i) for i in indices))
     found: dict[int, np.ndarray] = {}
-    size = None
+    size, decoded = None, 0
     try:
         container.seek(0)
         for i, frame in enumerate(container.decode(video=0)):
+            decoded = i + 1
             if i > wanted[-1]:
                 break
             if i in wanted:
@@ -114,7 +119,8 @@ def read_frames(container, indices, each=None) -> np.ndarray:
                 picture = frame.to_ndarray(format="rgb24")
                 found[i] = each(picture) if each is not None else picture
     except av.FFmpegError as err:
-        raise VideoError(f"the video stops decoding at frame {len(found)} ({_reason(err)})") from None
+        raise VideoError(f"the video stops decoding after frame {decoded} ({_reason(err)}; is the file cut short or "
+                         "damaged?)") from None
     missing = [i for i in wanted if i not in found]
     if missing:
         raise VideoError(f"the video ends before frame {missing[0]} (it declares more frames than it holds)")
@@ -128,13 +134,20 @@ def _duration(container, stream) -> float:
     return container.duration / 1_000_000 if container.duration else 0.0  # (AV_TIME_BASE)
 
 
-def _count_frames(container) -> int:
+def _count_frames(container) -> tuple[int, float | None, float | None]:
+    """(the frames the clip holds, decoded one by one; the first and the last one's time in seconds)."""
     av = _av()
+    count, first, last = 0, None, None
     try:
         container.seek(0)
-        return sum(1 for _ in container.decode(video=0))
+        for frame in container.decode(video=0):
+            count += 1
+            if frame.time is not None:
+                first = frame.time if first is None else first
+                last = frame.time
     except av.FFmpegError as err:
-        raise VideoError(f"the video cannot be decoded ({_reason(err)})") from None
+        raise VideoError(f"the video cannot be decoded ({_reason(err)}; is the file cut short or damaged?)") from None
+    return count, first, last
 
 
 def _packets_end(container) -> float | None:

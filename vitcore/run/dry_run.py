@@ -31,6 +31,7 @@ from vitcore.run.checks import CheckedRun, check_run
 from vitcore.run.notes import counted_notes
 from vitcore.run.pipeline import choose_batching, plan_resume
 from vitcore.store import Output, StoreWriter, ragged_index_names
+from vitcore.store.writer import SPACE_MARGIN
 from vitcore.store.resume import recorded_compute_dtype
 from vitcore.system.device import choose_dtype, dtype_name, resolve_device
 from vitcore.system.units import shown_size
@@ -150,11 +151,12 @@ def _room_note(output: str, projected: int, staged: bool) -> str | None:
     except OSError:
         return None
     growth = projected - (os.path.getsize(output) if os.path.exists(output) else 0)
-    if growth <= free:
+    if growth + SPACE_MARGIN <= free:  # the writer keeps SPACE_MARGIN free beyond each batch
         return None
     where = f"the local staging folder {folder}" if staged else folder
-    return (f"the file would take {shown_size(growth)} more but {where} has {shown_size(free)} free: a run would "
-            "stop when the disk fills (the rows committed until then are kept; make room, then --resume)")
+    return (f"the file would take {shown_size(growth)} more but {where} has {shown_size(free)} free (a run keeps "
+            f"{shown_size(SPACE_MARGIN)} of it free for HDF5): a run would stop when the room runs out (the rows "
+            "committed until then are kept; make room, then --resume)")
 
 
 def _by_kind(sources: list) -> dict[str, int]:
