@@ -3,6 +3,7 @@ spec, and a tiny random Qwen3-VL checkpoint saved by transformers itself."""
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -237,3 +238,10 @@ def wait_for_committed(out: Path, rows: int, timeout: float = 60, every: float =
                     return
         except (OSError, KeyError):
             pass
+
+
+def sigint_as_default() -> None:
+    """preexec_fn for a child a test stops with SIGINT: a test run started in the background (`&`,
+    nohup) has SIGINT ignored, the child would inherit that, and a run keeps an inherited ignored
+    SIGINT ignored (as the shell meant it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

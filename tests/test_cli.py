@@ -16,7 +16,7 @@ from PIL import Image
 
 import vitcore
 from vitcore.run.pipeline import ExtractOptions
-from tests.helpers import SAMPLES, TINY, folder_of_copies, wait_for_committed
+from tests.helpers import SAMPLES, TINY, folder_of_copies, sigint_as_default, wait_for_committed
 from vitcore.errors import VitExtractError
 
 ROOT_ATTRS = {
@@ -177,7 +177,7 @@ def test_one_signal_stops_cleanly_and_leaves_a_resumable_file(tmp_path, sig, cod
            "--batch-size", "2", "--workers", "1", "--quiet"]
     # Its own process group, signalled as a whole, as timeout, Slurm and a terminal's Ctrl-C do.
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=sigint_as_default)
     wait_for_committed(out, 3)
     os.killpg(proc.pid, sig)
     _, stderr = proc.communicate(timeout=60)  # a hang guard; how fast it stops is bench/ (stop_latency.py)

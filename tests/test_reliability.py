@@ -25,7 +25,7 @@ from PIL import Image
 
 import vitcore
 import vitcore.run.checks
-from tests.helpers import TINY, wait_for_committed
+from tests.helpers import TINY, sigint_as_default, wait_for_committed
 from vitcore.errors import OutputExistsError, UsageError, VitExtractError, WeightsError
 from vitcore.store.lock import OutputLockedError
 from vitcore.run.pipeline import ExtractOptions
@@ -617,7 +617,7 @@ def test_a_stuck_worker_never_keeps_the_run_from_stopping_nor_outlives_it(tmp_pa
     out = tmp_path / "out.h5"
     cmd = [sys.executable, "-c", _STUCK_RUN, str(pids), "run", str(folder), "-o", str(out), "--model", TINY,
            "--workers", "2", "--batch-size", "2", "--dtype", "float32", "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=PROJECT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=PROJECT, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_default)
     asleep = Path(str(pids) + ".asleep")
     deadline = time.time() + 120
     while time.time() < deadline and not (asleep.exists() and pids.exists() and len(set(pids.read_text().split())) >= 2):
