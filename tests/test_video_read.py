@@ -86,19 +86,14 @@ def test_a_clip_whose_audio_runs_on_past_its_video_is_whole(tmp_path):
         video = out.add_stream("mpeg4", rate=10)
         video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
         sound = out.add_stream("aac", rate=8000)
-        for i in range(10):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 20, np.uint8), format="rgb24")
-            for packet in video.encode(frame):
-                out.mux(packet)
-        for packet in video.encode():
-            out.mux(packet)
+        _mux_all(out, video, [av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 20, np.uint8), format="rgb24")
+                              for i in range(10)])
+        sound_frames = []
         for i in range(40):  # 40 × 1,024 samples at 8 kHz: 5.1 s
             samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
             samples.sample_rate, samples.pts = 8000, i * 1024
-            for packet in sound.encode(samples):
-                out.mux(packet)
-        for packet in sound.encode():
-            out.mux(packet)
+            sound_frames.append(samples)
+        _mux_all(out, sound, sound_frames)
     with open(path, "rb") as handle, open_clip(handle) as container:
         info = clip_info(container)
         assert container.duration / 1e6 > 4.5  # the container's length is the sound's
@@ -120,13 +115,19 @@ def test_a_variable_rate_clip_without_a_frame_count_keeps_its_real_length(tmp_pa
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
         stream.time_base = Fraction(1, 1000)
         times = [i / 30 for i in range(10)] + [0.3 + i for i in range(1, 11)]  # 10 quick frames, then 1 a second
+        frames = []
         for i, t in enumerate(times):
             frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 12, np.uint8), format="rgb24")
             frame.pts, frame.time_base = int(t * 1000), Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+            frames.append(frame)
+        _mux_all(out, stream, frames)
     with open(path, "rb") as handle, open_clip(handle) as container:
         info = clip_info(container)
     assert info.frames == 20 and 9.5 < info.duration < 11.5, info
+
+
+def _mux_all(out, stream, frames) -> None:
+    """Encode ``frames`` into ``stream`` of the open container ``out``, then flush the encoder."""
+    for frame in [*frames, None]:
+        for packet in stream.encode(frame):
+            out.mux(packet)

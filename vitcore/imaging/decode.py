@@ -199,8 +199,7 @@ def pixel_limit(limit: int | None):
     if limit is not None:
         Image.MAX_IMAGE_PIXELS = limit or None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _pillow_checks():
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = kept

@@ -77,10 +77,9 @@ def clip_info(container) -> ClipInfo:
     fps = float(rate)
     frames = stream.frames
     if not frames:  # WebM, Matroska: counted, and their rate taken from the frames' own times
-        frames, first, last = _count_frames(container)
+        frames, first, last, reached = _scan(container)
         seconds = _duration(container, stream)
-        reached = _packets_end(container) if frames > 0 and seconds > 0 else None
-        if reached is not None and seconds - reached > 0.01 * seconds + 1 / fps:
+        if frames > 0 and seconds > 0 and reached is not None and seconds - reached > 0.01 * seconds + 1 / fps:
             # A file cut short keeps the length its header declares (written first): all its streams
             # stop early. (A whole file's last packet ends at that length, within a frame.)
             raise VideoError(f"the file stops at {reached:.1f} s of the {seconds:.1f} s its container declares "
@@ -134,38 +133,29 @@ def _duration(container, stream) -> float:
     return container.duration / 1_000_000 if container.duration else 0.0  # (AV_TIME_BASE)
 
 
-def _count_frames(container) -> tuple[int, float | None, float | None]:
-    """(the frames the clip holds, decoded one by one; the first and the last one's time in seconds)."""
-    av = _av()
-    count, first, last = 0, None, None
-    try:
-        container.seek(0)
-        for frame in container.decode(video=0):
-            count += 1
-            if frame.time is not None:
-                first = frame.time if first is None else first
-                last = frame.time
-    except av.FFmpegError as err:
-        raise VideoError(f"the video cannot be decoded ({_reason(err)}; is the file cut short or damaged?)") from None
-    return count, first, last
-
-
-def _packets_end(container) -> float | None:
-    """Seconds from the file's start to the end of its last packet, over every stream; None when
-    its packets carry no times. Demuxed only, not decoded."""
+def _scan(container) -> tuple[int, float | None, float | None, float | None]:
+    """One pass over the file: (the frames the clip holds, decoded one by one; the first and the last
+    one's time; where its last packet over every stream ends), times in seconds from its start."""
     av = _av()
     start = container.start_time / 1_000_000 if container.start_time else 0.0  # (AV_TIME_BASE)
-    end = None
+    count, first, last, end = 0, None, None, None
+    video = container.streams.video[0]
     try:
         container.seek(0)
         for packet in container.demux():
-            if packet.pts is None or packet.time_base is None:  # (the flush packet at the end)
+            if packet.pts is not None and packet.time_base is not None:  # (not a stream's flush packet)
+                at = float((packet.pts + (packet.duration or 0)) * packet.time_base) - start
+                end = at if end is None else max(end, at)
+            if packet.stream is not video:
                 continue
-            at = float((packet.pts + (packet.duration or 0)) * packet.time_base)
-            end = at if end is None else max(end, at)
-    except av.FFmpegError:
-        pass  # a damaged tail: what was reached counts
-    return None if end is None else end - start
+            for frame in packet.decode():
+                count += 1
+                if frame.time is not None:
+                    first = frame.time if first is None else first
+                    last = frame.time
+    except av.FFmpegError as err:
+        raise VideoError(f"the video cannot be decoded ({_reason(err)}; is the file cut short or damaged?)") from None
+    return count, first, last, end
 
 
 def _reason(err) -> str:

@@ -381,8 +381,9 @@ class StoredTokens:
         is taken as rows' keys are: as stored, escaped as stored, or joined to its root (ROOT/KEY)."""
         if self._failure_reasons is None:
             reasons: dict[str, str] = {}
-            roots = self.h5["failed/root_index"][: len(self.failures)] if self.failures else []
-            for (path, error), root in zip(self.failures, roots):
+            failures = self.failures  # (read from the file at each use)
+            roots = self.h5["failed/root_index"][: len(failures)] if failures else []
+            for (path, error), root in zip(failures, roots):
                 reasons.setdefault(path, error)
                 reasons.setdefault(os.path.join(self.roots[int(root)], path), error)
             self._failure_reasons = reasons

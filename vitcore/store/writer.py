@@ -291,9 +291,9 @@ class StoreWriter:
         needed = rows.nbytes() + SPACE_MARGIN
         free = HOOKS.free_bytes(os.path.dirname(os.path.abspath(self.h5.filename)))
         if free is not None and free < needed:
-            raise WriteError(self.h5.filename, self.committed, OSError(
-                errno.ENOSPC, f"{shown_size(free)} left on its disk, less than the next batch needs "
-                              f"({shown_size(needed)}, with {shown_size(SPACE_MARGIN)} kept free for HDF5)"))
+            raise WriteError(self.h5.filename, self.committed, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                             reason=f"{shown_size(free)} left on its disk, less than the next batch needs "
+                                    f"({shown_size(needed)}, with {shown_size(SPACE_MARGIN)} kept free for HDF5)")
 
     def _abandon_pending_writes(self) -> None:
         """After a failed write, point HDF5's file descriptor at /dev/null; the file keeps what it had.
@@ -371,11 +371,11 @@ def _clear_stale_strings(ds: h5py.Dataset, rows: int) -> None:
 class WriteError(VitExtractError):
     """Writing the output failed (full disk, I/O error); the committed rows are safe."""
 
-    def __init__(self, path: str, committed: int, cause: BaseException):
+    def __init__(self, path: str, committed: int, cause: BaseException, reason: str | None = None):
+        """``reason``: the words for it, where the writer knows better than the cause (its own room check)."""
         text = str(cause)
         full = getattr(cause, "errno", None) == errno.ENOSPC or "errno = 28" in text
-        own = full and getattr(cause, "strerror", None) not in (None, os.strerror(errno.ENOSPC))  # our own check's words
-        reason = cause.strerror if own else "the disk is full" if full else one_line(text)
+        reason = reason or ("the disk is full" if full else one_line(text))
         super().__init__(
             f"writing {path} failed: {reason}. The first {committed} rows are committed and safe; "
             + ("free some space, then " if full else "fix the problem, then ")
