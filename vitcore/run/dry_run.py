@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,7 @@ from vitcore.run.checks import CheckedRun, check_run
 from vitcore.run.notes import counted_notes
 from vitcore.run.pipeline import choose_batching, plan_resume
 from vitcore.store import Output, StoreWriter, ragged_index_names
-from vitcore.store.writer import SPACE_MARGIN
+from vitcore.store.writer import SPACE_MARGIN, free_bytes
 from vitcore.store.resume import recorded_compute_dtype
 from vitcore.system.device import choose_dtype, dtype_name, resolve_device
 from vitcore.system.units import shown_size
@@ -146,9 +145,8 @@ def _room_note(output: str, projected: int, staged: bool) -> str | None:
     """A note when the output's disk has less room than the file would still take (None otherwise):
     a run there stops when the disk fills (its committed rows kept, --resume goes on)."""
     folder = os.path.dirname(os.path.abspath(output))
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
+    free = free_bytes(folder)  # as the writer's own check measures it
+    if free is None:
         return None
     growth = projected - (os.path.getsize(output) if os.path.exists(output) else 0)
     if growth + SPACE_MARGIN <= free:  # the writer keeps SPACE_MARGIN free beyond each batch
