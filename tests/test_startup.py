@@ -125,12 +125,16 @@ def test_timm_resume_refusals_come_before_torch(files, tmp_path):
 
 def test_unresumable_files_and_a_held_output_are_refused_before_torch(files, tmp_path):
     folder, pictures, seed_file, *_ = files
-    empty, foreign = tmp_path / "empty.h5", tmp_path / "foreign.h5"
+    empty, foreign, partial = tmp_path / "empty.h5", tmp_path / "foreign.h5", tmp_path / "partial.h5"
+    picture = tmp_path / "picture.h5"
     empty.write_bytes(b"")
+    picture.write_bytes((pictures / "0.png").read_bytes())
     import h5py
 
     with h5py.File(foreign, "w") as f:
         f["x"] = [1, 2, 3]
+    with h5py.File(partial, "w") as f:  # begun by vit-extract, its state never written
+        f.attrs["vit_extract_version"] = "0.7.0"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from vitcore.store.lock import OutputLock\n"
          f"with OutputLock({str(seed_file)!r}):\n    print('locked', flush=True); time.sleep(60)"],
@@ -139,7 +143,15 @@ def test_unresumable_files_and_a_held_output_are_refused_before_torch(files, tmp
         assert holder.stdout.readline().strip() == "locked"
         cases = [
             (["run", pictures, "-o", empty, "--model", TINY, "--resume"], "not a readable HDF5 file"),
-            (["run", pictures, "-o", foreign, "--model", TINY, "--resume"], "not a complete vit-extract output"),
+            (["run", pictures, "-o", foreign, "--model", TINY, "--resume"],
+             "it is not a vit-extract output (an HDF5 file of another program); give another -o"),
+            (["run", pictures, "-o", partial, "--model", TINY, "--resume"], "not a complete vit-extract output"),
+            # Somebody else's file is not advised to be resumed, nor replaced first; an output is.
+            (["run", pictures, "-o", foreign, "--model", TINY],
+             "already exists and is not a vit-extract output (an HDF5 file of another program): give another -o"),
+            (["run", pictures, "-o", picture, "--model", TINY], "is not a vit-extract output (not an HDF5 file)"),
+            (["run", pictures, "-o", empty, "--model", TINY], "already exists (an empty file); add --overwrite"),
+            (["run", pictures, "-o", partial, "--model", TINY], "already exists; add --resume to continue it"),
             (["run", pictures, "-o", seed_file, "--model", TINY, "--resume"], f"another vit-extract run (pid {holder.pid}"),
             (["run", pictures, "-o", seed_file, "--model", TINY, "--overwrite"], "another vit-extract run"),
         ]

@@ -20,7 +20,7 @@ import os
 
 from vitcore.errors import OutputExistsError, UsageError
 from vitcore.store.lock import LOCK_SUFFIX, OutputLock
-from vitcore.store.resume import ResumeState, check_resumable
+from vitcore.store.resume import ResumeState, check_resumable, not_an_output
 from vitcore.store.schema import StoreSettings
 from vitcore.store.writer import BUILDING_SUFFIX, AsyncWriter, StoreWriter
 from vitcore.system.workers import worker_deaths_held
@@ -141,5 +141,11 @@ def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = Tr
     if os.path.isdir(path):
         raise UsageError(f"the output {path} is a folder; give a file name such as {os.path.join(path, 'tokens.h5')}")
     if os.path.exists(path) and not (resume or overwrite):
+        other = not_an_output(path) if can_resume else None  # (the other commands write other kinds of file)
+        if other == "an empty file":
+            raise OutputExistsError(f"{path} already exists (an empty file); add --overwrite to write over it")
+        if other is not None:
+            raise OutputExistsError(f"{path} already exists and is not a vit-extract output ({other}): give another "
+                                    "-o, or add --overwrite to replace it (what it holds is lost)")
         hint = "add --resume to continue it or --overwrite to replace it" if can_resume else "add --overwrite to replace it"
         raise OutputExistsError(f"{path} already exists; {hint}")

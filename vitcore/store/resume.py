@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from vitcore.errors import ResumeMismatchError
 from vitcore.inputs.base import identity_of
-from vitcore.store.reader import open_for_reading
+from vitcore.store.reader import HDF5_SIGNATURE, open_for_reading
 from vitcore.store.schema import REQUIRED, SCHEMA_VERSION, StoreSettings, compared, stored_value
 
 
@@ -49,7 +49,34 @@ def check_resumable_file(path: str) -> None:
         _refuse_unresumable(path, h5.attrs)
 
 
+def not_an_output(path: str) -> str | None:
+    """What an existing ``path`` is, in words, when vit-extract did not write it (its refusal must
+    not advise --overwrite first: the file is somebody else's); None for an output, complete or
+    not, and for a file that cannot be told (held by a run, damaged)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(HDF5_SIGNATURE))
+    except OSError:
+        return None
+    if not head:
+        return "an empty file"
+    if head != HDF5_SIGNATURE:  # (an output never has a user block before its signature)
+        return "not an HDF5 file"
+    try:
+        with open_for_reading(path, "read") as h5:
+            return None if _written_by_us(h5.attrs) else "an HDF5 file of another program"
+    except Exception:  # noqa: BLE001 - anything that stops the look: say nothing more than before
+        return None
+
+
+def _written_by_us(attrs) -> bool:
+    return "schema_version" in attrs or "vit_extract_version" in attrs
+
+
 def _refuse_unresumable(path: str, attrs) -> None:
+    if not _written_by_us(attrs):
+        raise ResumeMismatchError(f"cannot resume {path}: it is not a vit-extract output (an HDF5 file of another program); "
+                                  "give another -o (--overwrite would replace what it holds)")
     if any(name not in attrs for name in REQUIRED):
         raise ResumeMismatchError(f"cannot resume {path}: it is not a complete vit-extract output file; use --overwrite")
     if attrs.get("merged") == "virtual":
