@@ -109,6 +109,33 @@ def test_a_key_that_failed_is_named_as_failed_with_its_reason_not_as_missing(tmp
     assert "'nope.jpg' is not in" in cli("show", out, "nope.jpg", "-o", tmp_path / "s.png").stderr
 
 
+def test_a_key_is_found_whether_its_accents_are_typed_composed_or_decomposed(tmp_path, photos, cli, monkeypatch):
+    import unicodedata
+
+    # macOS names files decomposed (NFD: "e" + U+0301); a person types the composed "é" (NFC), and back.
+    stored_nfd = unicodedata.normalize("NFD", "café.jpg")
+    stored_nfc = "crème.jpg"
+    shutil.copy(photos / "chelsea.jpg", photos / stored_nfd)
+    shutil.copy(photos / "astronaut.jpg", photos / stored_nfc)
+    (photos / unicodedata.normalize("NFD", "brisé.jpg")).write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    out = tmp_path / "t.h5"
+    vitcore.extract([photos], out, OPTS)
+    with vitcore.open_tokens(out) as f:
+        assert stored_nfd in f.keys and stored_nfc in f.keys  # stored as the file system spelled them
+        for typed, stored in (("café.jpg", stored_nfd), (unicodedata.normalize("NFD", stored_nfc), stored_nfc)):
+            assert typed != stored and typed in f
+            np.testing.assert_array_equal(f[typed], f[stored])
+        assert "cafe.jpg" not in f  # the same letters without the accent are another name
+        assert f.failure_reason("brisé.jpg") is not None
+    monkeypatch.chdir(tmp_path)  # keys, not files on disk
+    result = cli("similar", out, "café.jpg", "-k", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["key"] == stored_nfd
+    assert cli("show", out, "café.jpg", "-o", tmp_path / "s.png").exit_code == 0
+    failed = cli("show", out, "brisé.jpg", "-o", tmp_path / "s2.png")
+    assert failed.exit_code == 2 and "failed when" in failed.stderr
+
+
 def test_blockwise_search_equals_brute_force():
     rng = np.random.default_rng(2)
     vectors = rng.normal(size=(1000, 24)).astype(np.float32)

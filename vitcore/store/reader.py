@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from typing import Iterator
 
 import h5py
@@ -149,6 +150,7 @@ class StoredTokens:
         self._roots: list[str] | None = None
         self._index: dict[str, int] | None = None
         self._failure_reasons: dict[str, str] | None = None  # failed key (and ROOT/KEY) → its reason
+        self._nfc_index: dict[str, list[int]] | None = None  # non-ASCII keys composed (NFC) → rows
         if check_shards and self.h5.attrs.get("merged") == "virtual":
             shards = json.loads(self.h5.attrs["shards"])
             # HDF5 keeps every shard it reads through open, and reads one it cannot open as the
@@ -257,7 +259,19 @@ class StoredTokens:
 
     def _named(self, key: str) -> list[int]:
         index = self._key_rows()
-        return index.get(key) or index.get(escape_key(key)) or self._qualified_rows(key)
+        rows = index.get(key) or index.get(escape_key(key)) or self._qualified_rows(key)
+        if not rows and not key.isascii():  # é typed (NFC) for a key stored decomposed (NFD, macOS), or back
+            rows = self._normalised_rows().get(_nfc(key), [])
+        return rows
+
+    def _normalised_rows(self) -> dict[str, list[int]]:
+        """Non-ASCII keys in Unicode's composed form (NFC) → their rows, built on first use."""
+        if self._nfc_index is None:
+            self._nfc_index = {}
+            for key, rows in self._key_rows().items():
+                if not key.isascii():
+                    self._nfc_index.setdefault(_nfc(key), []).extend(rows)
+        return self._nfc_index
 
     def row_number(self, item: int | str) -> int:
         """The row of a key or a row number (negative counts from the end)."""
@@ -388,7 +402,10 @@ class StoredTokens:
                 reasons.setdefault(os.path.join(self.roots[int(root)], path), error)
             self._failure_reasons = reasons
         reasons = self._failure_reasons
-        return reasons.get(key) or reasons.get(escape_key(key)) or reasons.get(os.path.abspath(key))
+        found = reasons.get(key) or reasons.get(escape_key(key)) or reasons.get(os.path.abspath(key))
+        if found is None and not key.isascii():
+            found = next((why for path, why in reasons.items() if _nfc(path) in (_nfc(key), _nfc(os.path.abspath(key)))), None)
+        return found
 
     def absent(self, key: str) -> str:
         """Why ``key`` has no row, in words: it failed (and why), or it is not in the file."""
@@ -485,3 +502,8 @@ class StoredTokens:
                     state = "unreadable"
             states.append({**shard, "state": state})
         return states
+
+
+def _nfc(text: str) -> str:
+    """A key's composed form: the same name whether its accents were stored as one code point or two."""
+    return unicodedata.normalize("NFC", text)
