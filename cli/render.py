@@ -275,7 +275,7 @@ def dry_run(console: Console, r) -> None:
         table.add_row("already done", f"{r.already_done} inputs the file holds (skipped)")
     if r.duplicates_dropped:
         table.add_row("duplicates", f"{r.duplicates_dropped} paths given twice, read once")
-    for note in r.passed_over:
+    for note in r.passed_over_notes:
         table.add_row("passed over", escape(note))
     tokens = ", ".join(f"{name} {count:g}" for name, count in r.tokens_per_image.items())
     counted = "" if r.tokens_counted_from == "fixed" else f" (mean of {r.tokens_counted_from})"

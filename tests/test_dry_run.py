@@ -48,9 +48,11 @@ def test_counts_are_a_real_runs_rows_and_failures_and_the_size_is_within_5_perce
     real = vitcore.extract([mixed, mixed / "shard.tar"], out, FAST, **overrides)
     assert planned.to_read == real.rows + len(real.failures) == 44
     assert planned.inputs == {"image files": 41, "tar members": 3}
-    assert planned.videos_passed_over == {"mp4": 1}
+    # counted as a run counts them (a script reads the same fields, of the same shape, from both)
+    assert planned.passed_over == real.passed_over and "mp4" in planned.passed_over
+    assert planned.entries_passed_over == real.entries_passed_over
     # the clip is said once, as a clip, in the dry run and in the run's summary alike
-    for notes in (planned.passed_over, real.warnings):
+    for notes in (planned.passed_over_notes, real.warnings):
         assert [n for n in notes if "mp4" in n or "clip" in n] == [
             "1 video clip passed over (mp4 1): clips are read by the Qwen-VL families only (--weights a Qwen-VL "
             "checkpoint)"], notes
@@ -105,12 +107,17 @@ def test_it_says_when_the_disk_has_less_room_than_the_file_would_still_take(phot
 
 def test_the_cli_dry_run_refuses_what_a_run_refuses_and_says_the_plan(cli, photos, tmp_path):
     out = tmp_path / "out.h5"
+    (photos / "README.md").write_text("not a picture")
     shown = cli("run", photos, "-o", out, "--model", TINY, "--dry-run", "--workers", "0")
     assert shown.exit_code == 0, shown.output
     assert "would read" in shown.output and "8 inputs (8 image files)" in shown.output
     assert "projected" in shown.output and not out.exists()
     as_json = json.loads(cli("run", photos, "-o", out, "--model", TINY, "--dry-run", "--json").output)
     assert as_json["to_read"] == 8 and as_json["projected_bytes"] > 0 and not out.exists()
+    ran = json.loads(cli("run", photos, "-o", tmp_path / "ran.h5", "--model", TINY, "--json", "-q").output)
+    for name in ("passed_over", "entries_passed_over"):  # one shape for a script reading either
+        assert as_json[name] == ran[name], (name, as_json[name], ran[name])
+    assert as_json["passed_over"] == {"md": 1}
     on_ray = json.loads(cli("run", photos, "-o", out, "--model", TINY, "--dry-run", "--json", "--engine", "ray",
                             "--unit-size", "3").output)  # the units counted; Ray itself not needed to say so
     assert "--engine ray: 3 units of at most 3 inputs" in " ".join(on_ray["notes"]) and not out.exists()

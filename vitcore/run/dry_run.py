@@ -51,8 +51,9 @@ class DryRun:
     to_read: int  # all of them: a real run's rows + failures
     already_done: int  # --resume: inputs the file holds already (rows or failures)
     duplicates_dropped: int
-    videos_passed_over: dict[str, int]  # extension → video files not read (images only)
-    passed_over: list[str]  # what is passed over and why, counted (the run's summary says the same)
+    passed_over: dict[str, int]  # extension → files in folders not taken (clips too, for a picture family), as a run's
+    entries_passed_over: dict[str, int]  # kind (inputs.base.ENTRY_KINDS) → entries not taken, as a run's
+    passed_over_notes: list[str]  # the same in words, and why (the run's summary says the same)
     encoder: str
     device: str
     compute_dtype: str
@@ -97,8 +98,9 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
     report = DryRun(
         output=public_url(run.upload_to) if run.upload_to else run.output, inputs=_by_kind(sources), to_read=len(sources) + len(plan.unlisted),
         already_done=plan.skipped, duplicates_dropped=found.skipped_duplicates,
-        videos_passed_over={e: n for e, n in found.passed_over.items() if e in VIDEO_EXTENSIONS},
-        passed_over=_passed_over(found, len(plan.unlisted), run.family.takes_video), encoder=record.name, device=str(device),
+        passed_over=dict(found.passed_over), entries_passed_over=dict(found.entries_passed_over),
+        passed_over_notes=_passed_over(found, len(plan.unlisted), run.family.takes_video), encoder=record.name,
+        device=str(device),
         compute_dtype=dtype_name(chosen.dtype), out_dtype=out_opts.out_dtype, compression=out_opts.compression,
         tokens_per_image=counts, tokens_counted_from=counted_from, unreadable_headers=unreadable,
         bytes_per_image=0.0, projected_bytes=0, calibration_images=0, calibration_failures=0,
