@@ -173,6 +173,27 @@ def test_similar_finds_the_query_first_then_its_near_duplicate(tmp_path, photos,
     assert cli("similar", out, "no-such-key").exit_code == 2
 
 
+def test_a_query_that_is_no_picture_is_a_usage_refusal_and_a_damaged_picture_a_fault(tmp_path, photos, cli):
+    """As for FILE (not an output: 2; an output, damaged: 1): a query file that holds no picture is
+    the user's mistake, one that holds a picture that does not decode is a fault; one line each."""
+    out = tmp_path / "t.h5"
+    vitcore.extract([photos], out, OPTS, pool="mean")
+    whole = (photos / "chelsea.jpg").read_bytes()
+    cases = {
+        "notes.txt": (b"shopping list", 2, "not a picture or clip"),
+        "empty.jpg": (b"", 2, "an empty file"),
+        "phone.jpg": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + bytes(64), 2, "a HEIC picture, which this"),
+        "cut.jpg": (whole[: len(whole) // 8], 1, "a damaged JPEG file"),
+        "cut.png": (b"\x89PNG\r\n\x1a\n" + bytes(20), 1, "a damaged PNG file"),
+    }
+    for name, (content, code, words) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        result = cli("similar", out, tmp_path / name, "-k", "2")
+        assert result.exit_code == code and words in result.stderr, (name, result.output)
+        assert result.stderr.count("\n") == 1 and result.stdout == "", (name, result.output)
+    assert cli("similar", out, tmp_path / "missing.jpg").exit_code == 2
+
+
 def test_similar_on_a_pooled_file_uses_the_pooled_vectors(tmp_path, photos):
     """The scores are cosines of the stored pooled (max) vectors, ranked: computed here from the
     file by hand, they are what similar returns (mean vectors would rank and score otherwise)."""

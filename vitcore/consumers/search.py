@@ -91,7 +91,34 @@ def _readable_query(image_path: str) -> None:
         with open(image_path, "rb") as handle, pixel_limit(None), Image.open(handle):  # (over it: an error, not
             pass                                                                        # Pillow's printed warning)
     except Exception as err:
-        raise VitExtractError(f"cannot read {image_path}: {describe_error(err)}") from None
+        raise _unreadable_query(image_path, describe_error(err)) from None
+
+
+def _unreadable_query(image_path: str, reason: str) -> VitExtractError:
+    """A query that holds no picture or clip is a usage mistake (exit 2, as a FILE that is not an
+    output); one that does, but does not decode (cut short, damaged), is a fault (exit 1)."""
+    from vitcore.imaging.sniff import HEAD_BYTES, content_kind
+
+    with open(image_path, "rb") as handle:
+        head = handle.read(HEAD_BYTES)
+    kind = content_kind(head)
+    if not head:
+        return UsageError(f"cannot read {image_path}: an empty file")
+    if kind is None:
+        return UsageError(f"cannot read {image_path}: not a picture or clip ({reason})")
+    if kind[1] not in _DECODED_FORMATS and not (kind[1] in ("AVIF", "AVIS") and _pillow_reads_avif()):
+        return UsageError(f"cannot read {image_path}: a {kind[1]} {kind[0]}, which this installation does not "
+                          f"decode ({reason}); convert it to JPEG or PNG")
+    return VitExtractError(f"cannot read {image_path}: a damaged {kind[1]} file ({reason})")
+
+
+_DECODED_FORMATS = ("JPEG", "PNG", "GIF", "WebP", "TIFF", "BMP", "MP4", "Matroska/WebM", "AVI")
+
+
+def _pillow_reads_avif() -> bool:
+    from PIL import features
+
+    return bool(features.check("avif"))
 
 
 def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
@@ -117,7 +144,7 @@ def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
         with source.open() as handle:
             pixels, size, *_ = built.loader.load(handle)  # (a loader may add its own text: not needed here)
     except Exception as err:
-        raise VitExtractError(f"cannot read {image_path}: {describe_error(err)}") from None
+        raise _unreadable_query(image_path, describe_error(err)) from None
     pooling = settings.get("pooling", "none")
     runner = BatchRunner(built, store_settings(built, pooling, "float32", device, torch.float32), device)
     with torch.inference_mode():
