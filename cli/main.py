@@ -489,6 +489,7 @@ def similar(
     as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON on stdout.")] = False,
     sheet: Annotated[Optional[Path], typer.Option(metavar="PNG", help="Also write a contact sheet of the hits to this PNG.", dir_okay=False, show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --sheet.")] = False,
+    max_image_pixels: Annotated[Optional[int], typer.Option(metavar="N", help="A query picture over N pixels is refused, as run's option. Default: Pillow's limit (about 89 megapixels); 0: no limit.", min=0, show_default=False)] = None,
 ) -> None:
     """The images whose pooled vectors are closest to QUERY (cosine similarity: exact, or through an index)."""
     try:
@@ -498,7 +499,7 @@ def similar(
     from vitcore.consumers.search import hits_sheet, similar as find_similar  # h5py, numpy: not for --help
 
     try:
-        found = find_similar(str(file), query, k, index=str(index) if index else None)
+        found = find_similar(str(file), query, k, index=str(index) if index else None, max_image_pixels=max_image_pixels)
         hits, kind = found
         if sheet is not None:
             _save_png(hits_sheet(str(file), hits, query, kind), sheet)

@@ -85,8 +85,13 @@ def test_refuses_to_overwrite_and_explains(cli, photos, tmp_path):
     out.write_bytes(b"keep me")
     result = cli("run", photos, "-o", out, "--model", TINY)
     assert result.exit_code == 2
-    assert "already exists" in result.stderr and "--resume" in result.stderr and result.stdout == ""
+    assert "already exists and is not a vit-extract output" in result.stderr and result.stdout == ""
+    assert "--resume" not in result.stderr  # somebody else's file: not one to continue
     assert out.read_bytes() == b"keep me"
+    made = tmp_path / "made.h5"
+    assert cli("run", photos, "-o", made, "--model", TINY, "-q").exit_code == 0
+    result = cli("run", photos, "-o", made, "--model", TINY)
+    assert result.exit_code == 2 and "already exists; add --resume to continue it" in result.stderr
 
 
 def test_resume_through_the_cli_and_mismatch_message(cli, photos, tmp_path):
@@ -600,6 +605,22 @@ def test_max_image_pixels_sets_the_decompression_bomb_limit_in_the_workers_and_t
                 "--max-image-pixels N` raises it, 0 lifts it)")
         assert Image.MAX_IMAGE_PIXELS == 2_000_000  # the process's own limit is put back
     assert cli("run", pictures, "-o", tmp_path / "x.h5", "--max-image-pixels", "-1").exit_code == 2
+    # similar reads a new query picture under the same limit, with the same option; show and similar's
+    # sheet draw the originals of stored rows whatever their size (their run read them).
+    lifted = tmp_path / "0.h5"
+    refused = cli("similar", lifted, pictures / "panorama.png", "-k", "1")
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
+    assert "3,000,000 pixels, over the limit of 2,000,000 (`vit-extract similar --max-image-pixels N`" in refused.stderr
+    found = cli("similar", lifted, pictures / "panorama.png", "-k", "1", "--json", "--max-image-pixels", "0",
+                "--sheet", tmp_path / "hits.png")
+    assert found.exit_code == 0 and json.loads(found.stdout)[0]["key"] == "panorama.png", found.output
+    with Image.open(tmp_path / "hits.png") as sheet:  # the hit drawn (a red picture), not "original not found"
+        assert dict((c, n) for n, c in sheet.convert("RGB").getcolors(1 << 20)).get((200, 40, 40), 0) > 1000
+    shown = cli("show", lifted, "panorama.png", "-o", tmp_path / "s.png")
+    assert shown.exit_code == 0 and shown.stderr == "", shown.output
+    with Image.open(tmp_path / "s.png") as sheet:
+        assert dict((c, n) for n, c in sheet.convert("RGB").getcolors(1 << 20)).get((200, 40, 40), 0) > 1000
+    assert Image.MAX_IMAGE_PIXELS == 2_000_000
 
 
 def test_damage_inside_an_output_is_one_line_exit_1(tmp_path):

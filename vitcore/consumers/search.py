@@ -57,13 +57,14 @@ def top_k_cosine(blocks, query: np.ndarray, k: int) -> list[tuple[int, float]]:
     return [(int(best_rows[i]), float(best_scores[i])) for i in order[:k]]
 
 
-def query_vector(f: TokenFile, query: str) -> tuple[np.ndarray, str]:
+def query_vector(f: TokenFile, query: str, max_image_pixels: int | None = None) -> tuple[np.ndarray, str]:
     """The vector for QUERY: a key already in the file, or an image file encoded as the file was
-    (the original of a row too), or the root-qualified key of a row whose original is gone."""
+    (the original of a row too; ``max_image_pixels``: as run's option), or the root-qualified key of
+    a row whose original is gone."""
     if f.stores_key(query):
         vector, kind = f.mean(query).astype(np.float32), "key"
     elif os.path.isfile(query):
-        vector, kind = encode_like(f, query), "image"
+        vector, kind = encode_like(f, query, max_image_pixels), "image"
     elif query in f:
         vector, kind = f.mean(query).astype(np.float32), "key"
     else:
@@ -75,12 +76,11 @@ def query_vector(f: TokenFile, query: str) -> tuple[np.ndarray, str]:
     return vector, kind
 
 
-def _readable_query(image_path: str) -> None:
+def _readable_query(image_path: str, max_image_pixels: int | None) -> None:
     """A query picture's header read (clips are read whole later): an empty, broken or foreign file
     refused in one line before any model is built."""
     from PIL import Image
 
-    from vitcore.imaging.loader import describe_error
     from vitcore.imaging.video import is_video_name
 
     if is_video_name(image_path):
@@ -88,16 +88,23 @@ def _readable_query(image_path: str) -> None:
     from vitcore.imaging.decode import pixel_limit
 
     try:
-        with open(image_path, "rb") as handle, pixel_limit(None), Image.open(handle):  # (over it: an error, not
-            pass                                                                        # Pillow's printed warning)
+        with open(image_path, "rb") as handle, pixel_limit(max_image_pixels), Image.open(handle):  # (over it: an
+            pass                                                                     # error, not Pillow's warning)
     except Exception as err:
-        raise _unreadable_query(image_path, describe_error(err)) from None
+        raise _unreadable_query(image_path, err, max_image_pixels) from None
 
 
-def _unreadable_query(image_path: str, reason: str) -> VitExtractError:
+def _unreadable_query(image_path: str, err: BaseException, max_image_pixels: int | None) -> VitExtractError:
     """A query that holds no picture or clip is a usage mistake (exit 2, as a FILE that is not an
-    output); one that does, but does not decode (cut short, damaged), is a fault (exit 1)."""
+    output), and so is one over the pixel limit (the option raises it); one that holds a picture but
+    does not decode (cut short, damaged) is a fault (exit 1)."""
+    from vitcore.imaging.decode import is_over_pixel_limit
+    from vitcore.imaging.loader import describe_error
     from vitcore.imaging.sniff import HEAD_BYTES, content_kind
+
+    reason = describe_error(err, max_image_pixels, "similar")
+    if is_over_pixel_limit(err):
+        return UsageError(f"cannot read {image_path}: {reason}")
 
     with open(image_path, "rb") as handle:
         head = handle.read(HEAD_BYTES)
@@ -121,17 +128,18 @@ def _pillow_reads_avif() -> bool:
     return bool(features.check("avif"))
 
 
-def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
+def encode_like(f: TokenFile, image_path: str, max_image_pixels: int | None = None) -> np.ndarray:
     """Encode one image with the encoder, weights and preprocessing recorded in the file → (D,),
-    through the same batching path as a run (on the CPU, in float32)."""
+    through the same batching path as a run (on the CPU, in float32); ``max_image_pixels`` as run's."""
     import torch  # torch: only when a new image is encoded (`similar` on a key needs none)
 
-    from vitcore.imaging.loader import collate, describe_error
+    from vitcore.imaging.decode import pixel_limit
+    from vitcore.imaging.loader import collate
     from vitcore.inputs.files import Source
     from vitcore.run.batching import BatchRunner
     from vitcore.run.settings import store_settings
 
-    _readable_query(image_path)  # before the encoder is built: a bad query is said at once
+    _readable_query(image_path, max_image_pixels)  # before the encoder is built: a bad query is said at once
     settings = f.settings
     family = registry.for_record(settings["encoder"])
     device = torch.device("cpu")
@@ -141,10 +149,10 @@ def encode_like(f: TokenFile, image_path: str) -> np.ndarray:
                               "cannot encode a new image as its rows were")
     source = Source(path=image_path, key=os.path.basename(image_path), root_index=0)
     try:
-        with source.open() as handle:
+        with source.open() as handle, pixel_limit(max_image_pixels):
             pixels, size, *_ = built.loader.load(handle)  # (a loader may add its own text: not needed here)
     except Exception as err:
-        raise _unreadable_query(image_path, describe_error(err)) from None
+        raise _unreadable_query(image_path, err, max_image_pixels) from None
     pooling = settings.get("pooling", "none")
     runner = BatchRunner(built, store_settings(built, pooling, "float32", device, torch.float32), device)
     with torch.inference_mode():
@@ -178,7 +186,8 @@ class Found(tuple):
         return found
 
 
-def similar(path: str, query: str, k: int = 10, block: int = 65536, index=None) -> Found:
+def similar(path: str, query: str, k: int = 10, block: int = 65536, index=None,
+            max_image_pixels: int | None = None) -> Found:
     """The k rows of ``path`` most similar to ``query``, best first, and how the query was read.
 
     ``index``: a faiss index built from this file (vit-extract index), refused if the file changed
@@ -189,7 +198,7 @@ def similar(path: str, query: str, k: int = 10, block: int = 65536, index=None) 
     with TokenFile(path) as f:
         if not len(f):
             raise VitExtractError(f"{path} has no rows to search")
-        vector, kind = query_vector(f, query)
+        vector, kind = query_vector(f, query, max_image_pixels)
         loaded, searched = _chosen_index(f, path, index)
         if loaded is not None:
             ranked = loaded.search(f, vector, k)[0]

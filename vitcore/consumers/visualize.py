@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from vitcore.errors import UsageError, VitExtractError
-from vitcore.imaging.decode import decode_rgb
+from vitcore.imaging.decode import decode_rgb, pixel_limit
 from vitcore.consumers.tokens import TokenFile
 
 THUMB = 224  # side of the square each picture and each map is fitted into on a sheet
@@ -63,9 +63,10 @@ def pca_maps(token_sets: list[np.ndarray], grids: list[tuple[int, int]], joint: 
 def as_encoder_saw_it(opener, frame) -> Image.Image | None:
     """The original picture (``opener()`` gives its bytes as a file object), upright and RGB,
     framed as the encoder saw it (``frame``: TokenFile.as_seen, the file's encoder family's rule);
-    None when it cannot be read any more."""
+    None when it cannot be read any more. Pillow's pixel limit is lifted: a stored row's picture was
+    read by its run (under the limit, or with it raised), a query by similar's own check."""
     try:  # decoded as a run decodes it (orientation, bit depth, alpha), without the resize
-        with opener() as handle:
+        with opener() as handle, pixel_limit(0):
             picture, _ = decode_rgb(handle, "full", lambda w, h: (w, h))
     except Exception:  # moved, deleted or unreadable since extraction: drawn as a placeholder
         return None

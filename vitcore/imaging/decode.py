@@ -209,13 +209,14 @@ def is_over_pixel_limit(err: BaseException) -> bool:
     return isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning))
 
 
-def over_pixel_limit(err: BaseException, limit: int | None) -> str:
+def over_pixel_limit(err: BaseException, limit: int | None, command: str = "run") -> str:
     """A picture over the pixel limit, in words: its pixels and the limit that applied (``limit``, or
-    Pillow's own for None). Pillow's text names twice the limit past it (its error, not its warning)."""
+    Pillow's own for None), and the option of ``command`` that raises it. Pillow's text names twice the
+    limit past it (its error, not its warning)."""
     limit = Image.MAX_IMAGE_PIXELS if limit is None else limit
     found = re.search(r"\((\d+) pixels\)", str(err))
     size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-    return f"DecompressionBombError: {size}, over the limit of {limit:,} (`vit-extract run --max-image-pixels N` " \
+    return f"DecompressionBombError: {size}, over the limit of {limit:,} (`vit-extract {command} --max-image-pixels N` " \
            "raises it, 0 lifts it)"
 
 

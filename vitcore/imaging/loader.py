@@ -74,11 +74,12 @@ _FILE_OBJECT = re.compile(r"<_io\.Buffered\w+ name=('.*?'|\".*?\"|\d+)>")
 _STORE_FILE = re.compile(r"<File-like object \w+, ([^>]*)>")  # fsspec's name for an object it reads
 
 
-def describe_error(err: BaseException, pixel_limit_applied: int | None = None) -> str:
+def describe_error(err: BaseException, pixel_limit_applied: int | None = None, command: str = "run") -> str:
     """An exception → one line a person can read ("OSError: image file is truncated");
-    ``pixel_limit_applied``: the --max-image-pixels the picture was read under (None: Pillow's own)."""
+    ``pixel_limit_applied``: the --max-image-pixels of ``command`` the picture was read under (None:
+    Pillow's own)."""
     if is_over_pixel_limit(err):
-        return over_pixel_limit(err, pixel_limit_applied)
+        return over_pixel_limit(err, pixel_limit_applied, command)
     text = one_line(err, None) or "no details"
     text = _FILE_OBJECT.sub(lambda m: m.group(1), text)  # Pillow names a file object by its repr
     text = scrub(_STORE_FILE.sub(lambda m: m.group(1), text))  # and no URL's credentials or query in a record
