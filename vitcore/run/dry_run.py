@@ -21,7 +21,7 @@ from PIL import Image
 
 from vitcore.imaging.decode import pixel_limit
 from vitcore.imaging.loader import ImageDataset, collate
-from vitcore.imaging.video import VIDEO_EXTENSIONS, clip_info, is_video_name, open_clip
+from vitcore.imaging.video import clip_info, is_video_name, open_clip
 from vitcore.inputs.base import Discovery
 from vitcore.inputs.remote import public_url
 from vitcore.run.batching import BatchRunner
