@@ -94,6 +94,19 @@ def test_refuses_to_overwrite_and_explains(cli, photos, tmp_path):
     assert result.exit_code == 2 and "already exists; add --resume to continue it" in result.stderr
 
 
+def test_odd_list_lines_are_explained_in_the_run_and_the_dry_run(cli, photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(photos)
+    (tmp_path / "list.txt").write_text("# pictures for the demo\ncoffee.jpg\nrocket.jpg  \n")
+    for extra in (["--dry-run"], []):
+        result = cli("run", "--files-from", tmp_path / "list.txt", "-o", tmp_path / "l.h5", "--model", TINY,
+                     "--json", *extra)
+        assert result.exit_code == 0, result.output
+        said = json.loads(result.stdout)["notes" if extra else "warnings"]
+        assert any(n.startswith("2 lines of the --files-from list name no file and start with # or have spaces")
+                   for n in said), said
+    assert len(json.loads(result.stdout)["failures"]) == 2
+
+
 def test_resume_through_the_cli_and_mismatch_message(cli, photos, tmp_path):
     out = tmp_path / "t.h5"
     assert cli("run", photos / "coffee.jpg", "-o", out, "--model", TINY, "-q").exit_code == 0

@@ -301,6 +301,22 @@ def test_files_from_list_file(tmp_path, monkeypatch):
     assert_consistent(found)
 
 
+def test_listed_lines_that_look_like_comments_or_are_padded_are_said_once_with_their_cause(tmp_path, monkeypatch):
+    """A list's line is a path taken whole (a name may start with # or hold spaces): one that names no
+    file and looks like a comment or has spaces at an end is still a failure record, and the summary
+    says why once; a name that does exist so is taken, and a plain missing name draws no such note."""
+    touch(tmp_path, "a.jpg", "#1.jpg", " b.jpg")
+    (tmp_path / "list.txt").write_bytes(b"# my pictures\na.jpg\n a.jpg\na.jpg \n#1.jpg\n b.jpg\nmissing.jpg\n")
+    monkeypatch.chdir(tmp_path)
+    found = discover(files_from="list.txt")
+    assert keys(found) == [" a.jpg", " b.jpg", "# my pictures", "#1.jpg", "a.jpg", "a.jpg ", "missing.jpg"]
+    (note,) = found.input_notes
+    assert note.startswith("3 lines of the --files-from list name no file and start with # or have spaces at an end "
+                           "('# my pictures', ' a.jpg', 'a.jpg ')") and "each is a failure record" in note
+    assert found.notes == []  # nothing passed over: each is an input, and fails as one
+    assert discover(files_from="-", stdin=io.BytesIO(b"a.jpg\nmissing.jpg\n")).input_notes == []
+
+
 def test_files_from_stdin(tmp_path, monkeypatch):
     """files_from="-" reads the list from the given stdin (bytes), combined with positional inputs."""
     touch(tmp_path, "a.jpg", "b.jpg", "c.jpg")

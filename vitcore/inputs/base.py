@@ -158,6 +158,7 @@ class Discovery:
     containers: set = field(default_factory=set)  # identities of the container files read (tar, Parquet)
     empty: list[str] = field(default_factory=list)  # container files that hold no image, each "PATH holds no …"
     notes: list[str] = field(default_factory=list)  # what was passed over, counted (for the summary)
+    input_notes: list[str] = field(default_factory=list)  # about inputs taken (odd --files-from lines), for the summary
     passed_over: dict[str, int] = field(default_factory=dict)  # extension → files in folders not taken (--ext)
     entries_passed_over: dict[str, int] = field(default_factory=dict)  # ENTRY_KINDS name → entries not taken
     image_columns: tuple[str, ...] = ()  # the columns the images inside container files are read from (Parquet)

@@ -72,6 +72,8 @@ def discover(
         elif os.path.lexists(given) or listed:
             # Named files are taken as given; a listed one that is missing becomes a failure record.
             found.take(found.root_index(os.getcwd()), given, given, named=True)
+            if listed and (given.startswith("#") or given != given.strip()) and not os.path.lexists(given):
+                found.odd_lines.append(given)
         else:
             raise UsageError(f"input {given} does not exist")
     return found.discovery()
@@ -135,6 +137,7 @@ class _Found:
     empty: list[str] = field(default_factory=list)
     passed_over_by_kind: dict = field(default_factory=dict)  # container kind → keys of its files with no images
     not_taken: NotTaken = field(default_factory=NotTaken)  # files (and tar members) not taken, counted
+    odd_lines: list[str] = field(default_factory=list)  # missing listed paths that look like a comment or are padded
 
     def root_index(self, root: str) -> int:
         if root not in self.roots:
@@ -176,7 +179,19 @@ class _Found:
         return Discovery(sources=sources, roots=self.roots, skipped_duplicates=duplicates, unlisted=self.unlisted,
                          containers=self.containers, empty=self.empty, notes=notes, passed_over=by_extension,
                          entries_passed_over=dict(self.not_taken.entries),
+                         input_notes=[_odd_lines_note(self.odd_lines)] if self.odd_lines else [],
                          image_columns=tuple(sorted({s.column for s in sources if hasattr(s, "column")})))
+
+
+def _odd_lines_note(lines: list[str]) -> str:
+    """Listed paths that name no file and start with # or have spaces at either end: a list's line is
+    a path taken whole (a name may start with # or hold spaces), so each is a failure record; said
+    once, with the likely cause, rather than only as "no such file" records."""
+    n = len(lines)
+    shown = ", ".join(repr(line) for line in lines[:3]) + (" …" if n > 3 else "")
+    return (f"{n} line{'s' * (n != 1)} of the --files-from list name{'s' * (n == 1)} no file and "
+            f"{'start' if n != 1 else 'starts'} with # or {'have' if n != 1 else 'has'} spaces at an end ({shown}): "
+            "each line is a path taken whole, comments and spaces included, so each is a failure record")
 
 
 def close_readers() -> None:

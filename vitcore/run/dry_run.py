@@ -106,7 +106,7 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
         bytes_per_image=0.0, projected_bytes=0, calibration_images=0, calibration_failures=0,
         decode_seconds_per_image=0.0,
         encode_seconds_per_image=0.0, batch_size=0, workers=0, estimated_seconds=0.0,
-        notes=list(record.notes),
+        notes=found.input_notes + list(record.notes),
     )
     if plan.unlisted:
         report.inputs["folders or containers that cannot be read (a failure record each)"] = len(plan.unlisted)

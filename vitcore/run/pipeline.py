@@ -273,7 +273,7 @@ def _extract(run: CheckedRun, progress, stop: StopFlag | None, encoders: dict | 
         timings=ran.timings,
         batch_size=batch_size,
         workers=workers,
-        warnings=found.notes + notes + (runner.warnings if runner else []) + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype)
+        warnings=found.notes + found.input_notes + notes + (runner.warnings if runner else []) + _nonfinite_note(ran.nonfinite_rows, out_opts.out_dtype)
         + counted_notes(ran.missing_meta, found.passed_over, found.entries_passed_over, ran.nonfinite_meta,
                         family.takes_video),
         missing_meta=ran.missing_meta,
