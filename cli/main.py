@@ -348,9 +348,10 @@ def _run_here(inputs: list[str], output: str, options, shard: str | None, shown:
     with shown.display() as display:
         # Options, output and inputs are checked before torch is loaded: refusals come at once.
         checked = check_run(inputs, str(output), options)
-        from vitcore.run.pipeline import extract  # torch: only once the run is known to go ahead
+        from vitcore.run.pipeline import StopFlag, extract  # torch: only once the run is known to go ahead
 
-        return extract(inputs, str(output), options, progress=display.update, checked=checked)
+        stop = StopFlag(announce=lambda signal_number: render.stopping(err, signal_number))
+        return extract(inputs, str(output), options, progress=display.update, checked=checked, stop=stop)
 
 
 @app.command(cls=_Command)

@@ -79,6 +79,16 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def stopping(console: Console, signal_number: int) -> None:
+    """Said as soon as a run is asked to stop: the batch in flight is finished first (seconds on a CPU)."""
+    import signal
+
+    name = signal.Signals(signal_number).name
+    again = "; Ctrl-C again stops at once (that batch is then redone by --resume)" if name == "SIGINT" else ""
+    console.print(f"stopping ({name}): the batch in flight is finished and committed first{again}",
+                  markup=False, highlight=False)
+
+
 class ProgressDisplay:
     """A rich progress bar fed by extract()'s progress callback; a spinner until the first call."""
 

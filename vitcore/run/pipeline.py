@@ -104,7 +104,8 @@ class StopFlag:
     """Set by SIGINT / SIGTERM; the loop checks it between batches and stops after a commit.
     While the main thread waits for the workers' next batch, a signal ends the wait at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: Callable[[int], None] | None = None) -> None:
+        self.announce = announce  # told the signal at once (a batch in flight may take seconds to finish)
         self.signal_number: int | None = None
         self.waiting = False  # the main thread is waiting for a batch (nothing of the output is touched)
         self.overdue = False  # the wait outlasted STOP_GRACE after the signal: end it
@@ -149,6 +150,11 @@ def stop_on_signals(stop: StopFlag):
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.set(signum)
+        if stop.announce is not None:
+            try:
+                stop.announce(signum)
+            except Exception:  # noqa: BLE001 - a notice must not break the stop
+                pass
         if stop.waiting:
             threading.Thread(target=watchdog, name="vit-extract-stop", daemon=True).start()
 
