@@ -63,6 +63,26 @@ def test_clips_that_cannot_be_read_are_one_line_errors(tmp_path):
         assert message and "\n" not in message and "Errno" not in message, (name, message)
 
 
+def test_an_mp4_cut_short_is_said_to_be_cut_short_wherever_it_was_cut(tmp_path):
+    """An MP4 is a chain of boxes, each opening with its size: one cut short has a last box running
+    past its end, said so, whether its index (moov) comes last or first; a whole one reads whole."""
+    index_last = open(make_clip(tmp_path / "clip.mp4", 20, 64, 48, 10), "rb").read()
+    index_first = open(make_clip(tmp_path / "front.mp4", 20, 64, 48, 10, options={"movflags": "faststart"}), "rb").read()
+    for whole in (index_last, index_first):
+        with open_clip(io.BytesIO(whole)) as container:
+            assert clip_info(container).frames == 20
+        for share in (0.3, 0.6, 0.95):
+            cut = whole[: int(len(whole) * share)]
+            with pytest.raises(VideoError, match=rf"^the file is cut short: its '(moov|mdat)' box runs [\d,]+ bytes past "
+                                                 rf"the end of the file \({len(cut):,} bytes\)$"):
+                with open_clip(io.BytesIO(cut)) as container:
+                    read_frames(container, range(clip_info(container).frames))
+    # A last box sized "to the end of the file" (0) is whole, not damage.
+    to_the_end = index_first[:index_first.index(b"mdat") - 4] + bytes(4) + index_first[index_first.index(b"mdat"):]
+    with open_clip(io.BytesIO(to_the_end)) as container:
+        assert clip_info(container).frames == 20
+
+
 @pytest.mark.parametrize("suffix,codec", [(".webm", "libvpx"), (".mkv", "mpeg4")])
 def test_a_clip_without_a_frame_count_cut_short_is_refused_not_stored_as_a_slower_clip(tmp_path, suffix, codec):
     """WebM and Matroska declare no frame count; their length, in the header, survives a cut: a

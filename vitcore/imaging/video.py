@@ -58,13 +58,42 @@ def open_clip(source):
         head = source.read(HEAD_BYTES)
         if not head:  # said as a picture's is, not as FFmpeg's "Invalid argument" (or a seek error)
             raise VideoError("the file is empty (0 bytes)")
-        if (content_kind(head) or ("",))[0] == "picture":  # FFmpeg reads a JPEG as a one-frame clip
+        kind = content_kind(head)
+        if (kind or ("",))[0] == "picture":  # FFmpeg reads a JPEG as a one-frame clip
             raise VideoError("a still picture, not a clip")  # (the record adds what it is: rename it)
+        if kind == ("video", "MP4"):
+            cut = _box_past_the_end(source)
+            if cut is not None:
+                raise VideoError(cut)
         source.seek(0)
     try:
         return av.open(source, mode="r")
     except (av.FFmpegError, OSError) as err:  # (an empty file is an OSError from the file object)
         raise VideoError(f"not a readable video ({_reason(err)})") from None
+
+
+def _box_past_the_end(handle) -> str | None:
+    """An MP4/MOV file (ISO base media: a chain of boxes, each opening with its size) whose last box
+    runs past the end of the file is cut short, said so (FFmpeg says "Invalid data found" or fails
+    mid-clip). None: whole, or not a chain of boxes this reads (a box "to the end of the file")."""
+    try:
+        end = handle.seek(0, 2)
+        place = 0
+        while place + 8 <= end:
+            handle.seek(place)
+            head = handle.read(16)
+            size, name = int.from_bytes(head[:4], "big"), head[4:8].decode("latin-1")
+            if size == 1 and len(head) == 16:  # a 64-bit size follows the name
+                size = int.from_bytes(head[8:16], "big")
+            if size < 8:  # 0: the box runs to the end of the file; less: not a box
+                return None
+            if place + size > end:
+                return (f"the file is cut short: its '{name}' box runs {place + size - end:,} bytes past the end "
+                        f"of the file ({end:,} bytes)")
+            place += size
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def clip_info(container) -> ClipInfo:
