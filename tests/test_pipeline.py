@@ -127,7 +127,7 @@ def test_files_whose_encoder_record_predates_families_still_resume(photos, tmp_p
 def test_an_existing_output_is_never_touched_without_resume_or_overwrite(photos, tmp_path):
     out = tmp_path / "out.h5"
     out.write_bytes(b"precious")
-    with pytest.raises(OutputExistsError, match="--resume"):
+    with pytest.raises(OutputExistsError, match="already exists and is not a vit-extract output"):
         vitcore.extract([photos], out, EXACT)
     assert out.read_bytes() == b"precious"
     vitcore.extract([photos], out, EXACT, overwrite=True)
