@@ -437,6 +437,7 @@ def show(
 
     try:
         image, chosen = token_sheet(str(file), keys, first, joint, columns)
+        _refuse_a_drawn_original(output, file, chosen)
         _save_png(image, output)
     except VitExtractError as error:
         raise _fail(error)
@@ -503,6 +504,7 @@ def similar(
         found = find_similar(str(file), query, k, index=str(index) if index else None, max_image_pixels=max_image_pixels)
         hits, kind = found
         if sheet is not None:
+            _refuse_a_drawn_original(sheet, file, [h.row for h in hits])
             _save_png(hits_sheet(str(file), hits, query, kind), sheet)
     except VitExtractError as error:
         raise _fail(error, as_json)
@@ -565,6 +567,19 @@ def merge_command(
         kind = "virtual datasets over the shards" if result.virtual else "a self-contained copy"
         out.print(f"merged {result.shards} shards → {escape(result.output)}: {result.rows} rows, "
                   f"{result.failed} failed ({kind})")
+
+
+def _refuse_a_drawn_original(sheet: Path, file, rows) -> None:
+    """Once the rows a sheet draws are known: the sheet is never one of their originals (a picture
+    the user keeps), not even with --overwrite."""
+    from vitcore.consumers.tokens import TokenFile
+    from vitcore.store.output import read_as_output
+
+    with TokenFile(str(file)) as f:
+        originals = [f.original_path(row) for row in rows]
+    read = read_as_output(str(sheet), originals)
+    if read is not None:
+        raise UsageError(f"the sheet {sheet} is {read}, the original of a row it draws; choose another file")
 
 
 def _check_sheet(path: Path, overwrite: bool, reading: list[Path]) -> Path:

@@ -48,6 +48,20 @@ def test_sheets_never_replace_the_file_they_read_nor_an_existing_file_unasked(cl
     assert result.exit_code == 2 and "already exists" in result.output
 
 
+def test_a_sheet_never_replaces_the_original_of_a_row_it_draws(cli, photos, tmp_path):
+    tokens = _made(cli, photos, tmp_path / "tokens.h5")
+    pooled = _made(cli, photos, tmp_path / "pooled.h5", "--pool", "mean")
+    victim = photos / "coffee.jpg"
+    before = _digest(victim)
+    for args in (["show", tokens, "coffee.jpg", "-o", victim, "--overwrite"],
+                 ["show", tokens, "-o", victim, "--overwrite"],  # the first rows, coffee.jpg among them
+                 ["similar", pooled, "coffee.jpg", "-k", "3", "--sheet", victim, "--overwrite"]):
+        result = cli(*args)
+        assert result.exit_code == 2 and "the original of a row it draws" in result.stderr, (args, result.output)
+    assert _digest(victim) == before
+    assert cli("show", tokens, "rocket.jpg", "-o", victim, "--overwrite").exit_code == 0  # not drawn: the user's call
+
+
 def test_a_run_refuses_an_output_that_is_one_of_its_inputs(cli, photos, tmp_path):
     victim = sorted(photos.iterdir())[0]
     before = _digest(victim)
@@ -84,3 +98,27 @@ def test_a_file_list_with_a_byte_order_mark_reads_its_first_path(cli, photos, tm
     assert result.exit_code == 0, result.output
     with h5py.File(out) as f:
         assert f.attrs["committed"] == 1 and f.attrs["failed_committed"] == 0
+
+
+def test_a_pipe_or_a_device_is_never_an_output_nor_read_as_a_file(cli, photos, tmp_path):
+    """`-o /dev/null --overwrite` as root replaced the system's /dev/null with an HDF5 file, and a
+    named pipe as -o or FILE hung for ever: neither is a file, refused at once even with --overwrite."""
+    from vitcore.inputs.base import special_file
+
+    assert special_file(os.devnull) == "a character device"  # (only looked at: a test must not risk it)
+    assert special_file(str(photos)) is None and special_file(str(tmp_path / "missing")) is None
+    pipe = tmp_path / "pipe.h5"
+    os.mkfifo(pipe)
+    for extra in ([], ["--overwrite"], ["--resume"], ["--dry-run"]):
+        result = cli("run", photos, "-o", pipe, *RUN, *extra)
+        assert result.exit_code == 2 and "is a named pipe, not a regular file" in result.stderr, (extra, result.output)
+    made = _made(cli, photos, tmp_path / "made.h5")
+    for args in (["info", pipe], ["show", pipe, "-o", tmp_path / "s.png"], ["similar", pipe, "x.jpg"],
+                 ["merge", pipe, "-o", tmp_path / "m.h5"]):
+        result = cli(*args)  # (each would block on the pipe, were it opened)
+        assert result.exit_code == 2 and "named pipe" in result.stderr and result.stderr.count("\n") == 1, (args, result.output)
+    sheet_pipe = tmp_path / "sheet.png"
+    os.mkfifo(sheet_pipe)
+    result = cli("show", made, "-o", sheet_pipe, "--overwrite")
+    assert result.exit_code == 2 and "is a named pipe, not a regular file" in result.stderr, result.output
+    assert special_file(str(pipe)) == special_file(str(sheet_pipe)) == "a named pipe"

@@ -80,6 +80,16 @@ def open_regular(path: str) -> BinaryIO:
         raise
 
 
+def special_file(path: str) -> str | None:
+    """What ``path`` is, in words, when it exists and is neither a regular file nor a folder (a named
+    pipe, a socket, a device: never to be written, nor read as a file); None otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else _kind(mode)
+
+
 class NotARegularFile(OSError):
     """An input that is a named pipe, a socket or a device: never read."""
 

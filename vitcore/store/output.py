@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from vitcore.errors import OutputExistsError, UsageError
+from vitcore.inputs.base import special_file
 from vitcore.store.lock import LOCK_SUFFIX, OutputLock
 from vitcore.store.resume import ResumeState, check_resumable, not_an_output
 from vitcore.store.schema import StoreSettings
@@ -140,6 +141,10 @@ def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = Tr
     _check_name_length(path, folder)
     if os.path.isdir(path):
         raise UsageError(f"the output {path} is a folder; give a file name such as {os.path.join(path, 'tokens.h5')}")
+    special = special_file(path)
+    if special is not None:  # /dev/null, a named pipe: replacing one with a file would break the system
+        raise UsageError(f"the output {path} is {special}, not a regular file: give a file name "
+                         "(it is not written, even with --overwrite)")
     if os.path.exists(path) and not (resume or overwrite):
         other = not_an_output(path) if can_resume else None  # (the other commands write other kinds of file)
         if other == "an empty file":

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from vitcore.errors import UsageError, VitExtractError, one_line
-from vitcore.inputs.base import escape_key, source_path
+from vitcore.inputs.base import escape_key, source_path, special_file
 from vitcore.inputs.remote import is_url, public_url
 from vitcore.inputs.discover import open_original
 from vitcore.store.encoding import StoredArray, readable, stored_dtype
@@ -50,6 +50,9 @@ class BeingWritten(VitExtractError):
 def open_for_reading(path: str, verb: str) -> h5py.File:
     if is_url(path):
         return _open_url(path, verb)
+    special = special_file(path)
+    if special is not None:  # (h5py would wait on a named pipe for ever)
+        raise UsageError(f"cannot {verb} {path}: it is {special}, not a file")
     try:
         return h5py.File(path, "r")
     except BlockingIOError:
