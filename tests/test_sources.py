@@ -317,6 +317,20 @@ def test_listed_lines_that_look_like_comments_or_are_padded_are_said_once_with_t
     assert discover(files_from="-", stdin=io.BytesIO(b"a.jpg\nmissing.jpg\n")).input_notes == []
 
 
+def test_a_utf16_or_nul_separated_list_is_read_as_what_it_is(tmp_path, monkeypatch):
+    """PowerShell's `>` writes UTF-16 (with a byte-order mark; some tools without one), and
+    `find -print0` separates paths with NUL bytes (so a name may hold a newline): a list with NUL
+    bytes crashed the run at its first write ("VLEN strings do not support embedded NULLs")."""
+    touch(tmp_path, "été.jpg", "b.jpg", "two\nlines.jpg")
+    monkeypatch.chdir(tmp_path)
+    text = "été.jpg\r\nb.jpg\r\n"
+    for data in (text.encode("utf-16"), text.encode("utf-16-le"), text.encode("utf-16-be"),
+                 "\ufeff".encode("utf-8") + text.encode("utf-8")):
+        assert keys(discover(files_from="-", stdin=io.BytesIO(data))) == ["b.jpg", "été.jpg"], data[:8]
+    found = discover(files_from="-", stdin=io.BytesIO(b"b.jpg\0two\nlines.jpg\0"))
+    assert keys(found) == ["b.jpg", "two\nlines.jpg"] and all(os.path.exists(s.path) for s in found.sources)
+
+
 def test_files_from_stdin(tmp_path, monkeypatch):
     """files_from="-" reads the list from the given stdin (bytes), combined with positional inputs."""
     touch(tmp_path, "a.jpg", "b.jpg", "c.jpg")

@@ -49,9 +49,30 @@ class Source:
 
 def read_file_list(handle: BinaryIO) -> list[str]:
     """One path per line (bytes, so any file name survives); blank lines ignored, a UTF-8 byte-order
-    mark (Windows editors write one) dropped."""
-    lines = handle.read().removeprefix(b"\xef\xbb\xbf").split(b"\n")
-    return [os.fsdecode(line.rstrip(b"\r")) for line in lines if line.strip()]
+    mark (Windows editors write one) dropped. UTF-16 text (PowerShell's ``>`` writes it) is read as
+    such; a list with NUL bytes otherwise is NUL-separated (``find -print0``: a path may hold a
+    newline, never a NUL)."""
+    data = _from_utf16(handle.read()).removeprefix(b"\xef\xbb\xbf")
+    if b"\0" in data:
+        return [os.fsdecode(entry) for entry in data.split(b"\0") if entry]
+    return [os.fsdecode(line.rstrip(b"\r")) for line in data.split(b"\n") if line.strip()]
+
+
+def _from_utf16(data: bytes) -> bytes:
+    """UTF-16 text → the same text as file-name bytes; other bytes as they are. Told by its byte-order
+    mark, or without one by every other byte being NUL (names in the first 256 code points)."""
+    codec = {b"\xff\xfe": "utf-16", b"\xfe\xff": "utf-16"}.get(data[:2])
+    if codec is None and len(data) >= 4:
+        if data[1::2].count(0) == len(data[1::2]) and data[0::2].count(0) == 0:
+            codec = "utf-16-le"
+        elif data[0::2].count(0) == len(data[0::2]) and data[1::2].count(0) == 0:
+            codec = "utf-16-be"
+    if codec is None:
+        return data
+    try:
+        return os.fsencode(data.decode(codec))
+    except UnicodeDecodeError:
+        return data  # not UTF-16 after all: read as NUL-separated bytes
 
 
 def walk_prefix(url: str, exts: tuple[str, ...], is_container: Callable[[str], bool], not_taken: NotTaken) -> list[str]:
