@@ -677,3 +677,38 @@ def test_a_folder_that_cannot_be_listed_is_a_failure_record_not_silence(tmp_path
     finally:
         (shared / "photos" / "locked").chmod(0o755)
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_file_system_without_file_locks_reads_and_writes_without_hdf5s_lock(photos, tmp_path, monkeypatch, cli):
+    """NFS without its lock daemon, Lustre or GPFS without flock: HDF5's lock fails with errno 38 or
+    37 (h5py issue 1101). The file is fine: it was called "a damaged HDF5 file" and no run could
+    write. Each file is opened without HDF5's lock there; a lock that is held still refuses."""
+    import errno
+
+    import h5py
+
+    from vitcore.store.h5open import locks_unsupported
+
+    real_file = h5py.File
+    refused = []
+
+    def no_locks_here(name, mode="r", *args, locking=None, **kwargs):
+        if locking is not False:
+            refused.append(mode)
+            raise OSError(errno.ENOSYS, "Unable to synchronously open file (unable to lock file, errno = 38, "
+                                        "error message = 'Function not implemented')")
+        return real_file(name, mode, *args, locking=locking, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", no_locks_here)
+    out = tmp_path / "t.h5"
+    options = ExtractOptions(model=TINY, dtype="float32", workers=0)
+    assert vitcore.extract([photos], out, options).rows == 8
+    assert vitcore.extract([photos], tmp_path / "s.shard00000-of-00001.h5", options, shard=(0, 1)).rows == 8
+    for args in (["info", out], ["show", out, "-o", tmp_path / "s.png"], ["similar", out, "chelsea.jpg", "-k", "2"],
+                 ["merge", tmp_path / "s.shard00000-of-00001.h5", "-o", tmp_path / "m.h5"]):
+        result = cli(*args)
+        assert result.exit_code == 0 and "damaged" not in result.output, (args, result.output)
+    assert refused and len(vitcore.open_tokens(out)) == 8
+    assert locks_unsupported(OSError(errno.ENOLCK, "No locks available"))
+    assert not locks_unsupported(BlockingIOError(errno.EAGAIN, "unable to lock file, errno = 11"))
+    assert not locks_unsupported(OSError(errno.ENOENT, "no such file")) and not locks_unsupported(OSError("truncated"))

@@ -31,6 +31,7 @@ from vitcore.run.notes import counted_notes
 from vitcore.run.pipeline import choose_batching, plan_resume
 from vitcore.store import Output, StoreWriter, ragged_index_names
 from vitcore.store.writer import SPACE_MARGIN, free_bytes
+from vitcore.store.h5open import h5_file
 from vitcore.store.resume import recorded_compute_dtype
 from vitcore.system.device import choose_dtype, dtype_name, resolve_device
 from vitcore.system.units import shown_size
@@ -287,7 +288,7 @@ def _projected_size(settings, plan, rows, counts: dict[str, float], sources: lis
         writer = StoreWriter.reopen(path, settings)
         writer.append(rows)
         writer.close(True)
-        with h5py.File(path, "r") as calibration:
+        with h5_file(path, "r") as calibration:
             if existing is None:  # a new file: the calibration file, and the rows after its own
                 done = len(rows.keys) + len(rows.failed_keys)  # the inputs the calibration tried
                 start = os.path.getsize(path)

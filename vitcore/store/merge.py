@@ -22,6 +22,7 @@ from vitcore.errors import UsageError, VitExtractError
 from vitcore.inputs.base import identity_of
 from vitcore.store.output import check_output, output_target, read_as_output
 from vitcore.store.encoding import StoredArray, creation_options, readable, same_type, write_at
+from vitcore.store.h5open import h5_file
 from vitcore.store.reader import StoredTokens
 from vitcore.store.schema import (
     ATTRIBUTES,
@@ -119,7 +120,7 @@ def merge(output: str, shard_paths: list[str], virtual: bool = False, overwrite:
     _check_compatible(shards)
     building = output + BUILDING_SUFFIX
     try:
-        with h5py.File(building, "w") as out:
+        with h5_file(building, "w") as out:
             _write_merged(out, output, shards, not virtual, recorded_as or {})
         os.replace(building, output)
     except OSError as err:
@@ -147,7 +148,7 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool,
     roots: list[str] = []
     for shard in shards:
         roots += [r for r in shard.settings["roots"] if r not in roots]
-    with h5py.File(shards[0].path, "r") as first:  # the layout, and the settings kept verbatim
+    with h5_file(shards[0].path, "r") as first:  # the layout, and the settings kept verbatim
         arrays = [_Array(name, first[name].shape[1:], same_type(first[name]), ragged_index_names(name)[0] in first, [])
                   for name in array_names(first.attrs, first)]
         compression = str(stored_value(first.attrs, BY_NAME["compression"]))
@@ -160,7 +161,7 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool,
         first_device = first.attrs.get("device", "")
     made = []
     for shard in shards:
-        with h5py.File(shard.path, "r") as h5:
+        with h5_file(shard.path, "r") as h5:
             for array in arrays:
                 array.lengths.append(_rows_given(h5, array, shard.rows))
             if shard.rows:  # the devices of the shards that hold rows (an empty shard made none)
@@ -170,7 +171,7 @@ def _write_merged(out: h5py.File, output: str, shards: list[_Shard], copy: bool,
     images = sum(s.rows for s in shards)
     targets = {a.name: _create_array(out, a, images, copy, compression) for a in arrays}
     for index, shard in enumerate(shards):
-        with h5py.File(shard.path, "r") as h5:
+        with h5_file(shard.path, "r") as h5:
             row_info.add(h5, shard)
             for array in arrays:
                 _copy_array(out, h5, shard, array, index, targets[array.name], row_info.at - shard.rows)

@@ -15,6 +15,7 @@ from vitcore.inputs.base import escape_key, source_path, special_file
 from vitcore.inputs.remote import is_url, public_url
 from vitcore.inputs.discover import open_original
 from vitcore.store.encoding import StoredArray, readable, stored_dtype
+from vitcore.store.h5open import h5_file
 from vitcore.store.schema import absent_mask, decoded, ragged_index_names
 
 
@@ -54,7 +55,7 @@ def open_for_reading(path: str, verb: str) -> h5py.File:
     if special is not None:  # (h5py would wait on a named pipe for ever)
         raise UsageError(f"cannot {verb} {path}: it is {special}, not a file")
     try:
-        return h5py.File(path, "r")
+        return h5_file(path, "r")
     except BlockingIOError:
         raise BeingWritten(
             f"cannot {verb} {path}: a vit-extract run is writing it (HDF5 file lock); "
@@ -497,7 +498,7 @@ class StoredTokens:
             state = "missing"
             if os.path.exists(path):
                 try:
-                    with h5py.File(path, "r") as h5:
+                    with h5_file(path, "r") as h5:
                         same = h5.attrs.get("run_id") == shard.get("run_id") and bool(h5.attrs.get("complete"))
                         same = same and int(h5.attrs["committed"]) == shard["rows"]
                     state = "complete" if same else "changed"

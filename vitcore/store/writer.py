@@ -23,6 +23,7 @@ import numpy as np
 
 from vitcore.errors import VitExtractError, one_line
 from vitcore.store.encoding import write_at
+from vitcore.store.h5open import h5_file
 from vitcore.system.units import shown_size
 from vitcore.store.schema import (
     FAILED_DATASETS,
@@ -385,7 +386,7 @@ class WriteError(VitExtractError):
 
 def _open_h5(path: str, mode: str) -> h5py.File:
     try:
-        return h5py.File(path, mode)
+        return h5_file(path, mode)
     except OSError as err:
         if isinstance(err, BlockingIOError):
             reason = "another process has it open (is another vit-extract run writing it?)"
