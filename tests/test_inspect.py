@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,6 +193,14 @@ def test_a_query_that_is_no_picture_is_a_usage_refusal_and_a_damaged_picture_a_f
         assert result.exit_code == code and words in result.stderr, (name, result.output)
         assert result.stderr.count("\n") == 1 and result.stdout == "", (name, result.output)
     assert cli("similar", out, tmp_path / "missing.jpg").exit_code == 2
+    # A whole clip is no damage: a picture family's file is the wrong file for it (a usage refusal).
+    from tests.helpers import make_clip
+
+    clip = Path(make_clip(tmp_path / "clip.mp4", 6, 64, 48, 8))
+    (tmp_path / "clip_named.jpg").write_bytes(clip.read_bytes())
+    for query, words in ((clip, "is a video clip, and"), (tmp_path / "clip_named.jpg", "it holds a video clip (MP4)")):
+        result = cli("similar", out, query, "-k", "2")
+        assert result.exit_code == 2 and words in result.stderr and result.stderr.count("\n") == 1, result.output
 
 
 def test_similar_on_a_pooled_file_uses_the_pooled_vectors(tmp_path, photos):

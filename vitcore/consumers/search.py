@@ -16,6 +16,7 @@ from vitcore.errors import UsageError, VitExtractError
 from vitcore.consumers.tokens import TokenFile
 from vitcore.consumers.visualize import as_encoder_saw_it, placeholder, sheet
 from vitcore.encoders import registry
+from vitcore.imaging.video import is_video_name
 from vitcore.inputs.base import open_regular
 from vitcore.store import weights_identity
 
@@ -81,8 +82,6 @@ def _readable_query(image_path: str, max_image_pixels: int | None) -> None:
     refused in one line before any model is built."""
     from PIL import Image
 
-    from vitcore.imaging.video import is_video_name
-
     if is_video_name(image_path):
         return
     from vitcore.imaging.decode import pixel_limit
@@ -113,6 +112,9 @@ def _unreadable_query(image_path: str, err: BaseException, max_image_pixels: int
         return UsageError(f"cannot read {image_path}: an empty file")
     if kind is None:
         return UsageError(f"cannot read {image_path}: not a picture or clip ({reason})")
+    if kind[0] == "video" and not is_video_name(image_path):  # a clip named as a picture, read as one
+        return UsageError(f"cannot read {image_path}: it holds a video clip ({kind[1]}), not a picture (rename it, "
+                          "e.g. .mp4, for a family that reads clips)")
     if kind[1] not in _DECODED_FORMATS and not (kind[1] in ("AVIF", "AVIS") and _pillow_reads_avif()):
         return UsageError(f"cannot read {image_path}: a {kind[1]} {kind[0]}, which this installation does not "
                           f"decode ({reason}); convert it to JPEG or PNG")
@@ -139,9 +141,12 @@ def encode_like(f: TokenFile, image_path: str, max_image_pixels: int | None = No
     from vitcore.run.batching import BatchRunner
     from vitcore.run.settings import store_settings
 
-    _readable_query(image_path, max_image_pixels)  # before the encoder is built: a bad query is said at once
     settings = f.settings
     family = registry.for_record(settings["encoder"])
+    if is_video_name(image_path) and not family.takes_video:
+        raise UsageError(f"{image_path} is a video clip, and {f.path} was made by {family.name}, which reads pictures "
+                         "only (clips are read by the Qwen-VL families)")
+    _readable_query(image_path, max_image_pixels)  # before the encoder is built: a bad query is said at once
     device = torch.device("cpu")
     built = family.build(family.rebuild(settings, f.path), device, torch.float32)
     if built.weights.identity() != weights_identity(settings["weights"]):
