@@ -371,7 +371,7 @@ def info(
             except (OSError, KeyError, RuntimeError) as error:
                 if not tokens.being_written:
                     raise
-                raise VitExtractError(f"{file} is being written by a run and could not be read at this moment "
+                raise VitExtractError(f"{file} is open for writing elsewhere and could not be read at this moment "
                                       f"({one_line(error, 120)}); try again") from None
     except VitExtractError as error:
         raise _fail(error, as_json)

@@ -214,7 +214,9 @@ def run_summary(console: Console, result) -> None:
 def info_table(console: Console, s: dict) -> None:
     table = Table(show_header=False, box=None, padding=(0, 2))
     table.add_row("file", escape(s["file"]))
-    if s.get("being_written"):
+    if s.get("being_written") and s.get("written_by") == "another program":
+        state = "  [yellow](another program has it open for writing: the rows committed before it)[/]"
+    elif s.get("being_written"):
         state = "  [yellow](a run is writing it now: the rows committed so far)[/]"
     else:
         state = "" if s["complete"] else "  [yellow](incomplete: finish with run … --resume)[/]"

@@ -525,8 +525,28 @@ def test_info_reads_a_file_while_a_run_writes_it(tmp_path):
     finally:
         run.terminate()
         run.wait(timeout=120)
-    assert all(0 < s["rows"] < 24 and s["complete"] is False for s in seen)
+    assert all(0 < s["rows"] < 24 and s["complete"] is False and s["written_by"] == "a vit-extract run" for s in seen)
     assert seen[0]["rows"] <= seen[1]["rows"]
+
+
+def test_a_file_another_program_holds_open_is_not_blamed_on_a_run(tmp_path):
+    """A notebook's h5py.File(out, "a") holds HDF5's lock too; no vit-extract run's lock is held, so
+    the reading commands say another program has it open, not that a run is writing it."""
+    out = tmp_path / "held.h5"
+    vitcore.extract([SAMPLES], out, ExtractOptions(model=TINY, dtype="float32", workers=0))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, h5py\nf = h5py.File(sys.argv[1], 'a')\n"
+                               "print('open', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(VitExtractError, match="another program has it open for writing") as caught:
+            vitcore.open_tokens(out)
+        assert "vit-extract run" not in str(caught.value)
+        done = subprocess.run([sys.executable, "-m", "vitcore.cli", "info", str(out), "--json"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and json.loads(done.stdout)["written_by"] == "another program", done.stderr
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_the_readme_and_help_name_shard_files_as_the_tool_writes_them(cli):

@@ -93,6 +93,25 @@ def check_unlocked(output: str) -> None:
         os.close(fd)
 
 
+def run_holding(output: str) -> str | None:
+    """Who holds ``output``'s run lock ("pid 123 on host, started …"), when a live vit-extract run
+    does; None when none does (a file held open by another program: HDF5's lock, not ours)."""
+    try:
+        fd = os.open(output + LOCK_SUFFIX, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        return None
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            return None
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+    finally:
+        os.close(fd)
+
+
 def _held(output: str, fd: int) -> OutputLockedError:
     """The refusal for an output whose lock (open as ``fd``) another process holds, naming it."""
     holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"

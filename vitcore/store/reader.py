@@ -16,6 +16,7 @@ from vitcore.inputs.remote import is_url, public_url
 from vitcore.inputs.discover import open_original
 from vitcore.store.encoding import StoredArray, readable, stored_dtype
 from vitcore.store.h5open import h5_file
+from vitcore.store.lock import run_holding
 from vitcore.store.schema import absent_mask, decoded, ragged_index_names
 
 
@@ -45,7 +46,16 @@ def allow_open_files(files: int, what: str) -> None:
 
 
 class BeingWritten(VitExtractError):
-    """A run holds the file open for writing (HDF5's file lock)."""
+    """A run, or another program, holds the file open for writing (HDF5's file lock)."""
+
+
+def writer_of(path: str) -> tuple[str, str]:
+    """Who has ``path`` open for writing: ("a vit-extract run", a sentence naming it from its lock
+    file) or ("another program", …): a notebook's h5py.File(path, "a"), say."""
+    holder = run_holding(path)
+    if holder:
+        return "a vit-extract run", f"a vit-extract run is writing it ({holder})"
+    return "another program", "another program has it open for writing"
 
 
 def open_for_reading(path: str, verb: str) -> h5py.File:
@@ -57,10 +67,8 @@ def open_for_reading(path: str, verb: str) -> h5py.File:
     try:
         return h5_file(path, "r")
     except BlockingIOError:
-        raise BeingWritten(
-            f"cannot {verb} {path}: a vit-extract run is writing it (HDF5 file lock); "
-            "try again when that run has finished"
-        ) from None
+        raise BeingWritten(f"cannot {verb} {path}: {writer_of(path)[1]} (HDF5's file lock); try again when it has "
+                           "finished") from None
     except PermissionError as err:
         raise VitExtractError(f"cannot {verb} {path}: {os.strerror(err.errno) if err.errno else one_line(err, 200)}") from None
     except OSError as err:
@@ -446,6 +454,7 @@ class StoredTokens:
             "rows": len(self),
             "complete": bool(settings.get("complete")),
             "being_written": self.being_written,
+            "written_by": writer_of(self.path)[0] if self.being_written else None,
             "token_shape": list(self.token_shape),
             "out_dtype": settings.get("out_dtype"),
             "compression": settings.get("compression", "none"),
