@@ -102,7 +102,7 @@ def test_odd_list_lines_are_explained_in_the_run_and_the_dry_run(cli, photos, tm
                      "--json", *extra)
         assert result.exit_code == 0, result.output
         said = json.loads(result.stdout)["notes" if extra else "warnings"]
-        assert any(n.startswith("2 lines of the --files-from list name no file and start with # or have spaces")
+        assert any(n.startswith("2 listed paths name no file ('# pictures for the demo', 'rocket.jpg  ')")
                    for n in said), said
     assert len(json.loads(result.stdout)["failures"]) == 2
 

@@ -311,10 +311,18 @@ def test_listed_lines_that_look_like_comments_or_are_padded_are_said_once_with_t
     found = discover(files_from="list.txt")
     assert keys(found) == [" a.jpg", " b.jpg", "# my pictures", "#1.jpg", "a.jpg", "a.jpg ", "missing.jpg"]
     (note,) = found.input_notes
-    assert note.startswith("3 lines of the --files-from list name no file and start with # or have spaces at an end "
-                           "('# my pictures', ' a.jpg', 'a.jpg ')") and "each is a failure record" in note
+    assert note == ("4 listed paths name no file ('# my pictures', ' a.jpg', 'a.jpg ' …), each a failure record: "
+                    "1 starting with # (a list has no comments); 2 with spaces at an end (kept: a name may hold them)")
     assert found.notes == []  # nothing passed over: each is an input, and fails as one
-    assert discover(files_from="-", stdin=io.BytesIO(b"a.jpg\nmissing.jpg\n")).input_notes == []
+    assert discover(files_from="-", stdin=io.BytesIO(b"a.jpg\n")).input_notes == []
+    # a list elsewhere, its paths relative to its own folder; quoted paths; file:// URLs
+    (tmp_path / "lists").mkdir()
+    touch(tmp_path / "lists", "near.jpg")
+    (tmp_path / "lists" / "l.txt").write_text('near.jpg\n"a.jpg"\nfile:///srv/a.jpg\n')
+    (note,) = discover(files_from=tmp_path / "lists" / "l.txt").input_notes
+    assert note.endswith("each a failure record: 1 quoted (quotes are kept: give bare paths); 1 file:// URLs (give the "
+                         f"path itself); 1 found beside the list, in {tmp_path / 'lists'} (relative paths are taken from "
+                         f"the working directory, {tmp_path})"), note
 
 
 def test_a_utf16_or_nul_separated_list_is_read_as_what_it_is(tmp_path, monkeypatch):

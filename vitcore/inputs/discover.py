@@ -56,6 +56,8 @@ def discover(
     not exist as written is expanded (``{00000..00099}.tar``).
     """
     found = _Found(parse_extensions(extensions), containers or ContainerOptions())
+    if files_from is not None and os.fspath(files_from) != "-":
+        found.list_folder = os.path.dirname(os.path.abspath(files_from))
     seen_dirs: set[str] = set()
     for given, listed in named_inputs(paths, files_from, stdin):
         if is_url(given):
@@ -72,8 +74,8 @@ def discover(
         elif os.path.lexists(given) or listed:
             # Named files are taken as given; a listed one that is missing becomes a failure record.
             found.take(found.root_index(os.getcwd()), given, given, named=True)
-            if listed and (given.startswith("#") or given != given.strip()) and not os.path.lexists(given):
-                found.odd_lines.append(given)
+            if listed and not os.path.lexists(given):
+                found.missing_listed.append(given)
         else:
             raise UsageError(f"input {given} does not exist")
     return found.discovery()
@@ -137,7 +139,8 @@ class _Found:
     empty: list[str] = field(default_factory=list)
     passed_over_by_kind: dict = field(default_factory=dict)  # container kind → keys of its files with no images
     not_taken: NotTaken = field(default_factory=NotTaken)  # files (and tar members) not taken, counted
-    odd_lines: list[str] = field(default_factory=list)  # missing listed paths that look like a comment or are padded
+    missing_listed: list[str] = field(default_factory=list)  # listed paths that name no file (failure records)
+    list_folder: str | None = None  # the folder of the --files-from file (None: stdin, or no list)
 
     def root_index(self, root: str) -> int:
         if root not in self.roots:
@@ -179,19 +182,31 @@ class _Found:
         return Discovery(sources=sources, roots=self.roots, skipped_duplicates=duplicates, unlisted=self.unlisted,
                          containers=self.containers, empty=self.empty, notes=notes, passed_over=by_extension,
                          entries_passed_over=dict(self.not_taken.entries),
-                         input_notes=[_odd_lines_note(self.odd_lines)] if self.odd_lines else [],
+                         input_notes=[_missing_listed_note(self.missing_listed, self.list_folder)] if self.missing_listed else [],
                          image_columns=tuple(sorted({s.column for s in sources if hasattr(s, "column")})))
 
 
-def _odd_lines_note(lines: list[str]) -> str:
-    """Listed paths that name no file and start with # or have spaces at either end: a list's line is
-    a path taken whole (a name may start with # or hold spaces), so each is a failure record; said
-    once, with the likely cause, rather than only as "no such file" records."""
-    n = len(lines)
-    shown = ", ".join(repr(line) for line in lines[:3]) + (" …" if n > 3 else "")
-    return (f"{n} line{'s' * (n != 1)} of the --files-from list name{'s' * (n == 1)} no file and "
-            f"{'start' if n != 1 else 'starts'} with # or {'have' if n != 1 else 'has'} spaces at an end ({shown}): "
-            "each line is a path taken whole, comments and spaces included, so each is a failure record")
+def _missing_listed_note(paths: list[str], list_folder: str | None) -> str:
+    """Listed paths that name no file, said once with what likely went wrong: a list's line is a
+    path taken whole (a name may start with # or hold spaces or quotes), relative to the working
+    directory. Each is a failure record as well; this says why, where a record says only "missing"."""
+    n = len(paths)
+    shown = ", ".join(repr(p) for p in paths[:3]) + (" …" if n > 3 else "")
+    causes = []
+    for test, words in ((lambda p: p.startswith("#"), "starting with # (a list has no comments)"),
+                        (lambda p: p != p.strip(), "with spaces at an end (kept: a name may hold them)"),
+                        (lambda p: p[:1] in "\"'" and p[-1:] == p[:1], "quoted (quotes are kept: give bare paths)"),
+                        (lambda p: p.startswith("file://"), "file:// URLs (give the path itself)")):
+        hits = sum(map(test, paths))
+        if hits:
+            causes.append(f"{hits} {words}")
+    beside = list_folder is not None and list_folder != os.getcwd()
+    found_beside = sum(1 for p in paths if beside and not os.path.isabs(p) and os.path.lexists(os.path.join(list_folder, p)))
+    if found_beside:
+        causes.append(f"{found_beside} found beside the list, in {list_folder} (relative paths are taken from the "
+                      f"working directory, {os.getcwd()})")
+    return (f"{n} listed path{'s' * (n != 1)} name{'s' * (n == 1)} no file ({shown}), each a failure record"
+            + (f": {'; '.join(causes)}" if causes else ""))
 
 
 def close_readers() -> None:
