@@ -133,6 +133,8 @@ def test_unresumable_files_and_a_held_output_are_refused_before_torch(files, tmp
 
     with h5py.File(foreign, "w") as f:
         f["x"] = [1, 2, 3]
+    cut = tmp_path / "cut.h5"  # an output cut short by a copy
+    cut.write_bytes(seed_file.read_bytes()[:4096])
     with h5py.File(partial, "w") as f:  # begun by vit-extract, its state never written
         f.attrs["vit_extract_version"] = "0.7.0"
     holder = subprocess.Popen(
@@ -142,7 +144,12 @@ def test_unresumable_files_and_a_held_output_are_refused_before_torch(files, tmp
     try:
         assert holder.stdout.readline().strip() == "locked"
         cases = [
-            (["run", pictures, "-o", empty, "--model", TINY, "--resume"], "not a readable HDF5 file"),
+            (["run", pictures, "-o", empty, "--model", TINY, "--resume"],
+             "it is not a vit-extract output (an empty file); give another -o"),
+            (["run", pictures, "-o", picture, "--model", TINY, "--resume"], "not a vit-extract output (not an HDF5 file)"),
+            (["run", pictures, "-o", cut, "--model", TINY, "--resume"], "it is a damaged HDF5 file ("),
+            (["run", pictures, "-o", cut, "--model", TINY],
+             "already exists and is a damaged HDF5 file ("),
             (["run", pictures, "-o", foreign, "--model", TINY, "--resume"],
              "it is not a vit-extract output (an HDF5 file of another program); give another -o"),
             (["run", pictures, "-o", partial, "--model", TINY, "--resume"], "not a complete vit-extract output"),

@@ -32,7 +32,7 @@ from vitcore.run.pipeline import choose_batching, plan_resume
 from vitcore.store import Output, StoreWriter, ragged_index_names
 from vitcore.store.writer import SPACE_MARGIN, free_bytes
 from vitcore.store.h5open import h5_file
-from vitcore.store.resume import recorded_compute_dtype
+from vitcore.store.resume import existing_file_problem, recorded_compute_dtype
 from vitcore.system.device import choose_dtype, dtype_name, resolve_device
 from vitcore.system.units import shown_size
 
@@ -112,7 +112,8 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
     if plan.unlisted:
         report.inputs["folders or containers that cannot be read (a failure record each)"] = len(plan.unlisted)
     if out_opts.overwrite and os.path.exists(run.output):
-        report.notes.append(f"{run.output} exists: the run would replace it (--overwrite)")
+        what = (existing_file_problem(run.output) or (None, "a vit-extract output"))[1]
+        report.notes.append(f"{run.output} exists ({what}): the run would replace it (--overwrite)")
     if compute.compile == "on":
         report.notes.append("--compile on: the time estimate leaves out the one-off compilation (tens of seconds)")
     if not sources:

@@ -21,7 +21,7 @@ import os
 from vitcore.errors import OutputExistsError, UsageError
 from vitcore.inputs.base import special_file
 from vitcore.store.lock import LOCK_SUFFIX, OutputLock
-from vitcore.store.resume import ResumeState, check_resumable, not_an_output
+from vitcore.store.resume import ResumeState, check_resumable, existing_file_problem
 from vitcore.store.schema import StoreSettings
 from vitcore.store.writer import BUILDING_SUFFIX, AsyncWriter, StoreWriter
 from vitcore.system.workers import worker_deaths_held
@@ -146,11 +146,15 @@ def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = Tr
         raise UsageError(f"the output {path} is {special}, not a regular file: give a file name "
                          "(it is not written, even with --overwrite)")
     if os.path.exists(path) and not (resume or overwrite):
-        other = not_an_output(path) if can_resume else None  # (the other commands write other kinds of file)
-        if other == "an empty file":
+        problem = existing_file_problem(path) if can_resume else None  # (other commands write other kinds of file)
+        kind, words = problem or (None, None)
+        if words == "an empty file":
             raise OutputExistsError(f"{path} already exists (an empty file); add --overwrite to write over it")
-        if other is not None:
-            raise OutputExistsError(f"{path} already exists and is not a vit-extract output ({other}): give another "
+        if kind == "not ours":
+            raise OutputExistsError(f"{path} already exists and is not a vit-extract output ({words}): give another "
                                     "-o, or add --overwrite to replace it (what it holds is lost)")
+        if kind is not None:  # damaged, or unreadable: --resume cannot continue it
+            raise OutputExistsError(f"{path} already exists and is {words}, which --resume cannot continue: give "
+                                    "another -o" + (", or add --overwrite to replace it" if kind == "damaged" else ""))
         hint = "add --resume to continue it or --overwrite to replace it" if can_resume else "add --overwrite to replace it"
         raise OutputExistsError(f"{path} already exists; {hint}")

@@ -92,8 +92,17 @@ def _unreadable(verb: str, shown: str, err: OSError, handle) -> VitExtractError:
         signed, offset = head == HDF5_SIGNATURE, max(512, offset * 2)
     text = one_line(err, 200)
     if signed:
-        return VitExtractError(f"cannot {verb} {shown}: a damaged HDF5 file ({text})")
+        return DamagedFile(verb, shown, text)
     return UsageError(f"cannot {verb} {shown}: not a readable HDF5 file ({text})")
+
+
+class DamagedFile(VitExtractError):
+    """An HDF5 file that does not open, its signature there: cut short by a crash or a copy (exit 1)."""
+
+    def __init__(self, verb: str, shown: str, text: str):
+        wrapper = "Unable to synchronously open file ("
+        self.detail = text[len(wrapper):-1] if text.startswith(wrapper) and text.endswith(")") else text
+        super().__init__(f"cannot {verb} {shown}: a damaged HDF5 file ({self.detail})")
 
 
 def _open_url(url: str, verb: str) -> h5py.File:

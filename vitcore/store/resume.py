@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from vitcore.errors import ResumeMismatchError
 from vitcore.inputs.base import identity_of
-from vitcore.store.reader import HDF5_SIGNATURE, open_for_reading
+from vitcore.store.reader import HDF5_SIGNATURE, BeingWritten, DamagedFile, open_for_reading
 from vitcore.store.schema import REQUIRED, SCHEMA_VERSION, StoreSettings, compared, stored_value
 
 
@@ -43,34 +43,50 @@ def check_resumable(path: str, settings: StoreSettings) -> ResumeState:
 
 
 def check_resumable_file(path: str) -> None:
-    """A file --resume cannot continue whatever the settings (not HDF5, not ours, a virtual merge,
-    another schema): refused torch-free, before the run's settings are known."""
+    """A file --resume cannot continue whatever the settings (not HDF5, not ours, damaged, unreadable,
+    a virtual merge, another schema): refused torch-free, before the run's settings are known."""
+    problem = existing_file_problem(path)
+    if problem is not None:
+        kind, words = problem
+        if kind == "not ours":
+            raise ResumeMismatchError(f"cannot resume {path}: it is not a vit-extract output ({words}); give another "
+                                      "-o (--overwrite would replace what it holds)")
+        raise ResumeMismatchError(f"cannot resume {path}: it is {words}; give another -o"
+                                  + (" (or --overwrite to replace it)" if kind == "damaged" else ""))
     with open_for_reading(path, "resume") as h5:
         _refuse_unresumable(path, h5.attrs)
 
 
-def not_an_output(path: str) -> str | None:
-    """What an existing ``path`` is, in words, when vit-extract did not write it (its refusal must
-    not advise --overwrite first: the file is somebody else's); None for an output, complete or
-    not, and for a file that cannot be told (held by a run, damaged)."""
+def existing_file_problem(path: str) -> tuple[str, str] | None:
+    """Why an existing ``path`` cannot be continued, as (kind, words): ("not ours", "an empty file" /
+    "not an HDF5 file" / "an HDF5 file of another program"), ("damaged", "a damaged HDF5 file (…)")
+    or ("unreadable", "a file this user may not read"). Somebody else's file must not be advised
+    --resume, nor --overwrite first. None: an output of vit-extract (complete or not), or a file
+    that cannot be told now (held open for writing)."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(len(HDF5_SIGNATURE))
+    except PermissionError:
+        return "unreadable", "a file this user may not read (permission denied)"
     except OSError:
         return None
     if not head:
-        return "an empty file"
+        return "not ours", "an empty file"
     if head != HDF5_SIGNATURE:  # (an output never has a user block before its signature)
-        return "not an HDF5 file"
+        return "not ours", "not an HDF5 file"
     try:
         with open_for_reading(path, "read") as h5:
-            return None if _written_by_us(h5.attrs) else "an HDF5 file of another program"
-    except Exception:  # noqa: BLE001 - anything that stops the look: say nothing more than before
+            return None if _written_by_us(h5.attrs) else ("not ours", "an HDF5 file of another program")
+    except BeingWritten:
+        return None
+    except DamagedFile as err:  # its signature is there, and it does not open: cut short or overwritten
+        return "damaged", f"a damaged HDF5 file ({err.detail})"
+    except Exception:  # noqa: BLE001 - damage met past the opening: said where it is met
         return None
 
 
 def _written_by_us(attrs) -> bool:
-    return "schema_version" in attrs or "vit_extract_version" in attrs
+    return "vit_extract_version" in attrs
 
 
 def _refuse_unresumable(path: str, attrs) -> None:
