@@ -127,6 +127,8 @@ def test_a_key_is_found_whether_its_accents_are_typed_composed_or_decomposed(tmp
             assert typed != stored and typed in f
             np.testing.assert_array_equal(f[typed], f[stored])
         assert "cafe.jpg" not in f  # the same letters without the accent are another name
+        root = f.roots[0]  # ROOT/KEY (the one way to name a key stored under two roots), typed composed
+        np.testing.assert_array_equal(f[os.path.join(root, "café.jpg")], f[stored_nfd])
         assert f.failure_reason("brisé.jpg") is not None
     monkeypatch.chdir(tmp_path)  # keys, not files on disk
     result = cli("similar", out, "café.jpg", "-k", "2", "--json")

@@ -235,13 +235,17 @@ class StoredTokens:
             raise KeyError(f"{key!r} is not a row of {self.path}")
         return rows
 
-    def _qualified_rows(self, name: str) -> list[int]:
+    def _qualified_rows(self, name: str, composed: bool = False) -> list[int]:
+        """The rows of ROOT/KEY; ``composed``: compared in Unicode's composed form (NFC), both sides."""
         name = os.path.abspath(name)  # a root may be given as the working directory sees it
+        name = _nfc(name) if composed else name
         rows = []
         for i, root in enumerate(self.roots):  # roots may nest (/data and /data/a): each is tried
-            prefix = os.path.join(root, "")
+            prefix = os.path.join(_nfc(root) if composed else root, "")
             if name.startswith(prefix):
-                rows += [r for r in self._key_rows().get(name[len(prefix):], []) if int(self.h5["root_index"][r]) == i]
+                key = name[len(prefix):]
+                found = self._key_rows().get(key, []) or (self._normalised_rows().get(key, []) if composed else [])
+                rows += [r for r in found if int(self.h5["root_index"][r]) == i]
         return rows
 
     @property
@@ -282,7 +286,7 @@ class StoredTokens:
         index = self._key_rows()
         rows = index.get(key) or index.get(escape_key(key)) or self._qualified_rows(key)
         if not rows and not key.isascii():  # é typed (NFC) for a key stored decomposed (NFD, macOS), or back
-            rows = self._normalised_rows().get(_nfc(key), [])
+            rows = self._normalised_rows().get(_nfc(key), []) or self._qualified_rows(key, composed=True)
         return rows
 
     def _normalised_rows(self) -> dict[str, list[int]]:
