@@ -195,7 +195,8 @@ def run_summary(console: Console, result) -> None:
         table.add_row("resumed", f"{_counted(result.skipped, 'input')} already in the file (as rows or failures) "
                       f"{'was' if result.skipped == 1 else 'were'} skipped")
     if result.duplicates_dropped:
-        table.add_row("duplicates", f"{result.duplicates_dropped} inputs named twice were taken once")
+        n = result.duplicates_dropped
+        table.add_row("duplicates", f"{n} repeated mention{'s' * (n != 1)} of an input already named (each input is read once)")
     failed = f"[red]{len(result.failures)}[/]" if result.failures else "0"
     if result.failed_earlier:
         failed += (f" this run; {result.failed_earlier} recorded by earlier runs "
@@ -286,7 +287,8 @@ def dry_run(console: Console, r) -> None:
     if r.already_done:
         table.add_row("already done", f"{r.already_done} inputs the file holds (skipped)")
     if r.duplicates_dropped:
-        table.add_row("duplicates", f"{r.duplicates_dropped} paths given twice, read once")
+        n = r.duplicates_dropped
+        table.add_row("duplicates", f"{n} repeated mention{'s' * (n != 1)} of an input already named (each input would be read once)")
     for note in r.passed_over_notes:
         table.add_row("passed over", escape(note))
     tokens = ", ".join(f"{name} {count:g}" for name, count in r.tokens_per_image.items())

@@ -339,6 +339,16 @@ def test_a_utf16_or_nul_separated_list_is_read_as_what_it_is(tmp_path, monkeypat
     assert keys(found) == ["b.jpg", "two\nlines.jpg"] and all(os.path.exists(s.path) for s in found.sources)
 
 
+def test_a_file_listed_under_two_spellings_keeps_the_first_given(tmp_path, monkeypatch):
+    """README: a named file is keyed by the path as you gave it; given twice, read once, under the
+    first spelling (it was the one that sorted first: an absolute path before a relative one)."""
+    touch(tmp_path, "imgs/c0.jpg", "imgs/c1.jpg")
+    monkeypatch.chdir(tmp_path)
+    listed = f"imgs/c0.jpg\n{tmp_path}/imgs/c0.jpg\n./imgs/c0.jpg\n{tmp_path}/imgs/c1.jpg\nimgs/c1.jpg\n"
+    found = discover(files_from="-", stdin=io.BytesIO(listed.encode()))
+    assert sorted(keys(found)) == sorted(["imgs/c0.jpg", f"{tmp_path}/imgs/c1.jpg"]) and found.skipped_duplicates == 3
+
+
 def test_files_from_stdin(tmp_path, monkeypatch):
     """files_from="-" reads the list from the given stdin (bytes), combined with positional inputs."""
     touch(tmp_path, "a.jpg", "b.jpg", "c.jpg")

@@ -168,14 +168,16 @@ class _Found:
             self.empty.append(kind.holds_nothing(path, self.exts))
 
     def discovery(self) -> Discovery:
-        """The inputs sorted (roots in order, keys within each), each input once."""
-        sources, seen, duplicates = [], set(), 0
-        for *_, source in sorted(self.items, key=lambda item: item[:3]):
-            if source.identity in seen:
+        """The inputs sorted (roots in order, keys within each), each input once: under the first
+        spelling given (a file listed as a.jpg and later as /abs/a.jpg keeps the key a.jpg)."""
+        firsts, seen, duplicates = [], set(), 0
+        for item in self.items:  # in the order given
+            if item[-1].identity in seen:
                 duplicates += 1
                 continue
-            seen.add(source.identity)
-            sources.append(source)
+            seen.add(item[-1].identity)
+            firsts.append(item)
+        sources = [source for *_, source in sorted(firsts, key=lambda item: item[:3])]
         notes = [kind.passed_over_note(keys) for kind, keys in self.passed_over_by_kind.items()]
         by_extension = {ext: n for ext, n in self.not_taken.by_extension.items()
                         if ext not in self.options.keep}  # sidecars are used
