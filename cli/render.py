@@ -296,6 +296,9 @@ def dry_run(console: Console, r) -> None:
     table.add_row("tokens/image", f"{tokens}{counted}")
     table.add_row("encoder", f"{r.encoder}, {r.compute_dtype} on {r.device}; stored {r.out_dtype}, "
                   f"compression {r.compression}")
+    if r.untrained:
+        table.add_row("weights", f"[bold yellow]{escape(r.weights)}[/]: the tokens would carry no learned meaning; "
+                      "pass trained weights (--weights) for real features")
     table.add_row("bytes/image", shown_size(r.bytes_per_image))
     table.add_row("output size", f"{shown_size(r.projected_bytes)} projected")
     if r.calibration_images:

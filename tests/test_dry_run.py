@@ -118,6 +118,12 @@ def test_the_cli_dry_run_refuses_what_a_run_refuses_and_says_the_plan(cli, photo
     for name in ("passed_over", "entries_passed_over"):  # one shape for a script reading either
         assert as_json[name] == ran[name], (name, as_json[name], ran[name])
     assert as_json["passed_over"] == {"md": 1}
+    for name in ("weights", "untrained", "encoder", "compute_dtype", "batch_size", "workers"):  # one meaning each
+        assert as_json[name] == ran[name], (name, as_json[name], ran[name])
+    assert as_json["untrained"] is True and "UNTRAINED" in shown.output
+    again = json.loads(cli("run", photos, "-o", tmp_path / "ran.h5", "--model", TINY, "--resume", "--dry-run",
+                           "--json").output)  # nothing left: no batch, as a run that has nothing left says
+    assert again["to_read"] == 0 and again["batch_size"] is None and again["workers"] is None
     on_ray = json.loads(cli("run", photos, "-o", out, "--model", TINY, "--dry-run", "--json", "--engine", "ray",
                             "--unit-size", "3").output)  # the units counted; Ray itself not needed to say so
     assert "--engine ray: 3 units of at most 3 inputs" in " ".join(on_ray["notes"]) and not out.exists()

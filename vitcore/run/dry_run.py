@@ -56,6 +56,8 @@ class DryRun:
     entries_passed_over: dict[str, int]  # kind (inputs.base.ENTRY_KINDS) → entries not taken, as a run's
     passed_over_notes: list[str]  # the same in words, and why (the run's summary says the same)
     encoder: str
+    weights: str  # as a run's summary gives them (UNTRAINED for random weights)
+    untrained: bool
     device: str
     compute_dtype: str
     out_dtype: str
@@ -69,8 +71,8 @@ class DryRun:
     calibration_failures: int  # of the inputs tried for the calibration batch: failures in a run too
     decode_seconds_per_image: float  # one worker
     encode_seconds_per_image: float  # the batch on the device, per image
-    batch_size: int
-    workers: int
+    batch_size: int | None  # as the run would choose; None when nothing is left to read (as a run's summary)
+    workers: int | None
     estimated_seconds: float
     notes: list[str] = field(default_factory=list)
 
@@ -101,12 +103,12 @@ def dry_run(paths=(), output: str = "tokens.h5", options=None, *, stdin=None, ch
         already_done=plan.skipped, duplicates_dropped=found.skipped_duplicates,
         passed_over=dict(found.passed_over), entries_passed_over=dict(found.entries_passed_over),
         passed_over_notes=_passed_over(found, len(plan.unlisted), run.family.takes_video), encoder=record.name,
-        device=str(device),
+        weights=record.weights.describe(), untrained=record.weights.untrained, device=str(device),
         compute_dtype=dtype_name(chosen.dtype), out_dtype=out_opts.out_dtype, compression=out_opts.compression,
         tokens_per_image=counts, tokens_counted_from=counted_from, unreadable_headers=unreadable,
         bytes_per_image=0.0, projected_bytes=0, calibration_images=0, calibration_failures=0,
         decode_seconds_per_image=0.0,
-        encode_seconds_per_image=0.0, batch_size=0, workers=0, estimated_seconds=0.0,
+        encode_seconds_per_image=0.0, batch_size=None, workers=None, estimated_seconds=0.0,
         notes=found.input_notes + list(record.notes),
     )
     if plan.unlisted:
