@@ -278,12 +278,15 @@ def hits_table(console: Console, hits, query: str) -> None:
     _print(console, table)
 
 
+_ONE = {"image files": "image file", "tar members": "tar member", "Parquet rows": "Parquet row", "video clips": "video clip"}
+
+
 def dry_run(console: Console, r) -> None:
     """--dry-run: what the run would read and store, and what it would cost."""
     table = Table(show_header=False, box=None, padding=(0, 2))
     table.add_row("dry run", f"nothing written; {escape(r.output)} as a run would make it")
-    kinds = ", ".join(f"{n} {kind}" for kind, n in r.inputs.items()) or "nothing"
-    table.add_row("would read", f"{r.to_read} inputs ({kinds})")
+    kinds = ", ".join(f"{n} {kind if n != 1 else _ONE.get(kind, kind)}" for kind, n in r.inputs.items()) or "nothing"
+    table.add_row("would read", f"{_counted(r.to_read, 'input')} ({kinds})")
     if r.already_done:
         table.add_row("already done", f"{r.already_done} inputs the file holds (skipped)")
     if r.duplicates_dropped:

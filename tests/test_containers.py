@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -407,6 +408,14 @@ def test_meta_names_and_empty_containers_are_checked_in_one_line(tmp_path):
     empty = _tar(tmp_path / "empty.tar", [("readme.md", b"hello")])
     with pytest.raises(UsageError, match="empty.tar holds no image"):
         vitcore.extract([empty], tmp_path / "x.h5", EXACT)
+    # beside pictures in a folder, it is said in the summary (it was left out without a word)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(empty, folder / "empty.tar")
+    shutil.copy(shard, folder / shard.name)
+    result = vitcore.extract([folder], tmp_path / "m.h5", EXACT)
+    assert result.rows == 2 and any(w.startswith("1 container file with no image: ") and "empty.tar holds no image"
+                                    in w for w in result.warnings), result.warnings
     vitcore.extract([shard], tmp_path / "k.h5", EXACT, keep="TXT,json")  # any case, any order
     result = vitcore.extract([shard], tmp_path / "k.h5", EXACT, keep="json,txt", resume=True)
     assert result.skipped == 2

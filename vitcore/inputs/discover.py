@@ -179,6 +179,10 @@ class _Found:
             firsts.append(item)
         sources = [source for *_, source in sorted(firsts, key=lambda item: item[:3])]
         notes = [kind.passed_over_note(keys) for kind, keys in self.passed_over_by_kind.items()]
+        if self.empty:  # container files with no image in them: nothing read, said rather than left out
+            n = len(self.empty)
+            notes.append(f"{n} container file{'s' * (n != 1)} with no image: " + "; ".join(self.empty[:3])
+                         + (" …" if n > 3 else ""))
         by_extension = {ext: n for ext, n in self.not_taken.by_extension.items()
                         if ext not in self.options.keep}  # sidecars are used
         return Discovery(sources=sources, roots=self.roots, skipped_duplicates=duplicates, unlisted=self.unlisted,
