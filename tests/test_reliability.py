@@ -712,3 +712,24 @@ def test_a_file_system_without_file_locks_reads_and_writes_without_hdf5s_lock(ph
     assert locks_unsupported(OSError(errno.ENOLCK, "No locks available"))
     assert not locks_unsupported(BlockingIOError(errno.EAGAIN, "unable to lock file, errno = 11"))
     assert not locks_unsupported(OSError(errno.ENOENT, "no such file")) and not locks_unsupported(OSError("truncated"))
+
+
+def test_a_picture_pillow_cannot_identify_is_said_to_start_as_its_format(photos, tmp_path):
+    """Pillow says only "cannot identify image file" for a PNG whose header checksum is broken, as
+    for a text file: the record says what the file starts as, so damage is told from a foreign file."""
+    data = bytearray((photos / "chelsea.jpg").read_bytes())
+    from PIL import Image
+
+    Image.open(photos / "chelsea.jpg").save(tmp_path / "whole.png")
+    png = bytearray((tmp_path / "whole.png").read_bytes())
+    png[29] ^= 0xFF  # the IHDR chunk's CRC
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "badcrc.png").write_bytes(bytes(png))
+    (folder / "notes.png").write_bytes(b"just some text")
+    (folder / "ok.jpg").write_bytes(bytes(data))
+    failures = dict(vitcore.extract([folder], tmp_path / "t.h5", ExtractOptions(model=TINY, dtype="float32",
+                                                                               workers=0)).failures)
+    assert failures["badcrc.png"].startswith("UnidentifiedImageError: cannot identify image file")
+    assert failures["badcrc.png"].endswith("(it starts as a PNG file: damaged, or a variant of it that Pillow cannot read)")
+    assert "starts as" not in failures["notes.png"] and "ok.jpg" not in failures

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitcore.errors import one_line
 from vitcore.imaging.decode import JpegFile, is_over_pixel_limit, over_pixel_limit, pixel_limit
-from vitcore.imaging.sniff import misnamed_note
+from vitcore.imaging.sniff import HEAD_BYTES, content_kind, misnamed_note
 from vitcore.inputs.remote import scrub
 
 
@@ -90,13 +90,22 @@ def describe_error(err: BaseException, pixel_limit_applied: int | None = None, c
     return f"{type(err).__name__}: {text}"[:500]
 
 
-def _misnamed(source) -> str:
-    """A failed input named for one kind that holds the other (a JPEG named .mp4): the word for its record."""
+def _content_note(source, err: BaseException) -> str:
+    """What a failed input's first bytes say, for its record: a kind other than its name's (a JPEG
+    named .mp4: rename it), or, where Pillow only says "cannot identify image file", the picture
+    format it starts as (a PNG with a broken checksum: damaged, not a foreign file)."""
     try:
         with source.open() as handle:
-            return misnamed_note(source.key, handle)
+            note = misnamed_note(source.key, handle)
+            if note or type(err).__name__ != "UnidentifiedImageError":
+                return note
+            handle.seek(0)
+            found = content_kind(handle.read(HEAD_BYTES))
     except Exception:  # unreadable: its record already says why
         return ""
+    if found is None or found[0] != "picture":
+        return ""
+    return f" (it starts as a {found[1]} file: damaged, or a variant of it that Pillow cannot read)"
 
 
 class ImageDataset(Dataset):
@@ -125,7 +134,7 @@ class ImageDataset(Dataset):
                 pixels, size, *own = self.loader.load(handle)  # own: the loader's text for this input, if any
             return index, pixels, size, None, {**(source.extras(self.meta) if self.meta else {}), **(own[0] if own else {})}
         except Exception as err:  # any failure of one image is that image's record
-            return index, None, None, describe_error(err, self.max_image_pixels) + _misnamed(source), {}
+            return index, None, None, describe_error(err, self.max_image_pixels) + _content_note(source, err), {}
 
 
 def collate(items) -> Batch:
