@@ -119,9 +119,13 @@ def test_a_key_is_found_whether_its_accents_are_typed_composed_or_decomposed(tmp
     shutil.copy(photos / "chelsea.jpg", photos / stored_nfd)
     shutil.copy(photos / "astronaut.jpg", photos / stored_nfc)
     (photos / unicodedata.normalize("NFD", "brisé.jpg")).write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    latin1 = b"gar\xe7on.jpg"  # a name that is not UTF-8 (stored escaped): found by its bytes too
+    shutil.copy(photos / "coffee.jpg", os.path.join(os.fsencode(photos), latin1))
     out = tmp_path / "t.h5"
     vitcore.extract([photos], out, OPTS)
     with vitcore.open_tokens(out) as f:
+        assert latin1 in f and "gar\\xe7on.jpg" in f.keys
+        np.testing.assert_array_equal(f[latin1], f["gar\\xe7on.jpg"])
         assert stored_nfd in f.keys and stored_nfc in f.keys  # stored as the file system spelled them
         for typed, stored in (("café.jpg", stored_nfd), (unicodedata.normalize("NFD", stored_nfc), stored_nfc)):
             assert typed != stored and typed in f
@@ -137,6 +141,8 @@ def test_a_key_is_found_whether_its_accents_are_typed_composed_or_decomposed(tmp
     assert cli("show", out, "café.jpg", "-o", tmp_path / "s.png").exit_code == 0
     failed = cli("show", out, "brisé.jpg", "-o", tmp_path / "s2.png")
     assert failed.exit_code == 2 and "failed when" in failed.stderr
+    folder = cli("similar", out, photos)
+    assert folder.exit_code == 2 and "is a folder: give a key" in folder.stderr
 
 
 def test_blockwise_search_equals_brute_force():

@@ -71,6 +71,8 @@ def query_vector(f: TokenFile, query: str, max_image_pixels: int | None = None) 
     else:
         if f.failure_reason(query) is not None:
             raise UsageError(f.absent(query))
+        if os.path.isdir(query):
+            raise UsageError(f"{query} is a folder: give a key of {f.path} or one image file")
         raise UsageError(f"{query!r} is neither a key of {f.path} nor an image file")
     if not np.isfinite(vector).all():
         raise VitExtractError(f"the vector of {query!r} is not finite (inf or NaN); see `vit-extract info {f.path}`")

@@ -279,8 +279,8 @@ class StoredTokens:
         """Whether ``key`` is a stored key as it is (not its root-qualified form)."""
         return key in self._key_rows()
 
-    def __contains__(self, key: str) -> bool:
-        return bool(self._named(key))
+    def __contains__(self, key: str | bytes) -> bool:
+        return bool(self._named(os.fsdecode(key) if isinstance(key, bytes) else key))
 
     def _named(self, key: str) -> list[int]:
         index = self._key_rows()
@@ -298,8 +298,10 @@ class StoredTokens:
                     self._nfc_index.setdefault(_nfc(key), []).extend(rows)
         return self._nfc_index
 
-    def row_number(self, item: int | str) -> int:
-        """The row of a key or a row number (negative counts from the end)."""
+    def row_number(self, item: int | str | bytes) -> int:
+        """The row of a key (str, or a file name's bytes) or a row number (negative counts from the end)."""
+        if isinstance(item, bytes):
+            item = os.fsdecode(item)  # (found as a name on disk is: escaped where it is not UTF-8)
         i = self.index(item) if isinstance(item, str) else int(item)
         n = len(self)
         if not -n <= i < n:
