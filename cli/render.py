@@ -153,6 +153,13 @@ def _inputs(shard: dict) -> str:
     return f"inputs {start} to {stop - 1}" if stop > start else "no inputs"
 
 
+def _on_one_line(name: str) -> str:
+    """A key as one line of a list: a newline, tab or other control character in a file name shown
+    as its escape (\\n), so that one name never reads as two entries."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in name)
+
+
 def _counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -206,7 +213,7 @@ def run_summary(console: Console, result) -> None:
         table.add_row("[yellow]note[/]", escape(warning))
     _print(console, table)
     for key, error in result.failures[:FAILURES_SHOWN]:
-        console.print(f"  [red]✗[/] {escape(key)}: {escape(error)}")
+        console.print(f"  [red]✗[/] {escape(_on_one_line(key))}: {escape(error)}")
     if len(result.failures) > FAILURES_SHOWN:
         more = len(result.failures) - FAILURES_SHOWN
         console.print(f"  … and {more} more: vit-extract info {escape(result.output)} --failures {len(result.failures)}")
@@ -256,7 +263,7 @@ def info_table(console: Console, s: dict) -> None:
     counts = Counter(f["path"] for f in s["failures"])  # one pass: --failures may list thousands
     for f in s["failures"]:  # a key recorded under two roots is shown with its root
         shown = os.path.join(f["root"], f["path"]) if counts[f["path"]] > 1 else f["path"]
-        console.print(f"  [red]✗[/] {escape(shown)}: {escape(f['error'])}")
+        console.print(f"  [red]✗[/] {escape(_on_one_line(shown))}: {escape(f['error'])}")
     if s["failed"] > len(s["failures"]):
         console.print(f"  … and {s['failed'] - len(s['failures'])} more (--failures N shows more)")
 
@@ -274,7 +281,7 @@ def models_table(console: Console, rows: list[dict]) -> None:
 def hits_table(console: Console, hits, query: str) -> None:
     table = Table("rank", "key", "score", title=f"nearest to {escape(query)}", title_justify="left")
     for hit in hits:
-        table.add_row(str(hit.rank), escape(hit.key), f"{hit.score:.4f}")
+        table.add_row(str(hit.rank), escape(_on_one_line(hit.key)), f"{hit.score:.4f}")
     _print(console, table)
 
 

@@ -679,3 +679,17 @@ def test_damage_inside_an_output_is_one_line_exit_1(tmp_path):
         with pytest.raises(KeyError) as inside:
             f["no such dataset"]
     assert _damaged_hdf5(inside.value) and not _damaged_hdf5(KeyError("x")) and not _damaged_hdf5(ValueError("x"))
+
+
+def test_a_name_with_a_newline_is_one_line_in_every_list(cli, photos, tmp_path):
+    (photos / "bad\nname.jpg").write_bytes(b"\xff\xd8\xff not a whole JPEG")
+    shutil.copy(photos / "coffee.jpg", photos / "two\nlines.jpg")
+    out = tmp_path / "t.h5"
+    ran = cli("run", photos, "-o", out, "--model", TINY, "--pool", "mean")
+    shown = cli("info", out)
+    hits = cli("similar", out, "coffee.jpg", "-k", "3")
+    for result in (ran, shown):
+        assert result.exit_code == 0 and "bad\\nname.jpg: " in result.stdout, result.stdout
+        assert not any(line.startswith("name.jpg") for line in result.stdout.splitlines())
+    assert hits.exit_code == 0 and "two\\nlines.jpg" in hits.stdout, hits.stdout
+    assert not any(line.strip().startswith("lines.jpg") for line in hits.stdout.splitlines())
