@@ -191,7 +191,7 @@ def test_a_query_that_is_no_picture_is_a_usage_refusal_and_a_damaged_picture_a_f
     cases = {
         "notes.txt": (b"shopping list", 2, "not a picture or clip"),
         "empty.jpg": (b"", 2, "an empty file"),
-        "phone.jpg": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + bytes(64), 2, "a HEIC picture, which this"),
+        "phone.jpg": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + bytes(64), 2, "a HEIF/HEIC picture, which Pillow cannot open"),
         "cut.jpg": (whole[: len(whole) // 8], 1, "a damaged JPEG file"),
         "cut.png": (b"\x89PNG\r\n\x1a\n" + bytes(20), 1, "a damaged PNG file"),
     }
@@ -201,6 +201,10 @@ def test_a_query_that_is_no_picture_is_a_usage_refusal_and_a_damaged_picture_a_f
         assert result.exit_code == code and words in result.stderr, (name, result.output)
         assert result.stderr.count("\n") == 1 and result.stdout == "", (name, result.output)
     assert cli("similar", out, tmp_path / "missing.jpg").exit_code == 2
+    from vitcore.consumers.search import _unreadable_query  # gone between its check and its read: one line
+
+    gone = _unreadable_query(str(tmp_path / "gone.jpg"), OSError("x"), None)
+    assert isinstance(gone, UsageError) and str(gone).endswith("gone.jpg: No such file or directory")
     # A whole clip is no damage: a picture family's file is the wrong file for it (a usage refusal).
     from tests.helpers import make_clip
 

@@ -727,9 +727,11 @@ def test_a_picture_pillow_cannot_identify_is_said_to_start_as_its_format(photos,
     folder.mkdir()
     (folder / "badcrc.png").write_bytes(bytes(png))
     (folder / "notes.png").write_bytes(b"just some text")
+    (folder / "phone.jpg").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
     (folder / "ok.jpg").write_bytes(bytes(data))
     failures = dict(vitcore.extract([folder], tmp_path / "t.h5", ExtractOptions(model=TINY, dtype="float32",
                                                                                workers=0)).failures)
     assert failures["badcrc.png"].startswith("UnidentifiedImageError: cannot identify image file")
     assert failures["badcrc.png"].endswith("(it starts as a PNG file: damaged, or a variant of it that Pillow cannot read)")
     assert "starts as" not in failures["notes.png"] and "ok.jpg" not in failures
+    assert "HEIF/HEIC" in failures["phone.jpg"] and "starts as" not in failures["phone.jpg"]  # said once, rightly

@@ -82,14 +82,12 @@ def query_vector(f: TokenFile, query: str, max_image_pixels: int | None = None) 
 def _readable_query(image_path: str, max_image_pixels: int | None) -> None:
     """A query picture's header read (clips are read whole later): an empty, broken or foreign file
     refused in one line before any model is built."""
-    from PIL import Image
-
     if is_video_name(image_path):
         return
-    from vitcore.imaging.decode import pixel_limit
+    from vitcore.imaging.decode import open_picture, pixel_limit
 
     try:
-        with open(image_path, "rb") as handle, pixel_limit(max_image_pixels), Image.open(handle):  # (over it: an
+        with open(image_path, "rb") as handle, pixel_limit(max_image_pixels), open_picture(handle):  # (over it: an
             pass                                                                     # error, not Pillow's warning)
     except Exception as err:
         raise _unreadable_query(image_path, err, max_image_pixels) from None
@@ -97,19 +95,22 @@ def _readable_query(image_path: str, max_image_pixels: int | None) -> None:
 
 def _unreadable_query(image_path: str, err: BaseException, max_image_pixels: int | None) -> VitExtractError:
     """A query that holds no picture or clip is a usage mistake (exit 2, as a FILE that is not an
-    output), and so is one over the pixel limit (the option raises it); one that holds a picture but
-    does not decode (cut short, damaged) is a fault (exit 1)."""
+    output), and so is one over the pixel limit (the option raises it) or in a format this
+    installation cannot read (HEIC); one that holds a picture it reads but does not decode (cut
+    short, damaged) is a fault (exit 1)."""
     from vitcore.imaging.decode import is_over_pixel_limit
     from vitcore.imaging.loader import describe_error
-    from vitcore.imaging.sniff import HEAD_BYTES, content_kind
+    from vitcore.imaging.sniff import HEAD_BYTES, content_kind, decodes
 
     reason = describe_error(err, max_image_pixels, "similar")
-    if is_over_pixel_limit(err):
-        return UsageError(f"cannot read {image_path}: {reason}")
-
-    with open(image_path, "rb") as handle:
-        head = handle.read(HEAD_BYTES)
+    try:
+        with open(image_path, "rb") as handle:
+            head = handle.read(HEAD_BYTES)
+    except OSError as again:  # gone or unreadable since it was found
+        return UsageError(f"cannot read {image_path}: {again.strerror or again}")
     kind = content_kind(head)
+    if is_over_pixel_limit(err) or (kind is not None and kind[0] == "picture" and not decodes(kind[1])):
+        return UsageError(f"cannot read {image_path}: {reason}")
     if not head:
         return UsageError(f"cannot read {image_path}: an empty file")
     if kind is None:
@@ -117,19 +118,7 @@ def _unreadable_query(image_path: str, err: BaseException, max_image_pixels: int
     if kind[0] == "video" and not is_video_name(image_path):  # a clip named as a picture, read as one
         return UsageError(f"cannot read {image_path}: it holds a video clip ({kind[1]}), not a picture (rename it, "
                           "e.g. .mp4, for a family that reads clips)")
-    if kind[1] not in _DECODED_FORMATS and not (kind[1] in ("AVIF", "AVIS") and _pillow_reads_avif()):
-        return UsageError(f"cannot read {image_path}: a {kind[1]} {kind[0]}, which this installation does not "
-                          f"decode ({reason}); convert it to JPEG or PNG")
     return VitExtractError(f"cannot read {image_path}: a damaged {kind[1]} file ({reason})")
-
-
-_DECODED_FORMATS = ("JPEG", "PNG", "GIF", "WebP", "TIFF", "BMP", "MP4", "Matroska/WebM", "AVI")
-
-
-def _pillow_reads_avif() -> bool:
-    from PIL import features
-
-    return bool(features.check("avif"))
 
 
 def encode_like(f: TokenFile, image_path: str, max_image_pixels: int | None = None) -> np.ndarray:

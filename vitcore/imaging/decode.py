@@ -40,7 +40,7 @@ def decode_rgb(path, decode: str, wanted) -> tuple[Image.Image, tuple[int, int]]
     ``wanted(width, height)`` is the size the picture will be resized to; with ``decode="draft"``
     a JPEG is decoded at the smallest DCT scale that keeps DRAFT_MARGIN × that size.
     """
-    with _pillow_checks(), _open(path) as img:
+    with _pillow_checks(), open_picture(path) as img:
         if img.format == "TIFF":
             upright = _oriented_tiff(path)
             if upright is not None:
@@ -128,7 +128,7 @@ def read_jpeg(source) -> tuple[np.ndarray, tuple[int, int], int] | None:
     """--decode gpu, in a worker: a JPEG the GPU decoder takes → (its bytes as 1-D uint8, upright
     (width, height), EXIF orientation) from the header alone; None for anything else (it is
     decoded on the CPU)."""
-    with _pillow_checks(), _open(source) as img:
+    with _pillow_checks(), open_picture(source) as img:
         if img.format != "JPEG" or img.mode not in ("RGB", "L"):  # CMYK / YCCK: Pillow converts them
             return None
         width, height, orientation = _upright_size(img)
@@ -153,7 +153,7 @@ HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"
 AVIF_BRANDS = {b"avif", b"avis"}
 
 
-def _open(source) -> Image.Image:
+def open_picture(source) -> Image.Image:
     """Image.open, with what Pillow's "cannot identify image file" leaves unsaid: an empty file, or
     a HEIF/HEIC or AVIF picture that this Pillow has no plugin for."""
     try:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitcore.errors import one_line
 from vitcore.imaging.decode import JpegFile, is_over_pixel_limit, over_pixel_limit, pixel_limit
-from vitcore.imaging.sniff import HEAD_BYTES, content_kind, misnamed_note
+from vitcore.imaging.sniff import HEAD_BYTES, content_kind, decodes, misnamed_note
 from vitcore.inputs.remote import scrub
 
 
@@ -97,13 +97,13 @@ def _content_note(source, err: BaseException) -> str:
     try:
         with source.open() as handle:
             note = misnamed_note(source.key, handle)
-            if note or type(err).__name__ != "UnidentifiedImageError":
+            if note or not str(err).startswith("cannot identify image file"):  # (HEIC, AVIF: said already)
                 return note
             handle.seek(0)
             found = content_kind(handle.read(HEAD_BYTES))
     except Exception:  # unreadable: its record already says why
         return ""
-    if found is None or found[0] != "picture":
+    if found is None or found[0] != "picture" or not decodes(found[1]):
         return ""
     return f" (it starts as a {found[1]} file: damaged, or a variant of it that Pillow cannot read)"
 

@@ -5,6 +5,7 @@ the record then says which it is, so that renaming it is the obvious fix.
 
     content_kind(head)      first bytes → ("picture" | "video", format name), or None when unknown
     misnamed_note(name, f)  " (its content is a picture (JPEG), not a video clip: rename it)" or ""
+    decodes(format)         whether this installation decodes pictures of that format
 """
 
 from __future__ import annotations
@@ -38,6 +39,21 @@ def content_kind(head: bytes) -> tuple[str, str] | None:
     if head.startswith(b"\x1a\x45\xdf\xa3"):
         return "video", "Matroska/WebM"
     return None
+
+
+_DECODED = ("JPEG", "PNG", "GIF", "WebP", "TIFF", "BMP")  # by Pillow itself, whatever its build
+
+
+def decodes(fmt: str) -> bool:
+    """Whether this installation decodes pictures of ``fmt`` (content_kind's name): one that fails
+    to is damaged; HEIC (no plugin) or AVIF on an old Pillow is a format it cannot read at all."""
+    if fmt in _DECODED:
+        return True
+    if fmt in ("AVIF", "AVIS"):
+        from PIL import features
+
+        return bool(features.check("avif"))
+    return False
 
 
 def misnamed_note(name: str, handle) -> str:
