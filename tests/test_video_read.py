@@ -77,7 +77,11 @@ def test_an_mp4_cut_short_is_said_to_be_cut_short_wherever_it_was_cut(tmp_path):
                                                  rf"the end of the file \({len(cut):,} bytes\)$"):
                 with open_clip(io.BytesIO(cut)) as container:
                     read_frames(container, range(clip_info(container).frames))
-    # A last box sized "to the end of the file" (0) is whole, not damage.
+    # Bytes after the last box (a camera's trailer) and a last box sized "to the end of the file" (0)
+    # are whole clips, not damage: FFmpeg reads them.
+    for trailer in (b"KTRA" + bytes(60), b"\x00\x00\x00\x10junk" + bytes(8), b"abc"):
+        with open_clip(io.BytesIO(index_last + trailer)) as container:
+            assert read_frames(container, range(clip_info(container).frames)).shape[0] == 20
     to_the_end = index_first[:index_first.index(b"mdat") - 4] + bytes(4) + index_first[index_first.index(b"mdat"):]
     with open_clip(io.BytesIO(to_the_end)) as container:
         assert clip_info(container).frames == 20

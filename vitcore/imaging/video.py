@@ -72,17 +72,27 @@ def open_clip(source):
         raise VideoError(f"not a readable video ({_reason(err)})") from None
 
 
+_TOP_LEVEL_BOXES = {"ftyp", "moov", "mdat", "free", "skip", "wide", "uuid", "moof", "mfra", "meta", "pdin", "styp",
+                    "sidx", "ssix", "emsg", "prft", "udta", "pnot"}
+_MOST_BOXES = 256  # walked at most (a fragmented MP4 has thousands): past that, not told
+
+
 def _box_past_the_end(handle) -> str | None:
     """An MP4/MOV file (ISO base media: a chain of boxes, each opening with its size) whose last box
     runs past the end of the file is cut short, said so (FFmpeg says "Invalid data found" or fails
-    mid-clip). None: whole, or not a chain of boxes this reads (a box "to the end of the file")."""
+    mid-clip). None: whole, or not told: a box of a name no MP4 has at its top level (bytes a camera
+    or a tool left after the last box), a box "to the end of the file", or too many boxes."""
     try:
         end = handle.seek(0, 2)
         place = 0
-        while place + 8 <= end:
+        for _ in range(_MOST_BOXES):
+            if place + 8 > end:
+                return None
             handle.seek(place)
             head = handle.read(16)
             size, name = int.from_bytes(head[:4], "big"), head[4:8].decode("latin-1")
+            if name not in _TOP_LEVEL_BOXES:
+                return None
             if size == 1 and len(head) == 16:  # a 64-bit size follows the name
                 size = int.from_bytes(head[8:16], "big")
             if size < 8:  # 0: the box runs to the end of the file; less: not a box
