@@ -526,6 +526,7 @@ def test_info_reads_a_file_while_a_run_writes_it(tmp_path):
         run.terminate()
         run.wait(timeout=120)
     assert all(0 < s["rows"] < 24 and s["complete"] is False and s["written_by"] == "a vit-extract run" for s in seen)
+    assert seen, "info never saw the file mid-run"
     assert seen[0]["rows"] <= seen[1]["rows"]
 
 

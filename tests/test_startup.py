@@ -166,6 +166,11 @@ def test_unresumable_files_and_a_held_output_are_refused_before_torch(files, tmp
             torch_state, code, stderr = _refused(*args)
             assert code != 0 and words in stderr and stderr.count("\n") == 0, (args, stderr)
             assert torch_state == "NO-TORCH", (args, stderr)
+        from vitcore.store.lock import run_holding
+
+        link = tmp_path / "link.h5"
+        link.symlink_to(seed_file)  # a run locks the target: seen through a link to it too
+        assert f"pid {holder.pid}" in run_holding(str(link)) and run_holding(str(foreign)) is None
     finally:
         holder.kill()
         holder.wait()

@@ -78,30 +78,22 @@ class OutputLock:
 def check_unlocked(output: str) -> None:
     """Refuse at once (before a model is built) an output another live run holds; the run takes the
     lock itself later (OutputLock), so this only makes the usual refusal quick. Leaves no trace."""
-    path = output + LOCK_SUFFIX
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return  # no lock file (or none we may open): no run holds it, or OutputLock will say why
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.lockf(fd, fcntl.LOCK_UN)
-    except OSError as err:
-        if err.errno in (errno.EACCES, errno.EAGAIN):
-            raise _held(output, fd) from None
-    finally:
-        os.close(fd)
+    holder = run_holding(output)
+    if holder is not None:
+        raise _refusal(output, holder)
 
 
 def run_holding(output: str) -> str | None:
     """Who holds ``output``'s run lock ("pid 123 on host, started …"), when a live vit-extract run
-    does; None when none does (a file held open by another program: HDF5's lock, not ours)."""
+    does; None when none does (a file held open by another program: HDF5's lock, not ours). Read
+    only (a shared lock, tried and let go): another user's run, or a read-only mount, is seen too."""
+    path = os.path.realpath(output) + LOCK_SUFFIX  # a run locks its output's target, not a link to it
     try:
-        fd = os.open(output + LOCK_SUFFIX, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.lockf(fd, fcntl.LOCK_UN)
         return None
     except OSError as err:
@@ -114,6 +106,9 @@ def run_holding(output: str) -> str | None:
 
 def _held(output: str, fd: int) -> OutputLockedError:
     """The refusal for an output whose lock (open as ``fd``) another process holds, naming it."""
-    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+    return _refusal(output, os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process")
+
+
+def _refusal(output: str, holder: str) -> OutputLockedError:
     return OutputLockedError(f"{output} is being written by another vit-extract run ({holder}); "
                              "wait for it to finish or stop it, then try again")
