@@ -505,7 +505,7 @@ def similar(
         hits, kind = found
         if sheet is not None:
             _refuse_a_drawn_original(sheet, file, [h.row for h in hits])
-            _save_png(hits_sheet(str(file), hits, query, kind), sheet)
+            _save_png(hits_sheet(str(file), hits, query, kind, max_image_pixels=max_image_pixels), sheet)
     except VitExtractError as error:
         raise _fail(error, as_json)
     if as_json:  # the hits as before (a list); how they were searched goes to stderr

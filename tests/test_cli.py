@@ -658,6 +658,12 @@ def test_max_image_pixels_sets_the_decompression_bomb_limit_in_the_workers_and_t
     assert shown.exit_code == 0 and shown.stderr == "", shown.output
     with Image.open(tmp_path / "s.png") as sheet:
         assert dict((c, n) for n, c in sheet.convert("RGB").getcolors(1 << 20)).get((200, 40, 40), 0) > 1000
+    # ... up to the size the run read: a larger picture put in its place since is not decoded
+    Image.new("RGB", (3000, 1500), (200, 40, 40)).save(pictures / "panorama.png")  # 4.5 megapixels
+    shown = cli("show", lifted, "panorama.png", "-o", tmp_path / "s2.png")
+    assert shown.exit_code == 0, shown.output
+    with Image.open(tmp_path / "s2.png") as sheet:
+        assert dict((c, n) for n, c in sheet.convert("RGB").getcolors(1 << 20)).get((200, 40, 40), 0) == 0
     assert Image.MAX_IMAGE_PIXELS == 2_000_000
 
 

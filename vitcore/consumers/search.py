@@ -14,7 +14,7 @@ import numpy as np
 
 from vitcore.errors import UsageError, VitExtractError
 from vitcore.consumers.tokens import TokenFile
-from vitcore.consumers.visualize import as_encoder_saw_it, placeholder, sheet
+from vitcore.consumers.visualize import as_encoder_saw_it, placeholder, row_pixel_limit, sheet
 from vitcore.encoders import registry
 from vitcore.imaging.video import is_video_name
 from vitcore.inputs.base import open_regular
@@ -233,15 +233,19 @@ def _chosen_index(f: TokenFile, path: str, index):
     return loaded, Searched("index", loaded.path, loaded.describe())
 
 
-def hits_sheet(path: str, hits: list[Hit], query: str, kind: str, columns: int = 4):
-    """A contact sheet of the query and its hits (pictures found through the recorded roots)."""
+def hits_sheet(path: str, hits: list[Hit], query: str, kind: str, columns: int = 4,
+               max_image_pixels: int | None = None):
+    """A contact sheet of the query (read under ``max_image_pixels``, as similar read it) and its
+    hits (pictures found through the recorded roots)."""
     cells = []
     with TokenFile(path) as f:
-        opener = (lambda: open_regular(query)) if kind == "image" else (lambda: f.open_original(query))
-        query_picture = as_encoder_saw_it(opener, f.as_seen)  # framed as the encoder saw it
+        if kind == "image":
+            query_picture = as_encoder_saw_it(lambda: open_regular(query), f.as_seen, max_image_pixels)
+        else:  # framed as the encoder saw it
+            query_picture = as_encoder_saw_it(lambda: f.open_original(query), f.as_seen, row_pixel_limit(f, query))
         cells.append(([query_picture or placeholder("query not found")], f"query: {os.path.basename(query)}"))
         for hit in hits:
-            picture = (as_encoder_saw_it(lambda: f.open_original(hit.row), f.as_seen)  # noqa: B023 (called at once)
-                       or placeholder("original not found"))
+            picture = (as_encoder_saw_it(lambda: f.open_original(hit.row), f.as_seen,  # noqa: B023 (called at once)
+                                         row_pixel_limit(f, hit.row)) or placeholder("original not found"))
             cells.append(([picture], f"{hit.rank}. {hit.key}  {hit.score:.4f}"))
     return sheet(cells, columns)

@@ -60,17 +60,25 @@ def pca_maps(token_sets: list[np.ndarray], grids: list[tuple[int, int]], joint: 
 
 
 # -- pictures ----------------------------------------------------------------------------
-def as_encoder_saw_it(opener, frame) -> Image.Image | None:
+def as_encoder_saw_it(opener, frame, max_pixels: int | None = None) -> Image.Image | None:
     """The original picture (``opener()`` gives its bytes as a file object), upright and RGB,
     framed as the encoder saw it (``frame``: TokenFile.as_seen, the file's encoder family's rule);
-    None when it cannot be read any more. Pillow's pixel limit is lifted: a stored row's picture was
-    read by its run (under the limit, or with it raised), a query by similar's own check."""
+    None when it cannot be read any more. ``max_pixels``: the pixel limit it is read under (None:
+    Pillow's own; see row_pixel_limit for a stored row's)."""
     try:  # decoded as a run decodes it (orientation, bit depth, alpha), without the resize
-        with opener() as handle, pixel_limit(0):
+        with opener() as handle, pixel_limit(max_pixels):
             picture, _ = decode_rgb(handle, "full", lambda w, h: (w, h))
     except Exception:  # moved, deleted or unreadable since extraction: drawn as a placeholder
         return None
     return frame(picture)
+
+
+def row_pixel_limit(f, row) -> int | None:
+    """The pixel limit to read a stored row's original under: its own size where a run read it over
+    Pillow's limit (raised for it), so that it is drawn, while a file put in its place since, larger,
+    is still refused; None (Pillow's limit) otherwise."""
+    width, height = (int(v) for v in f.h5["image_size"][f.row_number(row)])
+    return width * height if width * height > (Image.MAX_IMAGE_PIXELS or 0) else None
 
 
 def fit(img: Image.Image, box: int = THUMB) -> Image.Image:
@@ -194,7 +202,7 @@ def token_sheet(
                 cells.append(_clip_cell(f, i, clips[i], [fitted_on.rgb(p, grid) for p in parts], grid, chosen[len(cells)]))
                 continue
             colours = fitted_on.rgb(tokens, grid)
-            picture = as_encoder_saw_it(lambda: f.open_original(i), f.as_seen)  # noqa: B023 (called at once)
+            picture = as_encoder_saw_it(lambda: f.open_original(i), f.as_seen, row_pixel_limit(f, i))  # noqa: B023
             if picture is None:
                 picture = placeholder("original not found")
                 token_map = Image.fromarray(colours).resize((THUMB, THUMB), Image.Resampling.NEAREST)
