@@ -337,6 +337,13 @@ def test_a_utf16_or_nul_separated_list_is_read_as_what_it_is(tmp_path, monkeypat
         assert keys(discover(files_from="-", stdin=io.BytesIO(data))) == ["b.jpg", "été.jpg"], data[:8]
     found = discover(files_from="-", stdin=io.BytesIO(b"b.jpg\0two\nlines.jpg\0"))
     assert keys(found) == ["b.jpg", "two\nlines.jpg"] and all(os.path.exists(s.path) for s in found.sources)
+    touch(tmp_path, "東京.jpg", "x", "y")
+    cjk = "東京.jpg\nb.jpg\n".encode("utf-16-le")  # no byte-order mark, and no byte of it NUL-free
+    assert keys(discover(files_from="-", stdin=io.BytesIO(cjk))) == ["b.jpg", "東京.jpg"]
+    one_letter = b"x\0y\0"  # -print0 of one-letter names: a NUL every other byte, yet not UTF-16
+    assert keys(discover(files_from="-", stdin=io.BytesIO(one_letter))) == ["x", "y"]
+    with pytest.raises(UsageError, match="NUL bytes inside its lines"):  # a stray NUL: not a list to guess at
+        discover(files_from="-", stdin=io.BytesIO(b"b.jpg\nwh\0at.jpg\nx\n"))
 
 
 def test_a_file_listed_under_two_spellings_keeps_the_first_given(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
+from vitcore.errors import UsageError
 from vitcore.inputs.base import NotTaken, open_input, path_identity
 from vitcore.inputs.remote import list_prefix
 
@@ -51,28 +52,34 @@ def read_file_list(handle: BinaryIO) -> list[str]:
     """One path per line (bytes, so any file name survives); blank lines ignored, a UTF-8 byte-order
     mark (Windows editors write one) dropped. UTF-16 text (PowerShell's ``>`` writes it) is read as
     such; a list with NUL bytes otherwise is NUL-separated (``find -print0``: a path may hold a
-    newline, never a NUL)."""
+    newline, never a NUL), unless they stand inside its lines (fewer NULs than newlines: refused)."""
     data = _from_utf16(handle.read()).removeprefix(b"\xef\xbb\xbf")
     if b"\0" in data:
+        if data.count(b"\0") < data.count(b"\n"):
+            raise UsageError("--files-from: the list has NUL bytes inside its lines, and no file name holds one (a "
+                             "binary file?): give one path per line, or a NUL-separated list (find … -print0)")
         return [os.fsdecode(entry) for entry in data.split(b"\0") if entry]
     return [os.fsdecode(line.rstrip(b"\r")) for line in data.split(b"\n") if line.strip()]
 
 
 def _from_utf16(data: bytes) -> bytes:
     """UTF-16 text → the same text as file-name bytes; other bytes as they are. Told by its byte-order
-    mark, or without one by every other byte being NUL (names in the first 256 code points)."""
-    codec = {b"\xff\xfe": "utf-16", b"\xfe\xff": "utf-16"}.get(data[:2])
-    if codec is None and len(data) >= 4:
-        if data[1::2].count(0) == len(data[1::2]) and data[0::2].count(0) == 0:
-            codec = "utf-16-le"
-        elif data[0::2].count(0) == len(data[0::2]) and data[1::2].count(0) == 0:
-            codec = "utf-16-be"
-    if codec is None:
+    mark, or without one by decoding whole into lines (a newline, no NUL character): a NUL-separated
+    list of one-letter names also has a NUL in every other byte, but no UTF-16 newline."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        codecs = ["utf-16"]
+    elif b"\0" in data and len(data) % 2 == 0:
+        codecs = ["utf-16-le", "utf-16-be"]
+    else:
         return data
-    try:
-        return os.fsencode(data.decode(codec))
-    except UnicodeDecodeError:
-        return data  # not UTF-16 after all: read as NUL-separated bytes
+    for codec in codecs:
+        try:
+            text = data.decode(codec)
+        except UnicodeDecodeError:
+            continue
+        if codec == "utf-16" or ("\n" in text and "\0" not in text):
+            return os.fsencode(text)
+    return data
 
 
 def walk_prefix(url: str, exts: tuple[str, ...], is_container: Callable[[str], bool], not_taken: NotTaken) -> list[str]:
