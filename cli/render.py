@@ -84,8 +84,8 @@ def stopping(console: Console, signal_number: int) -> None:
     import signal
 
     name = signal.Signals(signal_number).name
-    again = "; Ctrl-C again stops at once (that batch is then redone by --resume)" if name == "SIGINT" else ""
-    console.print(f"stopping ({name}): the batch in flight is finished and committed first{again}",
+    again = "; Ctrl-C again stops at once (--resume then redoes that batch)" if name == "SIGINT" else ""
+    console.print(f"stopping ({name}): committing what is done first (a batch being encoded is finished){again}",
                   markup=False, highlight=False)
 
 

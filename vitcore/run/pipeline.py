@@ -149,8 +149,9 @@ def stop_on_signals(stop: StopFlag):
             return
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        first = not stop.is_set()
         stop.set(signum)
-        if stop.announce is not None:
+        if first and stop.announce is not None:  # (once: a second SIGTERM, say, changes nothing)
             try:
                 stop.announce(signum)
             except Exception:  # noqa: BLE001 - a notice must not break the stop
