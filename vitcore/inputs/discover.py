@@ -71,10 +71,10 @@ def discover(
                 found.take(index, rel, os.path.join(root, rel), named=False)
             found.unlisted += [Unlisted(escape_key(os.path.join(rel, "") if rel else "./"), index, reason)
                                for rel, reason in unreadable]
-        elif os.path.lexists(given) or listed:
+        elif (exists := os.path.lexists(given)) or listed:
             # Named files are taken as given; a listed one that is missing becomes a failure record.
             found.take(found.root_index(os.getcwd()), given, given, named=True)
-            if listed and not os.path.lexists(given):
+            if not exists:
                 found.missing_listed.append(given)
         else:
             raise UsageError(f"input {given} does not exist")
@@ -192,6 +192,9 @@ class _Found:
                          image_columns=tuple(sorted({s.column for s in sources if hasattr(s, "column")})))
 
 
+LOOKED_BESIDE = 1000  # missing listed paths looked for beside the list, at most
+
+
 def _missing_listed_note(paths: list[str], list_folder: str | None) -> str:
     """Listed paths that name no file, said once with what likely went wrong: a list's line is a
     path taken whole (a name may start with # or hold spaces or quotes), relative to the working
@@ -207,10 +210,12 @@ def _missing_listed_note(paths: list[str], list_folder: str | None) -> str:
         if hits:
             causes.append(f"{hits} {words}")
     beside = list_folder is not None and list_folder != os.getcwd()
-    found_beside = sum(1 for p in paths if beside and not os.path.isabs(p) and os.path.lexists(os.path.join(list_folder, p)))
+    looked = paths[:LOOKED_BESIDE] if beside else []  # (a list of millions: a sample says it as well)
+    found_beside = sum(1 for p in looked if not os.path.isabs(p) and os.path.lexists(os.path.join(list_folder, p)))
     if found_beside:
-        causes.append(f"{found_beside} found beside the list, in {list_folder} (relative paths are taken from the "
-                      f"working directory, {os.getcwd()})")
+        at_least = "at least " if len(paths) > len(looked) else ""
+        causes.append(f"{at_least}{found_beside} found beside the list, in {list_folder} (relative paths are taken "
+                      f"from the working directory, {os.getcwd()})")
     return (f"{n} listed path{'s' * (n != 1)} name{'s' * (n == 1)} no file ({shown}), each a failure record"
             + (f": {'; '.join(causes)}" if causes else ""))
 

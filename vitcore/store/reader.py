@@ -92,17 +92,23 @@ def _unreadable(verb: str, shown: str, err: OSError, handle) -> VitExtractError:
         signed, offset = head == HDF5_SIGNATURE, max(512, offset * 2)
     text = one_line(err, 200)
     if signed:
-        return DamagedFile(verb, shown, text)
+        return DamagedFile.of(verb, shown, text)
     return UsageError(f"cannot {verb} {shown}: not a readable HDF5 file ({text})")
 
 
 class DamagedFile(VitExtractError):
-    """An HDF5 file that does not open, its signature there: cut short by a crash or a copy (exit 1)."""
+    """An HDF5 file that does not open, its signature there: cut short by a crash or a copy (exit 1).
+    ``detail``: HDF5's words for the damage."""
 
-    def __init__(self, verb: str, shown: str, text: str):
+    detail = ""
+
+    @classmethod
+    def of(cls, verb: str, shown: str, text: str) -> "DamagedFile":
         wrapper = "Unable to synchronously open file ("
-        self.detail = text[len(wrapper):-1] if text.startswith(wrapper) and text.endswith(")") else text
-        super().__init__(f"cannot {verb} {shown}: a damaged HDF5 file ({self.detail})")
+        detail = text[len(wrapper):-1] if text.startswith(wrapper) and text.endswith(")") else text
+        error = cls(f"cannot {verb} {shown}: a damaged HDF5 file ({detail})")
+        error.detail = detail
+        return error
 
 
 def _open_url(url: str, verb: str) -> h5py.File:
@@ -425,13 +431,15 @@ class StoredTokens:
             failures = self.failures  # (read from the file at each use)
             roots = self.h5["failed/root_index"][: len(failures)] if failures else []
             for (path, error), root in zip(failures, roots):
-                reasons.setdefault(path, error)
-                reasons.setdefault(os.path.join(self.roots[int(root)], path), error)
+                for name in (path, os.path.join(self.roots[int(root)], path)):
+                    reasons.setdefault(name, error)
+                    if not name.isascii():  # found typed composed or decomposed (as keys are)
+                        reasons.setdefault(_nfc(name), error)
             self._failure_reasons = reasons
         reasons = self._failure_reasons
         found = reasons.get(key) or reasons.get(escape_key(key)) or reasons.get(os.path.abspath(key))
         if found is None and not key.isascii():
-            found = next((why for path, why in reasons.items() if _nfc(path) in (_nfc(key), _nfc(os.path.abspath(key)))), None)
+            found = reasons.get(_nfc(key)) or reasons.get(_nfc(os.path.abspath(key)))
         return found
 
     def absent(self, key: str) -> str:
