@@ -69,19 +69,19 @@ def open_tokens(path: str | os.PathLike, check_shards: bool = True, while_writte
 
 
 def rows_of(f: TokenFile, keys) -> list[int]:
-    """Row numbers for ``keys``: None (every row), one key, or a sequence of keys (str) and row
-    numbers (int). A key stored under two roots names two rows: refused; give ROOT/KEY or a row number."""
+    """Row numbers for ``keys``: None (every row), one key, or a sequence of keys (str, or a file
+    name's bytes) and row numbers (int). A key stored under two roots names two rows: refused; give ROOT/KEY or a row number."""
     if keys is None:
         return list(range(len(f)))
-    if isinstance(keys, (str, int, np.integer)) and not isinstance(keys, bool):
-        keys = [keys]
+    if isinstance(keys, (str, bytes, int, np.integer)) and not isinstance(keys, bool):
+        keys = [keys]  # (one key as bytes too: not a sequence of its byte values as row numbers)
     keys = list(keys)
     if not keys:
         raise UsageError("no keys given: pass None for every row, or some keys or row numbers")
     rows = []
     for key in keys:
-        if isinstance(key, str):
-            rows.append(f.index(key))  # a key under two roots is refused, naming the qualified forms
+        if isinstance(key, (str, bytes)):  # (bytes: a file name's, as os.fsencode gives it)
+            rows.append(f.index(os.fsdecode(key)))  # a key under two roots is refused, naming the qualified forms
         elif isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
             rows.append(f.row_number(int(key)))
         else:
