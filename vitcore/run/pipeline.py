@@ -40,6 +40,7 @@ from vitcore.imaging.video import is_video_name
 from vitcore.options import ComputeOptions, ExtractOptions
 from vitcore.run.checks import CheckedRun, check_run, output_named
 from vitcore.run.notes import counted_notes
+from vitcore.store.lock import UNLOCKED_NOTE
 from vitcore.inputs.base import Discovery
 from vitcore.inputs.discover import close_readers
 from vitcore.store import Output, Rows
@@ -249,6 +250,8 @@ def _extract(run: CheckedRun, progress, stop: StopFlag | None, encoders: dict | 
         out.prepare(settings, plan.roots, plan.keep_failures)  # before the workers fork
         ran = run_batches(out, loader, plan, runner, progress, stop or StopFlag())
     notes = list(record.notes) if built is None else list(built.notes)
+    if out.unlocked:
+        notes.append(UNLOCKED_NOTE)
     if built is not None and device.type == "cpu" and dtype == torch.float16 and record.width:
         notes += filter(None, [slow_half_note(record.width)])
     if built is not None and built.finish_batch is not None:

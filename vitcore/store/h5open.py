@@ -12,18 +12,16 @@ would; one run per output is still kept by the run's own lock file (store/lock.p
 
 from __future__ import annotations
 
-import errno
-
 import h5py
 
-_NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
+from vitcore.store.lock import NO_LOCKS
 
 
 def locks_unsupported(err: OSError) -> bool:
     if isinstance(err, BlockingIOError):  # a lock that is held: another process has the file open
         return False
     text = str(err)
-    return err.errno in _NO_LOCKS or ("lock" in text and any(f"errno = {n}," in text for n in _NO_LOCKS))
+    return err.errno in NO_LOCKS or ("lock" in text and any(f"errno = {n}," in text for n in NO_LOCKS))
 
 
 def h5_file(path, mode: str = "r") -> h5py.File:

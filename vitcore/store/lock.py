@@ -18,6 +18,9 @@ from vitcore.errors import VitExtractError
 
 
 LOCK_SUFFIX = ".lock"
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # a file system without locks, not a held lock
+UNLOCKED_NOTE = ("this file system has no file locks (NFS without its lock daemon?): nothing kept a second run from "
+                 "writing the same output at the same time")
 
 
 class OutputLockedError(VitExtractError):
@@ -29,6 +32,7 @@ class OutputLock:
         self.output = output
         self.path = output + LOCK_SUFFIX
         self.fd: int | None = None
+        self.unlocked = False  # the file system has no locks: nothing keeps a second run out (said in the summary)
 
     def __enter__(self) -> "OutputLock":
         while True:
@@ -39,6 +43,9 @@ class OutputLock:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
+                if err.errno in NO_LOCKS:  # NFS without its lock daemon: the run goes on, said (unlocked)
+                    self.unlocked = True
+                    break
                 if err.errno not in (errno.EACCES, errno.EAGAIN):
                     os.close(fd)
                     raise VitExtractError(f"cannot lock {self.path}: {err.strerror}") from None

@@ -34,6 +34,11 @@ class Output:
         self._settings: StoreSettings | None = None
         self.writer: AsyncWriter | None = None
 
+    @property
+    def unlocked(self) -> bool:
+        """The output's file system has no locks: the run went on without its own (said in its summary)."""
+        return self._lock.unlocked
+
     def __enter__(self) -> "Output":
         check_output(self.path, self.resume, self.overwrite)
         self._lock.__enter__()  # released even if this process is killed
