@@ -340,8 +340,13 @@ def test_a_utf16_or_nul_separated_list_is_read_as_what_it_is(tmp_path, monkeypat
     touch(tmp_path, "東京.jpg", "x", "y")
     cjk = "東京.jpg\nb.jpg\n".encode("utf-16-le")  # no byte-order mark, and no byte of it NUL-free
     assert keys(discover(files_from="-", stdin=io.BytesIO(cjk))) == ["b.jpg", "東京.jpg"]
-    one_letter = b"x\0y\0"  # -print0 of one-letter names: a NUL every other byte, yet not UTF-16
-    assert keys(discover(files_from="-", stdin=io.BytesIO(one_letter))) == ["x", "y"]
+    assert keys(discover(files_from="-", stdin=io.BytesIO(b"./x\0./y\0"))) == ["./x", "./y"]  # find -print0
+    # One UTF-16 name without a mark or a newline: split at its NULs it was i, m, g, s, /, … and the
+    # "/" and "." were walked as folders (a dry run counted the whole disk).
+    for data in ("imgs/b.jpg".encode("utf-16-le"), "imgs/b.jpg".encode("utf-16-be")):
+        assert keys(discover(files_from="-", stdin=io.BytesIO(data))) == ["imgs/b.jpg"]
+    with pytest.raises(UsageError, match="looks like UTF-16 text without a byte-order mark"):
+        discover(files_from="-", stdin=io.BytesIO("東京.jpg".encode("utf-16-le")))
     with pytest.raises(UsageError, match="NUL bytes inside its lines"):  # a stray NUL: not a list to guess at
         discover(files_from="-", stdin=io.BytesIO(b"b.jpg\nwh\0at.jpg\nx\n"))
 

@@ -58,26 +58,32 @@ def read_file_list(handle: BinaryIO) -> list[str]:
         if data.count(b"\0") < data.count(b"\n"):
             raise UsageError("--files-from: the list has NUL bytes inside its lines, and no file name holds one (a "
                              "binary file?): give one path per line, or a NUL-separated list (find … -print0)")
-        return [os.fsdecode(entry) for entry in data.split(b"\0") if entry]
+        entries = [entry for entry in data.split(b"\0") if entry]
+        if sorted(map(len, entries))[len(entries) // 2] <= 2:  # (a path of one or two letters, mostly: not a list)
+            raise UsageError("--files-from: the list looks like UTF-16 text without a byte-order mark (split at its "
+                             "NUL bytes it gives one- and two-letter paths): save it as UTF-8, one path per line")
+        return [os.fsdecode(entry) for entry in entries]
     return [os.fsdecode(line.rstrip(b"\r")) for line in data.split(b"\n") if line.strip()]
 
 
 def _from_utf16(data: bytes) -> bytes:
     """UTF-16 text → the same text as file-name bytes; other bytes as they are. Told by its byte-order
-    mark, or without one by decoding whole into lines (a newline, no NUL character): a NUL-separated
-    list of one-letter names also has a NUL in every other byte, but no UTF-16 newline."""
+    mark, or without one by decoding whole, with no NUL character, into lines, or into one name where
+    split at its NULs it would be one-letter names only (a path's letters: `/`, `.` and all, which a
+    NUL-separated list would walk as folders)."""
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         codecs = ["utf-16"]
-    elif b"\0" in data and len(data) % 2 == 0:
-        codecs = ["utf-16-le", "utf-16-be"]
+    elif b"\0" in data and len(data) % 2 == 0:  # ASCII in UTF-16: the NULs in the odd bytes (LE) or the even (BE)
+        codecs = ["utf-16-le", "utf-16-be"] if data[1::2].count(0) >= data[0::2].count(0) else ["utf-16-be", "utf-16-le"]
     else:
         return data
+    letters_only = all(len(entry) <= 1 for entry in data.split(b"\0"))
     for codec in codecs:
         try:
             text = data.decode(codec)
         except UnicodeDecodeError:
             continue
-        if codec == "utf-16" or ("\n" in text and "\0" not in text):
+        if codec == "utf-16" or ("\0" not in text and ("\n" in text or letters_only)):
             return os.fsencode(text)
     return data
 
