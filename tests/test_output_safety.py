@@ -7,8 +7,10 @@ import os
 
 import h5py
 import numpy as np
+import pytest
 
 from tests.helpers import TINY
+from vitcore.errors import UsageError
 
 RUN = ["--model", TINY, "--dtype", "float32", "--workers", "0", "-q"]
 
@@ -117,6 +119,18 @@ def test_a_pipe_or_a_device_is_never_an_output_nor_read_as_a_file(cli, photos, t
                  ["merge", pipe, "-o", tmp_path / "m.h5"]):
         result = cli(*args)  # (each would block on the pipe, were it opened)
         assert result.exit_code == 2 and "named pipe" in result.stderr and result.stderr.count("\n") == 1, (args, result.output)
+    for beside in ("lock", "creating"):  # a pipe left where a run writes its own files beside the output
+        os.mkfifo(tmp_path / f"new.h5.{beside}")
+        for extra in ([], ["--dry-run"], ["--overwrite"]):
+            result = cli("run", photos, "-o", tmp_path / "new.h5", *RUN, *extra)
+            assert result.exit_code == 2 and f"new.h5.{beside} is a named pipe, where a run writes" in result.stderr, \
+                (beside, extra, result.output)
+        os.unlink(tmp_path / f"new.h5.{beside}")
+    from vitcore.store.lock import run_holding
+
+    os.mkfifo(tmp_path / "made.h5.lock")  # read by a reading command's "who holds it?": refused, never waited on
+    with pytest.raises(UsageError, match="is not a regular file"):
+        run_holding(str(made))
     sheet_pipe = tmp_path / "sheet.png"
     os.mkfifo(sheet_pipe)
     result = cli("show", made, "-o", sheet_pipe, "--overwrite")

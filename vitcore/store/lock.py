@@ -12,9 +12,10 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import time
 
-from vitcore.errors import VitExtractError
+from vitcore.errors import UsageError, VitExtractError
 
 
 LOCK_SUFFIX = ".lock"
@@ -37,7 +38,7 @@ class OutputLock:
     def __enter__(self) -> "OutputLock":
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = _open_lock_file(self.path, os.O_RDWR | os.O_CREAT)
             except OSError as err:
                 raise VitExtractError(f"cannot create the lock file {self.path}: {err.strerror}") from None
             try:
@@ -96,7 +97,7 @@ def run_holding(output: str) -> str | None:
     only (a shared lock, tried and let go): another user's run, or a read-only mount, is seen too."""
     path = os.path.realpath(output) + LOCK_SUFFIX  # a run locks its output's target, not a link to it
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open_lock_file(path, os.O_RDONLY)
     except OSError:
         return None
     try:
@@ -109,6 +110,19 @@ def run_holding(output: str) -> str | None:
         return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
     finally:
         os.close(fd)
+
+
+def _open_lock_file(path: str, flags: int) -> int:
+    """A lock file's descriptor; never blocks (a named pipe left at its name would wait for a writer
+    for ever): anything but a regular file there is refused, in words."""
+    fd = os.open(path, flags | os.O_NONBLOCK, 0o644)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UsageError(f"{path} is not a regular file (a named pipe or a device), so it cannot be the run's lock "
+                         "file: remove it, or give another -o")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _held(output: str, fd: int) -> OutputLockedError:

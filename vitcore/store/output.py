@@ -150,6 +150,11 @@ def check_output(path: str, resume: bool, overwrite: bool, can_resume: bool = Tr
     if special is not None:  # /dev/null, a named pipe: replacing one with a file would break the system
         raise UsageError(f"the output {path} is {special}, not a regular file: give a file name "
                          "(it is not written, even with --overwrite)")
+    for beside in (path + BUILDING_SUFFIX, path + LOCK_SUFFIX):  # the names a run writes beside its output
+        special = special_file(beside)
+        if special is not None:
+            raise UsageError(f"{beside} is {special}, where a run writes a file of its own: remove it, or give "
+                             "another -o")
     if os.path.exists(path) and not (resume or overwrite):
         problem = existing_file_problem(path) if can_resume else None  # (other commands write other kinds of file)
         kind, words = problem or (None, None)
