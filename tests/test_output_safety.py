@@ -75,6 +75,29 @@ def test_a_run_refuses_an_output_that_is_one_of_its_inputs(cli, photos, tmp_path
     assert result.exit_code == 2 and "is one of this run's inputs" in result.output
 
 
+def test_no_file_a_command_reads_is_its_output_even_with_overwrite(cli, photos, tmp_path):
+    """Not only pictures: the --files-from list, the weights file (or a file in the checkpoint
+    folder), and for index the file being indexed as its sidecar (-o data → data.json)."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{photos / 'coffee.jpg'}\n")
+    weights = tmp_path / "w.safetensors"
+    assert cli("init-weights", "--model", TINY, "-o", weights).exit_code == 0
+    before = {p: _digest(p) for p in (listing, weights)}
+    os.symlink(weights, tmp_path / "link.h5")  # the weights, through a link
+    for args in (["run", "--files-from", listing, "-o", listing],
+                 ["run", photos / "coffee.jpg", "-o", weights, "--weights", weights],
+                 ["run", photos / "coffee.jpg", "-o", tmp_path / "link.h5", "--weights", weights]):
+        result = cli(*args, "--overwrite", "-q")
+        assert result.exit_code == 2 and "which this run reads; writing it would destroy it" in result.stderr, \
+            (args, result.output)
+    assert {p: _digest(p) for p in before} == before
+    data = tmp_path / "data.json"  # a pooled output that happens to be named .json
+    assert cli("run", photos, "-o", data, *RUN, "--pool", "mean", "--overwrite").exit_code == 0
+    kept = _digest(data)
+    result = cli("index", data, "-o", tmp_path / "data", "--overwrite")
+    assert result.exit_code == 2 and "would be the file to index itself" in result.stderr and _digest(data) == kept
+
+
 def test_overwrite_through_a_link_writes_its_target_and_keeps_the_link(cli, photos, tmp_path):
     (tmp_path / "big").mkdir()
     target = _made(cli, photos, tmp_path / "big" / "tokens.h5")

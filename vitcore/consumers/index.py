@@ -27,7 +27,7 @@ import numpy as np
 from vitcore import __version__
 from vitcore.consumers.search import top_k_cosine
 from vitcore.consumers.tokens import TokenFile
-from vitcore.errors import OutputExistsError, UsageError, VitExtractError
+from vitcore.errors import UsageError, VitExtractError
 from vitcore.store.output import check_output, output_target, read_as_output
 from vitcore.system.units import shown_size
 
@@ -317,9 +317,11 @@ def _check_index_output(path: str, output: str, overwrite: bool) -> None:
     if read_as_output(output, [path]) is not None:
         raise UsageError(f"the index output {output} is the file to index itself; give another name such as "
                          f"{index_beside(path)}")
+    if read_as_output(sidecar_path(output), [path]) is not None:
+        raise UsageError(f"the index's sidecar {sidecar_path(output)} would be the file to index itself; give "
+                         f"another -o such as {index_beside(path)}")
     check_output(output, resume=False, overwrite=overwrite, can_resume=False)
-    if os.path.exists(sidecar_path(output)) and not overwrite:
-        raise OutputExistsError(f"{sidecar_path(output)} already exists; add --overwrite to replace it")
+    check_output(sidecar_path(output), resume=False, overwrite=overwrite, can_resume=False)
 
 
 def _draw(rng, n: int, count: int) -> np.ndarray:

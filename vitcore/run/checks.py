@@ -84,7 +84,7 @@ def check_run(paths=(), output: str = "tokens.h5", options: ExtractOptions | Non
     if family.takes_video and inputs.extensions is None:  # clips are picked up beside the pictures
         inputs = dataclasses.replace(inputs, extensions=DEFAULT_EXTENSIONS + VIDEO_EXTENSIONS)
     found, shard, videos = (unit.found, unit.shard, unit.videos) if unit else find_inputs(paths, inputs, out, stdin)
-    refuse_output_among_inputs(output, found)
+    refuse_output_among_inputs(output, found, [inputs.files_from, encoder.weights])
     if videos and not family.takes_video:
         raise UsageError(f"{videos} video clip{'s' * (videos != 1)} among the inputs: clips are read by the Qwen-VL "
                          f"families only (--weights a Qwen-VL checkpoint); {family.name} reads pictures")
@@ -116,15 +116,24 @@ def output_named(run: CheckedRun):
         raise
 
 
-def refuse_output_among_inputs(output: str, found: Discovery) -> None:
+def refuse_output_among_inputs(output: str, found: Discovery, also_read=()) -> None:
     """An existing output that is also an input (-o photos/a.jpg --overwrite, or the file being
-    resumed listed as an input): writing it would destroy what is read."""
+    resumed listed as an input), or one of the other files the run reads (``also_read``: the
+    --files-from list, the weights file or a file in the checkpoint folder): writing it would
+    destroy what is read."""
     if not os.path.exists(output):
         return
     names = {path_identity(output), path_identity(os.path.realpath(output))}
     if names & found.containers or any(source.identity in names for source in found.sources):
         raise UsageError(f"the output {output} is one of this run's inputs; writing it would destroy it: choose "
                          "another -o")
+    for read in filter(None, also_read):
+        if read == "-" or is_url(read) or not os.path.exists(read):
+            continue
+        inside = os.path.isdir(read) and os.path.realpath(output).startswith(os.path.join(os.path.realpath(read), ""))
+        if inside or os.path.samefile(read, output):
+            raise UsageError(f"the output {output} is {'in ' if inside else ''}{read}, which this run reads; writing it "
+                             "would destroy it: choose another -o")
 
 
 def check_resume_settings(run: CheckedRun) -> None:
