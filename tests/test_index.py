@@ -213,6 +213,13 @@ def test_existing_output_refused_without_overwrite(base, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["e.faiss", "e.faiss.json", "e.h5"]  # no temporary files left
     with pytest.raises(UsageError, match="file to index itself"):
         build_index(out, out, overwrite=True)
+    # a named pipe as the sidecar: never written (even with --overwrite), never waited on when read
+    os.replace(tmp_path / "e.faiss.json", tmp_path / "kept.json")
+    os.mkfifo(tmp_path / "e.faiss.json")
+    with pytest.raises(UsageError, match="is a named pipe, not a regular file"):
+        build_index(out, index, overwrite=True)
+    with TokenFile(str(out)) as f, pytest.raises(VitExtractError, match="e.faiss.json: not a regular file but a named pipe"):
+        load_index(str(index), f)
 
 
 def test_a_failed_write_leaves_the_old_index_whole_and_no_temporary_files(base, tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from vitcore import __version__
 from vitcore.consumers.search import top_k_cosine
 from vitcore.consumers.tokens import TokenFile
 from vitcore.errors import UsageError, VitExtractError
+from vitcore.inputs.base import open_regular
 from vitcore.store.output import check_output, output_target, read_as_output
 from vitcore.system.units import shown_size
 
@@ -531,7 +532,7 @@ def load_index(index_path: str, f: TokenFile) -> LoadedIndex:
     if not os.path.isfile(index_path):
         raise UsageError(f"the index {index_path} does not exist")
     try:
-        with open(sidecar, encoding="utf-8") as handle:
+        with open_regular(sidecar) as handle:  # (a named pipe there would be waited on for ever)
             record = json.load(handle)
     except FileNotFoundError:
         raise VitExtractError(f"{index_path} has no sidecar {sidecar}; build it again with vit-extract index") from None
