@@ -436,8 +436,8 @@ def show(
     from vitcore.consumers.visualize import token_sheet  # h5py, numpy, Pillow: not for --help
 
     try:
+        _refuse_an_original(output, file)
         image, chosen = token_sheet(str(file), keys, first, joint, columns)
-        _refuse_a_drawn_original(output, file, chosen)
         _save_png(image, output)
     except VitExtractError as error:
         raise _fail(error)
@@ -501,10 +501,11 @@ def similar(
     from vitcore.consumers.search import hits_sheet, similar as find_similar  # h5py, numpy: not for --help
 
     try:
+        if sheet is not None:
+            _refuse_an_original(sheet, file)
         found = find_similar(str(file), query, k, index=str(index) if index else None, max_image_pixels=max_image_pixels)
         hits, kind = found
         if sheet is not None:
-            _refuse_a_drawn_original(sheet, file, [h.row for h in hits])
             _save_png(hits_sheet(str(file), hits, query, kind, max_image_pixels=max_image_pixels), sheet)
     except VitExtractError as error:
         raise _fail(error, as_json)
@@ -569,17 +570,15 @@ def merge_command(
                   f"{result.failed} failed ({kind})")
 
 
-def _refuse_a_drawn_original(sheet: Path, file, rows) -> None:
-    """Once the rows a sheet draws are known: the sheet is never one of their originals (a picture
-    the user keeps), not even with --overwrite."""
+def _refuse_an_original(sheet: Path, file) -> None:
+    """A sheet is never the original of one of the file's rows (a picture the user keeps), drawn or
+    not, not even with --overwrite: found as ROOT/KEY is, however it is spelled or linked."""
     from vitcore.consumers.tokens import TokenFile
-    from vitcore.store.output import read_as_output
 
     with TokenFile(str(file)) as f:
-        originals = [f.original_path(row) for row in rows]
-    read = read_as_output(str(sheet), originals)
-    if read is not None:
-        raise UsageError(f"the sheet {sheet} is {read}, the original of a row it draws; choose another file")
+        for name in dict.fromkeys((os.path.abspath(sheet), os.path.realpath(sheet))):
+            if name in f:
+                raise UsageError(f"the sheet {sheet} is the original of a row of {file} ({name}); choose another file")
 
 
 def _check_sheet(path: Path, overwrite: bool, reading: list[Path]) -> Path:

@@ -279,7 +279,7 @@ def models_table(console: Console, rows: list[dict]) -> None:
 
 
 def hits_table(console: Console, hits, query: str) -> None:
-    table = Table("rank", "key", "score", title=f"nearest to {escape(query)}", title_justify="left")
+    table = Table("rank", "key", "score", title=f"nearest to {escape(_on_one_line(query))}", title_justify="left")
     for hit in hits:
         table.add_row(str(hit.rank), escape(_on_one_line(hit.key)), f"{hit.score:.4f}")
     _print(console, table)

@@ -50,18 +50,20 @@ def test_sheets_never_replace_the_file_they_read_nor_an_existing_file_unasked(cl
     assert result.exit_code == 2 and "already exists" in result.output
 
 
-def test_a_sheet_never_replaces_the_original_of_a_row_it_draws(cli, photos, tmp_path):
+def test_a_sheet_never_replaces_the_original_of_a_row(cli, photos, tmp_path):
     tokens = _made(cli, photos, tmp_path / "tokens.h5")
     pooled = _made(cli, photos, tmp_path / "pooled.h5", "--pool", "mean")
     victim = photos / "coffee.jpg"
+    os.symlink(victim, tmp_path / "link.png")
     before = _digest(victim)
     for args in (["show", tokens, "coffee.jpg", "-o", victim, "--overwrite"],
                  ["show", tokens, "-o", victim, "--overwrite"],  # the first rows, coffee.jpg among them
-                 ["similar", pooled, "coffee.jpg", "-k", "3", "--sheet", victim, "--overwrite"]):
+                 ["show", tokens, "rocket.jpg", "-o", victim, "--overwrite"],  # not drawn, still an original
+                 ["show", tokens, "rocket.jpg", "-o", tmp_path / "link.png", "--overwrite"],  # through a link
+                 ["similar", pooled, "rocket.jpg", "-k", "1", "--sheet", victim, "--overwrite"]):
         result = cli(*args)
-        assert result.exit_code == 2 and "the original of a row it draws" in result.stderr, (args, result.output)
+        assert result.exit_code == 2 and "is the original of a row of" in result.stderr, (args, result.output)
     assert _digest(victim) == before
-    assert cli("show", tokens, "rocket.jpg", "-o", victim, "--overwrite").exit_code == 0  # not drawn: the user's call
 
 
 def test_a_run_refuses_an_output_that_is_one_of_its_inputs(cli, photos, tmp_path):
