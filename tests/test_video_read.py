@@ -73,13 +73,19 @@ def test_an_mp4_cut_short_is_said_to_be_cut_short_wherever_it_was_cut(tmp_path):
             assert clip_info(container).frames == 20
         for share in (0.3, 0.6, 0.95):
             cut = whole[: int(len(whole) * share)]
-            with pytest.raises(VideoError, match=rf"^the file is cut short: its '(moov|mdat)' box runs [\d,]+ bytes past "
+            with pytest.raises(VideoError, match=rf"^the file is cut short: its '(moov|mdat)' box runs [\d,]+ bytes? past "
                                                  rf"the end of the file \({len(cut):,} bytes\)$"):
                 with open_clip(io.BytesIO(cut)) as container:
                     read_frames(container, range(clip_info(container).frames))
+    # Cut exactly where its index (written last) begins: no 'moov' at all (a recording stopped).
+    without_index = index_last[: index_last.index(b"moov") - 4]
+    with pytest.raises(VideoError, match=r"^the file is cut short: it has no 'moov' box, the index an MP4 needs"):
+        with open_clip(io.BytesIO(without_index)) as container:
+            clip_info(container)
     # Bytes after the last box (a camera's trailer) and a last box sized "to the end of the file" (0)
     # are whole clips, not damage: FFmpeg reads them.
-    for trailer in (b"KTRA" + bytes(60), b"\x00\x00\x00\x10junk" + bytes(8), b"abc"):
+    for trailer in (b"KTRA" + bytes(60), b"\x00\x00\x00\x10junk" + bytes(8), b"abc",
+                    b"\x00\x00\x10\x00free" + bytes(8), b"\x00\x00\x10\x00mdat" + bytes(8)):  # (as boxes, cut)
         with open_clip(io.BytesIO(index_last + trailer)) as container:
             assert read_frames(container, range(clip_info(container).frames)).shape[0] == 20
     to_the_end = index_first[:index_first.index(b"mdat") - 4] + bytes(4) + index_first[index_first.index(b"mdat"):]

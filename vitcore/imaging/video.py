@@ -78,31 +78,42 @@ _MOST_BOXES = 256  # walked at most (a fragmented MP4 has thousands): past that,
 
 
 def _box_past_the_end(handle) -> str | None:
-    """An MP4/MOV file (ISO base media: a chain of boxes, each opening with its size) whose last box
-    runs past the end of the file is cut short, said so (FFmpeg says "Invalid data found" or fails
-    mid-clip). None: whole, or not told: a box of a name no MP4 has at its top level (bytes a camera
-    or a tool left after the last box), a box "to the end of the file", or too many boxes."""
+    """An MP4/MOV file (ISO base media: a chain of boxes, each opening with its size) cut short, said
+    so (FFmpeg says "Invalid data found" or fails mid-clip): its index (moov) or its only media data
+    (mdat) runs past the end of the file, or it has no index at all (a recording stopped before
+    writing it). None: whole, or not told: a box of a name no MP4 has at its top level (bytes a
+    camera or a tool left after the last box), a box "to the end of the file", too many boxes."""
+    seen: set[str] = set()
     try:
         end = handle.seek(0, 2)
         place = 0
         for _ in range(_MOST_BOXES):
             if place + 8 > end:
-                return None
+                break
             handle.seek(place)
             head = handle.read(16)
             size, name = int.from_bytes(head[:4], "big"), head[4:8].decode("latin-1")
             if name not in _TOP_LEVEL_BOXES:
-                return None
+                break
             if size == 1 and len(head) == 16:  # a 64-bit size follows the name
                 size = int.from_bytes(head[8:16], "big")
             if size < 8:  # 0: the box runs to the end of the file; less: not a box
                 return None
             if place + size > end:
-                return (f"the file is cut short: its '{name}' box runs {place + size - end:,} bytes past the end "
-                        f"of the file ({end:,} bytes)")
+                if name == "moov" or (name == "mdat" and "mdat" not in seen):  # (another one: bytes left after)
+                    past = place + size - end
+                    return (f"the file is cut short: its '{name}' box runs {past:,} byte{'s' * (past != 1)} past the "
+                            f"end of the file ({end:,} bytes)")
+                return None
+            seen.add(name)
             place += size
+        else:
+            return None  # too many boxes to walk: not told
     except (OSError, ValueError):
         return None
+    if "mdat" in seen and not seen & {"moov", "moof"}:
+        return ("the file is cut short: it has no 'moov' box, the index an MP4 needs (a recording stopped before "
+                "writing it)")
     return None
 
 
