@@ -295,6 +295,27 @@ def test_keys_with_control_characters_are_drawn_escaped_on_one_line(photos, tmp_
     assert result.exit_code == 0 and (tmp_path / "hits.png").exists()
 
 
+def test_a_name_stored_composed_under_one_root_and_decomposed_under_another_names_both_rows(tmp_path):
+    """Since either form finds a key, café.jpg stored composed in a/ and decomposed in b/ is one name
+    for two rows: refused as a key stored twice is, and shown root-qualified."""
+    import unicodedata
+
+    from vitcore.store.reader import AmbiguousKey
+
+    for root, form, grey in (("a", "NFC", 30), ("b", "NFD", 220)):
+        (tmp_path / root).mkdir()
+        Image.fromarray(np.full((40, 40, 3), grey, np.uint8)).save(tmp_path / root / unicodedata.normalize(form, "café.png"))
+    out = tmp_path / "t.h5"
+    vitcore.extract([tmp_path / "a", tmp_path / "b"], out, OPTS)
+    with vitcore.open_tokens(out) as f:
+        assert len(f) == 2 and len(set(f.keys)) == 2
+        for typed in ("café.png", unicodedata.normalize("NFD", "café.png")):
+            with pytest.raises(AmbiguousKey, match="names 2 rows"):
+                f.index(typed)
+        shown = [f.shown_key(i) for i in range(2)]
+        assert all(os.path.isabs(k) for k in shown) and [f.index(k) for k in shown] == [0, 1]
+
+
 def test_a_key_under_two_roots_never_silently_picks_a_row(tmp_path, cli):
     """run a/ b/ with a/x.png and b/x.png: every lookup refuses the bare key and names both
     candidates; ROOT/KEY selects one (checked against the row's tokens read directly)."""

@@ -269,7 +269,8 @@ class StoredTokens:
     def shown_key(self, row: int) -> str:
         """A row's key as a person should see it: qualified by its root when the key names several rows."""
         key = self.keys[self.row_number(row)]
-        return key if len(self._key_rows()[key]) == 1 else self.qualified_key(row)
+        alone = len(self._key_rows()[key]) == 1 and (key.isascii() or len(self._normalised_rows()[_nfc(key)]) == 1)
+        return key if alone else self.qualified_key(row)
 
     def index(self, key: str) -> int:
         """The row of ``key``. A key stored under several roots is refused (AmbiguousKey), listing
@@ -291,8 +292,12 @@ class StoredTokens:
     def _named(self, key: str) -> list[int]:
         index = self._key_rows()
         rows = index.get(key) or index.get(escape_key(key)) or self._qualified_rows(key)
-        if not rows and not key.isascii():  # é typed (NFC) for a key stored decomposed (NFD, macOS), or back
-            rows = self._normalised_rows().get(_nfc(key), []) or self._qualified_rows(key, composed=True)
+        if not key.isascii():  # é typed (NFC) for a key stored decomposed (NFD, macOS), or back; a key stored
+            composed = self._normalised_rows().get(_nfc(key), [])  # both ways (two roots) names both rows
+            if not rows:
+                rows = composed or self._qualified_rows(key, composed=True)
+            elif not os.path.isabs(key) and len(composed) > len(rows):
+                rows = composed
         return rows
 
     def _normalised_rows(self) -> dict[str, list[int]]:
