@@ -96,13 +96,12 @@ def _content_note(source, err: BaseException) -> str:
     format it starts as (a PNG with a broken checksum: damaged, not a foreign file)."""
     try:
         with source.open() as handle:
-            note = misnamed_note(source.key, handle)
-            if note or not str(err).startswith("cannot identify image file"):  # (HEIC, AVIF: said already)
-                return note
-            handle.seek(0)
             found = content_kind(handle.read(HEAD_BYTES))
     except Exception:  # unreadable: its record already says why
         return ""
+    note = misnamed_note(source.key, found)
+    if note or not str(err).startswith("cannot identify image file"):  # (HEIC, AVIF: said already)
+        return note
     if found is None or found[0] != "picture" or not decodes(found[1]):
         return ""
     return f" (it starts as a {found[1]} file: damaged, or a variant of it that Pillow cannot read)"

@@ -4,7 +4,7 @@ phone's JPEG saved as ``.mp4`` fails as a clip and an MP4 saved as ``.jpg`` fail
 the record then says which it is, so that renaming it is the obvious fix.
 
     content_kind(head)      first bytes → ("picture" | "video", format name), or None when unknown
-    misnamed_note(name, f)  " (its content is a picture (JPEG), not a video clip: rename it)" or ""
+    misnamed_note(name, k)  " (its content is a picture (JPEG), not a video clip: rename it)" or ""
     decodes(format)         whether this installation decodes pictures of that format
 """
 
@@ -56,10 +56,9 @@ def decodes(fmt: str) -> bool:
     return False
 
 
-def misnamed_note(name: str, handle) -> str:
-    """A note for a failure record when ``name`` says one kind and the bytes of ``handle`` (a
-    binary file object, read from its start) the other; "" otherwise."""
-    found = content_kind(handle.read(HEAD_BYTES))
+def misnamed_note(name: str, found: tuple[str, str] | None) -> str:
+    """A note for a failure record when ``name`` says one kind and its content (``found``:
+    content_kind of its first bytes) the other; "" otherwise."""
     if found is None:
         return ""
     kind, fmt = found

@@ -23,7 +23,7 @@ from vitcore.inputs.parquet import ParquetRow
 from vitcore.store.encoding import PLUGIN_FILTERS, load_plugins
 from vitcore.store.lock import check_unlocked
 from vitcore.inputs.remote import is_url, public_url
-from vitcore.store.output import check_output, output_target
+from vitcore.store.output import check_output, output_target, read_as_output
 from vitcore.store.remote_output import stage
 from vitcore.store.resume import (check_known_settings, check_resumable, check_resumable_file, recorded_clips,
                                   recorded_compute_dtype)
@@ -128,10 +128,10 @@ def refuse_output_among_inputs(output: str, found: Discovery, also_read=()) -> N
         raise UsageError(f"the output {output} is one of this run's inputs; writing it would destroy it: choose "
                          "another -o")
     for read in filter(None, also_read):
-        if read == "-" or is_url(read) or not os.path.exists(read):
+        if read == "-" or is_url(read):
             continue
         inside = os.path.isdir(read) and os.path.realpath(output).startswith(os.path.join(os.path.realpath(read), ""))
-        if inside or os.path.samefile(read, output):
+        if inside or read_as_output(output, [read]) is not None:
             raise UsageError(f"the output {output} is {'in ' if inside else ''}{read}, which this run reads; writing it "
                              "would destroy it: choose another -o")
 

@@ -107,7 +107,7 @@ def run_holding(output: str) -> str | None:
     except OSError as err:
         if err.errno not in (errno.EACCES, errno.EAGAIN):
             return None
-        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+        return _holder(fd)
     finally:
         os.close(fd)
 
@@ -127,7 +127,12 @@ def _open_lock_file(path: str, flags: int) -> int:
 
 def _held(output: str, fd: int) -> OutputLockedError:
     """The refusal for an output whose lock (open as ``fd``) another process holds, naming it."""
-    return _refusal(output, os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process")
+    return _refusal(output, _holder(fd))
+
+
+def _holder(fd: int) -> str:
+    """What the holding run wrote into its lock file (open as ``fd``): "pid 123 on host, started …"."""
+    return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
 
 
 def _refusal(output: str, holder: str) -> OutputLockedError:

@@ -49,8 +49,7 @@ def check_resumable_file(path: str) -> None:
     if problem is not None:
         kind, words = problem
         if kind == "not ours":
-            raise ResumeMismatchError(f"cannot resume {path}: it is not a vit-extract output ({words}); give another "
-                                      "-o (--overwrite would replace what it holds)")
+            raise _not_ours(path, words)
         raise ResumeMismatchError(f"cannot resume {path}: it is {words}; give another -o"
                                   + (" (or --overwrite to replace it)" if kind == "damaged" else ""))
     with open_for_reading(path, "resume") as h5:
@@ -89,10 +88,14 @@ def _written_by_us(attrs) -> bool:
     return "vit_extract_version" in attrs
 
 
+def _not_ours(path: str, words: str) -> ResumeMismatchError:
+    return ResumeMismatchError(f"cannot resume {path}: it is not a vit-extract output ({words}); give another -o "
+                               "(--overwrite would replace what it holds)")
+
+
 def _refuse_unresumable(path: str, attrs) -> None:
     if not _written_by_us(attrs):
-        raise ResumeMismatchError(f"cannot resume {path}: it is not a vit-extract output (an HDF5 file of another program); "
-                                  "give another -o (--overwrite would replace what it holds)")
+        raise _not_ours(path, "an HDF5 file of another program")
     if any(name not in attrs for name in REQUIRED):
         raise ResumeMismatchError(f"cannot resume {path}: it is not a complete vit-extract output file; use --overwrite")
     if attrs.get("merged") == "virtual":
