@@ -160,6 +160,11 @@ def _on_one_line(name: str) -> str:
                    for c in name)
 
 
+def _duplicates(n: int, verb: str) -> str:
+    """The summary's (and the dry run's) line for inputs named more than once."""
+    return f"{_counted(n, 'repeated mention')} of an input already named (each input {verb} read once)"
+
+
 def _counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -202,8 +207,7 @@ def run_summary(console: Console, result) -> None:
         table.add_row("resumed", f"{_counted(result.skipped, 'input')} already in the file (as rows or failures) "
                       f"{'was' if result.skipped == 1 else 'were'} skipped")
     if result.duplicates_dropped:
-        n = result.duplicates_dropped
-        table.add_row("duplicates", f"{n} repeated mention{'s' * (n != 1)} of an input already named (each input is read once)")
+        table.add_row("duplicates", _duplicates(result.duplicates_dropped, "is"))
     failed = f"[red]{len(result.failures)}[/]" if result.failures else "0"
     if result.failed_earlier:
         failed += (f" this run; {result.failed_earlier} recorded by earlier runs "
@@ -297,8 +301,7 @@ def dry_run(console: Console, r) -> None:
     if r.already_done:
         table.add_row("already done", f"{r.already_done} inputs the file holds (skipped)")
     if r.duplicates_dropped:
-        n = r.duplicates_dropped
-        table.add_row("duplicates", f"{n} repeated mention{'s' * (n != 1)} of an input already named (each input would be read once)")
+        table.add_row("duplicates", _duplicates(r.duplicates_dropped, "would be"))
     for note in r.passed_over_notes:
         table.add_row("passed over", escape(note))
     tokens = ", ".join(f"{name} {count:g}" for name, count in r.tokens_per_image.items())
